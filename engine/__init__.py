@@ -1,0 +1,17 @@
+"""The engine: model loading, arms, batched multi-arm generation, mechanisms, probes.
+
+Usable from a notebook on its own; it knows nothing about the database or the web UI.
+
+    from engine import load_model, parse_arm, Dialogue
+    lm = load_model()                       # the embedded SmolLM2-135M-Instruct
+    d = Dialogue(lm, [parse_arm("observer"), parse_arm("continuity:linkage=1")])
+    for r in d.send("Is it ever right to lie?"):
+        print(r.text)
+"""
+from .dialogue import ArmReply, Dialogue, DialogueError, StreamEvent
+from .mechanisms import MECHANISMS, ReadTrace
+from .model import LoadedModel, ModelIdentity, ModelLoadError, load_model
+from .spec import ArmSpec, SamplingSettings, SpecError, parse_arm
+
+__all__ = ["ArmReply", "ArmSpec", "Dialogue", "DialogueError", "LoadedModel", "MECHANISMS", "ModelIdentity",
+           "ModelLoadError", "ReadTrace", "SamplingSettings", "SpecError", "StreamEvent", "load_model", "parse_arm"]

@@ -1,0 +1,120 @@
+"""Command line: `python -m engine {prepare,generate,probe,mechanisms}`.
+
+    python -m engine generate --prompt "Is it ever right to lie?" --arm observer \
+        --arm continuity:linkage=1,gain=0.3,layers=15/22/28 --max-new-tokens 64 --greedy --json
+    python -m engine probe --prompt "..." --arm continuity:linkage=1 --json
+
+Mistakes (unknown mechanism, linkage 7, layer 99 on a 30-layer model, a bad key, a missing
+model) exit with status 2 and one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="convert the embedded model once (make setup runs this)")
+    sub.add_parser("mechanisms", help="list mechanisms and their settings")
+
+    def common(sp):
+        sp.add_argument("--prompt", required=True, help="one user message (chat template applied)")
+        sp.add_argument("--system", default=None, help="system prompt")
+        sp.add_argument("--model", default=None, help="'embedded' (default), a local folder, or a cached HF id")
+        sp.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
+        sp.add_argument("--load-in-4bit", action="store_true", help="quantise with bitsandbytes nf4")
+        sp.add_argument("--max-new-tokens", type=int, default=None)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    g = sub.add_parser("generate", help="one message to several arms, batched")
+    common(g)
+    g.add_argument("--arm", action="append", required=True, help="observer | NAME:key=value,... (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed for every arm (overrides spec seeds)")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding for every arm")
+    g.add_argument("--traces", action="store_true", help="include read traces in --json output")
+
+    pr = sub.add_parser("probe", help="logit-delta probe of an arm against the observer")
+    common(pr)
+    pr.add_argument("--arm", required=True)
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .spec import SpecError, parse_arm
+
+    if args.command == "mechanisms":
+        from .mechanisms import MECHANISMS
+
+        for name, cls in MECHANISMS.items():
+            print(name)
+            for key, f in cls.Settings.model_fields.items():
+                print(f"  {key:12s} default={f.default!r:12s} {f.description or ''}")
+        return 0
+    if args.command == "prepare":
+        from .model import ensure_embedded_cache
+
+        print(f"embedded model ready at {ensure_embedded_cache()}")
+        return 0
+
+    try:
+        specs = [parse_arm(a) for a in (args.arm if isinstance(args.arm, list) else [args.arm])]
+        if args.command == "generate":
+            specs = [s.with_sampling(**({"greedy": True} if args.greedy else {}),
+                                     **({"seed": args.seed} if args.seed is not None else {})) for s in specs]
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise SpecError("--max-new-tokens must be at least 1")
+    except SpecError as e:
+        return _fail(str(e))
+
+    from .dialogue import Dialogue, DialogueError
+    from .model import ModelLoadError, load_model
+
+    try:
+        lm = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, verbose=not args.json)
+        for s in specs:
+            s.validate_for(lm.config.num_hidden_layers)
+        if args.command == "probe":
+            from .probes import logit_delta_probe
+
+            result = logit_delta_probe(lm, specs[0], args.prompt, args.system, max_new_tokens=args.max_new_tokens or 48)
+            if args.json:
+                print(json.dumps({"model": lm.identity.to_dict(), **result}))
+            else:
+                print(f"arm {result['arm']} vs observer over {result['n_positions']} reply tokens")
+                for key in ("max_abs_dlogit", "mean_abs_dlogit", "kl_mean", "kl_max", "top1_agreement"):
+                    print(f"  {key:16s} {result[key]:.4f}")
+                print(f"  on-path calls    {result['on_path_calls']}")
+            return 0
+        d = Dialogue(lm, specs, system=args.system, record_traces=args.traces)
+        replies = d.send(args.prompt, max_new_tokens=args.max_new_tokens)
+    except (SpecError, DialogueError, ModelLoadError) as e:
+        return _fail(str(e))
+
+    if args.json:
+        arms = []
+        for spec, arm, r in zip(specs, d.arms, replies):
+            item = {"spec": spec.to_string(), "label": spec.display_label, "text": r.text, "token_ids": r.token_ids,
+                    "finish_reason": r.finish_reason, "duration_s": round(r.duration_s, 4),
+                    "on_path_calls": {} if arm.mechanism is None else dict(arm.mechanism.call_counts)}
+            if args.traces:
+                item["traces"] = [t.to_dict() for t in r.traces]
+            arms.append(item)
+        print(json.dumps({"model": lm.identity.to_dict(), "arms": arms}))
+    else:
+        for spec, r in zip(specs, replies):
+            print(f"== {spec.display_label}  [{spec.to_string()}]  ({len(r.token_ids)} tokens, {r.finish_reason})")
+            print(r.text.strip() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

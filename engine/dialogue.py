@@ -1,0 +1,372 @@
+"""Batched multi-arm dialogue: several arms of one model share one KV cache and one forward pass.
+
+Each arm is a batch row with its own token history, mechanism memory, sampling settings and RNG.
+Rows grow by different amounts each step (replies differ in length), so every step's new tokens
+are left-padded within the step; padding therefore sits in the middle of the cache and is masked by
+a 2-D attention mask, and each row carries its own position ids. A turn prefills only its new
+tokens: the cache and the mechanisms' memories persist across turns.
+
+The last token sampled in a turn is fed at the start of the next turn (or never, if the dialogue
+ends), exactly as `generate` leaves it, so no forward pass is spent on a token nobody reads.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from .chat import Piece, first_turn, next_turn
+from .hooks import BatchContext, MechanismHost, RowBinding
+from .mechanisms import MECHANISMS, Mechanism, ReadTrace, StepRow
+from .mechanisms.base import ROLE_CODE
+from .model import LoadedModel
+from .spec import ArmSpec, SamplingSettings
+
+ASSISTANT = ROLE_CODE["assistant"]
+MAX_MESSAGE_CHARS = 20_000
+
+
+class DialogueError(ValueError):
+    """A message or request cannot be run; the message is meant for a person."""
+
+
+@dataclass
+class ArmReply:
+    """One arm's result for one turn: enough, with the arm's spec, to replay it."""
+
+    arm: int
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # 'eos' | 'length' | 'stopped'
+    started_at: float
+    ttft_s: float
+    duration_s: float
+    gen_settings: dict
+    traces: list[ReadTrace] = field(default_factory=list)
+
+
+@dataclass
+class StreamEvent:
+    """Sent after every decoding step: each arm's reply so far."""
+
+    step: int
+    texts: list[str]
+    done: list[bool]
+    replies: list[ArmReply] | None = None  # set on the last event of a turn
+
+
+@dataclass
+class ArmState:
+    spec: ArmSpec
+    mechanism: Mechanism | None
+    token_ids: list[int] = field(default_factory=list)  # fed to the model, in order
+    roles: list[int] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # sampled but not yet fed
+    messages: list[dict] = field(default_factory=list)
+    replies: list[ArmReply] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+    def all_token_ids(self) -> list[int]:
+        return self.token_ids + self.pending
+
+
+def seed_for_turn(seed: int, turn: int) -> int:
+    """Each turn draws from its own stream, so a turn replays without replaying earlier sampling."""
+    return (seed * 1_000_003 + turn) % (2**63 - 1)
+
+
+def sample_token(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator) -> int:
+    """Greedy, or temperature + top-p with the exponential race (one draw per vocabulary entry)."""
+    if s.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) > s.top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    race = torch.empty_like(probs).exponential_(1.0, generator=gen)
+    return int(torch.argmax(probs / race))
+
+
+def build_mechanism(spec: ArmSpec, model) -> Mechanism | None:
+    if spec.mechanism is None:
+        return None
+    return MECHANISMS[spec.mechanism](spec.settings, model)
+
+
+class Dialogue:
+    """A conversation with one or more arms of the same model, run batched."""
+
+    def __init__(self, lm: LoadedModel, arms: list[ArmSpec], system: str | None = None,
+                 record_traces: bool = False):
+        if not arms:
+            raise DialogueError("a dialogue needs at least one arm")
+        self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
+        n_layers = self.model.config.num_hidden_layers
+        for spec in arms:
+            spec.validate_for(n_layers)
+        self.system = system or None
+        self.record_traces = record_traces
+        self.host = MechanismHost.of(self.model)
+        self.arms = [ArmState(spec, build_mechanism(spec, self.model)) for spec in arms]
+        if self.system:
+            for arm in self.arms:
+                arm.messages.append({"role": "system", "content": self.system})
+        self.device = lm.device
+        self.cache = DynamicCache(config=self.model.config)
+        self.mask = torch.zeros(len(arms), 0, dtype=torch.long, device=self.device)
+        self.turn = 0
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_ids = self._eos_ids()
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", 4096)
+        self._stop = [False] * len(arms)
+        self._snapshot = None
+        self.last_user: str | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def n_arms(self) -> int:
+        return len(self.arms)
+
+    def stop_arm(self, index: int) -> None:
+        self._stop[index] = True
+
+    def stop_all(self) -> None:
+        self._stop = [True] * self.n_arms
+
+    def send(self, user: str, **kwargs) -> list[ArmReply]:
+        """Run one turn to the end and return each arm's reply."""
+        last = None
+        for last in self.stream(user, **kwargs):
+            pass
+        return last.replies
+
+    def stream(self, user: str, *, max_new_tokens: int | None = None,
+               forced: list[list[int]] | None = None) -> Iterator[StreamEvent]:
+        """Send `user` to every arm; yield after each step. `forced` replays given reply tokens."""
+        pieces = self._prepare(user, max_new_tokens, forced)
+        self._snapshot = self._take_snapshot()
+        self._stop = [False] * self.n_arms
+        turn = self.turn
+        for arm in self.arms:
+            if arm.mechanism is not None:
+                arm.mechanism.begin_turn(turn)
+                arm.mechanism.traces = []
+        limits = [max_new_tokens or arm.spec.sampling.max_new_tokens for arm in self.arms]
+        if forced is not None:
+            limits = [len(f) for f in forced]
+        gens = [torch.Generator().manual_seed(seed_for_turn(a.spec.sampling.seed, turn)) for a in self.arms]
+        replies_ids: list[list[int]] = [[] for _ in self.arms]
+        done = [False] * self.n_arms
+        reasons = [""] * self.n_arms
+        texts = [""] * self.n_arms
+        prompt_ids = [a.pending + p.token_ids for a, p in zip(self.arms, pieces)]
+        started, t0 = time.time(), time.perf_counter()
+        ttft = None
+        finished_at = [0.0] * self.n_arms
+        step = 0
+        try:
+            logits = self._forward(prompt_ids, [[ASSISTANT] * len(a.pending) + p.roles for a, p in zip(self.arms, pieces)],
+                                   turn, logits_to_keep=1)
+            for arm in self.arms:
+                arm.pending = []
+            while True:
+                for i, arm in enumerate(self.arms):
+                    if done[i]:
+                        continue
+                    if self._stop[i]:
+                        done[i], reasons[i], finished_at[i] = True, "stopped", time.perf_counter()
+                        continue
+                    if forced is not None:
+                        tok = forced[i][len(replies_ids[i])]
+                    else:
+                        tok = sample_token(logits[i, -1], arm.spec.sampling, gens[i])
+                    replies_ids[i].append(tok)
+                    if tok in self.eos_ids:
+                        done[i], reasons[i] = True, "eos"
+                    elif len(replies_ids[i]) >= limits[i]:
+                        done[i], reasons[i] = True, "length"
+                    if done[i]:
+                        finished_at[i] = time.perf_counter()
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                texts = [self._decode(ids) for ids in replies_ids]
+                step += 1
+                if all(done):
+                    break
+                yield StreamEvent(step, list(texts), list(done))
+                chunks = [[] if done[i] else [replies_ids[i][-1]] for i in range(self.n_arms)]
+                logits = self._forward(chunks, [[ASSISTANT] * len(c) for c in chunks], turn, logits_to_keep=1)
+        except GeneratorExit:
+            # The consumer went away (closed tab, cancelled event): keep what was generated.
+            for i in range(self.n_arms):
+                if not done[i]:
+                    done[i], reasons[i], finished_at[i] = True, "stopped", time.perf_counter()
+            self._finish_turn(user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft or 0.0,
+                              finished_at, limits)
+            raise
+        except BaseException:
+            self._restore_snapshot(self._snapshot)
+            raise
+        replies = self._finish_turn(user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft or 0.0,
+                                    finished_at, limits)
+        yield StreamEvent(step, texts, done, replies)
+
+    def rollback(self) -> None:
+        """Undo the last turn (for 'regenerate'): cache, memories, transcript."""
+        if self._snapshot is None:
+            raise DialogueError("there is no turn to undo")
+        self._restore_snapshot(self._snapshot)
+        self._snapshot = None
+
+    def teacher_force(self, user: str, replies: list[list[int]]) -> list[torch.Tensor]:
+        """Feed given replies after `user`; return per arm the logits [len(reply), vocab] that predict them.
+
+        Leaves the dialogue exactly as if the arms had generated those replies.
+        """
+        pieces = self._prepare(user, max(len(r) for r in replies), replies)
+        self._snapshot = self._take_snapshot()
+        turn = self.turn
+        for arm in self.arms:
+            if arm.mechanism is not None:
+                arm.mechanism.begin_turn(turn)
+                arm.mechanism.traces = []
+        prompt_ids = [a.pending + p.token_ids for a, p in zip(self.arms, pieces)]
+        started, t0 = time.time(), time.perf_counter()
+        first = self._forward(prompt_ids, [[ASSISTANT] * len(a.pending) + p.roles for a, p in zip(self.arms, pieces)],
+                              turn, logits_to_keep=1)
+        for arm in self.arms:
+            arm.pending = []
+        body = [r[:-1] for r in replies]
+        rest = self._forward(body, [[ASSISTANT] * len(b) for b in body], turn, logits_to_keep=0)
+        T = rest.shape[1]
+        out = [torch.cat([first[i, -1:], rest[i, T - len(body[i]):]], 0).float() for i in range(self.n_arms)]
+        now = time.perf_counter()
+        reasons = ["eos" if r and r[-1] in self.eos_ids else "length" for r in replies]
+        self._finish_turn(user, pieces, prompt_ids, [list(r) for r in replies], reasons, started, t0, 0.0,
+                          [now] * self.n_arms, [len(r) for r in replies])
+        return out
+
+    def transcript(self, arm: int) -> list[dict]:
+        return list(self.arms[arm].messages)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
+        return text.rstrip("\ufffd")
+
+    def _prepare(self, user: str, max_new_tokens, forced) -> list[Piece]:
+        if not isinstance(user, str) or not user.strip():
+            raise DialogueError("the message is empty")
+        if len(user) > MAX_MESSAGE_CHARS:
+            raise DialogueError(f"the message is {len(user):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
+        if forced is not None and len(forced) != self.n_arms:
+            raise DialogueError(f"forced replies for {len(forced)} arms, but the dialogue has {self.n_arms}")
+        pieces = []
+        for i, arm in enumerate(self.arms):
+            if self.turn == 0:
+                piece = first_turn(self.tokenizer, self.system, user)
+            else:
+                piece = next_turn(self.tokenizer, arm.messages, user, arm.replies[-1].token_ids)
+            budget = max_new_tokens or arm.spec.sampling.max_new_tokens
+            if forced is not None:
+                budget = len(forced[i])
+            total = arm.length + len(arm.pending) + len(piece.token_ids) + budget
+            if total > self.max_positions:
+                raise DialogueError(
+                    f"too long for the model's context: this message is {len(piece.token_ids)} tokens, the dialogue "
+                    f"so far {arm.length + len(arm.pending)}, plus {budget} new tokens makes {total} "
+                    f"> {self.max_positions}; start a new session or shorten the message")
+            pieces.append(piece)
+        return pieces
+
+    def _forward(self, chunks: list[list[int]], roles: list[list[int]], turn: int, logits_to_keep: int):
+        """Append each row's chunk (left-padded within the step) and return the logits."""
+        B = self.n_arms
+        T = max(1, max(len(c) for c in chunks))
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        valid = torch.zeros(B, T, dtype=torch.bool)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        role_t = torch.full((B, T), ROLE_CODE["template"], dtype=torch.long)
+        for r, (chunk, role) in enumerate(zip(chunks, roles)):
+            n, start = len(chunk), self.arms[r].length
+            pos[r] = start  # padding gets the row's next position; it is masked anyway
+            if n:
+                ids[r, T - n:] = torch.tensor(chunk)
+                valid[r, T - n:] = True
+                pos[r, T - n:] = torch.arange(start, start + n)
+                role_t[r, T - n:] = torch.tensor(role)
+        bindings = []
+        for r, arm in enumerate(self.arms):
+            if arm.mechanism is not None and arm.mechanism.active and chunks[r]:
+                info = StepRow(positions=pos[r, valid[r]], roles=role_t[r, valid[r]], token_ids=ids[r, valid[r]],
+                               turn=turn, record=self.record_traces)
+                bindings.append(RowBinding(r, arm.mechanism, valid[r].to(self.device), info))
+        mask = torch.cat([self.mask, valid.long().to(self.device)], dim=1)
+        with torch.inference_mode(), self.host.use(BatchContext(bindings)):
+            out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device),
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
+        self.mask = mask
+        for r, (chunk, role) in enumerate(zip(chunks, roles)):
+            arm = self.arms[r]
+            arm.token_ids += list(chunk)
+            arm.roles += list(role)
+            arm.turns += [turn] * len(chunk)
+        return out.logits
+
+    def _finish_turn(self, user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft, finished_at,
+                     limits) -> list[ArmReply]:
+        results = []
+        for i, arm in enumerate(self.arms):
+            ids = replies_ids[i]
+            arm.pending = ids[-1:]  # the reply's last token is not fed yet; it opens the next turn
+            text = self._decode(ids)
+            arm.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+            traces = arm.mechanism.traces if arm.mechanism is not None else []
+            reply = ArmReply(
+                arm=i, text=text, token_ids=list(ids), prompt_token_ids=list(prompt_ids[i]),
+                finish_reason=reasons[i] or "length", started_at=started, ttft_s=ttft,
+                duration_s=(finished_at[i] or time.perf_counter()) - t0,
+                gen_settings={**arm.spec.sampling.model_dump(), "max_new_tokens": limits[i],
+                              "turn_seed": seed_for_turn(arm.spec.sampling.seed, self.turn)},
+                traces=list(traces))
+            arm.replies.append(reply)
+            results.append(reply)
+        self.turn += 1
+        return results
+
+    def _take_snapshot(self):
+        return {
+            "cache_len": self.mask.shape[1], "mask": self.mask, "turn": self.turn,
+            "arms": [(a.length, list(a.pending), len(a.messages), len(a.replies),
+                      None if a.mechanism is None else a.mechanism.state_dict()) for a in self.arms],
+        }
+
+    def _restore_snapshot(self, snap) -> None:
+        if self.cache.get_seq_length() > snap["cache_len"]:
+            self.cache.crop(snap["cache_len"] - self.cache.get_seq_length())  # negative: tokens to drop
+        self.mask, self.turn = snap["mask"], snap["turn"]
+        for arm, (length, pending, n_msg, n_rep, mech_state) in zip(self.arms, snap["arms"]):
+            del arm.token_ids[length:], arm.roles[length:], arm.turns[length:]
+            arm.pending = pending
+            del arm.messages[n_msg:], arm.replies[n_rep:]
+            if arm.mechanism is not None:
+                arm.mechanism.load_state_dict(mech_state)

@@ -1,0 +1,104 @@
+"""The mechanism host: one forward hook per decoder layer, dispatching to each arm's mechanism.
+
+Mechanisms never touch the model. During a forward pass the dialogue loop tells the host which
+batch row belongs to which arm (`BatchContext`); the hook on a layer's `self_attn` hands each
+active arm's real tokens to that arm's mechanism and adds `gain * linkage * delta` to the row in
+place. Rows of inactive arms (observer, or linkage 0) are never read or written.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .mechanisms import Mechanism, StepRow
+
+
+def decoder_layers(model: torch.nn.Module):
+    """The list of decoder layers of a transformers causal LM (Llama, Qwen2, Mistral, Gemma, ...)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(layers[0], "self_attn"):
+        raise TypeError(f"{type(model).__name__}: expected model.model.layers[i].self_attn; "
+                        "this architecture is not supported yet")
+    return layers
+
+
+@dataclass
+class RowBinding:
+    row: int
+    mechanism: Mechanism
+    valid: torch.Tensor  # [T] bool: which of this step's columns are real tokens for the row
+    info: StepRow
+
+
+@dataclass
+class BatchContext:
+    bindings: list[RowBinding]
+
+    def for_layer(self, layer: int) -> list[RowBinding]:
+        return [b for b in self.bindings if b.mechanism.active and layer in b.mechanism.hook_layers]
+
+
+class MechanismHost:
+    """Attach once per model; hooks are added lazily for the layers some mechanism needs."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.layers = decoder_layers(model)
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._local = threading.local()
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "MechanismHost":
+        host = getattr(model, "_lab_host", None)
+        if host is None:
+            host = cls(model)
+            model._lab_host = host
+        return host
+
+    @property
+    def context(self) -> BatchContext | None:
+        return getattr(self._local, "ctx", None)
+
+    def ensure_hooks(self, layers) -> None:
+        for layer in layers:
+            if layer not in self._handles:
+                attn = self.layers[layer].self_attn
+                self._handles[layer] = attn.register_forward_hook(self._make_hook(layer), with_kwargs=True)
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+    @contextlib.contextmanager
+    def use(self, ctx: BatchContext):
+        self.ensure_hooks({l for b in ctx.bindings for l in b.mechanism.hook_layers})
+        self._local.ctx = ctx
+        try:
+            yield
+        finally:
+            self._local.ctx = None
+
+    def _make_hook(self, layer: int):
+        def hook(module, args, kwargs, output):
+            ctx = self.context
+            if ctx is None:
+                return None
+            bindings = ctx.for_layer(layer)
+            if not bindings:
+                return None
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            pos_emb = kwargs.get("position_embeddings")
+            attn_out = output[0]
+            for b in bindings:
+                idx = b.valid.nonzero().squeeze(-1)
+                rope = None if pos_emb is None else (pos_emb[0][b.row, idx], pos_emb[1][b.row, idx])
+                delta = b.mechanism.forward(layer, module, x[b.row, idx], rope, attn_out[b.row, idx], b.info)
+                if delta is not None:
+                    attn_out[b.row, idx] = attn_out[b.row, idx] + (b.mechanism.scale * delta).to(attn_out.dtype)
+            return output
+        return hook

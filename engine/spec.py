@@ -1,0 +1,171 @@
+"""Arm specifications: `observer` or `NAME:key=value,...`, e.g. `continuity:linkage=1,gain=0.3,layers=15/22/28`.
+
+An arm is the shared model plus one mechanism's settings plus sampling settings. Sampling keys
+(greedy, temperature, top_p, seed, max_new_tokens) and `label` may appear in the same string.
+Lists are written `a/b/c`. Every mistake is one `SpecError` with a message meant for a person.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .mechanisms import MECHANISMS, MechanismSettings
+
+OBSERVER = "observer"
+
+
+class SpecError(ValueError):
+    """An arm specification is wrong; the message says which key and why."""
+
+
+class SamplingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    greedy: bool = True
+    temperature: float = Field(0.7, gt=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    seed: int = Field(0, ge=0)
+    max_new_tokens: int = Field(128, ge=1, le=8192)
+
+
+_SAMPLING_KEYS = set(SamplingSettings.model_fields)
+
+
+def _parse_value(raw: str):
+    raw = raw.strip()
+    if "/" in raw:
+        return [_parse_value(part) for part in raw.split("/") if part.strip()]
+    low = raw.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _format_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "/".join(_format_value(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _first_error(e: ValidationError, what: str) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or what
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}' for {what}"
+    return f"{what}: {key}: {err['msg'].lower()} (got {err.get('input')!r})"
+
+
+@dataclass
+class ArmSpec:
+    """One arm: mechanism name (None = observer) and its settings, plus sampling settings."""
+
+    mechanism: str | None = None
+    settings: MechanismSettings | None = None
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    label: str | None = None
+
+    @property
+    def linkage(self) -> float:
+        return 0.0 if self.settings is None else self.settings.linkage
+
+    @property
+    def display_label(self) -> str:
+        if self.label:
+            return self.label
+        if self.mechanism is None:
+            return OBSERVER
+        return f"{self.mechanism} λ={_format_value(self.linkage)}"
+
+    def to_string(self, include_sampling: bool = True) -> str:
+        """The canonical spec string (only non-default values)."""
+        pairs = []
+        if self.settings is not None:  # linkage always shown: it is what a reader looks for first
+            pairs.append(f"linkage={_format_value(self.settings.linkage)}")
+            pairs += [f"{k}={_format_value(v)}" for k, v in self.settings.model_dump(exclude_defaults=True).items()
+                      if k != "linkage"]
+        if include_sampling:
+            pairs += [f"{k}={_format_value(v)}" for k, v in self.sampling.model_dump(exclude_defaults=True).items()]
+        if self.label:
+            pairs.append(f"label={self.label}")
+        head = self.mechanism or OBSERVER
+        return head + (":" + ",".join(pairs) if pairs else "")
+
+    def to_dict(self) -> dict:
+        return {"mechanism": self.mechanism,
+                "settings": None if self.settings is None else self.settings.model_dump(),
+                "sampling": self.sampling.model_dump(), "label": self.label, "spec": self.to_string()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ArmSpec":
+        mech = d.get("mechanism")
+        settings = None
+        if mech is not None:
+            if mech not in MECHANISMS:
+                raise SpecError(f"unknown mechanism '{mech}'")
+            settings = MECHANISMS[mech].Settings(**(d.get("settings") or {}))
+        return cls(mech, settings, SamplingSettings(**(d.get("sampling") or {})), d.get("label"))
+
+    def with_sampling(self, **changes) -> "ArmSpec":
+        return ArmSpec(self.mechanism, self.settings, self.sampling.model_copy(update=changes), self.label)
+
+    def validate_for(self, n_layers: int) -> None:
+        """Check settings that depend on the model (layers that exist)."""
+        if self.settings is not None:
+            try:
+                self.settings.resolved_layers(n_layers)
+                share = getattr(self.settings, "share_from", None)
+                if share is not None and not 0 <= share < n_layers:
+                    raise ValueError(f"share_from layer {share} does not exist: this model has layers 0..{n_layers - 1}")
+            except ValueError as e:
+                raise SpecError(f"{self.to_string(False)}: {e}") from None
+
+
+def parse_arm(text: str) -> ArmSpec:
+    """Parse `observer` or `NAME[:key=value,...]`."""
+    text = (text or "").strip()
+    if not text:
+        raise SpecError("empty arm spec; use 'observer' or NAME:key=value,...")
+    head, _, rest = text.partition(":")
+    name = head.strip().lower()
+    raw: dict = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise SpecError(f"'{part}' in '{text}' is not key=value")
+        raw[key.strip().lower()] = _parse_value(value)
+    label = raw.pop("label", None)
+    sampling_raw = {k: raw.pop(k) for k in list(raw) if k in _SAMPLING_KEYS}
+    try:
+        sampling = SamplingSettings(**sampling_raw)
+    except ValidationError as e:
+        raise SpecError(_first_error(e, "sampling")) from None
+    if name == OBSERVER:
+        if raw:
+            raise SpecError(f"observer takes no mechanism settings (got {', '.join(raw)})")
+        return ArmSpec(None, None, sampling, None if label is None else str(label))
+    if name not in MECHANISMS:
+        known = ", ".join([OBSERVER, *MECHANISMS])
+        raise SpecError(f"unknown mechanism '{name}' (known: {known})")
+    fields = MECHANISMS[name].Settings.model_fields
+    for key, value in raw.items():  # 'none' means "unset" only where unset is a legal value
+        if value in ("none", "null") and key in fields and fields[key].default is None:
+            raw[key] = None
+    if "layers" in raw and not isinstance(raw["layers"], list):
+        raw["layers"] = [raw["layers"]]
+    try:
+        settings = MECHANISMS[name].Settings(**raw)
+    except ValidationError as e:
+        raise SpecError(_first_error(e, name)) from None
+    return ArmSpec(name, settings, sampling, None if label is None else str(label))
