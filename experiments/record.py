@@ -1,0 +1,109 @@
+"""Logging a dialogue to the database, and replaying a logged turn to identical tokens.
+
+Both the lab and the protocol runner log through `SessionRecorder`, so a session opened in the lab
+and a dialogue run headless carry the same provenance: the model identity, each arm's full
+settings (mechanism + sampling, seed), the system prompt, and per arm-turn the exact token ids
+fed and generated, the generation settings actually used and the timings.
+
+Replay rebuilds the arms from those rows, feeds every earlier turn's logged tokens through the same
+batched step schedule as the original run (so every floating-point operation repeats), and
+generates the asked turn afresh; with the same model, settings and seeds it gives identical tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from db import Store
+from engine import ArmReply, ArmSpec, Dialogue, LoadedModel
+
+
+def arm_rows(specs: list[ArmSpec]) -> list[dict]:
+    return [{"index": i, "label": s.display_label, "spec": s.to_string(), "settings": s.to_dict(),
+             "seed": s.sampling.seed} for i, s in enumerate(specs)]
+
+
+class SessionRecorder:
+    """Writes each finished turn of a `Dialogue` to the store, one transaction per arm-message."""
+
+    def __init__(self, store: Store, lm: LoadedModel, dialogue: Dialogue, *, kind: str = "lab", title: str = "",
+                 user: str | None = None, blind: bool = False, pane_order: list[int] | None = None,
+                 experiment_id: str | None = None, item_key: str | None = None, seed: int | None = None,
+                 meta: dict | None = None, session_id: str | None = None):
+        self.store, self.lm, self.dialogue = store, lm, dialogue
+        specs = [a.spec for a in dialogue.arms]
+        self.session_id = session_id or store.create_session(
+            kind, title=title, model=lm.identity.to_dict(), arms=arm_rows(specs), system_prompt=dialogue.system,
+            blind=blind, pane_order=pane_order, user=user, experiment_id=experiment_id, item_key=item_key,
+            seed=seed, meta=meta or {})
+
+    def log(self, user: str, replies: list[ArmReply], turn_index: int | None = None,
+            errors: dict[int, str] | None = None) -> list[int]:
+        """Log the user message and every arm's reply; return the assistant turn ids by arm."""
+        turn = self.dialogue.turn - 1 if turn_index is None else turn_index
+        ids = []
+        for r in replies:
+            arm = self.dialogue.arms[r.arm]
+            self.store.log_turn(self.session_id, r.arm, turn, "user", user, token_ids=r.prompt_token_ids,
+                                started_at=r.started_at, finished_at=r.started_at)
+            mech = arm.mechanism
+            meta = {"memory_size": 0 if mech is None else mech.memory_size(),
+                    "on_path_calls": {} if mech is None else {str(k): v for k, v in mech.call_counts.items()}}
+            ids.append(self.store.log_turn(
+                self.session_id, r.arm, turn, "assistant", r.text, token_ids=r.token_ids, started_at=r.started_at,
+                finished_at=r.started_at + r.duration_s, ttft_s=r.ttft_s, duration_s=r.duration_s,
+                finish_reason=r.finish_reason, gen_settings=r.gen_settings,
+                error=(errors or {}).get(r.arm), meta=meta))
+        return ids
+
+    def undo_last(self) -> None:
+        """Forget the last turn in the DB too (regenerate)."""
+        turn = self.dialogue.turn - 1
+        for i in range(self.dialogue.n_arms):
+            self.store.delete_turns_from(self.session_id, i, turn)
+
+
+@dataclass
+class Replay:
+    turn_index: int
+    original: list[list[int]]
+    replayed: list[list[int]]
+    seconds: float
+
+    @property
+    def identical(self) -> bool:
+        return self.original == self.replayed
+
+
+def dialogue_from_session(store: Store, lm: LoadedModel, session_id: str, record_traces: bool = False):
+    """Rebuild the arms (and the logged turns by index) of a session."""
+    session = store.get_session(session_id)
+    specs = [ArmSpec.from_dict(a["settings"]) for a in sorted(session["arms"], key=lambda a: a["index"])]
+    turns: dict[int, dict[int, dict]] = {}
+    for t in store.get_turns(session_id):
+        turns.setdefault(t["turn_index"], {}).setdefault(t["arm_index"], {})[t["role"]] = t
+    return session, Dialogue(lm, specs, system=session["system_prompt"], record_traces=record_traces), turns
+
+
+def replay_turn(store: Store, lm: LoadedModel, session_id: str, turn_index: int) -> Replay:
+    """Regenerate turn `turn_index` of a logged session from its rows alone."""
+    session, d, turns = dialogue_from_session(store, lm, session_id)
+    if session["model"].get("weights_hash") != lm.identity.weights_hash:
+        raise ValueError(f"session {session_id} was run on {session['model'].get('name')} with other weights "
+                         f"({session['model'].get('weights_hash', '?')[:12]}); load that model to replay it")
+    if turn_index not in turns:
+        raise ValueError(f"session {session_id} has no turn {turn_index}")
+    start = time.perf_counter()
+    for k in range(turn_index):
+        rows = turns[k]
+        user = rows[0]["user"]["text"]
+        list(d.stream(user, forced=[rows[i]["assistant"]["token_ids"] for i in range(d.n_arms)]))
+    rows = turns[turn_index]
+    original = [rows[i]["assistant"]["token_ids"] for i in range(d.n_arms)]
+    for i, arm in enumerate(d.arms):  # the limits actually used, and a stop where a person pressed one
+        limit = rows[i]["assistant"]["gen_settings"].get("max_new_tokens", arm.spec.sampling.max_new_tokens)
+        if rows[i]["assistant"]["finish_reason"] == "stopped":
+            limit = len(original[i])
+        arm.spec = arm.spec.with_sampling(max_new_tokens=max(1, limit))
+    replies = d.send(rows[0]["user"]["text"])
+    return Replay(turn_index, original, [r.token_ids for r in replies], time.perf_counter() - start)
