@@ -1,0 +1,291 @@
+"""
+Getting the record out: flat tables for analysis, and lossless session bundles
+for moving a session from one database to another.
+
+turns_frame: one row per message of one arm (user and assistant rows), columns
+in this order (stable; new columns are only ever appended):
+    session_id, session_kind, session_title, experiment_id, item_key, seed   -- the session
+    arm_index, arm_label, arm_spec                                            -- the arm
+    turn_index, role, text, n_tokens, ttft_s, duration_s, finish_reason,
+    started_at, finished_at                                                   -- the message
+    model_name                  session model identity's "name"
+    token_ids                   JSON list of the message's token ids
+    settings                    JSON of the arm's full settings
+    gen_settings                JSON of the generation settings used for this message
+    turn_id, arm_seed, error    database turn id, the arm's seed, generation error text
+then, for every scorer that scored any exported turn (sorted by scorer name):
+    score_<scorer>_label, score_<scorer>_value
+
+annotations_frame: one row per annotation (re-labels are separate rows; keep
+the newest per (turn_id, annotator) for the current label):
+    annotation_id, session_id, arm_index, arm_label, turn_index, annotator,
+    stance_label, note, confidence, created_at, text (the annotated reply), turn_id
+
+scores_frame: one row per score:
+    score_id, session_id, arm_index, arm_label, turn_id, turn_index, role,
+    scorer, label, value, data (JSON), created_at
+
+Timestamps are UTC.
+"""
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+from sqlalchemy import exc, select
+
+from .models import (SCHEMA_VERSION, STANCE_LABELS, Annotation, Arm, Capture, Experiment, LabSession,
+                     ProbeResult, Score, Turn, new_id)
+from .store import Store, StoreError, _role_order
+
+TURN_COLUMNS = [
+    "session_id", "session_kind", "session_title", "experiment_id", "item_key", "seed",
+    "arm_index", "arm_label", "arm_spec", "turn_index", "role", "text", "n_tokens", "ttft_s",
+    "duration_s", "finish_reason", "started_at", "finished_at", "model_name", "token_ids",
+    "settings", "gen_settings", "turn_id", "arm_seed", "error",
+]
+ANNOTATION_COLUMNS = [
+    "annotation_id", "session_id", "arm_index", "arm_label", "turn_index", "annotator",
+    "stance_label", "note", "confidence", "created_at", "text", "turn_id",
+]
+SCORE_COLUMNS = [
+    "score_id", "session_id", "arm_index", "arm_label", "turn_id", "turn_index", "role",
+    "scorer", "label", "value", "data", "created_at",
+]
+_INT_COLUMNS = {"seed", "arm_index", "turn_index", "n_tokens", "turn_id", "arm_seed", "annotation_id", "score_id"}
+FORMATS = ("csv", "jsonl", "parquet", "bundle")
+BUNDLE_FORMAT = "memory-linkage-lab/session-bundle"
+BUNDLE_VERSION = 1
+
+
+# ----------------------------------------------------------------- frames
+
+def _filtered(store, q, session_id, experiment_id):
+    """Apply the session/experiment filter; unknown ids are an error, not an empty table."""
+    if session_id is not None:
+        store.get_session(session_id)
+        q = q.where(LabSession.id == session_id)
+    if experiment_id is not None:
+        store.get_experiment(experiment_id)
+        q = q.where(LabSession.experiment_id == experiment_id)
+    return q
+
+
+def _frame(rows, columns):
+    df = pd.DataFrame.from_records(rows, columns=columns)
+    for c in columns:
+        if c in _INT_COLUMNS:
+            df[c] = df[c].astype("Int64")  # nullable ints: a missing seed must not turn 3 into 3.0
+    return df
+
+
+def turns_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFrame:
+    q = (select(Turn, Arm, LabSession).join(Arm, Turn.arm_id == Arm.id)
+         .join(LabSession, Turn.session_id == LabSession.id)
+         .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index))
+    q = _filtered(store, q, session_id, experiment_id)
+    rows = []
+    with store._ro() as s:
+        for t, a, ss in s.execute(q):
+            rows.append(dict(
+                session_id=ss.id, session_kind=ss.kind, session_title=ss.title, experiment_id=ss.experiment_id,
+                item_key=ss.item_key, seed=ss.seed, arm_index=a.index, arm_label=a.label, arm_spec=a.spec,
+                turn_index=t.turn_index, role=t.role, text=t.text, n_tokens=t.n_tokens, ttft_s=t.ttft_s,
+                duration_s=t.duration_s, finish_reason=t.finish_reason, started_at=t.started_at,
+                finished_at=t.finished_at, model_name=(ss.model or {}).get("name"),
+                token_ids=json.dumps(t.token_ids), settings=json.dumps(a.settings),
+                gen_settings=json.dumps(t.gen_settings), turn_id=t.id, arm_seed=a.seed, error=t.error))
+    df = _frame(rows, TURN_COLUMNS)
+    scores = scores_frame(store, session_id, experiment_id)
+    for scorer in sorted(scores["scorer"].unique()):
+        sc = scores[scores["scorer"] == scorer].set_index("turn_id")
+        df[f"score_{scorer}_label"] = df["turn_id"].map(sc["label"])
+        df[f"score_{scorer}_value"] = df["turn_id"].map(sc["value"]).astype("Float64")
+    return df
+
+
+def annotations_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFrame:
+    q = (select(Annotation, Turn, Arm, LabSession).join(Turn, Annotation.turn_id == Turn.id)
+         .join(Arm, Turn.arm_id == Arm.id).join(LabSession, Turn.session_id == LabSession.id)
+         .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, Arm.index,
+                   Annotation.created_at, Annotation.id))
+    q = _filtered(store, q, session_id, experiment_id)
+    with store._ro() as s:
+        rows = [dict(annotation_id=an.id, session_id=ss.id, arm_index=a.index, arm_label=a.label,
+                     turn_index=t.turn_index, annotator=an.annotator, stance_label=an.stance_label,
+                     note=an.note, confidence=an.confidence, created_at=an.created_at, text=t.text,
+                     turn_id=t.id)
+                for an, t, a, ss in s.execute(q)]
+    return _frame(rows, ANNOTATION_COLUMNS)
+
+
+def scores_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFrame:
+    q = (select(Score, Turn, Arm, LabSession).join(Turn, Score.turn_id == Turn.id)
+         .join(Arm, Turn.arm_id == Arm.id).join(LabSession, Turn.session_id == LabSession.id)
+         .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index, Score.scorer))
+    q = _filtered(store, q, session_id, experiment_id)
+    with store._ro() as s:
+        rows = [dict(score_id=sc.id, session_id=ss.id, arm_index=a.index, arm_label=a.label, turn_id=t.id,
+                     turn_index=t.turn_index, role=t.role, scorer=sc.scorer, label=sc.label, value=sc.value,
+                     data=json.dumps(sc.data), created_at=sc.created_at)
+                for sc, t, a, ss in s.execute(q)]
+    return _frame(rows, SCORE_COLUMNS)
+
+
+# ------------------------------------------------------------------ files
+
+def safe_path(out_dir, filename) -> Path:
+    """out_dir/filename, refusing any name that could land outside out_dir."""
+    name = str(filename)
+    if not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\0")) or ".." in name:
+        raise ValueError(f"unsafe export file name {name!r}: it may not contain path separators or '..'")
+    root = Path(out_dir).expanduser().resolve()
+    path = (root / name).resolve()  # follows a symlink planted at the target
+    if path.parent != root:
+        raise ValueError(f"export file {name!r} would be written outside {root}")
+    return path
+
+
+def _write(df, path, fmt):
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "jsonl":
+        df.to_json(path, orient="records", lines=True, date_format="iso", date_unit="us", force_ascii=False)
+    elif fmt == "parquet":
+        df.to_parquet(path, index=False)
+
+
+def export(store: Store, fmt, out_dir, session_id=None, experiment_id=None, prefix="") -> list:
+    """Write turns/annotations/scores.<fmt> (or one bundle-<session>.json per session for
+    fmt='bundle') into out_dir, creating it; returns the written paths."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    root = Path(out_dir).expanduser().resolve()
+    if fmt == "bundle":
+        if session_id is not None:
+            ids = [store.get_session(session_id)["id"]]
+        else:
+            ids = [x["id"] for x in store.list_sessions(experiment_id=experiment_id)]
+            if experiment_id is not None:
+                store.get_experiment(experiment_id)
+        targets = [(safe_path(root, f"{prefix}bundle-{i}.json"), i) for i in ids]
+        root.mkdir(parents=True, exist_ok=True)
+        for path, i in targets:
+            path.write_text(json.dumps(export_bundle(store, i), indent=1, ensure_ascii=False))
+        return [p for p, _ in targets]
+    frames = {"turns": turns_frame, "annotations": annotations_frame, "scores": scores_frame}
+    paths = {k: safe_path(root, f"{prefix}{k}.{fmt}") for k in frames}  # check every name before writing
+    root.mkdir(parents=True, exist_ok=True)
+    for k, make in frames.items():
+        _write(make(store, session_id, experiment_id), paths[k], fmt)
+    return list(paths.values())
+
+
+# ---------------------------------------------------------------- bundles
+
+def _plain(x):
+    """JSON-ready: datetimes become ISO 8601 strings (UTC), everything else is already plain."""
+    if isinstance(x, datetime):
+        return x.isoformat()
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _drop(d, *keys):
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def export_bundle(store: Store, session_id) -> dict:
+    """Everything about one session, as JSON-serialisable data. Rows refer to each other by
+    natural keys (arm_index; arm_index + turn_index + role), never by database ids, so the
+    same session exports identically from any database it was imported into.
+    Capture files are not included: only their path and JSON data."""
+    session = store.get_session(session_id)
+    arms = session.pop("arms")
+    experiment = store.get_experiment(session["experiment_id"]) if session["experiment_id"] else None
+    return _plain({
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "schema_version": SCHEMA_VERSION,
+        "session": session,
+        "experiment": experiment,
+        "arms": [_drop(a, "id", "session_id") for a in arms],
+        "turns": [_drop(t, "id", "session_id", "arm_id") for t in store.get_turns(session_id)],
+        "annotations": [_drop(a, "id", "turn_id", "session_id") for a in store.get_annotations(session_id)],
+        "scores": [_drop(x, "id", "turn_id", "session_id") for x in store.get_scores(session_id=session_id)],
+        "probes": [_drop(p, "id", "turn_id", "arm_id") for p in store.get_probes(session_id)],
+        "captures": [_drop(c, "id", "turn_id") for c in store.get_captures(session_id)],
+    })
+
+
+def _columns(model, d, skip=()):
+    """The values of d for model's columns (bundle rows carry extra key fields; ids are skipped)."""
+    keys = [a.key for a in model.__mapper__.column_attrs if a.key not in ("id", *skip)]
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise KeyError(f"{model.__tablename__} row lacks {', '.join(missing)}")
+    return {k: d[k] for k in keys}
+
+
+def import_bundle(store: Store, bundle, new_id=False) -> str:
+    """Add a bundled session to this database, all or nothing. The session keeps its id;
+    if that id is taken it is an error, unless new_id=True (import as a copy under a fresh id).
+    Its experiment is created when the database lacks it, and left as is when present."""
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise StoreError("not a session bundle (missing format marker)")
+    if bundle.get("version") != BUNDLE_VERSION:
+        raise StoreError(f"bundle version {bundle.get('version')!r} is not supported (this code reads {BUNDLE_VERSION})")
+    try:
+        return _import(store, bundle, new_id)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise StoreError(f"malformed session bundle: {e}") from e
+    except exc.DBAPIError as e:
+        raise StoreError(store._explain(e)) from e
+
+
+def _import(store, b, fresh_id):
+    session = b["session"]
+    sid = new_id() if fresh_id else session["id"]
+    for a in b["annotations"]:
+        if a["stance_label"] not in STANCE_LABELS:
+            raise StoreError(f"bundle annotation has unknown stance label {a['stance_label']!r}")
+    with store._tx() as s:
+        if s.get(LabSession, sid) is not None:
+            raise StoreError(f"session {sid} already exists in {store.name}; "
+                             "import with new_id=True (--new-id) to add a copy")
+        exp_id = session["experiment_id"]
+        if exp_id is not None and s.get(Experiment, exp_id) is None:
+            if not b.get("experiment") or b["experiment"]["id"] != exp_id:
+                raise StoreError(f"bundle refers to experiment {exp_id} but does not carry it")
+            s.add(Experiment(id=exp_id, **_columns(Experiment, b["experiment"])))
+        s.add(LabSession(id=sid, **_columns(LabSession, session)))
+        s.flush()
+        arm_ids = {}
+        for a in b["arms"]:
+            arm = Arm(session_id=sid, **_columns(Arm, a, skip=("session_id",)))
+            s.add(arm)
+            s.flush()
+            arm_ids[arm.index] = arm.id
+        turn_ids = {}
+        for t in b["turns"]:
+            turn = Turn(session_id=sid, arm_id=arm_ids[t["arm_index"]],
+                        **_columns(Turn, t, skip=("session_id", "arm_id")))
+            s.add(turn)
+            s.flush()
+            turn_ids[(t["arm_index"], t["turn_index"], t["role"])] = turn.id
+
+        def turn_of(r):
+            return turn_ids[(r["arm_index"], r["turn_index"], r["role"])]
+        for a in b["annotations"]:
+            s.add(Annotation(turn_id=turn_of(a), **_columns(Annotation, a, skip=("turn_id",))))
+        for x in b["scores"]:
+            s.add(Score(turn_id=turn_of(x), **_columns(Score, x, skip=("turn_id",))))
+        for p in b["probes"]:
+            turn_id = None if p["turn_index"] is None else turn_of(p)
+            s.add(ProbeResult(turn_id=turn_id, arm_id=arm_ids[p["arm_index"]],
+                              **_columns(ProbeResult, p, skip=("turn_id", "arm_id"))))
+        for c in b["captures"]:
+            s.add(Capture(turn_id=turn_of(c), **_columns(Capture, c, skip=("turn_id",))))
+    return sid
