@@ -317,8 +317,9 @@ class Dialogue:
         bindings = []
         for r, arm in enumerate(self.arms):
             if arm.mechanism is not None and arm.mechanism.active and chunks[r]:
-                info = StepRow(positions=pos[r, valid[r]], roles=role_t[r, valid[r]], token_ids=ids[r, valid[r]],
-                               turn=turn, record=self.record_traces)
+                keep = valid[r]
+                info = StepRow(positions=pos[r, keep].to(self.device), roles=role_t[r, keep].to(self.device),
+                               token_ids=ids[r, keep].to(self.device), turn=turn, record=self.record_traces)
                 bindings.append(RowBinding(r, arm.mechanism, valid[r].to(self.device), info))
         mask = torch.cat([self.mask, valid.long().to(self.device)], dim=1)
         with torch.inference_mode(), self.host.use(BatchContext(bindings)):

@@ -86,7 +86,7 @@ class Continuity(Mechanism):
                 raise ValueError("share_from must be at or below the first target layer "
                                  "(memory is written before it is read)")
         self.memory: dict[int, _LayerMemory] = {}
-        self.seed_memory: dict[int, torch.Tensor] = {}  # variant=seed: previous call's x̂ per layer
+        self.seed_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # variant=seed: previous call's (x̂, positions)
         self._proj: dict[int, LayerProjections] = {}
 
     @property
@@ -116,8 +116,8 @@ class Continuity(Mechanism):
         for layer, mem in self.memory.items():
             if len(mem):
                 state[f"mem.{layer}.k"], state[f"mem.{layer}.v"], state[f"mem.{layer}.pos"] = mem.k, mem.v, mem.pos
-        for layer, x in self.seed_memory.items():
-            state[f"seed.{layer}.x"] = x
+        for layer, (x, pos) in self.seed_memory.items():
+            state[f"seed.{layer}.x"], state[f"seed.{layer}.pos"] = x, pos
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -126,14 +126,15 @@ class Continuity(Mechanism):
             kind, layer, what = key.split(".")
             layer = int(layer)
             if kind == "seed":
-                self.seed_memory[layer] = value
+                x, pos = self.seed_memory.get(layer, (None, None))
+                self.seed_memory[layer] = (value, pos) if what == "x" else (x, value)
             else:
                 mem = self.memory.setdefault(layer, _LayerMemory())
                 setattr(mem, what, value)
 
     def memory_size(self) -> int:
         if self.settings.variant == "seed":
-            return max((int(x.shape[0]) for x in self.seed_memory.values()), default=0)
+            return max((int(x.shape[0]) for x, _ in self.seed_memory.values()), default=0)
         return max((len(m) for m in self.memory.values()), default=0)
 
     def memory_positions(self, layer: int | None = None) -> list[int]:
@@ -152,7 +153,7 @@ class Continuity(Mechanism):
         write_layer = self._write_layer(layer)
         mem = self.memory.setdefault(write_layer, _LayerMemory())
         if layer == write_layer:
-            keep = torch.isin(row.roles, torch.tensor(_SOURCE_ROLES[self.settings.source]))
+            keep = torch.isin(row.roles, torch.tensor(_SOURCE_ROLES[self.settings.source], device=row.roles.device))
             if keep.any():
                 xs = x_hat[keep]
                 k = proj.keys(xs)
@@ -197,27 +198,28 @@ class Continuity(Mechanism):
     def _record(self, layer, weights, pos, delta, attn_out, row: StepRow, readers=None):
         per_head = weights.reshape(-1, weights.shape[2], weights.shape[3]).float()  # [H, T, N]
         slots = pos.tolist()
+        positions = row.positions.tolist()
         for t in range(per_head.shape[1]):
             if readers is not None and not readers[t]:
                 continue  # nothing was written before this token: no read happened
-            ph = per_head[:, t].numpy()
+            ph = per_head[:, t].cpu().numpy()
             self.traces.append(ReadTrace(
-                layer=layer, position=int(row.positions[t]), slot_keys=slots,
+                layer=layer, position=positions[t], slot_keys=slots,
                 weights=ph.mean(0), per_head=ph,
                 scalars={"delta_norm": float(self.scale * delta[t].norm()),
                          "attn_norm": float(attn_out[t].norm())}))
 
     def _seed_forward(self, layer, proj, x_hat, attn_out, row: StepRow):
         """Published behaviour: previous call's x̂ as memory, no mask, no RoPE, reset per turn."""
-        memory = self.seed_memory.get(layer)
-        if memory is None:
-            memory = x_hat  # first call of a turn: the prompt attends to itself, bidirectionally
+        memory, memory_pos = self.seed_memory.get(layer, (None, None))
+        if memory is None:  # first call of a turn: the prompt attends to itself, bidirectionally
+            memory, memory_pos = x_hat, row.positions
         self.call_counts[layer] += 1
         q = proj.queries(x_hat)
         k, v = proj.keys(memory), proj.values(memory)
         weights = torch.softmax(torch.einsum("hgtd,hnd->hgtn", q, k).float() * proj.scaling, -1).to(q.dtype)
         delta = proj.output(torch.einsum("hgtn,hnd->hgtd", weights, v))
         if row.record:
-            self._record(layer, weights, torch.arange(-memory.shape[0], 0), delta, attn_out, row)
-        self.seed_memory[layer] = x_hat.detach()
+            self._record(layer, weights, memory_pos, delta, attn_out, row)
+        self.seed_memory[layer] = (x_hat.detach(), row.positions)
         return delta
