@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -176,7 +176,7 @@ class Dialogue:
         step = 0
         try:
             logits = self._forward(prompt_ids, [[ASSISTANT] * len(a.pending) + p.roles for a, p in zip(self.arms, pieces)],
-                                   turn, logits_to_keep=1)
+                                   turn, logits_to_keep=1, carried=[len(a.pending) for a in self.arms])
             for arm in self.arms:
                 arm.pending = []
             while True:
@@ -216,6 +216,7 @@ class Dialogue:
             raise
         except BaseException:
             self._restore_snapshot(self._snapshot)
+            self._snapshot = None  # the failed turn is already undone: nothing left to roll back
             raise
         replies = self._finish_turn(user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft or 0.0,
                                     finished_at, limits)
@@ -228,12 +229,18 @@ class Dialogue:
         self._restore_snapshot(self._snapshot)
         self._snapshot = None
 
-    def teacher_force(self, user: str, replies: list[list[int]]) -> list[torch.Tensor]:
+    def teacher_force(self, user: str, replies: list[list[int]], *, keep_logits: bool = True,
+                      on_phase: Callable[[str, list[tuple[int, int]] | None], None] | None = None
+                      ) -> list[torch.Tensor] | None:
         """Feed given replies after `user`; return per arm the logits [len(reply), vocab] that predict them.
 
-        Leaves the dialogue exactly as if the arms had generated those replies.
+        Two forward passes: the prompt (whose last position predicts each reply's first token), then
+        the replies but their last token. Leaves the dialogue exactly as if the arms had generated
+        those replies. `on_phase('prompt', None)` / `on_phase('body', spans)` run before each pass,
+        with spans = each arm's reply positions (used by captures); `keep_logits=False` skips the
+        vocabulary projection of the body.
         """
-        pieces = self._prepare(user, max(len(r) for r in replies), replies)
+        pieces = self._prepare(user, max(1, max(len(r) for r in replies)), replies)
         self._snapshot = self._take_snapshot()
         turn = self.turn
         for arm in self.arms:
@@ -242,14 +249,20 @@ class Dialogue:
                 arm.mechanism.traces = []
         prompt_ids = [a.pending + p.token_ids for a, p in zip(self.arms, pieces)]
         started, t0 = time.time(), time.perf_counter()
+        if on_phase is not None:
+            on_phase("prompt", None)
         first = self._forward(prompt_ids, [[ASSISTANT] * len(a.pending) + p.roles for a, p in zip(self.arms, pieces)],
-                              turn, logits_to_keep=1)
+                              turn, logits_to_keep=1, carried=[len(a.pending) for a in self.arms])
         for arm in self.arms:
             arm.pending = []
+        if on_phase is not None:
+            on_phase("body", [(a.length, a.length + len(r)) for a, r in zip(self.arms, replies)])
         body = [r[:-1] for r in replies]
-        rest = self._forward(body, [[ASSISTANT] * len(b) for b in body], turn, logits_to_keep=0)
-        T = rest.shape[1]
-        out = [torch.cat([first[i, -1:], rest[i, T - len(body[i]):]], 0).float() for i in range(self.n_arms)]
+        rest = self._forward(body, [[ASSISTANT] * len(b) for b in body], turn, logits_to_keep=0 if keep_logits else 1)
+        out = None
+        if keep_logits:
+            T = rest.shape[1]
+            out = [torch.cat([first[i, -1:], rest[i, T - len(body[i]):]], 0).float() for i in range(self.n_arms)]
         now = time.perf_counter()
         reasons = ["eos" if r and r[-1] in self.eos_ids else "length" for r in replies]
         self._finish_turn(user, pieces, prompt_ids, [list(r) for r in replies], reasons, started, t0, 0.0,
@@ -298,8 +311,13 @@ class Dialogue:
             pieces.append(piece)
         return pieces
 
-    def _forward(self, chunks: list[list[int]], roles: list[list[int]], turn: int, logits_to_keep: int):
-        """Append each row's chunk (left-padded within the step) and return the logits."""
+    def _forward(self, chunks: list[list[int]], roles: list[list[int]], turn: int, logits_to_keep: int,
+                 carried: list[int] | None = None):
+        """Append each row's chunk (left-padded within the step) and return the logits.
+
+        `carried[r]` leading tokens of row r are the previous reply's last token, fed now: they
+        belong to the previous turn.
+        """
         B = self.n_arms
         T = max(1, max(len(c) for c in chunks))
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
@@ -330,7 +348,8 @@ class Dialogue:
             arm = self.arms[r]
             arm.token_ids += list(chunk)
             arm.roles += list(role)
-            arm.turns += [turn] * len(chunk)
+            n_prev = carried[r] if carried else 0
+            arm.turns += [turn - 1] * n_prev + [turn] * (len(chunk) - n_prev)
         return out.logits
 
     def _finish_turn(self, user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft, finished_at,
@@ -362,8 +381,12 @@ class Dialogue:
         }
 
     def _restore_snapshot(self, snap) -> None:
-        if self.cache.get_seq_length() > snap["cache_len"]:
-            self.cache.crop(snap["cache_len"] - self.cache.get_seq_length())  # negative: tokens to drop
+        # Crop every layer to the snapshot's length: a forward that failed midway left the layers
+        # below the failure one step longer than those above it.
+        n = snap["cache_len"]
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False) and layer.keys.shape[-2] > n:
+                layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
         self.mask, self.turn = snap["mask"], snap["turn"]
         for arm, (length, pending, n_msg, n_rep, mech_state) in zip(self.arms, snap["arms"]):
             del arm.token_ids[length:], arm.roles[length:], arm.turns[length:]

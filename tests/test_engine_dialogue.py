@@ -60,3 +60,39 @@ def test_transcript_matches_template_exactly(embedded):
     rendered = embedded.tokenizer.apply_chat_template(arm.messages[:-1], tokenize=False, add_generation_prompt=True)
     n_prompt = len(arm.token_ids) - (len(arm.replies[1].token_ids) - 1)
     assert embedded.tokenizer.decode(arm.token_ids[:n_prompt]) == rendered
+
+
+def test_reply_tokens_belong_to_their_turn(tiny_llama):
+    d = Dialogue(tiny_llama, [parse_arm("observer")])
+    d.eos_ids = set()
+    d.send("One", max_new_tokens=4)
+    start = d.arms[0].length - 3  # reply 0 is the last 3 fed tokens + 1 pending
+    d.send("Two", max_new_tokens=4)
+    arm = d.arms[0]
+    assert arm.turns[start:start + 4] == [0, 0, 0, 0]  # incl. its last token, fed at the start of turn 1
+    assert arm.roles[start + 3] == ROLE_CODE["assistant"] and arm.turns[start + 4] == 1
+
+
+def test_failed_turn_restores_state_and_leaves_nothing_to_undo(tiny_llama):
+    d = Dialogue(tiny_llama, [parse_arm("observer"), parse_arm("continuity:linkage=1")])
+    d.send("Hello", max_new_tokens=4)
+    before = [(list(a.token_ids), list(a.pending), a.mechanism and a.mechanism.memory_size()) for a in d.arms]
+    mech = d.arms[1].mechanism
+    calls = {"n": 0}
+    real_forward = mech.forward
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise RuntimeError("boom")
+        return real_forward(*args, **kwargs)
+
+    mech.forward = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        d.send("Again", max_new_tokens=8)
+    mech.forward = real_forward
+    after = [(list(a.token_ids), list(a.pending), a.mechanism and a.mechanism.memory_size()) for a in d.arms]
+    assert after == before and d.turn == 1
+    with pytest.raises(DialogueError, match="no turn to undo"):
+        d.rollback()
+    assert len(d.send("Again", max_new_tokens=3)) == 2

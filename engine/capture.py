@@ -1,0 +1,617 @@
+"""Captures for the Inspect views: attention weights, memory reads and source attention, after the fact.
+
+Generation runs with SDPA, which returns no attention weights. A capture rebuilds the arms of a
+logged dialogue and teacher-forces the logged turns through them (the same two forward passes
+per turn as `Dialogue.teacher_force`, so every arm's mechanism hooks are active and its memory
+grows exactly as in `engine.probes`), with the model switched to eager attention for this pass
+only (`eager_attention`, under a lock, restored in `finally`). A forward hook on every layer's
+`self_attn` takes the weights the layer actually used (its second output under eager) and reduces
+them on the spot, so nothing of size [L, H, T, T] is ever held for long transcripts:
+
+* the focus arm's full token x token attention, bucketed to at most `max_size` x `max_size`
+  (rows: mean of the bucket's rows, columns: sum over the bucket's columns, so every displayed row
+  is still a distribution that sums to 1; position 0, the attention sink, always keeps its own
+  column so a view can leave it out of the colour range);
+* per layer x head, over the rows that generated the focus turn's reply: entropy, and the mass on
+  the source (system prompt + first user message), on the first token, on the arm's own earlier
+  answers;
+* for every arm, per layer, the share of attention mass the rows generating the focus turn put
+  on the source: the "context rot" curve.
+
+Conventions: the row of token p is computed while processing p, and it shapes the prediction of
+token p+1; so the row (or memory read) "behind" generated token q is the one at position q-1.
+Every fed token carries the index of the message it belongs to (`msg_turns`): the last token of
+a reply is fed at the start of the next turn, yet it belongs to its reply's turn.
+
+Outputs are numpy arrays and plain dicts; this module knows nothing about the database or the UI.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .dialogue import ASSISTANT, Dialogue
+from .hooks import decoder_layers
+from .mechanisms.base import ROLE_CODE, ROLES, ReadTrace
+from .model import LoadedModel
+from .spec import ArmSpec
+
+CAPTURE_VERSION = 1
+DEFAULT_MAX_SIZE = 256
+SOURCE_ROLES = (ROLE_CODE["system"], ROLE_CODE["user"])
+GRID_METRICS = {
+    "entropy": "attention entropy (nats), mean over the reply's rows",
+    "source": "mass on the system prompt + first user message",
+    "sink": "mass on the first token (attention sink)",
+    "own_answers": "mass on the arm's own earlier answers",
+}
+
+_EAGER_LOCK = threading.RLock()
+
+
+class CaptureError(ValueError):
+    """A capture cannot be made; the message is meant for a person."""
+
+
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module):
+    """Switch the model to eager attention for the duration (so layers return their weights).
+
+    Holds a process-wide lock: the implementation is a property of the shared model, so nothing
+    else may run the model while it is switched (the lab also holds its model lock around this).
+    """
+    with _EAGER_LOCK:
+        previous = model.config._attn_implementation
+        switched = previous != "eager"
+        if switched:
+            model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            if switched:
+                model.set_attn_implementation(previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bucketing for display
+# --------------------------------------------------------------------------------------------------
+def bucket_index(T: int, max_size: int | None) -> np.ndarray:
+    """Bucket of each position 0..T-1: identity if T <= max_size; else position 0 alone, the rest even."""
+    if max_size is None or T <= max_size:
+        return np.arange(T)
+    if max_size < 2:
+        raise ValueError("max_size must be at least 2")
+    p = np.arange(T)
+    b = 1 + ((p - 1) * (max_size - 1)) // max(1, T - 1)
+    b[0] = 0
+    return b
+
+
+def bucket_starts(index: np.ndarray) -> list[int]:
+    """First position of each bucket."""
+    starts = [0]
+    for p in range(1, len(index)):
+        if index[p] != index[p - 1]:
+            starts.append(p)
+    return starts
+
+
+def downsample(attn: np.ndarray, max_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket a full [..., T, T] attention: rows averaged, columns summed (rows keep summing to 1)."""
+    T = attn.shape[-1]
+    idx = bucket_index(T, max_size)
+    S = int(idx.max()) + 1 if T else 0
+    cols = np.zeros(attn.shape[:-1] + (S,), dtype=np.float64)
+    np.add.at(np.moveaxis(cols, -1, 0), idx, np.moveaxis(attn.astype(np.float64), -1, 0))
+    rows = np.zeros(attn.shape[:-2] + (S, S), dtype=np.float64)
+    np.add.at(np.moveaxis(rows, -2, 0), idx, np.moveaxis(cols, -2, 0))
+    counts = np.bincount(idx, minlength=S)
+    return (rows / np.maximum(counts, 1)[:, None]).astype(np.float32), idx
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ArmTranscript:
+    """One arm's fed tokens with their role codes and message turns, and where each reply sits."""
+
+    label: str
+    spec: str
+    token_ids: list[int]
+    roles: list[int]
+    msg_turns: list[int]  # the message (turn index) each token belongs to
+    reply_spans: list[tuple[int, int]]  # per turn: [start, end) positions of the reply's tokens
+    memory_sizes: list[int]  # mechanism memory size after each turn (0 for the observer)
+
+    def source_mask(self) -> np.ndarray:
+        roles, turns = np.asarray(self.roles), np.asarray(self.msg_turns)
+        return np.isin(roles, SOURCE_ROLES) & (turns == 0)
+
+    def own_answers_mask(self, before_turn: int) -> np.ndarray:
+        roles, turns = np.asarray(self.roles), np.asarray(self.msg_turns)
+        return (roles == ASSISTANT) & (turns < before_turn)
+
+
+@dataclass
+class TurnCapture:
+    """Everything one capture pass yields for a focus (arm, turn), plus per-arm curves and summary."""
+
+    focus_arm: int
+    focus_turn: int
+    arms: list[ArmTranscript]
+    n_layers: int
+    n_heads: int
+    attention: np.ndarray | None  # [L, H, S, S] float32, bucketed; None if not captured
+    bucket_of: np.ndarray | None  # [T] bucket of each focus-arm position
+    grid: dict[str, np.ndarray]  # metric -> [L, H] over the rows generating the focus reply
+    source_curves: list[np.ndarray | None]  # per arm: [L, n_reply] source share per generating row
+    traces: list[list[list[ReadTrace]]]  # [arm][turn] -> the arm's read traces of that turn
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def focus(self) -> ArmTranscript:
+        return self.arms[self.focus_arm]
+
+
+# --------------------------------------------------------------------------------------------------
+# The capturing dialogue
+# --------------------------------------------------------------------------------------------------
+class _Probe:
+    """Per-layer reduction of the eager attention weights of the current forward pass."""
+
+    def __init__(self, n_layers: int, n_heads: int, n_arms: int, focus_arm: int, T_final: int,
+                 max_size: int | None, want_attention: bool):
+        self.L, self.H = n_layers, n_heads
+        self.focus_arm = focus_arm
+        self.active = False  # set while the passes that matter run
+        self.want_attention = want_attention
+        self.idx = bucket_index(T_final, max_size)
+        self.S = int(self.idx.max()) + 1 if T_final else 0
+        self.idx_t = torch.from_numpy(self.idx)
+        self.acc = torch.zeros(n_layers, n_heads, self.S, self.S) if want_attention else None
+        self.row_counts = torch.zeros(self.S)
+        self.overflow = False
+        self.step: dict | None = None
+        # per arm: which query rows generate reply tokens (set by the feeder), masks over columns
+        self.gen_rows: list[str | None] = [None] * n_arms  # 'last' | 'all' | None
+        self.col_masks: list[dict[str, torch.Tensor] | None] = [None] * n_arms
+        self.curves: list[list[torch.Tensor]] = [[] for _ in range(n_arms)]  # chunks of [L, n]
+        self.grid_sums = {k: torch.zeros(n_layers, n_heads, dtype=torch.float64) for k in GRID_METRICS}
+        self.grid_rows = 0
+        self._curve_chunk: list[torch.Tensor | None] = [None] * n_arms
+
+    def begin_step(self, n: list[int], start: list[int], mask_after: torch.Tensor, T: int):
+        self.step = {"n": n, "start": start, "mask": mask_after.bool().cpu(), "T": T}
+        self._curve_chunk = [None] * len(n)
+
+    def end_step(self):
+        for r, chunk in enumerate(self._curve_chunk):
+            if chunk is not None:
+                self.curves[r].append(chunk)
+        self.step = None
+
+    def hook(self, layer: int):
+        def fn(module, args, output):
+            if not self.active or self.step is None:
+                return None
+            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if w is None:
+                raise CaptureError("the attention layer returned no weights; eager attention is not in effect")
+            self._reduce(layer, w.detach())
+            return None
+        return fn
+
+    def _reduce(self, layer: int, w: torch.Tensor):
+        st = self.step
+        Tq = w.shape[2]
+        for r, n in enumerate(st["n"]):
+            if n == 0:
+                continue
+            gen_mode = self.gen_rows[r]
+            is_focus = r == self.focus_arm and self.want_attention
+            if gen_mode is None and not is_focus:
+                continue
+            cols = st["mask"][r]
+            rows = w[r, :, Tq - n:, :].float()  # [H, n, Tk]
+            if not bool(cols.all()):
+                rows = rows[:, :, cols]
+            rows_len = rows.shape[-1]  # = start + n: the arm's length after this pass
+            if is_focus:
+                self._accumulate(layer, rows, st["start"][r])
+            if gen_mode is not None:
+                g = rows[:, -1:, :] if gen_mode == "last" else rows
+                masks = self.col_masks[r]
+                src = masks["source"][:rows_len]
+                share = g[:, :, src].sum(-1)  # [H, n_gen]
+                curve = share.mean(0)  # [n_gen]
+                if self._curve_chunk[r] is None:
+                    self._curve_chunk[r] = torch.zeros(self.L, curve.shape[0])
+                self._curve_chunk[r][layer] = curve
+                if r == self.focus_arm:
+                    p = g.clamp_min(1e-12)
+                    self.grid_sums["entropy"][layer] += (-(g * p.log()).sum(-1)).sum(-1).double()
+                    self.grid_sums["source"][layer] += share.sum(-1).double()
+                    self.grid_sums["sink"][layer] += g[:, :, 0].sum(-1).double()
+                    own = masks["own_answers"][:rows_len]
+                    self.grid_sums["own_answers"][layer] += g[:, :, own].sum(-1).sum(-1).double()
+                    if layer == 0:
+                        self.grid_rows += g.shape[1]
+
+    def _accumulate(self, layer: int, rows: torch.Tensor, start: int):
+        H, n, Tk = rows.shape
+        if start + n > len(self.idx):
+            self.overflow = True
+            return
+        qb = self.idx_t[start:start + n]
+        kb = self.idx_t[:Tk]
+        if self.S == len(self.idx):  # no bucketing: place the rows as they are
+            self.acc[layer, :, start:start + n, :Tk] = rows
+        else:
+            colsum = torch.zeros(H, n, self.S).index_add_(2, kb, rows)
+            self.acc[layer].index_add_(1, qb, colsum)
+        if layer == 0:
+            self.row_counts.index_add_(0, qb, torch.ones(n))
+
+
+class CaptureDialogue(Dialogue):
+    """A `Dialogue` that teacher-forces logged turns and lets a `_Probe` see every forward pass."""
+
+    probe: _Probe | None = None
+
+    def _forward(self, chunks, roles, turn, logits_to_keep, carried=None):
+        probe = self.probe
+        if probe is not None and probe.active:
+            T = max(1, max(len(c) for c in chunks))
+            valid = torch.zeros(self.n_arms, T, dtype=torch.long)
+            for r, c in enumerate(chunks):
+                if c:
+                    valid[r, T - len(c):] = 1
+            mask_after = torch.cat([self.mask.cpu(), valid], 1)
+            probe.begin_step([len(c) for c in chunks], [a.length for a in self.arms], mask_after, T)
+            try:
+                return super()._forward(chunks, roles, turn, logits_to_keep, carried)
+            finally:
+                probe.end_step()
+        return super()._forward(chunks, roles, turn, logits_to_keep, carried)
+
+    def feed(self, user: str, replies: list[list[int]], before_body=None) -> list[tuple[int, int]]:
+        """Teacher-force one turn (`Dialogue.teacher_force`, without logits); return each arm's reply span."""
+        spans_seen: list[tuple[int, int]] = []
+
+        def phase(name, spans):
+            if name == "body":
+                spans_seen.extend(spans)
+                if before_body is not None:
+                    before_body(spans)
+            if self.probe is not None:  # which rows generate: the prompt's last one, then every body row
+                body = name == "body"
+                self.probe.gen_rows = [("all" if body else "last") if self._is_gen(r) and len(replies[r]) > body
+                                       else None for r in range(self.n_arms)]
+
+        self.teacher_force(user, replies, keep_logits=False, on_phase=phase)
+        if self.probe is not None:
+            self.probe.gen_rows = [None] * self.n_arms
+        return spans_seen
+
+    def flush(self, rows: list[int]) -> None:
+        """Feed the pending last reply token of the given arms (so it appears in the transcript)."""
+        chunks = [self.arms[r].pending if r in rows else [] for r in range(self.n_arms)]
+        if not any(chunks):
+            return
+        turn = self.turn - 1
+        for arm in self.arms:
+            if arm.mechanism is not None:
+                arm.mechanism.traces = []
+        self._forward(chunks, [[ASSISTANT] * len(c) for c in chunks], turn, 1)
+        for r in rows:
+            self.arms[r].pending = []
+
+    _gen_arms: set = frozenset()
+
+    def _is_gen(self, r: int) -> bool:
+        return r in self._gen_arms
+
+
+def _msg_turns(arm_turns: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    out = list(arm_turns)
+    for k, (a, b) in enumerate(spans):
+        for p in range(a, min(b, len(out))):
+            out[p] = k
+    return out
+
+
+def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, list[list[int]]]],
+                 system: str | None = None, *, focus_arm: int = 0, focus_turn: int | None = None,
+                 attention: bool = True, max_size: int | None = DEFAULT_MAX_SIZE,
+                 curves: bool = True, expected_length: int | None = None) -> TurnCapture:
+    """Teacher-force `turns` [(user, [reply ids per arm]), ...] up to `focus_turn` and capture it.
+
+    One pass, eager attention, every arm's mechanism active and recording read traces. Returns the
+    focus arm's bucketed attention over its transcript up to the end of the focus turn
+    (`max_size=None`: full [L, H, T, T]), the layer x head grid over the rows that generated the
+    focus reply, every arm's source-attention curve for that turn, and every arm's read traces.
+    `expected_length`: the focus arm's transcript length if known (else it is found by a dry run of
+    the tokenisation), used to fix the buckets before the pass.
+    """
+    if not turns:
+        raise CaptureError("the dialogue has no turns")
+    focus_turn = len(turns) - 1 if focus_turn is None else focus_turn
+    if not 0 <= focus_turn < len(turns):
+        raise CaptureError(f"turn {focus_turn} does not exist: the dialogue has turns 0..{len(turns) - 1}")
+    if not 0 <= focus_arm < len(specs):
+        raise CaptureError(f"arm {focus_arm} does not exist: the dialogue has arms 0..{len(specs) - 1}")
+    for k, (_, replies) in enumerate(turns[:focus_turn + 1]):
+        if len(replies) != len(specs):
+            raise CaptureError(f"turn {k} has replies for {len(replies)} arms, the dialogue has {len(specs)}")
+    t_start = time.perf_counter()
+    model = lm.model
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    d = CaptureDialogue(lm, [s for s in specs], system=system, record_traces=True)
+    T_final = expected_length if expected_length is not None else _dry_length(lm, specs, turns, system,
+                                                                              focus_arm, focus_turn)
+    probe = _Probe(L, H, len(specs), focus_arm, T_final, max_size, attention)
+    d.probe = probe
+    gen_arms = set(range(len(specs))) if curves else {focus_arm}
+    layers = decoder_layers(model)
+    spans_by_arm: list[list[tuple[int, int]]] = [[] for _ in specs]
+    traces: list[list[list[ReadTrace]]] = [[] for _ in specs]
+    mem_sizes: list[list[int]] = [[] for _ in specs]
+    handles = []
+    notes: list[str] = []
+    try:
+        with eager_attention(model):
+            handles = [layers[l].self_attn.register_forward_hook(probe.hook(l)) for l in range(L)]
+            for k in range(focus_turn + 1):
+                user, replies = turns[k]
+                is_focus = k == focus_turn
+
+                def set_masks(spans, k=k):
+                    for r, arm in enumerate(d.arms):
+                        all_spans = spans_by_arm[r] + [spans[r]]
+                        mt = np.asarray(_msg_turns(arm.turns, all_spans))
+                        roles = np.asarray(arm.roles)
+                        n = len(mt) + spans[r][1] - spans[r][0] + 1
+                        src = np.zeros(n, bool)
+                        own = np.zeros(n, bool)
+                        src[:len(mt)] = np.isin(roles, SOURCE_ROLES) & (mt == 0)
+                        own[:len(mt)] = (roles == ASSISTANT) & (mt < k)
+                        probe.col_masks[r] = {"source": torch.from_numpy(src), "own_answers": torch.from_numpy(own)}
+
+                # attention is only reduced in the focus turn, and everywhere for the focus heatmap
+                probe.active = attention or is_focus
+                d._gen_arms = gen_arms if is_focus else set()
+                if is_focus:
+                    # the prompt's last row already generates: masks must exist before the prompt pass
+                    _prepare_masks_before_prompt(d, probe, spans_by_arm, k, user, replies)
+                spans = d.feed(user, replies, before_body=set_masks if is_focus else None)
+                for r, arm in enumerate(d.arms):
+                    spans_by_arm[r].append(spans[r])
+                    traces[r].append(list(arm.replies[-1].traces))
+                    mem_sizes[r].append(0 if arm.mechanism is None else arm.mechanism.memory_size())
+            if attention:
+                probe.active = True
+                d._gen_arms = set()
+                d.flush([focus_arm])
+    finally:
+        for h in handles:
+            h.remove()
+        d.probe = None
+    arms = []
+    for r, arm in enumerate(d.arms):
+        arms.append(ArmTranscript(label=arm.spec.display_label, spec=arm.spec.to_string(),
+                                  token_ids=list(arm.token_ids), roles=list(arm.roles),
+                                  msg_turns=_msg_turns(arm.turns, spans_by_arm[r]), reply_spans=spans_by_arm[r],
+                                  memory_sizes=mem_sizes[r]))
+    attn = bucket_of = None
+    if attention:
+        T = arms[focus_arm].token_ids.__len__()
+        if probe.overflow or T != len(probe.idx):
+            notes.append(f"transcript length {T} differs from the expected {len(probe.idx)}; attention not captured")
+        else:
+            attn = (probe.acc / probe.row_counts.clamp_min(1)[None, None, :, None]).numpy()
+            bucket_of = probe.idx
+    rows = max(probe.grid_rows, 1)
+    grid = {k: (v / rows).numpy().astype(np.float32) for k, v in probe.grid_sums.items()}
+    if probe.grid_rows == 0:
+        grid = {k: np.full((L, H), np.nan, np.float32) for k in GRID_METRICS}
+    src_curves: list[np.ndarray | None] = []
+    for r in range(len(specs)):
+        chunks = probe.curves[r]
+        src_curves.append(torch.cat(chunks, 1).numpy() if chunks else None)
+    return TurnCapture(focus_arm=focus_arm, focus_turn=focus_turn, arms=arms, n_layers=L, n_heads=H,
+                       attention=attn, bucket_of=bucket_of, grid=grid, source_curves=src_curves, traces=traces,
+                       seconds=time.perf_counter() - t_start, notes=notes)
+
+
+def _prepare_masks_before_prompt(d: CaptureDialogue, probe: _Probe, spans_by_arm, k: int, user: str, replies):
+    """Column masks for the focus turn's prompt pass: computed from the arm's state before it."""
+    pieces = d._prepare(user, max(1, max(len(r) for r in replies)), replies)
+    for r, (arm, piece) in enumerate(zip(d.arms, pieces)):
+        mt = _msg_turns(arm.turns, spans_by_arm[r])
+        roles = list(arm.roles)
+        # the pending token (last token of the previous reply) and then the new piece
+        mt += [k - 1] * len(arm.pending) + [k] * len(piece.token_ids)
+        roles += [ASSISTANT] * len(arm.pending) + list(piece.roles)
+        mt_a, roles_a = np.asarray(mt), np.asarray(roles)
+        src = np.isin(roles_a, SOURCE_ROLES) & (mt_a == 0)
+        own = (roles_a == ASSISTANT) & (mt_a < k)
+        probe.col_masks[r] = {"source": torch.from_numpy(src), "own_answers": torch.from_numpy(own)}
+
+
+def _dry_length(lm, specs, turns, system, focus_arm, focus_turn) -> int:
+    """The focus arm's transcript length after the focus turn (+ its flushed last token), no forward pass."""
+    from .chat import first_turn, next_turn
+
+    tok = lm.tokenizer
+    messages = [{"role": "system", "content": system}] if system else []
+    total, prev_reply = 0, None
+    for k in range(focus_turn + 1):
+        user, replies = turns[k]
+        reply = list(replies[focus_arm])
+        piece = first_turn(tok, system, user) if k == 0 else next_turn(tok, messages, user, prev_reply)
+        total += len(piece.token_ids) + len(reply)
+        text = _decode_static(tok, reply, _eos_ids(lm))
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        prev_reply = reply
+    return total
+
+
+def _eos_ids(lm) -> set[int]:
+    ids = set()
+    for source in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+def _decode_static(tokenizer, ids, eos_ids) -> str:
+    text = tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)
+    return text.rstrip("\ufffd")
+
+
+def capture_attention(lm: LoadedModel, arm: ArmSpec, turns: list[tuple[str, list[int]]], system: str | None = None,
+                      *, upto_turn: int | None = None, max_size: int | None = None) -> tuple[np.ndarray, ArmTranscript]:
+    """Attention [L, H, T, T] of one arm over its transcript up to the end of `upto_turn`.
+
+    `max_size=None` gives the exact weights (rows sum to 1); otherwise bucketed for display.
+    """
+    cap = capture_turn(lm, [arm], [(u, [r]) for u, r in turns], system, focus_arm=0, focus_turn=upto_turn,
+                       attention=True, max_size=max_size, curves=False)
+    if cap.attention is None:
+        raise CaptureError("; ".join(cap.notes) or "attention was not captured")
+    return cap.attention, cap.focus
+
+
+def source_attention_curve(attn_rows: np.ndarray, source_mask: np.ndarray, bands: int = 3) -> np.ndarray:
+    """Share of attention on the source, per layer band: attn_rows [L, H, n, T] -> [bands, n]."""
+    share = attn_rows[..., source_mask].sum(-1).mean(1)  # [L, n]
+    return band_means(share, bands)
+
+
+def band_means(per_layer: np.ndarray, bands: int = 3) -> np.ndarray:
+    """Average [L, n] over `bands` contiguous groups of layers -> [bands, n]."""
+    L = per_layer.shape[0]
+    edges = band_edges(L, bands)
+    return np.stack([per_layer[a:b].mean(0) for a, b in edges])
+
+
+def band_edges(n_layers: int, bands: int = 3) -> list[tuple[int, int]]:
+    cuts = [round(i * n_layers / bands) for i in range(bands + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(bands) if cuts[i + 1] > cuts[i]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels and the memory-read table
+# --------------------------------------------------------------------------------------------------
+def token_label(tokenizer, token_id: int) -> str:
+    text = tokenizer.decode([int(token_id)], skip_special_tokens=False)
+    if not text.strip():
+        text = text.replace("\n", "\\n").replace(" ", "·") or tokenizer.convert_ids_to_tokens(int(token_id))
+    return text.replace("\n", "\\n")
+
+
+def token_labels(tokenizer, token_ids: list[int]) -> list[str]:
+    return [token_label(tokenizer, t) for t in token_ids]
+
+
+def slot_label(key, labels: list[str], roles: list[int], msg_turns: list[int]) -> dict:
+    """Describe one memory slot: a token position of the arm (int) or a named slot (str)."""
+    if isinstance(key, (int, np.integer)) and 0 <= int(key) < len(labels):
+        p = int(key)
+        return {"key": p, "text": labels[p], "role": ROLES[roles[p]], "turn": int(msg_turns[p]),
+                "label": f"{labels[p]} @{p} (t{msg_turns[p]} {ROLES[roles[p]]})"}
+    if isinstance(key, (int, np.integer)):
+        return {"key": int(key), "text": str(key), "role": None, "turn": None, "label": f"slot {int(key)}"}
+    return {"key": str(key), "text": str(key), "role": None, "turn": None, "label": str(key)}
+
+
+def memory_read_table(traces: list[ReadTrace], transcript: ArmTranscript, turn: int, tokenizer) -> dict:
+    """What the mechanism read for each generated token of `turn`, per layer (generic over ReadTrace).
+
+    The read behind generated token q is the trace at position q-1. Returns, per layer, the slot
+    list (union over the reply, in first-seen order; positions sorted) with labels, and weights
+    [n_tokens, n_slots] (NaN where no read was made) plus per-head weights [n_tokens, H, n_slots].
+    """
+    labels = token_labels(tokenizer, transcript.token_ids)
+    a, b = transcript.reply_spans[turn]
+    gen_positions = list(range(a, b))
+    by = {(tr.layer, tr.position): tr for tr in traces}
+    layers = sorted({tr.layer for tr in traces})
+    out_layers = []
+    for layer in layers:
+        keys: list = []
+        seen = set()
+        for q in gen_positions:
+            tr = by.get((layer, q - 1))
+            if tr is None:
+                continue
+            for key in tr.slot_keys:
+                if key not in seen:
+                    seen.add(key)
+                    keys.append(key)
+        if keys and all(isinstance(k, (int, np.integer)) for k in keys):
+            keys = sorted(keys)
+        col = {k: i for i, k in enumerate(keys)}
+        W = np.full((len(gen_positions), len(keys)), np.nan, np.float32)
+        per_head = None
+        scalars: list[dict] = []
+        for i, q in enumerate(gen_positions):
+            tr = by.get((layer, q - 1))
+            scalars.append({} if tr is None else dict(tr.scalars))
+            if tr is None:
+                continue
+            W[i] = 0.0
+            cols = [col[k] for k in tr.slot_keys]
+            W[i, cols] = tr.weights
+            if tr.per_head is not None:
+                if per_head is None:
+                    per_head = np.full((len(gen_positions), tr.per_head.shape[0], len(keys)), np.nan, np.float32)
+                per_head[i] = 0.0
+                per_head[i][:, cols] = tr.per_head
+        out_layers.append({"layer": layer, "slots": [slot_label(k, labels, transcript.roles, transcript.msg_turns)
+                                                     for k in keys],
+                           "weights": W, "per_head": per_head, "scalars": scalars})
+    return {"turn": turn, "positions": gen_positions,
+            "tokens": [labels[p] if p < len(labels) else "?" for p in gen_positions],
+            "token_ids": [transcript.token_ids[p] for p in gen_positions if p < len(transcript.token_ids)],
+            "layers": out_layers}
+
+
+def own_answer_read_share(traces: list[ReadTrace], transcript: ArmTranscript, turn: int) -> float | None:
+    """Mean (over reads and layers) weight a turn's reads put on slots from the arm's earlier answers."""
+    roles, mt = transcript.roles, transcript.msg_turns
+    vals = []
+    for tr in traces:
+        w = np.asarray(tr.weights, dtype=np.float64)
+        if w.sum() <= 0:
+            continue
+        keep = [isinstance(k, (int, np.integer)) and 0 <= int(k) < len(roles) and roles[int(k)] == ASSISTANT
+                and mt[int(k)] < turn for k in tr.slot_keys]
+        vals.append(float(w[np.asarray(keep, bool)].sum()) if any(keep) else 0.0)
+    return float(np.mean(vals)) if vals else None
+
+
+def turn_summary(cap: TurnCapture) -> list[dict]:
+    """Per arm and turn: memory size after the turn, number of reads, mean read weight on own earlier answers."""
+    rows = []
+    for r, arm in enumerate(cap.arms):
+        for k in range(len(arm.reply_spans)):
+            tr = cap.traces[r][k] if k < len(cap.traces[r]) else []
+            share = own_answer_read_share(tr, arm, k)
+            rows.append({"arm": r, "label": arm.label, "turn": k, "memory_size": arm.memory_sizes[k],
+                         "n_reads": len(tr), "own_answer_read": share})
+    return rows
+
+
+def entropy_max(n_keys: int) -> float:
+    return math.log(max(n_keys, 1))

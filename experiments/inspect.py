@@ -1,0 +1,337 @@
+"""Inspect a logged turn: attention, memory reads, divergence from the observer, source attention.
+
+`inspect_turn(store, lm, session_id, arm_index, turn_index)` computes what the Inspect views draw,
+on demand, and caches it in the database so reopening a turn is instant:
+
+* big arrays (the bucketed attention [L, H, S, S] in float16, the layer x head grid, the memory-read
+  matrices) go to one compressed `.npz` per (arm, turn) under `<store.dir>/captures/<session>/`,
+  referenced by a relative path from `put_capture`;
+* small things (labels, divergence, source curves, turn summary) are JSON in the capture rows.
+
+Every capture row carries a key (capture version, model weights hash, arms, max_size); a row whose
+key differs (other weights, a newer capture format) is recomputed, never shown.
+Capture kinds on the arm's assistant turn: inspect.attention, inspect.memory, inspect.source,
+inspect.summary (one capture pass makes all four), inspect.divergence (a separate probe pass).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from db import Store
+from engine import ArmSpec, LoadedModel
+from engine.capture import (CAPTURE_VERSION, DEFAULT_MAX_SIZE, GRID_METRICS, CaptureError, bucket_starts,
+                            capture_turn, memory_read_table, token_label, token_labels, turn_summary)
+from engine.mechanisms.base import ROLES
+from engine.probes import compare_on_transcript
+
+KINDS = ("attention", "memory", "divergence", "source", "summary")
+CAPTURE_KINDS = ("attention", "memory", "source", "summary")
+PREFIX = "inspect."
+STATS: Counter = Counter()  # how many passes ran (tests and the UI read it)
+
+
+class InspectError(ValueError):
+    """The turn cannot be inspected; the message is meant for a person."""
+
+
+@dataclass
+class InspectResult:
+    session_id: str
+    arm_index: int
+    turn_index: int
+    arm_labels: list[str]
+    n_turns: int
+    attention: dict | None = None  # meta: labels, buckets, grid; arrays via attention_matrix()
+    memory: dict | None = None
+    divergence: dict | None = None
+    source: dict | None = None
+    summary: list | None = None
+    cached: dict = field(default_factory=dict)  # kind -> True if it came from the cache
+    seconds: float = 0.0
+    notes: list = field(default_factory=list)
+    files: dict = field(default_factory=dict)  # kind -> absolute path of its array file
+
+    @property
+    def from_cache(self) -> bool:
+        return bool(self.cached) and all(self.cached.values())
+
+    def _arrays(self) -> dict:
+        if getattr(self, "_mem_arrays", None) is not None:
+            return self._mem_arrays
+        path = self.files.get("attention") or self.files.get("memory")
+        if path is None:
+            raise InspectError("no array file for this turn")
+        return _load_npz(path, os.path.getmtime(path))
+
+    def attention_matrix(self, layer: int, head: int | str = "mean") -> np.ndarray:
+        """[S, S] bucketed attention of one layer and head (or the mean over heads); rows sum to 1."""
+        if self.attention is None:
+            raise InspectError("attention was not captured for this turn")
+        att = self._arrays()["attention"]
+        L, H = att.shape[:2]
+        if not 0 <= int(layer) < L:
+            raise InspectError(f"layer {layer} does not exist: 0..{L - 1}")
+        if head in (None, "mean"):
+            return att[int(layer)].astype(np.float32).mean(0)
+        if not 0 <= int(head) < H:
+            raise InspectError(f"head {head} does not exist: 0..{H - 1}")
+        return att[int(layer), int(head)].astype(np.float32)
+
+    def grid(self, metric: str) -> np.ndarray:
+        if self.attention is None:
+            raise InspectError("attention was not captured for this turn")
+        return np.asarray(self.attention["grid"][metric], dtype=np.float32)
+
+    def memory_layers(self) -> list[dict]:
+        """Per read layer: slots (labelled) and weights [n_tokens, n_slots] (+ per_head)."""
+        if not self.memory or not self.memory.get("layers"):
+            return []
+        arrays = self._arrays()
+        out = []
+        for entry in self.memory["layers"]:
+            l = entry["layer"]
+            out.append({**entry, "weights": arrays[f"mem_w_{l}"],
+                        "per_head": arrays.get(f"mem_h_{l}") if f"mem_h_{l}" in arrays else None})
+        return out
+
+
+@functools.lru_cache(maxsize=6)
+def _load_npz(path: str, mtime: float) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+# --------------------------------------------------------------------------------------------------
+def _session_turns(store: Store, session_id: str):
+    session = store.get_session(session_id)  # StoreError for an unknown id
+    turns: dict[int, dict[int, dict]] = {}
+    for t in store.get_turns(session_id):
+        turns.setdefault(t["turn_index"], {}).setdefault(t["arm_index"], {})[t["role"]] = t
+    return session, turns
+
+
+def _key(session: dict, lm_hash: str, max_size) -> dict:
+    return {"v": CAPTURE_VERSION, "weights": lm_hash, "max_size": max_size,
+            "arms": [a["spec"] for a in sorted(session["arms"], key=lambda a: a["index"])]}
+
+
+def _captures_root(store: Store, captures_dir: str | None) -> Path | None:
+    if store.dir is not None:
+        return Path(store.dir)
+    return Path(captures_dir) if captures_dir else None
+
+
+def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_index: int, turn_index: int,
+                 kinds=KINDS, *, max_size: int = DEFAULT_MAX_SIZE, lock=None, recompute: bool = False,
+                 captures_dir: str | None = None) -> InspectResult:
+    """Everything the Inspect views need for one (session, arm, turn), from the cache or computed.
+
+    `lock`: held around model work only (the lab passes its model lock). `lm` may be None when every
+    asked kind is cached. Errors the user can act on raise `InspectError` (or the store's error for an
+    unknown session).
+    """
+    t0 = time.perf_counter()
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise InspectError(f"unknown kind {bad[0]!r}; use {', '.join(KINDS)}")
+    session, turns = _session_turns(store, session_id)
+    arms = sorted(session["arms"], key=lambda a: a["index"])
+    try:
+        arm_index, turn_index = int(arm_index), int(turn_index)
+    except (TypeError, ValueError):
+        raise InspectError("arm and turn must be whole numbers") from None
+    if not 0 <= arm_index < len(arms):
+        raise InspectError(f"session {session_id} has arms 0..{len(arms) - 1}; there is no arm {arm_index}")
+    complete = [k for k in sorted(turns) if all("assistant" in turns[k].get(a["index"], {}) for a in arms)]
+    if turn_index not in turns:
+        n = len(turns)
+        raise InspectError(f"session {session_id} has {'no turns yet' if n == 0 else f'turns 0..{n - 1}'}; "
+                           f"there is no turn {turn_index}")
+    if any(k not in complete for k in range(turn_index + 1)):
+        raise InspectError(f"turn {turn_index} (or an earlier one) has no logged reply for every arm")
+    focus_row = turns[turn_index][arm_index]["assistant"]
+    turn_id = focus_row["id"] if "id" in focus_row else focus_row["turn_id"]
+    lm_hash = lm.identity.weights_hash if lm is not None else session["model"].get("weights_hash")
+    key = _key(session, lm_hash, max_size)
+    root = _captures_root(store, captures_dir)
+    result = InspectResult(session_id, arm_index, turn_index, [a["label"] for a in arms], len(turns))
+
+    # -- the cache
+    missing = []
+    for kind in kinds:
+        row = None if recompute else store.get_capture(turn_id, PREFIX + kind)
+        ok = row is not None and isinstance(row.get("data"), dict) and row["data"].get("key") == key
+        if ok and row.get("path"):
+            path = (root / row["path"]) if root is not None else None
+            ok = path is not None and path.is_file()
+            if ok:
+                result.files[kind] = str(path)
+        if ok:
+            _attach(result, kind, row["data"])
+            result.cached[kind] = True
+        else:
+            missing.append(kind)
+    if not missing:
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    if lm is None:
+        raise InspectError("this turn has not been inspected yet and no model is loaded")
+    if session["model"].get("weights_hash") != lm.identity.weights_hash:
+        raise InspectError(f"session {session_id} was run on {session['model'].get('name')} with other weights; "
+                           "load that model to inspect it")
+    specs = [ArmSpec.from_dict(a["settings"]) for a in arms]
+    system = session["system_prompt"]
+    forced = [(turns[k][0]["user"]["text"], [turns[k][a["index"]]["assistant"]["token_ids"] for a in arms])
+              for k in range(turn_index + 1)]
+    guard = lock if lock is not None else contextlib.nullcontext()
+
+    if any(k in CAPTURE_KINDS for k in missing):
+        with guard:
+            try:
+                cap = capture_turn(lm, specs, forced, system, focus_arm=arm_index, focus_turn=turn_index,
+                                   max_size=max_size)
+            except CaptureError as e:
+                raise InspectError(str(e)) from None
+        STATS["capture_runs"] += 1
+        result.notes += cap.notes
+        _check_transcript(result, cap, turns, arm_index, turn_index)
+        data = _capture_payloads(lm, cap, key)
+        rel = None
+        arrays = data.pop("_arrays")
+        if root is not None:
+            rel = f"captures/{_safe(session_id)}/a{arm_index}-t{turn_index}.npz"
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.stem + ".tmp.npz")
+            np.savez_compressed(tmp, **arrays)
+            os.replace(tmp, path)
+            for kind in ("attention", "memory"):
+                result.files[kind] = str(path)
+        else:
+            result.notes.append("no folder for capture files: arrays are kept in memory only")
+            result._mem_arrays = arrays  # type: ignore[attr-defined]
+            result.files = {}
+        for kind in CAPTURE_KINDS:
+            payload = data[kind]
+            store.put_capture(turn_id, PREFIX + kind, path=rel if kind in ("attention", "memory") else None,
+                              data=payload)
+            _attach(result, kind, payload)
+            result.cached[kind] = False
+        if root is None:
+            _load_npz.cache_clear()
+
+    if "divergence" in missing:
+        with guard:
+            spec = specs[arm_index]
+            divs, _ = compare_on_transcript(lm, spec, [(u, r[arm_index]) for u, r in forced], system)
+        STATS["divergence_runs"] += 1
+        payload = _divergence_payload(lm, divs[turn_index], key)
+        store.put_capture(turn_id, PREFIX + "divergence", data=payload)
+        _attach(result, "divergence", payload)
+        result.cached["divergence"] = False
+
+    # keep only the asked kinds' flags
+    result.cached = {k: v for k, v in result.cached.items() if k in kinds}
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))
+
+
+def _attach(result: InspectResult, kind: str, data: dict):
+    if data.get("unavailable"):
+        result.notes.append(f"{kind}: {data['unavailable']}")
+        setattr(result, kind, None)
+    elif kind == "summary":
+        result.summary = data["rows"]
+    else:
+        setattr(result, kind, data)
+
+
+def _check_transcript(result, cap, turns, arm_index, turn_index):
+    expected: list[int] = []
+    for k in range(turn_index + 1):
+        expected += list(turns[k][arm_index]["user"].get("token_ids") or [])
+        expected += list(turns[k][arm_index]["assistant"]["token_ids"])[:-1]
+    last = turns[turn_index][arm_index]["assistant"]["token_ids"]
+    expected += list(last[-1:])
+    got = cap.focus.token_ids
+    if expected and expected != got:
+        result.notes.append("the rebuilt transcript differs from the logged prompt tokens "
+                            f"({len(got)} vs {len(expected)} tokens); the views follow the rebuilt one")
+
+
+def _r(x, nd=5):
+    return None if x is None or (isinstance(x, float) and not np.isfinite(x)) else round(float(x), nd)
+
+
+def _capture_payloads(lm, cap, key) -> dict:
+    tok = lm.tokenizer
+    f = cap.focus
+    labels = token_labels(tok, f.token_ids)
+    arrays: dict[str, np.ndarray] = {}
+    a, b = f.reply_spans[cap.focus_turn]
+    transcript = {"tokens": labels, "roles": [ROLES[r] for r in f.roles], "turns": f.msg_turns,
+                  "reply_span": [a, b], "label": f.label, "spec": f.spec}
+    att = None
+    if cap.attention is not None:
+        arrays["attention"] = cap.attention.astype(np.float16)
+        starts = bucket_starts(cap.bucket_of)
+        ends = starts[1:] + [len(cap.bucket_of)]
+        bl = [labels[s] if e - s == 1 else f"{labels[s]}…{labels[e - 1]} [{s}-{e - 1}]" for s, e in zip(starts, ends)]
+        bucket_turn = [f.msg_turns[s] for s in starts]
+        bucket_role = [ROLES[f.roles[s]] for s in starts]
+        att = {"key": key, "T": len(f.token_ids), "S": len(starts), "n_layers": cap.n_layers, "n_heads": cap.n_heads,
+               "bucket_starts": starts, "bucket_labels": bl, "bucket_turns": bucket_turn, "bucket_roles": bucket_role,
+               "rows": "rows: mean over the bucket's rows; columns: sum over the bucket's columns",
+               "grid_metrics": GRID_METRICS,
+               "grid": {m: [[_r(v) for v in row] for row in g] for m, g in cap.grid.items()},
+               "transcript": transcript, "notes": cap.notes, "capture_seconds": round(cap.seconds, 3)}
+    else:
+        att = {"key": key, "unavailable": "; ".join(cap.notes) or "attention was not captured"}
+    for m, g in cap.grid.items():
+        arrays[f"grid_{m}"] = g
+    table = memory_read_table(cap.traces[cap.focus_arm][cap.focus_turn], f, cap.focus_turn, tok)
+    mem_layers = []
+    for entry in table["layers"]:
+        l = entry["layer"]
+        arrays[f"mem_w_{l}"] = entry["weights"]
+        if entry["per_head"] is not None:
+            arrays[f"mem_h_{l}"] = entry["per_head"].astype(np.float16)
+        mem_layers.append({"layer": l, "slots": entry["slots"],
+                           "scalars": [{k: _r(v) for k, v in s.items()} for s in entry["scalars"]]})
+    memory = {"key": key, "tokens": table["tokens"], "positions": table["positions"], "layers": mem_layers,
+              "mechanism": f.spec, "read_at": "the read behind generated token q is made at position q-1",
+              "transcript": transcript}
+    source = {"key": key, "n_layers": cap.n_layers, "arms": []}
+    for r, arm in enumerate(cap.arms):
+        curve = cap.source_curves[r]
+        s0, s1 = arm.reply_spans[cap.focus_turn]
+        source["arms"].append({"index": r, "label": arm.label,
+                               "tokens": [token_label(tok, t) for t in arm.token_ids[s0:s1]],
+                               "curve": None if curve is None else [[_r(v) for v in row] for row in curve],
+                               "source_tokens": int(arm.source_mask().sum())})
+    summary = {"key": key, "rows": [{**row, "own_answer_read": _r(row["own_answer_read"])} for row in turn_summary(cap)]}
+    return {"attention": att, "memory": memory, "source": source, "summary": summary, "_arrays": arrays}
+
+
+def _divergence_payload(lm, div, key) -> dict:
+    tok = lm.tokenizer
+    d = div.to_dict()
+    d["tokens"] = token_labels(tok, div.token_ids)
+    d["observer_top_text"] = [[(token_label(tok, i), p) for i, p in alts] for alts in div.observer_top]
+    d["arm_top_text"] = [[(token_label(tok, i), p) for i, p in alts] for alts in div.arm_top]
+    d["key"] = key
+    return d

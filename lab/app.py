@@ -1,0 +1,144 @@
+"""The lab in the browser: Arena, Sessions, Experiments, Inspect.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--db URL] [--model M] [--load-in-4bit] [--auth user:pass]
+
+The model is loaded once per process and shared by every browser tab; every event that runs it
+joins one queue (MODEL_QUEUE, one at a time). Each tab's conversation lives in its own gr.State.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from .context import LabContext
+
+CSS = """
+.gradio-container {max-width: 1600px !important}
+.lab-intro p {font-size: 0.92em; margin: 0}
+.lock-note p {font-size: 0.85em; margin: 0; opacity: 0.85}
+.pane-header h3 {margin: 0 0 2px 0}
+.pane-header sub, .pane-locked sub, .pane-info sub {line-height: 1.3}
+.pane-error p {color: var(--error-text-color, #b91c1c); font-size: 0.9em; margin: 0}
+.pane-info p {margin: 0}
+.saved p {font-size: 0.88em; margin: 2px 0}
+.stance label {font-size: 0.85em}
+#lab-status p {margin: 4px 0}
+.pane-chat button[aria-label="Clear"], .session-chat button[aria-label="Clear"] {display: none !important}
+.short-btn {align-self: flex-end !important; max-height: 46px}
+"""
+
+
+def _unavailable(name: str, e: Exception) -> None:
+    gr.Markdown(f"*The {name} view is not available in this build ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else 'not importable'}).*")
+
+
+def build_app(ctx: LabContext) -> gr.Blocks:
+    from .arena import build_arena_tab
+    from .sessions import build_sessions_tab
+
+    ident = ctx.lm.identity
+    with gr.Blocks(title="memory-linkage lab") as demo:
+        gr.Markdown(f"## The memory-linkage lab\n<sub>model **{ident.name}** · {ident.n_layers} layers · "
+                    f"{ident.dtype} · {ident.device} · database `{ctx.db_url or ctx.store.name}`</sub>")
+        with gr.Tabs(selected="arena") as tabs:
+            with gr.Tab("Arena", id="arena"):
+                arena = build_arena_tab(ctx)
+            with gr.Tab("Sessions", id="sessions") as sessions_tab:
+                sessions = build_sessions_tab(ctx)
+            with gr.Tab("Experiments", id="experiments"):
+                try:
+                    from .experiments_view import build_experiments_tab
+                except ImportError as e:
+                    _unavailable("Experiments", e)
+                else:
+                    build_experiments_tab(ctx)
+            with gr.Tab("Inspect", id="inspect"):
+                inspect = None
+                try:
+                    from .inspect_view import build_inspect_tab
+                except ImportError as e:
+                    _unavailable("Inspect", e)
+                else:
+                    inspect = build_inspect_tab(ctx)
+        if inspect and all(k in inspect for k in ("session", "arm", "turn")):
+            arena["wire_inspect"](inspect, tabs)
+            sessions["wire_inspect"](inspect, tabs)
+        sessions_tab.select(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]],
+                            api_name=False)
+        demo.load(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]], api_name=False)
+    demo.lab_parts = {"arena": arena, "sessions": sessions, "inspect": inspect, "tabs": tabs}
+    return demo
+
+
+def launch(ctx: LabContext, host: str = "127.0.0.1", port: int | None = 7860, prevent_thread_lock: bool = False,
+           auth=None, quiet: bool = False) -> gr.Blocks:
+    """Build and serve the lab; with prevent_thread_lock=True it returns while the server runs."""
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock, auth=auth,
+                show_error=True, quiet=quiet, css=CSS, theme=gr.themes.Soft(),
+                allowed_paths=[tempfile.gettempdir()], footer_links=["gradio"])
+    return demo
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="app.py", description="The memory-linkage lab in the browser.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--db", default=None, help="database URL or SQLite file (default $LAB_DB or sqlite:///lab.db)")
+    p.add_argument("--model", default=None, help="'embedded' (default), a local folder, or a cached HF id")
+    p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the model loader's choice)")
+    p.add_argument("--load-in-4bit", action="store_true", help="4-bit weights (bitsandbytes, CUDA)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="ask for a login (not production-grade)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    auth = None
+    if args.auth:
+        user, sep, pw = args.auth.partition(":")
+        if not sep or not user or not pw:
+            print("error: --auth must be USER:PASS", file=sys.stderr)
+            return 2
+        auth = (user, pw)
+    from db import Store, StoreError, default_db_url
+    from engine import ModelLoadError, load_model
+
+    db_url = args.db or default_db_url()
+    try:
+        store = Store(db_url)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        lm = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+    except ModelLoadError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load the model {args.model or 'embedded'}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    captures = store.dir / "captures" if store.dir else Path(tempfile.gettempdir()) / "lab-captures"
+    ctx = LabContext(store=store, lm=lm, db_url=store.name, captures_dir=str(captures))
+    print(f"lab: model {lm.identity.name} on {lm.identity.device}, database {store.name}", flush=True)
+    try:
+        launch(ctx, args.host, args.port, auth=auth)
+    except OSError as e:
+        print(f"error: cannot serve on {args.host}:{args.port}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

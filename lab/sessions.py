@@ -1,0 +1,188 @@
+"""The Sessions tab: past sessions from the database, reopened read-only, and exports."""
+from __future__ import annotations
+
+import html
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from db import StoreError
+from db.export import export as export_files
+
+from .context import LabContext
+
+N_COLS = 4
+FORMATS = {"CSV": "csv", "JSONL": "jsonl", "Parquet": "parquet", "Bundle (JSON, one session)": "bundle"}
+LIST_COLUMNS = ["id", "created", "kind", "title", "arms", "turns", "annotations"]
+ANN_COLUMNS = ["arm", "turn", "annotator", "stance", "confidence", "note", "created"]
+
+
+def _when(dt) -> str:
+    try:
+        return dt.astimezone().strftime("%Y-%m-%d %H:%M")
+    except Exception:  # noqa: BLE001 - whatever the backend returned, show something
+        return str(dt or "")
+
+
+def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.DataFrame:
+    rows = ctx.store.list_sessions(kind=None if kind in (None, "", "all") else kind)[:limit]
+    out = []
+    for s in rows:
+        try:
+            arms = ", ".join(a["label"] for a in ctx.store.get_session(s["id"])["arms"])
+        except StoreError:
+            arms = str(s.get("n_arms", ""))
+        if s.get("blind"):
+            arms = "(blind) " + arms
+        per_turn = 2 * max(1, s.get("n_arms") or 1)  # one user + one assistant message per arm and turn
+        out.append([s["id"], _when(s.get("created_at")), s.get("kind", ""), s.get("title") or "", arms,
+                    -(-int(s.get("n_turns") or 0) // per_turn), int(s.get("n_annotations") or 0)])
+    return pd.DataFrame(out, columns=LIST_COLUMNS)
+
+
+def build_sessions_tab(ctx: LabContext) -> dict:
+    gr.Markdown("Every session in the database (newest first). Click a row, then **Open** to read it side by side "
+                "with its labels, or export it.")
+    with gr.Row(equal_height=True):
+        kind = gr.Dropdown(["all", "lab", "experiment"], value="all", label="Kind", scale=1, min_width=120)
+        refresh = gr.Button("Refresh", size="sm", scale=1, min_width=100, elem_classes=["short-btn"])
+        gr.Markdown(f"<sub>Database: `{html.escape(ctx.db_url or ctx.store.name)}`</sub>")
+    table = gr.Dataframe(value=pd.DataFrame(columns=LIST_COLUMNS), interactive=False, wrap=True, max_height=320,
+                         label="Sessions", elem_id="sessions-table")
+    with gr.Row(equal_height=True):
+        session_id = gr.Textbox(label="Session id", placeholder="click a row above or paste an id", scale=3,
+                                elem_id="sessions-id")
+        open_btn = gr.Button("Open", variant="primary", scale=1, min_width=100, elem_classes=["short-btn"])
+    head = gr.Markdown("")
+    cols, chats = [], []
+    with gr.Row(equal_height=False):
+        for i in range(N_COLS):
+            with gr.Column(visible=False, min_width=240) as col:
+                chat = gr.Chatbot(value=[], label=f"Arm {i}", height=360, buttons=["copy"], elem_classes=["session-chat"])
+            cols.append(col)
+            chats.append(chat)
+    annotations = gr.Dataframe(value=pd.DataFrame(columns=ANN_COLUMNS), interactive=False, wrap=True,
+                               label="Annotations (newest label per turn and annotator)", max_height=260,
+                               elem_id="sessions-annotations")
+    with gr.Row(equal_height=True):
+        insp_arm = gr.Number(value=0, precision=0, minimum=0, label="Arm (index)", scale=1, min_width=100)
+        insp_turn = gr.Number(value=0, precision=0, minimum=0, label="Turn (0-based)", scale=1, min_width=100)
+        inspect_btn = gr.Button("Inspect this turn", size="sm", scale=1, visible=False, elem_classes=["short-btn"])
+    with gr.Accordion("Export", open=True):
+        with gr.Row(equal_height=True):
+            fmt = gr.Radio(list(FORMATS), value="CSV", label="Format", scale=3)
+            scope = gr.Radio(["this session", "all sessions"], value="this session", label="What", scale=2)
+            export_btn = gr.Button("Export", variant="primary", scale=1, min_width=100, elem_classes=["short-btn"])
+        files = gr.File(label="Files to download", file_count="multiple", interactive=False, elem_id="export-files")
+        export_msg = gr.Markdown("")
+
+    def list_fn(k):
+        try:
+            return sessions_frame(ctx, k)
+        except StoreError as e:
+            gr.Warning(str(e))
+            return pd.DataFrame(columns=LIST_COLUMNS)
+
+    def pick(evt: gr.SelectData, df):
+        try:
+            row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+            return str(df.iloc[int(row)]["id"])
+        except Exception:  # noqa: BLE001
+            return gr.skip()
+
+    def open_fn(sid):
+        sid = (sid or "").strip()
+        hidden = [gr.update(visible=False)] * N_COLS + [gr.update(value=[])] * N_COLS
+        if not sid:
+            return ["⚠ Pick a session first.", *hidden, pd.DataFrame(columns=ANN_COLUMNS)]
+        try:
+            s = ctx.store.get_session(sid)
+            turns = ctx.store.get_turns(sid)
+            anns = ctx.store.latest_annotations(sid)
+        except StoreError as e:
+            return [f"⚠ {e}", *hidden, pd.DataFrame(columns=ANN_COLUMNS)]
+        arms = s["arms"]
+        labels = {a["index"]: a["label"] for a in arms}
+        model = (s.get("model") or {}).get("name", "?")
+        lines = [f"**{html.escape(s.get('title') or '(untitled)')}** · {s['kind']} · {_when(s['created_at'])} · "
+                 f"model `{html.escape(str(model))}` · {len(arms)} arms"
+                 + (f" · annotator {html.escape(s['user'])}" if s.get("user") else "")]
+        if s.get("blind"):
+            order = s.get("pane_order") or []
+            lines.append("Blind session; panes showed: " + ", ".join(
+                f"Arm {'ABCD'[p]} = {labels.get(a, a)}" for p, a in enumerate(order)))
+        if s.get("system_prompt"):
+            lines.append(f"System prompt: *{html.escape(s['system_prompt'])}*")
+        ann_by_turn: dict[int, list] = {}
+        for a in anns:
+            ann_by_turn.setdefault(a["turn_id"], []).append(a)
+        col_updates, chat_updates = [], []
+        for i in range(N_COLS):
+            if i >= len(arms):
+                col_updates.append(gr.update(visible=False))
+                chat_updates.append(gr.update(value=[]))
+                continue
+            idx = arms[i]["index"]
+            msgs = []
+            for t in turns:
+                if t["arm_index"] != idx or t["role"] == "system":
+                    continue
+                content = t["text"] or "*(empty)*"
+                if t["role"] == "assistant":
+                    bits = [f"turn {t['turn_index']}", f"{t.get('n_tokens') or 0} tokens"]
+                    if t.get("duration_s"):
+                        bits.append(f"{t['duration_s']:.1f} s")
+                    if t.get("finish_reason"):
+                        bits.append(t["finish_reason"])
+                    for a in ann_by_turn.get(t["id"], []):
+                        bits.append(f"label {a['annotator']}: {a['stance_label']}")
+                    content += "\n\n<sub>" + html.escape(" · ".join(bits)) + "</sub>"
+                msgs.append({"role": t["role"], "content": content})
+            col_updates.append(gr.update(visible=True))
+            chat_updates.append(gr.update(value=msgs, label=f"Arm {idx} · {arms[i]['label']}"))
+        ann_df = pd.DataFrame([[labels.get(a["arm_index"], a["arm_index"]), a["turn_index"], a["annotator"],
+                                a["stance_label"], a.get("confidence"), a.get("note") or "",
+                                _when(a.get("created_at"))] for a in anns], columns=ANN_COLUMNS)
+        return ["\n\n".join(lines), *col_updates, *chat_updates, ann_df]
+
+    def export_fn(sid, fmt_label, what, progress=gr.Progress()):
+        sid = (sid or "").strip()
+        f = FORMATS.get(fmt_label, "csv")
+        if what == "this session" and not sid:
+            return None, "⚠ Pick a session first (or choose *all sessions*)."
+        if f == "bundle" and not sid:
+            return None, "⚠ A bundle holds one session: pick a session first."
+        progress(0.2, desc="exporting")
+        out_dir = Path(tempfile.mkdtemp(prefix="lab-export-"))
+        try:
+            paths = export_files(ctx.store, f, out_dir, session_id=sid if what == "this session" or f == "bundle"
+                                 else None)
+        except (StoreError, ValueError, OSError, ImportError) as e:
+            return None, f"⚠ Export failed: {e}"
+        progress(1.0)
+        return [str(p) for p in paths], f"✓ Wrote {', '.join(Path(p).name for p in paths)}."
+
+    refresh.click(list_fn, inputs=[kind], outputs=[table], api_name="list_sessions")
+    kind.change(list_fn, inputs=[kind], outputs=[table], api_name=False)
+    table.select(pick, inputs=[table], outputs=[session_id], api_name=False)
+    open_btn.click(open_fn, inputs=[session_id], outputs=[head, *cols, *chats, annotations], api_name="open_session")
+    session_id.submit(open_fn, inputs=[session_id], outputs=[head, *cols, *chats, annotations], api_name=False)
+    export_btn.click(export_fn, inputs=[session_id, fmt, scope], outputs=[files, export_msg], api_name="export")
+
+    def wire_inspect(inspect_parts: dict, tabs: gr.Tabs, tab_id: str = "inspect"):
+        def go(sid, arm, turn):
+            if not (sid or "").strip():
+                gr.Warning("Open a session first.")
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return sid.strip(), int(arm or 0), int(turn or 0), gr.Tabs(selected=tab_id)
+
+        inspect_btn.visible = True
+        inspect_btn.click(go, inputs=[session_id, insp_arm, insp_turn],
+                          outputs=[inspect_parts["session"], inspect_parts["arm"], inspect_parts["turn"], tabs],
+                          api_name=False)
+
+    return dict(kind=kind, refresh=refresh, table=table, session_id=session_id, open=open_btn, head=head,
+                chats=chats, annotations=annotations, fmt=fmt, scope=scope, export=export_btn, files=files,
+                export_msg=export_msg, list_fn=list_fn, wire_inspect=wire_inspect)
