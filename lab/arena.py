@@ -654,19 +654,19 @@ def build_arena_tab(ctx: LabContext) -> dict:
                     k = int(turn_index)
                     tid = tab.turns[k].turn_ids[arm]
                 except (TypeError, ValueError, IndexError):
-                    gr.Warning("Pick a logged turn first.")
-                    return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    raise gr.Error("Pick a logged turn first.", print_exception=False) from None
                 if tid is None:
-                    gr.Warning("This turn was not logged, so it cannot be inspected.")
-                    return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    raise gr.Error("This turn was not logged, so it cannot be inspected.", print_exception=False)
                 return tab.session_id, arm, k, gr.Tabs(selected=tab_id)
             return fn
 
         for p, pn in enumerate(panes):
             pn["inspect"].visible = True
-            pn["inspect"].click(go(p), inputs=[tab_state, pn["turn_sel"]],
-                                outputs=[inspect_parts["session"], inspect_parts["arm"], inspect_parts["turn"], tabs],
-                                api_name=False)
+            event = pn["inspect"].click(go(p), inputs=[tab_state, pn["turn_sel"]],
+                                        outputs=[inspect_parts["session"], inspect_parts["arm"], inspect_parts["turn"],
+                                                 tabs], api_name=False)
+            if "then_show" in inspect_parts:
+                inspect_parts["then_show"](event)
 
     return dict(state=tab_state, n_arms=n_arms, blind=blind, annotator=annotator, title=title, system=system,
                 msg=msg, send=send_btn, stop_all=stop_all_btn, regenerate=regen_btn, new_session=new_btn,

@@ -186,9 +186,15 @@ def build_inspect_tab(ctx: LabContext) -> dict:
         return (status_text(res), res, divergence_figure(res), memory_figure(res, MEM_MEAN), grid, heat,
                 source_figure(res), summary_figure(res), gr.update(choices=choices, value=MEM_MEAN))
 
-    show.click(on_show, inputs=[session, arm, turn, recompute, layer, head, metric],
-               outputs=[status, res_state, div_plot, mem_plot, grid_plot, heat_plot, src_plot, sum_plot, mem_layer],
+    show_inputs = [session, arm, turn, recompute, layer, head, metric]
+    show_outputs = [status, res_state, div_plot, mem_plot, grid_plot, heat_plot, src_plot, sum_plot, mem_layer]
+    show.click(on_show, inputs=show_inputs, outputs=show_outputs,
                concurrency_id=MODEL_QUEUE, concurrency_limit=1, api_name="inspect_show")
+
+    def then_show(event):
+        """Chain a Show after another tab's 'Inspect' button filled session/arm/turn."""
+        return event.success(on_show, inputs=show_inputs, outputs=show_outputs,
+                             concurrency_id=MODEL_QUEUE, concurrency_limit=1, api_name=False)
 
     def on_pick(res, layer_v, head_v, metric_v):
         try:
@@ -238,4 +244,5 @@ def build_inspect_tab(ctx: LabContext) -> dict:
     return dict(session=session, arm=arm, turn=turn, show=show, status=status, state=res_state,
                 layer=layer, head=head, metric=metric, mem_layer=mem_layer, plots=dict(
                     divergence=div_plot, memory=mem_plot, grid=grid_plot, heatmap=heat_plot, source=src_plot,
-                    summary=sum_plot), export=export_btn, files=files, show_fn=on_show)
+                    summary=sum_plot), export=export_btn, files=files, show_fn=on_show,
+                then_show=then_show)

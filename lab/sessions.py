@@ -174,14 +174,15 @@ def build_sessions_tab(ctx: LabContext) -> dict:
     def wire_inspect(inspect_parts: dict, tabs: gr.Tabs, tab_id: str = "inspect"):
         def go(sid, arm, turn):
             if not (sid or "").strip():
-                gr.Warning("Open a session first.")
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                raise gr.Error("Open a session first.", print_exception=False)
             return sid.strip(), int(arm or 0), int(turn or 0), gr.Tabs(selected=tab_id)
 
         inspect_btn.visible = True
-        inspect_btn.click(go, inputs=[session_id, insp_arm, insp_turn],
-                          outputs=[inspect_parts["session"], inspect_parts["arm"], inspect_parts["turn"], tabs],
-                          api_name=False)
+        event = inspect_btn.click(go, inputs=[session_id, insp_arm, insp_turn],
+                                  outputs=[inspect_parts["session"], inspect_parts["arm"], inspect_parts["turn"], tabs],
+                                  api_name=False)
+        if "then_show" in inspect_parts:
+            inspect_parts["then_show"](event)
 
     return dict(kind=kind, refresh=refresh, table=table, session_id=session_id, open=open_btn, head=head,
                 chats=chats, annotations=annotations, fmt=fmt, scope=scope, export=export_btn, files=files,

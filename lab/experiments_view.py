@@ -1,0 +1,376 @@
+"""The lab's Experiments tab: run a protocol against arms, watch runs, read their results.
+
+The lab app calls `build_experiments_tab(ctx)` inside ``with gr.Tab("Experiments"):`` and gets a
+dict of components back; ``result["session"]`` is the dropdown holding the session id of the
+dialogue the researcher picked, for the app to wire "open in Sessions".
+
+Runs go through `experiments.runner.run_protocol`, the same function as the CLI, on the lab's
+model (event in the MODEL_QUEUE, one at a time, holding `ctx.model_lock`). Stop sets the run's
+threading.Event: the run stops at the next decoding step, is marked 'interrupted', and can be
+resumed (here: pick it and press Resume; or `python -m experiments run --resume ID`). Runs
+started from the CLI on the same database show up in the runs table (Refresh, or every 15 s)
+with their progress, dialogues done / planned.
+
+The handler functions (`validate_protocol`, `start_run`, `runs_rows`, `run_details`, ...) are
+plain functions of (ctx, values) returning values, so they are testable without a browser.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+import pandas as pd
+
+from lab.context import MODEL_QUEUE, LabContext
+
+DEFAULT_ARMS = "observer\ncontinuity:linkage=1,gain=0.3"
+CUSTOM = "(uploaded or pasted YAML)"
+RUN_COLUMNS = ["run", "status", "progress", "protocol", "arms", "seeds", "items", "model", "started"]
+DIALOGUE_COLUMNS = ["session", "item", "seed", "arms", "complete"]
+
+_active: dict[str, Any] = {"event": None, "experiment_id": None}
+_active_lock = threading.Lock()
+
+
+# ====================================================================== pure handlers
+
+def shipped_protocol_names() -> list[str]:
+    from experiments.protocol import PROTOCOL_DIR
+
+    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
+
+
+def _read_upload(upload) -> Optional[tuple[str, str]]:
+    if not upload:
+        return None
+    path = upload if isinstance(upload, str) else getattr(upload, "name", None) or str(upload)
+    from pathlib import Path
+
+    p = Path(path)
+    return p.read_text(encoding="utf-8", errors="replace"), p.name
+
+
+def resolve_protocol_input(choice: Optional[str], yaml_text: Optional[str], upload=None):
+    """The protocol the form describes: pasted YAML first, then an uploaded file, else the shipped
+    one chosen. Raises ProtocolError (message for the researcher)."""
+    from experiments.protocol import ProtocolError, get_protocol, protocol_from_yaml_text
+
+    if yaml_text and yaml_text.strip():
+        return protocol_from_yaml_text(yaml_text, "<pasted protocol>")
+    uploaded = _read_upload(upload)
+    if uploaded is not None:
+        return protocol_from_yaml_text(uploaded[0], uploaded[1])
+    if not choice or choice == CUSTOM:
+        raise ProtocolError("protocol", [("", "choose a shipped protocol, or paste / upload a YAML file")])
+    try:
+        return get_protocol(choice)
+    except KeyError as exc:
+        raise ProtocolError(choice, [("", str(exc.args[0]))]) from None
+
+
+def describe_protocol(p) -> str:
+    turns = "\n".join(f"{i}. {t}" for i, t in enumerate(p.turns))
+    return (f"**{p.name}**: {len(p.items)} items, {p.n_turns} turns, scoring: {', '.join(p.scoring) or 'none'}"
+            + (f", max_new_tokens {p.max_new_tokens}" if p.max_new_tokens else "")
+            + (f"\n\n{p.description}" if p.description else "") + f"\n\n```\n{turns}\n```")
+
+
+def validate_protocol(choice, yaml_text, upload=None) -> str:
+    from experiments.protocol import ProtocolError
+
+    try:
+        return "✅ " + describe_protocol(resolve_protocol_input(choice, yaml_text, upload))
+    except ProtocolError as exc:
+        return "❌ protocol problem:\n```\n" + str(exc) + "\n```"
+    except Exception as exc:  # noqa: BLE001 - never crash on input
+        return f"❌ could not read the protocol: {exc}"
+
+
+def parse_arm_lines(text: str) -> list:
+    from engine import SpecError, parse_arm
+
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not lines:
+        raise SpecError("give at least one arm, one spec per line (e.g. observer)")
+    specs = []
+    for n, line in enumerate(lines, 1):
+        try:
+            specs.append(parse_arm(line))
+        except SpecError as exc:
+            raise SpecError(f"arm line {n} ({line!r}): {exc}") from None
+    return specs
+
+
+def _int(value, name: str, minimum: int = 1, allow_none: bool = False) -> Optional[int]:
+    if value is None or value == "":
+        if allow_none:
+            return None
+        raise ValueError(f"{name} is required")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if number != int(number) or number < minimum:
+        raise ValueError(f"{name} must be a whole number of at least {minimum}, got {value!r}")
+    return int(number)
+
+
+def runs_rows(store) -> pd.DataFrame:
+    from experiments.analysis import list_runs
+
+    rows = []
+    for r in list_runs(store):
+        planned = "?" if r["planned"] is None else r["planned"]
+        rows.append([r["id"], r["status"], f"{r['done']}/{planned}", r["protocol"], " | ".join(r["arms"]),
+                     r["seeds"], r["items"], r["model"], str(r["created_at"])[:19]])
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def run_choices(store) -> list[tuple[str, str]]:
+    from experiments.analysis import list_runs
+
+    return [(f"{r['id'][:8]} · {r['protocol']} · {r['status']} · {r['done']}/{r['planned'] or '?'} · "
+             f"{str(r['created_at'])[:16]}", r["id"]) for r in list_runs(store)]
+
+
+def dialogue_rows(store, experiment_id: str) -> pd.DataFrame:
+    rows = []
+    for s in sorted(store.list_sessions(experiment_id=experiment_id), key=lambda s: (s["item_key"] or "", s["seed"] or 0)):
+        rows.append([s["id"], s["item_key"], s["seed"], s["n_arms"], (s.get("meta") or {}).get("complete", True)])
+    return pd.DataFrame(rows, columns=DIALOGUE_COLUMNS)
+
+
+def run_details(store, experiment_id: Optional[str], metric: Optional[str] = None) -> dict:
+    """Everything the results pane shows for one run; `error` set instead of raising."""
+    from experiments.analysis import (METRIC_TITLES, fig_drift_curves, fig_metric_by_arm, format_summary,
+                                      results_frame, summary, summary_table)
+
+    out: dict[str, Any] = {"error": None, "summary": None, "table": pd.DataFrame(), "bar": None, "drift": None,
+                           "metrics": [], "metric": None, "dialogues": pd.DataFrame(columns=DIALOGUE_COLUMNS),
+                           "sessions": [], "text": ""}
+    if not experiment_id:
+        out["error"] = "pick a run"
+        return out
+    try:
+        s = summary(store, experiment_id)
+        df = results_frame(store, experiment_id, annotations=False)
+        out["summary"] = s
+        out["metrics"] = [(METRIC_TITLES.get(m, m), m) for m in s.get("metrics", [])]
+        metric = metric if metric in s.get("metrics", []) else next(iter(s.get("headline", {}).values()), None)
+        out["metric"] = metric
+        out["table"] = summary_table(s)
+        out["text"] = format_summary(s)
+        out["bar"] = fig_metric_by_arm(s, metric)
+        out["drift"] = fig_drift_curves(df) if len(df) else None
+        out["dialogues"] = dialogue_rows(store, experiment_id)
+        out["sessions"] = [(f"{r.item} · seed {r.seed}" + ("" if r.complete else " (incomplete)"), r.session)
+                           for r in out["dialogues"].itertuples()]
+    except Exception as exc:  # noqa: BLE001 - show it, never crash the tab
+        out["error"] = f"could not summarise run {experiment_id}: {exc}"
+    return out
+
+
+def stop_run() -> str:
+    with _active_lock:
+        event, eid = _active["event"], _active["experiment_id"]
+    if event is None:
+        return "no run is in progress in this lab"
+    event.set()
+    return f"stopping run {eid or ''} after the current step…"
+
+
+def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, items, max_new_tokens,
+              resume_id: Optional[str] = None, progress=None) -> tuple[str, Optional[str]]:
+    """Validate the form and run (or resume) on the lab's model. Returns (message, experiment_id).
+    `progress(done, total, info)` is the runner's callback."""
+    from engine import DialogueError, SpecError
+    from experiments.protocol import ProtocolError
+    from experiments.runner import RunConfigError, load_run, run_protocol
+
+    try:
+        if resume_id:
+            config = load_run(ctx.store, resume_id)
+            protocol, specs = config.protocol, config.specs
+            seeds_n, items_n, mnt = config.seeds, config.items, config.max_new_tokens
+        else:
+            protocol = resolve_protocol_input(choice, yaml_text, upload)
+            specs = parse_arm_lines(arms_text)
+            seeds_n = _int(seeds, "seeds")
+            items_n = _int(items, "items", allow_none=True)
+            mnt = _int(max_new_tokens, "max new tokens", allow_none=True)
+            for s in specs:
+                s.validate_for(ctx.lm.config.num_hidden_layers)
+    except (ProtocolError, SpecError, RunConfigError, ValueError) as exc:
+        return f"❌ {exc}", None
+    except Exception as exc:  # noqa: BLE001
+        return f"❌ {type(exc).__name__}: {exc}", None
+
+    event = threading.Event()
+    with _active_lock:
+        if _active["event"] is not None:
+            return "❌ a run is already in progress in this lab; stop it or wait", None
+        _active.update(event=event, experiment_id=resume_id)
+    state = {"id": resume_id}
+
+    def on_progress(done, total, info):
+        state["id"] = info.get("experiment_id", state["id"])
+        with _active_lock:
+            _active["experiment_id"] = state["id"]
+        if progress is not None:
+            progress(done, total, info)
+
+    try:
+        with ctx.model_lock:
+            eid = run_protocol(ctx.store, ctx.lm, protocol, specs, seeds_n, items_n, mnt, experiment_id=resume_id,
+                               progress=on_progress, stop_event=event)
+        status = ctx.store.get_experiment(eid)["status"]
+        if status == "interrupted":
+            return (f"⏸ run {eid} stopped; pick it and press Resume, or "
+                    f"`python -m experiments run --resume {eid}`"), eid
+        return f"✅ run {eid} {status}", eid
+    except (SpecError, RunConfigError, ProtocolError, DialogueError, ValueError) as exc:
+        return f"❌ {exc}", state["id"]
+    except Exception as exc:  # noqa: BLE001 - StoreError (locked DB) and the unexpected: say it
+        hint = f"; rows already written are kept, resume run {state['id']}" if state["id"] else ""
+        return f"❌ {type(exc).__name__}: {exc}{hint}", state["id"]
+    finally:
+        with _active_lock:
+            _active.update(event=None, experiment_id=None)
+
+
+# ====================================================================== the tab
+
+def build_experiments_tab(ctx: LabContext) -> dict:
+    """Build the tab's components in the current Blocks context; returns them by name."""
+    import gradio as gr
+
+    names = shipped_protocol_names()
+    c: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=2):
+            c["protocol"] = gr.Dropdown(names + [CUSTOM], value="are_you_sure" if "are_you_sure" in names else None,
+                                        label="Protocol", info="a shipped protocol, or upload / paste YAML below")
+            with gr.Accordion("Upload or paste a protocol YAML", open=False):
+                c["upload"] = gr.File(label="protocol .yaml", file_types=[".yaml", ".yml"], type="filepath")
+                c["yaml"] = gr.Code(language="yaml", label="pasted YAML (used when not empty)", lines=8,
+                                    interactive=True)
+                c["validate"] = gr.Button("Validate", size="sm")
+            c["protocol_info"] = gr.Markdown()
+        with gr.Column(scale=2):
+            c["arms"] = gr.Textbox(DEFAULT_ARMS, lines=4, label="Arms, one spec per line",
+                                   info="observer | NAME:key=value,… (greedy=false for seeds to matter)")
+            with gr.Row():
+                c["seeds"] = gr.Number(1, label="seeds", precision=0, minimum=1)
+                c["items"] = gr.Number(None, label="items (first K; empty = all)", precision=0, minimum=1)
+                c["max_new_tokens"] = gr.Number(None, label="max new tokens (empty = protocol's)", precision=0,
+                                                minimum=1)
+            with gr.Row():
+                c["run"] = gr.Button("Run", variant="primary")
+                c["stop"] = gr.Button("Stop", variant="stop")
+            c["status"] = gr.Markdown()
+    with gr.Row():
+        c["refresh"] = gr.Button("Refresh runs", size="sm")
+    c["runs"] = gr.Dataframe(value=_safe_runs(ctx), headers=RUN_COLUMNS, interactive=False, label="Runs",
+                             max_height=260)
+    with gr.Row():
+        c["run_id"] = gr.Dropdown(choices=_safe_choices(ctx), value=None, label="Run", scale=3)
+        c["resume"] = gr.Button("Resume this run", size="sm", scale=1)
+    c["summary"] = gr.Dataframe(interactive=False, label="Summary (estimate [95% CI]; p vs the first arm)")
+    c["metric"] = gr.Dropdown(choices=[], label="Metric", interactive=True)
+    with gr.Row():
+        c["bar"] = gr.Plot(label="Metric by arm")
+        c["drift"] = gr.Plot(label="Similarity to the first stance by turn")
+    with gr.Row():
+        c["session"] = gr.Dropdown(choices=[], value=None, label="Dialogue (session) behind the points", scale=3)
+    c["dialogues"] = gr.Dataframe(headers=DIALOGUE_COLUMNS, interactive=False, label="Dialogues of this run",
+                                  max_height=260)
+    c["timer"] = gr.Timer(15)
+
+    # ---------------------------------------------------------------- events
+    def on_validate(choice, text, upload):
+        return validate_protocol(choice, text, upload)
+
+    for trigger in (c["validate"].click, c["protocol"].change):
+        trigger(on_validate, [c["protocol"], c["yaml"], c["upload"]], c["protocol_info"], queue=False)
+
+    def refreshed(selected=None):
+        choices = _safe_choices(ctx)
+        ids = [v for _, v in choices]
+        return _safe_runs(ctx), gr.update(choices=choices, value=selected if selected in ids else None)
+
+    def on_run(choice, text, upload, arms, seeds, items, mnt, progress=gr.Progress()):
+        def cb(done, total, info):
+            progress((done, total), desc=f"run {info.get('experiment_id', '')[:8]}: {done}/{total} dialogues",
+                     unit="dialogues")
+        message, eid = start_run(ctx, choice, text, upload, arms, seeds, items, mnt, progress=cb)
+        return (message, *refreshed(eid))
+
+    def on_resume(eid, progress=gr.Progress()):
+        if not eid:
+            return ("❌ pick a run to resume", *refreshed())
+
+        def cb(done, total, info):
+            progress((done, total), desc=f"run {eid[:8]}: {done}/{total} dialogues", unit="dialogues")
+        message, eid2 = start_run(ctx, None, None, None, None, None, None, None, resume_id=eid, progress=cb)
+        return (message, *refreshed(eid2 or eid))
+
+    form = [c["protocol"], c["yaml"], c["upload"], c["arms"], c["seeds"], c["items"], c["max_new_tokens"]]
+    c["run"].click(on_run, form, [c["status"], c["runs"], c["run_id"]],
+                   concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+    c["resume"].click(on_resume, [c["run_id"]], [c["status"], c["runs"], c["run_id"]],
+                      concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+    c["stop"].click(stop_run, None, c["status"], queue=False)
+
+    def on_refresh(selected):
+        return refreshed(selected)
+
+    c["refresh"].click(on_refresh, c["run_id"], [c["runs"], c["run_id"]], queue=False)
+    c["timer"].tick(lambda: _safe_runs(ctx), None, c["runs"], show_progress="hidden")
+
+    def on_pick(eid, metric=None):
+        d = run_details(ctx.store, eid, metric)
+        if d["error"]:
+            return (gr.update(value=pd.DataFrame()), gr.update(choices=[], value=None), None, None,
+                    gr.update(choices=[], value=None), pd.DataFrame(columns=DIALOGUE_COLUMNS),
+                    "" if not eid else f"❌ {d['error']}")
+        return (d["table"], gr.update(choices=d["metrics"], value=d["metric"]), d["bar"], d["drift"],
+                gr.update(choices=d["sessions"], value=None), d["dialogues"], "")
+
+    pick_outputs = [c["summary"], c["metric"], c["bar"], c["drift"], c["session"], c["dialogues"], c["status"]]
+    c["run_id"].change(on_pick, c["run_id"], pick_outputs)
+
+    def on_metric(eid, metric):
+        from experiments.analysis import fig_metric_by_arm, summary
+
+        if not eid or not metric:
+            return None
+        try:
+            return fig_metric_by_arm(summary(ctx.store, eid), metric)
+        except Exception:  # noqa: BLE001
+            return None
+
+    c["metric"].input(on_metric, [c["run_id"], c["metric"]], c["bar"])
+
+    def on_dialogue_select(table, evt: gr.SelectData):
+        try:
+            row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+            return gr.update(value=str(table.iloc[int(row)]["session"]))
+        except Exception:  # noqa: BLE001
+            return gr.update()
+
+    c["dialogues"].select(on_dialogue_select, c["dialogues"], c["session"])
+    return c
+
+
+def _safe_runs(ctx: LabContext) -> pd.DataFrame:
+    try:
+        return runs_rows(ctx.store)
+    except Exception:  # noqa: BLE001 - a locked or broken DB must not break the page
+        return pd.DataFrame(columns=RUN_COLUMNS)
+
+
+def _safe_choices(ctx: LabContext) -> list:
+    try:
+        return run_choices(ctx.store)
+    except Exception:  # noqa: BLE001
+        return []
