@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional
 
+import gradio as gr
 import pandas as pd
 
 from lab.context import MODEL_QUEUE, LabContext
@@ -242,8 +243,6 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
 
 def build_experiments_tab(ctx: LabContext) -> dict:
     """Build the tab's components in the current Blocks context; returns them by name."""
-    import gradio as gr
-
     names = shipped_protocol_names()
     c: dict[str, Any] = {}
     with gr.Row():

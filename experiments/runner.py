@@ -1,0 +1,282 @@
+"""Running a protocol against several arms: items x seeds dialogues, logged, scored, resumable.
+
+One *run* is one experiment record (`store.create_experiment`). It plays the protocol's user turns,
+item by item and seed by seed, to ALL arms at once (one batched `Dialogue` per (item, seed)), logs
+every message through `SessionRecorder(kind="experiment", experiment_id, item_key, seed)`, then runs
+the protocol's scorers on each arm's assistant replies:
+
+- per arm-turn: `store.put_score(assistant_turn_id, scorer, label, value, data)` (the scorer's
+  `DialogueScore.turns[t]`);
+- per dialogue: the session's `meta` holds ``{"complete": true, "item_index": i,
+  "summaries": {"<arm_index>": {"<scorer>": DialogueScore.summary}}}``. `complete` is written
+  LAST, after every turn and score, so a session with ``complete: true`` is whole; anything else
+  (missing key aside: sessions logged outside the runner) is an interrupted dialogue.
+
+Seeds: dialogue seed ``s`` in ``range(seeds)`` becomes every arm's sampling seed. A greedy arm
+(the default) stays greedy, so its seeds give the same dialogue; write ``greedy=false`` in the spec
+for seeds to matter.
+
+Resume (`run_protocol(..., experiment_id=ID)`, `python -m experiments run --resume ID`): the run's
+stored protocol, arms, seeds, items and max_new_tokens are used; complete dialogues are skipped;
+an incomplete one has all its turns (with their scores) deleted and is played again in the same
+session row, so a resumed run ends with exactly the rows of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from db import Store
+from engine import ArmSpec, Dialogue, LoadedModel, SpecError, parse_arm
+from experiments.protocol import Protocol, ProtocolError, get_protocol, load_protocol, protocol_from_dict
+from experiments.record import SessionRecorder
+from experiments.scoring import score_dialogue
+
+ProgressFn = Callable[[int, int, dict], None]
+
+
+class RunConfigError(ValueError):
+    """The run cannot start as asked (resume of another configuration, zero seeds...)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; stored as the experiment's `args` (plus the protocol)."""
+
+    protocol: Protocol
+    specs: list[ArmSpec]
+    seeds: int = 1
+    items: Optional[int] = None          # first K items; None = all
+    max_new_tokens: Optional[int] = None  # None = the protocol's, else the spec's
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def item_indices(self) -> list[int]:
+        n = len(self.protocol.items)
+        return list(range(n if self.items is None else min(self.items, n)))
+
+    @property
+    def n_dialogues(self) -> int:
+        return len(self.item_indices) * self.seeds
+
+    @property
+    def effective_max_new_tokens(self) -> Optional[int]:
+        return self.max_new_tokens or self.protocol.max_new_tokens
+
+    def args(self) -> dict:
+        return {"arms": [s.to_string() for s in self.specs],
+                "arm_labels": [s.display_label for s in self.specs],
+                "arm_settings": [s.to_dict() for s in self.specs],
+                "seeds": self.seeds, "items": self.items, "n_items": len(self.item_indices),
+                "max_new_tokens": self.effective_max_new_tokens,
+                "n_dialogues": self.n_dialogues,
+                "n_turns": self.protocol.n_turns, "scoring": list(self.protocol.scoring),
+                **({"protocol_path": str(self.protocol.source_path)} if self.protocol.source_path else {}),
+                **self.extra}
+
+
+# ------------------------------------------------------------------ inputs
+
+def resolve_protocol(name_or_path: str | Protocol) -> Protocol:
+    """A Protocol, a YAML path, or the name of a shipped protocol (`are_you_sure`)."""
+    if isinstance(name_or_path, Protocol):
+        return name_or_path
+    text = str(name_or_path)
+    from pathlib import Path
+    path = Path(text)
+    if path.suffix.lower() in (".yaml", ".yml") or path.exists() or "/" in text:
+        return load_protocol(path)
+    try:
+        return get_protocol(text)
+    except KeyError as exc:
+        raise ProtocolError(text, [("", str(exc.args[0]))]) from None
+
+
+def parse_arms(specs: Sequence[str | ArmSpec]) -> list[ArmSpec]:
+    """Arm specs from strings (SpecError on the first bad one) or ArmSpec objects."""
+    out = [s if isinstance(s, ArmSpec) else parse_arm(s) for s in specs]
+    if not out:
+        raise SpecError("at least one arm is needed, e.g. --arm observer")
+    return out
+
+
+def protocol_record(protocol: Protocol) -> dict:
+    """The protocol as stored with the run: items inline, so the run does not depend on files."""
+    data = protocol.model_dump(exclude_none=True)
+    data.pop("items_file", None)
+    return data
+
+
+def specs_for_seed(specs: Sequence[ArmSpec], seed: int, max_new_tokens: Optional[int]) -> list[ArmSpec]:
+    changes: dict[str, Any] = {"seed": int(seed)}
+    if max_new_tokens:
+        changes["max_new_tokens"] = int(max_new_tokens)
+    return [s.with_sampling(**changes) for s in specs]
+
+
+def load_run(store: Store, experiment_id: str) -> RunConfig:
+    """Rebuild the configuration of a stored run (for resume)."""
+    exp = store.get_experiment(experiment_id)
+    args = exp.get("args") or {}
+    protocol = protocol_from_dict(exp.get("protocol") or {}, f"run {experiment_id} protocol")
+    if args.get("arm_settings"):
+        specs = [ArmSpec.from_dict(d) for d in args["arm_settings"]]
+    else:
+        specs = parse_arms(args.get("arms") or [])
+    return RunConfig(protocol, specs, int(args.get("seeds", 1)), args.get("items"), args.get("max_new_tokens"))
+
+
+def _check_same_run(stored: RunConfig, asked: RunConfig, experiment_id: str) -> None:
+    problems = []
+    if protocol_record(stored.protocol) != protocol_record(asked.protocol):
+        problems.append(f"protocol ({stored.protocol.name} as stored differs from {asked.protocol.name})")
+    if [s.to_string() for s in stored.specs] != [s.to_string() for s in asked.specs]:
+        problems.append("arms (" + ", ".join(s.to_string() for s in stored.specs) + ")")
+    if stored.seeds != asked.seeds:
+        problems.append(f"seeds ({stored.seeds})")
+    if stored.item_indices != asked.item_indices:
+        problems.append(f"items ({len(stored.item_indices)})")
+    if stored.effective_max_new_tokens != asked.effective_max_new_tokens:
+        problems.append(f"max_new_tokens ({stored.effective_max_new_tokens})")
+    if problems:
+        raise RunConfigError(f"run {experiment_id} was started with other " + "; ".join(problems)
+                             + f"; resume it with the same settings, or just `--resume {experiment_id}`")
+
+
+# ------------------------------------------------------------------ the run
+
+def dialogue_plan(config: RunConfig) -> list[tuple[int, str, int]]:
+    """(item_index, item_key, seed) for every dialogue, in run order (item-major)."""
+    ids = config.protocol.item_ids()
+    return [(i, ids[i], s) for i in config.item_indices for s in range(config.seeds)]
+
+
+def completed_keys(store: Store, experiment_id: str) -> set[tuple[str, int]]:
+    """(item_key, seed) of the run's complete dialogues."""
+    return {(s["item_key"], s["seed"]) for s in store.list_sessions(experiment_id=experiment_id)
+            if (s.get("meta") or {}).get("complete") is True}
+
+
+def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs: Sequence[str | ArmSpec],
+                 seeds: int = 1, items: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                 experiment_id: Optional[str] = None, progress: Optional[ProgressFn] = None,
+                 stop_event: Optional[threading.Event] = None, name: Optional[str] = None,
+                 scorer_options: Optional[dict[str, dict]] = None) -> str:
+    """Run (or resume) a protocol; returns the experiment id.
+
+    `progress(done, total, info)` is called once before the first dialogue (info["event"] ==
+    "start") and after every dialogue ("done" or "skipped", with item, seed, session_id).
+    Setting `stop_event` stops at the next decoding step: the unfinished dialogue is left
+    incomplete (a resume replays it), the run is marked 'interrupted' and its id returned.
+    A KeyboardInterrupt (or one raised by `progress`) marks it 'interrupted' and propagates;
+    any other error marks it 'failed' (best effort) and propagates.
+    `scorer_options` adds keyword options per scorer to the protocol's own (tests inject a
+    stance embedder this way).
+    """
+    config = RunConfig(resolve_protocol(protocol), parse_arms(specs), int(seeds), items, max_new_tokens)
+    if config.seeds < 1:
+        raise RunConfigError("seeds must be at least 1")
+    if config.items is not None and config.items < 1:
+        raise RunConfigError("items must be at least 1")
+    if config.max_new_tokens is not None and config.max_new_tokens < 1:
+        raise RunConfigError("max_new_tokens must be at least 1")
+    n_layers = lm.config.num_hidden_layers
+    for s in config.specs:
+        s.validate_for(n_layers)
+
+    if experiment_id is None:
+        experiment_id = store.create_experiment(
+            name or f"{config.protocol.name} x {len(config.specs)} arms", config.protocol.name,
+            protocol=protocol_record(config.protocol), args=config.args(), model=lm.identity.to_dict())
+    else:
+        exp = store.get_experiment(experiment_id)
+        _check_same_run(load_run(store, experiment_id), config, experiment_id)
+        stored_hash = (exp.get("model") or {}).get("weights_hash")
+        if stored_hash and stored_hash != lm.identity.weights_hash:
+            raise RunConfigError(f"run {experiment_id} was run on {(exp.get('model') or {}).get('name')} with other "
+                                 f"weights; load that model to resume it")
+        store.update_experiment(experiment_id, status="running")
+
+    plan = dialogue_plan(config)
+    done_keys = completed_keys(store, experiment_id)
+    done = sum((key, s) in done_keys for _, key, s in plan)
+    total = len(plan)
+    if progress:
+        progress(done, total, {"event": "start", "experiment_id": experiment_id})
+    status = "failed"
+    try:
+        for item_index, item_key, seed in plan:
+            if (item_key, seed) in done_keys:
+                continue
+            if stop_event is not None and stop_event.is_set():
+                status = "interrupted"
+                return experiment_id
+            sid = _run_dialogue(store, lm, config, experiment_id, item_index, item_key, seed,
+                                stop_event, scorer_options or {})
+            if sid is None:  # stopped mid-dialogue
+                status = "interrupted"
+                return experiment_id
+            done += 1
+            if progress:
+                progress(done, total, {"event": "done", "experiment_id": experiment_id, "item": item_key,
+                                       "seed": seed, "session_id": sid})
+        status = "finished"
+        return experiment_id
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        try:
+            store.update_experiment(experiment_id, status=status)
+        except Exception:  # noqa: BLE001 - a locked DB must not hide the original error
+            pass
+
+
+def _run_dialogue(store: Store, lm: LoadedModel, config: RunConfig, experiment_id: str, item_index: int,
+                  item_key: str, seed: int, stop_event: Optional[threading.Event],
+                  scorer_options: dict) -> Optional[str]:
+    """Play, log and score one (item, seed) dialogue; None when stopped before its end."""
+    protocol = config.protocol
+    item = protocol.items[item_index]
+    specs = specs_for_seed(config.specs, seed, config.effective_max_new_tokens)
+    d = Dialogue(lm, specs, system=protocol.render_system(item))
+    meta = {"complete": False, "protocol": protocol.name, "item_index": item_index}
+    existing = store.find_session(experiment_id, item_key, seed)
+    if existing is not None:  # interrupted earlier: start it again from nothing, same row
+        store.delete_turns_from(existing["id"], None, 0)
+        store.update_session(existing["id"], meta=meta)
+        rec = SessionRecorder(store, lm, d, session_id=existing["id"])
+    else:
+        rec = SessionRecorder(store, lm, d, kind="experiment", experiment_id=experiment_id, item_key=item_key,
+                              seed=seed, title=f"{protocol.name} · {item_key} · seed {seed}", meta=meta)
+    sid = rec.session_id
+    turn_ids: list[list[int]] = [[] for _ in specs]
+    texts: list[list[str]] = [[] for _ in specs]
+    for user in protocol.render_turns(item):
+        replies = None
+        stopped = False
+        for event in d.stream(user, max_new_tokens=config.effective_max_new_tokens):
+            if stop_event is not None and stop_event.is_set() and not stopped:
+                d.stop_all()
+                stopped = True
+            replies = event.replies
+        if stopped:
+            return None
+        for arm, tid in enumerate(rec.log(user, replies)):
+            turn_ids[arm].append(tid)
+        for r in replies:
+            texts[r.arm].append(r.text)
+    summaries: dict[str, dict] = {}
+    for arm in range(len(specs)):
+        summaries[str(arm)] = {}
+        for scorer in protocol.scoring:
+            opts = {**protocol.scorer_options(scorer), **scorer_options.get(scorer, {})}
+            result = score_dialogue(scorer, item, texts[arm], **opts)
+            for tid, turn in zip(turn_ids[arm], result.turns):
+                store.put_score(tid, scorer, turn["label"], turn["value"], turn["data"])
+            summaries[str(arm)][scorer] = result.summary
+    store.update_session(sid, meta={**meta, "complete": True, "summaries": summaries,
+                                    "finished_at": time.time()})
+    return sid
