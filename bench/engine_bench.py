@@ -25,16 +25,17 @@ PROMPT = ("Take a firm stance, in a few sentences, on whether cities should ban 
           "then give the strongest arguments for your view.")
 
 
-def plain_generate(lm, n: int) -> float:
+def plain_generate(lm, n: int, batch: int = 1) -> float:
+    """Aggregate tok/s of transformers `generate` on the unhooked model (`batch` copies of the prompt)."""
     MechanismHost.of(lm.model).remove_hooks()
-    ids = torch.tensor([first_turn(lm.tokenizer, None, PROMPT).token_ids])
+    ids = torch.tensor([first_turn(lm.tokenizer, None, PROMPT).token_ids] * batch)
     start = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                 do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     elapsed = time.perf_counter() - start
     assert out.shape[1] - ids.shape[1] == n
-    return n / elapsed
+    return n * batch / elapsed
 
 
 def engine_generate(lm, arms: list[str], n: int) -> float:
@@ -78,6 +79,8 @@ def main(argv=None) -> None:
     continuity = "continuity:linkage=1,gain=0.3,layers=15/22/28"
     configs = {
         "plain generate": lambda: plain_generate(lm, n),
+        "plain generate, batch 4": lambda: plain_generate(lm, n, batch=4),
+        "4 observer arms batched": lambda: engine_generate(lm, ["observer"] * 4, n),
         "observer arm": lambda: engine_generate(lm, ["observer"], n),
         "continuity linkage 0": lambda: engine_generate(lm, ["continuity:linkage=0"], n),
         "continuity linkage 1 (3 layers)": lambda: engine_generate(lm, [continuity], n),
@@ -103,7 +106,9 @@ def main(argv=None) -> None:
     print(f"  observer arm / plain generate       {one / base:5.3f}x")
     print(f"  continuity 3 layers / plain         {med['continuity linkage 1 (3 layers)'] / base:5.3f}x  (>= 0.85)")
     print(f"  2 arms batched / 1 arm (aggregate)  {med['2 arms batched'] / one:5.3f}x  (>= 1.7)")
-    print(f"  4 arms batched / 1 arm (aggregate)  {med['4 arms batched'] / one:5.3f}x  (>= 2.8)")
+    print(f"  4 arms batched / 1 arm (aggregate)  {med['4 arms batched'] / one:5.3f}x  (>= 2.8; 3 of them linked)")
+    print(f"  4 observer arms / 1 arm             {med['4 observer arms batched'] / one:5.3f}x")
+    print(f"  reference: generate batch 4 / 1     {med['plain generate, batch 4'] / base:5.3f}x  (what this CPU gives)")
     print(f"  next-turn TTFT after {length} tokens    {ttft:5.3f} s   (<= 1)")
     print(f"  warm model load                     {warm_load:5.3f} s   (<= 3)")
 

@@ -3,15 +3,17 @@
 Generation runs with SDPA, which returns no attention weights. A capture rebuilds the arms of a
 logged dialogue and teacher-forces the logged turns through them (the same two forward passes
 per turn as `Dialogue.teacher_force`, so every arm's mechanism hooks are active and its memory
-grows exactly as in `engine.probes`), with the model switched to eager attention for this pass
-only (`eager_attention`, under a lock, restored in `finally`). A forward hook on every layer's
-`self_attn` takes the weights the layer actually used (its second output under eager) and reduces
-them on the spot, so nothing of size [L, H, T, T] is ever held for long transcripts:
+grows exactly as in `engine.probes`). The pass itself stays on SDPA: a forward hook on every
+layer's `self_attn` recomputes the queries of only the rows a view needs, takes the rotated keys
+the layer has just written to the KV cache, and reduces softmax(q kᵀ) on the spot. That is the
+layer's own attention (tested against eager `output_attentions`) at a fraction of eager's cost,
+and nothing of size [L, H, T, T] is ever held for long transcripts:
 
-* the focus arm's full token x token attention, bucketed to at most `max_size` x `max_size`
-  (rows: mean of the bucket's rows, columns: sum over the bucket's columns, so every displayed row
-  is still a distribution that sums to 1; position 0, the attention sink, always keeps its own
-  column so a view can leave it out of the colour range);
+* the focus arm's token x token attention, bucketed to at most `max_size` x `max_size`: one
+  representative query row per bucket (its last token; all rows when T <= max_size), columns
+  summed over the bucket, so every displayed row is an exact distribution that sums to 1;
+  position 0, the attention sink, always keeps its own column so a view can leave it out of the
+  colour range;
 * per layer x head, over the rows that generated the focus turn's reply: entropy, and the mass on
   the source (system prompt + first user message), on the first token, on the arm's own earlier
   answers;
@@ -53,6 +55,7 @@ GRID_METRICS = {
 }
 
 _EAGER_LOCK = threading.RLock()
+_CAPTURE_LOCK = threading.RLock()
 
 
 class CaptureError(ValueError):
@@ -102,17 +105,22 @@ def bucket_starts(index: np.ndarray) -> list[int]:
     return starts
 
 
+def representatives(idx: np.ndarray) -> np.ndarray:
+    """The query row shown for each display bucket: the bucket's last position."""
+    return np.r_[idx[1:] != idx[:-1], True] if len(idx) else np.zeros(0, bool)
+
+
 def downsample(attn: np.ndarray, max_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bucket a full [..., T, T] attention: rows averaged, columns summed (rows keep summing to 1)."""
+    """Bucket a full [..., T, T] attention for display: one representative query row per bucket
+    (its last token), columns summed over the bucket, so every displayed row is an exact attention
+    distribution of a real token and sums to 1. Captures compute only those rows."""
     T = attn.shape[-1]
     idx = bucket_index(T, max_size)
     S = int(idx.max()) + 1 if T else 0
-    cols = np.zeros(attn.shape[:-1] + (S,), dtype=np.float64)
-    np.add.at(np.moveaxis(cols, -1, 0), idx, np.moveaxis(attn.astype(np.float64), -1, 0))
-    rows = np.zeros(attn.shape[:-2] + (S, S), dtype=np.float64)
-    np.add.at(np.moveaxis(rows, -2, 0), idx, np.moveaxis(cols, -2, 0))
-    counts = np.bincount(idx, minlength=S)
-    return (rows / np.maximum(counts, 1)[:, None]).astype(np.float32), idx
+    rows = attn[..., representatives(idx), :].astype(np.float64)
+    cols = np.zeros(rows.shape[:-1] + (S,), dtype=np.float64)
+    np.add.at(np.moveaxis(cols, -1, 0), idx, np.moveaxis(rows, -1, 0))
+    return cols.astype(np.float32), idx
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +173,7 @@ class TurnCapture:
 # The capturing dialogue
 # --------------------------------------------------------------------------------------------------
 class _Probe:
-    """Per-layer reduction of the eager attention weights of the current forward pass."""
+    """Per-layer reduction of the attention weights of the current forward pass (only the rows the views need)."""
 
     def __init__(self, n_layers: int, n_heads: int, n_arms: int, focus_arm: int, T_final: int,
                  max_size: int | None, want_attention: bool):
@@ -176,6 +184,8 @@ class _Probe:
         self.idx = bucket_index(T_final, max_size)
         self.S = int(self.idx.max()) + 1 if T_final else 0
         self.idx_t = torch.from_numpy(self.idx)
+        # one representative query per display bucket: the last position of each bucket
+        self.rep_t = torch.from_numpy(representatives(self.idx))
         self.acc = torch.zeros(n_layers, n_heads, self.S, self.S) if want_attention else None
         self.row_counts = torch.zeros(self.S)
         self.overflow = False
@@ -189,7 +199,8 @@ class _Probe:
         self._curve_chunk: list[torch.Tensor | None] = [None] * n_arms
 
     def begin_step(self, n: list[int], start: list[int], mask_after: torch.Tensor, T: int):
-        self.step = {"n": n, "start": start, "mask": mask_after.bool().cpu(), "T": T}
+        mask = mask_after.bool().cpu()
+        self.step = {"n": n, "start": start, "mask": mask, "all_valid": mask.all(1).tolist(), "T": T}
         self._curve_chunk = [None] * len(n)
 
     def end_step(self):
@@ -199,66 +210,109 @@ class _Probe:
         self.step = None
 
     def hook(self, layer: int):
-        def fn(module, args, output):
-            if not self.active or self.step is None:
-                return None
-            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if w is None:
-                raise CaptureError("the attention layer returned no weights; eager attention is not in effect")
-            self._reduce(layer, w.detach())
+        """Forward hook (with kwargs) on a layer's self_attn: reduce that layer's attention weights."""
+        def fn(module, args, kwargs, output):
+            if self.active and self.step is not None:
+                self._reduce(layer, module, kwargs)
             return None
         return fn
 
-    def _reduce(self, layer: int, w: torch.Tensor):
+    def _needed_rows(self, r: int, n: int, start: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Query rows (indices into the step's n new tokens) that row r's views need.
+
+        Returns (union, heatmap rows, generating rows): the heatmap takes one representative
+        query per display bucket (its last token), the grid and curves every generating row.
+        """
+        heat = gen = None
+        if r == self.focus_arm and self.want_attention and start + n <= len(self.idx):
+            heat = torch.nonzero(self.rep_t[start:start + n]).squeeze(-1)
+        mode = self.gen_rows[r]
+        if mode is not None:
+            gen = torch.tensor([n - 1]) if mode == "last" else torch.arange(n)
+        parts = [t for t in (heat, gen) if t is not None]
+        union = torch.unique(torch.cat(parts)) if parts else torch.empty(0, dtype=torch.long)
+        return union, heat, gen
+
+    def _weights(self, layer: int, module, kwargs, r: int, q_rows: torch.Tensor, n: int) -> torch.Tensor:
+        """Softmax attention of the chosen query rows over the arm's own tokens: [H, m, start + n].
+
+        Queries are recomputed from the layer's input for these rows only; keys are the rotated
+        keys the layer has just written to the cache, so the result is the layer's own attention.
+        """
         st = self.step
-        Tq = w.shape[2]
+        x = kwargs["hidden_states"][r]
+        Tq = x.shape[0]
+        cos, sin = kwargs["position_embeddings"]
+        cache = kwargs["past_key_values"]
+        hd = module.head_dim
+        pos_in_step = Tq - n + q_rows
+        q = module.q_proj(x[pos_in_step]).view(len(q_rows), -1, hd)
+        if getattr(module, "q_norm", None) is not None:
+            q = module.q_norm(q)
+        q = q.transpose(0, 1)  # [H, m, hd]
+        c, s_ = cos[r, pos_in_step], sin[r, pos_in_step]
+        half = hd // 2
+        q = q * c + torch.cat((-q[..., half:], q[..., :half]), -1) * s_
+        keys = cache.layers[layer].keys[r]  # [n_kv, Ltot, hd], padding columns included
+        if not st["all_valid"][r]:
+            keys = keys[:, st["mask"][r].to(keys.device)]
+        n_kv, Tk = keys.shape[0], keys.shape[1]
+        H = q.shape[0]
+        scores = torch.einsum("kgmd,ktd->kgmt", q.reshape(n_kv, H // n_kv, -1, hd), keys).reshape(H, -1, Tk)
+        scores = scores.float() * module.scaling
+        query_pos = st["start"][r] + q_rows  # absolute positions of the query rows
+        if int(query_pos.min()) < Tk - 1:  # some row would see later tokens: mask them
+            future = torch.arange(Tk)[None, :] > query_pos[:, None]
+            scores = scores.masked_fill(future[None].to(scores.device), float("-inf"))
+        return torch.softmax(scores, -1).cpu()
+
+    def _reduce(self, layer: int, module, kwargs):
+        st = self.step
         for r, n in enumerate(st["n"]):
             if n == 0:
                 continue
-            gen_mode = self.gen_rows[r]
-            is_focus = r == self.focus_arm and self.want_attention
-            if gen_mode is None and not is_focus:
+            start = st["start"][r]
+            union, heat, gen = self._needed_rows(r, n, start)
+            if not len(union):
                 continue
-            cols = st["mask"][r]
-            rows = w[r, :, Tq - n:, :].float()  # [H, n, Tk]
-            if not bool(cols.all()):
-                rows = rows[:, :, cols]
-            rows_len = rows.shape[-1]  # = start + n: the arm's length after this pass
-            if is_focus:
-                self._accumulate(layer, rows, st["start"][r])
-            if gen_mode is not None:
-                g = rows[:, -1:, :] if gen_mode == "last" else rows
-                masks = self.col_masks[r]
-                src = masks["source"][:rows_len]
-                share = g[:, :, src].sum(-1)  # [H, n_gen]
-                curve = share.mean(0)  # [n_gen]
-                if self._curve_chunk[r] is None:
-                    self._curve_chunk[r] = torch.zeros(self.L, curve.shape[0])
-                self._curve_chunk[r][layer] = curve
-                if r == self.focus_arm:
-                    p = g.clamp_min(1e-12)
-                    self.grid_sums["entropy"][layer] += (-(g * p.log()).sum(-1)).sum(-1).double()
-                    self.grid_sums["source"][layer] += share.sum(-1).double()
-                    self.grid_sums["sink"][layer] += g[:, :, 0].sum(-1).double()
-                    own = masks["own_answers"][:rows_len]
-                    self.grid_sums["own_answers"][layer] += g[:, :, own].sum(-1).sum(-1).double()
-                    if layer == 0:
-                        self.grid_rows += g.shape[1]
+            w = self._weights(layer, module, kwargs, r, union, n)  # [H, m, start + n]
+            where = {int(i): j for j, i in enumerate(union.tolist())}
+            if heat is not None and len(heat):
+                self._accumulate(layer, w[:, [where[int(i)] for i in heat]], start + heat)
+            elif r == self.focus_arm and self.want_attention and start + n > len(self.idx):
+                self.overflow = True
+            if gen is None:
+                continue
+            g = w[:, [where[int(i)] for i in gen]]  # [H, n_gen, Tk]
+            rows_len = g.shape[-1]
+            masks = self.col_masks[r]
+            src = masks["source"][:rows_len]
+            share = g[:, :, src].sum(-1)  # [H, n_gen]
+            curve = share.mean(0)  # [n_gen]
+            if self._curve_chunk[r] is None:
+                self._curve_chunk[r] = torch.zeros(self.L, curve.shape[0])
+            self._curve_chunk[r][layer] = curve
+            if r == self.focus_arm:
+                p = g.clamp_min(1e-12)
+                self.grid_sums["entropy"][layer] += (-(g * p.log()).sum(-1)).sum(-1).double()
+                self.grid_sums["source"][layer] += share.sum(-1).double()
+                self.grid_sums["sink"][layer] += g[:, :, 0].sum(-1).double()
+                own = masks["own_answers"][:rows_len]
+                self.grid_sums["own_answers"][layer] += g[:, :, own].sum(-1).sum(-1).double()
+                if layer == 0:
+                    self.grid_rows += g.shape[1]
 
-    def _accumulate(self, layer: int, rows: torch.Tensor, start: int):
-        H, n, Tk = rows.shape
-        if start + n > len(self.idx):
-            self.overflow = True
-            return
-        qb = self.idx_t[start:start + n]
+    def _accumulate(self, layer: int, rows: torch.Tensor, positions: torch.Tensor):
+        """Place representative query rows [H, m, Tk] (at absolute `positions`) into the display grid."""
+        Tk = rows.shape[-1]
+        qb = self.idx_t[positions]
         kb = self.idx_t[:Tk]
         if self.S == len(self.idx):  # no bucketing: place the rows as they are
-            self.acc[layer, :, start:start + n, :Tk] = rows
+            self.acc[layer][:, qb, :Tk] = rows
         else:
-            colsum = torch.zeros(H, n, self.S).index_add_(2, kb, rows)
-            self.acc[layer].index_add_(1, qb, colsum)
+            self.acc[layer][:, qb] = torch.zeros(rows.shape[0], rows.shape[1], self.S).index_add_(2, kb, rows)
         if layer == 0:
-            self.row_counts.index_add_(0, qb, torch.ones(n))
+            self.row_counts[qb] = 1.0
 
 
 class CaptureDialogue(Dialogue):
@@ -367,8 +421,8 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     handles = []
     notes: list[str] = []
     try:
-        with eager_attention(model):
-            handles = [layers[l].self_attn.register_forward_hook(probe.hook(l)) for l in range(L)]
+        with _CAPTURE_LOCK:
+            handles = [layers[l].self_attn.register_forward_hook(probe.hook(l), with_kwargs=True) for l in range(L)]
             for k in range(focus_turn + 1):
                 user, replies = turns[k]
                 is_focus = k == focus_turn

@@ -46,6 +46,7 @@ def build_app(ctx: LabContext) -> gr.Blocks:
     with gr.Blocks(title="memory-linkage lab") as demo:
         gr.Markdown(f"## The memory-linkage lab\n<sub>model **{ident.name}** · {ident.n_layers} layers · "
                     f"{ident.dtype} · {ident.device} · database `{ctx.db_url or ctx.store.name}`</sub>")
+        experiments = None
         with gr.Tabs(selected="arena") as tabs:
             with gr.Tab("Arena", id="arena"):
                 arena = build_arena_tab(ctx)
@@ -57,7 +58,7 @@ def build_app(ctx: LabContext) -> gr.Blocks:
                 except ImportError as e:
                     _unavailable("Experiments", e)
                 else:
-                    build_experiments_tab(ctx)
+                    experiments = build_experiments_tab(ctx)
             with gr.Tab("Inspect", id="inspect"):
                 inspect = None
                 try:
@@ -69,11 +70,25 @@ def build_app(ctx: LabContext) -> gr.Blocks:
         if inspect and all(k in inspect for k in ("session", "arm", "turn")):
             arena["wire_inspect"](inspect, tabs)
             sessions["wire_inspect"](inspect, tabs)
+        if experiments and "open_session" in experiments:
+            _wire_open_in_sessions(experiments, sessions, tabs)
         sessions_tab.select(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]],
                             api_name=False)
         demo.load(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]], api_name=False)
     demo.lab_parts = {"arena": arena, "sessions": sessions, "inspect": inspect, "tabs": tabs}
     return demo
+
+
+def _wire_open_in_sessions(experiments: dict, sessions: dict, tabs: gr.Tabs) -> None:
+    """The Experiments tab's 'Open in Sessions' shows the dialogue behind a point, read-only."""
+    def go(sid):
+        if not sid:
+            raise gr.Error("Pick a dialogue of the run first.", print_exception=False)
+        return sid, gr.Tabs(selected="sessions")
+
+    experiments["open_session"].click(go, inputs=[experiments["session"]], outputs=[sessions["session_id"], tabs],
+                                      api_name=False).success(
+        sessions["open_fn"], inputs=[sessions["session_id"]], outputs=sessions["open_outputs"], api_name=False)
 
 
 def launch(ctx: LabContext, host: str = "127.0.0.1", port: int | None = 7860, prevent_thread_lock: bool = False,
@@ -83,7 +98,7 @@ def launch(ctx: LabContext, host: str = "127.0.0.1", port: int | None = 7860, pr
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock, auth=auth,
                 show_error=True, quiet=quiet, css=CSS, theme=gr.themes.Soft(),
-                allowed_paths=[tempfile.gettempdir()], footer_links=["gradio"])
+                footer_links=["gradio"])
     return demo
 
 

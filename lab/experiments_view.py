@@ -281,6 +281,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
         c["drift"] = gr.Plot(label="Similarity to the first stance by turn")
     with gr.Row():
         c["session"] = gr.Dropdown(choices=[], value=None, label="Dialogue (session) behind the points", scale=3)
+        c["open_session"] = gr.Button("Open in Sessions", scale=1, min_width=140)
     c["dialogues"] = gr.Dataframe(headers=DIALOGUE_COLUMNS, interactive=False, label="Dialogues of this run",
                                   max_height=260)
     c["timer"] = gr.Timer(15)

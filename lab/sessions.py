@@ -167,7 +167,8 @@ def build_sessions_tab(ctx: LabContext) -> dict:
     refresh.click(list_fn, inputs=[kind], outputs=[table], api_name="list_sessions")
     kind.change(list_fn, inputs=[kind], outputs=[table], api_name=False)
     table.select(pick, inputs=[table], outputs=[session_id], api_name=False)
-    open_btn.click(open_fn, inputs=[session_id], outputs=[head, *cols, *chats, annotations], api_name="open_session")
+    open_outputs = [head, *cols, *chats, annotations]
+    open_btn.click(open_fn, inputs=[session_id], outputs=open_outputs, api_name="open_session")
     session_id.submit(open_fn, inputs=[session_id], outputs=[head, *cols, *chats, annotations], api_name=False)
     export_btn.click(export_fn, inputs=[session_id, fmt, scope], outputs=[files, export_msg], api_name="export")
 
@@ -186,4 +187,5 @@ def build_sessions_tab(ctx: LabContext) -> dict:
 
     return dict(kind=kind, refresh=refresh, table=table, session_id=session_id, open=open_btn, head=head,
                 chats=chats, annotations=annotations, fmt=fmt, scope=scope, export=export_btn, files=files,
-                export_msg=export_msg, list_fn=list_fn, wire_inspect=wire_inspect)
+                export_msg=export_msg, list_fn=list_fn, wire_inspect=wire_inspect,
+                open_fn=open_fn, open_outputs=open_outputs)

@@ -167,3 +167,22 @@ def test_png_export_is_clear(tmp_path):
     else:
         with pytest.raises(F.PngExportError, match="PNG export needs"):
             F.to_png(fig, tmp_path / "x.png")
+
+
+def test_captured_weights_are_the_layers_own_attention(embedded, logged):
+    """The hook's recomputed weights equal eager attention's `output_attentions`, row for row."""
+    import torch
+
+    _, _, d = logged
+    attn, tr = capture_attention(embedded, parse_arm("observer"), _forced(d, 0), SYSTEM, max_size=None)
+    ids = torch.tensor([tr.token_ids])
+    model = embedded.model
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = model(ids, output_attentions=True, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation("sdpa")
+    eager = torch.stack([a[0] for a in out.attentions]).numpy()  # [L, H, T, T]
+    assert eager.shape == attn.shape
+    np.testing.assert_allclose(attn, eager, atol=2e-5)
