@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .dialogue import ASSISTANT, Dialogue
+from .dialogue import ASSISTANT, Dialogue, decode_reply, eos_ids
 from .hooks import decoder_layers
 from .mechanisms.base import ROLE_CODE, ROLES, ReadTrace
 from .model import LoadedModel
@@ -190,6 +190,7 @@ class _Probe:
         self.row_counts = torch.zeros(self.S)
         self.overflow = False
         self.step: dict | None = None
+        self.thread: int | None = None
         # per arm: which query rows generate reply tokens (set by the feeder), masks over columns
         self.gen_rows: list[str | None] = [None] * n_arms  # 'last' | 'all' | None
         self.col_masks: list[dict[str, torch.Tensor] | None] = [None] * n_arms
@@ -201,6 +202,7 @@ class _Probe:
     def begin_step(self, n: list[int], start: list[int], mask_after: torch.Tensor, T: int):
         mask = mask_after.bool().cpu()
         self.step = {"n": n, "start": start, "mask": mask, "all_valid": mask.all(1).tolist(), "T": T}
+        self.thread = threading.get_ident()  # the model is shared: other threads' forwards are not ours
         self._curve_chunk = [None] * len(n)
 
     def end_step(self):
@@ -212,7 +214,7 @@ class _Probe:
     def hook(self, layer: int):
         """Forward hook (with kwargs) on a layer's self_attn: reduce that layer's attention weights."""
         def fn(module, args, kwargs, output):
-            if self.active and self.step is not None:
+            if self.active and self.step is not None and threading.get_ident() == self.thread:
                 self._reduce(layer, module, kwargs)
             return None
         return fn
@@ -512,25 +514,12 @@ def _dry_length(lm, specs, turns, system, focus_arm, focus_turn) -> int:
         reply = list(replies[focus_arm])
         piece = first_turn(tok, system, user) if k == 0 else next_turn(tok, messages, user, prev_reply)
         total += len(piece.token_ids) + len(reply)
-        text = _decode_static(tok, reply, _eos_ids(lm))
+        text = decode_reply(tok, reply, eos_ids(lm.model, tok))
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
         prev_reply = reply
     return total
 
 
-def _eos_ids(lm) -> set[int]:
-    ids = set()
-    for source in (lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return ids
-
-
-def _decode_static(tokenizer, ids, eos_ids) -> str:
-    text = tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)
-    return text.rstrip("\ufffd")
 
 
 def capture_attention(lm: LoadedModel, arm: ArmSpec, turns: list[tuple[str, list[int]]], system: str | None = None,

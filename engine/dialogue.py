@@ -78,6 +78,22 @@ class ArmState:
         return self.token_ids + self.pending
 
 
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends a reply (the generation config may list several)."""
+    ids = set()
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+def decode_reply(tokenizer, ids: list[int], eos: set[int]) -> str:
+    """A reply's text: without end-of-turn tokens, and without a half-decoded trailing character."""
+    return tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True).rstrip("\ufffd")
+
+
 def seed_for_turn(seed: int, turn: int) -> int:
     """Each turn draws from its own stream, so a turn replays without replaying earlier sampling."""
     return (seed * 1_000_003 + turn) % (2**63 - 1)
@@ -126,7 +142,7 @@ class Dialogue:
         self.mask = torch.zeros(len(arms), 0, dtype=torch.long, device=self.device)
         self.turn = 0
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(self.model, self.tokenizer)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", 4096)
         self._stop = [False] * len(arms)
         self._snapshot = None
@@ -273,18 +289,8 @@ class Dialogue:
         return list(self.arms[arm].messages)
 
     # -- internals ----------------------------------------------------------------------------
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(source)
-        return ids
-
     def _decode(self, ids: list[int]) -> str:
-        text = self.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
-        return text.rstrip("\ufffd")
+        return decode_reply(self.tokenizer, ids, self.eos_ids)
 
     def _prepare(self, user: str, max_new_tokens, forced) -> list[Piece]:
         if not isinstance(user, str) or not user.strip():

@@ -11,7 +11,6 @@ changing layer, head or metric redraws from the cached arrays.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -35,7 +34,7 @@ def heatmap_figures(res: InspectResult, layer: int, head, metric: str):
         msg = "attention not captured" if res is not None else "pick a session, arm and turn, then press Show"
         return F.empty_figure(msg), F.empty_figure(msg)
     att = res.attention
-    L, H = att["n_layers"], att["n_heads"]
+    L = att["n_layers"]
     layer = int(min(max(int(layer or 0), 0), L - 1))
     head = HEADS_MEAN if head in (None, "", HEADS_MEAN) else int(head)
     metric = metric if metric in GRID_METRICS else "entropy"

@@ -59,3 +59,32 @@ def tiny(request, tokenizer):
 @pytest.fixture(scope="session")
 def tiny_llama(tokenizer):
     return make_tiny("llama", tokenizer)
+
+
+# -- the real lab server and Debian's Chromium, for the API and browser tests ---------------------
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+# Outside CI a missing browser skips (run `make browser`); in CI it must be there, so the tests fail.
+BROWSER_MARKS = [pytest.mark.browser, pytest.mark.slow,
+                 pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK) and not os.environ.get("CI"),
+                                    reason="needs Debian's chromium (make browser)")]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_lab(store, lm, **ctx_fields):
+    """Start the real lab app in-process on a free port; returns (url, demo)."""
+    from lab.app import launch
+    from lab.context import LabContext
+
+    port = free_port()
+    demo = launch(LabContext(store=store, lm=lm, db_url=store.name, **ctx_fields), "127.0.0.1", port,
+                  prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}/", demo

@@ -186,3 +186,33 @@ def test_captured_weights_are_the_layers_own_attention(embedded, logged):
     eager = torch.stack([a[0] for a in out.attentions]).numpy()  # [L, H, T, T]
     assert eager.shape == attn.shape
     np.testing.assert_allclose(attn, eager, atol=2e-5)
+
+
+def test_capture_ignores_forwards_from_other_threads(embedded, logged):
+    """The model is shared by the lab's tabs: a generation in another thread must not enter a capture."""
+    import threading
+
+    from engine import Dialogue
+
+    _, _, d = logged
+    alone, _ = capture_attention(embedded, d.arms[1].spec, _forced(d, 1), SYSTEM, max_size=None)
+    stop, errors, turns = threading.Event(), [], []
+
+    def chatter():
+        other = Dialogue(embedded, [parse_arm("observer")])
+        other.eos_ids = set()
+        try:
+            while not stop.is_set():
+                turns.append(other.send("Keep talking.", max_new_tokens=4))
+        except Exception as e:  # a capture hook reaching into this thread's forward would land here
+            errors.append(e)
+
+    t = threading.Thread(target=chatter)
+    t.start()
+    try:
+        busy, _ = capture_attention(embedded, d.arms[1].spec, _forced(d, 1), SYSTEM, max_size=None)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors and turns
+    np.testing.assert_allclose(busy, alone, atol=1e-5)

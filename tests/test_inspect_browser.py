@@ -1,23 +1,11 @@
 """The Inspect tab in a real browser: Debian's Chromium driven by Playwright, the real lab app."""
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+from conftest import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS as ARGS, serve_lab
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +13,6 @@ def served(embedded, tmp_path_factory):
     from db import Store
     from engine import Dialogue, parse_arm
     from experiments.record import SessionRecorder
-    from lab.context import LabContext
 
     folder = tmp_path_factory.mktemp("inspect-browser")
     store = Store(folder / "lab.db")
@@ -33,20 +20,8 @@ def served(embedded, tmp_path_factory):
     rec = SessionRecorder(store, embedded, d, title="browser inspect")
     for m in ["Name a colour.", "Are you sure?"]:
         rec.log(m, d.send(m, max_new_tokens=12))
-    ctx = LabContext(store=store, lm=embedded, db_url=store.name, captures_dir=str(folder / "captures"))
-    port = _free_port()
-    try:
-        from lab.app import launch  # the real app, with every tab
-        demo = launch(ctx, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    except ImportError:  # pragma: no cover - only while the app is not in the tree
-        import gradio as gr
-
-        from lab.inspect_view import build_inspect_tab
-        with gr.Blocks() as demo:
-            with gr.Tab("Inspect"):
-                build_inspect_tab(ctx)
-        demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", rec.session_id
+    url, demo = serve_lab(store, embedded, captures_dir=str(folder / "captures"))
+    yield url, rec.session_id
     demo.close()
     store.close()
 

@@ -5,33 +5,23 @@ a fresh SQLite file; the Store opened on the same file checks what was logged.
 """
 from __future__ import annotations
 
-import socket
-
 import pytest
+
+from conftest import serve_lab
 
 pytestmark = pytest.mark.slow
 
 TOKENS = 8  # keep generation short on a CPU
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(embedded, tmp_path_factory):
     from db import Store
-    from lab.app import launch
-    from lab.context import LabContext
 
     db_file = tmp_path_factory.mktemp("lab") / "lab.db"
     store = Store(f"sqlite:///{db_file}")
-    ctx = LabContext(store=store, lm=embedded, db_url=store.name)
-    port = free_port()
-    demo = launch(ctx, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", db_file
+    url, demo = serve_lab(store, embedded)
+    yield url, db_file
     demo.close()
     store.close()
 

@@ -7,36 +7,23 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="needs Debian's chromium (make browser)")]
+from conftest import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS as ARGS, serve_lab
+
+pytestmark = BROWSER_MARKS
 LONG = 240_000  # ms: generation on a busy 2-core CPU
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(embedded, tmp_path_factory):
     from db import Store
-    from lab.app import launch
-    from lab.context import LabContext
 
     db_file = tmp_path_factory.mktemp("labweb") / "lab.db"
     store = Store(f"sqlite:///{db_file}")
-    port = free_port()
-    demo = launch(LabContext(store=store, lm=embedded, db_url=store.name), "127.0.0.1", port,
-                  prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", db_file
+    url, demo = serve_lab(store, embedded)
+    yield url, db_file
     demo.close()
     store.close()
 
