@@ -260,9 +260,9 @@ def build_experiments_tab(ctx: LabContext) -> dict:
                                    info="observer | NAME:key=value,… (greedy=false for seeds to matter)")
             with gr.Row():
                 c["seeds"] = gr.Number(1, label="seeds", precision=0, minimum=1)
-                c["items"] = gr.Number(None, label="items (first K; empty = all)", precision=0, minimum=1)
-                c["max_new_tokens"] = gr.Number(None, label="max new tokens (empty = protocol's)", precision=0,
-                                                minimum=1)
+                # Textboxes: an untouched gr.Number shows 0, which would read as "zero items"
+                c["items"] = gr.Textbox("", label="items (first K)", placeholder="all")
+                c["max_new_tokens"] = gr.Textbox("", label="max new tokens", placeholder="protocol's")
             with gr.Row():
                 c["run"] = gr.Button("Run", variant="primary")
                 c["stop"] = gr.Button("Stop", variant="stop")
@@ -274,7 +274,8 @@ def build_experiments_tab(ctx: LabContext) -> dict:
     with gr.Row():
         c["run_id"] = gr.Dropdown(choices=_safe_choices(ctx), value=None, label="Run", scale=3)
         c["resume"] = gr.Button("Resume this run", size="sm", scale=1)
-    c["summary"] = gr.Dataframe(interactive=False, label="Summary (estimate [95% CI]; p vs the first arm)")
+    c["summary"] = gr.Dataframe(pd.DataFrame(columns=["arm", "n"]), interactive=False,
+                                label="Summary (estimate [95% CI]; p vs the first arm)")
     c["metric"] = gr.Dropdown(choices=[], label="Metric", interactive=True)
     with gr.Row():
         c["bar"] = gr.Plot(label="Metric by arm")
@@ -334,7 +335,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
                     gr.update(choices=[], value=None), pd.DataFrame(columns=DIALOGUE_COLUMNS),
                     "" if not eid else f"❌ {d['error']}")
         return (d["table"], gr.update(choices=d["metrics"], value=d["metric"]), d["bar"], d["drift"],
-                gr.update(choices=d["sessions"], value=None), d["dialogues"], "")
+                gr.update(choices=d["sessions"], value=d["sessions"][0][1] if d["sessions"] else None), d["dialogues"], "")
 
     pick_outputs = [c["summary"], c["metric"], c["bar"], c["drift"], c["session"], c["dialogues"], c["status"]]
     c["run_id"].change(on_pick, c["run_id"], pick_outputs)
