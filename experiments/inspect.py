@@ -144,6 +144,11 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
     if bad:
         raise InspectError(f"unknown kind {bad[0]!r}; use {', '.join(KINDS)}")
     session, turns = _session_turns(store, session_id)
+    if session.get("blind") and not (session.get("meta") or {}).get("revealed_at"):
+        # memory reads and divergence from the observer show which arm is linked: no amount of
+        # relabelling keeps a blind annotation blind, so Inspect waits for the reveal
+        raise InspectError("this is a blind session and its arms are not revealed yet: inspecting would show "
+                           "which arm is which. Press Reveal in the Arena first (after labelling).")
     arms = sorted(session["arms"], key=lambda a: a["index"])
     try:
         arm_index, turn_index = int(arm_index), int(turn_index)

@@ -216,3 +216,20 @@ def test_capture_ignores_forwards_from_other_threads(embedded, logged):
         t.join()
     assert not errors and turns
     np.testing.assert_allclose(busy, alone, atol=1e-5)
+
+
+def test_blind_sessions_are_not_inspected_before_the_reveal(embedded, tmp_path):
+    from db import Store
+    from engine import Dialogue
+    from experiments.inspect import InspectError, inspect_turn
+    from experiments.record import SessionRecorder
+
+    store = Store(tmp_path / "blind.db")
+    d = Dialogue(embedded, [parse_arm("observer"), parse_arm("continuity:linkage=1")])
+    rec = SessionRecorder(store, embedded, d, blind=True, pane_order=[1, 0])
+    rec.log("Hi", d.send("Hi", max_new_tokens=4))
+    with pytest.raises(InspectError, match="blind session"):
+        inspect_turn(store, embedded, rec.session_id, 1, 0, kinds=("divergence",))
+    store.update_session(rec.session_id, meta={"revealed_at": "2026-11-22T00:00:00+00:00"})
+    assert inspect_turn(store, embedded, rec.session_id, 1, 0, kinds=("divergence",)) is not None
+    store.close()
