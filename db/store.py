@@ -509,17 +509,23 @@ class Store:
         """The current label of each annotator on each turn."""
         return self.get_annotations(session_id, latest=True)
 
+    def _upsert(self, s, model, turn_id, **key):
+        """The row of `model` for this turn and key (e.g. scorer=...), created if missing."""
+        self._turn_row(s, turn_id)
+        row = s.scalar(select(model).where(model.turn_id == turn_id,
+                                           *(getattr(model, k) == v for k, v in key.items())))
+        if row is None:
+            row = model(turn_id=turn_id, **key)
+            s.add(row)
+        return row
+
     # ----------------------------------------------------------------- scores
 
     @_guard
     def put_score(self, turn_id, scorer, label=None, value=None, data=None) -> int:
         """Insert or replace the score of this scorer on this turn."""
         with self._tx() as s:
-            self._turn_row(s, turn_id)
-            row = s.scalar(select(Score).where(Score.turn_id == turn_id, Score.scorer == scorer))
-            if row is None:
-                row = Score(turn_id=turn_id, scorer=scorer)
-                s.add(row)
+            row = self._upsert(s, Score, turn_id, scorer=scorer)
             row.label, row.value = label, None if value is None else float(value)
             row.data, row.created_at = _json(data, "score data", {}), utcnow()
         return row.id
@@ -567,11 +573,7 @@ class Store:
         """Insert or replace. path is relative to store.dir (the DB's folder)."""
         path = _check_relative(path)
         with self._tx() as s:
-            self._turn_row(s, turn_id)
-            row = s.scalar(select(Capture).where(Capture.turn_id == turn_id, Capture.kind == kind))
-            if row is None:
-                row = Capture(turn_id=turn_id, kind=kind)
-                s.add(row)
+            row = self._upsert(s, Capture, turn_id, kind=kind)
             row.path, row.data, row.created_at = path, _json(data, "capture data"), utcnow()
         return row.id
 

@@ -88,3 +88,16 @@ def serve_lab(store, lm, **ctx_fields):
     demo = launch(LabContext(store=store, lm=lm, db_url=store.name, **ctx_fields), "127.0.0.1", port,
                   prevent_thread_lock=True, quiet=True)
     return f"http://127.0.0.1:{port}/", demo
+
+
+@pytest.fixture(scope="module")
+def server(embedded, tmp_path_factory):
+    """The real lab on a free port with a fresh SQLite file, one per test module: (url, db_file)."""
+    from db import Store
+
+    db_file = tmp_path_factory.mktemp("lab") / "lab.db"
+    store = Store(f"sqlite:///{db_file}")
+    url, demo = serve_lab(store, embedded)
+    yield url, db_file
+    demo.close()
+    store.close()

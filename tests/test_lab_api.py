@@ -7,23 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import serve_lab
 
 pytestmark = pytest.mark.slow
 
 TOKENS = 8  # keep generation short on a CPU
-
-
-@pytest.fixture(scope="module")
-def server(embedded, tmp_path_factory):
-    from db import Store
-
-    db_file = tmp_path_factory.mktemp("lab") / "lab.db"
-    store = Store(f"sqlite:///{db_file}")
-    url, demo = serve_lab(store, embedded)
-    yield url, db_file
-    demo.close()
-    store.close()
 
 
 def client(url):

@@ -10,22 +10,10 @@ import re
 
 import pytest
 
-from conftest import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS as ARGS, serve_lab
+from conftest import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS as ARGS
 
 pytestmark = BROWSER_MARKS
 LONG = 240_000  # ms: generation on a busy 2-core CPU
-
-
-@pytest.fixture(scope="module")
-def server(embedded, tmp_path_factory):
-    from db import Store
-
-    db_file = tmp_path_factory.mktemp("labweb") / "lab.db"
-    store = Store(f"sqlite:///{db_file}")
-    url, demo = serve_lab(store, embedded)
-    yield url, db_file
-    demo.close()
-    store.close()
 
 
 @pytest.fixture()
