@@ -22,8 +22,8 @@ and nothing of size [L, H, T, T] is ever held for long transcripts:
 
 Conventions: the row of token p is computed while processing p, and it shapes the prediction of
 token p+1; so the row (or memory read) "behind" generated token q is the one at position q-1.
-Every fed token carries the index of the message it belongs to (`msg_turns`): the last token of
-a reply is fed at the start of the next turn, yet it belongs to its reply's turn.
+Every fed token carries the index of the message it belongs to (`msg_turns`, the dialogue's own
+`turns`: a reply's last token is fed at the start of the next turn, yet filed under its reply's turn).
 
 Outputs are numpy arrays and plain dicts; this module knows nothing about the database or the UI.
 """
@@ -376,14 +376,6 @@ class CaptureDialogue(Dialogue):
         return r in self._gen_arms
 
 
-def _msg_turns(arm_turns: list[int], spans: list[tuple[int, int]]) -> list[int]:
-    out = list(arm_turns)
-    for k, (a, b) in enumerate(spans):
-        for p in range(a, min(b, len(out))):
-            out[p] = k
-    return out
-
-
 def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, list[list[int]]]],
                  system: str | None = None, *, focus_arm: int = 0, focus_turn: int | None = None,
                  attention: bool = True, max_size: int | None = DEFAULT_MAX_SIZE,
@@ -429,24 +421,16 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
                 user, replies = turns[k]
                 is_focus = k == focus_turn
 
-                def set_masks(spans, k=k):
+                def set_masks(spans, k=k):  # before the body: the reply's own tokens are neither
                     for r, arm in enumerate(d.arms):
-                        all_spans = spans_by_arm[r] + [spans[r]]
-                        mt = np.asarray(_msg_turns(arm.turns, all_spans))
-                        roles = np.asarray(arm.roles)
-                        n = len(mt) + spans[r][1] - spans[r][0] + 1
-                        src = np.zeros(n, bool)
-                        own = np.zeros(n, bool)
-                        src[:len(mt)] = np.isin(roles, SOURCE_ROLES) & (mt == 0)
-                        own[:len(mt)] = (roles == ASSISTANT) & (mt < k)
-                        probe.col_masks[r] = {"source": torch.from_numpy(src), "own_answers": torch.from_numpy(own)}
+                        probe.col_masks[r] = _column_masks(arm.turns, arm.roles, k, pad=spans[r][1] - spans[r][0] + 1)
 
                 # attention is only reduced in the focus turn, and everywhere for the focus heatmap
                 probe.active = attention or is_focus
                 d._gen_arms = gen_arms if is_focus else set()
                 if is_focus:
                     # the prompt's last row already generates: masks must exist before the prompt pass
-                    _prepare_masks_before_prompt(d, probe, spans_by_arm, k, user, replies)
+                    _prepare_masks_before_prompt(d, probe, k, user, replies)
                 spans = d.feed(user, replies, before_body=set_masks if is_focus else None)
                 for r, arm in enumerate(d.arms):
                     spans_by_arm[r].append(spans[r])
@@ -464,7 +448,7 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     for r, arm in enumerate(d.arms):
         arms.append(ArmTranscript(label=arm.spec.display_label, spec=arm.spec.to_string(),
                                   token_ids=list(arm.token_ids), roles=list(arm.roles),
-                                  msg_turns=_msg_turns(arm.turns, spans_by_arm[r]), reply_spans=spans_by_arm[r],
+                                  msg_turns=list(arm.turns), reply_spans=spans_by_arm[r],
                                   memory_sizes=mem_sizes[r]))
     attn = bucket_of = None
     if attention:
@@ -487,19 +471,23 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
                        seconds=time.perf_counter() - t_start, notes=notes)
 
 
-def _prepare_masks_before_prompt(d: CaptureDialogue, probe: _Probe, spans_by_arm, k: int, user: str, replies):
-    """Column masks for the focus turn's prompt pass: computed from the arm's state before it."""
+def _column_masks(turns: list[int], roles: list[int], k: int, pad: int = 0) -> dict[str, torch.Tensor]:
+    """Key columns that count as the source (system prompt + first user message) and as the arm's own
+    earlier answers (before turn k), padded with False for `pad` positions still to come."""
+    t, r = np.asarray(turns + [k] * pad), np.asarray(roles + [ASSISTANT] * pad)
+    real = np.arange(len(t)) < len(turns)
+    return {"source": torch.from_numpy(real & np.isin(r, SOURCE_ROLES) & (t == 0)),
+            "own_answers": torch.from_numpy(real & (r == ASSISTANT) & (t < k))}
+
+
+def _prepare_masks_before_prompt(d: CaptureDialogue, probe: _Probe, k: int, user: str, replies):
+    """Column masks for the focus turn's prompt pass: the arm's tokens so far, the pending token
+    (last of the previous reply) and the new piece."""
     pieces = d._prepare(user, max(1, max(len(r) for r in replies)), replies)
     for r, (arm, piece) in enumerate(zip(d.arms, pieces)):
-        mt = _msg_turns(arm.turns, spans_by_arm[r])
-        roles = list(arm.roles)
-        # the pending token (last token of the previous reply) and then the new piece
-        mt += [k - 1] * len(arm.pending) + [k] * len(piece.token_ids)
-        roles += [ASSISTANT] * len(arm.pending) + list(piece.roles)
-        mt_a, roles_a = np.asarray(mt), np.asarray(roles)
-        src = np.isin(roles_a, SOURCE_ROLES) & (mt_a == 0)
-        own = (roles_a == ASSISTANT) & (mt_a < k)
-        probe.col_masks[r] = {"source": torch.from_numpy(src), "own_answers": torch.from_numpy(own)}
+        turns = arm.turns + [k - 1] * len(arm.pending) + [k] * len(piece.token_ids)
+        roles = arm.roles + [ASSISTANT] * len(arm.pending) + list(piece.roles)
+        probe.col_masks[r] = _column_masks(turns, roles, k)
 
 
 def _dry_length(lm, specs, turns, system, focus_arm, focus_turn) -> int:

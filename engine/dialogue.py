@@ -170,13 +170,8 @@ class Dialogue:
                forced: list[list[int]] | None = None) -> Iterator[StreamEvent]:
         """Send `user` to every arm; yield after each step. `forced` replays given reply tokens."""
         pieces = self._prepare(user, max_new_tokens, forced)
-        self._snapshot = self._take_snapshot()
         self._stop = [False] * self.n_arms
-        turn = self.turn
-        for arm in self.arms:
-            if arm.mechanism is not None:
-                arm.mechanism.begin_turn(turn)
-                arm.mechanism.traces = []
+        turn, prompt_ids = self._open_turn(pieces)
         limits = [max_new_tokens or arm.spec.sampling.max_new_tokens for arm in self.arms]
         if forced is not None:
             limits = [len(f) for f in forced]
@@ -185,16 +180,12 @@ class Dialogue:
         done = [False] * self.n_arms
         reasons = [""] * self.n_arms
         texts = [""] * self.n_arms
-        prompt_ids = [a.pending + p.token_ids for a, p in zip(self.arms, pieces)]
         started, t0 = time.time(), time.perf_counter()
         ttft = None
         finished_at = [0.0] * self.n_arms
         step = 0
         try:
-            logits = self._forward(prompt_ids, [[ASSISTANT] * len(a.pending) + p.roles for a, p in zip(self.arms, pieces)],
-                                   turn, logits_to_keep=1, carried=[len(a.pending) for a in self.arms])
-            for arm in self.arms:
-                arm.pending = []
+            logits = self._prefill(pieces, prompt_ids, turn)
             while True:
                 for i, arm in enumerate(self.arms):
                     if done[i]:
@@ -257,20 +248,11 @@ class Dialogue:
         vocabulary projection of the body.
         """
         pieces = self._prepare(user, max(1, max(len(r) for r in replies)), replies)
-        self._snapshot = self._take_snapshot()
-        turn = self.turn
-        for arm in self.arms:
-            if arm.mechanism is not None:
-                arm.mechanism.begin_turn(turn)
-                arm.mechanism.traces = []
-        prompt_ids = [a.pending + p.token_ids for a, p in zip(self.arms, pieces)]
+        turn, prompt_ids = self._open_turn(pieces)
         started, t0 = time.time(), time.perf_counter()
         if on_phase is not None:
             on_phase("prompt", None)
-        first = self._forward(prompt_ids, [[ASSISTANT] * len(a.pending) + p.roles for a, p in zip(self.arms, pieces)],
-                              turn, logits_to_keep=1, carried=[len(a.pending) for a in self.arms])
-        for arm in self.arms:
-            arm.pending = []
+        first = self._prefill(pieces, prompt_ids, turn)
         if on_phase is not None:
             on_phase("body", [(a.length, a.length + len(r)) for a, r in zip(self.arms, replies)])
         body = [r[:-1] for r in replies]
@@ -316,6 +298,24 @@ class Dialogue:
                     f"> {self.max_positions}; start a new session or shorten the message")
             pieces.append(piece)
         return pieces
+
+    def _open_turn(self, pieces: list[Piece]) -> tuple[int, list[list[int]]]:
+        """Snapshot for rollback, tell the mechanisms a turn begins; return the turn and each arm's prompt ids
+        (the previous reply's unfed last token, then the new piece)."""
+        self._snapshot = self._take_snapshot()
+        for arm in self.arms:
+            if arm.mechanism is not None:
+                arm.mechanism.begin_turn(self.turn)
+                arm.mechanism.traces = []
+        return self.turn, [a.pending + p.token_ids for a, p in zip(self.arms, pieces)]
+
+    def _prefill(self, pieces: list[Piece], prompt_ids: list[list[int]], turn: int) -> torch.Tensor:
+        """Feed the turn's prompt; the last position's logits predict each reply's first token."""
+        logits = self._forward(prompt_ids, [[ASSISTANT] * len(a.pending) + p.roles for a, p in zip(self.arms, pieces)],
+                               turn, logits_to_keep=1, carried=[len(a.pending) for a in self.arms])
+        for arm in self.arms:
+            arm.pending = []
+        return logits
 
     def _forward(self, chunks: list[list[int]], roles: list[list[int]], turn: int, logits_to_keep: int,
                  carried: list[int] | None = None):
