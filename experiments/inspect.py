@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from db import Store
-from engine import ArmSpec, LoadedModel
+from engine import LoadedModel
 from engine.capture import (CAPTURE_VERSION, DEFAULT_MAX_SIZE, GRID_METRICS, CaptureError, bucket_starts,
                             capture_turn, memory_read_table, token_label, token_labels, turn_summary)
 from engine.mechanisms.base import ROLES
 from engine.probes import compare_on_transcript
+from experiments.record import other_weights, session_specs, session_turns
 
 KINDS = ("attention", "memory", "divergence", "source", "summary")
 CAPTURE_KINDS = ("attention", "memory", "source", "summary")
@@ -110,14 +111,6 @@ def _load_npz(path: str, mtime: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-def _session_turns(store: Store, session_id: str):
-    session = store.get_session(session_id)  # StoreError for an unknown id
-    turns: dict[int, dict[int, dict]] = {}
-    for t in store.get_turns(session_id):
-        turns.setdefault(t["turn_index"], {}).setdefault(t["arm_index"], {})[t["role"]] = t
-    return session, turns
-
-
 def _key(session: dict, lm_hash: str, max_size) -> dict:
     return {"v": CAPTURE_VERSION, "weights": lm_hash, "max_size": max_size,
             "arms": [a["spec"] for a in sorted(session["arms"], key=lambda a: a["index"])]}
@@ -143,7 +136,7 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise InspectError(f"unknown kind {bad[0]!r}; use {', '.join(KINDS)}")
-    session, turns = _session_turns(store, session_id)
+    session, turns = session_turns(store, session_id)
     if session.get("blind") and not (session.get("meta") or {}).get("revealed_at"):
         # memory reads and divergence from the observer show which arm is linked: no amount of
         # relabelling keeps a blind annotation blind, so Inspect waits for the reveal
@@ -191,10 +184,10 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
 
     if lm is None:
         raise InspectError("this turn has not been inspected yet and no model is loaded")
-    if session["model"].get("weights_hash") != lm.identity.weights_hash:
-        raise InspectError(f"session {session_id} was run on {session['model'].get('name')} with other weights; "
-                           "load that model to inspect it")
-    specs = [ArmSpec.from_dict(a["settings"]) for a in arms]
+    why = other_weights(session, lm, "inspect")
+    if why:
+        raise InspectError(why)
+    specs = session_specs(session)
     system = session["system_prompt"]
     forced = [(turns[k][0]["user"]["text"], [turns[k][a["index"]]["assistant"]["token_ids"] for a in arms])
               for k in range(turn_index + 1)]

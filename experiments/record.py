@@ -75,22 +75,41 @@ class Replay:
         return self.original == self.replayed
 
 
-def dialogue_from_session(store: Store, lm: LoadedModel, session_id: str, record_traces: bool = False):
-    """Rebuild the arms (and the logged turns by index) of a session."""
+def session_turns(store: Store, session_id: str) -> tuple[dict, dict[int, dict[int, dict]]]:
+    """A session and its logged messages as turns[turn_index][arm_index][role] (StoreError if unknown)."""
     session = store.get_session(session_id)
-    specs = [ArmSpec.from_dict(a["settings"]) for a in sorted(session["arms"], key=lambda a: a["index"])]
     turns: dict[int, dict[int, dict]] = {}
     for t in store.get_turns(session_id):
         turns.setdefault(t["turn_index"], {}).setdefault(t["arm_index"], {})[t["role"]] = t
-    return session, Dialogue(lm, specs, system=session["system_prompt"], record_traces=record_traces), turns
+    return session, turns
+
+
+def session_specs(session: dict) -> list[ArmSpec]:
+    """The session's arms, in arm-index order, rebuilt from their stored settings."""
+    return [ArmSpec.from_dict(a["settings"]) for a in sorted(session["arms"], key=lambda a: a["index"])]
+
+
+def other_weights(session: dict, lm: LoadedModel, action: str) -> str | None:
+    """Why `lm` cannot `action` this session (it was run on other weights), or None if it can."""
+    if session["model"].get("weights_hash") == lm.identity.weights_hash:
+        return None
+    return (f"session {session['id']} was run on {session['model'].get('name')} with other weights "
+            f"({session['model'].get('weights_hash', '?')[:12]}); load that model to {action} it")
+
+
+def dialogue_from_session(store: Store, lm: LoadedModel, session_id: str, record_traces: bool = False):
+    """Rebuild the arms (and the logged turns by index) of a session."""
+    session, turns = session_turns(store, session_id)
+    d = Dialogue(lm, session_specs(session), system=session["system_prompt"], record_traces=record_traces)
+    return session, d, turns
 
 
 def replay_turn(store: Store, lm: LoadedModel, session_id: str, turn_index: int) -> Replay:
     """Regenerate turn `turn_index` of a logged session from its rows alone."""
     session, d, turns = dialogue_from_session(store, lm, session_id)
-    if session["model"].get("weights_hash") != lm.identity.weights_hash:
-        raise ValueError(f"session {session_id} was run on {session['model'].get('name')} with other weights "
-                         f"({session['model'].get('weights_hash', '?')[:12]}); load that model to replay it")
+    why = other_weights(session, lm, "replay")
+    if why:
+        raise ValueError(why)
     if turn_index not in turns:
         raise ValueError(f"session {session_id} has no turn {turn_index}")
     start = time.perf_counter()
