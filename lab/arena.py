@@ -631,7 +631,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
             def fn(tab: ArenaSession, turn_index):
                 arm = tab.arm_of(p)
                 if tab.hidden:  # the arm index would tell which pane is which
-                    raise gr.Error("Blind session: press **Reveal arms** before inspecting a reply.",
+                    raise gr.Error("Blind session: press Reveal arms before inspecting a reply.",
                                    print_exception=False)
                 try:
                     k = int(turn_index)
