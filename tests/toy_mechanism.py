@@ -1,8 +1,9 @@
-"""A toy mechanism that lives only in the tests: it edits the attention mask and positions and adds nothing.
+"""Toy mechanisms that live only in the tests, registered from outside the engine through
+`$LAB_PLUGINS` (set in conftest.py), so they appear in `python -m engine mechanisms`, in the lab's
+mechanism dropdown, and in the shared conformance suite — proof that protocol v2 is open.
 
-It proves that protocol v2 is open: registered from outside the engine (through `$LAB_PLUGINS`,
-set in conftest.py), it appears in `python -m engine mechanisms`, in the lab's mechanism
-dropdown, passes the shared conformance suite, and Inspect draws its edited attention.
+`mask_toy` edits the attention mask and positions and adds nothing (Inspect must draw its edited
+attention); `vector_toy` adds one learned vector per layer taken from a weights file.
 
 `bidirectional`: in the first turn's prefill, the user message's tokens attend to each other both
 ways (a PALM-style source mask). `shift`: RoPE positions of every token moved by a constant (RoPE
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from engine.mechanisms import ConformanceCase, Mechanism, MechanismSettings, RowPlan, register
+from engine.mechanisms import ConformanceCase, Mechanism, MechanismSettings, RowPlan, file_field, register
 from engine.mechanisms.base import ROLE_CODE
 
 
@@ -53,3 +54,44 @@ class MaskToy(Mechanism):
 
 
 register(MaskToy)
+
+
+class VectorToySettings(MechanismSettings):
+    weights: str | None = file_field("a weights file with one learned vector per layer")
+    init_scale: float = Field(1.0, ge=0.0, le=100.0, description="scale of fresh random vectors")
+
+
+class VectorToy(Mechanism):
+    """Adds one learned vector per layer (its trained parameters) and reports its norm as an auxiliary loss."""
+
+    name = "vector_toy"
+    Settings = VectorToySettings
+
+    @classmethod
+    def build_weights(cls, settings, model, tensors):
+        hidden = model.config.hidden_size
+        layers = settings.resolved_layers(model.config.num_hidden_layers)
+        module = torch.nn.ParameterDict()
+        for layer in layers:
+            if tensors is None:
+                g = torch.Generator().manual_seed(layer)
+                value = torch.randn(hidden, generator=g) * settings.init_scale
+            else:
+                value = tensors[f"vector.{layer}"]
+                if value.shape != (hidden,):
+                    raise ValueError(f"vector.{layer} has shape {tuple(value.shape)}, expected ({hidden},)")
+            module[str(layer)] = torch.nn.Parameter(value.clone())
+        return module
+
+    def forward(self, call):
+        self.call_counts[call.layer] += 1
+        vec = self.weights[str(call.layer)]
+        call.aux[f"norm.{call.layer}"] = vec.pow(2).sum()
+        return vec.to(call.attn_out.dtype).expand_as(call.attn_out)
+
+    @classmethod
+    def conformance_cases(cls):
+        return [ConformanceCase("vector_toy:linkage=1,gain=0.5")]
+
+
+register(VectorToy)
