@@ -35,9 +35,11 @@ from pathlib import Path
 import pandas as pd
 from sqlalchemy import exc, select
 
-from .models import (SCHEMA_VERSION, STANCE_LABELS, Annotation, Arm, Capture, Experiment, LabSession,
-                     ProbeResult, Score, Turn, new_id)
-from .store import Store, StoreError, _role_order
+from .models import SCHEMA_VERSION, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, Score, Turn
+from .models import new_id as _new_id
+from .models import utcnow
+from .rules import BUNDLE_FORMAT, BUNDLE_VERSION, check_bundle
+from .store import Store, StoreError, _role_order, is_blinded, turn_row
 
 TURN_COLUMNS = [
     "session_id", "session_kind", "session_title", "experiment_id", "item_key", "seed",
@@ -55,8 +57,6 @@ SCORE_COLUMNS = [
 ]
 _INT_COLUMNS = {"seed", "arm_index", "turn_index", "n_tokens", "turn_id", "arm_seed", "annotation_id", "score_id"}
 FORMATS = ("csv", "jsonl", "parquet", "bundle")
-BUNDLE_FORMAT = "memory-linkage-lab/session-bundle"
-BUNDLE_VERSION = 1
 
 
 # ----------------------------------------------------------------- frames
@@ -220,72 +220,69 @@ def export_bundle(store: Store, session_id) -> dict:
     })
 
 
-def _columns(model, d, skip=()):
-    """The values of d for model's columns (bundle rows carry extra key fields; ids are skipped)."""
-    keys = [a.key for a in model.__mapper__.column_attrs if a.key not in ("id", *skip)]
-    missing = [k for k in keys if k not in d]
-    if missing:
-        raise KeyError(f"{model.__tablename__} row lacks {', '.join(missing)}")
-    return {k: d[k] for k in keys}
+class BundleError(StoreError, ValueError):
+    """A session bundle that cannot be imported; the message names the key path of the problem."""
 
 
 def import_bundle(store: Store, bundle, new_id=False) -> str:
-    """Add a bundled session to this database, all or nothing. The session keeps its id;
-    if that id is taken it is an error, unless new_id=True (import as a copy under a fresh id).
+    """Add a bundled session to this database, all or nothing. Every field is checked first
+    with the store's own rules (db/rules.py); an invalid bundle raises BundleError naming the
+    key path of its first problem, and nothing is written. The session keeps its id; if that
+    id is taken it is an error, unless new_id=True (import as a copy under a fresh id).
     Its experiment is created when the database lacks it, and left as is when present."""
-    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
-        raise StoreError("not a session bundle (missing format marker)")
-    if bundle.get("version") != BUNDLE_VERSION:
-        raise StoreError(f"bundle version {bundle.get('version')!r} is not supported (this code reads {BUNDLE_VERSION})")
     try:
-        return _import(store, bundle, new_id)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise StoreError(f"malformed session bundle: {e}") from e
+        b = check_bundle(bundle)
+    except ValueError as e:
+        raise BundleError(f"invalid session bundle: {e}") from None
+    try:
+        return _import(store, b, new_id)
     except exc.DBAPIError as e:
         raise StoreError(store._explain(e)) from e
 
 
 def _import(store, b, fresh_id):
-    session = b["session"]
-    sid = new_id() if fresh_id else session["id"]
-    for a in b["annotations"]:
-        if a["stance_label"] not in STANCE_LABELS:
-            raise StoreError(f"bundle annotation has unknown stance label {a['stance_label']!r}")
+    sid = _new_id() if fresh_id else b.session.id
     with store._tx() as s:
         if s.get(LabSession, sid) is not None:
             raise StoreError(f"session {sid} already exists in {store.name}; "
                              "import with new_id=True (--new-id) to add a copy")
-        exp_id = session["experiment_id"]
+        exp_id = b.session.experiment_id
         if exp_id is not None and s.get(Experiment, exp_id) is None:
-            if not b.get("experiment") or b["experiment"]["id"] != exp_id:
-                raise StoreError(f"bundle refers to experiment {exp_id} but does not carry it")
-            s.add(Experiment(id=exp_id, **_columns(Experiment, b["experiment"])))
-        s.add(LabSession(id=sid, **_columns(LabSession, session)))
+            if b.experiment is None:
+                raise BundleError(f"invalid session bundle: experiment: the session belongs to experiment "
+                                  f"{exp_id}, which is neither in the bundle nor in {store.name}")
+            e = b.experiment
+            s.add(Experiment(**e.model_dump(exclude={"created_at"}), created_at=e.created_at or utcnow()))
+        ss = b.session
+        s.add(LabSession(**ss.model_dump(exclude={"id", "created_at", "pane_order"}), id=sid,
+                         created_at=ss.created_at or utcnow(),
+                         pane_order=[a.index for a in b.arms] if ss.pane_order is None else ss.pane_order))
         s.flush()
         arm_ids = {}
-        for a in b["arms"]:
-            arm = Arm(session_id=sid, **_columns(Arm, a, skip=("session_id",)))
+        for a in b.arms:
+            arm = Arm(session_id=sid, **a.model_dump())
             s.add(arm)
             s.flush()
             arm_ids[arm.index] = arm.id
         turn_ids = {}
-        for t in b["turns"]:
-            turn = Turn(session_id=sid, arm_id=arm_ids[t["arm_index"]],
-                        **_columns(Turn, t, skip=("session_id", "arm_id")))
+        for t in b.turns:
+            turn = turn_row(t, sid)
+            turn.arm_id = arm_ids[t.arm_index]
             s.add(turn)
             s.flush()
-            turn_ids[(t["arm_index"], t["turn_index"], t["role"])] = turn.id
+            turn_ids[(t.arm_index, t.turn_index, t.role)] = turn.id
 
-        def turn_of(r):
-            return turn_ids[(r["arm_index"], r["turn_index"], r["role"])]
-        for a in b["annotations"]:
-            s.add(Annotation(turn_id=turn_of(a), **_columns(Annotation, a, skip=("turn_id",))))
-        for x in b["scores"]:
-            s.add(Score(turn_id=turn_of(x), **_columns(Score, x, skip=("turn_id",))))
-        for p in b["probes"]:
-            turn_id = None if p["turn_index"] is None else turn_of(p)
-            s.add(ProbeResult(turn_id=turn_id, arm_id=arm_ids[p["arm_index"]],
-                              **_columns(ProbeResult, p, skip=("turn_id", "arm_id"))))
-        for c in b["captures"]:
-            s.add(Capture(turn_id=turn_of(c), **_columns(Capture, c, skip=("turn_id",))))
+        def rows(model, items, *keys):
+            for r in items:
+                d = r.model_dump(exclude={"arm_index", "turn_index", "role"})
+                d["created_at"] = d.get("created_at") or utcnow()
+                s.add(model(turn_id=turn_ids.get((r.arm_index, r.turn_index, r.role)), **d))
+        rows(Annotation, b.annotations)
+        rows(Score, b.scores)
+        rows(Capture, b.captures)
+        for p in b.probes:
+            d = p.model_dump(exclude={"arm_index", "turn_index", "role"})
+            d["created_at"] = d.get("created_at") or utcnow()
+            s.add(ProbeResult(arm_id=arm_ids[p.arm_index], **d,
+                              turn_id=None if p.turn_index is None else turn_ids[(p.arm_index, p.turn_index, p.role)]))
     return sid

@@ -126,8 +126,9 @@ def test_experiment_status_find_and_list_sessions(tmp_path):
 
     listed = st.list_sessions()
     assert [x["id"] for x in listed] == [lab_sid, sid]  # newest first
-    assert (listed[1]["n_arms"], listed[1]["n_turns"], listed[1]["n_annotations"]) == (2, 8, 2)
-    assert (listed[0]["n_arms"], listed[0]["n_turns"], listed[0]["n_annotations"]) == (1, 0, 0)
+    # n_turns counts exchanges as the lab's Sessions tab does (2 turns), n_messages the rows (2 arms x 2 roles x 2)
+    assert [listed[1][k] for k in ("n_arms", "n_turns", "n_messages", "n_annotations")] == [2, 2, 8, 2]
+    assert [listed[0][k] for k in ("n_arms", "n_turns", "n_messages", "n_annotations")] == [1, 0, 0, 0]
     assert [x["id"] for x in st.list_sessions(kind="lab")] == [lab_sid]
     assert [x["id"] for x in st.list_sessions(experiment_id=eid)] == [sid]
 
@@ -211,7 +212,7 @@ def test_invalid_input_is_refused_with_clear_errors(tmp_path):
         st.log_turn(sid, 0, 5, "assistant", "x", [1], finish_reason="tired")
     with pytest.raises(ValueError, match="token_ids"):
         st.log_turn(sid, 0, 5, "assistant", "x", [1.5])
-    with pytest.raises(ValueError, match="gen_settings must be JSON-serialisable"):
+    with pytest.raises(ValueError, match="gen_settings: must be JSON-serialisable"):
         st.log_turn(sid, 0, 5, "assistant", "x", [1], gen_settings={"dtype": object()})
     with pytest.raises(ValueError, match="capture path"):
         st.put_capture(turn, "attention", path="../../etc/passwd")
@@ -349,7 +350,7 @@ def test_broken_bundle_imports_nothing(tmp_path):
     bundle = export_bundle(a, sid)
     bundle["annotations"][0]["turn_index"] = 42  # refers to a turn that is not there
     b = Store(tmp_path / "b.db")
-    with pytest.raises(StoreError, match="malformed session bundle"):
+    with pytest.raises(StoreError, match=r"invalid session bundle: annotations\[0\]: refers to turn 42 \(assistant\)"):
         import_bundle(b, bundle)
     assert b.list_sessions() == [] and b.list_experiments() == []
     with pytest.raises(StoreError, match="not a session bundle"):
