@@ -26,6 +26,11 @@ scores_frame: one row per score:
     scorer, label, value, data (JSON), created_at
 
 Timestamps are UTC.
+
+Blind sessions: until a blind session is revealed (db.store.is_blinded), every export
+shows its arms only as panes: arm_index is the pane position (0 = Arm A), arm_label the
+pane name ("Arm A"), and arm_spec, settings, gen_settings, arm_seed, turn_id and score_id
+are empty. A bundle of such a session keeps the real session sealed (see export_bundle).
 """
 
 import json
@@ -38,7 +43,7 @@ from sqlalchemy import exc, select
 from .models import SCHEMA_VERSION, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, Score, Turn
 from .models import new_id as _new_id
 from .models import utcnow
-from .rules import BUNDLE_FORMAT, BUNDLE_VERSION, check_bundle
+from .rules import BUNDLE_FORMAT, BUNDLE_VERSION, check_bundle, seal
 from .store import Store, StoreError, _role_order, is_blinded, turn_row
 
 TURN_COLUMNS = [
@@ -57,6 +62,48 @@ SCORE_COLUMNS = [
 ]
 _INT_COLUMNS = {"seed", "arm_index", "turn_index", "n_tokens", "turn_id", "arm_seed", "annotation_id", "score_id"}
 FORMATS = ("csv", "jsonl", "parquet", "bundle")
+
+
+PANE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def pane_name(position: int) -> str:
+    """'Arm A' for pane 0, as the lab's Arena names panes."""
+    return f"Arm {PANE_LETTERS[position]}" if position < len(PANE_LETTERS) else f"Arm {position + 1}"
+
+
+def pane_positions(session) -> dict | None:
+    """{arm index: pane position} while a blind session is not revealed, else None.
+    session: a dict from the store or a LabSession row."""
+    get = session.get if isinstance(session, dict) else lambda k: getattr(session, k)
+    if not is_blinded({"blind": get("blind"), "meta": get("meta")}):
+        return None
+    order = list(get("pane_order") or [])
+    return {arm: pos for pos, arm in enumerate(order)}
+
+
+class _Blinder:
+    """Per export: which sessions are blinded, and the pane of each of their arms."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def pane(self, ss, arm_index):
+        """The pane position of this arm, or None when the session shows its arms."""
+        if ss.id not in self.cache:
+            self.cache[ss.id] = pane_positions(ss)
+        panes = self.cache[ss.id]
+        if panes is None:
+            return None
+        return panes.setdefault(arm_index, len(panes))  # an arm missing from pane_order goes last
+
+
+def _order_panes(rows, keys):
+    """Re-sort blinded rows by pane position within their group (a stable sort keeps the rest)."""
+    first = {}
+    for r in rows:
+        first.setdefault(r["session_id"], len(first))
+    return sorted(rows, key=lambda r: (first[r["session_id"]], *(r[k] for k in keys)))
 
 
 # ----------------------------------------------------------------- frames
@@ -85,7 +132,7 @@ def turns_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFra
          .join(LabSession, Turn.session_id == LabSession.id)
          .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index))
     q = _filtered(store, q, session_id, experiment_id)
-    rows = []
+    rows, hidden, blinder = [], set(), _Blinder()
     with store._ro() as s:
         for t, a, ss in s.execute(q):
             rows.append(dict(
@@ -96,12 +143,25 @@ def turns_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFra
                 finished_at=t.finished_at, model_name=(ss.model or {}).get("name"),
                 token_ids=json.dumps(t.token_ids), settings=json.dumps(a.settings),
                 gen_settings=json.dumps(t.gen_settings), turn_id=t.id, arm_seed=a.seed, error=t.error))
+            pos = blinder.pane(ss, a.index)
+            if pos is not None:
+                hidden.add(t.id)
+                rows[-1].update(arm_index=pos, arm_label=pane_name(pos), arm_spec=None, settings=None,
+                                gen_settings=None, arm_seed=None)
+    if hidden:
+        rank = {r: i for i, r in enumerate(("system", "user", "assistant"))}
+        first = {}
+        for r in rows:
+            first.setdefault(r["session_id"], len(first))
+        rows.sort(key=lambda r: (first[r["session_id"]], r["turn_index"], rank.get(r["role"], 3), r["arm_index"]))
     df = _frame(rows, TURN_COLUMNS)
-    scores = scores_frame(store, session_id, experiment_id)
+    scores = scores_frame(store, session_id, experiment_id, _turn_ids=True)
     for scorer in sorted(scores["scorer"].unique()):
         sc = scores[scores["scorer"] == scorer].set_index("turn_id")
         df[f"score_{scorer}_label"] = df["turn_id"].map(sc["label"])
         df[f"score_{scorer}_value"] = df["turn_id"].map(sc["value"]).astype("Float64")
+    if hidden:
+        df.loc[df["turn_id"].isin(hidden), "turn_id"] = pd.NA  # ids follow logging order, i.e. arm order
     return df
 
 
@@ -111,25 +171,44 @@ def annotations_frame(store: Store, session_id=None, experiment_id=None) -> pd.D
          .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, Arm.index,
                    Annotation.created_at, Annotation.id))
     q = _filtered(store, q, session_id, experiment_id)
+    rows, blinder, blinded = [], _Blinder(), False
     with store._ro() as s:
-        rows = [dict(annotation_id=an.id, session_id=ss.id, arm_index=a.index, arm_label=a.label,
-                     turn_index=t.turn_index, annotator=an.annotator, stance_label=an.stance_label,
-                     note=an.note, confidence=an.confidence, created_at=an.created_at, text=t.text,
-                     turn_id=t.id)
-                for an, t, a, ss in s.execute(q)]
+        for an, t, a, ss in s.execute(q):
+            rows.append(dict(annotation_id=an.id, session_id=ss.id, arm_index=a.index, arm_label=a.label,
+                             turn_index=t.turn_index, annotator=an.annotator, stance_label=an.stance_label,
+                             note=an.note, confidence=an.confidence, created_at=an.created_at, text=t.text,
+                             turn_id=t.id))
+            pos = blinder.pane(ss, a.index)
+            if pos is not None:
+                blinded = True
+                rows[-1].update(arm_index=pos, arm_label=pane_name(pos), turn_id=None)
+    if blinded:
+        rows = _order_panes(rows, ("turn_index", "arm_index"))
     return _frame(rows, ANNOTATION_COLUMNS)
 
 
-def scores_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFrame:
+def scores_frame(store: Store, session_id=None, experiment_id=None, _turn_ids=False) -> pd.DataFrame:
     q = (select(Score, Turn, Arm, LabSession).join(Turn, Score.turn_id == Turn.id)
          .join(Arm, Turn.arm_id == Arm.id).join(LabSession, Turn.session_id == LabSession.id)
          .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index, Score.scorer))
     q = _filtered(store, q, session_id, experiment_id)
+    rows, blinder, blinded = [], _Blinder(), False
     with store._ro() as s:
-        rows = [dict(score_id=sc.id, session_id=ss.id, arm_index=a.index, arm_label=a.label, turn_id=t.id,
-                     turn_index=t.turn_index, role=t.role, scorer=sc.scorer, label=sc.label, value=sc.value,
-                     data=json.dumps(sc.data), created_at=sc.created_at)
-                for sc, t, a, ss in s.execute(q)]
+        for sc, t, a, ss in s.execute(q):
+            rows.append(dict(score_id=sc.id, session_id=ss.id, arm_index=a.index, arm_label=a.label, turn_id=t.id,
+                             turn_index=t.turn_index, role=t.role, scorer=sc.scorer, label=sc.label,
+                             value=sc.value, data=json.dumps(sc.data), created_at=sc.created_at))
+            pos = blinder.pane(ss, a.index)
+            if pos is not None:
+                blinded = True
+                rows[-1].update(arm_index=pos, arm_label=pane_name(pos), score_id=None)
+                if not _turn_ids:  # turns_frame needs them to join, and hides them itself
+                    rows[-1]["turn_id"] = None
+    if blinded:
+        rank = {r: i for i, r in enumerate(("system", "user", "assistant"))}
+        for r in rows:
+            r["_role"] = rank.get(r["role"], 3)
+        rows = _order_panes(rows, ("turn_index", "_role", "arm_index"))
     return _frame(rows, SCORE_COLUMNS)
 
 
@@ -203,7 +282,36 @@ def export_bundle(store: Store, session_id) -> dict:
     """Everything about one session, as JSON-serialisable data. Rows refer to each other by
     natural keys (arm_index; arm_index + turn_index + role), never by database ids, so the
     same session exports identically from any database it was imported into.
-    Capture files are not included: only their path and JSON data."""
+    Capture files are not included: only their path and JSON data.
+
+    An unrevealed blind session exports as its pane view (arms named Arm A, Arm B ... in pane
+    order, arm_index = pane position, no specs, settings, generation settings, turn metadata,
+    probes or captures) plus `sealed`: the full bundle, compressed and base64-encoded, which
+    import_bundle restores, so the transfer stays lossless while nothing readable names an arm."""
+    full = _full_bundle(store, session_id)
+    panes = pane_positions(full["session"])
+    if panes is None:
+        return full
+    return {**_pane_view(full, panes), "sealed": seal(full)}
+
+
+def _pane_view(full: dict, panes: dict) -> dict:
+    for a in full["arms"]:
+        panes.setdefault(a["index"], len(panes))
+    rank = {r: i for i, r in enumerate(("system", "user", "assistant"))}
+
+    def moved(rows):
+        out = [{**r, "arm_index": panes[r["arm_index"]]} for r in rows]
+        return sorted(out, key=lambda r: (r.get("turn_index") or 0, rank.get(r.get("role"), 3), r["arm_index"]))
+    turns = [{**t, "gen_settings": {}, "meta": {}} for t in moved(full["turns"])]
+    arms = sorted(({"index": panes[a["index"]], "label": pane_name(panes[a["index"]]), "spec": "",
+                    "settings": {}, "seed": 0} for a in full["arms"]), key=lambda a: a["index"])
+    return {**full, "session": {**full["session"], "pane_order": [a["index"] for a in arms]},
+            "experiment": None, "arms": arms, "turns": turns, "annotations": moved(full["annotations"]),
+            "scores": moved(full["scores"]), "probes": [], "captures": []}
+
+
+def _full_bundle(store: Store, session_id) -> dict:
     session = store.get_session(session_id)
     arms = session.pop("arms")
     experiment = store.get_experiment(session["experiment_id"]) if session["experiment_id"] else None

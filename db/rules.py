@@ -14,8 +14,11 @@ a capture path stays inside the database's folder, and every text is valid Unico
 UTF-8 can store.
 """
 
+import base64
+import binascii
 import json
 import math
+import zlib
 import operator
 from datetime import datetime
 from pathlib import PurePosixPath, PureWindowsPath
@@ -347,6 +350,31 @@ class Bundle(BaseModel):
     scores: list[ScoreRow] = []
     probes: list[ProbeRow] = []
     captures: list[CaptureRow] = []
+    sealed: Optional[str] = None  # an unrevealed blind session: the full bundle (see db.export.export_bundle)
+
+
+SEAL_LIMIT = 512 << 20  # bytes a sealed bundle may inflate to
+
+
+def seal(bundle: dict) -> str:
+    """A whole bundle, compressed and base64-encoded: not readable at a glance. It is not
+    encryption: anyone who decodes it on purpose sees the arms."""
+    raw = json.dumps(bundle, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+
+
+def unseal(text: str) -> dict:
+    try:
+        z = zlib.decompressobj()
+        raw = z.decompress(base64.b64decode(text.encode("ascii"), validate=True), SEAL_LIMIT)
+        if z.unconsumed_tail:
+            raise ValueError(f"it inflates to more than {SEAL_LIMIT:,} bytes")
+        data = json.loads(raw.decode("utf-8"))
+    except (binascii.Error, zlib.error, UnicodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"sealed: not a sealed bundle ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict) or "sealed" in data:
+        raise ValueError("sealed: not a sealed bundle (expected one bundle without a seal of its own)")
+    return data
 
 
 def _key(r) -> tuple:
@@ -369,6 +397,20 @@ def check_bundle(data) -> Bundle:
         b = Bundle.model_validate(data)
     except ValidationError as e:
         raise ValueError(first_problem(e)) from None
+    _check_references(b)
+    if b.sealed is None:
+        return b
+    inner = unseal(b.sealed)
+    try:
+        full = check_bundle(inner)
+    except ValueError as e:
+        raise ValueError(f"sealed.{e}") from None
+    if full.session.id != b.session.id:
+        raise ValueError(f"sealed.session.id: {full.session.id} does not match session.id {b.session.id}")
+    return full
+
+
+def _check_references(b: Bundle) -> None:
     s = b.session
     if b.experiment is not None and b.experiment.id != s.experiment_id:
         raise ValueError(f"experiment.id: the bundle carries experiment {b.experiment.id} but the session "
@@ -406,7 +448,6 @@ def check_bundle(data) -> Bundle:
             raise ValueError(f"probes[{i}]: turn_index and role are both set or both null")
         if p.turn_index is not None and _key(p) not in turns:
             raise ValueError(f"probes[{i}]: refers to {_where(p)}, which the bundle does not contain")
-    return b
 
 
 # ------------------------------------------------------------------ errors

@@ -24,6 +24,9 @@ ARMS = [
 MODEL = {"name": "tiny-llm", "weights_hash": "abc123", "dtype": "bfloat16", "quantization": None}
 
 
+META = {"note": "ü ✓", "revealed_at": "2026-11-01T00:00:00+00:00"}  # blind, revealed: exports show arms (see test_db_blind)
+
+
 def fill(store, n_turns=2, experiment=True):
     """An experiment session with two arms, n_turns exchanges each, and one of everything else."""
     eid = store.create_experiment("stance drift", "contradiction-v1", {"items": [{"q": "x"}]},
@@ -32,7 +35,7 @@ def fill(store, n_turns=2, experiment=True):
     sid = store.create_session("experiment" if experiment else "lab", "item 3 / seed 7", MODEL, ARMS,
                                system_prompt="Be brief.", blind=True, pane_order=[1, 0], user="ana",
                                experiment_id=eid, item_key=3 if experiment else None,
-                               seed=7 if experiment else None, meta={"note": "ü ✓"})
+                               seed=7 if experiment else None, meta=META)
     ids = {}
     for arm in (0, 1):
         for k in range(n_turns):
@@ -67,7 +70,7 @@ def test_roundtrip_every_entity(tmp_path):
     s = st.get_session(sid)
     assert (s["kind"], s["title"], s["user"], s["system_prompt"]) == ("experiment", "item 3 / seed 7", "ana", "Be brief.")
     assert s["model"] == MODEL and s["blind"] is True and s["pane_order"] == [1, 0]
-    assert (s["experiment_id"], s["item_key"], s["seed"], s["meta"]) == (eid, "3", 7, {"note": "ü ✓"})
+    assert (s["experiment_id"], s["item_key"], s["seed"], s["meta"]) == (eid, "3", 7, META)
     assert [{k: a[k] for k in ("index", "label", "spec", "settings", "seed")} for a in s["arms"]] == ARMS
 
     turns = st.get_turns(sid)
