@@ -286,7 +286,7 @@ class Store:
         if len(set(indices)) != len(indices):
             raise ValueError(f"arm indices must be unique, got {indices}")
         v = SessionRow.check(id=id or new_id(), created_at=created_at, kind=kind, title=title or "", user=user,
-                             model=model, system_prompt=system_prompt, blind=bool(blind), pane_order=pane_order,
+                             model=model, system_prompt=system_prompt, blind=blind, pane_order=pane_order,
                              experiment_id=experiment_id, item_key=item_key, seed=seed, meta=meta)
         row = LabSession(**v.model_dump(exclude={"created_at", "pane_order"}), created_at=v.created_at or utcnow(),
                          pane_order=list(indices) if v.pane_order is None else pane_order_of(v.pane_order, indices))

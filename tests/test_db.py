@@ -414,3 +414,35 @@ def test_export_stays_inside_the_folder_asked_for(tmp_path):
         export(st, "bundle", tmp_path / "b", session_id="../../etc")
     with pytest.raises(ValueError, match="unknown export format"):
         export(st, "xlsx", out)
+
+
+def test_the_store_refuses_what_sqlite_cannot_hold_and_writes_nothing(tmp_path):
+    """The same rules as bundle imports (db/rules.py), so no way in reaches the driver with bad values."""
+    st = Store(tmp_path / "w.db")
+    _, sid, ids = fill(st)
+    before = st.get_turns(sid)
+    bad = [
+        (lambda: st.create_session("lab", "t", MODEL, ARMS, seed=10**30), "seed: expected a seed from 0 to"),
+        (lambda: st.create_session("lab", "x" * 2_000_000, MODEL, ARMS), "title: at most 500 characters"),
+        (lambda: st.create_session("lab", "t", MODEL, ARMS, id="../../tmp/evil"), "id: expected an id"),
+        (lambda: st.create_session("lab", "t", MODEL, [{"label": "a", "seed": 2**63}]), r"arms\[0\].seed"),
+        (lambda: st.create_session("lab", "t", MODEL, [{"label": "a", "settings": [1]}]), r"arms\[0\].settings"),
+        (lambda: st.create_session("lab", "t", MODEL, ARMS, blind="yes"), "blind: expected true or false"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "a\udc80b", [1]), "text: not valid Unicode text"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "x", [1], n_tokens=float("inf")), "n_tokens: expected an int"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "x", "abc"), "token_ids: expected a list of ints"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "x", [2**63]), "token_ids"),
+        (lambda: st.log_turn(sid, 0, "abc", "user", "x", [1]), "turn_index: expected an int"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "x", [1], started_at="yesterday"), "started_at: expected a timestamp"),
+        (lambda: st.log_turn(sid, 0, 9, "assistant", "x", [1], ttft_s=float("nan")), "ttft_s: expected a finite number"),
+        (lambda: st.annotate(ids[0, 0, "assistant"], "", STANCE_LABELS[0]), "annotator: expected a non-empty name"),
+        (lambda: st.put_score(ids[0, 0, "assistant"], "s" * 101, "x", 1.0), "scorer: at most 100 characters"),
+        (lambda: st.put_capture(ids[0, 0, "assistant"], "reads", path="/etc/passwd"), "capture path"),
+        (lambda: st.update_session(sid, title="t" * 501), "title: at most 500"),
+        (lambda: st.update_experiment(st.list_experiments()[0]["id"], finished_at="soon"), "finished_at: expected a timestamp"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert st.get_turns(sid) == before and len(st.list_sessions()) == 1
+    assert st.get_session(sid)["title"] == "item 3 / seed 7"
