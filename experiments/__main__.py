@@ -18,8 +18,15 @@ import json
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line too (and still exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m experiments", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run (or resume) a protocol against arms")

@@ -36,9 +36,8 @@ def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.D
             arms = str(s.get("n_arms", ""))
         if s.get("blind"):
             arms = "(blind) " + arms
-        per_turn = 2 * max(1, s.get("n_arms") or 1)  # one user + one assistant message per arm and turn
         out.append([s["id"], _when(s.get("created_at")), s.get("kind", ""), s.get("title") or "", arms,
-                    -(-int(s.get("n_turns") or 0) // per_turn), int(s.get("n_annotations") or 0)])
+                    int(s.get("n_turns") or 0), int(s.get("n_annotations") or 0)])  # n_turns: exchanges
     return pd.DataFrame(out, columns=LIST_COLUMNS)
 
 
