@@ -293,9 +293,14 @@ def test_seed_variant_decode_is_previous_token_skip(tiny_llama):
         return StepRow(torch.arange(start, start + n), torch.full((n,), A), torch.zeros(n, dtype=torch.long), 0, False)
 
     x1, x2, x3 = torch.randn(5, 64), torch.randn(1, 64), torch.randn(1, 64)
-    mech.forward(layer, attn, x1, None, torch.zeros(5, 64), row(5, 0))  # prefill
-    mech.forward(layer, attn, x2, None, torch.zeros(1, 64), row(1, 5))  # reads the prompt
-    delta = mech.forward(layer, attn, x3, None, torch.zeros(1, 64), row(1, 6))
+    from engine.mechanisms.base import LayerCall
+
+    def call(x, r):
+        return mech.forward(LayerCall(layer, attn, x, None, torch.zeros(x.shape[0], 64), r, {}))
+
+    call(x1, row(5, 0))  # prefill
+    call(x2, row(1, 5))  # reads the prompt
+    delta = call(x3, row(1, 6))
     v = attn.v_proj(x2).view(1, 2, 16)  # 2 KV heads of 16
     expanded = v.repeat_interleave(2, dim=1).reshape(1, 64)  # each query head reads its KV head's value
     assert torch.allclose(delta, torch.nn.functional.linear(expanded, attn.o_proj.weight), atol=1e-6)
