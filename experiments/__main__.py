@@ -3,6 +3,7 @@
     python -m experiments run are_you_sure --arm observer --arm continuity:linkage=1,gain=0.3 \
         --seeds 3 --items 10 [--db lab.db] [--model embedded] [--max-new-tokens 64] [--json]
     python -m experiments run --resume RUN_ID            # or the same command again plus --resume RUN_ID
+    (the same run command again resumes its unfinished run, or skips a finished one; --new forces a fresh run)
     python -m experiments list [--db URL] [--json]
     python -m experiments summary RUN_ID [--all] [--json] [--judge NAME]
     python -m experiments protocols                      # the shipped protocols
@@ -11,7 +12,8 @@
 
 Exit status: 0 done; 2 a mistake in the command (malformed protocol, bad arm spec, missing
 model, resume with other settings); 1 a database problem (e.g. locked; rows already written
-stay); 130 interrupted by Ctrl-C (the run is marked 'interrupted'; the resume command is printed).
+stay); 130 interrupted by Ctrl-C, 143 by SIGTERM (either way the run is marked 'interrupted' and the
+resume command is printed).
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None)
     r.add_argument("--name", default=None, help="a name for the run")
     r.add_argument("--resume", default=None, metavar="RUN_ID", help="continue an interrupted run")
+    r.add_argument("--new", action="store_true",
+                   help="start a fresh run even if the same command already has a run in the database")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
 
     ls = sub.add_parser("list", help="runs in the database with status and progress")
@@ -152,6 +156,10 @@ class _CliError(Exception):
     pass
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it is marked 'interrupted' like Ctrl-C."""
+
+
 def _cmd_score(args) -> int:
     from experiments.stance import STANCE_SCORERS, agreement_counts, read_labelled, stance_calls
 
@@ -257,7 +265,25 @@ def _cmd_run(args) -> int:
     except ModelLoadError as e:
         return _fail(str(e))
 
-    # 3. the run
+    # 3. the same command again: resume its unfinished run, or skip a finished one
+    if args.resume is None and not args.new:
+        from experiments.runner import find_matching_run
+
+        match = find_matching_run(store, config, lm.identity.weights_hash)
+        if match is not None and match["status"] == "finished":
+            from experiments.analysis import format_summary, summary
+
+            print(f"run {match['id']} with these settings has already finished; showing it "
+                  f"(add --new to run it again)", file=sys.stderr)
+            s = summary(store, match["id"])
+            print(json.dumps(s) if args.json else format_summary(s))
+            return 0
+        if match is not None:
+            print(f"resuming run {match['id']} ({match['status']}) started with these settings "
+                  f"(add --new for a fresh run)", file=sys.stderr)
+            args.resume = match["id"]
+
+    # 4. the run
     from tqdm import tqdm
 
     bar = None
@@ -273,15 +299,25 @@ def _cmd_run(args) -> int:
             bar.update(1)
             bar.set_postfix_str(f"last: item {info.get('item')} seed {info.get('seed')}", refresh=False)
 
+    import signal
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (a notebook, the lab): leave signals alone
+        previous = None
     try:
         eid = run_protocol(store, lm, config.protocol, config.specs, config.seeds, config.items,
                            config.max_new_tokens, experiment_id=args.resume, progress=progress, name=args.name)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if bar is not None:
             bar.close()
         cmd = f"python -m experiments run --resume {state['id']}" + (f" --db {args.db}" if args.db else "")
-        print(f"\ninterrupted; run {state['id']} is marked 'interrupted'. Resume with:\n  {cmd}", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        print(f"\n{how}; run {state['id']} is marked 'interrupted'. Resume with:\n  {cmd}", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     except (SpecError, RunConfigError, ProtocolError, DialogueError) as e:
         return _fail(str(e))
     except Exception as e:  # StoreError included: say how to continue
@@ -295,6 +331,8 @@ def _cmd_run(args) -> int:
             return 1
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if bar is not None:
             bar.close()
 
