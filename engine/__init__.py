@@ -9,9 +9,13 @@ Usable from a notebook on its own; it knows nothing about the database or the we
         print(r.text)
 """
 from .dialogue import ArmReply, Dialogue, DialogueError, StreamEvent
-from .mechanisms import MECHANISMS, ReadTrace
+from .mechanisms import MECHANISMS, ReadTrace, load_plugins, register
 from .model import LoadedModel, ModelIdentity, ModelLoadError, load_model
 from .spec import ArmSpec, SamplingSettings, SpecError, parse_arm
+from .weights import WeightsError
+
+load_plugins()  # mechanisms kept outside the package register themselves ($LAB_PLUGINS)
 
 __all__ = ["ArmReply", "ArmSpec", "Dialogue", "DialogueError", "LoadedModel", "MECHANISMS", "ModelIdentity",
-           "ModelLoadError", "ReadTrace", "SamplingSettings", "SpecError", "StreamEvent", "load_model", "parse_arm"]
+           "ModelLoadError", "ReadTrace", "SamplingSettings", "SpecError", "StreamEvent", "WeightsError", "load_model",
+           "load_plugins", "parse_arm", "register"]

@@ -199,9 +199,13 @@ class _Probe:
         self.grid_rows = 0
         self._curve_chunk: list[torch.Tensor | None] = [None] * n_arms
 
-    def begin_step(self, n: list[int], start: list[int], mask_after: torch.Tensor, T: int):
+    def begin_step(self, n: list[int], start: list[int], mask_after: torch.Tensor, T: int,
+                   allow: dict[int, torch.Tensor]):
+        """One forward pass begins: how many real tokens each row feeds, where they start, which cache
+        columns are real after it, and any row's extra allowed pairs among its step tokens (its plan)."""
         mask = mask_after.bool().cpu()
-        self.step = {"n": n, "start": start, "mask": mask, "all_valid": mask.all(1).tolist(), "T": T}
+        self.step = {"n": n, "start": start, "mask": mask, "all_valid": mask.all(1).tolist(), "T": T,
+                     "allow": allow}
         self.thread = threading.get_ident()  # the model is shared: other threads' forwards are not ours
         self._curve_chunk = [None] * len(n)
 
@@ -262,9 +266,13 @@ class _Probe:
         H = q.shape[0]
         scores = torch.einsum("kgmd,ktd->kgmt", q.reshape(n_kv, H // n_kv, -1, hd), keys).reshape(H, -1, Tk)
         scores = scores.float() * module.scaling
-        query_pos = st["start"][r] + q_rows  # absolute positions of the query rows
+        query_pos = st["start"][r] + q_rows  # sequence index of the query rows
         if int(query_pos.min()) < Tk - 1:  # some row would see later tokens: mask them
             future = torch.arange(Tk)[None, :] > query_pos[:, None]
+            extra = st["allow"].get(r)
+            if extra is not None:  # the row's plan allowed some pairs among this step's tokens
+                start = st["start"][r]
+                future[:, start:] &= ~extra[q_rows]
             scores = scores.masked_fill(future[None].to(scores.device), float("-inf"))
         return torch.softmax(scores, -1).cpu()
 
@@ -322,21 +330,15 @@ class CaptureDialogue(Dialogue):
 
     probe: _Probe | None = None
 
-    def _forward(self, chunks, roles, turn, logits_to_keep, carried=None):
+    def _before_model(self, step):
         probe = self.probe
         if probe is not None and probe.active:
-            T = max(1, max(len(c) for c in chunks))
-            valid = torch.zeros(self.n_arms, T, dtype=torch.long)
-            for r, c in enumerate(chunks):
-                if c:
-                    valid[r, T - len(c):] = 1
-            mask_after = torch.cat([self.mask.cpu(), valid], 1)
-            probe.begin_step([len(c) for c in chunks], [a.length for a in self.arms], mask_after, T)
-            try:
-                return super()._forward(chunks, roles, turn, logits_to_keep, carried)
-            finally:
-                probe.end_step()
-        return super()._forward(chunks, roles, turn, logits_to_keep, carried)
+            n = step.valid.sum(1).tolist()
+            probe.begin_step(n, step.starts, step.columns, step.ids.shape[1], step.allow)
+
+    def _after_model(self, step):
+        if self.probe is not None and self.probe.active and self.probe.step is not None:
+            self.probe.end_step()
 
     def feed(self, user: str, replies: list[list[int]], before_body=None) -> list[tuple[int, int]]:
         """Teacher-force one turn (`Dialogue.teacher_force`, without logits); return each arm's reply span."""

@@ -20,10 +20,11 @@ from transformers import DynamicCache
 
 from .chat import Piece, first_turn, next_turn
 from .hooks import BatchContext, MechanismHost, RowBinding
-from .mechanisms import MECHANISMS, Mechanism, ReadTrace, StepRow
+from .mechanisms import MECHANISMS, Mechanism, ReadTrace, RowPlan, StepRow
 from .mechanisms.base import ROLE_CODE
 from .model import LoadedModel
 from .spec import ArmSpec, SamplingSettings
+from .weights import WeightsError, shared_weights
 
 ASSISTANT = ROLE_CODE["assistant"]
 MAX_MESSAGE_CHARS = 20_000
@@ -31,6 +32,20 @@ MAX_MESSAGE_CHARS = 20_000
 
 class DialogueError(ValueError):
     """A message or request cannot be run; the message is meant for a person."""
+
+
+def check_message(text, what: str = "the message", limit: int | None = MAX_MESSAGE_CHARS,
+                  allow_empty: bool = False) -> None:
+    """A message the tokenizer can take: non-empty text, within the limit, valid Unicode."""
+    if not isinstance(text, str) or (not allow_empty and not text.strip()):
+        raise DialogueError(f"{what} is empty")
+    if limit is not None and len(text) > limit:
+        raise DialogueError(f"{what} is {len(text):,} characters; the limit is {limit:,}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DialogueError(f"{what} is not valid text: character {e.start + 1} is a lone surrogate "
+                            f"(invalid UTF-8 in the input?)") from None
 
 
 @dataclass
@@ -113,10 +128,55 @@ def sample_token(logits: torch.Tensor, s: SamplingSettings, gen: torch.Generator
     return int(torch.argmax(probs / race))
 
 
-def build_mechanism(spec: ArmSpec, model) -> Mechanism | None:
+def build_mechanism(spec: ArmSpec, lm: LoadedModel) -> Mechanism | None:
+    """The arm's mechanism, with its trained parameters shared per process (engine/weights.py)."""
     if spec.mechanism is None:
         return None
-    return MECHANISMS[spec.mechanism](spec.settings, model)
+    cls = MECHANISMS[spec.mechanism]
+    try:
+        weights, _ = shared_weights(cls, spec.settings, lm.model, lm.identity)
+        return cls(spec.settings, lm.model, weights)
+    except WeightsError as e:
+        raise DialogueError(str(e)) from None
+
+
+@dataclass
+class StepInputs:
+    """One forward pass of the batch, as the model sees it (the capture reads the same tensors)."""
+
+    ids: torch.Tensor  # [B, T] left-padded within the step
+    valid: torch.Tensor  # [B, T] bool: real tokens
+    positions: torch.Tensor  # [B, T] RoPE position ids (a row's plan may have edited them)
+    starts: list[int]  # per row: the arm's length before this step (sequence index of its first token)
+    bindings: list[RowBinding]
+    allow: dict[int, torch.Tensor]  # row -> [n, n] extra allowed pairs among its n real tokens
+    columns: torch.Tensor  # [B, S] which cache columns are real tokens, after the step
+    mask: torch.Tensor  # what the model gets: `columns`, or the 4-D mask when some row edits it
+
+
+def attention_mask_4d(mask2d: torch.Tensor, T: int, allow: dict[int, torch.Tensor], impl: str,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The per-row [B, 1, T, S] mask: causal over the step, padding columns off, plus `allow` pairs.
+
+    Built only when some row edits its mask; rows without edits get exactly the causal mask. A
+    padding query row may see itself, so no row is fully masked (its values stay finite).
+    """
+    B, S = mask2d.shape
+    past = S - T
+    cols = mask2d.bool()[:, None, :].expand(B, T, S).clone()
+    step = torch.ones(T, T, dtype=torch.bool).tril()
+    cols[:, :, past:] &= step
+    step_valid = mask2d[:, past:].bool()
+    for r, extra in allow.items():
+        idx = step_valid[r].nonzero().squeeze(-1)
+        block = cols[r, :, past:]
+        block[idx[:, None], idx[None, :]] |= extra.to(torch.bool).cpu()
+    eye = torch.arange(T)
+    cols[:, eye, past + eye] |= ~step_valid
+    cols = cols[:, None]
+    if impl == "eager":  # additive float mask
+        return torch.zeros(cols.shape, dtype=dtype).masked_fill(~cols, torch.finfo(dtype).min)
+    return cols
 
 
 class Dialogue:
@@ -133,7 +193,7 @@ class Dialogue:
         self.system = system or None
         self.record_traces = record_traces
         self.host = MechanismHost.of(self.model)
-        self.arms = [ArmState(spec, build_mechanism(spec, self.model)) for spec in arms]
+        self.arms = [ArmState(spec, build_mechanism(spec, lm)) for spec in arms]
         if self.system:
             for arm in self.arms:
                 arm.messages.append({"role": "system", "content": self.system})
@@ -275,10 +335,9 @@ class Dialogue:
         return decode_reply(self.tokenizer, ids, self.eos_ids)
 
     def _prepare(self, user: str, max_new_tokens, forced) -> list[Piece]:
-        if not isinstance(user, str) or not user.strip():
-            raise DialogueError("the message is empty")
-        if len(user) > MAX_MESSAGE_CHARS:
-            raise DialogueError(f"the message is {len(user):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
+        check_message(user)
+        if self.turn == 0 and self.system:
+            check_message(self.system, "the system prompt", limit=None, allow_empty=True)
         if forced is not None and len(forced) != self.n_arms:
             raise DialogueError(f"forced replies for {len(forced)} arms, but the dialogue has {self.n_arms}")
         pieces = []
@@ -324,6 +383,28 @@ class Dialogue:
         `carried[r]` leading tokens of row r are the previous reply's last token, fed now: they
         belong to the previous turn.
         """
+        step = self._step_inputs(chunks, roles, turn)
+        # inference_mode everywhere, except where a mechanism takes gradient steps at test time
+        grad_free = torch.no_grad if any(b.mechanism.needs_grad for b in step.bindings) else torch.inference_mode
+        self._before_model(step)
+        try:
+            with grad_free(), self.host.use(BatchContext(step.bindings)):
+                out = self.model(input_ids=step.ids.to(self.device), attention_mask=step.mask,
+                                 position_ids=step.positions.to(self.device), past_key_values=self.cache,
+                                 use_cache=True, logits_to_keep=logits_to_keep)
+        finally:
+            self._after_model(step)
+        self.mask = step.columns
+        for r, (chunk, role) in enumerate(zip(chunks, roles)):
+            arm = self.arms[r]
+            arm.token_ids += list(chunk)
+            arm.roles += list(role)
+            n_prev = carried[r] if carried else 0
+            arm.turns += [turn - 1] * n_prev + [turn] * (len(chunk) - n_prev)
+        return out.logits
+
+    def _step_inputs(self, chunks: list[list[int]], roles: list[list[int]], turn: int) -> StepInputs:
+        """The batch tensors of one step, with every active arm's plan (positions, mask edits) applied."""
         B = self.n_arms
         T = max(1, max(len(c) for c in chunks))
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
@@ -338,25 +419,40 @@ class Dialogue:
                 valid[r, T - n:] = True
                 pos[r, T - n:] = torch.arange(start, start + n)
                 role_t[r, T - n:] = torch.tensor(role)
-        bindings = []
+        bindings, allow = [], {}
         for r, arm in enumerate(self.arms):
             if arm.mechanism is not None and arm.mechanism.active and chunks[r]:
                 keep = valid[r]
                 info = StepRow(positions=pos[r, keep].to(self.device), roles=role_t[r, keep].to(self.device),
                                token_ids=ids[r, keep].to(self.device), turn=turn, record=self.record_traces)
+                plan = arm.mechanism.plan(info)
+                if plan is not None:
+                    self._apply_plan(r, plan, len(chunks[r]), pos, allow)
                 bindings.append(RowBinding(r, arm.mechanism, valid[r].to(self.device), info))
-        mask = torch.cat([self.mask, valid.long().to(self.device)], dim=1)
-        with torch.inference_mode(), self.host.use(BatchContext(bindings)):
-            out = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos.to(self.device),
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep)
-        self.mask = mask
-        for r, (chunk, role) in enumerate(zip(chunks, roles)):
-            arm = self.arms[r]
-            arm.token_ids += list(chunk)
-            arm.roles += list(role)
-            n_prev = carried[r] if carried else 0
-            arm.turns += [turn - 1] * n_prev + [turn] * (len(chunk) - n_prev)
-        return out.logits
+        columns = torch.cat([self.mask, valid.long().to(self.device)], dim=1)
+        mask = columns
+        if allow:
+            mask = attention_mask_4d(columns.cpu(), T, allow, self.model.config._attn_implementation,
+                                     self.model.dtype).to(self.device)
+        return StepInputs(ids, valid, pos, [a.length for a in self.arms], bindings, allow, columns, mask)
+
+    @staticmethod
+    def _apply_plan(r: int, plan: RowPlan, n: int, pos: torch.Tensor, allow: dict) -> None:
+        if plan.position_ids is not None:
+            if plan.position_ids.shape != (n,):
+                raise DialogueError(f"a mechanism planned {tuple(plan.position_ids.shape)} positions for {n} tokens")
+            pos[r, pos.shape[1] - n:] = plan.position_ids.cpu()
+        if plan.allow is not None:
+            if plan.allow.shape != (n, n):
+                raise DialogueError(f"a mechanism planned a {tuple(plan.allow.shape)} mask for {n} tokens")
+            if bool(plan.allow.any()):
+                allow[r] = plan.allow.bool().cpu()
+
+    def _before_model(self, step: StepInputs) -> None:
+        """Called with each step's inputs right before the model runs (captures observe here)."""
+
+    def _after_model(self, step: StepInputs) -> None:
+        """Called after each step's model call, also when it failed."""
 
     def _finish_turn(self, user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft, finished_at,
                      limits) -> list[ArmReply]:
@@ -383,7 +479,7 @@ class Dialogue:
         return {
             "cache_len": self.mask.shape[1], "mask": self.mask, "turn": self.turn,
             "arms": [(a.length, list(a.pending), len(a.messages), len(a.replies),
-                      None if a.mechanism is None else a.mechanism.state_dict()) for a in self.arms],
+                      None if a.mechanism is None else a.mechanism.snapshot()) for a in self.arms],
         }
 
     def _restore_snapshot(self, snap) -> None:
@@ -399,4 +495,4 @@ class Dialogue:
             arm.pending = pending
             del arm.messages[n_msg:], arm.replies[n_rep:]
             if arm.mechanism is not None:
-                arm.mechanism.load_state_dict(mech_state)
+                arm.mechanism.restore(mech_state)

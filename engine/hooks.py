@@ -1,19 +1,21 @@
 """The mechanism host: one forward hook per decoder layer, dispatching to each arm's mechanism.
 
-Mechanisms never touch the model. During a forward pass the dialogue loop tells the host which
-batch row belongs to which arm (`BatchContext`); the hook on a layer's `self_attn` hands each
-active arm's real tokens to that arm's mechanism and adds `gain * linkage * delta` to the row in
-place. Rows of inactive arms (observer, or linkage 0) are never read or written.
+Mechanisms never touch the model. During a forward pass the caller (the dialogue loop, a capture,
+a training step) tells the host which batch row belongs to which arm (`BatchContext`); the hook on
+a layer's `self_attn` hands each active arm's real tokens to that arm's mechanism as a `LayerCall`
+and adds `gain * linkage * delta` to the row (in place under inference; out of place when autograd
+records, so training can backpropagate through it). Auxiliary losses a mechanism reports land in
+`BatchContext.aux[row]`. Rows of inactive arms (observer, or linkage 0) are never read or written.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .mechanisms import Mechanism, StepRow
+from .mechanisms import LayerCall, Mechanism, StepRow
 
 
 def decoder_layers(model: torch.nn.Module):
@@ -37,6 +39,7 @@ class RowBinding:
 @dataclass
 class BatchContext:
     bindings: list[RowBinding]
+    aux: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # row -> auxiliary losses
 
     def for_layer(self, layer: int) -> list[RowBinding]:
         return [b for b in self.bindings if b.mechanism.active and layer in b.mechanism.hook_layers]
@@ -94,11 +97,15 @@ class MechanismHost:
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             pos_emb = kwargs.get("position_embeddings")
             attn_out = output[0]
+            if torch.is_grad_enabled():  # autograd records: never write into a tensor it may need
+                attn_out = attn_out.clone()
             for b in bindings:
                 idx = b.valid.nonzero().squeeze(-1)
                 rope = None if pos_emb is None else (pos_emb[0][b.row, idx], pos_emb[1][b.row, idx])
-                delta = b.mechanism.forward(layer, module, x[b.row, idx], rope, attn_out[b.row, idx], b.info)
+                call = LayerCall(layer, module, x[b.row, idx], rope, attn_out[b.row, idx], b.info,
+                                 ctx.aux.setdefault(b.row, {}))
+                delta = b.mechanism.forward(call)
                 if delta is not None:
                     attn_out[b.row, idx] = attn_out[b.row, idx] + (b.mechanism.scale * delta).to(attn_out.dtype)
-            return output
+            return (attn_out, *output[1:]) if attn_out is not output[0] else output
         return hook

@@ -2,7 +2,12 @@
 
 An arm is the shared model plus one mechanism's settings plus sampling settings. Sampling keys
 (greedy, temperature, top_p, seed, max_new_tokens) and `label` may appear in the same string.
-Lists are written `a/b/c`. Every mistake is one `SpecError` with a message meant for a person.
+Lists are written `a/b/c`; a value in double quotes is taken literally (`weights="runs/bank.safetensors"`).
+Every mistake is one `SpecError` with a message meant for a person.
+
+An arm that names a weights file takes the file's embedded mechanism settings as its defaults
+(keys written in the spec win), and its `to_dict()` records the file's content hash, which
+`from_dict` (replay, reopening a session) checks against the file on disk.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .mechanisms import MECHANISMS, MechanismSettings
+from .weights import WeightsError, file_sha256, read_header, resolve_path
 
 OBSERVER = "observer"
 
@@ -25,15 +31,37 @@ class SamplingSettings(BaseModel):
     greedy: bool = True
     temperature: float = Field(0.7, gt=0.0, le=5.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # logged as a SQLite INTEGER (signed 64-bit)
     max_new_tokens: int = Field(128, ge=1, le=8192)
 
 
 _SAMPLING_KEYS = set(SamplingSettings.model_fields)
 
 
+class _Quoted(str):
+    """A value that was written in double quotes: never split, never cast."""
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    parts, buf, quoted = [], [], False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
+            parts.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    if quoted:
+        raise SpecError(f"unbalanced double quote in '{text}'")
+    parts.append("".join(buf))
+    return parts
+
+
 def _parse_value(raw: str):
     raw = raw.strip()
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        return _Quoted(raw[1:-1])
     if "/" in raw:
         return [_parse_value(part) for part in raw.split("/") if part.strip()]
     low = raw.lower()
@@ -56,7 +84,17 @@ def _format_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value)
+    text = str(value)
+    if not isinstance(value, str):
+        return text
+    if any(c in text for c in '/,=": ') or text.lower() in ("true", "false", "yes", "no", "on", "off", "none",
+                                                            "null"):
+        return f'"{text}"'
+    try:  # a string that reads as a number must stay a string
+        float(text)
+        return f'"{text}"'
+    except ValueError:
+        return text
 
 
 def _first_error(e: ValidationError, what: str) -> str:
@@ -102,23 +140,53 @@ class ArmSpec:
         head = self.mechanism or OBSERVER
         return head + (":" + ",".join(pairs) if pairs else "")
 
+    @property
+    def weights_path(self) -> str | None:
+        return getattr(self.settings, "weights", None) if self.settings is not None else None
+
     def to_dict(self) -> dict:
-        return {"mechanism": self.mechanism,
-                "settings": None if self.settings is None else self.settings.model_dump(),
-                "sampling": self.sampling.model_dump(), "label": self.label, "spec": self.to_string()}
+        d = {"mechanism": self.mechanism,
+             "settings": None if self.settings is None else self.settings.model_dump(),
+             "sampling": self.sampling.model_dump(), "label": self.label, "spec": self.to_string()}
+        if self.weights_path:
+            try:
+                d["weights_sha256"] = file_sha256(resolve_path(self.weights_path))
+            except WeightsError as e:
+                raise SpecError(str(e)) from None
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ArmSpec":
+        """Rebuild a logged arm; a weights file must still be there with the logged content."""
         mech = d.get("mechanism")
         settings = None
         if mech is not None:
             if mech not in MECHANISMS:
                 raise SpecError(f"unknown mechanism '{mech}'")
-            settings = MECHANISMS[mech].Settings(**(d.get("settings") or {}))
-        return cls(mech, settings, SamplingSettings(**(d.get("sampling") or {})), d.get("label"))
+            try:
+                settings = MECHANISMS[mech].Settings(**(d.get("settings") or {}))
+            except ValidationError as e:
+                raise SpecError(_first_error(e, mech)) from None
+        spec = cls(mech, settings, SamplingSettings(**(d.get("sampling") or {})), d.get("label"))
+        logged = d.get("weights_sha256")
+        if spec.weights_path and logged:
+            path = resolve_path(spec.weights_path)
+            try:
+                now = file_sha256(path)
+            except WeightsError:
+                raise SpecError(f"the weights file {path} this arm was run with is missing") from None
+            if now != logged:
+                raise SpecError(f"the weights file {path} has changed since this arm was run "
+                                f"(logged sha256 {logged[:12]}…, now {now[:12]}…)")
+        return spec
 
     def with_sampling(self, **changes) -> "ArmSpec":
-        return ArmSpec(self.mechanism, self.settings, self.sampling.model_copy(update=changes), self.label)
+        """A copy with some sampling settings changed, validated like a spec string's."""
+        try:
+            sampling = SamplingSettings(**{**self.sampling.model_dump(), **changes})
+        except ValidationError as e:
+            raise SpecError(_first_error(e, "sampling")) from None
+        return ArmSpec(self.mechanism, self.settings, sampling, self.label)
 
     def validate_for(self, n_layers: int) -> None:
         """Check settings that depend on the model (layers that exist)."""
@@ -132,6 +200,17 @@ class ArmSpec:
                 raise SpecError(f"{self.to_string(False)}: {e}") from None
 
 
+def _weights_defaults(mechanism: str, path: str, fields) -> dict:
+    """The settings embedded in a weights file, as defaults for an arm that names it."""
+    try:
+        wf = read_header(path)
+    except WeightsError as e:
+        raise SpecError(str(e)) from None
+    if wf.mechanism != mechanism:
+        raise SpecError(f"weights file {wf.path} is for mechanism '{wf.mechanism}', not '{mechanism}'")
+    return {k: v for k, v in wf.settings.items() if k in fields and k not in ("linkage", "gain", "weights")}
+
+
 def parse_arm(text: str) -> ArmSpec:
     """Parse `observer` or `NAME[:key=value,...]`."""
     text = (text or "").strip()
@@ -140,7 +219,7 @@ def parse_arm(text: str) -> ArmSpec:
     head, _, rest = text.partition(":")
     name = head.strip().lower()
     raw: dict = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
+    for part in filter(None, (p.strip() for p in _split_outside_quotes(rest, ","))):
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise SpecError(f"'{part}' in '{text}' is not key=value")
@@ -160,10 +239,12 @@ def parse_arm(text: str) -> ArmSpec:
         raise SpecError(f"unknown mechanism '{name}' (known: {known})")
     fields = MECHANISMS[name].Settings.model_fields
     for key, value in raw.items():  # 'none' means "unset" only where unset is a legal value
-        if value in ("none", "null") and key in fields and fields[key].default is None:
+        if not isinstance(value, _Quoted) and value in ("none", "null") and key in fields and fields[key].default is None:
             raw[key] = None
     if "layers" in raw and not isinstance(raw["layers"], list):
         raw["layers"] = [raw["layers"]]
+    if raw.get("weights") is not None and "weights" in fields:
+        raw = {**_weights_defaults(name, str(raw["weights"]), fields), **raw}
     try:
         settings = MECHANISMS[name].Settings(**raw)
     except ValidationError as e:

@@ -245,7 +245,8 @@ def build_arena_tab(ctx: LabContext) -> dict:
                                 by_slot[(name, c.key)] = comp
                                 if c.kind == "file":
                                     up = gr.UploadButton(f"Upload {c.label.lower()}…", size="sm",
-                                                         file_count="single", type="filepath")
+                                                         file_count="single", type="filepath",
+                                                         file_types=[c.suffix] if c.suffix else None)
                                     up.upload(lambda f: f or gr.skip(), inputs=[up], outputs=[comp], api_name=False,
                                               queue=False, show_progress="hidden")
                         groups[name] = g

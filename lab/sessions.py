@@ -9,59 +9,24 @@ import gradio as gr
 import pandas as pd
 
 from db import StoreError
-from db.export import annotations_frame, safe_path, scores_frame, turns_frame
-from db.export import _write as write_frame
 from db.export import export as export_files
+from db.store import is_blinded
 
 from .context import LabContext
 
 N_COLS = 4
 LETTERS = "ABCD"
-HIDDEN_SPEC = "(blind: hidden until Reveal)"
 
 
 def is_hidden(session: dict) -> bool:
     """A blind session whose arms have not been revealed: only pane letters may be shown."""
-    return bool(session.get("blind")) and "revealed_at" not in (session.get("meta") or {})
+    return is_blinded(session)
 
 
 def pane_letters(session: dict) -> dict[int, str]:
     """arm index -> the pane letter it was shown under."""
     order = session.get("pane_order") or [a["index"] for a in session["arms"]]
     return {arm: LETTERS[p] for p, arm in enumerate(order)}
-
-
-def mask_blind(df: pd.DataFrame, hidden: dict[str, dict[int, str]]) -> pd.DataFrame:
-    """Rows of unrevealed blind sessions: arm label -> 'Arm A', index -> pane position, specs blanked."""
-    if df.empty or "session_id" not in df or not hidden:
-        return df
-    df = df.copy()
-    rows = df["session_id"].isin(list(hidden))
-    if not rows.any():
-        return df
-    letter = [hidden[sid].get(int(a), "?") if r else None
-              for sid, a, r in zip(df["session_id"], df["arm_index"], rows)]
-    if "arm_label" in df:
-        df.loc[rows, "arm_label"] = [f"Arm {x}" for x, r in zip(letter, rows) if r]
-    df.loc[rows, "arm_index"] = [LETTERS.index(x) if x in LETTERS else -1 for x, r in zip(letter, rows) if r]
-    for col in ("arm_spec", "settings", "gen_settings"):
-        if col in df:
-            df[col] = df[col].astype(object)
-            df.loc[rows, col] = HIDDEN_SPEC
-    if "arm_seed" in df:
-        df["arm_seed"] = df["arm_seed"].astype(object)
-        df.loc[rows, "arm_seed"] = None
-    return df
-FORMATS = {"CSV": "csv", "JSONL": "jsonl", "Parquet": "parquet", "Bundle (JSON, one session)": "bundle"}
-LIST_COLUMNS = ["id", "created", "kind", "title", "arms", "turns", "annotations"]
-ANN_COLUMNS = ["arm", "turn", "annotator", "stance", "confidence", "note", "created"]
-
-
-def _when(dt) -> str:
-    try:
-        return dt.astimezone().strftime("%Y-%m-%d %H:%M")
-    except Exception:  # noqa: BLE001 - whatever the backend returned, show something
-        return str(dt or "")
 
 
 def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.DataFrame:
@@ -80,9 +45,8 @@ def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.D
             except StoreError:
                 arms = ""
             arms = "(blind) " + arms
-        per_turn = 2 * max(1, s.get("n_arms") or 1)  # one user + one assistant message per arm and turn
         out.append([s["id"], _when(s.get("created_at")), s.get("kind", ""), s.get("title") or "", arms,
-                    -(-int(s.get("n_turns") or 0) // per_turn), int(s.get("n_annotations") or 0)])
+                    int(s.get("n_turns") or 0), int(s.get("n_annotations") or 0)])  # n_turns: exchanges
     return pd.DataFrame(out, columns=LIST_COLUMNS)
 
 
@@ -211,28 +175,18 @@ def build_sessions_tab(ctx: LabContext) -> dict:
             return None, "⚠ A bundle holds one session: pick a session first."
         progress(0.2, desc="exporting")
         one = sid if what == "this session" or f == "bundle" else None
-        try:
-            scope_ids = [ctx.store.get_session(one)["id"]] if one else [x["id"] for x in ctx.store.list_sessions()]
-            hidden = {}
-            for i in scope_ids:
-                full = ctx.store.get_session(i)
-                if is_hidden(full):
-                    hidden[i] = pane_letters(full)
-        except StoreError as e:
-            return None, f"⚠ Export failed: {e}"
-        if hidden and f == "bundle":
-            return None, ("⚠ This blind session has not been revealed: a bundle carries its arms' specs, so it is "
-                          "not offered until Reveal (CSV, JSONL and Parquet name the panes by letter).")
+        if f == "bundle":
+            try:
+                if is_hidden(ctx.store.get_session(one)):
+                    # the bundle's sealed copy holds the mapping (decodable by anyone): not offered from here
+                    return None, ("⚠ This blind session has not been revealed: a bundle carries its arms sealed "
+                                  "inside, so the lab does not offer it until Reveal (CSV, JSONL and Parquet name "
+                                  "the panes by letter).")
+            except StoreError as e:
+                return None, f"⚠ Export failed: {e}"
         out_dir = Path(tempfile.mkdtemp(prefix="lab-export-"))
         try:
-            if not hidden:
-                paths = export_files(ctx.store, f, out_dir, session_id=one)
-            else:  # the same tables, with unrevealed blind sessions' arms named by pane letter only
-                paths = []
-                for k, make in {"turns": turns_frame, "annotations": annotations_frame, "scores": scores_frame}.items():
-                    path = safe_path(out_dir, f"{k}.{f}")
-                    write_frame(mask_blind(make(ctx.store, one, None), hidden), path, f)
-                    paths.append(path)
+            paths = export_files(ctx.store, f, out_dir, session_id=one)
         except (StoreError, ValueError, OSError, ImportError) as e:
             return None, f"⚠ Export failed: {e}"
         progress(1.0)

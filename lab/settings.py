@@ -50,6 +50,7 @@ class Control:
     integer: bool = False
     optional: bool = False  # blank means None
     item_integer: bool = True  # for 'list': whole numbers
+    suffix: str = ""  # for 'file': the expected file type, e.g. '.safetensors'
 
 
 def _unwrap_optional(ann):
@@ -96,7 +97,8 @@ def control_for(key: str, info) -> Control:
     lo, hi = _bounds(info.metadata)
     label = info.title or _label(key)
     if is_file_field(info):
-        return Control(key, "file", label, desc, default or "", optional=optional)
+        suffix = str(info.json_schema_extra.get("suffix") or "")
+        return Control(key, "file", label, desc, default or "", optional=optional, suffix=suffix)
     if ann is bool:
         return Control(key, "checkbox", label, desc, bool(default))
     if typing.get_origin(ann) is Literal:

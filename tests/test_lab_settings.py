@@ -5,7 +5,7 @@ import pytest
 from pydantic import Field
 
 from engine import SpecError, parse_arm
-from engine.mechanisms import MECHANISMS, Mechanism, MechanismSettings
+from engine.mechanisms import MECHANISMS, Mechanism, MechanismSettings, register
 from lab.settings import PaneLayout, controls_for, layers_text, mechanism_choices, spec_string
 
 
@@ -80,14 +80,15 @@ class Toy(Mechanism):
 
 @pytest.fixture()
 def toy():
-    # TODO(lead): use engine.mechanisms.register(Toy) once it is on this branch
-    MECHANISMS[Toy.name] = Toy
+    register(Toy)
     yield Toy
     MECHANISMS.pop(Toy.name, None)
 
 
 def test_a_toy_mechanism_gets_its_own_controls(toy):
     assert "toy_mask" in mechanism_choices()
+    plugins = {c.key: c for c in PaneLayout.current().mechanisms.get("vector_toy", [])}  # via $LAB_PLUGINS
+    assert plugins and plugins["weights"].kind == "file" and plugins["weights"].suffix == ".safetensors"
     layout = PaneLayout.current()
     cs = {c.key: c for c in layout.mechanisms["toy_mask"]}
     assert cs["mode"].kind == "dropdown" and cs["mode"].choices == ("mask", "none")
@@ -99,6 +100,10 @@ def test_a_toy_mechanism_gets_its_own_controls(toy):
     spec = layout.spec(v, n_layers=30)
     assert spec.mechanism == "toy_mask" and spec.settings.strength == 4.0 and spec.settings.document == "notes.txt"
     assert spec.to_string() == "toy_mask:linkage=1,strength=4,sticky=true,document=notes.txt,seed=2"
+    # a path is written in double quotes by the engine's writer and parses back to the same arm
+    spec = layout.spec(layout.values_from("toy_mask", {"document": "runs/my notes.txt"}))
+    assert 'document="runs/my notes.txt"' in spec.to_string()
+    assert parse_arm(spec.to_string()).settings.document == "runs/my notes.txt"
     with pytest.raises(SpecError, match="toy_mask: strength: input should be less than or equal to 8"):
         layout.spec(layout.values_from("toy_mask", {"strength": 9}))
     with pytest.raises(SpecError, match="toy_mask: mode"):

@@ -12,7 +12,7 @@ import pytest
 from pydantic import Field
 
 from conftest import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS, serve_lab
-from engine.mechanisms import MECHANISMS, Mechanism, MechanismSettings
+from engine.mechanisms import MECHANISMS, Mechanism, MechanismSettings, register
 
 pytestmark = BROWSER_MARKS
 LONG = 240_000
@@ -34,10 +34,10 @@ class Toy(Mechanism):
 
 @pytest.fixture(scope="module")
 def lab(embedded, tmp_path_factory):
-    """The real lab with the toy registered before it is built (TODO(lead): engine.mechanisms.register)."""
+    """The real lab with the toy registered before it is built."""
     from db import Store
 
-    MECHANISMS[Toy.name] = Toy
+    register(Toy)
     db_file = tmp_path_factory.mktemp("study") / "lab.db"
     store = Store(f"sqlite:///{db_file}")
     url, demo = serve_lab(store, embedded)

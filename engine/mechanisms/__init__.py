@@ -1,12 +1,55 @@
 """Memory mechanisms, one per module, all behind the protocol in `base.py`.
 
-To add one: subclass `Mechanism` with a `Settings` model, implement `forward`, and register it in
-`MECHANISMS` below. The host, the dialogue loop, the CLI and the lab pick it up from there.
+To add one: subclass `Mechanism` with a `Settings` model, implement `forward` (and whatever else
+of the protocol it needs), and `register` it. The host, the dialogue loop, the CLI, the lab and the
+conformance suite (tests/test_conformance.py) pick it up from the registry. Modules named in
+`$LAB_PLUGINS` (comma-separated, importable) are imported when the engine loads, so a mechanism
+kept outside this package registers itself the same way.
 """
-from .base import Mechanism, MechanismSettings, ReadTrace, StepRow, default_layers
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, RowPlan, StepRow,
+                   copy_state, default_layers, file_field)
 from .continuity import Continuity, ContinuitySettings
 
-MECHANISMS: dict[str, type[Mechanism]] = {Continuity.name: Continuity}
+MECHANISMS: dict[str, type[Mechanism]] = {}
 
-__all__ = ["MECHANISMS", "Mechanism", "MechanismSettings", "ReadTrace", "StepRow", "default_layers",
+
+def register(cls: type[Mechanism]) -> type[Mechanism]:
+    """Add a mechanism to the registry (usable as a class decorator). Names are `[a-z0-9_]+`."""
+    name = getattr(cls, "name", "")
+    if not name or not name.replace("_", "").isalnum() or name != name.lower() or name == "observer":
+        raise ValueError(f"mechanism name {name!r} must be lower-case letters, digits and '_' (not 'observer')")
+    if MECHANISMS.get(name, cls) is not cls:
+        raise ValueError(f"a different mechanism is already registered as '{name}'")
+    MECHANISMS[name] = cls
+    return cls
+
+
+def load_plugins(names: str | None = None) -> list[str]:
+    """Import the modules named in `names` (default `$LAB_PLUGINS`); each registers its mechanisms.
+
+    A module that fails to import is reported in one line on stderr and skipped: the engine and
+    every other mechanism stay usable, and the missing mechanism is then an unknown name.
+    """
+    names = os.environ.get("LAB_PLUGINS", "") if names is None else names
+    loaded = []
+    for module in filter(None, (n.strip() for n in names.split(","))):
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            print(f"warning: LAB_PLUGINS: cannot import '{module}': {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        loaded.append(module)
+    return loaded
+
+
+register(Continuity)
+
+__all__ = ["MECHANISMS", "ConformanceCase", "LayerCall", "Mechanism", "MechanismSettings", "ReadTrace", "RowPlan",
+           "StepRow", "copy_state", "default_layers", "file_field", "load_plugins", "register",
            "Continuity", "ContinuitySettings"]

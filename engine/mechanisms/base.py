@@ -1,16 +1,30 @@
-"""The mechanism protocol: what every memory system implements to slot into the engine.
+"""The mechanism protocol (v2): what every memory system implements to slot into the engine.
 
-A mechanism instance belongs to one arm of one conversation and owns that conversation's memory.
-The `MechanismHost` (engine/hooks.py) calls `forward` at each of the mechanism's `hook_layers`
-with only this arm's real (non-padding) tokens of the current forward pass, and adds
-`gain * linkage * delta` to the arm's self-attention output. A row whose linkage is 0 is never
-passed to the mechanism at all, so linkage 0 is bit-identical to the base model by construction.
+A mechanism instance belongs to one arm of one conversation and owns that conversation's state
+(memory entries, neural-memory weights, source K/V). What it may do, in the order of a forward pass:
+
+1. `plan(row)` before the forward: per-row edits of the step's RoPE position ids and extra
+   *allowed* attention pairs among the step's tokens (`RowPlan`). The dialogue builds a per-row
+   4-D mask only when some row asks for one; the capture reads the same mask and positions.
+2. `forward(call)` at each of its `hook_layers`, after self-attention, with only this arm's real
+   (non-padding) tokens (`LayerCall`); it returns a residual `delta` that the host adds as
+   `gain * linkage * delta`, and may put auxiliary losses (for training) into `call.aux`.
+3. `snapshot()` / `restore()` copy the conversation state, for regenerate and replay.
+
+Trained parameters (a memory bank, adapters) live in an `nn.Module` built by `build_weights`
+from a safetensors file (engine/weights.py) once per process per content hash and shared by every
+arm and dialogue that names it; conversation state stays per arm. A mechanism that needs autograd
+at test time sets `needs_grad`: its rows run under `no_grad` (not `inference_mode`), so it can open
+a local `enable_grad()`.
+
+A row whose linkage is 0 is never planned for nor passed to the mechanism, so linkage 0 is
+bit-identical to the base model by construction.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -46,6 +60,13 @@ class MechanismSettings(BaseModel):
         return sorted(layers)
 
 
+def file_field(description: str, suffix: str = ".safetensors"):
+    """A settings key naming a file (a weights file, a document): the lab shows an upload for it,
+    and spec strings write it in double quotes. A mechanism's trained parameters come from the key
+    named `weights` (see engine/weights.py)."""
+    return Field(None, description=description, json_schema_extra={"file": True, "suffix": suffix})
+
+
 @dataclass
 class StepRow:
     """What one arm's row holds in the current forward pass (padding already removed)."""
@@ -55,6 +76,61 @@ class StepRow:
     token_ids: torch.Tensor  # [T]
     turn: int
     record: bool  # record read traces for these tokens
+
+
+@dataclass
+class RowPlan:
+    """A row's edits of the coming forward pass (None = no edit). Applies to the row's real tokens.
+
+    `position_ids` [T]: RoPE positions for this step's tokens (e.g. positions that restart after a
+    source). `allow` [T, T] bool: extra query->key pairs among this step's tokens, OR'd into the
+    causal mask (e.g. a bidirectional source in the prefill). Earlier tokens stay fully visible.
+    """
+
+    position_ids: torch.Tensor | None = None
+    allow: torch.Tensor | None = None
+
+
+@dataclass
+class LayerCall:
+    """One arm's tokens at one hooked layer, after self-attention.
+
+    `rope` is the (cos, sin) [T, head_dim] the layer used for these tokens; `aux` is the arm's
+    dict of auxiliary losses for this forward pass (a mechanism adds e.g. `router_balance.12`).
+    """
+
+    layer: int
+    attn: torch.nn.Module
+    x_hat: torch.Tensor  # [T, hidden] the normed input of self-attention
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    attn_out: torch.Tensor  # [T, hidden] self-attention's output, before the residual add
+    row: StepRow
+    aux: dict[str, torch.Tensor]
+
+
+@dataclass
+class ConformanceCase:
+    """One configuration the shared conformance suite (tests/test_conformance.py) checks.
+
+    `spec` is an arm spec at linkage 1 (the suite derives the linkage-0 arm from it). The flags say
+    which invariants the configuration claims; every case must be bit-identical at linkage 0.
+    """
+
+    spec: str
+    cached_exact: bool = True  # a cached (stepwise) forward equals an uncached one within 1e-4
+    causal: bool = True  # no token's output depends on a later token
+    changes_output: bool = True  # at linkage 1 the logits differ from the base model
+
+
+def copy_state(value: Any) -> Any:
+    """A deep copy of nested dicts / lists / tuples of tensors (tensors cloned, detached)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: copy_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(copy_state(v) for v in value)
+    return value
 
 
 @dataclass
@@ -82,17 +158,32 @@ class ReadTrace:
 
 
 class Mechanism:
-    """Base class. Subclasses set `name` and `Settings` and implement `forward`."""
+    """Base class. Subclasses set `name` and `Settings` and implement `forward` (and, as needed,
+    `plan`, `build_weights`, `snapshot` / `restore`, `conformance_cases`)."""
 
     name: ClassVar[str]
     Settings: ClassVar[type[MechanismSettings]]
+    needs_grad: ClassVar[bool] = False  # rows run under no_grad (not inference_mode): enable_grad works
 
-    def __init__(self, settings: MechanismSettings, model: torch.nn.Module):
+    def __init__(self, settings: MechanismSettings, model: torch.nn.Module,
+                 weights: torch.nn.Module | None = None):
         self.settings = settings
         self.config = model.config
         self.layers = settings.resolved_layers(self.config.num_hidden_layers)
+        self.weights = weights
         self.call_counts: Counter[int] = Counter()
         self.traces: list[ReadTrace] = []
+
+    # -- trained parameters (shared across arms and dialogues) ----------------------------------
+    @classmethod
+    def build_weights(cls, settings: MechanismSettings, model: torch.nn.Module,
+                      tensors: dict[str, torch.Tensor] | None) -> torch.nn.Module | None:
+        """The mechanism's parameters: from a weights file's tensors, or freshly made (tensors None).
+
+        Called once per process per (file content, model); the module is shared read-only by every
+        arm that names the same file. Raise ValueError with a one-line message on a shape mismatch.
+        """
+        return None
 
     # -- what the host asks -------------------------------------------------------------------
     @property
@@ -108,10 +199,12 @@ class Mechanism:
     def active(self) -> bool:
         return self.settings.linkage > 0.0
 
-    def forward(self, layer: int, attn: torch.nn.Module, x_hat: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-                attn_out: torch.Tensor, row: StepRow) -> torch.Tensor | None:
-        """Return delta [T, hidden] for this arm's tokens at `layer` (None: nothing to add)."""
+    def plan(self, row: StepRow) -> RowPlan | None:
+        """Edits of this row's positions / attention mask for the coming forward pass (None: none)."""
+        return None
+
+    def forward(self, call: LayerCall) -> torch.Tensor | None:
+        """Return delta [T, hidden] for this arm's tokens at `call.layer` (None: nothing to add)."""
         raise NotImplementedError
 
     # -- conversation lifecycle ---------------------------------------------------------------
@@ -121,15 +214,21 @@ class Mechanism:
     def reset(self) -> None:
         """Forget the conversation's memory."""
 
-    def state_dict(self) -> dict:
-        """Conversation state (tensors and plain values), cheap to take: used to roll back a turn."""
+    def snapshot(self) -> dict:
+        """A copy of the conversation state (never live references): regenerate and replay restore it."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def restore(self, state: dict) -> None:
+        """Return to a `snapshot()` (which stays usable: restore copies again)."""
 
     def memory_size(self) -> int:
         return 0
 
     def describe(self) -> str:
         return f"{self.name} on layers {self.layers} (gain {self.settings.gain}, linkage {self.settings.linkage})"
+
+    # -- what the shared conformance suite checks -----------------------------------------------
+    @classmethod
+    def conformance_cases(cls) -> list[ConformanceCase]:
+        """Configurations (at linkage 1) whose invariants tests/test_conformance.py checks."""
+        return [ConformanceCase(f"{cls.name}:linkage=1")]

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from .base import ROLE_CODE, Mechanism, MechanismSettings, ReadTrace, StepRow
+from .base import ROLE_CODE, ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, StepRow, copy_state
 from .projections import LayerProjections, rotate
 
 
@@ -76,8 +76,8 @@ class Continuity(Mechanism):
     name = "continuity"
     Settings = ContinuitySettings
 
-    def __init__(self, settings: ContinuitySettings, model: torch.nn.Module):
-        super().__init__(settings, model)
+    def __init__(self, settings: ContinuitySettings, model: torch.nn.Module, weights=None):
+        super().__init__(settings, model, weights)
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         if settings.share_from is not None:
             if settings.share_from >= self.config.num_hidden_layers:
@@ -111,18 +111,18 @@ class Continuity(Mechanism):
         self.memory.clear()
         self.seed_memory.clear()
 
-    def state_dict(self) -> dict:
+    def snapshot(self) -> dict:
         state = {}
         for layer, mem in self.memory.items():
             if len(mem):
                 state[f"mem.{layer}.k"], state[f"mem.{layer}.v"], state[f"mem.{layer}.pos"] = mem.k, mem.v, mem.pos
         for layer, (x, pos) in self.seed_memory.items():
             state[f"seed.{layer}.x"], state[f"seed.{layer}.pos"] = x, pos
-        return state
+        return copy_state(state)
 
-    def load_state_dict(self, state: dict) -> None:
+    def restore(self, state: dict) -> None:
         self.reset()
-        for key, value in state.items():
+        for key, value in copy_state(state).items():
             kind, layer, what = key.split(".")
             layer = int(layer)
             if kind == "seed":
@@ -137,14 +137,25 @@ class Continuity(Mechanism):
             return max((int(x.shape[0]) for x, _ in self.seed_memory.values()), default=0)
         return max((len(m) for m in self.memory.values()), default=0)
 
+    @classmethod
+    def conformance_cases(cls) -> list[ConformanceCase]:
+        return [ConformanceCase("continuity:linkage=1,gain=1,source=all"),
+                ConformanceCase("continuity:linkage=1,gain=1"),
+                ConformanceCase("continuity:linkage=1,gain=1,source=all,rope=none,window=7"),
+                ConformanceCase("continuity:linkage=1,gain=1,source=user,layers=1/3,share_from=1"),
+                ConformanceCase("continuity:linkage=1,gain=1,scope=turn,source=all"),
+                # the published behaviour: bidirectional prefill, so neither causal nor cache-exact
+                ConformanceCase("continuity:linkage=1,gain=1,variant=seed", cached_exact=False, causal=False)]
+
     def memory_positions(self, layer: int | None = None) -> list[int]:
         layer = self._write_layer(layer if layer is not None else self.layers[0])
         mem = self.memory.get(layer)
         return [] if mem is None or mem.pos is None else mem.pos.tolist()
 
     # -- the read -------------------------------------------------------------------------------
-    def forward(self, layer, attn, x_hat, position_embeddings, attn_out, row: StepRow):
-        proj = self.projections(layer, attn)
+    def forward(self, call: LayerCall):
+        layer, x_hat, position_embeddings, attn_out, row = call.layer, call.x_hat, call.rope, call.attn_out, call.row
+        proj = self.projections(layer, call.attn)
         if self.settings.variant == "seed":
             return self._seed_forward(layer, proj, x_hat, attn_out, row)
         rope = self.settings.rope == "relative" and position_embeddings is not None
