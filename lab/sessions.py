@@ -29,6 +29,18 @@ def pane_letters(session: dict) -> dict[int, str]:
     return {arm: LETTERS[p] for p, arm in enumerate(order)}
 
 
+FORMATS = {"CSV": "csv", "JSONL": "jsonl", "Parquet": "parquet", "Bundle (JSON, one session)": "bundle"}
+LIST_COLUMNS = ["id", "created", "kind", "title", "arms", "turns", "annotations"]
+ANN_COLUMNS = ["arm", "turn", "annotator", "stance", "confidence", "note", "created"]
+
+
+def _when(dt) -> str:
+    try:
+        return dt.astimezone().strftime("%Y-%m-%d %H:%M")
+    except Exception:  # noqa: BLE001 - whatever the backend returned, show something
+        return str(dt or "")
+
+
 def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.DataFrame:
     rows = ctx.store.list_sessions(kind=None if kind in (None, "", "all") else kind)[:limit]
     out = []
