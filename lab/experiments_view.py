@@ -24,6 +24,7 @@ import gradio as gr
 import pandas as pd
 
 from lab.context import MODEL_QUEUE, LabContext
+from lab.fields import FieldNumber
 
 DEFAULT_ARMS = "observer\ncontinuity:linkage=1,gain=0.3"
 CUSTOM = "(uploaded or pasted YAML)"
@@ -266,7 +267,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
             c["arms"] = gr.Textbox(DEFAULT_ARMS, lines=4, label="Arms, one spec per line",
                                    info="observer | NAME:key=value,… (greedy=false for seeds to matter)")
             with gr.Row():
-                c["seeds"] = gr.Number(1, label="seeds", precision=0, minimum=1)
+                c["seeds"] = FieldNumber(1, label="seeds", precision=0, minimum=1)
                 # Textboxes: an untouched gr.Number shows 0, which would read as "zero items"
                 c["items"] = gr.Textbox("", label="items (first K)", placeholder="all")
                 c["max_new_tokens"] = gr.Textbox("", label="max new tokens", placeholder="protocol's")

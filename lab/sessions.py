@@ -12,6 +12,7 @@ from db import StoreError
 from db.export import export as export_files
 from db.store import is_blinded
 
+from .fields import FieldNumber
 from .context import LabContext
 
 N_COLS = 4
@@ -89,8 +90,8 @@ def build_sessions_tab(ctx: LabContext) -> dict:
                                label="Annotations (newest label per turn and annotator)", max_height=260,
                                elem_id="sessions-annotations")
     with gr.Row(equal_height=True):
-        insp_arm = gr.Number(value=0, precision=0, minimum=0, label="Arm (index)", scale=1, min_width=100)
-        insp_turn = gr.Number(value=0, precision=0, minimum=0, label="Turn (0-based)", scale=1, min_width=100)
+        insp_arm = FieldNumber(value=0, precision=0, minimum=0, label="Arm (index)", scale=1, min_width=100)
+        insp_turn = FieldNumber(value=0, precision=0, minimum=0, label="Turn (0-based)", scale=1, min_width=100)
         inspect_btn = gr.Button("Inspect this turn", size="sm", scale=1, visible=False, elem_classes=["short-btn"])
     with gr.Accordion("Export", open=True):
         with gr.Row(equal_height=True):
