@@ -243,6 +243,7 @@ def _stance_metrics(g: pd.DataFrame) -> dict:
     held = [c in _REVISED_LABELS for c in calls]
     return {"final_similarity": scores[-1][1] if scores else None,
             "turn_of_flip": float(revised[0]) if revised else (float(len(g)) if calls else None),
+            "turn_of_flip_censored": (not revised) if calls else None,
             "n_flips": float(sum(a != b for a, b in zip(held, held[1:]))) if calls else None,
             "revised_final": float(calls[-1] in _REVISED_LABELS) if calls else None,
             "reversed_final": float(calls[-1] == "reversed") if calls else None}
@@ -281,11 +282,48 @@ def dialogue_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 # ====================================================================== summary
 
-def summarise_dialogues(dialogues: pd.DataFrame, scorers: list[str], n_boot: int = 2000) -> dict:
-    """Per-arm metrics + paired tests from a `dialogue_frame` (no database needed)."""
+MIN_ITEMS_FOR_CI = 5  # intervals from fewer items are flagged: a percentile bootstrap over 2-4 clusters is unreliable
+
+
+def greedy_arms_of(exp: dict) -> set[int]:
+    """Arm indices decoded greedily (their seeds repeat one dialogue), from a run's stored args."""
+    args = exp.get("args") or {}
+    if args.get("arm_greedy") is not None:
+        return {i for i, g in enumerate(args["arm_greedy"]) if g}
+    return {i for i, d in enumerate(args.get("arm_settings") or [])
+            if ((d or {}).get("sampling") or {}).get("greedy", True)}
+
+
+def collapse_greedy(dialogues: pd.DataFrame, greedy_arms: set[int]) -> pd.DataFrame:
+    """Keep one seed per item for greedy arms: their seeds give the same dialogue, so counting
+    each would inflate n and treat copies as independent samples."""
+    if not greedy_arms or not len(dialogues):
+        return dialogues
+    greedy = dialogues["arm_index"].isin(list(greedy_arms))
+    first_seed = dialogues[greedy].sort_values("seed").drop_duplicates(["arm_index", "item"])
+    return pd.concat([dialogues[~greedy], first_seed]).sort_values(["arm_index", "item", "seed"]).reset_index(drop=True)
+
+
+def _item_means(g: pd.DataFrame, metric: str) -> dict:
+    vals = pd.to_numeric(g[metric], errors="coerce")
+    means = vals.groupby(g["item"].astype(str)).mean()
+    return {(i,): (None if _nan(v) else float(v)) for i, v in means.items()}
+
+
+def summarise_dialogues(dialogues: pd.DataFrame, scorers: list[str], n_boot: int = 2000,
+                        greedy_arms: Optional[set[int]] = None) -> dict:
+    """Per-arm metrics + paired tests from a `dialogue_frame` (no database needed).
+
+    `greedy_arms`: arm indices decoded greedily; their repeated seeds are collapsed to one
+    dialogue per item (`collapse_greedy`) and any comparison involving one pairs per-item means
+    (one pair per item) instead of (item, seed) pairs. Each metric reports `n` (dialogues with a
+    value), `n_clusters` (items) and `few_items` (fewer than MIN_ITEMS_FOR_CI items: the interval
+    is unreliable); turn_of_flip also reports `n_censored` (dialogues that never flipped)."""
     arms_out = []
     if not len(dialogues):
         return {"arms": [], "metrics": [], "headline": {}}
+    greedy_arms = set(greedy_arms or ())
+    dialogues = collapse_greedy(dialogues, greedy_arms)
     metrics = [m for s in scorers for m in METRICS[s] if m in dialogues.columns]
     order = dialogues.drop_duplicates("arm_index").sort_values("arm_index")
     first_arm = int(order["arm_index"].iloc[0])
@@ -297,18 +335,29 @@ def summarise_dialogues(dialogues: pd.DataFrame, scorers: list[str], n_boot: int
     for arm_index, arm in zip(order["arm_index"], order["arm"]):
         g = dialogues[dialogues["arm_index"] == arm_index]
         entry = {"arm": arm, "arm_index": int(arm_index), "n_dialogues": int(len(g)),
-                 "n_items": int(g["item"].nunique()), "metrics": {}, "vs_first": {}}
+                 "n_items": int(g["item"].nunique()), "greedy": int(arm_index) in greedy_arms,
+                 "metrics": {}, "vs_first": {}}
         for m in metrics:
             vals = pd.to_numeric(g[m], errors="coerce")
             r = summarise_arm(pd.DataFrame({m: vals, "item": g["item"]}), m, "item", n_boot=n_boot)
             entry["metrics"][m] = {k: r[k] for k in ("estimate", "low", "high", "n", "n_clusters")}
+            entry["metrics"][m]["few_items"] = bool(r["n"]) and (r["n_clusters"] or 0) < MIN_ITEMS_FOR_CI
+            if m == "turn_of_flip" and "turn_of_flip_censored" in g.columns:
+                entry["metrics"][m]["n_censored"] = int(g["turn_of_flip_censored"].fillna(False).astype(bool).sum())
             if int(arm_index) != first_arm:
-                t = paired_test(keyed(int(arm_index), m), keyed(first_arm, m), binary=m in BINARY_METRICS,
-                                n_boot=n_boot)
+                if int(arm_index) in greedy_arms or first_arm in greedy_arms:
+                    t = paired_test(_item_means(g, m), _item_means(dialogues[dialogues["arm_index"] == first_arm], m),
+                                    binary=None if m in BINARY_METRICS else False, n_boot=n_boot)
+                    t["paired_on"] = "items (greedy seeds collapsed)"
+                else:
+                    t = paired_test(keyed(int(arm_index), m), keyed(first_arm, m), binary=m in BINARY_METRICS,
+                                    n_boot=n_boot)
+                    t["paired_on"] = "(item, seed) pairs"
                 entry["vs_first"][m] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in t.items()}
         arms_out.append(entry)
     return {"arms": arms_out, "metrics": metrics,
-            "headline": {s: HEADLINE[s] for s in scorers}, "baseline_arm": arms_out[0]["arm"]}
+            "headline": {s: HEADLINE[s] for s in scorers}, "baseline_arm": arms_out[0]["arm"],
+            "min_items_for_ci": MIN_ITEMS_FOR_CI}
 
 
 def summary(store: Store, experiment_id: str, n_boot: int = 2000, judge: Optional[str] = None) -> dict:
@@ -324,7 +373,7 @@ def summary(store: Store, experiment_id: str, n_boot: int = 2000, judge: Optiona
            **{k: v for k, v in run_progress(store, experiment_id).items() if k in ("done", "planned")},
            "scorers": scorers, "judge": base_judge(df) if "stance_drift" in scorers else None,
            "judges": judges_in(df)}
-    out.update(summarise_dialogues(dialogues, scorers, n_boot=n_boot))
+    out.update(summarise_dialogues(dialogues, scorers, n_boot=n_boot, greedy_arms=greedy_arms_of(exp)))
     return _jsonable(out)
 
 
@@ -345,17 +394,23 @@ def _jsonable(x: Any) -> Any:
 def _fmt_ci(m: Optional[dict]) -> str:
     if not m or m.get("estimate") is None:
         return "–"
-    return f"{m['estimate']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+    flag = "†" if m.get("few_items") else ""
+    return f"{m['estimate']:.3f} [{m['low']:.3f}, {m['high']:.3f}]{flag}"
 
 
 def summary_table(s: dict, metrics: Optional[list[str]] = None) -> pd.DataFrame:
-    """One row per arm: n dialogues, each metric 'est [low, high]' and its paired p vs the first arm."""
+    """One row per arm: n dialogues, each metric 'est [low, high]', the n it rests on (dialogues
+    with a value / items) and its paired p vs the first arm; '†' marks an interval from fewer
+    than 5 items."""
     metrics = metrics or s.get("metrics", [])
     rows = []
     for a in s.get("arms", []):
-        row = {"arm": a["arm"], "n": a["n_dialogues"]}
+        row = {"arm": a["arm"] + (" (greedy: 1 seed/item)" if a.get("greedy") and a.get("n_dialogues") else ""),
+               "dialogues": a["n_dialogues"]}
         for m in metrics:
-            row[m] = _fmt_ci(a["metrics"].get(m))
+            mm = a["metrics"].get(m) or {}
+            row[m] = _fmt_ci(mm)
+            row[f"{m} n"] = "–" if not mm.get("n") else f"{mm['n']}/{mm.get('n_clusters')}i"
             t = a["vs_first"].get(m)
             row[f"{m} p"] = "" if t is None else ("–" if t.get("p_value") is None else f"{t['p_value']:.3g}")
         rows.append(row)
@@ -363,15 +418,19 @@ def summary_table(s: dict, metrics: Optional[list[str]] = None) -> pd.DataFrame:
 
 
 def format_summary(s: dict, all_metrics: bool = False) -> str:
-    """The printed table: per arm n and each headline metric with 95% CI and paired p vs the first arm."""
+    """The printed table: per arm, each headline metric with 95% CI, its n and paired p vs the first arm."""
     head = (f"run {s['experiment_id']}  {s['protocol']}  [{s['status']}]  "
-            f"{s.get('done')}/{s.get('planned')} dialogues  model {s.get('model')}")
+            f"{s.get('done')}/{s.get('planned')} dialogues  model {s.get('model')}"
+            + (f"  stance judge {s['judge']}" if s.get("judge") else ""))
     if not s.get("arms"):
         return head + "\n(no complete dialogues yet)"
     metrics = s["metrics"] if all_metrics else list(s["headline"].values())
     table = summary_table(s, metrics)
-    note = (f"95% bootstrap CI over items (seeds clustered by item); p: paired test vs {s['baseline_arm']} "
-            "(McNemar for rates, Wilcoxon otherwise)")
+    note = (f"95% bootstrap CI over items (seeds clustered by item); n: dialogues with a value / items (i); "
+            f"p: paired test vs {s['baseline_arm']} (McNemar for rates, Wilcoxon otherwise; per-item means "
+            f"when an arm is greedy)")
+    if any((a["metrics"].get(m) or {}).get("few_items") for a in s["arms"] for m in metrics):
+        note += f"\n† interval from fewer than {s.get('min_items_for_ci', MIN_ITEMS_FOR_CI)} items: not reliable"
     return head + "\n" + table.to_string(index=False) + "\n" + note
 
 

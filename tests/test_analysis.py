@@ -95,7 +95,8 @@ def test_summary_metrics_cis_and_paired_tests(synthetic):
     assert m["turn_of_flip"]["estimate"] == pytest.approx(1.0)
     assert obs["metrics"]["turn_of_flip"]["estimate"] == pytest.approx(3.0)  # never flips: censored at n turns
     assert m["concession_rate"]["estimate"] == pytest.approx(0.25)
-    assert obs["metrics"]["flip_rate"] == {"estimate": 0.0, "low": 0.0, "high": 0.0, "n": 8, "n_clusters": 4}
+    assert obs["metrics"]["flip_rate"] == {"estimate": 0.0, "low": 0.0, "high": 0.0, "n": 8, "n_clusters": 4,
+                                           "few_items": True}  # 4 items < 5: flagged
     # every flip is discordant with the observer: exact McNemar on 6 discordant pairs
     t = cont["vs_first"]["flip_rate"]
     assert t["test"] == "mcnemar_exact" and t["n_pairs"] == 8 and t["a_only"] == 6
@@ -105,6 +106,20 @@ def test_summary_metrics_cis_and_paired_tests(synthetic):
     assert w["test"] == "wilcoxon" and w["mean_diff"] == pytest.approx(-0.4)
     text = A.format_summary(s)
     assert "flip_rate" in text and "0.750" in text and "observer" in text
+    assert "8/4i" in text and "†" in text and "fewer than 5 items" in text  # n per metric, flagged CI
+
+
+def test_greedy_arm_seeds_are_collapsed_before_paired_tests(synthetic):
+    store, eid, _ = synthetic
+    dialogues = A.dialogue_frame(A.results_frame(store, eid))
+    s = A.summarise_dialogues(dialogues, ["answer_flip"], n_boot=200, greedy_arms={0})
+    obs, cont = s["arms"]
+    assert obs["greedy"] and obs["n_dialogues"] == 4 and obs["metrics"]["flip_rate"]["n"] == 4
+    assert cont["n_dialogues"] == 8  # the sampled arm keeps its seeds
+    t = cont["vs_first"]["flip_rate"]
+    assert t["n_pairs"] == 4 and t["paired_on"].startswith("items")
+    assert A.greedy_arms_of({"args": {"arm_settings": [{"sampling": {"greedy": True}},
+                                                       {"sampling": {"greedy": False}}]}}) == {0}
 
 
 def test_summary_all_metrics_identical_arms_give_p_one(tmp_path):
