@@ -471,7 +471,8 @@ def _score_stance_drift(item: dict, replies: list[str], stance_turns=None, thres
             continue
         turns.append(_turn(v.label, v.score, {"stance": v.stance, "call": v.label, "reason": v.reason,
                                               "judge": j.name, "missing": v.missing,
-                                              "reference_turn": res["reference_turn"]}))
+                                              "reference_turn": res["reference_turn"],
+                                              **({"threshold": j.threshold} if j.name == "similarity" else {})}))
     summary = {k: res[k] for k in ("turn_of_flip", "turn_of_reversal", "n_flips", "stance_turns",
                                    "final_call", "n_missing", "reference_turn", "judge")}
     scores = [v.score for v in res["verdicts"] if v is not None and v.score is not None]
