@@ -117,6 +117,7 @@ def build_app(ctx: LabContext) -> gr.Blocks:
         sessions_tab.select(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]],
                             api_name=False)
         demo.load(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]], api_name=False)
+        arena["on_load"](demo)
     demo.lab_parts = {"arena": arena, "sessions": sessions, "inspect": inspect, "tabs": tabs}
     return demo
 

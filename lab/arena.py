@@ -20,6 +20,7 @@ from engine import SpecError
 
 from .arena_controller import LETTERS, ArenaError, ArenaSession, TurnOutcome, check_message
 from .context import MODEL_QUEUE, LabContext
+from .fields import FieldNumber, FieldSlider
 from .settings import Control, PaneLayout, mechanism_choices, summary
 
 N_PANES = 4
@@ -33,23 +34,6 @@ ArenaTab = ArenaSession  # the old name
 
 
 # ------------------------------------------------------------------------------------------ controls
-class FieldNumber(gr.Number):
-    """A number box that shows its bounds but leaves range checks to the settings model, whose
-    message names the field (Gradio's own check says only 'Value 7 is greater than maximum value 1')."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        return payload
-
-
-class FieldSlider(gr.Slider):
-    is_template = True
-
-    def preprocess(self, payload):
-        return payload
-
-
 def make_control(c: Control, value=None):
     """The Gradio component for one settings field."""
     value = c.default if value is None else value
@@ -280,6 +264,9 @@ def build_arena_tab(ctx: LabContext) -> dict:
         regen_btn = gr.Button("Regenerate last turn", size="sm")
         new_btn = gr.Button("New session", size="sm")
         reveal_btn = gr.Button("Reveal arms", size="sm", visible=False, elem_id="lab-reveal")
+        resume_btn = gr.Button("Continue my last session", size="sm", visible=False, elem_id="lab-resume")
+    # the last session this browser logged to, kept across reloads (the live one dies with the page)
+    last_sid = gr.BrowserState("", storage_key="lab-last-session")
 
     gr.Markdown("#### Label the replies\n<sub>Pick a turn, a stance label, optionally a note and your confidence, "
                 "then **Save label**. You can label while the next turn is streaming. Enter your name under "
@@ -300,7 +287,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
                 stance = gr.Radio(STANCE_LABELS, value=None, label="Stance", elem_classes=["stance"])
                 with gr.Row(equal_height=True):
                     note = gr.Textbox(value="", label="Note", placeholder="optional", lines=1, scale=3, min_width=120)
-                    confidence = gr.Slider(0, 1, value=0.8, step=0.05, label="Confidence", scale=2, min_width=120)
+                    confidence = FieldSlider(0, 1, value=0.8, step=0.05, label="Confidence", scale=2, min_width=120)
                 with gr.Row():
                     save = gr.Button(f"Save label for arm {p + 1}", size="sm", variant="primary",
                                      elem_classes=["save-label"])
@@ -652,6 +639,27 @@ def build_arena_tab(ctx: LabContext) -> dict:
             if "then_show" in inspect_parts:
                 inspect_parts["then_show"](event)
 
+    # remember the session after every turn; after a reload offer to continue it
+    for ev in (send_ev, regen_ev):
+        ev.then(lambda tab: tab.session_id or gr.skip(), inputs=[tab_state], outputs=[last_sid], api_name=False,
+                queue=False, show_progress="hidden")
+
+    def offer_resume(tab: ArenaSession, sid):
+        if tab.started or not (sid or "").strip():
+            return gr.update(visible=False), gr.skip()
+        return (gr.update(visible=True),
+                f"This browser's last session was `{html.escape(sid)}`: press **Continue my last session** to go on "
+                "with it (its arms are rebuilt from the logged tokens), or start a new one.")
+
+    resume_ev = resume_btn.click(named(continue_session, ["session_id", "annotator"]),
+                                 inputs=[tab_state, last_sid, annotator], outputs=full_outputs, api_name=False,
+                                 **model_bound)
+    resume_ev.success(lambda: gr.update(visible=False), outputs=[resume_btn], api_name=False, queue=False)
+
+    def on_load(demo: gr.Blocks):
+        demo.load(offer_resume, inputs=[tab_state, last_sid], outputs=[resume_btn, status], api_name=False,
+                  queue=False)
+
     def wire_continue(button: gr.Button, session_box: gr.Textbox, tabs: gr.Tabs, tab_id: str = "arena"):
         """A button elsewhere (Sessions) that reopens the session in `session_box` here and switches to the Arena."""
         ev = button.click(named(continue_session, ["session_id", "annotator"]),
@@ -662,4 +670,5 @@ def build_arena_tab(ctx: LabContext) -> dict:
     return dict(state=tab_state, n_arms=n_arms, blind=blind, annotator=annotator, title=title, system=system,
                 msg=msg, send=send_btn, stop_all=stop_all_btn, regenerate=regen_btn, new_session=new_btn,
                 reveal=reveal_btn, status=status, progress=progress, next=next_btn, panes=panes, layout=layout,
-                send_event=send_ev, regen_event=regen_ev, wire_inspect=wire_inspect, wire_continue=wire_continue)
+                send_event=send_ev, regen_event=regen_ev, wire_inspect=wire_inspect, wire_continue=wire_continue,
+                on_load=on_load, resume=resume_btn)

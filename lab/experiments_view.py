@@ -17,19 +17,23 @@ plain functions of (ctx, values) returning values, so they are testable without 
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any, Optional
 
 import gradio as gr
 import pandas as pd
 
 from lab.context import MODEL_QUEUE, LabContext
+from lab.fields import FieldNumber
 
 DEFAULT_ARMS = "observer\ncontinuity:linkage=1,gain=0.3"
 CUSTOM = "(uploaded or pasted YAML)"
 RUN_COLUMNS = ["run", "status", "progress", "protocol", "arms", "seeds", "items", "model", "started"]
 DIALOGUE_COLUMNS = ["session", "item", "seed", "arms", "complete"]
 
-_active: dict[str, Any] = {"event": None, "experiment_id": None}
+# The run in progress in this lab process (one model: one run at a time) and the browser tab that
+# started it: only that tab stops it; other tabs watch it in the runs table.
+_active: dict[str, Any] = {"event": None, "experiment_id": None, "owner": None}
 _active_lock = threading.Lock()
 
 
@@ -171,19 +175,23 @@ def run_details(store, experiment_id: Optional[str], metric: Optional[str] = Non
     return out
 
 
-def stop_run() -> str:
+def stop_run(owner: Optional[str] = None) -> str:
+    """Stop the run in progress if `owner` (the tab's token) started it."""
     with _active_lock:
-        event, eid = _active["event"], _active["experiment_id"]
+        event, eid, started_by = _active["event"], _active["experiment_id"], _active["owner"]
     if event is None:
         return "no run is in progress in this lab"
+    if started_by != owner:
+        return (f"run {eid or ''} was started in another tab (or window); only that tab can stop it — this one "
+                "watches it in the runs table")
     event.set()
     return f"stopping run {eid or ''} after the current step…"
 
 
 def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, items, max_new_tokens,
-              resume_id: Optional[str] = None, progress=None) -> tuple[str, Optional[str]]:
+              resume_id: Optional[str] = None, progress=None, owner: Optional[str] = None) -> tuple[str, Optional[str]]:
     """Validate the form and run (or resume) on the lab's model. Returns (message, experiment_id).
-    `progress(done, total, info)` is the runner's callback."""
+    `progress(done, total, info)` is the runner's callback; `owner` the token of the tab that may stop it."""
     from engine import DialogueError, SpecError
     from experiments.protocol import ProtocolError
     from experiments.runner import RunConfigError, load_run, run_protocol
@@ -210,7 +218,7 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
     with _active_lock:
         if _active["event"] is not None:
             return "❌ a run is already in progress in this lab; stop it or wait", None
-        _active.update(event=event, experiment_id=resume_id)
+        _active.update(event=event, experiment_id=resume_id, owner=owner)
     state = {"id": resume_id}
 
     def on_progress(done, total, info):
@@ -236,7 +244,7 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
         return f"❌ {type(exc).__name__}: {exc}{hint}", state["id"]
     finally:
         with _active_lock:
-            _active.update(event=None, experiment_id=None)
+            _active.update(event=None, experiment_id=None, owner=None)
 
 
 # ====================================================================== the tab
@@ -259,7 +267,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
             c["arms"] = gr.Textbox(DEFAULT_ARMS, lines=4, label="Arms, one spec per line",
                                    info="observer | NAME:key=value,… (greedy=false for seeds to matter)")
             with gr.Row():
-                c["seeds"] = gr.Number(1, label="seeds", precision=0, minimum=1)
+                c["seeds"] = FieldNumber(1, label="seeds", precision=0, minimum=1)
                 # Textboxes: an untouched gr.Number shows 0, which would read as "zero items"
                 c["items"] = gr.Textbox("", label="items (first K)", placeholder="all")
                 c["max_new_tokens"] = gr.Textbox("", label="max new tokens", placeholder="protocol's")
@@ -299,28 +307,31 @@ def build_experiments_tab(ctx: LabContext) -> dict:
         ids = [v for _, v in choices]
         return _safe_runs(ctx), gr.update(choices=choices, value=selected if selected in ids else None)
 
-    def on_run(choice, text, upload, arms, seeds, items, mnt, progress=gr.Progress()):
+    c["owner"] = gr.State(lambda: uuid.uuid4().hex)  # this browser tab's token: its runs are its own to stop
+
+    def on_run(owner, choice, text, upload, arms, seeds, items, mnt, progress=gr.Progress()):
         def cb(done, total, info):
             progress((done, total), desc=f"run {info.get('experiment_id', '')[:8]}: {done}/{total} dialogues",
                      unit="dialogues")
-        message, eid = start_run(ctx, choice, text, upload, arms, seeds, items, mnt, progress=cb)
+        message, eid = start_run(ctx, choice, text, upload, arms, seeds, items, mnt, progress=cb, owner=owner)
         return (message, *refreshed(eid))
 
-    def on_resume(eid, progress=gr.Progress()):
+    def on_resume(owner, eid, progress=gr.Progress()):
         if not eid:
             return ("❌ pick a run to resume", *refreshed())
 
         def cb(done, total, info):
             progress((done, total), desc=f"run {eid[:8]}: {done}/{total} dialogues", unit="dialogues")
-        message, eid2 = start_run(ctx, None, None, None, None, None, None, None, resume_id=eid, progress=cb)
+        message, eid2 = start_run(ctx, None, None, None, None, None, None, None, resume_id=eid, progress=cb,
+                                  owner=owner)
         return (message, *refreshed(eid2 or eid))
 
     form = [c["protocol"], c["yaml"], c["upload"], c["arms"], c["seeds"], c["items"], c["max_new_tokens"]]
-    c["run"].click(on_run, form, [c["status"], c["runs"], c["run_id"]],
+    c["run"].click(on_run, [c["owner"]] + form, [c["status"], c["runs"], c["run_id"]],
                    concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-    c["resume"].click(on_resume, [c["run_id"]], [c["status"], c["runs"], c["run_id"]],
+    c["resume"].click(on_resume, [c["owner"], c["run_id"]], [c["status"], c["runs"], c["run_id"]],
                       concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-    c["stop"].click(stop_run, None, c["status"], queue=False)
+    c["stop"].click(stop_run, [c["owner"]], c["status"], queue=False)
 
     def on_refresh(selected):
         return refreshed(selected)

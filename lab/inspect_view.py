@@ -20,6 +20,7 @@ from engine import figures as F
 from engine.capture import GRID_METRICS
 from experiments.inspect import InspectError, InspectResult, inspect_turn
 
+from .fields import FieldNumber
 from .context import MODEL_QUEUE, LabContext
 
 HEADS_MEAN = "mean"
@@ -139,8 +140,8 @@ def build_inspect_tab(ctx: LabContext) -> dict:
     res_state = gr.State(None)
     with gr.Row():
         session = gr.Textbox(label="session id", scale=3, elem_id="inspect-session")
-        arm = gr.Number(label="arm", value=1, precision=0, minimum=0, scale=1, elem_id="inspect-arm")
-        turn = gr.Number(label="turn", value=0, precision=0, minimum=0, scale=1, elem_id="inspect-turn")
+        arm = FieldNumber(label="arm", value=1, precision=0, minimum=0, scale=1, elem_id="inspect-arm")
+        turn = FieldNumber(label="turn", value=0, precision=0, minimum=0, scale=1, elem_id="inspect-turn")
         recompute = gr.Checkbox(label="recompute", value=False, scale=1)
         show = gr.Button("Show", variant="primary", scale=1, elem_id="inspect-show")
     status = gr.Markdown("", elem_id="inspect-status")

@@ -12,6 +12,7 @@ from db import StoreError
 from db.export import export as export_files
 from db.store import is_blinded
 
+from .fields import FieldNumber
 from .context import LabContext
 
 N_COLS = 4
@@ -27,6 +28,18 @@ def pane_letters(session: dict) -> dict[int, str]:
     """arm index -> the pane letter it was shown under."""
     order = session.get("pane_order") or [a["index"] for a in session["arms"]]
     return {arm: LETTERS[p] for p, arm in enumerate(order)}
+
+
+FORMATS = {"CSV": "csv", "JSONL": "jsonl", "Parquet": "parquet", "Bundle (JSON, one session)": "bundle"}
+LIST_COLUMNS = ["id", "created", "kind", "title", "arms", "turns", "annotations"]
+ANN_COLUMNS = ["arm", "turn", "annotator", "stance", "confidence", "note", "created"]
+
+
+def _when(dt) -> str:
+    try:
+        return dt.astimezone().strftime("%Y-%m-%d %H:%M")
+    except Exception:  # noqa: BLE001 - whatever the backend returned, show something
+        return str(dt or "")
 
 
 def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.DataFrame:
@@ -77,8 +90,8 @@ def build_sessions_tab(ctx: LabContext) -> dict:
                                label="Annotations (newest label per turn and annotator)", max_height=260,
                                elem_id="sessions-annotations")
     with gr.Row(equal_height=True):
-        insp_arm = gr.Number(value=0, precision=0, minimum=0, label="Arm (index)", scale=1, min_width=100)
-        insp_turn = gr.Number(value=0, precision=0, minimum=0, label="Turn (0-based)", scale=1, min_width=100)
+        insp_arm = FieldNumber(value=0, precision=0, minimum=0, label="Arm (index)", scale=1, min_width=100)
+        insp_turn = FieldNumber(value=0, precision=0, minimum=0, label="Turn (0-based)", scale=1, min_width=100)
         inspect_btn = gr.Button("Inspect this turn", size="sm", scale=1, visible=False, elem_classes=["short-btn"])
     with gr.Accordion("Export", open=True):
         with gr.Row(equal_height=True):

@@ -75,6 +75,8 @@ def test_send_logs_both_arms_and_annotate(server):
     assert "1 of 2" in progress and "ana" in progress
     refused, _ = c.predict("", 0, "maintained", "", 0.5, api_name="/annotate_arm_1")
     assert "Annotator" in refused
+    refused, _ = c.predict("ana", 0, "maintained", "", 7, api_name="/annotate_arm_1")  # names the field
+    assert "confidence must be between 0 and 1" in refused, refused
     with Store(f"sqlite:///{db_file}") as store:
         anns = store.latest_annotations(s["id"])
         assert [(a["arm_index"], a["stance_label"], a["annotator"]) for a in anns] == [(1, "initial stance", "ana")]
@@ -178,3 +180,26 @@ def test_stop_while_streaming_and_blind_reveal(server):
     assert "Arm A = " in headers and "observer" in headers and "continuity" in headers
     with Store(f"sqlite:///{db_file}") as store:
         assert "revealed_at" in store.get_session(sid)["meta"]
+
+
+def test_two_tabs_turns_take_turns_on_the_model(server):
+    """Model-bound events of two tabs share one queue: one tab's turn streams only after the other's ended."""
+    import time
+
+    url, _ = server
+    jobs = [client(url).submit(f"Count to {k}.", api_name="/send", arm1_max_new_tokens=6, arm2_max_new_tokens=6)
+            for k in (3, 4)]
+    seen: dict[int, list[float]] = {0: [], 1: []}
+    counts = [0, 0]
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(j.done() for j in jobs):
+        for i, j in enumerate(jobs):
+            n = len(j.outputs())
+            if n > counts[i]:
+                counts[i] = n
+                seen[i].append(time.time())
+        time.sleep(0.05)
+    results = [outputs(j.result(timeout=60)) for j in jobs]
+    assert all("Turn 1 logged" in r["status"] for r in results), [r["status"] for r in results]
+    spans = sorted((min(v), max(v)) for v in seen.values() if v)
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0] + 0.5, spans  # no overlap (0.5 s polling slack)

@@ -150,7 +150,7 @@ def test_blind_session_stays_blind_labels_by_keyboard_and_continues(lab, page, t
     assert "continuity" not in text and "observer" not in text and "Arm A" in text
     page.get_by_label("Bundle (JSON, one session)").check()
     page.get_by_role("button", name="Export", exact=True).click()
-    expect(page.get_by_text("not offered until Reveal")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("does not offer it until Reveal")).to_be_visible(timeout=30_000)
 
     # Continue in Arena: the arms are rebuilt from the logged tokens; the next turn joins the session
     page.locator("#sessions-continue").click()
@@ -162,6 +162,16 @@ def test_blind_session_stays_blind_labels_by_keyboard_and_continues(lab, page, t
     expect(status).to_contain_text("Turn 2 logged", timeout=LONG)
     assert status.locator("code").inner_text().strip() == sid
     assert sorted({t["turn_index"] for t in store.get_turns(sid)}) == [0, 1]
+
+    # a reload drops the live conversation; the browser remembers the session and offers to continue it
+    page.reload()
+    resume = page.locator("#lab-resume")
+    expect(resume).to_be_visible(timeout=60_000)
+    expect(status).to_contain_text(sid)
+    resume.click()
+    expect(status).to_contain_text("Reopened session", timeout=LONG)
+    expect(page.locator("#arm2-chat")).to_contain_text("Are you sure?")
+    expect(page.locator("#arm1-header")).to_have_text("Arm A")  # still blind after the reload
 
     page.locator("#lab-reveal").click()
     expect(status).to_contain_text("Revealed", timeout=30_000)
