@@ -1,4 +1,4 @@
-"""Command line: `python -m engine {prepare,generate,probe,mechanisms}`.
+"""Command line: `python -m engine {prepare,generate,probe,mechanisms,train,distill}`.
 
     python -m engine generate --prompt "Is it ever right to lie?" --arm observer \
         --arm continuity:linkage=1,gain=0.3,layers=15/22/28 --max-new-tokens 64 --greedy --json
@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="logit-delta probe of an arm against the observer")
     common(pr)
     pr.add_argument("--arm", required=True)
+
+    t = sub.add_parser("train", help="train a mechanism's weights from a YAML config (see engine/train.py)")
+    t.add_argument("config", help="YAML config")
+    t.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'auto'")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -49,6 +54,10 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "train":
+        from .train import main as train_main
+
+        return train_main(args)
     from .spec import SpecError, parse_arm
 
     if args.command == "mechanisms":

@@ -286,9 +286,10 @@ class MemoryBank(Mechanism):
     def bank_kv(self, layer: int, proj: LayerProjections):
         """K_mem, V_mem [n_kv, N, d_h] (K reduced to r dims for the reduced variant) of the layer's bank.
 
-        Kept per (weights, layer) while the bank is frozen; recomputed when it trains."""
+        Kept per (weights, layer) when the bank is frozen (as every loaded bank is); recomputed
+        at every call while its parameters train."""
         w, b = self.weights, self.bank_of[layer]
-        frozen = not (torch.is_grad_enabled() and any(p.requires_grad for p in w.parameters()))
+        frozen = not any(p.requires_grad for p in w.parameters())
         key = (layer, id(proj.attn))
         if frozen and key in w.kv_cache:
             return w.kv_cache[key]
