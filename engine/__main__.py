@@ -44,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config")
     t.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'auto'")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    di = sub.add_parser("distill", help="a memory bank from a document, no training (see engine/distill.py)")
+    di.add_argument("document", help="UTF-8 text file")
+    di.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    di.add_argument("--model", default=None, help="'embedded' (default), a local folder, or a cached HF id")
+    di.add_argument("--arm", default=None, help="memory_bank settings, e.g. 'memory_bank:layers=8/20,chapters=4' "
+                                                "(default memory_bank:sharing=per_layer)")
+    di.add_argument("--method", default="tokens", choices=["tokens", "chunks", "kmeans"],
+                    help="slots = the tokens' x̂ (default), chunk means, or k-means centroids per chapter")
     return p
 
 
@@ -58,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(args)
+    if args.command == "distill":
+        from .distill import main as distill_main
+
+        return distill_main(args)
     from .spec import SpecError, parse_arm
 
     if args.command == "mechanisms":
