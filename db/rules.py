@@ -18,15 +18,16 @@ import base64
 import binascii
 import json
 import math
-import zlib
 import operator
+import zlib
 from datetime import datetime
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from .models import SCHEMA_VERSION, EXPERIMENT_STATUSES, FINISH_REASONS, ROLES, SESSION_KINDS, STANCE_LABELS, to_utc
+from .models import (EXPERIMENT_STATUSES, FINISH_REASONS, ROLES, SCHEMA_VERSION, SESSION_KINDS, STANCE_LABELS,
+                     to_utc)
 
 INT64_MAX = 2**63 - 1  # SQLite INTEGER is a signed 64-bit number
 INT64_MIN = -(2**63)
@@ -50,7 +51,7 @@ def _text(v, max_len=None):
     try:
         v.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"not valid Unicode text (a lone surrogate at character {e.start})") from None
+        raise ValueError(f"not valid Unicode text (a lone surrogate at character {e.start + 1})") from None
     return v
 
 

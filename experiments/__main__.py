@@ -9,6 +9,7 @@
     python -m experiments protocols                      # the shipped protocols
     python -m experiments score SCORER FILE.jsonl [--judge NAME] [--json]   # agreement with labels
     python -m experiments rescore RUN_ID --judge NAME    # stance rows of another judge, side by side
+    python -m experiments figures RUN_ID [--out DIR] [--judge NAME] [--format html|png|svg]
 
 Exit status: 0 done; 2 a mistake in the command (malformed protocol, bad arm spec, missing
 model, resume with other settings); 1 a database problem (e.g. locked; rows already written
@@ -73,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--db", default=None)
     rs.add_argument("--json", action="store_true")
 
+    fg = sub.add_parser("figures", help="write a run's figures: one HTML page (plotly.js once), PNG and SVG")
+    fg.add_argument("run_id")
+    fg.add_argument("--out", default=None, help="folder (default: figures-RUN_ID)")
+    fg.add_argument("--judge", default=None, help="stance rows of this judge (default: the run's own)")
+    fg.add_argument("--format", action="append", choices=["html", "png", "svg"], default=None,
+                    help="repeatable; default: html, png and svg")
+    fg.add_argument("--db", default=None)
+
     sub.add_parser("protocols", help="list the shipped protocols")
     return p
 
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_score(args)
         if args.command == "rescore":
             return _cmd_rescore(args)
+        if args.command == "figures":
+            return _cmd_figures(args)
         return _cmd_run(args)
     except StoreError as e:
         return _fail(str(e), 1)
@@ -138,6 +149,23 @@ def _cmd_summary(args) -> int:
     except ValueError as e:
         return _fail(str(e))
     print(json.dumps(s) if args.json else format_summary(s, all_metrics=args.all))
+    return 0
+
+
+def _cmd_figures(args) -> int:
+    from experiments.analysis import export_figures, run_figures
+
+    store = _open_store(args.db, create=False)
+    try:
+        figs = run_figures(store, args.run_id, judge=args.judge)
+    except ValueError as e:
+        return _fail(str(e))
+    written, problems = export_figures(figs, args.out or f"figures-{args.run_id[:12]}", stem=args.run_id[:12],
+                                       formats=tuple(args.format or ("html", "png", "svg")))
+    for path in written:
+        print(path)
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
     return 0
 
 

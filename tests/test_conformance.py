@@ -5,8 +5,8 @@ with flags saying which invariants a configuration claims). Nothing here names a
 one joins by registering. Checked for every case:
 
 - linkage 0 is the base model bit for bit: `torch.equal` on every step's logits and identical
-  greedy tokens against plain transformers `generate` (tiny Llama / Qwen2 / Mistral; the embedded
-  model for each mechanism's first case);
+  greedy tokens against plain transformers `generate` (each mechanism's first configuration on tiny
+  Llama, Qwen2 and Mistral and on the embedded model; its other configurations on tiny Llama);
 - position-matched rows: row k of `[observer, X]` equals row k of `[mechanism at λ=0, X]`, bit for
   bit (same batch shape, so the claim holds for any kernel, dtype or quantization);
 - cached == uncached within 1e-4 at linkage 1 (where claimed), no future leakage (where claimed);
@@ -28,6 +28,27 @@ from test_engine_exactness import (PROMPTS, dialogue_logits, full_forward, gener
 
 CASES = [pytest.param(case, id=case.spec) for name, cls in MECHANISMS.items() for case in cls.conformance_cases()]
 FIRST_CASES = [pytest.param(cls.conformance_cases()[0], id=name) for name, cls in MECHANISMS.items()]
+# Each mechanism's first configuration on all three architectures, the others on Llama (CI time).
+ARCH_CASES = [pytest.param(arch, case, id=f"{arch}-{case.spec}")
+              for name, cls in MECHANISMS.items() for k, case in enumerate(cls.conformance_cases())
+              for arch in (("llama", "qwen2", "mistral") if k == 0 else ("llama",))]
+_TINY: dict = {}
+
+
+@pytest.fixture
+def tiny_arch(tokenizer):
+    """tiny_arch(name) -> the tiny random model of that architecture (built once per session)."""
+    from conftest import make_tiny
+
+    def get(arch):
+        if arch not in _TINY:
+            _TINY[arch] = make_tiny(arch, tokenizer)
+        return _TINY[arch]
+    return get
+
+
+def _flag(params, flag):
+    return [p for p in params if getattr(p.values[-1], flag)]
 
 
 def at_linkage(spec: str, linkage: float) -> ArmSpec:
@@ -49,8 +70,9 @@ def test_every_mechanism_has_cases():
 
 
 # -- linkage 0 -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES)
-def test_linkage_zero_equals_plain_generate(tiny, case):
+@pytest.mark.parametrize("arch,case", ARCH_CASES)
+def test_linkage_zero_equals_plain_generate(tiny_arch, arch, case):
+    tiny = tiny_arch(arch)
     ref_tokens, ref_logits = generate_logits(tiny, PROMPTS[0], 10)
     tokens, logits = dialogue_logits(tiny, [spec_at(case.spec, 0)], PROMPTS[0], 10)
     assert tokens[0] == ref_tokens
@@ -66,9 +88,10 @@ def test_linkage_zero_equals_plain_generate_embedded(embedded, case):
     assert all(torch.equal(g[0], w) for g, w in zip(logits, ref_logits))
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_position_matched_rows_are_bit_identical(tiny, case):
+@pytest.mark.parametrize("arch,case", ARCH_CASES)
+def test_position_matched_rows_are_bit_identical(tiny_arch, arch, case):
     """Row 0 of [observer, X] equals row 0 of [mechanism at λ=0, X], every step, bit for bit."""
+    tiny = tiny_arch(arch)
     linked = spec_at(case.spec, 1)
     tok_a, log_a = dialogue_logits(tiny, ["observer", linked], PROMPTS[1], 8)
     tok_b, log_b = dialogue_logits(tiny, [spec_at(case.spec, 0), linked], PROMPTS[1], 8)
@@ -79,8 +102,9 @@ def test_position_matched_rows_are_bit_identical(tiny, case):
 
 
 # -- cached == uncached, causality ---------------------------------------------------------------
-@pytest.mark.parametrize("case", [c for c in CASES if c.values[0].cached_exact])
-def test_cached_equals_uncached(tiny, case):
+@pytest.mark.parametrize("arch,case", _flag(ARCH_CASES, "cached_exact"))
+def test_cached_equals_uncached(tiny_arch, arch, case):
+    tiny = tiny_arch(arch)
     ids, roles = mixed_sequence()
     full = full_forward(tiny, case.spec, ids, roles)
     steps = stepwise_forward(tiny, case.spec, ids, roles)
@@ -90,8 +114,9 @@ def test_cached_equals_uncached(tiny, case):
         assert (full - plain).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.values[0].causal])
-def test_no_future_leakage(tiny, case):
+@pytest.mark.parametrize("arch,case", _flag(ARCH_CASES, "causal"))
+def test_no_future_leakage(tiny_arch, arch, case):
+    tiny = tiny_arch(arch)
     ids, roles = mixed_sequence()
     j = 25
     changed = list(ids)
@@ -128,8 +153,9 @@ def test_snapshot_restore_replays_the_same_tokens(tiny_llama, case):
     assert all(torch.equal(a, b) for a, b in zip(_leaves(mech.snapshot()), frozen))
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_batched_equals_alone(tiny, case):
+@pytest.mark.parametrize("arch,case", ARCH_CASES)
+def test_batched_equals_alone(tiny_arch, arch, case):
+    tiny = tiny_arch(arch)
     turns = [PROMPTS[1], "I disagree. Are you sure?"]
     batch = ["observer", case.spec, spec_at(case.spec, 0)]
     d = Dialogue(tiny, [parse_arm(a) for a in batch])

@@ -39,3 +39,29 @@ def test_replay_refuses_other_weights(embedded, tiny_llama, store):
     rec.log("Hello", d.send("Hello", max_new_tokens=3))
     with pytest.raises(ValueError, match="other weights"):
         replay_turn(store, embedded, rec.session_id, 0)
+
+
+def test_replay_with_a_weights_file_and_refusal_when_it_changed(embedded, store, tmp_path):
+    """The arm row records the weights file's hash; replay uses the file, and refuses it once changed."""
+    import torch
+
+    from engine import SpecError
+    from engine.weights import save_weights
+
+    path = tmp_path / "vec.safetensors"
+    h = embedded.model.config.hidden_size
+
+    def write(scale):
+        save_weights(path, {"vector.15": torch.ones(h) * scale}, mechanism="vector_toy", settings={"layers": [15]},
+                     model=embedded.model, identity=embedded.identity)
+
+    write(0.05)
+    d = Dialogue(embedded, [parse_arm("observer"), parse_arm(f'vector_toy:weights="{path}",linkage=1')])
+    rec = SessionRecorder(store, embedded, d)
+    rec.log("Name a colour.", d.send("Name a colour.", max_new_tokens=6))
+    arm = store.get_session(rec.session_id)["arms"][1]
+    assert len(arm["settings"]["weights_sha256"]) == 64 and str(path) in arm["spec"]
+    assert replay_turn(store, embedded, rec.session_id, 0).identical
+    write(0.07)
+    with pytest.raises(SpecError, match=f"weights file {path} has changed"):
+        replay_turn(store, embedded, rec.session_id, 0)
