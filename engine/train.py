@@ -165,7 +165,11 @@ def load_config(path: str | Path) -> TrainConfig:
     except FileNotFoundError:
         raise ConfigError([f"config file {p} does not exist"]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"{p}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"config file {p} is not UTF-8 text"]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{p}: expected a mapping of keys at the top level"])
     try:
