@@ -14,6 +14,7 @@ import os
 from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, RowPlan, StepRow,
                    copy_state, default_layers, file_field)
 from .continuity import Continuity, ContinuitySettings
+from .neural_memory import NeuralMemory
 
 MECHANISMS: dict[str, type[Mechanism]] = {}
 
@@ -43,6 +44,7 @@ def load_plugins(names: str | None = None) -> list[str]:
 
 
 register(Continuity)
+register(NeuralMemory)
 
 __all__ = ["MECHANISMS", "ConformanceCase", "LayerCall", "Mechanism", "MechanismSettings", "ReadTrace", "RowPlan",
            "StepRow", "copy_state", "default_layers", "file_field", "load_plugins", "register",
