@@ -381,7 +381,7 @@ class CaptureDialogue(Dialogue):
 def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, list[list[int]]]],
                  system: str | None = None, *, focus_arm: int = 0, focus_turn: int | None = None,
                  attention: bool = True, max_size: int | None = DEFAULT_MAX_SIZE,
-                 curves: bool = True, expected_length: int | None = None) -> TurnCapture:
+                 curves: bool = True, expected_length: int | None = None, window: int | None = None) -> TurnCapture:
     """Teacher-force `turns` [(user, [reply ids per arm]), ...] up to `focus_turn` and capture it.
 
     One pass, eager attention, every arm's mechanism active and recording read traces. Returns the
@@ -391,6 +391,9 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     `expected_length`: the focus arm's transcript length if known (else it is found by a dry run of
     the tokenisation), used to fix the buckets before the pass.
     """
+    if window is not None:
+        raise CaptureError(f"this dialogue ran with an attention window of {window} tokens; captures need the "
+                           "full cache (the attention views would not show what the arms saw)")
     if not turns:
         raise CaptureError("the dialogue has no turns")
     focus_turn = len(turns) - 1 if focus_turn is None else focus_turn

@@ -142,6 +142,10 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
         # relabelling keeps a blind annotation blind, so Inspect waits for the reveal
         raise InspectError("this is a blind session and its arms are not revealed yet: inspecting would show "
                            "which arm is which. Press Reveal in the Arena first (after labelling).")
+    if (session.get("meta") or {}).get("window"):
+        raise InspectError(f"session {session_id} ran with an attention window of {session['meta']['window']} tokens; "
+                           "Inspect captures full-attention dialogues only (its attention views would not match "
+                           "what the arms saw)")
     arms = sorted(session["arms"], key=lambda a: a["index"])
     try:
         arm_index, turn_index = int(arm_index), int(turn_index)

@@ -84,6 +84,8 @@ class Protocol(BaseModel):
     scoring: list[Literal[SCORER_NAMES]] = Field(default_factory=list)
     stance_turns: Optional[list[StrictInt]] = None
     max_new_tokens: Optional[Annotated[StrictInt, Field(gt=0, le=MAX_NEW_TOKENS_LIMIT)]] = None
+    # attention window of every arm (engine.dialogue): the sink plus the last `window` tokens
+    window: Optional[Annotated[StrictInt, Field(gt=0, le=1_000_000)]] = None
     _source_path: Optional[Path] = PrivateAttr(default=None)
 
     @property
