@@ -623,6 +623,21 @@ def memory_read_table(traces: list[ReadTrace], transcript: ArmTranscript, turn: 
             "layers": out_layers}
 
 
+def scalar_curves(traces: list[ReadTrace]) -> dict:
+    """Every named scalar of the traces (surprise, write strength, norms...) as a curve over positions,
+    per layer: {"positions": [...], "layers": [{"layer": l, "series": {name: [value | None per position]}}]}.
+    Generic over mechanisms and scalar names."""
+    positions = sorted({int(tr.position) for tr in traces if tr.scalars})
+    index = {p: i for i, p in enumerate(positions)}
+    layers: dict[int, dict[str, list]] = {}
+    for tr in traces:
+        for name, value in tr.scalars.items():
+            series = layers.setdefault(int(tr.layer), {}).setdefault(name, [None] * len(positions))
+            series[index[int(tr.position)]] = float(value)
+    return {"positions": positions,
+            "layers": [{"layer": l, "series": layers[l]} for l in sorted(layers)]}
+
+
 def own_answer_read_share(traces: list[ReadTrace], transcript: ArmTranscript, turn: int) -> float | None:
     """Mean (over reads and layers) weight a turn's reads put on slots from the arm's earlier answers."""
     roles, mt = transcript.roles, transcript.msg_turns

@@ -158,3 +158,24 @@ def test_scope_turn_resets_and_settings_are_bounded(tiny_llama):
         parse_arm("neural_memory:momentum=1.5")
     with pytest.raises(SpecError, match="unknown key"):
         parse_arm("neural_memory:eta=0.5")
+
+
+def test_read_scalars_become_curves_over_the_transcript(tiny_llama):
+    """Inspect draws every named scalar (generic): surprise and write strength over all positions, per layer."""
+    from engine import figures as F
+    from engine.capture import scalar_curves
+
+    d = Dialogue(tiny_llama, [parse_arm("neural_memory:linkage=1,layers=1/3")], record_traces=True)
+    traces = [t for u in (PROMPTS[0], "And then?") for t in d.send(u, max_new_tokens=4)[0].traces]
+    curves = scalar_curves(traces)
+    assert curves["positions"] == sorted({t.position for t in traces})
+    assert [e["layer"] for e in curves["layers"]] == [1, 3]
+    series = curves["layers"][0]["series"]
+    assert {"surprise", "write_strength", "memory_norm"} <= set(series)
+    assert all(v is not None and v >= 0 for v in series["write_strength"])
+    labels = [str(t) for t in d.arms[0].token_ids]
+    fig = F.scalar_curves_figure(curves, labels, reply_span=(10, 14), title="t")
+    names = {a.text for a in fig.layout.annotations}
+    assert {"surprise", "write strength", "memory norm"} <= names
+    assert len(fig.data) == 2 * len({n for e in curves["layers"] for n in e["series"]})
+    assert "no read scalars" in F.scalar_curves_figure(None, []).layout.annotations[0].text

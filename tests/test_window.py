@@ -119,3 +119,37 @@ def test_rollback_with_a_window_restores_the_evicted_cache(tiny_llama):
 def test_bad_window_is_one_clear_error(tiny_llama, bad):
     with pytest.raises(DialogueError, match="window must be"):
         Dialogue(tiny_llama, [parse_arm("observer")], window=bad)
+
+
+def test_runner_logs_the_window_replay_rebuilds_it_and_inspect_refuses(tiny_llama, tmp_path):
+    from db import Store
+    from experiments.inspect import InspectError, inspect_turn
+    from experiments.protocol import get_protocol
+    from experiments.record import replay_turn
+    from experiments.runner import RunConfigError, run_protocol
+
+    protocol = get_protocol("window_recall")
+    assert protocol.window == 64 and "answer_match" in protocol.scoring
+    store = Store(f"sqlite:///{tmp_path / 'lab.db'}")
+    try:
+        arms = ["observer", "neural_memory:linkage=1,gain=1,layers=1/3"]
+        eid = run_protocol(store, tiny_llama, protocol, arms, items=1, max_new_tokens=3, window=12)
+        (session,) = store.list_sessions(experiment_id=eid)
+        assert session["meta"]["window"] == 12 and session["meta"]["complete"] is True
+        assert store.get_experiment(eid)["args"]["window"] == 12
+        replay = replay_turn(store, tiny_llama, session["id"], 4)
+        assert replay.identical
+        with pytest.raises(InspectError, match="attention window of 12 tokens"):
+            inspect_turn(store, tiny_llama, session["id"], 1, 4)
+        with pytest.raises(RunConfigError, match="window"):
+            run_protocol(store, tiny_llama, protocol, arms, items=1, max_new_tokens=3, window=0)
+    finally:
+        store.close()
+
+
+def test_cli_window_flags_refuse_bad_values():
+    from engine.__main__ import main as engine_main
+    from experiments.__main__ import main as experiments_main
+
+    assert engine_main(["generate", "--prompt", "Hi", "--arm", "observer", "--window", "0"]) == 2
+    assert experiments_main(["run", "window_recall", "--arm", "observer", "--window", "-1"]) == 2
