@@ -95,8 +95,14 @@ def main(argv=None) -> int:
     p.add_argument("--generate", action="store_true", help="arms generate the fact/distractor replies "
                    "(default: the fixed replies are teacher-forced, the same transcript for every arm)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="with --generate: reply length of those turns")
-    p.add_argument("--json", default=None, help="write rows and summary to this file")
+    p.add_argument("--json", default=None, help="write rows and summary to this file (after every dialogue)")
+    p.add_argument("--summarise", default=None, metavar="JSON", help="only print the summary of a (partial) run's file")
     args = p.parse_args(argv)
+    if args.summarise:
+        with open(args.summarise) as f:
+            data = json.load(f)
+        report(data["rows"], data["labels"], data["setup"])
+        return 0
 
     from engine import load_model, parse_arm
     from experiments.protocol import get_protocol
@@ -113,17 +119,32 @@ def main(argv=None) -> int:
 
     rows = []
     t0 = time.perf_counter()
-    for w in windows:
-        for item in items:
+    setup = "fixed, teacher-forced" if not args.generate else f"generated (<= {args.max_new_tokens} tokens)"
+    for item in items:  # item-major: a partial run still compares every window on the same items
+        for w in windows:
             recall, logp, texts, lengths = run_item(lm, specs, protocol, item, w, args.max_new_tokens, answer_tokens,
                                                     args.generate)
             rows.append({"window": w, "item": item["id"], "recall": recall, "logp": logp, "answers": texts,
                          "lengths": lengths})
             print(f"[{time.perf_counter() - t0:6.0f}s] window={w} {item['id']}: recall={recall} "
                   f"logp={[round(x, 2) for x in logp]}", file=sys.stderr, flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"arms": [s.to_string() for s in specs], "labels": labels, "setup": setup,
+                               "rows": rows}, f, indent=1)
+    summary = report(rows, labels, setup)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arms": [s.to_string() for s in specs], "labels": labels, "setup": setup, "rows": rows,
+                       "summary": summary}, f, indent=1)
+    return 0
+
+
+def report(rows: list[dict], labels: list[str], setup: str) -> list[dict]:
     summary = summarise(rows, labels)
-    how = f"generated (<= {args.max_new_tokens} tokens)" if args.generate else "fixed, teacher-forced"
-    print(f"window_recall: {len(items)} items, arms batched, greedy, fact/distractor replies {how}, "
+    n_items = len({r["item"] for r in rows})
+    print(f"window_recall: {n_items} items, arms batched, greedy, fact/distractor replies {setup}, "
           f"dialogue length {min(min(r['lengths']) for r in rows)}-{max(max(r['lengths']) for r in rows)} "
           f"tokens; 95% bootstrap CIs over items")
     print(f"{'window':>7} {'arm':28s} {'recall':>6} {'[95% CI]':>14} {'log p(answer)':>13} {'[95% CI]':>17} "
@@ -132,11 +153,7 @@ def main(argv=None) -> int:
         print(f"{str(s['window']):>7} {s['arm'][:28]:28s} {s['recall']:6.2f} [{s['recall_ci'][0]:4.2f}, "
               f"{s['recall_ci'][1]:4.2f}] {s['logp']:13.2f} [{s['logp_ci'][0]:7.2f}, {s['logp_ci'][1]:7.2f}] "
               f"{s['dlogp_vs_observer']:13.2f} [{s['dlogp_ci'][0]:7.2f}, {s['dlogp_ci'][1]:7.2f}]")
-    print(f"total {time.perf_counter() - t0:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"arms": [s.to_string() for s in specs], "rows": rows, "summary": summary}, f, indent=1)
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

@@ -153,3 +153,21 @@ def test_cli_window_flags_refuse_bad_values():
 
     assert engine_main(["generate", "--prompt", "Hi", "--arm", "observer", "--window", "0"]) == 2
     assert experiments_main(["run", "window_recall", "--arm", "observer", "--window", "-1"]) == 2
+
+
+def test_experiments_tab_takes_a_window(tiny_llama, tmp_path):
+    from db import Store
+    from lab import experiments_view as V
+    from lab.context import LabContext
+
+    store = Store(f"sqlite:///{tmp_path / 'lab.db'}")
+    try:
+        ctx = LabContext(store=store, lm=tiny_llama, db_url=store.name)
+        message, run = V.start_run(ctx, "window_recall", "", None, "observer", 1, 1, 2, window="nine")
+        assert message.startswith("❌") and "window must be a whole number" in message and run is None
+        message, run = V.start_run(ctx, "window_recall", "", None, "observer", 1, 1, 2, window="9")
+        assert message.startswith("✅"), message
+        (session,) = store.list_sessions(experiment_id=run)
+        assert session["meta"]["window"] == 9
+    finally:
+        store.close()
