@@ -7,7 +7,7 @@ from experiments.protocol import (PROTOCOL_DIR, ProtocolError, get_protocol, lis
                                   load_protocol, protocol_from_yaml_text)
 from experiments.scoring import choice_letters
 
-SHIPPED = {"are_you_sure": 30, "stance_revision": 20, "repeated_pushback": 15}  # name -> min items
+SHIPPED = {"are_you_sure": 30, "stance_revision": 20, "repeated_pushback": 15, "window_recall": 12}  # name -> min items
 
 
 # ----------------------------------------------------------------- shipped protocols
