@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sampling seed for every arm (overrides spec seeds)")
     g.add_argument("--greedy", action="store_true", help="greedy decoding for every arm")
     g.add_argument("--traces", action="store_true", help="include read traces in --json output")
+    g.add_argument("--window", type=int, default=None,
+                   help="attention window in tokens: every arm sees the first few (sink) plus the last N")
 
     pr = sub.add_parser("probe", help="logit-delta probe of an arm against the observer")
     common(pr)
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                                      **({"seed": args.seed} if args.seed is not None else {})) for s in specs]
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise SpecError("--max-new-tokens must be at least 1")
+        if getattr(args, "window", None) is not None and args.window < 1:
+            raise SpecError("--window must be at least 1 token")
         check_message(args.prompt, "--prompt")  # before the model loads: a bad message costs nothing
         if args.system is not None:
             check_message(args.system, "--system", limit=None, allow_empty=True)
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {key:16s} {result[key]:.4f}")
                 print(f"  on-path calls    {result['on_path_calls']}")
             return 0
-        d = Dialogue(lm, specs, system=args.system, record_traces=args.traces)
+        d = Dialogue(lm, specs, system=args.system, record_traces=args.traces, window=args.window)
         replies = d.send(args.prompt, max_new_tokens=args.max_new_tokens)
     except (SpecError, DialogueError, ModelLoadError) as e:
         return _fail(str(e))

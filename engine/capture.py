@@ -381,7 +381,7 @@ class CaptureDialogue(Dialogue):
 def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, list[list[int]]]],
                  system: str | None = None, *, focus_arm: int = 0, focus_turn: int | None = None,
                  attention: bool = True, max_size: int | None = DEFAULT_MAX_SIZE,
-                 curves: bool = True, expected_length: int | None = None) -> TurnCapture:
+                 curves: bool = True, expected_length: int | None = None, window: int | None = None) -> TurnCapture:
     """Teacher-force `turns` [(user, [reply ids per arm]), ...] up to `focus_turn` and capture it.
 
     One pass, eager attention, every arm's mechanism active and recording read traces. Returns the
@@ -391,6 +391,9 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     `expected_length`: the focus arm's transcript length if known (else it is found by a dry run of
     the tokenisation), used to fix the buckets before the pass.
     """
+    if window is not None:
+        raise CaptureError(f"this dialogue ran with an attention window of {window} tokens; captures need the "
+                           "full cache (the attention views would not show what the arms saw)")
     if not turns:
         raise CaptureError("the dialogue has no turns")
     focus_turn = len(turns) - 1 if focus_turn is None else focus_turn
@@ -618,6 +621,21 @@ def memory_read_table(traces: list[ReadTrace], transcript: ArmTranscript, turn: 
             "tokens": [labels[p] if p < len(labels) else "?" for p in gen_positions],
             "token_ids": [transcript.token_ids[p] for p in gen_positions if p < len(transcript.token_ids)],
             "layers": out_layers}
+
+
+def scalar_curves(traces: list[ReadTrace]) -> dict:
+    """Every named scalar of the traces (surprise, write strength, norms...) as a curve over positions,
+    per layer: {"positions": [...], "layers": [{"layer": l, "series": {name: [value | None per position]}}]}.
+    Generic over mechanisms and scalar names."""
+    positions = sorted({int(tr.position) for tr in traces if tr.scalars})
+    index = {p: i for i, p in enumerate(positions)}
+    layers: dict[int, dict[str, list]] = {}
+    for tr in traces:
+        for name, value in tr.scalars.items():
+            series = layers.setdefault(int(tr.layer), {}).setdefault(name, [None] * len(positions))
+            series[index[int(tr.position)]] = float(value)
+    return {"positions": positions,
+            "layers": [{"layer": l, "series": layers[l]} for l in sorted(layers)]}
 
 
 def own_answer_read_share(traces: list[ReadTrace], transcript: ArmTranscript, turn: int) -> float | None:

@@ -8,6 +8,13 @@ tokens: the cache and the mechanisms' memories persist across turns.
 
 The last token sampled in a turn is fed at the start of the next turn (or never, if the dialogue
 ends), exactly as `generate` leaves it, so no forward pass is spent on a token nobody reads.
+
+With `window=N` the attention of every arm is limited: after each forward pass every row keeps in
+the KV cache only its first `sink` tokens (the attention sink) and its last N tokens; older tokens
+are evicted from the cache (the cache and the 2-D mask are re-laid out per row, each row's kept
+columns right-aligned, so rows of different lengths stay consistent). Position ids stay the real
+positions. A token therefore sees the sink, the N tokens before its forward pass, and the tokens of
+its own pass up to itself (in decoding: the sink plus the last N). Mechanisms keep their own memory.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from .weights import WeightsError, shared_weights
 
 ASSISTANT = ROLE_CODE["assistant"]
 MAX_MESSAGE_CHARS = 20_000
+ATTENTION_SINK = 4  # tokens at the start of every row that a window never evicts
 
 
 class DialogueError(ValueError):
@@ -183,9 +191,14 @@ class Dialogue:
     """A conversation with one or more arms of the same model, run batched."""
 
     def __init__(self, lm: LoadedModel, arms: list[ArmSpec], system: str | None = None,
-                 record_traces: bool = False):
+                 record_traces: bool = False, window: int | None = None, sink: int = ATTENTION_SINK):
         if not arms:
             raise DialogueError("a dialogue needs at least one arm")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise DialogueError(f"window must be a whole number of tokens >= 1 (got {window!r})")
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise DialogueError(f"sink must be a whole number of tokens >= 0 (got {sink!r})")
+        self.window, self.sink = window, sink
         self.lm, self.model, self.tokenizer = lm, lm.model, lm.tokenizer
         n_layers = self.model.config.num_hidden_layers
         for spec in arms:
@@ -200,6 +213,8 @@ class Dialogue:
         self.device = lm.device
         self.cache = DynamicCache(config=self.model.config)
         self.mask = torch.zeros(len(arms), 0, dtype=torch.long, device=self.device)
+        # with a window: which token of its arm each cache column holds (-1: padding), on the CPU
+        self.col_tokens = torch.zeros(len(arms), 0, dtype=torch.long)
         self.turn = 0
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = eos_ids(self.model, self.tokenizer)
@@ -395,6 +410,8 @@ class Dialogue:
         finally:
             self._after_model(step)
         self.mask = step.columns
+        if self.window is not None:
+            self._track_and_evict(step)
         for r, (chunk, role) in enumerate(zip(chunks, roles)):
             arm = self.arms[r]
             arm.token_ids += list(chunk)
@@ -448,6 +465,48 @@ class Dialogue:
             if bool(plan.allow.any()):
                 allow[r] = plan.allow.bool().cpu()
 
+    def _track_and_evict(self, step: StepInputs) -> None:
+        """Window: file this step's columns under their token indices, then evict every row's tokens
+        outside its sink + last `window`, re-laying out the cache and the mask (rows right-aligned)."""
+        B, T = step.valid.shape
+        new = torch.full((B, T), -1, dtype=torch.long)
+        lengths = []
+        for r in range(B):
+            n = int(step.valid[r].sum())
+            start = step.starts[r]
+            new[r, T - n:] = torch.arange(start, start + n)
+            lengths.append(start + n)
+        cols = torch.cat([self.col_tokens, new], 1)
+        keep = (cols >= 0) & ((cols < self.sink) | (cols >= torch.tensor(lengths)[:, None] - self.window))
+        counts = keep.sum(1)
+        width = int(counts.max()) if B else 0
+        if not bool(((cols >= 0) & ~keep).any()) and not bool((cols < 0).all(0).any()):
+            self.col_tokens = cols  # nothing to evict and no column that is padding in every row
+            return
+        index = torch.zeros(B, width, dtype=torch.long)
+        out_tokens = torch.full((B, width), -1, dtype=torch.long)
+        for r in range(B):
+            idx = keep[r].nonzero().squeeze(-1)
+            index[r, width - idx.numel():] = idx
+            out_tokens[r, width - idx.numel():] = cols[r, idx]
+        valid = out_tokens >= 0
+        dev_index = index.to(self.device)
+        for layer in self.cache.layers:
+            if not getattr(layer, "is_initialized", False) or layer.keys.numel() == 0:
+                continue
+            g = dev_index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, g), layer.values.gather(2, g)
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = width
+        self.mask = valid.long().to(self.device)
+        self.col_tokens = out_tokens
+
+    def cache_view(self, row: int) -> list[int]:
+        """The token indices (= positions) of `row` that the KV cache holds, in column order."""
+        if self.window is None:
+            return list(range(self.arms[row].length))
+        return [int(t) for t in self.col_tokens[row] if t >= 0]
+
     def _before_model(self, step: StepInputs) -> None:
         """Called with each step's inputs right before the model runs (captures observe here)."""
 
@@ -476,8 +535,13 @@ class Dialogue:
         return results
 
     def _take_snapshot(self):
+        # With a window the cache is re-laid out, so cropping cannot undo a turn; the layers' tensors
+        # are kept by reference instead (updates and evictions make new tensors, never write in place).
+        kv = None if self.window is None else [
+            (layer.keys, layer.values) if getattr(layer, "is_initialized", False) else None for layer in self.cache.layers]
         return {
-            "cache_len": self.mask.shape[1], "mask": self.mask, "turn": self.turn,
+            "cache_len": self.mask.shape[1], "mask": self.mask, "turn": self.turn, "kv": kv,
+            "col_tokens": self.col_tokens,
             "arms": [(a.length, list(a.pending), len(a.messages), len(a.replies),
                       None if a.mechanism is None else a.mechanism.snapshot()) for a in self.arms],
         }
@@ -486,10 +550,15 @@ class Dialogue:
         # Crop every layer to the snapshot's length: a forward that failed midway left the layers
         # below the failure one step longer than those above it.
         n = snap["cache_len"]
-        for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", False) and layer.keys.shape[-2] > n:
+        kv = snap.get("kv")
+        for i, layer in enumerate(self.cache.layers):
+            if kv is not None and i < len(kv) and kv[i] is not None:
+                layer.keys, layer.values = kv[i]
+                if hasattr(layer, "cumulative_length"):
+                    layer.cumulative_length = n
+            elif getattr(layer, "is_initialized", False) and layer.keys.shape[-2] > n:
                 layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
-        self.mask, self.turn = snap["mask"], snap["turn"]
+        self.mask, self.turn, self.col_tokens = snap["mask"], snap["turn"], snap["col_tokens"]
         for arm, (length, pending, n_msg, n_rep, mech_state) in zip(self.arms, snap["arms"]):
             del arm.token_ids[length:], arm.roles[length:], arm.turns[length:]
             arm.pending = pending

@@ -106,8 +106,10 @@ def memory_read_figure(tokens: list[str], slots: list[dict], weights: np.ndarray
     xt = [f"{i}:{_short(s.get('text', s.get('label', '?')), 12)}" for i, s in enumerate(slots)]
     yt = _axis_labels(tokens)
     custom = np.array([[s.get("label", str(s.get("key"))) for s in slots]] * W.shape[0], dtype=object)
-    fig = go.Figure(go.Heatmap(z=W, x=xt, y=yt, customdata=custom, colorscale=SEQ, zmin=0.0,
-                               zmax=float(np.nanmax(W)) if np.isfinite(W).any() else 1.0,
+    signed = bool(np.isfinite(W).any() and np.nanmin(W) < 0)  # e.g. a linear memory's implicit attention
+    top = float(np.nanmax(np.abs(W))) if np.isfinite(W).any() else 1.0
+    fig = go.Figure(go.Heatmap(z=W, x=xt, y=yt, customdata=custom, colorscale="RdBu_r" if signed else SEQ,
+                               zmin=-top if signed else 0.0, zmax=top if signed else (top or 1.0),
                                hovertemplate="token %{y}<br>slot %{customdata}<br>weight %{z:.4f}<extra></extra>",
                                colorbar=dict(title="read weight")))
     if current_turn is not None:
@@ -120,6 +122,41 @@ def memory_read_figure(tokens: list[str], slots: list[dict], weights: np.ndarray
                       height=height, margin=dict(l=10, r=10, t=70, b=10),
                       xaxis=dict(tickangle=-60, showticklabels=len(slots) <= 120),
                       yaxis=dict(autorange="reversed", showticklabels=len(tokens) <= 120))
+    return fig
+
+
+def scalar_curves_figure(curves: dict | None, labels: list[str], *, reply_span: tuple[int, int] | None = None,
+                         title: str = "", height_per: int = 170) -> go.Figure:
+    """Each named read scalar (e.g. surprise, write strength, memory norm) as a curve over the
+    transcript's positions, one line per layer, one panel per scalar; the focus reply shaded."""
+    if not curves or not curves.get("layers") or not curves.get("positions"):
+        return empty_figure("no read scalars (observer arm, a mechanism without scalars, or a capture made "
+                            "before curves were recorded: recompute)")
+    from plotly.subplots import make_subplots
+
+    names = sorted({n for e in curves["layers"] for n in e["series"]})
+    pos = curves["positions"]
+    text = [labels[p] if 0 <= p < len(labels) else "?" for p in pos]
+    fig = make_subplots(rows=len(names), cols=1, shared_xaxes=True, vertical_spacing=0.04,
+                        subplot_titles=[n.replace("_", " ") for n in names])
+    for i, name in enumerate(names, start=1):
+        for e in curves["layers"]:
+            ys = e["series"].get(name)
+            if ys is None:
+                continue
+            fig.add_trace(go.Scatter(x=pos, y=[np.nan if v is None else v for v in ys], mode="lines",
+                                     name=f"layer {e['layer']}", legendgroup=str(e["layer"]), showlegend=i == 1,
+                                     customdata=text,
+                                     hovertemplate=f"{html.escape(name)} %{{y:.4g}}<br>@%{{x}} %{{customdata}}"
+                                                   f"<extra>layer {e['layer']}</extra>"), row=i, col=1)
+        if reply_span is not None and reply_span[1] > reply_span[0]:
+            fig.add_vrect(x0=reply_span[0] - 1.5, x1=reply_span[1] - 1.5, fillcolor="orange", opacity=0.12,
+                          line_width=0, row=i, col=1)
+    fig.update_layout(title=dict(text=html.escape(title) + "<br><sup>per token and layer, over the transcript "
+                                 "(x: position of the reading token); shaded: the reads behind this turn's reply"
+                                 "</sup>", x=0.01),
+                      height=90 + height_per * len(names), margin=dict(l=10, r=10, t=80, b=10))
+    fig.update_xaxes(title_text="position", row=len(names), col=1)
     return fig
 
 

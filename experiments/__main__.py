@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, default=None, help="seeds per item (default 1)")
     r.add_argument("--items", type=int, default=None, help="first K items (default all)")
     r.add_argument("--max-new-tokens", type=int, default=None, help="default: the protocol's")
+    r.add_argument("--window", type=int, default=None,
+                   help="attention window in tokens: every arm sees the first few plus the last N (default: the "
+                        "protocol's, else full attention)")
     r.add_argument("--db", default=None, help="database URL or SQLite path (default $LAB_DB or lab.db)")
     r.add_argument("--model", default=None, help="'embedded' (default), a local folder, or a cached HF id")
     r.add_argument("--dtype", default=None)
@@ -266,7 +269,7 @@ def _cmd_run(args) -> int:
 
     # 1. everything that needs no model: protocol, arms, numbers
     try:
-        for flag in ("seeds", "items", "max_new_tokens"):
+        for flag in ("seeds", "items", "max_new_tokens", "window"):
             value = getattr(args, flag)
             if value is not None and value < 1:
                 raise RunConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -288,9 +291,10 @@ def _cmd_run(args) -> int:
         config = RunConfig(protocol or stored.protocol, specs or stored.specs,
                            args.seeds if args.seeds is not None else stored.seeds,
                            args.items if args.items is not None else stored.items,
-                           args.max_new_tokens if args.max_new_tokens is not None else stored.max_new_tokens)
+                           args.max_new_tokens if args.max_new_tokens is not None else stored.max_new_tokens,
+                           args.window if args.window is not None else stored.window)
     else:
-        config = RunConfig(protocol, specs, args.seeds or 1, args.items, args.max_new_tokens)
+        config = RunConfig(protocol, specs, args.seeds or 1, args.items, args.max_new_tokens, args.window)
 
     # 2. the model
     from engine import load_model
@@ -345,7 +349,8 @@ def _cmd_run(args) -> int:
         previous = None
     try:
         eid = run_protocol(store, lm, config.protocol, config.specs, config.seeds, config.items,
-                           config.max_new_tokens, experiment_id=args.resume, progress=progress, name=args.name)
+                           config.max_new_tokens, experiment_id=args.resume, progress=progress, name=args.name,
+                           window=config.window)
     except KeyboardInterrupt as e:
         if bar is not None:
             bar.close()

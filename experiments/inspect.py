@@ -28,7 +28,7 @@ import numpy as np
 from db import Store
 from engine import LoadedModel
 from engine.capture import (CAPTURE_VERSION, DEFAULT_MAX_SIZE, GRID_METRICS, CaptureError, bucket_starts,
-                            capture_turn, memory_read_table, token_label, token_labels, turn_summary)
+                            capture_turn, memory_read_table, scalar_curves, token_label, token_labels, turn_summary)
 from engine.mechanisms.base import ROLES
 from engine.probes import compare_on_transcript
 from experiments.record import other_weights, session_specs, session_turns
@@ -142,6 +142,10 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
         # relabelling keeps a blind annotation blind, so Inspect waits for the reveal
         raise InspectError("this is a blind session and its arms are not revealed yet: inspecting would show "
                            "which arm is which. Press Reveal in the Arena first (after labelling).")
+    if (session.get("meta") or {}).get("window"):
+        raise InspectError(f"session {session_id} ran with an attention window of {session['meta']['window']} tokens; "
+                           "Inspect captures full-attention dialogues only (its attention views would not match "
+                           "what the arms saw)")
     arms = sorted(session["arms"], key=lambda a: a["index"])
     try:
         arm_index, turn_index = int(arm_index), int(turn_index)
@@ -310,7 +314,12 @@ def _capture_payloads(lm, cap, key) -> dict:
             arrays[f"mem_h_{l}"] = entry["per_head"].astype(np.float16)
         mem_layers.append({"layer": l, "slots": entry["slots"],
                            "scalars": [{k: _r(v) for k, v in s.items()} for s in entry["scalars"]]})
+    history = [tr for k in range(cap.focus_turn + 1) for tr in cap.traces[cap.focus_arm][k]]
+    curves = scalar_curves(history)
+    for entry in curves["layers"]:
+        entry["series"] = {name: [_r(v) for v in vals] for name, vals in entry["series"].items()}
     memory = {"key": key, "tokens": table["tokens"], "positions": table["positions"], "layers": mem_layers,
+              "curves": curves,
               "mechanism": f.spec, "read_at": "the read behind generated token q is made at position q-1",
               "transcript": transcript}
     source = {"key": key, "n_layers": cap.n_layers, "arms": []}

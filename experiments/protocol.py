@@ -103,6 +103,8 @@ class Protocol(BaseModel):
     # `scorer_options:` in YAML; named otherwise here because `scorer_options(name)` is the method
     scorer_settings: Optional[dict[StrictStr, dict[StrictStr, Any]]] = Field(default=None, alias="scorer_options")
     max_new_tokens: Optional[Annotated[StrictInt, Field(gt=0, le=MAX_NEW_TOKENS_LIMIT)]] = None
+    # attention window of every arm (engine.dialogue): the sink plus the last `window` tokens
+    window: Optional[Annotated[StrictInt, Field(gt=0, le=1_000_000)]] = None
     _source_path: Optional[Path] = PrivateAttr(default=None)
 
     @property

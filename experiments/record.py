@@ -23,6 +23,17 @@ def arm_rows(specs: list[ArmSpec]) -> list[dict]:
              "seed": s.sampling.seed} for i, s in enumerate(specs)]
 
 
+def window_meta(dialogue: Dialogue) -> dict:
+    """What a session must remember of the dialogue's attention window to replay it."""
+    return {"window": dialogue.window, "sink": dialogue.sink} if dialogue.window else {}
+
+
+def session_window(session: dict) -> dict:
+    """Dialogue keyword arguments for a logged session's attention window ({} when it had none)."""
+    meta = session.get("meta") or {}
+    return {"window": int(meta["window"]), "sink": int(meta.get("sink", 4))} if meta.get("window") else {}
+
+
 class SessionRecorder:
     """Writes each finished turn of a `Dialogue` to the store, one transaction per arm-message."""
 
@@ -35,7 +46,7 @@ class SessionRecorder:
         self.session_id = session_id or store.create_session(
             kind, title=title, model=lm.identity.to_dict(), arms=arm_rows(specs), system_prompt=dialogue.system,
             blind=blind, pane_order=pane_order, user=user, experiment_id=experiment_id, item_key=item_key,
-            seed=seed, meta=meta or {})
+            seed=seed, meta={**(meta or {}), **window_meta(dialogue)})
 
     def log(self, user: str, replies: list[ArmReply], turn_index: int | None = None,
             errors: dict[int, str] | None = None) -> list[int]:
@@ -100,7 +111,8 @@ def other_weights(session: dict, lm: LoadedModel, action: str) -> str | None:
 def dialogue_from_session(store: Store, lm: LoadedModel, session_id: str, record_traces: bool = False):
     """Rebuild the arms (and the logged turns by index) of a session."""
     session, turns = session_turns(store, session_id)
-    d = Dialogue(lm, session_specs(session), system=session["system_prompt"], record_traces=record_traces)
+    d = Dialogue(lm, session_specs(session), system=session["system_prompt"], record_traces=record_traces,
+                 **session_window(session))
     return session, d, turns
 
 

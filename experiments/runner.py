@@ -50,6 +50,7 @@ class RunConfig:
     seeds: int = 1
     items: Optional[int] = None          # first K items; None = all
     max_new_tokens: Optional[int] = None  # None = the protocol's, else the spec's
+    window: Optional[int] = None  # attention window; None = the protocol's (None there: full attention)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -65,6 +66,10 @@ class RunConfig:
     def effective_max_new_tokens(self) -> Optional[int]:
         return self.max_new_tokens or self.protocol.max_new_tokens
 
+    @property
+    def effective_window(self) -> Optional[int]:
+        return self.window or self.protocol.window
+
     def args(self) -> dict:
         return {"arms": [s.to_string() for s in self.specs],
                 "arm_labels": [arm_label(s) for s in self.specs],
@@ -72,6 +77,7 @@ class RunConfig:
                 "arm_settings": [s.to_dict() for s in self.specs],
                 "seeds": self.seeds, "items": self.items, "n_items": len(self.item_indices),
                 "max_new_tokens": self.effective_max_new_tokens,
+                **({"window": self.effective_window} if self.effective_window else {}),
                 "n_dialogues": self.n_dialogues,
                 "n_turns": self.protocol.n_turns, "scoring": list(self.protocol.scoring),
                 **({"protocol_path": str(self.protocol.source_path)} if self.protocol.source_path else {}),
@@ -154,7 +160,8 @@ def load_run(store: Store, experiment_id: str) -> RunConfig:
         specs = [ArmSpec.from_dict(d) for d in args["arm_settings"]]
     else:
         specs = parse_arms(args.get("arms") or [])
-    return RunConfig(protocol, specs, int(args.get("seeds", 1)), args.get("items"), args.get("max_new_tokens"))
+    return RunConfig(protocol, specs, int(args.get("seeds", 1)), args.get("items"), args.get("max_new_tokens"),
+                     args.get("window"))
 
 
 def find_matching_run(store: Store, config: RunConfig, weights_hash: Optional[str] = None) -> Optional[dict]:
@@ -190,6 +197,8 @@ def _check_same_run(stored: RunConfig, asked: RunConfig, experiment_id: str) -> 
         problems.append(f"items ({len(stored.item_indices)})")
     if stored.effective_max_new_tokens != asked.effective_max_new_tokens:
         problems.append(f"max_new_tokens ({stored.effective_max_new_tokens})")
+    if stored.effective_window != asked.effective_window:
+        problems.append(f"window ({stored.effective_window or 'none'})")
     if problems:
         raise RunConfigError(f"run {experiment_id} was started with other " + "; ".join(problems)
                              + f"; resume it with the same settings, or just `--resume {experiment_id}`")
@@ -213,7 +222,7 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
                  seeds: int = 1, items: Optional[int] = None, max_new_tokens: Optional[int] = None,
                  experiment_id: Optional[str] = None, progress: Optional[ProgressFn] = None,
                  stop_event: Optional[threading.Event] = None, name: Optional[str] = None,
-                 scorer_options: Optional[dict[str, dict]] = None) -> str:
+                 scorer_options: Optional[dict[str, dict]] = None, window: Optional[int] = None) -> str:
     """Run (or resume) a protocol; returns the experiment id.
 
     `progress(done, total, info)` is called once before the first dialogue (info["event"] ==
@@ -225,13 +234,16 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
     `scorer_options` adds keyword options per scorer to the protocol's own (tests inject a
     stance embedder this way).
     """
-    config = RunConfig(resolve_protocol(protocol), parse_arms(specs), int(seeds), items, max_new_tokens)
+    config = RunConfig(resolve_protocol(protocol), parse_arms(specs), int(seeds), items, max_new_tokens, window)
     if config.seeds < 1:
         raise RunConfigError("seeds must be at least 1")
     if config.items is not None and config.items < 1:
         raise RunConfigError("items must be at least 1")
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise RunConfigError("max_new_tokens must be at least 1")
+    if config.window is not None and (isinstance(config.window, bool) or not isinstance(config.window, int)
+                                      or config.window < 1):
+        raise RunConfigError(f"window must be a whole number of tokens >= 1 (got {config.window!r})")
     n_layers = lm.config.num_hidden_layers
     for s in config.specs:
         s.validate_for(n_layers)
@@ -291,8 +303,9 @@ def _run_dialogue(store: Store, lm: LoadedModel, config: RunConfig, experiment_i
     protocol = config.protocol
     item = protocol.items[item_index]
     specs = specs_for_seed(config.specs, seed, config.effective_max_new_tokens)
-    d = Dialogue(lm, specs, system=protocol.render_system(item))
-    meta = {"complete": False, "protocol": protocol.name, "item_index": item_index}
+    d = Dialogue(lm, specs, system=protocol.render_system(item), window=config.effective_window)
+    meta = {"complete": False, "protocol": protocol.name, "item_index": item_index,
+            **({"window": d.window, "sink": d.sink} if d.window else {})}
     existing = store.find_session(experiment_id, item_key, seed)
     if existing is not None:  # interrupted earlier: start it again from nothing, same row
         store.delete_turns_from(existing["id"], None, 0)

@@ -189,9 +189,11 @@ def stop_run(owner: Optional[str] = None) -> str:
 
 
 def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, items, max_new_tokens,
-              resume_id: Optional[str] = None, progress=None, owner: Optional[str] = None) -> tuple[str, Optional[str]]:
+              resume_id: Optional[str] = None, progress=None, window=None,
+              owner: Optional[str] = None) -> tuple[str, Optional[str]]:
     """Validate the form and run (or resume) on the lab's model. Returns (message, experiment_id).
-    `progress(done, total, info)` is the runner's callback; `owner` the token of the tab that may stop it."""
+    `progress(done, total, info)` is the runner's callback; `window` an attention window in tokens
+    (blank: the protocol's, else full attention); `owner` the token of the tab that may stop it."""
     from engine import DialogueError, SpecError
     from experiments.protocol import ProtocolError
     from experiments.runner import RunConfigError, load_run, run_protocol
@@ -201,7 +203,9 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
             config = load_run(ctx.store, resume_id)
             protocol, specs = config.protocol, config.specs
             seeds_n, items_n, mnt = config.seeds, config.items, config.max_new_tokens
+            window_n = config.window
         else:
+            window_n = _int(window, "window", allow_none=True)
             protocol = resolve_protocol_input(choice, yaml_text, upload)
             specs = parse_arm_lines(arms_text)
             seeds_n = _int(seeds, "seeds")
@@ -231,7 +235,7 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
     try:
         with ctx.model_lock:
             eid = run_protocol(ctx.store, ctx.lm, protocol, specs, seeds_n, items_n, mnt, experiment_id=resume_id,
-                               progress=on_progress, stop_event=event)
+                               progress=on_progress, stop_event=event, window=window_n)
         status = ctx.store.get_experiment(eid)["status"]
         if status == "interrupted":
             return (f"⏸ run {eid} stopped; pick it and press Resume, or "
@@ -271,6 +275,8 @@ def build_experiments_tab(ctx: LabContext) -> dict:
                 # Textboxes: an untouched gr.Number shows 0, which would read as "zero items"
                 c["items"] = gr.Textbox("", label="items (first K)", placeholder="all")
                 c["max_new_tokens"] = gr.Textbox("", label="max new tokens", placeholder="protocol's")
+                c["window"] = gr.Textbox("", label="attention window (tokens)", placeholder="protocol's / full",
+                                         info="every arm sees the first few tokens plus the last N")
             with gr.Row():
                 c["run"] = gr.Button("Run", variant="primary")
                 c["stop"] = gr.Button("Stop", variant="stop")
@@ -309,11 +315,12 @@ def build_experiments_tab(ctx: LabContext) -> dict:
 
     c["owner"] = gr.State(lambda: uuid.uuid4().hex)  # this browser tab's token: its runs are its own to stop
 
-    def on_run(owner, choice, text, upload, arms, seeds, items, mnt, progress=gr.Progress()):
+    def on_run(owner, choice, text, upload, arms, seeds, items, mnt, window, progress=gr.Progress()):
         def cb(done, total, info):
             progress((done, total), desc=f"run {info.get('experiment_id', '')[:8]}: {done}/{total} dialogues",
                      unit="dialogues")
-        message, eid = start_run(ctx, choice, text, upload, arms, seeds, items, mnt, progress=cb, owner=owner)
+        message, eid = start_run(ctx, choice, text, upload, arms, seeds, items, mnt, progress=cb, window=window,
+                                 owner=owner)
         return (message, *refreshed(eid))
 
     def on_resume(owner, eid, progress=gr.Progress()):
@@ -326,7 +333,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
                                   owner=owner)
         return (message, *refreshed(eid2 or eid))
 
-    form = [c["protocol"], c["yaml"], c["upload"], c["arms"], c["seeds"], c["items"], c["max_new_tokens"]]
+    form = [c["protocol"], c["yaml"], c["upload"], c["arms"], c["seeds"], c["items"], c["max_new_tokens"], c["window"]]
     c["run"].click(on_run, [c["owner"]] + form, [c["status"], c["runs"], c["run_id"]],
                    concurrency_id=MODEL_QUEUE, concurrency_limit=1)
     c["resume"].click(on_resume, [c["owner"], c["run_id"]], [c["status"], c["runs"], c["run_id"]],

@@ -84,6 +84,18 @@ def memory_figure(res: InspectResult, mem_layer):
     return F.memory_read_figure(tokens, slots, W, title=title, current_turn=res.turn_index)
 
 
+def curves_figure(res: InspectResult):
+    """The mechanism's read scalars (surprise, write strength, ...) over the focus arm's transcript."""
+    if res is None or not res.memory:
+        return F.empty_figure("no memory reads")
+    m = res.memory
+    tr = m.get("transcript") or {}
+    span = tr.get("reply_span")
+    title = f"read scalars · arm {res.arm_index} ({res.arm_labels[res.arm_index]}) · turns 0-{res.turn_index}"
+    return F.scalar_curves_figure(m.get("curves"), tr.get("tokens") or [], reply_span=tuple(span) if span else None,
+                                  title=title)
+
+
 def divergence_figure(res: InspectResult):
     if res is None or not res.divergence:
         return F.empty_figure("no divergence")
@@ -150,6 +162,7 @@ def build_inspect_tab(ctx: LabContext) -> dict:
     with gr.Accordion("Memory read: what the mechanism read for each generated token", open=True):
         mem_layer = gr.Dropdown([MEM_MEAN], value=MEM_MEAN, label="read layer", allow_custom_value=False)
         mem_plot = gr.Plot(label="memory read", elem_id="inspect-memory")
+        curve_plot = gr.Plot(label="read scalars over the transcript", elem_id="inspect-curves")
     with gr.Accordion("Attention", open=True):
         with gr.Row():
             metric = gr.Dropdown(list(GRID_METRICS), value="source", label="overview colour")
@@ -171,7 +184,7 @@ def build_inspect_tab(ctx: LabContext) -> dict:
 
     def on_show(sid, arm_i, turn_i, again, layer_v, head_v, metric_v):
         sid = (sid or "").strip()
-        nothing = (None, blank, blank, blank, blank, blank, blank, gr.update(choices=[MEM_MEAN], value=MEM_MEAN))
+        nothing = (None, blank, blank, blank, blank, blank, blank, gr.update(choices=[MEM_MEAN], value=MEM_MEAN), blank)
         if not sid:
             return ("Enter a session id (or use Inspect in Arena / Sessions).",) + nothing
         try:
@@ -184,10 +197,11 @@ def build_inspect_tab(ctx: LabContext) -> dict:
         grid, heat = heatmap_figures(res, layer_v, head_v, metric_v)
         choices = _mem_choices(res)
         return (status_text(res), res, divergence_figure(res), memory_figure(res, MEM_MEAN), grid, heat,
-                source_figure(res), summary_figure(res), gr.update(choices=choices, value=MEM_MEAN))
+                source_figure(res), summary_figure(res), gr.update(choices=choices, value=MEM_MEAN), curves_figure(res))
 
     show_inputs = [session, arm, turn, recompute, layer, head, metric]
-    show_outputs = [status, res_state, div_plot, mem_plot, grid_plot, heat_plot, src_plot, sum_plot, mem_layer]
+    show_outputs = [status, res_state, div_plot, mem_plot, grid_plot, heat_plot, src_plot, sum_plot, mem_layer,
+                    curve_plot]
     show.click(on_show, inputs=show_inputs, outputs=show_outputs,
                concurrency_id=MODEL_QUEUE, concurrency_limit=1, api_name="inspect_show")
 
@@ -221,7 +235,8 @@ def build_inspect_tab(ctx: LabContext) -> dict:
         out = Path(tempfile.mkdtemp(prefix="lab-inspect-"))
         stem = f"{res.session_id[:12]}-a{res.arm_index}-t{res.turn_index}"
         grid, heat = heatmap_figures(res, layer_v, head_v, metric_v)
-        figs = {"divergence": divergence_figure(res), "memory": memory_figure(res, mem_v), "grid": grid,
+        figs = {"divergence": divergence_figure(res), "memory": memory_figure(res, mem_v),
+                "read-scalars": curves_figure(res), "grid": grid,
                 f"attention-L{int(layer_v)}-h{head_v}": heat, "source": source_figure(res),
                 "summary": summary_figure(res)}
         paths, msg = [], []
@@ -243,6 +258,6 @@ def build_inspect_tab(ctx: LabContext) -> dict:
 
     return dict(session=session, arm=arm, turn=turn, show=show, status=status, state=res_state,
                 layer=layer, head=head, metric=metric, mem_layer=mem_layer, plots=dict(
-                    divergence=div_plot, memory=mem_plot, grid=grid_plot, heatmap=heat_plot, source=src_plot,
+                    divergence=div_plot, memory=mem_plot, curves=curve_plot, grid=grid_plot, heatmap=heat_plot, source=src_plot,
                     summary=sum_plot), export=export_btn, files=files, show_fn=on_show,
                 then_show=then_show)

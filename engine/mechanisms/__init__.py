@@ -16,6 +16,7 @@ from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, Rea
                    copy_state, default_layers, file_field)
 from .continuity import Continuity, ContinuitySettings
 from .memory_bank import MemoryBank, MemoryBankSettings
+from .neural_memory import NeuralMemory
 
 MECHANISMS: dict[str, type[Mechanism]] = {}
 
@@ -51,6 +52,7 @@ def load_plugins(names: str | None = None) -> list[str]:
 
 register(Continuity)
 register(MemoryBank)
+register(NeuralMemory)
 
 __all__ = ["MECHANISMS", "ConformanceCase", "LayerCall", "Mechanism", "MechanismSettings", "ReadTrace", "RowPlan",
            "StepRow", "copy_state", "default_layers", "file_field", "load_plugins", "register",

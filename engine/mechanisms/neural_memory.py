@@ -1,0 +1,381 @@
+"""Neural long-term memory learned at test time (seed 002, Titans), on the frozen model.
+
+Per target layer and KV head a memory network M maps keys to values. It is *trained while the
+dialogue is read*: every token t writes its own association (k_t -> v_t), with keys and values
+from the layer's own W_k / W_v (keys ℓ2-normalised, no RoPE: the memory is content-addressed):
+
+    loss       ℓ_t = ||M_{t-1}(k_t) − v_t||²          (the token's surprise)
+    momentum   S_t = η S_{t-1} − θ_t ∇ℓ_t
+    forgetting M_t = (1 − α) M_{t-1} + S_t
+
+with θ_t = θ (step=constant) or θ·min(1, ℓ_t / ||v_t||²) (step=surprise: a token the memory
+already predicts writes weakly). Read before write: token t reads y_t = M_{t-1}(q_t) with its
+queries from W_q (ℓ2-normalised, one read per query head, GQA-grouped), so it only ever sees what
+earlier tokens wrote. The read goes out through W_o:
+
+* wiring=gate (default, memory as a gated branch): per query head the read is scaled by how strong
+  it is relative to the values the memory holds, tanh(||y|| / mean ||v||), so an empty or
+  unfamiliar memory adds (almost) nothing;
+* wiring=layer (memory as an extra layer): W_o·y added as it is.
+
+The linear memory (M a d×d matrix) has a closed-form gradient ∇ℓ = −2 e kᵀ, e = v − M k. Its
+prefill runs in chunks in parallel: within a chunk the errors solve a unit lower-triangular system
+(step=constant; a forward substitution for step=surprise, whose θ depends on the error), which is
+exactly the token-by-token recurrence. Unrolled from an empty memory, its read is an attention
+over earlier tokens (seed-systems.md, section 002):
+
+    y_t = Σ_{i<t} w_{t,i} e_i,  w_{t,i} = 2·c_{t−1−i}·θ_i·(k_iᵀ q_t),  c_n = Σ_{r=0..n} a^{n−r} η^r, a = 1 − α
+
+which the read traces report (slot_keys = the earlier tokens' positions), so the memory-read view
+shows which past tokens the memory recalls. The MLP memory (W2·silu(W1·k) per KV head) takes real
+autograd steps (`needs_grad`); its recurrence is inherently sequential, so its prefill batches the
+projections and reads and steps token by token.
+
+State belongs to the arm's conversation (scope=dialogue) or to one turn (scope=turn);
+snapshot/restore copy it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from .base import ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, copy_state
+from .projections import LayerProjections
+
+
+class NeuralMemorySettings(MechanismSettings):
+    memory: Literal["linear", "mlp"] = Field(
+        "linear", description="memory network per KV head: a linear d×d map (closed form) or a 2-layer MLP (autograd)")
+    hidden: int = Field(64, ge=4, le=1024, description="MLP memory: hidden width per KV head")
+    lr: float = Field(0.1, gt=0.0, le=10.0, description="θ: step size of each test-time write")
+    momentum: float = Field(0.5, ge=0.0, lt=1.0, description="η: momentum of the surprise (past surprise carried on)")
+    forget: float = Field(0.005, ge=0.0, le=1.0, description="α: forgetting per token, M ← (1−α)·M + S")
+    step: Literal["constant", "surprise"] = Field(
+        "constant", description="θ constant, or scaled by the token's own surprise min(1, loss/||v||²)")
+    wiring: Literal["gate", "layer"] = Field(
+        "gate", description="memory as gate: read scaled by its strength per head; as layer: read added as is")
+    scope: Literal["dialogue", "turn"] = Field("dialogue", description="memory persists across turns or resets each turn")
+    chunk: int = Field(64, ge=1, le=4096, description="prefill chunk length of the parallel form (linear memory)")
+    init_seed: int = Field(0, ge=0, le=2**31 - 1, description="MLP memory: seed of its first layer's initial weights")
+
+
+def _coefficients(a: float, eta: float, n: int) -> torch.Tensor:
+    """c_0..c_n with c_k = Σ_{r=0..k} a^{k−r} η^r (float64, stable also for a ≈ η)."""
+    c = torch.empty(n + 1, dtype=torch.float64)
+    acc = 0.0
+    for k in range(n + 1):
+        acc = a * acc + eta ** k
+        c[k] = acc
+    return c
+
+
+_C_CACHE: dict[tuple[float, float], torch.Tensor] = {}
+
+
+def coefficients(a: float, eta: float, n: int) -> torch.Tensor:
+    """c_0..c_n (cached per (a, η), grown on demand)."""
+    key = (a, eta)
+    have = _C_CACHE.get(key)
+    if have is None or have.shape[0] <= n:
+        have = _coefficients(a, eta, max(n, 2 * (0 if have is None else have.shape[0]), 255))
+        _C_CACHE[key] = have
+    return have[: n + 1]
+
+
+def _theta(settings: NeuralMemorySettings, loss: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if settings.step == "constant":
+        return torch.full_like(loss, settings.lr)
+    ratio = loss / v.pow(2).sum(-1).clamp_min(1e-12)
+    return settings.lr * ratio.clamp(max=1.0)
+
+
+# -- the linear memory: token by token, and the equal chunked form ---------------------------------
+def linear_sequential(settings, M, S, k, v, q):
+    """Reference recurrence. M, S [h, d, d]; k, v [h, T, d]; q [h, g, T, d].
+
+    Returns (M, S, y [h, g, T, d], e [h, T, d], theta [h, T], mem_norm [h, T]).
+    """
+    a, eta = 1.0 - settings.forget, settings.momentum
+    ys, es, ths, norms = [], [], [], []
+    for t in range(k.shape[1]):
+        ys.append(torch.einsum("hde,hge->hgd", M, q[:, :, t]))
+        e = v[:, t] - torch.einsum("hde,he->hd", M, k[:, t])
+        th = _theta(settings, e.pow(2).sum(-1), v[:, t])
+        S = eta * S + 2 * th[:, None, None] * torch.einsum("hd,he->hde", e, k[:, t])
+        M = a * M + S
+        es.append(e), ths.append(th), norms.append(M.flatten(1).norm(dim=1))
+    return M, S, torch.stack(ys, 2), torch.stack(es, 1), torch.stack(ths, 1), torch.stack(norms, 1)
+
+
+def linear_chunk(settings, M0, S0, k, v, q, want_norms: bool = False):
+    """The same recurrence for one chunk, in parallel. Shapes as `linear_sequential`."""
+    a, eta = 1.0 - settings.forget, settings.momentum
+    h, C, d = k.shape
+    dt, dev = k.dtype, k.device
+    c = coefficients(a, eta, C)  # float64, on the CPU
+    t_idx = torch.arange(C)
+    pa = torch.tensor([a], dtype=torch.float64) ** torch.arange(C + 1)
+    b = c - pa  # b_j = c_j − a^j: how S0 reaches M after j steps
+    diff = t_idx[:, None] - 1 - t_idx[None, :]  # t − 1 − m
+    lower = diff >= 0
+    cmat = torch.where(lower, c[diff.clamp_min(0)], torch.zeros((), dtype=torch.float64)).to(dev, dt)  # [C, C]
+    pa, b = pa.to(dev), b.to(dev)
+    # what the carried state predicts for each token's key (before this chunk's writes)
+    M0k, S0k = torch.einsum("hde,hte->htd", M0, k), torch.einsum("hde,hte->htd", S0, k)
+    R = v - pa[:C].to(dt)[None, :, None] * M0k - b[:C].to(dt)[None, :, None] * S0k
+    G = 2 * cmat[None] * torch.einsum("htd,hmd->htm", k, k)  # [h, C, C], strictly lower
+    if settings.step == "constant":
+        theta = torch.full((h, C), settings.lr, dtype=dt, device=dev)
+        system = torch.eye(C, dtype=dt, device=dev)[None] + G * settings.lr
+        E = torch.linalg.solve_triangular(system, R, upper=False, unitriangular=True)
+    else:  # θ depends on each error: forward substitution, vectorised over heads
+        E = torch.empty_like(R)
+        theta = torch.empty(h, C, dtype=dt, device=dev)
+        for t in range(C):
+            e = R[:, t]
+            if t:
+                e = e - torch.einsum("hm,hmd->hd", G[:, t, :t] * theta[:, :t], E[:, :t])
+            E[:, t] = e
+            theta[:, t] = _theta(settings, e.pow(2).sum(-1), v[:, t])
+    # reads: the carried state, plus the implicit attention over this chunk's earlier tokens
+    W = 2 * cmat[None, None] * theta[:, None, None, :] * torch.einsum("hmd,hgtd->hgtm", k, q)  # [h, g, C, C]
+    y = (pa[:C].to(dt)[None, None, :, None] * torch.einsum("hde,hgte->hgtd", M0, q)
+         + b[:C].to(dt)[None, None, :, None] * torch.einsum("hde,hgte->hgtd", S0, q)
+         + torch.einsum("hgtm,hmd->hgtd", W, E))
+    U = (2 * theta)[..., None] * E  # u_m = U_m k_mᵀ
+    cend = c[(C - 1 - t_idx)].to(dev, dt)  # c_{C−1−m}
+    eend = (torch.tensor([eta], dtype=torch.float64) ** (C - 1 - t_idx)).to(dev, dt)
+    M = float(pa[C]) * M0 + float(b[C]) * S0 + torch.einsum("m,hmd,hme->hde", cend, U, k)
+    S = eta ** C * S0 + torch.einsum("m,hmd,hme->hde", eend, U, k)
+    norms = None
+    if want_norms:  # ||M|| after each token's write: M^{(t+1)}
+        diff1 = t_idx[:, None] - t_idx[None, :]
+        c1 = torch.where(diff1 >= 0, c[diff1.clamp_min(0)], torch.zeros((), dtype=torch.float64)).to(dev, dt)
+        Ms = (pa[1:C + 1].to(dt)[:, None, None, None] * M0[None] + b[1:C + 1].to(dt)[:, None, None, None] * S0[None]
+              + torch.einsum("tm,hmd,hme->thde", c1, U, k))
+        norms = Ms.flatten(2).norm(dim=2).T  # [h, C]
+    return M, S, y, E, theta, norms
+
+
+def implicit_attention(settings, q, hist_k, hist_theta, hist_step, step_now):
+    """w [h, g, T, N]: the linear memory's read of queries q [h, g, T, d] (at write steps step_now [T],
+    i.e. each reads the state after `step_now` writes) as weights over the history's errors."""
+    a, eta = 1.0 - settings.forget, settings.momentum
+    dist = (step_now[:, None] - 1 - hist_step[None, :]).cpu()  # [T, N]
+    c = coefficients(a, eta, int(max(0, dist.max().item() if dist.numel() else 0)))
+    cm = torch.where(dist >= 0, c[dist.clamp_min(0)], torch.zeros((), dtype=torch.float64)).to(q.device, q.dtype)
+    return 2 * cm[None, None] * hist_theta[:, None, None, :] * torch.einsum("hnd,hgtd->hgtn", hist_k, q)
+
+
+# -- the MLP memory: real autograd steps ---------------------------------------------------------
+def _mlp(params, x):
+    """x [h, ..., d] through per-head W2·silu(W1·x): W1 [h, H, d], W2 [h, d, H]."""
+    W1, W2 = params
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    out = torch.einsum("hdk,hnk->hnd", W2, F.silu(torch.einsum("hkd,hnd->hnk", W1, flat)))
+    return out.reshape(x.shape)
+
+
+def mlp_steps(settings, params, moms, k, v, q):
+    """Token-by-token test-time training. params/moms: [W1, W2]; k, v [h, T, d]; q [h, g, T, d].
+
+    Returns (params, moms, y, loss [h, T], theta [h, T], grad_norm [h, T], mem_norm [h, T]).
+    """
+    a, eta = 1.0 - settings.forget, settings.momentum
+    ys, losses, ths, gns, norms = [], [], [], [], []
+    for t in range(k.shape[1]):
+        ys.append(_mlp(params, q[:, :, t]))
+        with torch.enable_grad():
+            live = [p.detach().requires_grad_(True) for p in params]
+            per_head = (_mlp(live, k[:, t]) - v[:, t]).pow(2).sum(-1)  # [h]
+            grads = torch.autograd.grad(per_head.sum(), live)
+        loss = per_head.detach()
+        th = _theta(settings, loss, v[:, t])
+        moms = [eta * m - th.view(-1, *([1] * (g.dim() - 1))) * g for m, g in zip(moms, grads)]
+        params = [a * p + m for p, m in zip(params, moms)]
+        gn = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads))
+        losses.append(loss), ths.append(th), gns.append(gn)
+        norms.append(torch.sqrt(sum(p.flatten(1).pow(2).sum(1) for p in params)))
+    st = lambda xs: torch.stack(xs, 1)  # noqa: E731
+    return params, moms, torch.stack(ys, 2), st(losses), st(ths), st(gns), st(norms)
+
+
+class _LayerState:
+    """One layer's memory: the network (M or the MLP's weights), its momentum, and what the read
+    traces need (the linear memory's history of keys, errors and step sizes)."""
+
+    def __init__(self):
+        self.params: list[torch.Tensor] | None = None  # linear: [M]; mlp: [W1, W2]
+        self.moms: list[torch.Tensor] | None = None
+        self.steps = 0  # tokens written
+        self.v_norm_sum: torch.Tensor | None = None  # [h] Σ ||v|| (the gate's scale)
+        self.hist_k: torch.Tensor | None = None  # [h, N, d]
+        self.hist_e: torch.Tensor | None = None
+        self.hist_theta: torch.Tensor | None = None  # [h, N]
+        self.hist_pos: torch.Tensor | None = None  # [N]
+        self.hist_step: torch.Tensor | None = None  # [N]
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "_LayerState":
+        s = cls()
+        for k, v in d.items():
+            setattr(s, k, v)
+        return s
+
+
+class NeuralMemory(Mechanism):
+    name = "neural_memory"
+    Settings = NeuralMemorySettings
+
+    def __init__(self, settings: NeuralMemorySettings, model: torch.nn.Module, weights=None):
+        super().__init__(settings, model, weights)
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.device = next(model.parameters()).device
+        self.needs_grad = settings.memory == "mlp"  # autograd steps at test time (protocol v2)
+        self.state: dict[int, _LayerState] = {}
+        self._proj: dict[int, LayerProjections] = {}
+
+    def projections(self, layer: int, attn) -> LayerProjections:
+        if layer not in self._proj:
+            self._proj[layer] = LayerProjections(attn, self.config, self.dtype)
+        return self._proj[layer]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def begin_turn(self, turn: int) -> None:
+        if self.settings.scope == "turn":
+            self.reset()
+
+    def reset(self) -> None:
+        self.state.clear()
+
+    def snapshot(self) -> dict:
+        return copy_state({str(layer): st.to_dict() for layer, st in self.state.items()})
+
+    def restore(self, state: dict) -> None:
+        self.state = {int(layer): _LayerState.from_dict(d) for layer, d in copy_state(state).items()}
+
+    def memory_size(self) -> int:
+        """Tokens written into the memory (per layer; the same at every layer)."""
+        return max((st.steps for st in self.state.values()), default=0)
+
+    @classmethod
+    def conformance_cases(cls) -> list[ConformanceCase]:
+        return [ConformanceCase("neural_memory:linkage=1,gain=1"),
+                ConformanceCase("neural_memory:linkage=1,gain=1,wiring=layer,step=surprise,chunk=4"),
+                ConformanceCase("neural_memory:linkage=1,gain=1,scope=turn,momentum=0,forget=0.1"),
+                ConformanceCase("neural_memory:linkage=1,gain=1,memory=mlp,hidden=16,wiring=layer")]
+
+    # -- the layer call -----------------------------------------------------------------------
+    def _fresh(self, h: int, d: int) -> _LayerState:
+        st = _LayerState()
+        if self.settings.memory == "linear":
+            st.params = [torch.zeros(h, d, d, dtype=torch.float32, device=self.device)]
+        else:
+            g = torch.Generator().manual_seed(self.settings.init_seed)
+            W1 = torch.randn(h, self.settings.hidden, d, generator=g) / math.sqrt(d)
+            st.params = [W1.to(self.device), torch.zeros(h, d, self.settings.hidden, device=self.device)]
+        st.moms = [torch.zeros_like(p) for p in st.params]
+        st.v_norm_sum = torch.zeros(h, device=self.device)
+        return st
+
+    def forward(self, call: LayerCall):
+        layer, row = call.layer, call.row
+        proj = self.projections(layer, call.attn)
+        x = call.x_hat.detach()
+        k = F.normalize(proj.keys(x).float(), dim=-1)  # [h, T, d]
+        v = proj.values(x).float()
+        q = F.normalize(proj.queries(x).float(), dim=-1)  # [h, g, T, d]
+        h, T, d = k.shape
+        st = self.state.get(layer)
+        if st is None:
+            st = self.state[layer] = self._fresh(h, d)
+        self.call_counts[layer] += 1
+        steps0 = st.steps
+        vsum0 = st.v_norm_sum.clone()
+        if self.settings.memory == "linear":
+            y, loss, theta, gnorm, mnorm, E = self._linear(st, k, v, q, row.record)
+        else:
+            st.params, st.moms, y, loss, theta, gnorm, mnorm = mlp_steps(self.settings, st.params, st.moms, k, v, q)
+            E = None
+        # gate scale: mean ||v|| of the tokens written before each reader
+        vn = v.norm(dim=-1)  # [h, T]
+        before = vsum0[:, None] + torch.cumsum(vn, 1) - vn
+        count = (steps0 + torch.arange(T, device=vn.device)).clamp_min(1)
+        scale = before / count
+        st.v_norm_sum = vsum0 + vn.sum(1)
+        st.steps = steps0 + T
+        if self.settings.wiring == "gate":
+            gate = torch.tanh(y.norm(dim=-1) / scale[:, None].clamp_min(1e-6))  # [h, g, T]
+            heads = gate[..., None] * y
+        else:
+            gate = None
+            heads = y
+        delta = proj.output(heads.to(self.dtype))
+        if row.record:
+            self._record(layer, st, row, q, k, E, theta, loss, gnorm, mnorm, gate, steps0)
+        elif self.settings.memory == "linear" and st.hist_k is not None:
+            self._append_history(st, k, E, theta, row, steps0)
+        return delta
+
+    def _linear(self, st: _LayerState, k, v, q, record: bool):
+        M, S = st.params[0], st.moms[0]
+        ys, Es, ths, norms = [], [], [], []
+        C = self.settings.chunk
+        for s in range(0, k.shape[1], C):
+            sl = slice(s, s + C)
+            M, S, y, E, th, nm = linear_chunk(self.settings, M, S, k[:, sl], v[:, sl], q[:, :, sl], want_norms=record)
+            ys.append(y), Es.append(E), ths.append(th), norms.append(nm)
+        st.params, st.moms = [M], [S]
+        E, theta = torch.cat(Es, 1), torch.cat(ths, 1)
+        loss = E.pow(2).sum(-1)
+        gnorm = 2 * E.norm(dim=-1)  # ||∇ℓ|| = 2·||e||·||k||, ||k|| = 1
+        mnorm = torch.cat(norms, 1) if record else None
+        return torch.cat(ys, 2), loss, theta, gnorm, mnorm, E
+
+    def _append_history(self, st: _LayerState, k, E, theta, row, steps0):
+        T = k.shape[1]
+        new_step = torch.arange(steps0, steps0 + T, device=k.device)
+        if st.hist_k is None:
+            st.hist_k, st.hist_e, st.hist_theta = k, E, theta
+            st.hist_pos, st.hist_step = row.positions.clone(), new_step
+        else:
+            st.hist_k, st.hist_e = torch.cat([st.hist_k, k], 1), torch.cat([st.hist_e, E], 1)
+            st.hist_theta = torch.cat([st.hist_theta, theta], 1)
+            st.hist_pos, st.hist_step = torch.cat([st.hist_pos, row.positions]), torch.cat([st.hist_step, new_step])
+
+    def _record(self, layer, st, row, q, k, E, theta, loss, gnorm, mnorm, gate, steps0):
+        T = k.shape[1]
+        per_head_w = None
+        slots: list[int] = []
+        if self.settings.memory == "linear":
+            # the exact implicit attention needs the history since the memory was empty
+            exact = st.hist_k is not None or steps0 == 0
+            if exact:
+                self._append_history(st, k, E, theta, row, steps0)
+                now = torch.arange(steps0, steps0 + T, device=k.device)
+                w = implicit_attention(self.settings, q, st.hist_k, st.hist_theta, st.hist_step, now)  # [h,g,T,N]
+                per_head_w = w.reshape(-1, T, w.shape[-1]).cpu().numpy()  # [H, T, N]
+                slots = st.hist_pos.tolist()
+        positions = row.positions.tolist()
+        write = (theta * gnorm).mean(0)
+        scalars = {"surprise": loss.mean(0), "write_strength": write, "memory_norm": mnorm.mean(0)}
+        if gate is not None:
+            scalars["gate"] = gate.mean((0, 1))
+        scalars = {k_: v_.float().cpu().numpy() for k_, v_ in scalars.items()}
+        for t in range(T):
+            if per_head_w is not None:
+                n = int(steps0 + t)  # slots written before this token
+                ph = per_head_w[:, t, :n]
+                keys, weights = slots[:n], ph.mean(0)
+            else:
+                ph, keys, weights = None, [], np.zeros(0, np.float32)
+            self.traces.append(ReadTrace(layer=layer, position=positions[t], slot_keys=keys, weights=weights,
+                                         per_head=None, scalars={k_: float(v_[t]) for k_, v_ in scalars.items()}))
