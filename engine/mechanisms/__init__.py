@@ -14,6 +14,7 @@ import os
 from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, RowPlan, StepRow,
                    copy_state, default_layers, file_field)
 from .continuity import Continuity, ContinuitySettings
+from .partial_attention import PartialAttention
 
 MECHANISMS: dict[str, type[Mechanism]] = {}
 
@@ -43,6 +44,7 @@ def load_plugins(names: str | None = None) -> list[str]:
 
 
 register(Continuity)
+register(PartialAttention)
 
 __all__ = ["MECHANISMS", "ConformanceCase", "LayerCall", "Mechanism", "MechanismSettings", "ReadTrace", "RowPlan",
            "StepRow", "copy_state", "default_layers", "file_field", "load_plugins", "register",
