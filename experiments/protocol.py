@@ -111,6 +111,8 @@ class Protocol(BaseModel):
         """Keyword options `scoring.score_dialogue` needs from the protocol for this scorer."""
         if scorer_name == "stance_drift" and self.stance_turns is not None:
             return {"stance_turns": list(self.stance_turns)}
+        if scorer_name == "source_grounding":  # the source = system prompt + first user message
+            return {"system": self.system, "first_turn": self.turns[0]}
         return {}
 
     def _fill(self, template: str, item: dict, key: str) -> str:

@@ -335,13 +335,22 @@ class PartialAttention(Mechanism):
         q = proj.queries(branch.target_input(call.x_hat[idx].to(self.dtype)))
         if call.rope is not None:
             q = rotate(q, call.rope[0][idx].to(q.dtype), call.rope[1][idx].to(q.dtype))
-        scores = torch.einsum("hgtd,hsd->hgts", q, k).float() * proj.scaling
+        visible = None
         if src_pos is not None and int(row.positions[idx].min()) <= int(src_pos.max()):
             # a reader inside the source region sees only the source tokens before it
             visible = src_pos[None, :] < row.positions[idx][:, None]
-            scores = scores.masked_fill(~visible, float("-inf"))
-        weights = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = proj.output(torch.einsum("hgts,hsd->hgtd", weights, v))  # [n_readers, hidden]
+        if row.record:  # the weights are wanted: the explicit softmax
+            scores = torch.einsum("hgtd,hsd->hgts", q, k).float() * proj.scaling
+            if visible is not None:
+                scores = scores.masked_fill(~visible, float("-inf"))
+            weights = torch.softmax(scores, dim=-1).to(q.dtype)
+            heads = torch.einsum("hgts,hsd->hgtd", weights, v)
+        else:  # decoding: one fused kernel (few ops matter on a busy CPU)
+            n_kv, g, T, d = q.shape
+            heads = F.scaled_dot_product_attention(
+                q.reshape(1, n_kv * g, T, d), k[None], v[None], scale=proj.scaling, enable_gqa=g > 1,
+                attn_mask=None if visible is None else visible[None, None]).view(n_kv, g, T, d)
+        out = proj.output(heads)  # [n_readers, hidden]
         if out.shape[0] == call.x_hat.shape[0]:
             delta = out
         else:
