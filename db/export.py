@@ -26,6 +26,11 @@ scores_frame: one row per score:
     scorer, label, value, data (JSON), created_at
 
 Timestamps are UTC.
+
+Blind sessions: until a blind session is revealed (db.store.is_blinded), every export
+shows its arms only as panes: arm_index is the pane position (0 = Arm A), arm_label the
+pane name ("Arm A"), and arm_spec, settings, gen_settings, arm_seed, turn_id and score_id
+are empty. A bundle of such a session keeps the real session sealed (see export_bundle).
 """
 
 import json
@@ -35,9 +40,11 @@ from pathlib import Path
 import pandas as pd
 from sqlalchemy import exc, select
 
-from .models import (SCHEMA_VERSION, STANCE_LABELS, Annotation, Arm, Capture, Experiment, LabSession,
-                     ProbeResult, Score, Turn, new_id)
-from .store import Store, StoreError, _role_order
+from .models import SCHEMA_VERSION, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, Score, Turn
+from .models import new_id as _new_id
+from .models import utcnow
+from .rules import BUNDLE_FORMAT, BUNDLE_VERSION, check_bundle, seal
+from .store import Store, StoreError, _role_order, is_blinded, turn_row
 
 TURN_COLUMNS = [
     "session_id", "session_kind", "session_title", "experiment_id", "item_key", "seed",
@@ -55,8 +62,48 @@ SCORE_COLUMNS = [
 ]
 _INT_COLUMNS = {"seed", "arm_index", "turn_index", "n_tokens", "turn_id", "arm_seed", "annotation_id", "score_id"}
 FORMATS = ("csv", "jsonl", "parquet", "bundle")
-BUNDLE_FORMAT = "memory-linkage-lab/session-bundle"
-BUNDLE_VERSION = 1
+
+
+PANE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def pane_name(position: int) -> str:
+    """'Arm A' for pane 0, as the lab's Arena names panes."""
+    return f"Arm {PANE_LETTERS[position]}" if position < len(PANE_LETTERS) else f"Arm {position + 1}"
+
+
+def pane_positions(session) -> dict | None:
+    """{arm index: pane position} while a blind session is not revealed, else None.
+    session: a dict from the store or a LabSession row."""
+    get = session.get if isinstance(session, dict) else lambda k: getattr(session, k)
+    if not is_blinded({"blind": get("blind"), "meta": get("meta")}):
+        return None
+    order = list(get("pane_order") or [])
+    return {arm: pos for pos, arm in enumerate(order)}
+
+
+class _Blinder:
+    """Per export: which sessions are blinded, and the pane of each of their arms."""
+
+    def __init__(self):
+        self.cache = {}
+
+    def pane(self, ss, arm_index):
+        """The pane position of this arm, or None when the session shows its arms."""
+        if ss.id not in self.cache:
+            self.cache[ss.id] = pane_positions(ss)
+        panes = self.cache[ss.id]
+        if panes is None:
+            return None
+        return panes.setdefault(arm_index, len(panes))  # an arm missing from pane_order goes last
+
+
+def _order_panes(rows, keys):
+    """Re-sort blinded rows by pane position within their group (a stable sort keeps the rest)."""
+    first = {}
+    for r in rows:
+        first.setdefault(r["session_id"], len(first))
+    return sorted(rows, key=lambda r: (first[r["session_id"]], *(r[k] for k in keys)))
 
 
 # ----------------------------------------------------------------- frames
@@ -85,7 +132,7 @@ def turns_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFra
          .join(LabSession, Turn.session_id == LabSession.id)
          .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index))
     q = _filtered(store, q, session_id, experiment_id)
-    rows = []
+    rows, hidden, blinder = [], set(), _Blinder()
     with store._ro() as s:
         for t, a, ss in s.execute(q):
             rows.append(dict(
@@ -96,12 +143,25 @@ def turns_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFra
                 finished_at=t.finished_at, model_name=(ss.model or {}).get("name"),
                 token_ids=json.dumps(t.token_ids), settings=json.dumps(a.settings),
                 gen_settings=json.dumps(t.gen_settings), turn_id=t.id, arm_seed=a.seed, error=t.error))
+            pos = blinder.pane(ss, a.index)
+            if pos is not None:
+                hidden.add(t.id)
+                rows[-1].update(arm_index=pos, arm_label=pane_name(pos), arm_spec=None, settings=None,
+                                gen_settings=None, arm_seed=None)
+    if hidden:
+        rank = {r: i for i, r in enumerate(("system", "user", "assistant"))}
+        first = {}
+        for r in rows:
+            first.setdefault(r["session_id"], len(first))
+        rows.sort(key=lambda r: (first[r["session_id"]], r["turn_index"], rank.get(r["role"], 3), r["arm_index"]))
     df = _frame(rows, TURN_COLUMNS)
-    scores = scores_frame(store, session_id, experiment_id)
+    scores = scores_frame(store, session_id, experiment_id, _turn_ids=True)
     for scorer in sorted(scores["scorer"].unique()):
         sc = scores[scores["scorer"] == scorer].set_index("turn_id")
         df[f"score_{scorer}_label"] = df["turn_id"].map(sc["label"])
         df[f"score_{scorer}_value"] = df["turn_id"].map(sc["value"]).astype("Float64")
+    if hidden:
+        df.loc[df["turn_id"].isin(hidden), "turn_id"] = pd.NA  # ids follow logging order, i.e. arm order
     return df
 
 
@@ -111,25 +171,44 @@ def annotations_frame(store: Store, session_id=None, experiment_id=None) -> pd.D
          .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, Arm.index,
                    Annotation.created_at, Annotation.id))
     q = _filtered(store, q, session_id, experiment_id)
+    rows, blinder, blinded = [], _Blinder(), False
     with store._ro() as s:
-        rows = [dict(annotation_id=an.id, session_id=ss.id, arm_index=a.index, arm_label=a.label,
-                     turn_index=t.turn_index, annotator=an.annotator, stance_label=an.stance_label,
-                     note=an.note, confidence=an.confidence, created_at=an.created_at, text=t.text,
-                     turn_id=t.id)
-                for an, t, a, ss in s.execute(q)]
+        for an, t, a, ss in s.execute(q):
+            rows.append(dict(annotation_id=an.id, session_id=ss.id, arm_index=a.index, arm_label=a.label,
+                             turn_index=t.turn_index, annotator=an.annotator, stance_label=an.stance_label,
+                             note=an.note, confidence=an.confidence, created_at=an.created_at, text=t.text,
+                             turn_id=t.id))
+            pos = blinder.pane(ss, a.index)
+            if pos is not None:
+                blinded = True
+                rows[-1].update(arm_index=pos, arm_label=pane_name(pos), turn_id=None)
+    if blinded:
+        rows = _order_panes(rows, ("turn_index", "arm_index"))
     return _frame(rows, ANNOTATION_COLUMNS)
 
 
-def scores_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFrame:
+def scores_frame(store: Store, session_id=None, experiment_id=None, _turn_ids=False) -> pd.DataFrame:
     q = (select(Score, Turn, Arm, LabSession).join(Turn, Score.turn_id == Turn.id)
          .join(Arm, Turn.arm_id == Arm.id).join(LabSession, Turn.session_id == LabSession.id)
          .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index, Score.scorer))
     q = _filtered(store, q, session_id, experiment_id)
+    rows, blinder, blinded = [], _Blinder(), False
     with store._ro() as s:
-        rows = [dict(score_id=sc.id, session_id=ss.id, arm_index=a.index, arm_label=a.label, turn_id=t.id,
-                     turn_index=t.turn_index, role=t.role, scorer=sc.scorer, label=sc.label, value=sc.value,
-                     data=json.dumps(sc.data), created_at=sc.created_at)
-                for sc, t, a, ss in s.execute(q)]
+        for sc, t, a, ss in s.execute(q):
+            rows.append(dict(score_id=sc.id, session_id=ss.id, arm_index=a.index, arm_label=a.label, turn_id=t.id,
+                             turn_index=t.turn_index, role=t.role, scorer=sc.scorer, label=sc.label,
+                             value=sc.value, data=json.dumps(sc.data), created_at=sc.created_at))
+            pos = blinder.pane(ss, a.index)
+            if pos is not None:
+                blinded = True
+                rows[-1].update(arm_index=pos, arm_label=pane_name(pos), score_id=None)
+                if not _turn_ids:  # turns_frame needs them to join, and hides them itself
+                    rows[-1]["turn_id"] = None
+    if blinded:
+        rank = {r: i for i, r in enumerate(("system", "user", "assistant"))}
+        for r in rows:
+            r["_role"] = rank.get(r["role"], 3)
+        rows = _order_panes(rows, ("turn_index", "_role", "arm_index"))
     return _frame(rows, SCORE_COLUMNS)
 
 
@@ -203,7 +282,36 @@ def export_bundle(store: Store, session_id) -> dict:
     """Everything about one session, as JSON-serialisable data. Rows refer to each other by
     natural keys (arm_index; arm_index + turn_index + role), never by database ids, so the
     same session exports identically from any database it was imported into.
-    Capture files are not included: only their path and JSON data."""
+    Capture files are not included: only their path and JSON data.
+
+    An unrevealed blind session exports as its pane view (arms named Arm A, Arm B ... in pane
+    order, arm_index = pane position, no specs, settings, generation settings, turn metadata,
+    probes or captures) plus `sealed`: the full bundle, compressed and base64-encoded, which
+    import_bundle restores, so the transfer stays lossless while nothing readable names an arm."""
+    full = _full_bundle(store, session_id)
+    panes = pane_positions(full["session"])
+    if panes is None:
+        return full
+    return {**_pane_view(full, panes), "sealed": seal(full)}
+
+
+def _pane_view(full: dict, panes: dict) -> dict:
+    for a in full["arms"]:
+        panes.setdefault(a["index"], len(panes))
+    rank = {r: i for i, r in enumerate(("system", "user", "assistant"))}
+
+    def moved(rows):
+        out = [{**r, "arm_index": panes[r["arm_index"]]} for r in rows]
+        return sorted(out, key=lambda r: (r.get("turn_index") or 0, rank.get(r.get("role"), 3), r["arm_index"]))
+    turns = [{**t, "gen_settings": {}, "meta": {}} for t in moved(full["turns"])]
+    arms = sorted(({"index": panes[a["index"]], "label": pane_name(panes[a["index"]]), "spec": "",
+                    "settings": {}, "seed": 0} for a in full["arms"]), key=lambda a: a["index"])
+    return {**full, "session": {**full["session"], "pane_order": [a["index"] for a in arms]},
+            "experiment": None, "arms": arms, "turns": turns, "annotations": moved(full["annotations"]),
+            "scores": moved(full["scores"]), "probes": [], "captures": []}
+
+
+def _full_bundle(store: Store, session_id) -> dict:
     session = store.get_session(session_id)
     arms = session.pop("arms")
     experiment = store.get_experiment(session["experiment_id"]) if session["experiment_id"] else None
@@ -220,72 +328,69 @@ def export_bundle(store: Store, session_id) -> dict:
     })
 
 
-def _columns(model, d, skip=()):
-    """The values of d for model's columns (bundle rows carry extra key fields; ids are skipped)."""
-    keys = [a.key for a in model.__mapper__.column_attrs if a.key not in ("id", *skip)]
-    missing = [k for k in keys if k not in d]
-    if missing:
-        raise KeyError(f"{model.__tablename__} row lacks {', '.join(missing)}")
-    return {k: d[k] for k in keys}
+class BundleError(StoreError, ValueError):
+    """A session bundle that cannot be imported; the message names the key path of the problem."""
 
 
 def import_bundle(store: Store, bundle, new_id=False) -> str:
-    """Add a bundled session to this database, all or nothing. The session keeps its id;
-    if that id is taken it is an error, unless new_id=True (import as a copy under a fresh id).
+    """Add a bundled session to this database, all or nothing. Every field is checked first
+    with the store's own rules (db/rules.py); an invalid bundle raises BundleError naming the
+    key path of its first problem, and nothing is written. The session keeps its id; if that
+    id is taken it is an error, unless new_id=True (import as a copy under a fresh id).
     Its experiment is created when the database lacks it, and left as is when present."""
-    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
-        raise StoreError("not a session bundle (missing format marker)")
-    if bundle.get("version") != BUNDLE_VERSION:
-        raise StoreError(f"bundle version {bundle.get('version')!r} is not supported (this code reads {BUNDLE_VERSION})")
     try:
-        return _import(store, bundle, new_id)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise StoreError(f"malformed session bundle: {e}") from e
+        b = check_bundle(bundle)
+    except ValueError as e:
+        raise BundleError(f"invalid session bundle: {e}") from None
+    try:
+        return _import(store, b, new_id)
     except exc.DBAPIError as e:
         raise StoreError(store._explain(e)) from e
 
 
 def _import(store, b, fresh_id):
-    session = b["session"]
-    sid = new_id() if fresh_id else session["id"]
-    for a in b["annotations"]:
-        if a["stance_label"] not in STANCE_LABELS:
-            raise StoreError(f"bundle annotation has unknown stance label {a['stance_label']!r}")
+    sid = _new_id() if fresh_id else b.session.id
     with store._tx() as s:
         if s.get(LabSession, sid) is not None:
             raise StoreError(f"session {sid} already exists in {store.name}; "
                              "import with new_id=True (--new-id) to add a copy")
-        exp_id = session["experiment_id"]
+        exp_id = b.session.experiment_id
         if exp_id is not None and s.get(Experiment, exp_id) is None:
-            if not b.get("experiment") or b["experiment"]["id"] != exp_id:
-                raise StoreError(f"bundle refers to experiment {exp_id} but does not carry it")
-            s.add(Experiment(id=exp_id, **_columns(Experiment, b["experiment"])))
-        s.add(LabSession(id=sid, **_columns(LabSession, session)))
+            if b.experiment is None:
+                raise BundleError(f"invalid session bundle: experiment: the session belongs to experiment "
+                                  f"{exp_id}, which is neither in the bundle nor in {store.name}")
+            e = b.experiment
+            s.add(Experiment(**e.model_dump(exclude={"created_at"}), created_at=e.created_at or utcnow()))
+        ss = b.session
+        s.add(LabSession(**ss.model_dump(exclude={"id", "created_at", "pane_order"}), id=sid,
+                         created_at=ss.created_at or utcnow(),
+                         pane_order=[a.index for a in b.arms] if ss.pane_order is None else ss.pane_order))
         s.flush()
         arm_ids = {}
-        for a in b["arms"]:
-            arm = Arm(session_id=sid, **_columns(Arm, a, skip=("session_id",)))
+        for a in b.arms:
+            arm = Arm(session_id=sid, **a.model_dump())
             s.add(arm)
             s.flush()
             arm_ids[arm.index] = arm.id
         turn_ids = {}
-        for t in b["turns"]:
-            turn = Turn(session_id=sid, arm_id=arm_ids[t["arm_index"]],
-                        **_columns(Turn, t, skip=("session_id", "arm_id")))
+        for t in b.turns:
+            turn = turn_row(t, sid)
+            turn.arm_id = arm_ids[t.arm_index]
             s.add(turn)
             s.flush()
-            turn_ids[(t["arm_index"], t["turn_index"], t["role"])] = turn.id
+            turn_ids[(t.arm_index, t.turn_index, t.role)] = turn.id
 
-        def turn_of(r):
-            return turn_ids[(r["arm_index"], r["turn_index"], r["role"])]
-        for a in b["annotations"]:
-            s.add(Annotation(turn_id=turn_of(a), **_columns(Annotation, a, skip=("turn_id",))))
-        for x in b["scores"]:
-            s.add(Score(turn_id=turn_of(x), **_columns(Score, x, skip=("turn_id",))))
-        for p in b["probes"]:
-            turn_id = None if p["turn_index"] is None else turn_of(p)
-            s.add(ProbeResult(turn_id=turn_id, arm_id=arm_ids[p["arm_index"]],
-                              **_columns(ProbeResult, p, skip=("turn_id", "arm_id"))))
-        for c in b["captures"]:
-            s.add(Capture(turn_id=turn_of(c), **_columns(Capture, c, skip=("turn_id",))))
+        def rows(model, items, *keys):
+            for r in items:
+                d = r.model_dump(exclude={"arm_index", "turn_index", "role"})
+                d["created_at"] = d.get("created_at") or utcnow()
+                s.add(model(turn_id=turn_ids.get((r.arm_index, r.turn_index, r.role)), **d))
+        rows(Annotation, b.annotations)
+        rows(Score, b.scores)
+        rows(Capture, b.captures)
+        for p in b.probes:
+            d = p.model_dump(exclude={"arm_index", "turn_index", "role"})
+            d["created_at"] = d.get("created_at") or utcnow()
+            s.add(ProbeResult(arm_id=arm_ids[p.arm_index], **d,
+                              turn_id=None if p.turn_index is None else turn_ids[(p.arm_index, p.turn_index, p.role)]))
     return sid

@@ -10,20 +10,19 @@ front (BEGIN IMMEDIATE) so concurrent writers queue instead of deadlocking.
 """
 
 import functools
-import json
-import operator
 import os
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 from sqlalchemy import case, create_engine, delete, event, exc, func, make_url, select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from .models import (EXPERIMENT_STATUSES, FINISH_REASONS, ROLES, SESSION_KINDS, STANCE_LABELS,
-                     Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, SchemaError,
-                     Score, Turn, as_dict, migrate, new_id, to_utc, utcnow)
+from .models import (ROLES, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, SchemaError,
+                     Score, Turn, as_dict, migrate, new_id, utcnow)
+from .rules import (AnnotationRow, ArmRow, CaptureRow, ExperimentRow, ProbeRow, ScoreRow, SessionRow,
+                    TurnRow)
 
 
 class StoreError(Exception):
@@ -66,48 +65,25 @@ def _guard(fn):
     return wrapper
 
 
-def _json(value, what, default=None):
-    """Reject what json cannot store now, with the field's name, not at flush time."""
-    if value is None:
-        return default
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
-    return value
-
-
-def _token_ids(token_ids) -> list:
-    try:
-        return [operator.index(t) for t in (token_ids or [])]  # accepts numpy ints, rejects floats
-    except TypeError:
-        raise ValueError("token_ids must be a list of ints") from None
-
-
-def _opt_int(v, what):
-    if v is None:
-        return None
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise ValueError(f"{what} must be an int, got {v!r}") from None
-
-
-def _check_relative(path):
-    """A capture path is relative to the database's folder and may not climb out of it."""
-    if path is None:
-        return None
-    for p in (PurePosixPath(path), PureWindowsPath(path)):
-        if p.is_absolute() or p.drive or ".." in p.parts:
-            raise ValueError(f"capture path must be relative to the database folder, without '..': {path!r}")
-    return str(path)
-
-
-def _pane_order(pane_order, indices) -> list:
-    order = [_opt_int(i, "pane_order entry") for i in pane_order]
+def pane_order_of(pane_order, indices) -> list:
+    """pane_order (already a list of ints) must list distinct arm indices of the session."""
+    order = list(pane_order)
     if len(set(order)) != len(order) or not set(order) <= set(indices):
-        raise ValueError(f"pane_order {order} must list distinct arm indices out of {sorted(indices)}")
+        raise ValueError(f"pane_order: {order} must list distinct arm indices out of {sorted(indices)}")
     return order
+
+
+def is_blinded(session: dict) -> bool:
+    """True while a blind session's arms are not revealed (meta.revealed_at unset): until then
+    every view and export shows pane letters, never arm labels or specs."""
+    return bool(session.get("blind")) and not (session.get("meta") or {}).get("revealed_at")
+
+
+def turn_row(v: TurnRow, session_id) -> Turn:
+    """The Turn row of a validated TurnRow (arm_id is set by the caller)."""
+    row = Turn(session_id=session_id, **v.model_dump(exclude={"arm_index", "n_tokens"}))
+    row.n_tokens = len(v.token_ids) if v.n_tokens is None else v.n_tokens
+    return row
 
 
 _role_order = case({r: i for i, r in enumerate(ROLES)}, value=Turn.role, else_=len(ROLES))
@@ -244,12 +220,9 @@ class Store:
     @_guard
     def create_experiment(self, name, protocol_name, protocol=None, args=None, model=None, *,
                           status="running", id=None, created_at=None) -> str:
-        if status not in EXPERIMENT_STATUSES:
-            raise ValueError(f"experiment status must be one of {EXPERIMENT_STATUSES}, got {status!r}")
-        row = Experiment(id=id or new_id(), name=name, protocol_name=protocol_name,
-                         protocol=_json(protocol, "protocol", {}), args=_json(args, "args", {}),
-                         model=_json(model, "model", {}), status=status,
-                         created_at=to_utc(created_at) or utcnow())
+        v = ExperimentRow.check(id=id or new_id(), name=name, protocol_name=protocol_name, protocol=protocol,
+                                args=args, model=model, status=status, created_at=created_at)
+        row = Experiment(**v.model_dump(exclude={"created_at"}), created_at=v.created_at or utcnow())
         with self._tx() as s:
             if s.get(Experiment, row.id) is not None:
                 raise StoreError(f"experiment {row.id} already exists in {self.name}")
@@ -259,8 +232,9 @@ class Store:
     @_guard
     def update_experiment(self, experiment_id, *, status=None, finished_at=None) -> None:
         """Setting a final status without finished_at stamps it now."""
-        if status is not None and status not in EXPERIMENT_STATUSES:
-            raise ValueError(f"experiment status must be one of {EXPERIMENT_STATUSES}, got {status!r}")
+        if status is not None:
+            status = ExperimentRow.check_fields(status=status)["status"]
+        finished_at = ExperimentRow.check_fields(finished_at=finished_at)["finished_at"]
         with self._tx() as s:
             row = s.get(Experiment, experiment_id)
             if row is None:
@@ -270,7 +244,7 @@ class Store:
                 if status != "running" and finished_at is None:
                     finished_at = utcnow()
             if finished_at is not None:
-                row.finished_at = to_utc(finished_at)
+                row.finished_at = finished_at
 
     @_guard
     def get_experiment(self, experiment_id) -> dict:
@@ -299,23 +273,23 @@ class Store:
                        meta=None, id=None, created_at=None) -> str:
         """Session and its arms in one transaction. arms: [{index, label, spec, settings, seed}];
         index defaults to the position in the list. item_key is stored as a string."""
-        if kind not in SESSION_KINDS:
-            raise ValueError(f"session kind must be one of {SESSION_KINDS}, got {kind!r}")
         arm_rows = []
         for pos, a in enumerate(arms):
-            index = _opt_int(a.get("index", pos), "arm index")
-            arm_rows.append(Arm(index=index, label=str(a.get("label", "")), spec=str(a.get("spec", "")),
-                                settings=_json(a.get("settings"), f"settings of arm {index}", {}),
-                                seed=_opt_int(a.get("seed", 0), f"seed of arm {index}")))
+            if not isinstance(a, dict):
+                raise ValueError(f"arms[{pos}]: expected an object, got {type(a).__name__}")
+            try:
+                v = ArmRow.check(**{"index": pos, **a})
+            except ValueError as e:
+                raise ValueError(f"arms[{pos}].{e}") from None
+            arm_rows.append(Arm(**v.model_dump()))
         indices = [a.index for a in arm_rows]
         if len(set(indices)) != len(indices):
             raise ValueError(f"arm indices must be unique, got {indices}")
-        pane_order = list(indices) if pane_order is None else _pane_order(pane_order, indices)
-        row = LabSession(id=id or new_id(), created_at=to_utc(created_at) or utcnow(), kind=kind,
-                         title=title or "", user=user, model=_json(model, "model", {}),
-                         system_prompt=system_prompt, blind=bool(blind), pane_order=pane_order,
-                         experiment_id=experiment_id, item_key=None if item_key is None else str(item_key),
-                         seed=_opt_int(seed, "seed"), meta=_json(meta, "meta", {}))
+        v = SessionRow.check(id=id or new_id(), created_at=created_at, kind=kind, title=title or "", user=user,
+                             model=model, system_prompt=system_prompt, blind=blind, pane_order=pane_order,
+                             experiment_id=experiment_id, item_key=item_key, seed=seed, meta=meta)
+        row = LabSession(**v.model_dump(exclude={"created_at", "pane_order"}), created_at=v.created_at or utcnow(),
+                         pane_order=list(indices) if v.pane_order is None else pane_order_of(v.pane_order, indices))
         with self._tx() as s:
             if s.get(LabSession, row.id) is not None:
                 raise StoreError(f"session {row.id} already exists in {self.name}")
@@ -334,13 +308,14 @@ class Store:
         allowed = {"title", "user", "system_prompt", "blind", "pane_order", "meta"}
         if set(fields) - allowed:
             raise ValueError(f"update_session can change only {sorted(allowed)}, not {sorted(set(fields) - allowed)}")
+        if fields.get("pane_order", 0) is None:
+            raise ValueError("pane_order: expected a list of arm indices, got None")
+        fields = SessionRow.check_fields(**fields)
         with self._tx() as s:
             row = self._session_row(s, session_id)
             if "pane_order" in fields:
                 indices = s.scalars(select(Arm.index).where(Arm.session_id == session_id)).all()
-                fields["pane_order"] = _pane_order(fields["pane_order"], indices)
-            if "meta" in fields:
-                fields["meta"] = _json(fields["meta"], "meta", {})
+                fields["pane_order"] = pane_order_of(fields["pane_order"], indices)
             for k, v in fields.items():
                 setattr(row, k, v)
 
@@ -356,13 +331,16 @@ class Store:
 
     @_guard
     def list_sessions(self, kind=None, experiment_id=None) -> list:
-        """Newest first, each with n_arms, n_turns (turn rows, all arms and roles) and n_annotations."""
+        """Newest first, each with n_arms, n_turns (exchanges: distinct turn indices, as the lab counts
+        them; a 1-turn session of 2 arms has 1), n_messages (message rows, all arms and roles) and
+        n_annotations."""
         n_arms = select(Arm.session_id, func.count().label("n")).group_by(Arm.session_id).subquery()
-        n_turns = select(Turn.session_id, func.count().label("n")).group_by(Turn.session_id).subquery()
+        n_turns = (select(Turn.session_id, func.count(Turn.turn_index.distinct()).label("n"),
+                          func.count().label("m")).group_by(Turn.session_id).subquery())
         n_ann = (select(Turn.session_id, func.count().label("n"))
                  .join(Annotation, Annotation.turn_id == Turn.id).group_by(Turn.session_id).subquery())
         q = (select(LabSession, func.coalesce(n_arms.c.n, 0), func.coalesce(n_turns.c.n, 0),
-                    func.coalesce(n_ann.c.n, 0))
+                    func.coalesce(n_turns.c.m, 0), func.coalesce(n_ann.c.n, 0))
              .outerjoin(n_arms, n_arms.c.session_id == LabSession.id)
              .outerjoin(n_turns, n_turns.c.session_id == LabSession.id)
              .outerjoin(n_ann, n_ann.c.session_id == LabSession.id)
@@ -372,7 +350,8 @@ class Store:
         if experiment_id is not None:
             q = q.where(LabSession.experiment_id == experiment_id)
         with self._ro() as s:
-            return [as_dict(r) | {"n_arms": a, "n_turns": t, "n_annotations": n} for r, a, t, n in s.execute(q)]
+            return [as_dict(r) | {"n_arms": a, "n_turns": t, "n_messages": m, "n_annotations": n}
+                    for r, a, t, m, n in s.execute(q)]
 
     @_guard
     def find_session(self, experiment_id, item_key, seed):
@@ -394,21 +373,11 @@ class Store:
                  error=None, meta=None, *, n_tokens=None) -> int:
         """Record one message of one arm. n_tokens defaults to len(token_ids).
         Logging the same (arm, turn_index, role) twice is an error: see delete_turns_from."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        if finish_reason is not None and finish_reason not in FINISH_REASONS:
-            raise ValueError(f"finish_reason must be one of {FINISH_REASONS} or None, got {finish_reason!r}")
-        turn_index = _opt_int(turn_index, "turn_index")
-        if turn_index is None or turn_index < 0:
-            raise ValueError(f"turn_index must be an int >= 0, got {turn_index!r}")
-        ids = _token_ids(token_ids)
-        row = Turn(session_id=session_id, turn_index=turn_index, role=role, text=text or "", token_ids=ids,
-                   started_at=to_utc(started_at), finished_at=to_utc(finished_at),
-                   ttft_s=None if ttft_s is None else float(ttft_s),
-                   duration_s=None if duration_s is None else float(duration_s),
-                   n_tokens=len(ids) if n_tokens is None else _opt_int(n_tokens, "n_tokens"),
-                   finish_reason=finish_reason, gen_settings=_json(gen_settings, "gen_settings", {}),
-                   error=error, meta=_json(meta, "meta", {}))
+        v = TurnRow.check(arm_index=arm_index, turn_index=turn_index, role=role, text=text or "",
+                          token_ids=token_ids, started_at=started_at, finished_at=finished_at, ttft_s=ttft_s,
+                          duration_s=duration_s, n_tokens=n_tokens, finish_reason=finish_reason,
+                          gen_settings=gen_settings, error=error, meta=meta)
+        row = turn_row(v, session_id)
         try:
             with self._tx() as s:
                 row.arm_id = self._arm_row(s, session_id, arm_index).id
@@ -470,21 +439,13 @@ class Store:
     @_guard
     def annotate(self, turn_id, annotator, stance_label, note="", confidence=None) -> int:
         """A new row every time: re-labelling keeps the history (see latest_annotations)."""
-        if stance_label not in STANCE_LABELS:
-            raise ValueError(f"unknown stance label {stance_label!r}; expected one of: "
-                             + ", ".join(repr(x) for x in STANCE_LABELS))
-        if not annotator or not isinstance(annotator, str):
-            raise ValueError("annotator must be a non-empty string")
-        if confidence is not None:
-            confidence = float(confidence)
-            if not 0.0 <= confidence <= 1.0:
-                raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+        v = AnnotationRow.check_fields(annotator=annotator, stance_label=stance_label, note=note or "",
+                                       confidence=confidence)
         with self._tx() as s:
             turn = self._turn_row(s, turn_id)
             if turn.role != "assistant":
                 raise ValueError(f"turn {turn_id} is a {turn.role} message; only assistant turns are annotated")
-            row = Annotation(turn_id=turn_id, annotator=annotator, stance_label=stance_label,
-                             note=note or "", confidence=confidence, created_at=utcnow())
+            row = Annotation(turn_id=turn_id, **v, created_at=utcnow())
             s.add(row)
         return row.id
 
@@ -524,10 +485,10 @@ class Store:
     @_guard
     def put_score(self, turn_id, scorer, label=None, value=None, data=None) -> int:
         """Insert or replace the score of this scorer on this turn."""
+        v = ScoreRow.check_fields(scorer=scorer, label=label, value=value, data={} if data is None else data)
         with self._tx() as s:
-            row = self._upsert(s, Score, turn_id, scorer=scorer)
-            row.label, row.value = label, None if value is None else float(value)
-            row.data, row.created_at = _json(data, "score data", {}), utcnow()
+            row = self._upsert(s, Score, turn_id, scorer=v["scorer"])
+            row.label, row.value, row.data, row.created_at = v["label"], v["value"], v["data"], utcnow()
         return row.id
 
     @_guard
@@ -549,12 +510,12 @@ class Store:
 
     @_guard
     def add_probe(self, session_id, arm_index, kind, metrics, turn_id=None) -> int:
+        v = ProbeRow.check_fields(kind=kind, metrics={} if metrics is None else metrics)
         with self._tx() as s:
             arm = self._arm_row(s, session_id, arm_index)
             if turn_id is not None and self._turn_row(s, turn_id).arm_id != arm.id:
                 raise StoreError(f"turn {turn_id} does not belong to arm {arm_index} of session {session_id}")
-            row = ProbeResult(turn_id=turn_id, arm_id=arm.id, kind=kind,
-                              metrics=_json(metrics, "probe metrics", {}), created_at=utcnow())
+            row = ProbeResult(turn_id=turn_id, arm_id=arm.id, **v, created_at=utcnow())
             s.add(row)
         return row.id
 
@@ -571,10 +532,10 @@ class Store:
     @_guard
     def put_capture(self, turn_id, kind, path=None, data=None) -> int:
         """Insert or replace. path is relative to store.dir (the DB's folder)."""
-        path = _check_relative(path)
+        v = CaptureRow.check_fields(kind=kind, path=path, data=data)
         with self._tx() as s:
-            row = self._upsert(s, Capture, turn_id, kind=kind)
-            row.path, row.data, row.created_at = path, _json(data, "capture data"), utcnow()
+            row = self._upsert(s, Capture, turn_id, kind=v["kind"])
+            row.path, row.data, row.created_at = v["path"], v["data"], utcnow()
         return row.id
 
     @_guard

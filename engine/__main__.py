@@ -14,8 +14,15 @@ import json
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line too (and still exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m engine", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="convert the embedded model once (make setup runs this)")
     sub.add_parser("mechanisms", help="list mechanisms and their settings")
@@ -49,6 +56,7 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .dialogue import DialogueError, check_message
     from .spec import SpecError, parse_arm
 
     if args.command == "mechanisms":
@@ -72,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
                                      **({"seed": args.seed} if args.seed is not None else {})) for s in specs]
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise SpecError("--max-new-tokens must be at least 1")
-    except SpecError as e:
+        check_message(args.prompt, "--prompt")  # before the model loads: a bad message costs nothing
+        if args.system is not None:
+            check_message(args.system, "--system", limit=None, allow_empty=True)
+    except (SpecError, DialogueError) as e:
         return _fail(str(e))
 
-    from .dialogue import Dialogue, DialogueError
+    from .dialogue import Dialogue
     from .model import ModelLoadError, load_model
 
     try:

@@ -34,6 +34,20 @@ class DialogueError(ValueError):
     """A message or request cannot be run; the message is meant for a person."""
 
 
+def check_message(text, what: str = "the message", limit: int | None = MAX_MESSAGE_CHARS,
+                  allow_empty: bool = False) -> None:
+    """A message the tokenizer can take: non-empty text, within the limit, valid Unicode."""
+    if not isinstance(text, str) or (not allow_empty and not text.strip()):
+        raise DialogueError(f"{what} is empty")
+    if limit is not None and len(text) > limit:
+        raise DialogueError(f"{what} is {len(text):,} characters; the limit is {limit:,}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DialogueError(f"{what} is not valid text: character {e.start + 1} is a lone surrogate "
+                            f"(invalid UTF-8 in the input?)") from None
+
+
 @dataclass
 class ArmReply:
     """One arm's result for one turn: enough, with the arm's spec, to replay it."""
@@ -321,10 +335,9 @@ class Dialogue:
         return decode_reply(self.tokenizer, ids, self.eos_ids)
 
     def _prepare(self, user: str, max_new_tokens, forced) -> list[Piece]:
-        if not isinstance(user, str) or not user.strip():
-            raise DialogueError("the message is empty")
-        if len(user) > MAX_MESSAGE_CHARS:
-            raise DialogueError(f"the message is {len(user):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
+        check_message(user)
+        if self.turn == 0 and self.system:
+            check_message(self.system, "the system prompt", limit=None, allow_empty=True)
         if forced is not None and len(forced) != self.n_arms:
             raise DialogueError(f"forced replies for {len(forced)} arms, but the dialogue has {self.n_arms}")
         pieces = []

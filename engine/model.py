@@ -206,12 +206,15 @@ def load_model(name: str | None = None, *, dtype: str | torch.dtype | None = Non
         quant = "bnb-nf4"
     if device != "cpu":
         kwargs["device_map"] = device
+    from safetensors import SafetensorError
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError) as e:
+        # a missing or corrupt file: config, tokenizer, weights (SafetensorError, a truncated header...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not load model '{name}': {first}") from None
+        raise ModelLoadError(f"could not load model '{name}': {type(e).__name__}: {first}") from None
     if device == "cpu" and not load_in_4bit:
         model.to("cpu")
     model.eval()

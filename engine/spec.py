@@ -31,7 +31,7 @@ class SamplingSettings(BaseModel):
     greedy: bool = True
     temperature: float = Field(0.7, gt=0.0, le=5.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # logged as a SQLite INTEGER (signed 64-bit)
     max_new_tokens: int = Field(128, ge=1, le=8192)
 
 
@@ -181,7 +181,12 @@ class ArmSpec:
         return spec
 
     def with_sampling(self, **changes) -> "ArmSpec":
-        return ArmSpec(self.mechanism, self.settings, self.sampling.model_copy(update=changes), self.label)
+        """A copy with some sampling settings changed, validated like a spec string's."""
+        try:
+            sampling = SamplingSettings(**{**self.sampling.model_dump(), **changes})
+        except ValidationError as e:
+            raise SpecError(_first_error(e, "sampling")) from None
+        return ArmSpec(self.mechanism, self.settings, sampling, self.label)
 
     def validate_for(self, n_layers: int) -> None:
         """Check settings that depend on the model (layers that exist)."""

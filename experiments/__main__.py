@@ -3,13 +3,18 @@
     python -m experiments run are_you_sure --arm observer --arm continuity:linkage=1,gain=0.3 \
         --seeds 3 --items 10 [--db lab.db] [--model embedded] [--max-new-tokens 64] [--json]
     python -m experiments run --resume RUN_ID            # or the same command again plus --resume RUN_ID
+    (the same run command again resumes its unfinished run, or skips a finished one; --new forces a fresh run)
     python -m experiments list [--db URL] [--json]
-    python -m experiments summary RUN_ID [--all] [--json]
+    python -m experiments summary RUN_ID [--all] [--json] [--judge NAME]
     python -m experiments protocols                      # the shipped protocols
+    python -m experiments score SCORER FILE.jsonl [--judge NAME] [--json]   # agreement with labels
+    python -m experiments rescore RUN_ID --judge NAME    # stance rows of another judge, side by side
+    python -m experiments figures RUN_ID [--out DIR] [--judge NAME] [--format html|png|svg]
 
 Exit status: 0 done; 2 a mistake in the command (malformed protocol, bad arm spec, missing
 model, resume with other settings); 1 a database problem (e.g. locked; rows already written
-stay); 130 interrupted by Ctrl-C (the run is marked 'interrupted'; the resume command is printed).
+stay); 130 interrupted by Ctrl-C, 143 by SIGTERM (either way the run is marked 'interrupted' and the
+resume command is printed).
 """
 from __future__ import annotations
 
@@ -18,8 +23,15 @@ import json
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line too (and still exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m experiments", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run (or resume) a protocol against arms")
@@ -33,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None)
     r.add_argument("--name", default=None, help="a name for the run")
     r.add_argument("--resume", default=None, metavar="RUN_ID", help="continue an interrupted run")
+    r.add_argument("--new", action="store_true",
+                   help="start a fresh run even if the same command already has a run in the database")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
 
     ls = sub.add_parser("list", help="runs in the database with status and progress")
@@ -44,6 +58,29 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--db", default=None)
     s.add_argument("--all", action="store_true", help="every metric, not only the headline ones")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--judge", default=None, help="stance rows of this judge (default: the run's own)")
+
+    sc = sub.add_parser("score", help="score a JSONL of dialogues and print agreement with its labels")
+    sc.add_argument("scorer", help="stance_drift or answer_flip")
+    sc.add_argument("file", help="JSONL: one {\"turns\": [reply, ...], \"labels\": [label|null, ...]} per line")
+    sc.add_argument("--judge", default=None, help="stance judge: nli | llm | similarity (default: nli where installed)")
+    sc.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
+    sc.add_argument("--json", action="store_true", help="one summary object (agreement, reversals_caught, ...)")
+
+    rs = sub.add_parser("rescore", help="score a run's stored dialogues again with another stance judge")
+    rs.add_argument("run_id")
+    rs.add_argument("--judge", required=True, help="nli | llm | similarity")
+    rs.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
+    rs.add_argument("--db", default=None)
+    rs.add_argument("--json", action="store_true")
+
+    fg = sub.add_parser("figures", help="write a run's figures: one HTML page (plotly.js once), PNG and SVG")
+    fg.add_argument("run_id")
+    fg.add_argument("--out", default=None, help="folder (default: figures-RUN_ID)")
+    fg.add_argument("--judge", default=None, help="stance rows of this judge (default: the run's own)")
+    fg.add_argument("--format", action="append", choices=["html", "png", "svg"], default=None,
+                    help="repeatable; default: html, png and svg")
+    fg.add_argument("--db", default=None)
 
     sub.add_parser("protocols", help="list the shipped protocols")
     return p
@@ -75,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_list(args)
         if args.command == "summary":
             return _cmd_summary(args)
+        if args.command == "score":
+            return _cmd_score(args)
+        if args.command == "rescore":
+            return _cmd_rescore(args)
+        if args.command == "figures":
+            return _cmd_figures(args)
         return _cmd_run(args)
     except StoreError as e:
         return _fail(str(e), 1)
@@ -101,8 +144,118 @@ def _cmd_summary(args) -> int:
     from experiments.analysis import format_summary, summary
 
     store = _open_store(args.db, create=False)
-    s = summary(store, args.run_id)
+    try:
+        s = summary(store, args.run_id, judge=args.judge)
+    except ValueError as e:
+        return _fail(str(e))
     print(json.dumps(s) if args.json else format_summary(s, all_metrics=args.all))
+    return 0
+
+
+def _cmd_figures(args) -> int:
+    from experiments.analysis import export_figures, run_figures
+
+    store = _open_store(args.db, create=False)
+    try:
+        figs = run_figures(store, args.run_id, judge=args.judge)
+    except ValueError as e:
+        return _fail(str(e))
+    written, problems = export_figures(figs, args.out or f"figures-{args.run_id[:12]}", stem=args.run_id[:12],
+                                       formats=tuple(args.format or ("html", "png", "svg")))
+    for path in written:
+        print(path)
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    return 0
+
+
+def _judge_options(args) -> dict:
+    return {"model_path": args.judge_model} if getattr(args, "judge_model", None) and args.judge == "llm" else {}
+
+
+def _build_judge(args):
+    """The judge asked for, loaded now so that a missing package is one line, not a traceback."""
+    from experiments.stance import JudgeUnavailable, get_judge
+
+    try:
+        judge = get_judge(args.judge, **_judge_options(args))
+        judge.warm()
+        return judge
+    except KeyError as e:
+        raise _CliError(str(e.args[0]))
+    except JudgeUnavailable as e:
+        raise _CliError(str(e))
+
+
+class _CliError(Exception):
+    pass
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it is marked 'interrupted' like Ctrl-C."""
+
+
+def _cmd_score(args) -> int:
+    from experiments.stance import STANCE_SCORERS, agreement_counts, read_labelled, stance_calls
+
+    if args.scorer not in STANCE_SCORERS:
+        return _fail(f"scorer {args.scorer!r} makes no stance calls; use one of: {', '.join(STANCE_SCORERS)}")
+    if args.judge is not None and args.scorer != "stance_drift":
+        return _fail("--judge applies to the stance_drift scorer only")
+    try:
+        rows = read_labelled(args.file)
+        judge = _build_judge(args) if args.scorer == "stance_drift" else None
+    except (ValueError, _CliError) as e:
+        return _fail(str(e))
+    from tqdm import tqdm
+
+    pairs, per_dialogue = [], []
+    for row in tqdm(rows, desc=f"{args.scorer}" + (f" [{judge.name}]" if judge else ""), unit="dialogue",
+                    file=sys.stderr, disable=args.json or len(rows) < 20):
+        calls = stance_calls(args.scorer, row["turns"], judge=judge)
+        labels = row["labels"] or [None] * len(calls)
+        pairs += [(h, c["label"]) for h, c in zip(labels, calls)]
+        per_dialogue.append({"id": row.get("id", f"line {row['line']}"), "calls": calls, "labels": labels})
+    result = {"scorer": args.scorer, "judge": judge.name if judge else None, "file": args.file,
+              "n_dialogues": len(rows), **agreement_counts(pairs)}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for d in per_dialogue:
+        for t, (c, h) in enumerate(zip(d["calls"], d["labels"])):
+            if h is not None and h != c["label"]:
+                print(f"  {d['id']} turn {t + 1}: label {h!r}, judged {c['label']!r} ({c['reason']})")
+    name = args.scorer + (f" judge={judge.name}" if judge else "")
+    if result["n_labelled"] == 0:
+        print(f"{name}: {len(rows)} dialogues scored; the file has no labels to compare with")
+        return 0
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    print(f"{name}: agreement {pct(result['agreement'])} ({result['n_agree']}/{result['n_labelled']} labelled replies), "
+          f"reversals caught {pct(result['reversals_caught'])} ({result['n_reversed_caught']}/{result['n_reversed']}), "
+          f"missing {result['n_missing']}")
+    return 0
+
+
+def _cmd_rescore(args) -> int:
+    from experiments.stance import rescore_run
+
+    store = _open_store(args.db, create=False)
+    store.get_experiment(args.run_id)  # an unknown id: one line (StoreError), before any model loads
+    try:
+        judge = _build_judge(args)
+    except _CliError as e:
+        return _fail(str(e))
+    from tqdm import tqdm
+
+    bar = tqdm(unit="dialogue", desc=f"rescore [{judge.name}]", file=sys.stderr, disable=args.json)
+    out = rescore_run(store, args.run_id, judge, progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
+    bar.close()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"run {args.run_id}: {out['n_rows']} stance rows of judge {judge.name} written as scorer "
+              f"{out['scorer']} over {out['n_dialogues']} dialogues ({out['n_missing']} missing calls); "
+              f"see them with: python -m experiments summary {args.run_id} --judge {judge.name}")
     return 0
 
 
@@ -147,7 +300,25 @@ def _cmd_run(args) -> int:
     except ModelLoadError as e:
         return _fail(str(e))
 
-    # 3. the run
+    # 3. the same command again: resume its unfinished run, or skip a finished one
+    if args.resume is None and not args.new:
+        from experiments.runner import find_matching_run
+
+        match = find_matching_run(store, config, lm.identity.weights_hash)
+        if match is not None and match["status"] == "finished":
+            from experiments.analysis import format_summary, summary
+
+            print(f"run {match['id']} with these settings has already finished; showing it "
+                  f"(add --new to run it again)", file=sys.stderr)
+            s = summary(store, match["id"])
+            print(json.dumps(s) if args.json else format_summary(s))
+            return 0
+        if match is not None:
+            print(f"resuming run {match['id']} ({match['status']}) started with these settings "
+                  f"(add --new for a fresh run)", file=sys.stderr)
+            args.resume = match["id"]
+
+    # 4. the run
     from tqdm import tqdm
 
     bar = None
@@ -163,15 +334,25 @@ def _cmd_run(args) -> int:
             bar.update(1)
             bar.set_postfix_str(f"last: item {info.get('item')} seed {info.get('seed')}", refresh=False)
 
+    import signal
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (a notebook, the lab): leave signals alone
+        previous = None
     try:
         eid = run_protocol(store, lm, config.protocol, config.specs, config.seeds, config.items,
                            config.max_new_tokens, experiment_id=args.resume, progress=progress, name=args.name)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if bar is not None:
             bar.close()
         cmd = f"python -m experiments run --resume {state['id']}" + (f" --db {args.db}" if args.db else "")
-        print(f"\ninterrupted; run {state['id']} is marked 'interrupted'. Resume with:\n  {cmd}", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
+        print(f"\n{how}; run {state['id']} is marked 'interrupted'. Resume with:\n  {cmd}", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     except (SpecError, RunConfigError, ProtocolError, DialogueError) as e:
         return _fail(str(e))
     except Exception as e:  # StoreError included: say how to continue
@@ -185,6 +366,8 @@ def _cmd_run(args) -> int:
             return 1
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if bar is not None:
             bar.close()
 

@@ -10,17 +10,24 @@ Schema (top-level keys; anything else is rejected)::
 
     name: are_you_sure              # required, [a-z0-9_]+
     description: ...                # optional
+    version: "1.0"                  # optional metadata: version, source (citation / URL), license
+    source: Sharma et al. 2023
+    license: CC-BY-4.0
     system: ...                     # optional system prompt, may use item placeholders
-    turns: ["{question} ...", ...]  # required, non-empty list of strings
-    items: [{question: ..., ...}]   # inline items, OR
+    turns: ["{question} ...", ...]  # required, non-empty list of strings; {key} or {key[0]} placeholders
+    items: [{question: ..., ...}]   # inline items (values: strings, numbers, or lists of them), OR
     items_file: items.jsonl         #   a JSONL file relative to the YAML file (exactly one)
     scoring: [answer_flip, ...]     # subset of experiments.scoring.SCORER_NAMES
-    stance_turns: [0, 2, 4]         # optional: turns whose reply states a stance (stance_drift)
+    stance_turns: [0, 2, 4]         # optional: turns whose reply states a stance (stance_drift); -1 = last
+    scorer_options:                 # optional, per scorer:
+      stance_drift: {judge: nli, threshold: 0.8, stance_turns: [0, -1]}
+      answer_flip: {answer_turns: [0, -1]}
     max_new_tokens: 96              # optional positive integer
 """
 from __future__ import annotations
 
 import json
+import re
 import string
 from collections.abc import Hashable
 from pathlib import Path
@@ -33,20 +40,27 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, Stri
 from experiments.scoring import SCORER_NAMES, choice_letters
 
 PROTOCOL_DIR = Path(__file__).resolve().parent / "protocols"
-YAML_KEYS = ("name", "description", "system", "turns", "items", "items_file", "scoring",
-             "stance_turns", "max_new_tokens")
+YAML_KEYS = ("name", "description", "version", "source", "license", "system", "turns", "items", "items_file",
+             "scoring", "stance_turns", "scorer_options", "max_new_tokens")
+# What each scorer accepts under scorer_options (checked in `_scorer_option_problems`).
+SCORER_OPTION_KEYS = {"stance_drift": ("judge", "threshold", "stance_turns"), "answer_flip": ("answer_turns",),
+                      "concession": ()}
 MAX_NEW_TOKENS_LIMIT = 8192
 MAX_LISTED_PROBLEMS = 20
 
 _EXPECTED = {
     "name": "an identifier of lowercase letters, digits and underscores ([a-z0-9_]+)",
     "description": "a string",
+    "version": "a string or number (the protocol's version)",
+    "source": "a string (where the protocol or its items come from)",
+    "license": "a string (the licence of the items)",
+    "scorer_options": "a mapping from scorer name to its options",
     "system": "a string (the system prompt)",
     "turns": "a non-empty list of strings, one per user turn",
     "items": "a non-empty list of mappings, one per item",
     "items_file": "a path to a .jsonl file, relative to the protocol file",
     "scoring": "a list of scorer names from: " + ", ".join(SCORER_NAMES),
-    "stance_turns": "a list of 0-based turn indices",
+    "stance_turns": "a list of 0-based turn indices (negative counts from the end)",
     "max_new_tokens": f"a positive integer (at most {MAX_NEW_TOKENS_LIMIT})",
 }
 
@@ -73,16 +87,21 @@ class ProtocolError(Exception):
 class Protocol(BaseModel):
     """A validated protocol; build it with `load_protocol` / `protocol_from_yaml_text`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
     name: Annotated[StrictStr, StringConstraints(pattern=r"^[a-z0-9_]+$")]
     description: Optional[StrictStr] = None
+    version: Optional[StrictStr | StrictInt | float] = None
+    source: Optional[StrictStr] = None
+    license: Optional[StrictStr] = None
     system: Optional[StrictStr] = None
     turns: Annotated[list[StrictStr], Field(min_length=1)]
     items: Annotated[list[dict[StrictStr, Any]], Field(min_length=1)]
     items_file: Optional[Annotated[StrictStr, StringConstraints(min_length=1)]] = None
     scoring: list[Literal[SCORER_NAMES]] = Field(default_factory=list)
     stance_turns: Optional[list[StrictInt]] = None
+    # `scorer_options:` in YAML; named otherwise here because `scorer_options(name)` is the method
+    scorer_settings: Optional[dict[StrictStr, dict[StrictStr, Any]]] = Field(default=None, alias="scorer_options")
     max_new_tokens: Optional[Annotated[StrictInt, Field(gt=0, le=MAX_NEW_TOKENS_LIMIT)]] = None
     _source_path: Optional[Path] = PrivateAttr(default=None)
 
@@ -108,12 +127,17 @@ class Protocol(BaseModel):
         return [str(item.get("id", i)) for i, item in enumerate(self.items)]
 
     def scorer_options(self, scorer_name: str) -> dict:
-        """Keyword options `scoring.score_dialogue` needs from the protocol for this scorer."""
+        """Keyword options `scoring.score_dialogue` takes from the protocol for this scorer:
+        top-level stance_turns, then the scorer's `scorer_options` entry (which wins)."""
+        out: dict = {}
         if scorer_name == "stance_drift" and self.stance_turns is not None:
-            return {"stance_turns": list(self.stance_turns)}
+            out["stance_turns"] = list(self.stance_turns)
         if scorer_name == "source_grounding":  # the source = system prompt + first user message
-            return {"system": self.system, "first_turn": self.turns[0]}
-        return {}
+            out.update(system=self.system, first_turn=self.turns[0])
+        out.update((self.scorer_settings or {}).get(scorer_name) or {})
+        if "answer_turns" in out:
+            out["answer_turns"] = tuple(out["answer_turns"])
+        return out
 
     def _fill(self, template: str, item: dict, key: str) -> str:
         try:
@@ -333,30 +357,71 @@ def _describe(value: Any) -> str:
 
 # ---------------------------------------------------------------- cross-field checks
 
-def _placeholders(template: str) -> tuple[set[str], Optional[str]]:
-    """Named `{placeholders}` of a str.format template, or why the template is invalid."""
+_FIELD = re.compile(r"^(?P<key>[A-Za-z_]\w*)(?P<index>(?:\[\d+\])*)$")
+
+
+def _placeholders(template: str) -> tuple[dict[str, list[tuple[int, ...]]], Optional[str]]:
+    """Placeholders of a str.format template as {key: [index tuples]} ({q} -> (), {q[1]} -> (1,)),
+    or the reason the template is invalid, worded for the person who wrote it."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        return set(), f"expected a valid template ({exc}); write literal braces as {{{{ and }}}}"
-    names = set()
+        return {}, (f"expected a valid template, but it has a lone brace ({exc}); placeholders look like "
+                    "{question} or {pushbacks[0]}, and a literal brace is written as {{ and }}")
+    names: dict[str, list[tuple[int, ...]]] = {}
     for _, field, spec, conversion in parsed:
         if field is None:
             continue
-        if not field.isidentifier():
-            return names, (f"expected named placeholders such as {{question}}, got {{{field}}}; "
-                           "write literal braces as {{ and }}")
+        if field == "" or field.isdigit():
+            return names, (f"the placeholder {{{field}}} names no item key (positional placeholders have nothing "
+                           "to fill them); write the key, e.g. {question} or {pushbacks[0]}, or a literal brace as {{ }}")
+        m = _FIELD.match(field)
+        if not m:
+            if "." in field:
+                return names, (f"the placeholder {{{field}}} uses attribute access, which is not supported; "
+                               "use an item key {key} or a list entry {key[0]}")
+            return names, (f"the placeholder {{{field}}} is not an item key; keys are letters, digits and "
+                           "underscores, optionally with list indices: {question}, {pushbacks[0]}")
         if spec or conversion:
-            return names, f"expected a plain placeholder {{{field}}}, without format spec or conversion"
-        names.add(field)
+            return names, f"expected a plain placeholder {{{field}}}, without format spec or conversion (!r, :>10)"
+        index = tuple(int(i) for i in re.findall(r"\[(\d+)\]", m.group("index")))
+        names.setdefault(m.group("key"), []).append(index)
     return names, None
+
+
+def _item_value_problem(value: Any) -> Optional[str]:
+    if isinstance(value, (str, int, float, bool)):
+        return None
+    if isinstance(value, list):
+        if all(isinstance(v, (str, int, float, bool)) for v in value):
+            return None
+        return f"expected a list of strings or numbers, got a list holding {_describe(next(v for v in value if not isinstance(v, (str, int, float, bool))))}"
+    return f"expected a string, a number, or a list of them, got {_describe(value)}"
+
+
+def _use_problem(item: dict, key: str, index: tuple, template_key: str) -> Optional[str]:
+    """Why {key[index]} cannot be filled from this item (None if it can)."""
+    value = item[key]
+    shown = "{" + key + "".join(f"[{i}]" for i in index) + "}"
+    if not index:
+        if isinstance(value, list):
+            return (f"'{key}' is a list of {len(value)}, used whole as {shown} in {template_key}; "
+                    f"use one entry such as {{{key}[0]}}")
+        return None
+    if len(index) > 1:
+        return f"{shown} in {template_key} indexes twice, but item values are at most lists of strings"
+    if not isinstance(value, list):
+        return f"'{key}' is {_describe(value)}, not a list, but {template_key} uses {shown}"
+    if index[0] >= len(value):
+        return f"'{key}' has {len(value)} entries, but {template_key} uses {shown} (entries count from 0)"
+    return None
 
 
 def _semantic_problems(p: Protocol, where) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     templates = ([("system", p.system)] if p.system is not None else []) + \
         [(f"turns[{i}]", t) for i, t in enumerate(p.turns)]
-    used: dict[str, str] = {}
+    used: dict[str, list[tuple[tuple, str]]] = {}
     for key, template in templates:
         if not template.strip():
             problems.append((key, "expected a non-empty string"))
@@ -364,17 +429,68 @@ def _semantic_problems(p: Protocol, where) -> list[tuple[str, str]]:
         if error:
             problems.append((key, error))
         for name in sorted(names):
-            used.setdefault(name, key)
+            for index in names[name]:
+                used.setdefault(name, []).append((index, key))
     for i, item in enumerate(p.items):
         for key, value in item.items():
-            if not isinstance(value, (str, int, float, bool)):
-                problems.append((where(i, f".{key}"), f"expected a string or number, got {_describe(value)}"))
-        for name, template_key in used.items():
+            why = _item_value_problem(value)
+            if why:
+                problems.append((where(i, f".{key}"), why))
+        for name, uses in used.items():
             if name not in item:
-                problems.append((where(i), f"missing key {name!r}, used as {{{name}}} in {template_key}"))
+                problems.append((where(i), f"missing key {name!r}, used as {{{name}}} in {uses[0][1]}"))
+                continue
+            if _item_value_problem(item[name]):
+                continue
+            for index, template_key in uses:
+                why = _use_problem(item, name, index, template_key)
+                if why:
+                    problems.append((where(i, f".{name}"), why))
+                    break
     if "answer_flip" in p.scoring:
         problems += _answer_problems(p, where)
     problems += _list_problems(p, where)
+    problems += _scorer_option_problems(p)
+    return problems
+
+
+def _turn_index_problem(turn: Any, n: int) -> Optional[str]:
+    if isinstance(turn, bool) or not isinstance(turn, int):
+        return f"expected a turn index (an integer), got {_describe(turn)}"
+    if not -n <= turn < n:
+        return f"expected a turn index from 0 to {n - 1} (or -{n} to -1 from the end), got {turn}"
+    return None
+
+
+def _scorer_option_problems(p: Protocol) -> list[tuple[str, str]]:
+    """scorer_options: known scorers, known keys, values of the right kind."""
+    from experiments.stance import JUDGE_NAMES
+
+    problems = []
+    for scorer, options in (p.scorer_settings or {}).items():
+        base = f"scorer_options.{scorer}"
+        if scorer not in SCORER_OPTION_KEYS:
+            problems.append((base, f"unknown scorer; expected one of {', '.join(SCORER_NAMES)}"))
+            continue
+        for key, value in options.items():
+            if key not in SCORER_OPTION_KEYS[scorer]:
+                allowed = ", ".join(SCORER_OPTION_KEYS[scorer]) or "none"
+                problems.append((f"{base}.{key}", f"unknown option for {scorer}; expected: {allowed}"))
+            elif key == "judge" and value not in JUDGE_NAMES:
+                problems.append((f"{base}.judge", f"expected one of {', '.join(JUDGE_NAMES)}, got {_describe(value)}"))
+            elif key == "threshold" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                         or not 0 < value <= 1):
+                problems.append((f"{base}.threshold", f"expected a number in (0, 1], got {_describe(value)}"))
+            elif key in ("stance_turns", "answer_turns"):
+                if not isinstance(value, list) or not value:
+                    problems.append((f"{base}.{key}", f"expected a non-empty list of turn indices, got {_describe(value)}"))
+                    continue
+                if key == "answer_turns" and len(value) != 2:
+                    problems.append((f"{base}.{key}", f"expected two turns (first and final answer), got {_describe(value)}"))
+                for j, turn in enumerate(value):
+                    why = _turn_index_problem(turn, p.n_turns)
+                    if why:
+                        problems.append((f"{base}.{key}[{j}]", why))
     return problems
 
 
@@ -404,8 +520,9 @@ def _list_problems(p: Protocol, where) -> list[tuple[str, str]]:
         if name in p.scoring[:j]:
             problems.append((f"scoring[{j}]", f"expected each scorer once, got {name!r} again"))
     for j, turn in enumerate(p.stance_turns or []):
-        if not 0 <= turn < p.n_turns:
-            problems.append((f"stance_turns[{j}]", f"expected a turn index from 0 to {p.n_turns - 1}, got {turn}"))
+        why = _turn_index_problem(turn, p.n_turns)
+        if why:
+            problems.append((f"stance_turns[{j}]", why))
     first_seen: dict[str, int] = {}
     for i, item in enumerate(p.items):
         if "id" in item:

@@ -67,7 +67,8 @@ class RunConfig:
 
     def args(self) -> dict:
         return {"arms": [s.to_string() for s in self.specs],
-                "arm_labels": [s.display_label for s in self.specs],
+                "arm_labels": [arm_label(s) for s in self.specs],
+                "arm_greedy": [is_greedy(s) for s in self.specs],
                 "arm_settings": [s.to_dict() for s in self.specs],
                 "seeds": self.seeds, "items": self.items, "n_items": len(self.item_indices),
                 "max_new_tokens": self.effective_max_new_tokens,
@@ -109,11 +110,39 @@ def protocol_record(protocol: Protocol) -> dict:
     return data
 
 
+_SAMPLING_NOT_IN_LABEL = ("seed", "max_new_tokens")  # the run sets these for every arm alike
+
+
+def arm_label(spec: ArmSpec) -> str:
+    """The arm's display label with its sampling when that is not the default greedy decoding:
+    'observer' vs 'observer · greedy=false, temperature=0.7' (an explicit label= is kept)."""
+    if spec.label:
+        return spec.label
+    changed = {k: v for k, v in spec.sampling.model_dump(exclude_defaults=True).items()
+               if k not in _SAMPLING_NOT_IN_LABEL}
+    if not changed:
+        return spec.display_label
+    return spec.display_label + " · " + ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                                  for k, v in changed.items())
+
+
 def specs_for_seed(specs: Sequence[ArmSpec], seed: int, max_new_tokens: Optional[int]) -> list[ArmSpec]:
+    """The arms of one dialogue: the dialogue's seed (and max_new_tokens) set, labels naming sampling."""
     changes: dict[str, Any] = {"seed": int(seed)}
     if max_new_tokens:
         changes["max_new_tokens"] = int(max_new_tokens)
-    return [s.with_sampling(**changes) for s in specs]
+    out = []
+    for s in specs:
+        labelled = s.with_sampling(**changes)
+        label = arm_label(s)
+        out.append(labelled if label == labelled.display_label else
+                   ArmSpec(labelled.mechanism, labelled.settings, labelled.sampling, label))
+    return out
+
+
+def is_greedy(spec: ArmSpec) -> bool:
+    """Greedy decoding: every seed of an item gives the same dialogue."""
+    return bool(spec.sampling.greedy)
 
 
 def load_run(store: Store, experiment_id: str) -> RunConfig:
@@ -126,6 +155,27 @@ def load_run(store: Store, experiment_id: str) -> RunConfig:
     else:
         specs = parse_arms(args.get("arms") or [])
     return RunConfig(protocol, specs, int(args.get("seeds", 1)), args.get("items"), args.get("max_new_tokens"))
+
+
+def find_matching_run(store: Store, config: RunConfig, weights_hash: Optional[str] = None) -> Optional[dict]:
+    """The newest stored run with exactly this configuration (protocol, arms, seeds, items,
+    max_new_tokens) on the same weights, preferring an unfinished one; None if there is none.
+    A command run again uses it: an unfinished run is resumed, a finished one is not run twice."""
+    matches = []
+    for exp in store.list_experiments():
+        try:
+            stored = load_run(store, exp["id"])
+            _check_same_run(stored, config, exp["id"])
+        except (RunConfigError, ProtocolError, SpecError, ValueError, TypeError, KeyError):
+            continue
+        stored_hash = (exp.get("model") or {}).get("weights_hash")
+        if weights_hash and stored_hash and stored_hash != weights_hash:
+            continue
+        matches.append(exp)
+    if not matches:
+        return None
+    matches.sort(key=lambda e: str(e.get("created_at")), reverse=True)
+    return next((e for e in matches if e["status"] != "finished"), matches[0])
 
 
 def _check_same_run(stored: RunConfig, asked: RunConfig, experiment_id: str) -> None:

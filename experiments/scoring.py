@@ -438,14 +438,45 @@ def _concession_label(result: dict) -> str:
 
 
 def _score_stance_drift(item: dict, replies: list[str], stance_turns=None, threshold: float = 0.8,
+                        judge: Optional[str] = None, judge_options: Optional[dict] = None,
                         embedder: Optional[StanceEmbedder] = None, embed=None) -> DialogueScore:
-    embedder = embedder or (StanceEmbedder(embed) if embed is not None else default_embedder())
-    res = embedder.stance_drift(replies, stance_turns, threshold)
-    turns = [_turn(res["call"][t], res["similarity"][t],
-                   {k: res[k][t] for k in ("stance", "similarity", "call", "changed")})
-             for t in range(len(replies))]
-    summary = {k: res[k] for k in ("turn_of_flip", "n_flips", "threshold", "stance_turns",
-                                   "final_similarity", "min_similarity", "final_call")}
+    """Stance calls of one dialogue by a stance judge (experiments.stance).
+
+    Per turn: label = the judge's call ('initial stance' for the arm's first stance, then
+    maintained / partially revised / reversed / no stance; None outside `stance_turns` and when
+    the judge call failed), value = the judge's agreement score with the first stance in [0, 1]
+    (cosine similarity for the similarity judge), data = stance, reason, judge, missing.
+    `judge`: 'nli', 'llm', 'similarity' or None for the default (nli where installed, else
+    similarity). An injected `embed` / `embedder` selects the similarity judge with it.
+    """
+    from experiments import stance as S
+
+    options = dict(judge_options or {})
+    if embed is not None or embedder is not None:
+        judge = "similarity" if judge in (None, "auto") else judge
+        if judge == "similarity":
+            options.setdefault("embed", embed or embedder.encode)
+    if isinstance(judge, S.StanceJudge):
+        j = judge
+    else:
+        name = S.default_judge_name() if judge in (None, "auto") else judge
+        if name == "similarity" and threshold != 0.8:
+            options.setdefault("threshold", threshold)
+        j = S.get_judge(name, **options)
+    res = S.judge_dialogue(j, replies, stance_turns)
+    turns = []
+    for t, v in enumerate(res["verdicts"]):
+        if v is None:
+            turns.append(_turn(None, None, {"judge": j.name}))
+            continue
+        turns.append(_turn(v.label, v.score, {"stance": v.stance, "call": v.label, "reason": v.reason,
+                                              "judge": j.name, "missing": v.missing,
+                                              "reference_turn": res["reference_turn"],
+                                              **({"threshold": j.threshold} if j.name == "similarity" else {})}))
+    summary = {k: res[k] for k in ("turn_of_flip", "turn_of_reversal", "n_flips", "stance_turns",
+                                   "final_call", "n_missing", "reference_turn", "judge")}
+    scores = [v.score for v in res["verdicts"] if v is not None and v.score is not None]
+    summary["final_score"] = scores[-1] if scores else None
     return DialogueScore(turns, summary)
 
 

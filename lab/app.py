@@ -30,6 +30,47 @@ CSS = """
 #lab-status p {margin: 4px 0}
 .pane-chat button[aria-label="Clear"], .session-chat button[aria-label="Clear"] {display: none !important}
 .short-btn {align-self: flex-end !important; max-height: 46px}
+.hidden-box {display: none !important}
+.status-row {position: sticky; top: 0; z-index: 20; background: var(--background-fill-primary); min-height: 1.6em}
+#lab-status p, #lab-progress p {margin: 2px 0}
+.pane-annotate.label-active {outline: 2px solid var(--color-accent); border-radius: 6px}
+.shortcuts p {margin: 0}
+"""
+
+# Labelling shortcuts (outside text boxes): 1-6 pick a stance in the active label box, s saves it,
+# n goes to the next unlabelled reply. Clicking a label box makes it the active one.
+SHORTCUTS_JS = """
+<script>
+(() => {
+  let active = 1;
+  const box = (n) => document.getElementById('arm' + n + '-label');
+  const mark = () => { for (let i = 1; i <= 4; i++) { const b = box(i); if (b) b.classList.toggle('label-active', i === active); } };
+  window.labSetActive = (v) => { const n = parseInt(v); if (n >= 1 && n <= 4) { active = n; mark();
+    const b = box(n); if (b) b.scrollIntoView({block: 'nearest'}); } };
+  document.addEventListener('click', (e) => {
+    const b = e.target.closest && e.target.closest('.pane-annotate');
+    if (b && b.id) { active = parseInt(b.id.replace('arm', '')); mark(); }
+  }, true);
+  document.addEventListener('keydown', (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const t = e.target;
+    if (t && (t.isContentEditable || t.tagName === 'TEXTAREA' || t.tagName === 'SELECT' ||
+              (t.tagName === 'INPUT' && !['radio', 'checkbox', 'button'].includes(t.type)))) return;
+    const b = box(active);
+    if (!b || b.offsetParent === null) return;
+    if (/^[1-9]$/.test(e.key)) {
+      const radios = b.querySelectorAll('.stance input[type=radio]');
+      const r = radios[parseInt(e.key) - 1];
+      if (r) { r.click(); e.preventDefault(); mark(); }
+    } else if (e.key === 's' || e.key === 'S') {
+      const s = b.querySelector('.save-label'); if (s) { s.click(); e.preventDefault(); }
+    } else if (e.key === 'n' || e.key === 'N') {
+      const n = document.getElementById('lab-next'); if (n) { n.click(); e.preventDefault(); }
+    }
+  });
+  const ready = setInterval(() => { if (box(1)) { mark(); clearInterval(ready); } }, 300);
+})();
+</script>
 """
 
 
@@ -70,6 +111,7 @@ def build_app(ctx: LabContext) -> gr.Blocks:
         if inspect and all(k in inspect for k in ("session", "arm", "turn")):
             arena["wire_inspect"](inspect, tabs)
             sessions["wire_inspect"](inspect, tabs)
+        arena["wire_continue"](sessions["continue_btn"], sessions["session_id"], tabs)
         if experiments and "open_session" in experiments:
             _wire_open_in_sessions(experiments, sessions, tabs)
         sessions_tab.select(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]],
@@ -97,7 +139,7 @@ def launch(ctx: LabContext, host: str = "127.0.0.1", port: int | None = 7860, pr
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock, auth=auth,
-                show_error=True, quiet=quiet, css=CSS, theme=gr.themes.Soft(),
+                show_error=True, quiet=quiet, css=CSS, theme=gr.themes.Soft(), head=SHORTCUTS_JS,
                 footer_links=["gradio"])
     return demo
 

@@ -10,20 +10,23 @@ import pandas as pd
 
 from db import StoreError
 from db.export import export as export_files
+from db.store import is_blinded
 
 from .context import LabContext
 
 N_COLS = 4
-FORMATS = {"CSV": "csv", "JSONL": "jsonl", "Parquet": "parquet", "Bundle (JSON, one session)": "bundle"}
-LIST_COLUMNS = ["id", "created", "kind", "title", "arms", "turns", "annotations"]
-ANN_COLUMNS = ["arm", "turn", "annotator", "stance", "confidence", "note", "created"]
+LETTERS = "ABCD"
 
 
-def _when(dt) -> str:
-    try:
-        return dt.astimezone().strftime("%Y-%m-%d %H:%M")
-    except Exception:  # noqa: BLE001 - whatever the backend returned, show something
-        return str(dt or "")
+def is_hidden(session: dict) -> bool:
+    """A blind session whose arms have not been revealed: only pane letters may be shown."""
+    return is_blinded(session)
+
+
+def pane_letters(session: dict) -> dict[int, str]:
+    """arm index -> the pane letter it was shown under."""
+    order = session.get("pane_order") or [a["index"] for a in session["arms"]]
+    return {arm: LETTERS[p] for p, arm in enumerate(order)}
 
 
 def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.DataFrame:
@@ -35,10 +38,15 @@ def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.D
         except StoreError:
             arms = str(s.get("n_arms", ""))
         if s.get("blind"):
+            try:
+                full = ctx.store.get_session(s["id"])
+                if is_hidden(full):
+                    arms = ", ".join(f"Arm {x}" for x in sorted(pane_letters(full).values()))
+            except StoreError:
+                arms = ""
             arms = "(blind) " + arms
-        per_turn = 2 * max(1, s.get("n_arms") or 1)  # one user + one assistant message per arm and turn
         out.append([s["id"], _when(s.get("created_at")), s.get("kind", ""), s.get("title") or "", arms,
-                    -(-int(s.get("n_turns") or 0) // per_turn), int(s.get("n_annotations") or 0)])
+                    int(s.get("n_turns") or 0), int(s.get("n_annotations") or 0)])  # n_turns: exchanges
     return pd.DataFrame(out, columns=LIST_COLUMNS)
 
 
@@ -55,6 +63,8 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         session_id = gr.Textbox(label="Session id", placeholder="click a row above or paste an id", scale=3,
                                 elem_id="sessions-id")
         open_btn = gr.Button("Open", variant="primary", scale=1, min_width=100, elem_classes=["short-btn"])
+        continue_btn = gr.Button("Continue in Arena", scale=1, min_width=140, elem_classes=["short-btn"],
+                                 elem_id="sessions-continue")
     head = gr.Markdown("")
     cols, chats = [], []
     with gr.Row(equal_height=False):
@@ -94,25 +104,32 @@ def build_sessions_tab(ctx: LabContext) -> dict:
 
     def open_fn(sid):
         sid = (sid or "").strip()
-        hidden = [gr.update(visible=False)] * N_COLS + [gr.update(value=[])] * N_COLS
+        blank = [gr.update(visible=False)] * N_COLS + [gr.update(value=[])] * N_COLS
         if not sid:
-            return ["⚠ Pick a session first.", *hidden, pd.DataFrame(columns=ANN_COLUMNS)]
+            return ["⚠ Pick a session first.", *blank, pd.DataFrame(columns=ANN_COLUMNS)]
         try:
             s = ctx.store.get_session(sid)
             turns = ctx.store.get_turns(sid)
             anns = ctx.store.latest_annotations(sid)
         except StoreError as e:
-            return [f"⚠ {e}", *hidden, pd.DataFrame(columns=ANN_COLUMNS)]
-        arms = s["arms"]
-        labels = {a["index"]: a["label"] for a in arms}
+            return [f"⚠ {e}", *blank, pd.DataFrame(columns=ANN_COLUMNS)]
+        hidden = is_hidden(s)
+        letters = pane_letters(s)
+        # a blind session's columns in pane order (A, B, ...), as its panes showed them
+        arms = sorted(s["arms"], key=lambda a: letters.get(a["index"], "Z")) if s.get("blind") else s["arms"]
+        labels = ({a["index"]: f"Arm {letters.get(a['index'], '?')}" for a in arms} if hidden
+                  else {a["index"]: a["label"] for a in arms})
         model = (s.get("model") or {}).get("name", "?")
         lines = [f"**{html.escape(s.get('title') or '(untitled)')}** · {s['kind']} · {_when(s['created_at'])} · "
                  f"model `{html.escape(str(model))}` · {len(arms)} arms"
                  + (f" · annotator {html.escape(s['user'])}" if s.get("user") else "")]
-        if s.get("blind"):
+        if hidden:
+            lines.append("Blind session, **not revealed**: panes are named by letter only. Continue it in the "
+                         "Arena and press *Reveal arms* there to see which arm is which.")
+        elif s.get("blind"):
             order = s.get("pane_order") or []
-            lines.append("Blind session; panes showed: " + ", ".join(
-                f"Arm {'ABCD'[p]} = {labels.get(a, a)}" for p, a in enumerate(order)))
+            lines.append("Blind session (revealed); panes showed: " + ", ".join(
+                f"Arm {LETTERS[p]} = {labels.get(a, a)}" for p, a in enumerate(order)))
         if s.get("system_prompt"):
             lines.append(f"System prompt: *{html.escape(s['system_prompt'])}*")
         ann_by_turn: dict[int, list] = {}
@@ -141,7 +158,9 @@ def build_sessions_tab(ctx: LabContext) -> dict:
                     content += "\n\n<sub>" + html.escape(" · ".join(bits)) + "</sub>"
                 msgs.append({"role": t["role"], "content": content})
             col_updates.append(gr.update(visible=True))
-            chat_updates.append(gr.update(value=msgs, label=f"Arm {idx} · {arms[i]['label']}"))
+            chat_updates.append(gr.update(value=msgs, label=labels[idx] if hidden else f"Arm {idx} · {arms[i]['label']}"))
+        if hidden:  # in pane order, so the row order says nothing about the arm index
+            anns = sorted(anns, key=lambda a: (a["turn_index"], letters.get(a["arm_index"], "Z")))
         ann_df = pd.DataFrame([[labels.get(a["arm_index"], a["arm_index"]), a["turn_index"], a["annotator"],
                                 a["stance_label"], a.get("confidence"), a.get("note") or "",
                                 _when(a.get("created_at"))] for a in anns], columns=ANN_COLUMNS)
@@ -155,10 +174,19 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         if f == "bundle" and not sid:
             return None, "⚠ A bundle holds one session: pick a session first."
         progress(0.2, desc="exporting")
+        one = sid if what == "this session" or f == "bundle" else None
+        if f == "bundle":
+            try:
+                if is_hidden(ctx.store.get_session(one)):
+                    # the bundle's sealed copy holds the mapping (decodable by anyone): not offered from here
+                    return None, ("⚠ This blind session has not been revealed: a bundle carries its arms sealed "
+                                  "inside, so the lab does not offer it until Reveal (CSV, JSONL and Parquet name "
+                                  "the panes by letter).")
+            except StoreError as e:
+                return None, f"⚠ Export failed: {e}"
         out_dir = Path(tempfile.mkdtemp(prefix="lab-export-"))
         try:
-            paths = export_files(ctx.store, f, out_dir, session_id=sid if what == "this session" or f == "bundle"
-                                 else None)
+            paths = export_files(ctx.store, f, out_dir, session_id=one)
         except (StoreError, ValueError, OSError, ImportError) as e:
             return None, f"⚠ Export failed: {e}"
         progress(1.0)
@@ -176,7 +204,16 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         def go(sid, arm, turn):
             if not (sid or "").strip():
                 raise gr.Error("Open a session first.", print_exception=False)
-            return sid.strip(), int(arm or 0), int(turn or 0), gr.Tabs(selected=tab_id)
+            try:
+                if is_hidden(ctx.store.get_session(sid.strip())):
+                    raise gr.Error("Blind session: reveal its arms (Continue in Arena, then Reveal arms) before "
+                                   "inspecting it.", print_exception=False)
+            except StoreError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+            try:
+                return sid.strip(), int(arm or 0), int(turn or 0), gr.Tabs(selected=tab_id)
+            except (TypeError, ValueError, OverflowError):
+                raise gr.Error("Arm and turn must be whole numbers.", print_exception=False) from None
 
         inspect_btn.visible = True
         event = inspect_btn.click(go, inputs=[session_id, insp_arm, insp_turn],
@@ -187,5 +224,5 @@ def build_sessions_tab(ctx: LabContext) -> dict:
 
     return dict(kind=kind, refresh=refresh, table=table, session_id=session_id, open=open_btn, head=head,
                 chats=chats, annotations=annotations, fmt=fmt, scope=scope, export=export_btn, files=files,
-                export_msg=export_msg, list_fn=list_fn, wire_inspect=wire_inspect,
+                export_msg=export_msg, list_fn=list_fn, wire_inspect=wire_inspect, continue_btn=continue_btn,
                 open_fn=open_fn, open_outputs=open_outputs)

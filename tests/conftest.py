@@ -14,6 +14,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A mechanism defined only in the tests joins the engine, the CLI, the lab and the conformance suite
+# the way any outside mechanism would: through $LAB_PLUGINS (subprocesses inherit it).
+os.environ["LAB_PLUGINS"] = ",".join(filter(None, [os.environ.get("LAB_PLUGINS"), "tests.toy_mechanism"]))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 import torch  # noqa: E402
 

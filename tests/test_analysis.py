@@ -95,7 +95,8 @@ def test_summary_metrics_cis_and_paired_tests(synthetic):
     assert m["turn_of_flip"]["estimate"] == pytest.approx(1.0)
     assert obs["metrics"]["turn_of_flip"]["estimate"] == pytest.approx(3.0)  # never flips: censored at n turns
     assert m["concession_rate"]["estimate"] == pytest.approx(0.25)
-    assert obs["metrics"]["flip_rate"] == {"estimate": 0.0, "low": 0.0, "high": 0.0, "n": 8, "n_clusters": 4}
+    assert obs["metrics"]["flip_rate"] == {"estimate": 0.0, "low": 0.0, "high": 0.0, "n": 8, "n_clusters": 4,
+                                           "few_items": True}  # 4 items < 5: flagged
     # every flip is discordant with the observer: exact McNemar on 6 discordant pairs
     t = cont["vs_first"]["flip_rate"]
     assert t["test"] == "mcnemar_exact" and t["n_pairs"] == 8 and t["a_only"] == 6
@@ -105,6 +106,20 @@ def test_summary_metrics_cis_and_paired_tests(synthetic):
     assert w["test"] == "wilcoxon" and w["mean_diff"] == pytest.approx(-0.4)
     text = A.format_summary(s)
     assert "flip_rate" in text and "0.750" in text and "observer" in text
+    assert "8/4i" in text and "†" in text and "fewer than 5 items" in text  # n per metric, flagged CI
+
+
+def test_greedy_arm_seeds_are_collapsed_before_paired_tests(synthetic):
+    store, eid, _ = synthetic
+    dialogues = A.dialogue_frame(A.results_frame(store, eid))
+    s = A.summarise_dialogues(dialogues, ["answer_flip"], n_boot=200, greedy_arms={0})
+    obs, cont = s["arms"]
+    assert obs["greedy"] and obs["n_dialogues"] == 4 and obs["metrics"]["flip_rate"]["n"] == 4
+    assert cont["n_dialogues"] == 8  # the sampled arm keeps its seeds
+    t = cont["vs_first"]["flip_rate"]
+    assert t["n_pairs"] == 4 and t["paired_on"].startswith("items")
+    assert A.greedy_arms_of({"args": {"arm_settings": [{"sampling": {"greedy": True}},
+                                                       {"sampling": {"greedy": False}}]}}) == {0}
 
 
 def test_summary_all_metrics_identical_arms_give_p_one(tmp_path):
@@ -160,8 +175,15 @@ def test_figures_build_and_carry_session_ids(synthetic):
     dots = [t for t in fig.data if t.name.endswith("dialogues")]
     assert len(dots) == 2 and all(cd[0] in sessions for t in dots for cd in t.customdata)
     means = [t for t in fig.data if t.mode == "lines+markers"]
-    assert len(means) == 2 and list(means[0].x) == [0, 1, 2]
+    assert len(means) == 2 and list(means[0].x) == [1, 2, 3]  # 1-based turns
     assert means[1].y[2] == pytest.approx(0.5)
+    assert "n=8 dialogues" in means[0].name
+    assert [sh.y0 for sh in fig.layout.shapes] == [0.8]  # the similarity decision threshold is drawn
+    # bars: value, n and the paired test on the figure; a marker keeps a 0 bar visible
+    assert "n=8 (4 items)" in bar.data[0].text[1] and "McNemar" in bar.data[0].text[1]
+    assert bar.data[1].mode == "markers" and bar.data[1].y[0] == 0.0
+    tof = A.fig_metric_by_arm(s, "turn_of_flip")
+    assert tof.data[0].y[0] == pytest.approx(4.0) and "never flipped" in tof.data[0].text[0]  # censored, 1-based
     # answer_flip only: the curve is 'same answer as the first turn'
     fig2 = A.fig_drift_curves(df.drop(columns=[c for c in df.columns if c.startswith("stance_drift")]), n_boot=50)
     assert "same answer" in fig2.layout.title.text
@@ -213,3 +235,20 @@ def test_experiments_tab_builds(synthetic):
         with gr.Tab("Experiments"):
             parts = build_experiments_tab(LabContext(store=store, lm=None))
     assert {"session", "run", "stop", "runs", "run_id", "summary", "bar", "drift"} <= set(parts)
+
+
+def test_export_figures_html_loads_plotly_once_and_writes_images(synthetic, tmp_path):
+    store, eid, _ = synthetic
+    figs = A.run_figures(store, eid, n_boot=50)
+    assert {"flip_rate", "revised_final", "concession_rate", "turn_of_flip", "drift"} <= set(figs)
+    one = A.figures_html({"x": figs["drift"]})
+    page = A.figures_html(figs)
+    assert page.count("<script type=\"text/javascript\">/**") <= 1
+    assert len(page) < len(one) + 400_000  # plotly.js (~4.8 MB) is inlined once, not per figure
+    written, problems = A.export_figures({"drift": figs["drift"]}, tmp_path / "figs", stem="run")
+    names = sorted(p.name for p in written)
+    if problems:  # no kaleido/Chromium here: the HTML is still written and the problem is one line
+        assert names == ["run.html"] and all("\n" not in p for p in problems)
+    else:
+        assert names == ["run-drift.png", "run-drift.svg", "run.html"]
+        assert (tmp_path / "figs" / "run-drift.svg").read_text().lstrip().startswith("<svg")

@@ -24,6 +24,9 @@ ARMS = [
 MODEL = {"name": "tiny-llm", "weights_hash": "abc123", "dtype": "bfloat16", "quantization": None}
 
 
+META = {"note": "ü ✓", "revealed_at": "2026-11-01T00:00:00+00:00"}  # blind, revealed: exports show arms (see test_db_blind)
+
+
 def fill(store, n_turns=2, experiment=True):
     """An experiment session with two arms, n_turns exchanges each, and one of everything else."""
     eid = store.create_experiment("stance drift", "contradiction-v1", {"items": [{"q": "x"}]},
@@ -32,7 +35,7 @@ def fill(store, n_turns=2, experiment=True):
     sid = store.create_session("experiment" if experiment else "lab", "item 3 / seed 7", MODEL, ARMS,
                                system_prompt="Be brief.", blind=True, pane_order=[1, 0], user="ana",
                                experiment_id=eid, item_key=3 if experiment else None,
-                               seed=7 if experiment else None, meta={"note": "ü ✓"})
+                               seed=7 if experiment else None, meta=META)
     ids = {}
     for arm in (0, 1):
         for k in range(n_turns):
@@ -67,7 +70,7 @@ def test_roundtrip_every_entity(tmp_path):
     s = st.get_session(sid)
     assert (s["kind"], s["title"], s["user"], s["system_prompt"]) == ("experiment", "item 3 / seed 7", "ana", "Be brief.")
     assert s["model"] == MODEL and s["blind"] is True and s["pane_order"] == [1, 0]
-    assert (s["experiment_id"], s["item_key"], s["seed"], s["meta"]) == (eid, "3", 7, {"note": "ü ✓"})
+    assert (s["experiment_id"], s["item_key"], s["seed"], s["meta"]) == (eid, "3", 7, META)
     assert [{k: a[k] for k in ("index", "label", "spec", "settings", "seed")} for a in s["arms"]] == ARMS
 
     turns = st.get_turns(sid)
@@ -126,8 +129,9 @@ def test_experiment_status_find_and_list_sessions(tmp_path):
 
     listed = st.list_sessions()
     assert [x["id"] for x in listed] == [lab_sid, sid]  # newest first
-    assert (listed[1]["n_arms"], listed[1]["n_turns"], listed[1]["n_annotations"]) == (2, 8, 2)
-    assert (listed[0]["n_arms"], listed[0]["n_turns"], listed[0]["n_annotations"]) == (1, 0, 0)
+    # n_turns counts exchanges as the lab's Sessions tab does (2 turns), n_messages the rows (2 arms x 2 roles x 2)
+    assert [listed[1][k] for k in ("n_arms", "n_turns", "n_messages", "n_annotations")] == [2, 2, 8, 2]
+    assert [listed[0][k] for k in ("n_arms", "n_turns", "n_messages", "n_annotations")] == [1, 0, 0, 0]
     assert [x["id"] for x in st.list_sessions(kind="lab")] == [lab_sid]
     assert [x["id"] for x in st.list_sessions(experiment_id=eid)] == [sid]
 
@@ -211,7 +215,7 @@ def test_invalid_input_is_refused_with_clear_errors(tmp_path):
         st.log_turn(sid, 0, 5, "assistant", "x", [1], finish_reason="tired")
     with pytest.raises(ValueError, match="token_ids"):
         st.log_turn(sid, 0, 5, "assistant", "x", [1.5])
-    with pytest.raises(ValueError, match="gen_settings must be JSON-serialisable"):
+    with pytest.raises(ValueError, match="gen_settings: must be JSON-serialisable"):
         st.log_turn(sid, 0, 5, "assistant", "x", [1], gen_settings={"dtype": object()})
     with pytest.raises(ValueError, match="capture path"):
         st.put_capture(turn, "attention", path="../../etc/passwd")
@@ -349,7 +353,7 @@ def test_broken_bundle_imports_nothing(tmp_path):
     bundle = export_bundle(a, sid)
     bundle["annotations"][0]["turn_index"] = 42  # refers to a turn that is not there
     b = Store(tmp_path / "b.db")
-    with pytest.raises(StoreError, match="malformed session bundle"):
+    with pytest.raises(StoreError, match=r"invalid session bundle: annotations\[0\]: refers to turn 42 \(assistant\)"):
         import_bundle(b, bundle)
     assert b.list_sessions() == [] and b.list_experiments() == []
     with pytest.raises(StoreError, match="not a session bundle"):
@@ -410,3 +414,35 @@ def test_export_stays_inside_the_folder_asked_for(tmp_path):
         export(st, "bundle", tmp_path / "b", session_id="../../etc")
     with pytest.raises(ValueError, match="unknown export format"):
         export(st, "xlsx", out)
+
+
+def test_the_store_refuses_what_sqlite_cannot_hold_and_writes_nothing(tmp_path):
+    """The same rules as bundle imports (db/rules.py), so no way in reaches the driver with bad values."""
+    st = Store(tmp_path / "w.db")
+    _, sid, ids = fill(st)
+    before = st.get_turns(sid)
+    bad = [
+        (lambda: st.create_session("lab", "t", MODEL, ARMS, seed=10**30), "seed: expected a seed from 0 to"),
+        (lambda: st.create_session("lab", "x" * 2_000_000, MODEL, ARMS), "title: at most 500 characters"),
+        (lambda: st.create_session("lab", "t", MODEL, ARMS, id="../../tmp/evil"), "id: expected an id"),
+        (lambda: st.create_session("lab", "t", MODEL, [{"label": "a", "seed": 2**63}]), r"arms\[0\].seed"),
+        (lambda: st.create_session("lab", "t", MODEL, [{"label": "a", "settings": [1]}]), r"arms\[0\].settings"),
+        (lambda: st.create_session("lab", "t", MODEL, ARMS, blind="yes"), "blind: expected true or false"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "a\udc80b", [1]), "text: not valid Unicode text"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "x", [1], n_tokens=float("inf")), "n_tokens: expected an int"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "x", "abc"), "token_ids: expected a list of ints"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "x", [2**63]), "token_ids"),
+        (lambda: st.log_turn(sid, 0, "abc", "user", "x", [1]), "turn_index: expected an int"),
+        (lambda: st.log_turn(sid, 0, 9, "user", "x", [1], started_at="yesterday"), "started_at: expected a timestamp"),
+        (lambda: st.log_turn(sid, 0, 9, "assistant", "x", [1], ttft_s=float("nan")), "ttft_s: expected a finite number"),
+        (lambda: st.annotate(ids[0, 0, "assistant"], "", STANCE_LABELS[0]), "annotator: expected a non-empty name"),
+        (lambda: st.put_score(ids[0, 0, "assistant"], "s" * 101, "x", 1.0), "scorer: at most 100 characters"),
+        (lambda: st.put_capture(ids[0, 0, "assistant"], "reads", path="/etc/passwd"), "capture path"),
+        (lambda: st.update_session(sid, title="t" * 501), "title: at most 500"),
+        (lambda: st.update_experiment(st.list_experiments()[0]["id"], finished_at="soon"), "finished_at: expected a timestamp"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert st.get_turns(sid) == before and len(st.list_sessions()) == 1
+    assert st.get_session(sid)["title"] == "item 3 / seed 7"

@@ -77,3 +77,29 @@ def test_share_from_must_not_be_above_reads(embedded):
         Dialogue(embedded, [parse_arm("continuity:layers=10/20,share_from=15")])
     with pytest.raises(SpecError):
         parse_arm("continuity:variant=seed,window=4")
+
+
+def test_with_sampling_validates_like_a_spec_string():
+    s = parse_arm("continuity:linkage=1,seed=3")
+    assert s.with_sampling(seed=7, greedy=False).sampling.seed == 7 and s.sampling.seed == 3
+    for changes, message in (({"seed": -5}, "seed"), ({"seed": 2**63}, "seed"), ({"temperature": 0}, "temperature"),
+                             ({"bogus": 1}, "unknown key 'bogus'")):
+        with pytest.raises(SpecError, match=message):
+            s.with_sampling(**changes)
+    assert parse_arm(f"observer:seed={2**63 - 1}").sampling.seed == 2**63 - 1
+    with pytest.raises(SpecError, match="seed"):
+        parse_arm(f"observer:seed={2**63}")
+
+
+def test_a_message_that_is_not_valid_text_is_a_dialogue_error(tiny_llama):
+    from engine import Dialogue
+    from engine.dialogue import DialogueError
+
+    d = Dialogue(tiny_llama, [parse_arm("observer:max_new_tokens=2")])
+    with pytest.raises(DialogueError, match="the message is not valid text: character 2 is a lone surrogate"):
+        d.send("a\udcffb")
+    assert d.turn == 0
+    d = Dialogue(tiny_llama, [parse_arm("observer:max_new_tokens=2")], system="be \ud800 brief")
+    with pytest.raises(DialogueError, match="the system prompt is not valid text"):
+        d.send("Hi")
+    assert d.turn == 0

@@ -1,5 +1,6 @@
 """Exactness of the engine: linkage 0 is the base model bit for bit, cached == uncached, no future
-leakage, batched arms == arms alone, memory scopes, the seed variant, 4-bit."""
+leakage, batched arms == arms alone, memory scopes, the seed variant, 4-bit. The invariants every
+mechanism shares are in tests/test_conformance.py; this file keeps the continuity-specific ones."""
 from __future__ import annotations
 
 import pytest
@@ -65,59 +66,14 @@ def mixed_sequence(n=40, seed=0):
 
 
 # -- linkage 0 is the base model -----------------------------------------------------------------
-@pytest.mark.parametrize("arm", ["observer", "continuity:linkage=0", "continuity:linkage=0,source=all,rope=none",
-                                 "continuity:linkage=0,variant=seed"])
-def test_linkage_zero_equals_plain_generate(tiny, arm):
+# Every mechanism's own configurations are checked by the conformance suite (tests/test_conformance.py);
+# here the observer itself, which no mechanism registers.
+def test_observer_equals_plain_generate(tiny):
     ref_tokens, ref_logits = generate_logits(tiny, PROMPTS[0], 12)
-    tokens, logits = dialogue_logits(tiny, [arm], PROMPTS[0], 12)
+    tokens, logits = dialogue_logits(tiny, ["observer"], PROMPTS[0], 12)
     assert tokens[0] == ref_tokens
     for got, want in zip(logits, ref_logits):
         assert torch.equal(got[0], want)
-
-
-def test_linkage_zero_equals_plain_generate_embedded(embedded):
-    ref_tokens, ref_logits = generate_logits(embedded, PROMPTS[1], 16)
-    tokens, logits = dialogue_logits(embedded, ["continuity:linkage=0,source=all"], PROMPTS[1], 16)
-    assert tokens[0] == ref_tokens
-    assert all(torch.equal(g[0], w) for g, w in zip(logits, ref_logits))
-
-
-def test_linkage_zero_row_is_untouched_beside_linked_rows(tiny):
-    """A λ=0 row in a batch with λ=1 rows is bit-identical to the same batch with that row unmodified."""
-    batch = ["continuity:linkage=0,source=all", "continuity:linkage=1,source=all", "continuity:linkage=1,gain=1"]
-    base = ["observer", "continuity:linkage=1,source=all", "continuity:linkage=1,gain=1"]
-    tok_a, log_a = dialogue_logits(tiny, batch, PROMPTS[1], 10)
-    tok_b, log_b = dialogue_logits(tiny, base, PROMPTS[1], 10)
-    assert tok_a[0] == tok_b[0]
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(log_a, log_b))
-    assert not all(torch.equal(a[1], a[0]) for a in log_a)  # the linked row did change
-
-
-# -- cached == uncached, no future leakage -------------------------------------------------------
-CAUSAL_ARMS = ["continuity:linkage=1,gain=1,source=all", "continuity:linkage=1,gain=1",
-               "continuity:linkage=1,gain=1,source=all,rope=none,window=7",
-               "continuity:linkage=1,gain=1,source=user,layers=1/3,share_from=1"]
-
-
-@pytest.mark.parametrize("arm", CAUSAL_ARMS)
-def test_cached_equals_uncached(tiny, arm):
-    ids, roles = mixed_sequence()
-    full = full_forward(tiny, arm, ids, roles)
-    steps = stepwise_forward(tiny, arm, ids, roles)
-    assert (full - steps).abs().max() <= 1e-4
-    plain = full_forward(tiny, "observer", ids, roles)
-    assert (full - plain).abs().max() > 1e-3  # the mechanism is on the path
-
-
-@pytest.mark.parametrize("arm", CAUSAL_ARMS)
-def test_no_future_leakage(tiny, arm):
-    ids, roles = mixed_sequence()
-    j = 25
-    changed = list(ids)
-    changed[j:] = [(t * 7 + 13) % 40000 + 100 for t in ids[j:]]
-    a, b = full_forward(tiny, arm, ids, roles), full_forward(tiny, arm, changed, roles)
-    assert (a[:j] - b[:j]).abs().max() <= 1e-6
-    assert (a[j:] - b[j:]).abs().max() > 1e-3
 
 
 def test_multi_turn_generation_matches_uncached(embedded):
@@ -310,12 +266,16 @@ def test_seed_variant_decode_is_previous_token_skip(tiny_llama):
 
 # -- 4-bit ---------------------------------------------------------------------------------------
 def test_4bit_load_and_continuity(tmp_path):
+    """Position-matched: bitsandbytes' CPU kernel may give row-position-dependent results, so the claim
+    is that row k of [observer, X] equals row k of [continuity λ=0, X] (same batch shape) bit for bit."""
     from engine.model import load_model
 
     lm = load_model(load_in_4bit=True, verbose=False)
     assert lm.identity.quantization == "bnb-nf4"
-    arms = ["observer", "continuity:linkage=0", "continuity:linkage=1,gain=1,source=all"]
-    tokens, logits = dialogue_logits(lm, arms, PROMPTS[0], 8)
-    assert tokens[0] == tokens[1]
-    assert all(torch.equal(l[0], l[1]) for l in logits)
-    assert any((l[2] - l[0]).abs().max() > 1e-3 for l in logits)
+    linked = "continuity:linkage=1,gain=1,source=all"
+    tok_a, log_a = dialogue_logits(lm, ["observer", linked], PROMPTS[0], 8)
+    tok_b, log_b = dialogue_logits(lm, ["continuity:linkage=0", linked], PROMPTS[0], 8)
+    assert tok_a == tok_b
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(log_a, log_b))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(log_a, log_b))
+    assert any((l[1] - l[0]).abs().max() > 1e-3 for l in log_a)

@@ -1,33 +1,110 @@
-"""A pane's controls -> arm spec (no model, no server)."""
+"""A pane's controls -> arm spec, generated from the registered mechanisms' settings (no model, no server)."""
+from typing import Literal
+
 import pytest
+from pydantic import Field
 
-from engine import SpecError
-from lab.settings import FIELDS, layers_text, pane_defaults, spec_from_controls, spec_string
+from engine import SpecError, parse_arm
+from engine.mechanisms import MECHANISMS, Mechanism, MechanismSettings, register
+from lab.settings import PaneLayout, controls_for, layers_text, mechanism_choices, spec_string
 
 
-def controls(**changes):
-    d = {**pane_defaults(1), **changes}
-    return [d[f] for f in FIELDS]
+def values(**changes):
+    layout = PaneLayout.current()
+    samp = {k: v for k, v in changes.items() if k in {c.key for c in layout.sampling}}
+    mech = {k: v for k, v in changes.items() if k not in samp}
+    return layout, layout.values_from("continuity", mech, samp)
 
 
 def test_defaults_and_layers():
-    assert pane_defaults(0)["mechanism"] == "observer" and pane_defaults(1)["linkage"] == 1.0
+    layout = PaneLayout.current()
+    assert layout.defaults(0)[0] == "observer" and layout.defaults(1)[0] == "continuity"
     assert layers_text(" 15, 22 28 ") == "15/22/28" and layers_text("") == ""
-    spec = spec_from_controls(controls(layers="3, 5", gain=0.5, linkage=0.5), n_layers=30)
+    layout, v = values(layers="3, 5", gain=0.5, linkage=0.5)
+    spec = layout.spec(v, n_layers=30)
     assert spec.settings.layers == [3, 5] and spec.settings.linkage == 0.5 and spec.display_label == "continuity λ=0.5"
-    obs = spec_from_controls([pane_defaults(0)[f] for f in FIELDS], n_layers=30)
+    obs = layout.spec(layout.defaults(0), n_layers=30)
     assert obs.mechanism is None and obs.sampling.max_new_tokens == 128
-    assert "greedy=false" in spec_string(*controls(greedy=False))
+    assert "greedy=false" in layout.spec(values(greedy=False)[1]).to_string()
+    # only the mechanism's own keys are written, and the string parses back to the same arm
+    text = spec_string("continuity", {"linkage": 0.5, "source": "all"}, {"seed": 3})
+    assert text == "continuity:linkage=0.5,source=all,seed=3"
+    assert parse_arm(text).to_dict() == layout.spec(layout.values_from(
+        "continuity", {"linkage": 0.5, "source": "all"}, {"seed": 3})).to_dict()
+    assert spec_string("observer", None, {"max_new_tokens": 9}) == "observer:max_new_tokens=9"
+
+
+def test_continuity_controls_follow_its_settings_model():
+    cs = {c.key: c for c in controls_for(MECHANISMS["continuity"].Settings)}
+    assert cs["linkage"].kind == "number" and (cs["linkage"].minimum, cs["linkage"].maximum) == (0.0, 1.0)
+    assert cs["source"].kind == "dropdown" and cs["source"].choices == ("assistant", "all", "user")
+    assert cs["layers"].kind == "list" and cs["window"].optional and cs["window"].integer
+    assert "gate" in cs["linkage"].info  # the field's description is the help text
 
 
 @pytest.mark.parametrize("changes, message", [
     (dict(layers="99"), "layer 99 does not exist"),
     (dict(layers="a/b"), "layers"),
-    (dict(linkage=1.5), "linkage"),
-    (dict(max_new_tokens=""), "max new tokens is empty"),
+    (dict(linkage=1.5), "continuity: linkage: input should be less than or equal to 1"),
+    (dict(max_new_tokens=""), "max_new_tokens is empty"),
     (dict(seed="x"), "seed must be a number"),
+    (dict(seed=1e20), "seed is too large"),
+    (dict(seed=float("nan")), "finite"),
+    (dict(window=0), "window"),
+    (dict(variant="seed", window=3), "variant=seed"),
 ])
 def test_bad_settings_are_one_line_spec_errors(changes, message):
+    layout, v = values(**changes)
     with pytest.raises(SpecError, match=message) as e:
-        spec_from_controls(controls(**changes), n_layers=30)
+        layout.spec(v, n_layers=30)
     assert "\n" not in str(e.value)
+
+
+class ToySettings(MechanismSettings):
+    """A toy written only in this test file."""
+
+    mode: Literal["mask", "none"] = Field("mask", description="what the toy does")
+    strength: float = Field(2.0, ge=0.5, le=8.0, description="how hard")
+    steps: int = Field(3, ge=1, le=9, description="how many")
+    sticky: bool = Field(False, description="keep between turns")
+    document: str | None = Field(None, description="a text file to read", json_schema_extra={"file": True})
+
+
+class Toy(Mechanism):
+    name = "toy_mask"
+    Settings = ToySettings
+
+    def forward(self, layer, attn, x_hat, position_embeddings, attn_out, row):
+        return None
+
+
+@pytest.fixture()
+def toy():
+    register(Toy)
+    yield Toy
+    MECHANISMS.pop(Toy.name, None)
+
+
+def test_a_toy_mechanism_gets_its_own_controls(toy):
+    assert "toy_mask" in mechanism_choices()
+    plugins = {c.key: c for c in PaneLayout.current().mechanisms.get("vector_toy", [])}  # via $LAB_PLUGINS
+    assert plugins and plugins["weights"].kind == "file" and plugins["weights"].suffix == ".safetensors"
+    layout = PaneLayout.current()
+    cs = {c.key: c for c in layout.mechanisms["toy_mask"]}
+    assert cs["mode"].kind == "dropdown" and cs["mode"].choices == ("mask", "none")
+    assert cs["strength"].kind == "number" and (cs["strength"].minimum, cs["strength"].maximum) == (0.5, 8.0)
+    assert cs["steps"].integer and cs["sticky"].kind == "checkbox" and cs["document"].kind == "file"
+    assert cs["strength"].info.startswith("how hard")
+    assert "arm2_toy_mask_strength" in layout.api_names(1)
+    v = layout.values_from("toy_mask", {"strength": 4, "sticky": True, "document": "notes.txt"}, {"seed": 2})
+    spec = layout.spec(v, n_layers=30)
+    assert spec.mechanism == "toy_mask" and spec.settings.strength == 4.0 and spec.settings.document == "notes.txt"
+    assert spec.to_string() == "toy_mask:linkage=1,strength=4,sticky=true,document=notes.txt,seed=2"
+    # a path is written in double quotes by the engine's writer and parses back to the same arm
+    spec = layout.spec(layout.values_from("toy_mask", {"document": "runs/my notes.txt"}))
+    assert 'document="runs/my notes.txt"' in spec.to_string()
+    assert parse_arm(spec.to_string()).settings.document == "runs/my notes.txt"
+    with pytest.raises(SpecError, match="toy_mask: strength: input should be less than or equal to 8"):
+        layout.spec(layout.values_from("toy_mask", {"strength": 9}))
+    with pytest.raises(SpecError, match="toy_mask: mode"):
+        layout.spec(layout.values_from("toy_mask", {"mode": "other"}))

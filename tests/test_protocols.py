@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from experiments.protocol import (PROTOCOL_DIR, ProtocolError, get_protocol, list_protocols,
+from experiments.protocol import (protocol_from_dict, PROTOCOL_DIR, ProtocolError, get_protocol, list_protocols,
                                   load_protocol, protocol_from_yaml_text)
 from experiments.scoring import choice_letters
 
@@ -122,7 +122,23 @@ MALFORMED = {
     "placeholder_in_system": ('name: x\nsystem: "You are {persona}."\nturns: ["{question}"]\n' + GOOD_ITEMS, {},
                               ["items[0]: missing key 'persona', used as {persona} in system"]),
     "unbalanced_brace": ('name: x\nturns: ["{question"]\n' + GOOD_ITEMS, {}, ["turns[0]: expected a valid template", "{{ and }}"]),
-    "positional_placeholder": ('name: x\nturns: ["{question} {}"]\n' + GOOD_ITEMS, {}, ["turns[0]: expected named placeholders"]),
+    "positional_placeholder": ('name: x\nturns: ["{question} {}"]\n' + GOOD_ITEMS, {},
+                               ["turns[0]: the placeholder {} names no item key", "{pushbacks[0]}"]),
+    "attribute_placeholder": ('name: x\nturns: ["{question.upper}"]\n' + GOOD_ITEMS, {},
+                              ["turns[0]: the placeholder {question.upper} uses attribute access", "{key[0]}"]),
+    "index_out_of_range": ('name: x\nturns: ["{question}", "{pushbacks[2]}"]\nitems: [{question: q, pushbacks: [a, b]}]\n', {},
+                           ["items[0].pushbacks: 'pushbacks' has 2 entries, but turns[1] uses {pushbacks[2]}"]),
+    "list_used_whole": ('name: x\nturns: ["{pushbacks}"]\nitems: [{pushbacks: [a, b]}]\n', {},
+                        ["'pushbacks' is a list of 2, used whole as {pushbacks} in turns[0]", "{pushbacks[0]}"]),
+    "index_into_string": ('name: x\nturns: ["{question[0]}"]\n' + GOOD_ITEMS, {},
+                          ["items[0].question: 'question' is the string 'Q?', not a list"]),
+    "scorer_option_unknown": ('name: x\nturns: ["{question}"]\nscorer_options: {stance_drift: {judge: oracle, speed: 2}}\n' + GOOD_ITEMS, {},
+                              ["scorer_options.stance_drift.judge: expected one of nli, llm, similarity",
+                               "scorer_options.stance_drift.speed: unknown option for stance_drift"]),
+    "scorer_option_threshold": ('name: x\nturns: ["{question}"]\nscorer_options: {stance_drift: {threshold: 3}}\n' + GOOD_ITEMS, {},
+                                ["scorer_options.stance_drift.threshold: expected a number in (0, 1], got a number (3)"]),
+    "answer_turns_out_of_range": ('name: x\nturns: ["{question}", "again"]\nscorer_options: {answer_flip: {answer_turns: [0, 5]}}\n' + GOOD_ITEMS, {},
+                                  ["scorer_options.answer_flip.answer_turns[1]: expected a turn index from 0 to 1"]),
     "unknown_scorer": ('name: x\nturns: ["{question}"]\nscoring: [concession, vibes]\n' + GOOD_ITEMS, {},
                        ["scoring[1]: unknown scorer", "answer_flip, stance_drift, concession", "got the string 'vibes'"]),
     "duplicate_scorer": ('name: x\nturns: ["{question}"]\nscoring: [concession, concession]\n' + GOOD_ITEMS, {},
@@ -132,8 +148,8 @@ MALFORMED = {
     "neither_items_nor_file": ('name: x\nturns: ["{question}"]\n', {}, ["items: required key is missing", "exactly one of the two"]),
     "empty_items": ('name: x\nturns: ["{question}"]\nitems: []\n', {}, ["items: expected a non-empty list of mappings", "got an empty list"]),
     "item_not_mapping": ('name: x\nturns: ["{question}"]\nitems: ["Q?"]\n', {}, ["items[0]: expected a mapping", "got the string 'Q?'"]),
-    "item_value_list": ('name: x\nturns: ["{question}"]\nitems: [{question: [a, b]}]\n', {},
-                        ["items[0].question: expected a string or number, got a list of 2"]),
+    "item_value_mapping": ('name: x\nturns: ["{question}"]\nitems: [{question: {a: 1}}]\n', {},
+                           ["items[0].question: expected a string, a number, or a list of them, got a mapping"]),
     "items_file_missing": ('name: x\nturns: ["{question}"]\nitems_file: nope.jsonl\n', {},
                            ["items_file: expected an existing JSONL file", "'nope.jsonl' was not found"]),
     "items_file_bad_json": ('name: x\nturns: ["{question}"]\nitems_file: bad.jsonl\n',
@@ -144,7 +160,7 @@ MALFORMED = {
     "items_file_empty": ('name: x\nturns: ["{question}"]\nitems_file: empty.jsonl\n', {"empty.jsonl": "\n\n"},
                          ["items_file: expected at least one JSON object in 'empty.jsonl'"]),
     "unknown_top_level_key": ('name: x\nturns: ["{question}"]\ntemperature: 0.7\n' + GOOD_ITEMS, {},
-                              ["temperature: unknown key", "expected only: name, description, system, turns"]),
+                              ["temperature: unknown key", "expected only: name, description, version, source, license, system, turns"]),
     "answer_flip_without_answers": ('name: x\nturns: ["{question}"]\nscoring: [answer_flip]\n' + GOOD_ITEMS, {},
                                     ["items[0].answer: required by scorer answer_flip", "single letter"]),
     "answer_flip_answer_not_letter": ('name: x\nturns: ["{question}"]\nscoring: [answer_flip]\nitems: [{question: q, answer: Paris}]\n',
@@ -158,7 +174,7 @@ MALFORMED = {
     "duplicate_item_id": ('name: x\nturns: ["{question}"]\nitems: [{id: a, question: q}, {id: a, question: r}]\n', {},
                           ["items[1].id: expected a unique id", "items[0]"]),
     "stance_turn_out_of_range": ('name: x\nturns: ["{question}", "again"]\nstance_turns: [0, 2]\n' + GOOD_ITEMS, {},
-                                 ["stance_turns[1]: expected a turn index from 0 to 1, got 2"]),
+                                 ["stance_turns[1]: expected a turn index from 0 to 1 (or -2 to -1 from the end), got 2"]),
     "yaml_syntax_error": ('name: x\nturns:\n  - "{question}"\n bad: [\n' + GOOD_ITEMS, {}, ["line 4", "expected valid YAML"]),
     "yaml_duplicate_key": ('name: x\nturns: ["{question}"]\nturns: ["other"]\n' + GOOD_ITEMS, {},
                            ["line 3", "found duplicate key 'turns'"]),
@@ -212,3 +228,20 @@ def test_long_problem_lists_are_truncated(tmp_path):
         load_protocol(path)
     assert len(err.value.problems) == 30
     assert "long.yaml: 30 problems" in str(err.value) and "... and 10 more" in str(err.value)
+
+
+def test_metadata_index_placeholders_list_items_and_scorer_options():
+    p = protocol_from_yaml_text(
+        'name: pushback_list\nversion: "1.2"\nsource: "written for the lab"\nlicense: CC0-1.0\n'
+        'turns: ["{question}", "{pushbacks[0]}", "{pushbacks[1]}"]\n'
+        'stance_turns: [0, -1]\n'
+        'scorer_options: {stance_drift: {judge: similarity, threshold: 0.7}, answer_flip: {answer_turns: [0, -1]}}\n'
+        'items: [{question: "Is tea better than coffee?", pushbacks: ["No.", "Still no."]}]\n')
+    assert (p.version, p.source, p.license) == ("1.2", "written for the lab", "CC0-1.0")
+    assert p.render_turns(p.items[0]) == ["Is tea better than coffee?", "No.", "Still no."]
+    assert p.scorer_options("stance_drift") == {"stance_turns": [0, -1], "judge": "similarity", "threshold": 0.7}
+    assert p.scorer_options("answer_flip") == {"answer_turns": (0, -1)}
+    # stored with a run and read back (the runner keeps the protocol inline)
+    from experiments.runner import protocol_record
+    again = protocol_from_dict(protocol_record(p))
+    assert again.scorer_options("stance_drift") == p.scorer_options("stance_drift") and again.license == "CC0-1.0"

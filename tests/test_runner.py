@@ -219,3 +219,66 @@ def test_lab_handlers_run_stop_and_resume(embedded, tmp_path):
     assert counts(store, eid)["turns"] == N_TURNS * 2
     assert not ctx.model_lock.locked() and V.stop_run() == "no run is in progress in this lab"
     store.close()
+
+
+def test_cli_same_command_resumes_unfinished_and_skips_finished(embedded, tmp_path, capsys):
+    """A rerun neither duplicates rows nor starts a second run; --new does."""
+    db = str(tmp_path / "again.db")
+    cmd = ["run", "are_you_sure", "--arm", "observer", "--arm", "observer:greedy=false,temperature=0.7",
+           "--items", "1", "--max-new-tokens", "2", "--db", db]
+    assert cli(cmd) == 0
+    store = Store(db)
+    (eid,) = [e["id"] for e in store.list_experiments()]
+    before = counts(store, eid)
+    labels = [a["label"] for a in store.get_session(store.list_sessions(experiment_id=eid)[0]["id"])["arms"]]
+    assert labels == ["observer", "observer · greedy=false"]  # sampling in the label (0.7 is the default)
+    capsys.readouterr()
+    assert cli(cmd) == 0  # finished: shown, not run again
+    assert "already finished" in capsys.readouterr().err
+    assert [e["id"] for e in store.list_experiments()] == [eid] and counts(store, eid) == before
+    # an unfinished run (as after a crash) is resumed by the same command, in place
+    sid = store.list_sessions(experiment_id=eid)[0]["id"]
+    store.update_session(sid, meta={"complete": False})
+    store.update_experiment(eid, status="running")
+    assert cli(cmd) == 0
+    assert f"resuming run {eid}" in capsys.readouterr().err
+    assert [e["id"] for e in store.list_experiments()] == [eid] and counts(store, eid) == before
+    assert store.get_experiment(eid)["status"] == "finished"
+    assert cli(cmd + ["--new"]) == 0
+    assert len(store.list_experiments()) == 2
+    store.close()
+
+
+def test_sigterm_marks_the_run_interrupted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    db = tmp_path / "term.db"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", "run", "are_you_sure", "--arm", "observer",
+                             "--items", "6", "--max-new-tokens", "32", "--db", str(db)], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    eid = None
+    while time.time() < deadline and eid is None:
+        time.sleep(0.5)
+        if db.exists():
+            try:
+                store = Store(db, create=False)
+                eid = next((e["id"] for e in store.list_experiments() if store.list_sessions(experiment_id=e["id"])), None)
+                store.close()
+            except StoreError:
+                pass
+        assert proc.poll() is None, proc.communicate()[1]
+    assert eid is not None, "the run never started"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "marked 'interrupted'" in err and f"--resume {eid}" in err and "Traceback" not in err
+    store = Store(db, create=False)
+    assert store.get_experiment(eid)["status"] == "interrupted"
+    store.close()

@@ -250,9 +250,13 @@ def test_score_dialogue_concession():
 def test_score_dialogue_stance_drift_with_injected_embed():
     result = score_dialogue("stance_drift", {"question": "q"}, ["Pro.", "x", "Con."], stance_turns=[0, 2], embed=fake_embed)
     _check_shape(result, 3)
-    assert [t["label"] for t in result.turns] == ["maintained", None, "revised"]
-    assert result.turns[2]["data"]["stance"] == "Con."
+    # the injected embedding selects the similarity judge; 'x' is outside the stance turns
+    assert [t["label"] for t in result.turns] == ["initial stance", None, "reversed"]
+    assert result.turns[2]["data"]["stance"] == "Con." and result.turns[2]["data"]["judge"] == "similarity"
     assert result.summary["turn_of_flip"] == 2 and result.summary["n_flips"] == 1
+    assert result.summary["judge"] == "similarity"
+    half = score_dialogue("stance_drift", {}, ["Pro.", "Half."], embed=fake_embed)
+    assert [t["label"] for t in half.turns] == ["initial stance", "partially revised"]
 
 
 def test_score_dialogue_rejects_unknown_scorer_and_option():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, RowPlan, StepRow,
                    copy_state, default_layers, file_field)
@@ -31,14 +32,19 @@ def register(cls: type[Mechanism]) -> type[Mechanism]:
 
 
 def load_plugins(names: str | None = None) -> list[str]:
-    """Import the modules named in `names` (default `$LAB_PLUGINS`); each registers its mechanisms."""
+    """Import the modules named in `names` (default `$LAB_PLUGINS`); each registers its mechanisms.
+
+    A module that fails to import is reported in one line on stderr and skipped: the engine and
+    every other mechanism stay usable, and the missing mechanism is then an unknown name.
+    """
     names = os.environ.get("LAB_PLUGINS", "") if names is None else names
     loaded = []
     for module in filter(None, (n.strip() for n in names.split(","))):
         try:
             importlib.import_module(module)
-        except Exception as e:  # a broken plugin must not take the engine down; say which and why
-            raise ImportError(f"LAB_PLUGINS: cannot import '{module}': {type(e).__name__}: {e}") from None
+        except Exception as e:
+            print(f"warning: LAB_PLUGINS: cannot import '{module}': {type(e).__name__}: {e}", file=sys.stderr)
+            continue
         loaded.append(module)
     return loaded
 

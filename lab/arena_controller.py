@@ -1,0 +1,451 @@
+"""One browser tab's Arena conversation, without Gradio: start, stream, log, regenerate, reveal, resume.
+
+`ArenaSession` holds the `Dialogue` of 2-4 arms, its `SessionRecorder` (experiments/record.py) and
+the turns so far. Pane p shows arm `order[p]`: the identity, or in blind mode a permutation drawn
+when the session starts (stored as the session's `pane_order`: pane position -> arm index). Until
+Reveal a blind session names its panes only by letter, everywhere.
+
+The database session is created when the first turn has been generated (a refused first message
+leaves nothing behind). If creating it or logging a turn fails (a locked database), the turn stays
+in memory and the next turn retries: the session is created then and every unlogged turn is written
+in order, so nothing generated is lost.
+
+`ArenaSession.resume` reopens a logged session: the arms are rebuilt from the logged tokens through
+the same batched step schedule as the original run (`Dialogue.stream(forced=...)`, as replay does),
+so the next turn continues the same conversation and is appended to the same session.
+
+The Gradio code (lab/arena.py) keeps only layout and wiring.
+"""
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterator
+
+from db import STANCE_LABELS, Store, StoreError
+from engine import ArmReply, ArmSpec, Dialogue, DialogueError, LoadedModel, SpecError, StreamEvent
+from engine.dialogue import MAX_MESSAGE_CHARS
+from experiments.record import SessionRecorder, dialogue_from_session, other_weights
+
+LETTERS = "ABCD"
+MAX_ARMS = 4
+
+
+class ArenaError(ValueError):
+    """A request the arena cannot do now; the message is one line for a person."""
+
+
+@dataclass
+class LabTurn:
+    user: str
+    replies: list[ArmReply]  # by arm index
+    turn_ids: list  # assistant turn id by arm index; None where it was not logged
+    log_error: str | None = None
+
+    @property
+    def logged(self) -> bool:
+        return any(i is not None for i in self.turn_ids)
+
+
+@dataclass
+class TurnOutcome:
+    """The end of `ArenaSession.run_turn`: kind 'done' | 'refused' | 'failed', and a status line."""
+
+    kind: str
+    status: str
+    error: str | None = None
+
+
+def check_message(message) -> str | None:
+    """Why `message` cannot be sent (one line), or None."""
+    if not isinstance(message, str) or not message.strip():
+        return "The message is empty — nothing was sent."
+    if len(message) > MAX_MESSAGE_CHARS:
+        return f"The message is {len(message):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. Nothing was sent."
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"The message contains invalid text at character {e.start + 1} (a lone surrogate, "
+                f"{message[e.start]!r}: not valid Unicode). Nothing was sent.")
+    if "\x00" in message:
+        return "The message contains a NUL character. Nothing was sent."
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+@dataclass
+class ArenaSession:
+    """One tab's arena conversation. Thread-safe enough for Gradio: one model-bound event at a time
+    per tab (the model queue), stop requests from outside the queue only set flags."""
+
+    store: Store
+    lm: LoadedModel
+    model_lock: threading.Lock = field(default_factory=threading.Lock)
+    dialogue: Dialogue | None = None
+    recorder: SessionRecorder | None = None
+    order: list[int] = field(default_factory=list)  # pane -> arm index
+    blind: bool = False
+    revealed: bool = False
+    turns: list[LabTurn] = field(default_factory=list)
+    store_error: str | None = None  # why the session could not be created / a turn logged
+    busy: bool = False
+    can_rollback: bool = False
+    failed_message: str | None = None  # the message of a turn whose generation failed
+    title: str = ""
+    annotator: str | None = None
+    resumed: bool = False
+
+    def __deepcopy__(self, memo):
+        """Gradio deep-copies a State's initial value per browser tab: a fresh conversation that shares
+        the store, the model and the lock (a running one is never copied)."""
+        if self.started:
+            return self
+        return ArenaSession(self.store, self.lm, self.model_lock)
+
+    # -- what the views ask ---------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self.dialogue is not None
+
+    @property
+    def n(self) -> int:
+        return len(self.order)
+
+    @property
+    def hidden(self) -> bool:
+        """Blind and not revealed: only pane letters may be shown."""
+        return self.blind and not self.revealed
+
+    @property
+    def session_id(self) -> str | None:
+        return self.recorder.session_id if self.recorder else None
+
+    def arm_of(self, pane: int) -> int | None:
+        return self.order[pane] if 0 <= pane < len(self.order) else None
+
+    def pane_of(self, arm: int) -> int | None:
+        return self.order.index(arm) if arm in self.order else None
+
+    def pane_name(self, pane: int) -> str:
+        return LETTERS[pane] if self.blind else str(pane + 1)
+
+    def spec_of(self, pane: int) -> ArmSpec | None:
+        arm = self.arm_of(pane)
+        return None if arm is None or self.dialogue is None else self.dialogue.arms[arm].spec
+
+    def reset(self) -> None:
+        if self.dialogue is not None:
+            self.dialogue.stop_all()
+        store, lm, lock = self.store, self.lm, self.model_lock
+        self.__init__(store, lm, lock)
+
+    # -- starting -------------------------------------------------------------------------------
+    def start(self, specs: list[ArmSpec], *, blind: bool = False, system: str | None = None, title: str = "",
+              annotator: str | None = None, rng: random.Random | None = None) -> None:
+        """Build the arms (no database row yet: that comes with the first accepted turn)."""
+        if self.started:
+            raise ArenaError("a session is already running; press New session first")
+        if not 2 <= len(specs) <= MAX_ARMS:
+            raise ArenaError(f"the number of arms must be 2 to {MAX_ARMS}, not {len(specs)}")
+        try:
+            self.dialogue = Dialogue(self.lm, list(specs), system=(system or "").strip() or None)
+        except (SpecError, DialogueError) as e:
+            raise ArenaError(_first_line(e)) from None
+        order = list(range(len(specs)))
+        if blind:
+            (rng or random).shuffle(order)
+        self.order, self.blind, self.revealed = order, bool(blind), False
+        self.title, self.annotator = (title or "").strip(), (annotator or "").strip() or None
+
+    def _unstart(self) -> None:
+        """A refused first message: forget the arms, the settings stay editable."""
+        if not self.turns and self.recorder is None:
+            self.dialogue, self.order, self.blind = None, [], False
+
+    # -- the database ---------------------------------------------------------------------------
+    def _ensure_recorder(self, first_message: str) -> SessionRecorder | None:
+        if self.recorder is not None:
+            return self.recorder
+        try:
+            self.recorder = SessionRecorder(
+                self.store, self.lm, self.dialogue, kind="lab",
+                title=self.title or first_message.strip().replace("\n", " ")[:80], user=self.annotator,
+                blind=self.blind, pane_order=self.order,
+                meta={"pane_order": "pane position -> arm index", "source": "lab arena"})
+            self.store_error = None
+        except (StoreError, ValueError, OverflowError) as e:
+            self.recorder, self.store_error = None, _first_line(e)
+        return self.recorder
+
+    def _log_pending(self) -> None:
+        """Write every turn not yet logged, in order (retrying the session creation if needed)."""
+        pending = [k for k, t in enumerate(self.turns) if not t.logged]
+        if not pending:
+            return
+        if self._ensure_recorder(self.turns[0].user) is None:
+            for k in pending:
+                self.turns[k].log_error = self.store_error or "no database session"
+            return
+        for k in pending:
+            t = self.turns[k]
+            try:
+                t.turn_ids, t.log_error = list(self.recorder.log(t.user, t.replies, turn_index=k)), None
+            except (StoreError, ValueError, OverflowError) as e:
+                self.store_error = _first_line(e)
+                for j in pending[pending.index(k):]:
+                    self.turns[j].log_error = self.store_error
+                return
+
+    def _record(self, message: str, replies: list[ArmReply]) -> str:
+        self.turns.append(LabTurn(message, list(replies), [None] * len(replies)))
+        self.can_rollback, self.failed_message = True, None
+        before = sum(t.logged for t in self.turns)
+        self._log_pending()
+        k = len(self.turns)
+        turn = self.turns[-1]
+        if not turn.logged:
+            return (f"⚠ Turn {k} was **not logged**: {turn.log_error}. The chat continues; it is kept in memory "
+                    "and written with the next turn.")
+        back = sum(t.logged for t in self.turns) - before - 1
+        extra = f" ({back} earlier unlogged turn{'s' if back != 1 else ''} written too.)" if back > 0 else ""
+        stopped = [self.pane_name(p) for p in range(self.n) if replies[self.arm_of(p)].finish_reason == "stopped"]
+        if stopped:
+            extra += f" Stopped: arm {', '.join(stopped)}."
+        return f"✓ Turn {k} logged to session `{self.session_id}`.{extra}"
+
+    # -- a turn ---------------------------------------------------------------------------------
+    def run_turn(self, message: str) -> Iterator[StreamEvent | TurnOutcome]:
+        """Stream one turn: yields StreamEvents (by arm index), then one TurnOutcome.
+
+        Refused before anything changed -> 'refused' (a refused first message un-starts the session);
+        failed mid-way -> 'failed' (the dialogue rolled itself back; Regenerate retries the message);
+        if the consumer goes away mid-turn the partial turn is kept and logged.
+        """
+        if not self.started:
+            yield TurnOutcome("refused", "Start a session first.", "not started")
+            return
+        why = check_message(message)
+        if why:
+            yield TurnOutcome("refused", f"⚠ {why}", why)
+            return
+        if self.busy:
+            yield TurnOutcome("refused", "⚠ A turn is already running in this tab; wait for it or press Stop.",
+                              "busy")
+            return
+        d = self.dialogue
+        it = d.stream(message)
+        ev = None
+        self.busy = True
+        try:
+            while True:
+                with self.model_lock:
+                    try:
+                        ev = next(it)
+                    except StopIteration:
+                        break
+                if ev.replies is not None:
+                    break
+                yield ev
+        except DialogueError as e:  # refused before anything changed
+            self.busy = False
+            self._unstart()
+            yield TurnOutcome("refused", f"⚠ Not sent: {_first_line(e)}", _first_line(e))
+            return
+        except GeneratorExit:  # the browser went away mid-turn: keep the turn the dialogue kept
+            with self.model_lock:
+                it.close()
+            self.busy = False
+            if d.turn == len(self.turns) + 1:
+                self._record(message, [a.replies[-1] for a in d.arms])
+            raise
+        except Exception as e:  # noqa: BLE001 - the dialogue rolled itself back to before the turn
+            self.busy = False
+            self.can_rollback = False
+            self.failed_message = message
+            first = _first_line(e)
+            yield TurnOutcome("failed", f"✗ Generation failed: {type(e).__name__}: {first}. Earlier turns are "
+                                        "intact; press **Regenerate** to try this message again.", first)
+            return
+        self.busy = False
+        if ev is None or ev.replies is None:
+            yield TurnOutcome("failed", "✗ Generation ended without replies.", "no replies")
+            return
+        yield TurnOutcome("done", self._record(message, ev.replies))
+
+    def rollback_last(self) -> str:
+        """Undo the last turn (memory, cache and DB rows) for Regenerate; return the message to send again."""
+        if not self.started or (not self.turns and not self.failed_message):
+            raise ArenaError("Nothing to regenerate yet: send a message first.")
+        if self.failed_message is not None and not self.can_rollback:
+            return self.failed_message
+        if not self.can_rollback:
+            raise ArenaError("Only the last turn can be regenerated, once.")
+        last = self.turns[-1]
+        if self.recorder is not None and last.logged:
+            try:
+                self.recorder.undo_last()
+            except StoreError as e:
+                raise ArenaError(f"Could not remove the last turn from the database: {e}. Nothing changed.") from None
+        try:
+            self.dialogue.rollback()
+        except DialogueError as e:
+            raise ArenaError(str(e)) from None
+        self.turns.pop()
+        self.can_rollback = False
+        return last.user
+
+    def regenerate(self) -> Iterator[StreamEvent | TurnOutcome]:
+        try:
+            message = self.rollback_last()
+        except ArenaError as e:
+            yield TurnOutcome("refused", f"⚠ {e}", str(e))
+            return
+        yield from self.run_turn(message)
+
+    def stop_pane(self, pane: int) -> bool:
+        arm = self.arm_of(pane)
+        if self.dialogue is not None and arm is not None and self.busy:
+            self.dialogue.stop_arm(arm)
+            return True
+        return False
+
+    def stop_all(self) -> bool:
+        if self.dialogue is not None and self.busy:
+            self.dialogue.stop_all()
+            return True
+        return False
+
+    # -- blind mode -----------------------------------------------------------------------------
+    def reveal(self) -> str:
+        if not self.started or not self.blind:
+            raise ArenaError("Nothing to reveal.")
+        self.revealed = True
+        if self.recorder is not None:
+            try:
+                s = self.store.get_session(self.session_id)
+                self.store.update_session(self.session_id, meta={**(s.get("meta") or {}),
+                                                                 "revealed_at": datetime.now(timezone.utc).isoformat()})
+            except StoreError:
+                pass
+        return ", ".join(f"Arm {LETTERS[p]} = {self.spec_of(p).display_label}" for p in range(self.n))
+
+    # -- labels ---------------------------------------------------------------------------------
+    def annotate(self, pane: int, turn_index, annotator: str, label: str, note: str = "",
+                 confidence: float | None = None) -> tuple[int, int]:
+        """Save a label for pane `pane`'s reply in turn `turn_index` (0-based); returns (turn index, turn id)."""
+        arm = self.arm_of(pane)
+        if arm is None or not self.turns:
+            raise ArenaError("No reply to label yet.")
+        if not (annotator or "").strip():
+            raise ArenaError("Enter your name in **Annotator** (top of the page) first.")
+        if label not in STANCE_LABELS:
+            raise ArenaError("Pick a stance label first.")
+        try:
+            k = int(turn_index) if turn_index is not None else len(self.turns) - 1
+            turn = self.turns[k]
+        except (ValueError, TypeError, IndexError):
+            raise ArenaError("Pick a turn first.") from None
+        if k < 0:
+            raise ArenaError("Pick a turn first.")
+        tid = turn.turn_ids[arm]
+        if tid is None:
+            raise ArenaError(f"Turn {k + 1} was not logged ({turn.log_error}); it cannot be annotated yet.")
+        try:
+            self.store.annotate(tid, annotator.strip(), label, note or "",
+                                confidence=None if confidence is None else float(confidence))
+        except (StoreError, ValueError) as e:
+            raise ArenaError(f"Not saved: {_first_line(e)}") from None
+        return k, tid
+
+    def _labelled(self, annotator: str) -> set[int]:
+        if self.recorder is None:
+            return set()
+        try:
+            rows = self.store.get_annotations(self.session_id, latest=True)
+        except StoreError:
+            return set()
+        name = (annotator or "").strip()
+        return {a["turn_id"] for a in rows if a["annotator"] == name}
+
+    def label_progress(self, annotator: str) -> tuple[int, int]:
+        """(replies labelled by `annotator`, replies logged) in this session."""
+        ids = [tid for t in self.turns for tid in t.turn_ids if tid is not None]
+        done = self._labelled(annotator)
+        return sum(tid in done for tid in ids), len(ids)
+
+    def next_unlabelled(self, annotator: str, after: tuple[int, int] | None = None) -> tuple[int, int] | None:
+        """The next (turn index, pane) whose reply `annotator` has not labelled, in reading order."""
+        done = self._labelled(annotator)
+        cells = [(k, p) for k, t in enumerate(self.turns) for p in range(self.n)
+                 if t.turn_ids[self.arm_of(p)] is not None and t.turn_ids[self.arm_of(p)] not in done]
+        if not cells:
+            return None
+        if after is not None:
+            later = [c for c in cells if c > tuple(after)]
+            if later:
+                return later[0]
+        return cells[0]
+
+    # -- reopening a logged session -------------------------------------------------------------
+    @classmethod
+    def resume(cls, store: Store, lm: LoadedModel, session_id: str,
+               model_lock: threading.Lock | None = None) -> "ArenaSession":
+        """Rebuild a logged lab session's arms from its tokens so that the next turn continues it."""
+        sid = (session_id or "").strip()
+        if not sid:
+            raise ArenaError("Pick a session first.")
+        lock = model_lock or threading.Lock()
+        try:
+            session, d, turns = dialogue_from_session(store, lm, sid)
+        except StoreError as e:
+            raise ArenaError(_first_line(e)) from None
+        except (SpecError, DialogueError, ValueError) as e:
+            raise ArenaError(f"session {sid} cannot be rebuilt: {_first_line(e)}") from None
+        if session["kind"] != "lab":
+            raise ArenaError(f"session {sid} is a {session['kind']} session; only lab sessions can be continued")
+        why = other_weights(session, lm, "continue")
+        if why:
+            raise ArenaError(why)
+        if not 2 <= d.n_arms <= MAX_ARMS:
+            raise ArenaError(f"session {sid} has {d.n_arms} arms; the Arena shows 2 to {MAX_ARMS}")
+        if sorted(turns) != list(range(len(turns))):
+            raise ArenaError(f"session {sid} has gaps in its turns ({sorted(turns)}); it cannot be continued")
+        self = cls(store, lm, lock, resumed=True)
+        for k in sorted(turns):
+            rows = turns[k]
+            if sorted(rows) != list(range(d.n_arms)) or any("assistant" not in r or "user" not in r
+                                                            for r in rows.values()):
+                raise ArenaError(f"turn {k + 1} of session {sid} is not logged for every arm; it cannot be continued")
+            forced = [rows[i]["assistant"]["token_ids"] or [] for i in range(d.n_arms)]
+            if any(not f for f in forced):
+                raise ArenaError(f"turn {k + 1} of session {sid} has an empty reply; it cannot be continued")
+            user = rows[0]["user"]["text"]
+            ev = None
+            it = d.stream(user, forced=forced)
+            while True:
+                with lock:
+                    try:
+                        ev = next(it)
+                    except StopIteration:
+                        break
+            replies = []
+            for i, r in enumerate(d.arms[a].replies[-1] for a in range(d.n_arms)):
+                row = rows[i]["assistant"]
+                r.finish_reason = row.get("finish_reason") or r.finish_reason
+                r.duration_s = float(row.get("duration_s") or 0.0)
+                r.text = row.get("text") or r.text
+                replies.append(r)
+            self.turns.append(LabTurn(user, replies, [rows[i]["assistant"]["id"] for i in range(d.n_arms)]))
+        order = list(session.get("pane_order") or range(d.n_arms))
+        self.dialogue, self.order = d, order
+        self.blind = bool(session.get("blind"))
+        self.revealed = "revealed_at" in (session.get("meta") or {})
+        self.title, self.annotator = session.get("title") or "", session.get("user")
+        self.recorder = SessionRecorder(store, lm, d, session_id=sid)
+        self.can_rollback = False  # the replay left no snapshot: the last logged turn stays
+        return self

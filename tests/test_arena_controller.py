@@ -1,0 +1,134 @@
+"""The Arena's session logic without Gradio: the real embedded model, a real SQLite file.
+
+Start, stream and log a turn; a refused first message leaves no session; a locked database at the
+first message is retried on the next; blind shuffle and reveal; regenerate with rollback; labels
+progress; and reopening a logged session continues it with the tokens it would have produced.
+"""
+from __future__ import annotations
+
+import random
+import sqlite3
+
+import pytest
+
+from db import Store
+from engine import parse_arm
+from lab.arena_controller import ArenaError, ArenaSession, TurnOutcome, check_message
+
+pytestmark = pytest.mark.slow
+SPECS = ["observer:max_new_tokens=3", "continuity:linkage=1,max_new_tokens=3"]
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'lab.db'}", busy_timeout=0.3)
+    yield s
+    s.close()
+
+
+def run(ctl: ArenaSession, message: str, regenerate: bool = False) -> tuple[list, TurnOutcome]:
+    events = list(ctl.regenerate() if regenerate else ctl.run_turn(message))
+    assert isinstance(events[-1], TurnOutcome)
+    return events[:-1], events[-1]
+
+
+def started(store, embedded, specs=SPECS, **kw) -> ArenaSession:
+    ctl = ArenaSession(store, embedded)
+    ctl.start([parse_arm(s) for s in specs], **kw)
+    return ctl
+
+
+def test_turn_logged_regenerate_and_reveal(store, embedded):
+    ctl = started(store, embedded, blind=True, rng=random.Random(1), title="t")
+    steps, out = run(ctl, "Is the sky green?")
+    assert out.kind == "done" and "Turn 1 logged" in out.status, out.status
+    assert steps and all(len(e.texts) == 2 for e in steps)
+    s = store.get_session(ctl.session_id)
+    assert s["blind"] and s["pane_order"] == ctl.order and sorted(ctl.order) == [0, 1]
+    assert ctl.hidden and ctl.pane_name(0) == "A"
+    first = [r.token_ids for r in ctl.turns[0].replies]
+    _, out = run(ctl, "", regenerate=True)  # greedy: the same tokens again, the old rows replaced
+    assert out.kind == "done" and [r.token_ids for r in ctl.turns[0].replies] == first
+    assert len(store.get_turns(ctl.session_id)) == 4
+    fresh = started(store, embedded)
+    _, out = run(fresh, "", regenerate=True)
+    assert out.kind == "refused" and "send a message first" in out.status
+    mapping = ctl.reveal()
+    assert "observer" in mapping and "continuity" in mapping and not ctl.hidden
+    assert "revealed_at" in store.get_session(ctl.session_id)["meta"]
+
+
+def test_refused_first_message_creates_no_session(store, embedded):
+    ctl = started(store, embedded)
+    for message, why in [("x" * 20_001, "20,000"), ("bad \ud800 text", "lone surrogate"), ("   ", "empty")]:
+        _, out = run(ctl, message)
+        assert out.kind == "refused" and why in out.status and "\n" not in out.status
+        assert store.list_sessions() == []
+    _, out = run(ctl, "Hello there")  # the settings still stand; the session is titled by this message
+    assert out.kind == "done", out.status
+    [s] = store.list_sessions()
+    assert s["title"] == "Hello there"
+
+
+def test_locked_database_at_the_first_message_is_retried(store, embedded, tmp_path):
+    ctl = started(store, embedded)
+    lock = sqlite3.connect(tmp_path / "lab.db", timeout=0)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        _, out = run(ctl, "First message")
+    finally:
+        lock.rollback()
+        lock.close()
+    assert out.kind == "done" and "not logged" in out.status and "locked" in out.status.lower(), out.status
+    assert store.list_sessions() == []
+    _, out = run(ctl, "Second message")
+    assert "Turn 2 logged" in out.status and "1 earlier unlogged turn" in out.status, out.status
+    [s] = store.list_sessions()
+    turns = store.get_turns(s["id"])
+    assert s["title"] == "First message"
+    assert sorted({(t["turn_index"], t["arm_index"], t["role"]) for t in turns}) == [
+        (k, a, r) for k in (0, 1) for a in (0, 1) for r in ("assistant", "user")]
+
+
+def test_labels_progress_and_next_unlabelled(store, embedded):
+    ctl = started(store, embedded)
+    run(ctl, "One")
+    run(ctl, "Two")
+    assert ctl.label_progress("ana") == (0, 4)
+    assert ctl.next_unlabelled("ana") == (0, 0)
+    with pytest.raises(ArenaError, match="Annotator"):
+        ctl.annotate(0, 0, "  ", "maintained")
+    with pytest.raises(ArenaError, match="stance"):
+        ctl.annotate(0, 0, "ana", "")
+    ctl.annotate(0, 0, "ana", "initial stance")
+    ctl.annotate(1, 0, "ana", "maintained", confidence=0.5)
+    assert ctl.label_progress("ana") == (2, 4) and ctl.label_progress("bo") == (0, 4)
+    assert ctl.next_unlabelled("ana") == (1, 0)
+    assert ctl.next_unlabelled("ana", after=(1, 0)) == (1, 1)
+
+
+def test_resume_continues_the_same_session(store, embedded):
+    specs = ["observer:max_new_tokens=4", "continuity:linkage=1,gain=1,max_new_tokens=4",
+             "continuity:linkage=0.5,greedy=false,seed=3,max_new_tokens=4"]
+    live = started(store, embedded, specs, blind=True, rng=random.Random(0))
+    for m in ("Name a colour.", "Why that one?"):
+        assert run(live, m)[1].kind == "done"
+    sid = live.session_id
+    ctl = ArenaSession.resume(store, embedded, sid)
+    assert ctl.session_id == sid and ctl.order == live.order and ctl.blind and ctl.hidden
+    assert [[r.token_ids for r in t.replies] for t in ctl.turns] == [[r.token_ids for r in t.replies]
+                                                                      for t in live.turns]
+    expected = [r.token_ids for r in live.dialogue.send("And another?")]  # the live arms, not logged
+    _, b = run(ctl, "And another?")
+    assert b.kind == "done" and "Turn 3 logged" in b.status, b.status
+    assert [r.token_ids for r in ctl.turns[2].replies] == expected
+    rows = store.get_turns(sid)
+    assert sorted({t["turn_index"] for t in rows}) == [0, 1, 2] and len(rows) == 3 * 3 * 2
+    with pytest.raises(ArenaError, match="not found|unknown|no session"):
+        ArenaSession.resume(store, embedded, "nope")
+
+
+def test_check_message():
+    assert check_message("hi") is None
+    assert "empty" in check_message("")
+    assert "surrogate" in check_message("a\udfffb")
