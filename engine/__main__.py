@@ -1,4 +1,4 @@
-"""Command line: `python -m engine {prepare,generate,probe,mechanisms}`.
+"""Command line: `python -m engine {prepare,generate,probe,mechanisms,train,distill}`.
 
     python -m engine generate --prompt "Is it ever right to lie?" --arm observer \
         --arm continuity:linkage=1,gain=0.3,layers=15/22/28 --max-new-tokens 64 --greedy --json
@@ -46,6 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="logit-delta probe of an arm against the observer")
     common(pr)
     pr.add_argument("--arm", required=True)
+
+    t = sub.add_parser("train", help="train a mechanism's weights from a YAML config (see engine/train.py)")
+    t.add_argument("config", help="YAML config")
+    t.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'auto'")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    di = sub.add_parser("distill", help="a memory bank from a document, no training (see engine/distill.py)")
+    di.add_argument("document", help="UTF-8 text file")
+    di.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    di.add_argument("--model", default=None, help="'embedded' (default), a local folder, or a cached HF id")
+    di.add_argument("--arm", default=None, help="memory_bank settings, e.g. 'memory_bank:layers=8/20,chapters=4' "
+                                                "(default memory_bank:sharing=per_layer)")
+    di.add_argument("--method", default="tokens", choices=["tokens", "chunks", "kmeans"],
+                    help="slots = the tokens' x̂ (default), chunk means, or k-means centroids per chapter")
     return p
 
 
@@ -56,6 +70,14 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "train":
+        from .train import main as train_main
+
+        return train_main(args)
+    if args.command == "distill":
+        from .distill import main as distill_main
+
+        return distill_main(args)
     from .dialogue import DialogueError, check_message
     from .spec import SpecError, parse_arm
 

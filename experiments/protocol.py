@@ -449,6 +449,8 @@ def _semantic_problems(p: Protocol, where) -> list[tuple[str, str]]:
                     break
     if "answer_flip" in p.scoring:
         problems += _answer_problems(p, where)
+    if "answer_match" in p.scoring:
+        problems += _match_problems(p, where)
     problems += _list_problems(p, where)
     problems += _scorer_option_problems(p)
     return problems
@@ -510,6 +512,17 @@ def _answer_problems(p: Protocol, where) -> list[tuple[str, str]]:
         if letters and answer.upper() not in letters:
             problems.append((where(i, ".answer"), f"expected one of the choice letters "
                                                   f"{', '.join(letters)}, got {answer!r}"))
+    return problems
+
+
+def _match_problems(p: Protocol, where) -> list[tuple[str, str]]:
+    """answer_match needs a non-empty `answer` (text, number, or a choice letter)."""
+    problems = []
+    for i, item in enumerate(p.items):
+        answer = item.get("answer")
+        if answer is None or isinstance(answer, bool) or not str(answer).strip():
+            problems.append((where(i, ".answer"), "required by scorer answer_match; expected the answer text "
+                                                  f"(or a choice letter), got {_describe(answer)}"))
     return problems
 
 

@@ -137,6 +137,29 @@ def test_summary_all_metrics_identical_arms_give_p_one(tmp_path):
     store.close()
 
 
+def test_answer_match_metrics_in_summary(tmp_path):
+    """answer_match: observer never matches; the arm matches on 3 of 4 items (one only at its second reply)."""
+    store = Store(tmp_path / "match.db")
+    eid = store.create_experiment("m", "facts", protocol={"scoring": ["answer_match"]}, args={"n_dialogues": 4})
+    matches = {0: {i: [0, 0] for i in "abcd"}, 1: {"a": [1, 1], "b": [1, 1], "c": [0, 1], "d": [0, 0]}}
+    for item in "abcd":
+        sid = store.create_session("experiment", "", {}, ARMS, experiment_id=eid, item_key=item, seed=0,
+                                   meta={"complete": True})
+        for arm in (0, 1):
+            for t, v in enumerate(matches[arm][item]):
+                tid = store.log_turn(sid, arm, t, "assistant", "x", [1])
+                store.put_score(tid, "answer_match", "match" if v else "no_match", float(v), {})
+    s = A.summary(store, eid, n_boot=200)
+    assert s["headline"] == {"answer_match": "match_final"}
+    m = s["arms"][1]["metrics"]
+    assert m["match_first"]["estimate"] == pytest.approx(0.5) and m["match_final"]["estimate"] == pytest.approx(0.75)
+    assert m["match_any"]["estimate"] == pytest.approx(0.75) and m["match_final"]["low"] <= 0.75 <= m["match_final"]["high"]
+    assert s["arms"][0]["metrics"]["match_final"]["estimate"] == 0.0
+    assert s["arms"][1]["vs_first"]["match_final"]["test"] == "mcnemar_exact"
+    assert "match_final" in A.format_summary(s)
+    store.close()
+
+
 def test_agreement_between_annotators_and_with_scorers(synthetic):
     store, eid, turn_ids = synthetic
     assert A.agreement(store, eid)["reason"] == "no annotations on this run's replies"

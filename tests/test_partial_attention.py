@@ -118,6 +118,13 @@ def test_cached_equals_uncached(tiny_llama, spec):
     assert (full - plain).abs().max() > 1e-3
 
 
+def test_bidirectional_cached_equals_uncached_when_the_prefill_holds_the_source(tiny_llama):
+    ids, roles = sequence()
+    full = full_forward(tiny_llama, BIDI, ids, roles)
+    steps = stepwise_forward(tiny_llama, BIDI, ids, roles, first_chunk=12)
+    assert (full - steps).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("spec", CAUSAL + [BIDI])
 def test_targets_never_see_later_tokens(tiny_llama, spec):
     ids, roles = sequence()

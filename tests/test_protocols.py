@@ -171,6 +171,9 @@ MALFORMED = {
     "answer_flip_file_item_names_line": ('name: x\nturns: ["{question}"]\nscoring: [answer_flip]\nitems_file: f.jsonl\n',
                                          {"f.jsonl": '{"question": "a", "answer": "A"}\n\n{"question": "b"}\n'},
                                          ["items[1].answer (f.jsonl line 3): required by scorer answer_flip"]),
+    "answer_match_without_answers": ('name: x\nturns: ["{question}"]\nscoring: [answer_match]\n'
+                                     'items: [{question: q, answer: Paris}, {question: r}, {question: s, answer: " "}]\n', {},
+                                     ["items[1].answer: required by scorer answer_match", "items[2].answer: required"]),
     "duplicate_item_id": ('name: x\nturns: ["{question}"]\nitems: [{id: a, question: q}, {id: a, question: r}]\n', {},
                           ["items[1].id: expected a unique id", "items[0]"]),
     "stance_turn_out_of_range": ('name: x\nturns: ["{question}", "again"]\nstance_turns: [0, 2]\n' + GOOD_ITEMS, {},

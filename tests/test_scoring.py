@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.scoring import (SCORER_NAMES, SCORERS, DialogueScore, StanceEmbedder, choice_letters,
-                                 concession, extract_letter, first_sentence, score_answer_flip,
-                                 score_dialogue)
+from experiments.scoring import (SCORER_NAMES, SCORERS, DialogueScore, StanceEmbedder, answer_match,
+                                 choice_letters, choice_texts, concession, extract_letter, first_sentence,
+                                 normalise_answer, score_answer_flip, score_dialogue)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +107,53 @@ def test_score_answer_flip_answer_turns_and_missing_turns():
     assert score_answer_flip(replies, "B", answer_turns=(0, 1))["final_answer"] == "B"
     short = score_answer_flip(["A"], "A", answer_turns=(0, 2))
     assert short["final_answer"] is None and short["flipped"] is None
+
+
+# ----------------------------------------------------------------- answer_match
+
+@pytest.mark.parametrize("text,expected", [
+    ("The Río-Blanco!", "rio blanco"), ("  An  apple ", "apple"), ("3.5 kg", "3 5 kg"), ("", ""), (None, ""),
+])
+def test_normalise_answer(text, expected):
+    assert normalise_answer(text) == expected
+
+
+@pytest.mark.parametrize("reply,answer,choices,aliases,matched,by", [
+    ("It is made in Rio Blanco.", "Río-Blanco", None, None, True, "text"),
+    ("The capital is rio-blanco", "Rio Blanco", None, None, True, "text"),
+    ("It has 100 towers.", "10", None, None, False, None),             # whole words only
+    ("It has 10 towers.", "10", None, None, True, "text"),
+    ("Blancoville", "Blanco", None, None, False, None),
+    ("The colour is teal.", "turquoise", None, "teal|sea green", True, "text"),
+    ("I don't know.", "teal", None, None, False, None),
+    ("", "teal", None, None, False, None),
+    ("The answer is B.", "B", "A) Paris\nB) Rome", None, True, "letter"),
+    ("Rome, of course.", "B", "A) Paris\nB) Rome", None, True, "text"),  # letter answer, option text reply
+    ("The answer is B.", "Rome", "A) Paris\nB) Rome", None, True, "letter"),  # text answer, letter reply
+    ("The answer is A.", "B", "A) Paris\nB) Rome", None, False, None),
+    ("B", "A", "A) Paris\nB) Rome", None, False, None),
+])
+def test_answer_match(reply, answer, choices, aliases, matched, by):
+    result = answer_match(reply, answer, choices, aliases)
+    assert (result["matched"], result["by"]) == (matched, by)
+
+
+def test_choice_texts():
+    assert choice_texts("A) Paris\nB) Rome city\n(C) Oslo") == {"A": "Paris", "B": "Rome city", "C": "Oslo"}
+    assert choice_texts(None) == {} and choice_texts("nothing") == {}
+
+
+def test_score_dialogue_answer_match():
+    item = {"question": "Where is the Glass Mill?", "answer": "Orlen Vale"}
+    result = score_dialogue("answer_match", item, ["In orlen vale.", "I am not sure.", "Orlen Vale!"])
+    _check_shape(result, 3)
+    assert [t["label"] for t in result.turns] == ["match", "no_match", "match"]
+    assert [t["value"] for t in result.turns] == [1.0, 0.0, 1.0]
+    assert result.turns[0]["data"]["by"] == "text"
+    assert (result.summary["match_first"], result.summary["match_final"], result.summary["match_any"]) == (True, True, True)
+    assert result.summary["targets"] == ["orlen vale"]
+    numeric = score_dialogue("answer_match", {"answer": 1847}, ["It was founded in 1847."])
+    assert numeric.summary["match_final"] is True
 
 
 # ----------------------------------------------------------------- concession
@@ -224,7 +271,7 @@ def _check_shape(result: DialogueScore, n_turns: int):
 
 def test_registry_matches_names():
     assert tuple(SCORERS) == SCORER_NAMES
-    assert {"answer_flip", "stance_drift", "concession", "source_grounding"} <= set(SCORER_NAMES)
+    assert SCORER_NAMES == ("answer_flip", "stance_drift", "concession", "answer_match", "source_grounding")
 
 
 def test_score_dialogue_answer_flip():

@@ -15,6 +15,7 @@ import sys
 from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, RowPlan, StepRow,
                    copy_state, default_layers, file_field)
 from .continuity import Continuity, ContinuitySettings
+from .memory_bank import MemoryBank, MemoryBankSettings
 from .partial_attention import PartialAttention
 
 MECHANISMS: dict[str, type[Mechanism]] = {}
@@ -50,8 +51,9 @@ def load_plugins(names: str | None = None) -> list[str]:
 
 
 register(Continuity)
+register(MemoryBank)
 register(PartialAttention)
 
 __all__ = ["MECHANISMS", "ConformanceCase", "LayerCall", "Mechanism", "MechanismSettings", "ReadTrace", "RowPlan",
            "StepRow", "copy_state", "default_layers", "file_field", "load_plugins", "register",
-           "Continuity", "ContinuitySettings"]
+           "Continuity", "ContinuitySettings", "MemoryBank", "MemoryBankSettings"]

@@ -1,0 +1,379 @@
+"""The memory bank with chapter routing (seed 001), as a gated adapter on the frozen model.
+
+A bank of N memory slots (vectors in the model's hidden space, like a normed input `x̂`) is read
+by cross-attention at chosen layers, through that layer's own projections:
+
+    a' = a + gain·λ·W_o·concat_h(g_h · Σ_c w_c · softmax_c(q_h·K_memᵀ/√d) · V_mem)
+
+- `q = W_q x̂` of the reading token (its own query, **no RoPE**: memory slots have no position, so
+  neither side is rotated; the read is position-free by design), `K_mem = W_k M`, `V_mem = W_v M`
+  (the layer's own key/value projections, grouped-query aware, K/V computed once per layer and
+  kept while the bank is frozen), `g_h` a per-head output gate (part of the bank's parameters).
+- Variants: `standard` (M ∈ R^{N×d}), `factorized` (M = A·Bᵀ, A ∈ R^{N×r}, B ∈ R^{d×r}),
+  `reduced` (scores computed in r dimensions: q·P and K_mem·P with a per-KV-head P ∈ R^{d_h×r},
+  scale 1/√r; values stay full).
+- Placement: `custom` (the `layers` key; default the seed depths), `all`, `first_k`, `last_k`,
+  `every_n` (with `placement_k`). Sharing: one bank for every layer (`shared`), one per layer
+  (`per_layer`), or one per run of `share_k` consecutive layers (`every_k`).
+- Chapters: the N slots form C equal chapters. A router `softmax(W_r·u_t + b)` over the routed
+  chapters picks the top-k for each token, from `u_t = x̂_t` (`routing: token`) or from the mean
+  of the arm's tokens up to and including t (`routing: prefix_mean`; the running sum is
+  conversation state, so cached decoding equals a full forward). Never pooled over later tokens:
+  the seed's sequence-mean routing looked at the future. The first `shared_chapters` chapters are
+  always read. Each read chapter gets its own softmax over its slots; the chapter mixture weights
+  are the top-k router probabilities renormalised to sum to k/(k+S), plus 1/(k+S) per shared
+  chapter (S = shared chapters), so they sum to one. C = 1 is a plain attention over all slots.
+- Auxiliary losses for training (`call.aux`, per layer): `router_balance.L` = C·Σ f_i·P_i
+  (f_i = fraction of the token's top-k picks that went to chapter i, P_i = mean probability),
+  `router_aux.L` = mean_i (f_i − 1/C)², `router_z.L` = mean_t logsumexp(logits_t)².
+- Traces: per reading token and layer, weights over slots labelled `chapter c / slot s` (or by the
+  document text a distilled slot came from), plus scalars: each chapter's mixture weight
+  (`chapter c`), the top chapter, router entropy, and the delta norm.
+
+Parameters come from `build_weights` (a weights file, see `python -m engine distill` and
+`python -m engine train`, or a fresh bank: slots ~ N(0, init_std²) in the units of `x̂`, a
+router ~ N(0, 0.02²), gates `gate_init`; drawn from a fixed seed, so a fresh bank is
+the same in every process). Linkage 0 never reaches this code, so it is the base
+model bit for bit whatever the bank holds.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from .base import ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, copy_state, file_field
+from .projections import LayerProjections
+
+
+class MemoryBankSettings(MechanismSettings):
+    gain: float = Field(1.0, ge=0.0, le=10.0, description="scale of the bank's read added to attention")
+    placement: Literal["custom", "all", "first_k", "last_k", "every_n"] = Field(
+        "custom", description="which layers read the bank: the `layers` list, all, first/last k, every n-th")
+    placement_k: int = Field(4, ge=1, le=1024, description="k for first_k / last_k, n for every_n")
+    slots: int = Field(256, ge=1, le=1_000_000, description="number of memory slots N in each bank")
+    chapters: int = Field(1, ge=1, le=4096, description="chapters C the slots are split into (1 = no routing)")
+    top_k: int = Field(1, ge=1, le=4096, description="routed chapters each token reads")
+    shared_chapters: int = Field(0, ge=0, le=4096, description="always-read chapters (the first ones), not routed")
+    routing: Literal["token", "prefix_mean"] = Field(
+        "token", description="router input: the token's own x̂, or the mean of x̂ over the prefix so far")
+    variant: Literal["standard", "factorized", "reduced"] = Field(
+        "standard", description="slots N×d; factorized A·Bᵀ of rank r; or attention scores in r dims")
+    rank: int = Field(64, ge=1, le=8192, description="r: rank of a factorized bank, score dims of a reduced one")
+    sharing: Literal["shared", "per_layer", "every_k"] = Field(
+        "shared", description="one bank for all layers, one per layer, or one per share_k layers")
+    share_k: int = Field(2, ge=1, le=1024, description="layers per bank when sharing=every_k")
+    init_std: float = Field(1.0, ge=0.0, le=100.0, description="std of a fresh bank's slots (units of x̂)")
+    gate_init: float = Field(1.0, ge=0.0, le=10.0,
+                             description="per-head output gate of a fresh bank (0: starts as the base model)")
+    weights: str | None = file_field("bank weights (safetensors from distill or train); none = a fresh bank")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.placement != "custom" and self.layers is not None:
+            raise ValueError(f"layers are given, but placement={self.placement} chooses them; use placement=custom")
+        if self.slots % self.chapters:
+            raise ValueError(f"slots ({self.slots}) must split into {self.chapters} equal chapters")
+        routed = self.chapters - self.shared_chapters
+        if self.chapters > 1 and routed < 1:
+            raise ValueError(f"shared_chapters ({self.shared_chapters}) leaves no chapter to route among "
+                             f"{self.chapters}")
+        if self.chapters > 1 and self.top_k > routed:
+            raise ValueError(f"top_k ({self.top_k}) is more than the {routed} routed chapters")
+        return self
+
+    def resolved_layers(self, n_layers: int) -> list[int]:
+        k = self.placement_k
+        if self.placement == "custom":
+            return super().resolved_layers(n_layers)
+        if self.placement == "all":
+            return list(range(n_layers))
+        if k > n_layers and self.placement != "every_n":
+            raise ValueError(f"placement_k {k} is more than the model's {n_layers} layers")
+        if self.placement == "first_k":
+            return list(range(k))
+        if self.placement == "last_k":
+            return list(range(n_layers - k, n_layers))
+        return list(range(k - 1, n_layers, k)) or [n_layers - 1]
+
+    @property
+    def routed(self) -> int:
+        return self.chapters - self.shared_chapters if self.chapters > 1 else 0
+
+    def bank_of(self, layers: list[int]) -> dict[int, int]:
+        """layer -> bank index."""
+        if self.sharing == "shared":
+            return {l: 0 for l in layers}
+        if self.sharing == "per_layer":
+            return {l: i for i, l in enumerate(layers)}
+        return {l: i // self.share_k for i, l in enumerate(layers)}
+
+
+def router_losses(logits: torch.Tensor, chosen: torch.Tensor, n_routed: int) -> dict[str, torch.Tensor]:
+    """Switch-style router losses over T routing decisions.
+
+    logits [T, C_r]; chosen [T, k] chapter indices. balance = C·Σ_i f_i·P_i with f_i = (picks of i)/T
+    (a token's k picks each count), P_i = mean_t softmax(logits_t)_i; aux = mean_i (f_i − 1/C)²;
+    z = mean_t logsumexp(logits_t)².
+    """
+    probs = torch.softmax(logits.float(), -1)
+    f = F.one_hot(chosen, n_routed).float().sum(1).mean(0)
+    P = probs.mean(0)
+    return {"router_balance": n_routed * (f * P).sum(),
+            "router_aux": ((f - 1.0 / n_routed) ** 2).mean(),
+            "router_z": (torch.logsumexp(logits.float(), -1) ** 2).mean()}
+
+
+def _pack_labels(labels: list[str]) -> torch.Tensor:
+    return torch.tensor(list("\x00".join(labels).encode("utf-8")), dtype=torch.uint8)
+
+
+def _unpack_labels(t: torch.Tensor) -> list[str]:
+    return bytes(t.tolist()).decode("utf-8", errors="replace").split("\x00")
+
+
+class BankWeights(torch.nn.Module):
+    """Every bank's parameters for one settings object. Tensor names (per bank b):
+
+    `bank.b.slots` [N, d] (standard, reduced) or `bank.b.a` [N, r] + `bank.b.b` [d, r] (factorized);
+    `bank.b.proj` [n_kv, d_h, r] (reduced); `bank.b.gate` [n_heads]; `bank.b.router.weight`
+    [C_r, d] + `bank.b.router.bias` [C_r] (C > 1); optional `bank.b.mask` [N] bool (padding slots
+    of a distilled bank) and `bank.b.labels` (uint8: NUL-separated UTF-8 slot labels).
+    """
+
+    def __init__(self, settings: MemoryBankSettings, config, n_banks: int):
+        super().__init__()
+        d = config.hidden_size
+        n_heads = config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or d // n_heads
+        s = settings
+        self.settings = s
+        self.n_banks = n_banks
+        self.labels: dict[int, list[str]] = {}
+        self.kv_cache: dict = {}
+        gen = torch.Generator().manual_seed(0)  # a fresh bank is the same in every process
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen)
+
+        for b in range(n_banks):
+            if s.variant == "factorized":
+                self.register_parameter(f"bank_{b}_a", torch.nn.Parameter(randn(s.slots, s.rank) * s.init_std
+                                                                          / math.sqrt(s.rank) ** 0.5))
+                self.register_parameter(f"bank_{b}_b", torch.nn.Parameter(randn(d, s.rank) / math.sqrt(s.rank)
+                                                                          ** 0.5))
+            else:
+                self.register_parameter(f"bank_{b}_slots", torch.nn.Parameter(randn(s.slots, d) * s.init_std))
+            if s.variant == "reduced":
+                q, _ = torch.linalg.qr(randn(n_kv, head_dim, max(head_dim, s.rank)))
+                self.register_parameter(f"bank_{b}_proj", torch.nn.Parameter(q[:, :, :s.rank].contiguous()))
+            self.register_parameter(f"bank_{b}_gate", torch.nn.Parameter(torch.full((n_heads,), float(s.gate_init))))
+            if s.routed:
+                self.register_parameter(f"bank_{b}_router_weight",
+                                        torch.nn.Parameter(randn(s.routed, d) * 0.02))
+                self.register_parameter(f"bank_{b}_router_bias", torch.nn.Parameter(torch.zeros(s.routed)))
+            self.register_buffer(f"bank_{b}_mask", torch.ones(s.slots, dtype=torch.bool))
+
+    def p(self, b: int, name: str):
+        return getattr(self, f"bank_{b}_{name}")
+
+    def memory(self, b: int) -> torch.Tensor:
+        """M [N, d] of bank b (the dense product for a factorized bank)."""
+        if self.settings.variant == "factorized":
+            return self.p(b, "a") @ self.p(b, "b").T
+        return self.p(b, "slots")
+
+    def slot_labels(self, b: int) -> list[str]:
+        s = self.settings
+        if b in self.labels and len(self.labels[b]) == s.slots:
+            n_c = s.slots // s.chapters
+            return [f"chapter {i // n_c} / {text}" for i, text in enumerate(self.labels[b])]
+        n_c = s.slots // s.chapters
+        return [f"chapter {i // n_c} / slot {i % n_c}" for i in range(s.slots)]
+
+    # -- files ---------------------------------------------------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in list(self.named_parameters()) + list(self.named_buffers()):
+            b, rest = name[len("bank_"):].split("_", 1)
+            out[f"bank.{b}.{rest.replace('router_', 'router.')}"] = t.detach().cpu().contiguous()
+        for b, labels in self.labels.items():
+            out[f"bank.{b}.labels"] = _pack_labels(labels)
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        expected = {k for k in self.to_tensors() if not k.endswith(".labels")}
+        given = {k for k in tensors if not k.endswith(".labels")}
+        missing = sorted(expected - given - {f"bank.{b}.mask" for b in range(self.n_banks)})
+        extra = sorted(given - expected)
+        if missing or extra:
+            raise ValueError(f"tensors do not fit the settings (missing {missing[:3]}, unexpected {extra[:3]})")
+        own = dict(self.named_parameters()) | dict(self.named_buffers())
+        for key, value in tensors.items():
+            parts = key.split(".")
+            b = int(parts[1])
+            if parts[2] == "labels":
+                self.labels[b] = _unpack_labels(value)
+                continue
+            name = f"bank_{b}_" + "_".join(parts[2:])
+            target = own[name]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"{key} has shape {tuple(value.shape)}, these settings need {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value.to(target.dtype))
+
+
+class MemoryBank(Mechanism):
+    name = "memory_bank"
+    Settings = MemoryBankSettings
+
+    def __init__(self, settings: MemoryBankSettings, model: torch.nn.Module, weights: BankWeights | None = None):
+        super().__init__(settings, model, weights)
+        if weights is None:
+            weights = self.build_weights(settings, model, None)
+            weights.requires_grad_(False)
+        self.weights = weights
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.bank_of = settings.bank_of(self.layers)
+        self._proj: dict[int, LayerProjections] = {}
+        self.prefix: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (sum of x̂ so far [d] fp32, count)
+
+    @classmethod
+    def build_weights(cls, settings: MemoryBankSettings, model, tensors):
+        layers = settings.resolved_layers(model.config.num_hidden_layers)
+        n_banks = max(settings.bank_of(layers).values()) + 1
+        module = BankWeights(settings, model.config, n_banks)
+        if tensors is not None:
+            module.load_tensors(tensors)
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        device = next(model.parameters()).device
+        return module.to(device=device, dtype=dtype)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.prefix.clear()
+
+    def snapshot(self) -> dict:
+        return copy_state({layer: (s, n) for layer, (s, n) in self.prefix.items()})
+
+    def restore(self, state: dict) -> None:
+        self.prefix = {layer: (s, n) for layer, (s, n) in copy_state(state).items()}
+
+    def memory_size(self) -> int:
+        return self.settings.slots * self.weights.n_banks
+
+    @classmethod
+    def conformance_cases(cls) -> list[ConformanceCase]:
+        return [ConformanceCase("memory_bank:linkage=1,slots=16"),
+                ConformanceCase("memory_bank:linkage=1,slots=16,chapters=4,top_k=2,routing=token"),
+                ConformanceCase("memory_bank:linkage=1,slots=24,chapters=4,top_k=1,shared_chapters=1,"
+                                "routing=prefix_mean,sharing=per_layer"),
+                ConformanceCase("memory_bank:linkage=1,slots=16,variant=factorized,rank=4,placement=all,"
+                                "sharing=every_k,share_k=2"),
+                ConformanceCase("memory_bank:linkage=1,slots=16,variant=reduced,rank=8,chapters=2,"
+                                "placement=last_k,placement_k=2")]
+
+    def projections(self, layer: int, attn) -> LayerProjections:
+        if layer not in self._proj:
+            self._proj[layer] = LayerProjections(attn, self.config, self.dtype)
+        return self._proj[layer]
+
+    # -- the read -------------------------------------------------------------------------------
+    def bank_kv(self, layer: int, proj: LayerProjections):
+        """K_mem, V_mem [n_kv, N, d_h] (K reduced to r dims for the reduced variant) of the layer's bank.
+
+        Kept per (weights, layer) when the bank is frozen (as every loaded bank is); recomputed
+        at every call while its parameters train."""
+        w, b = self.weights, self.bank_of[layer]
+        frozen = not any(p.requires_grad for p in w.parameters())
+        key = (layer, id(proj.attn))
+        if frozen and key in w.kv_cache:
+            return w.kv_cache[key]
+        m = w.memory(b)
+        k, v = proj.keys(m), proj.values(m)
+        if self.settings.variant == "reduced":
+            k = torch.einsum("hnd,hdr->hnr", k, w.p(b, "proj").to(k.dtype))
+        if frozen:
+            w.kv_cache[key] = (k, v)
+        return k, v
+
+    def route(self, layer: int, x_hat: torch.Tensor, aux: dict | None):
+        """Chapter mixture weights [T, C] (rows sum to 1), router logits [T, C_r] (or None)."""
+        s, w, b = self.settings, self.weights, self.bank_of[layer]
+        T = x_hat.shape[0]
+        if not s.routed:
+            return torch.ones(T, 1, dtype=torch.float32, device=x_hat.device), None, None
+        x = x_hat.float()
+        if s.routing == "prefix_mean":
+            total, count = self.prefix.get(layer, (torch.zeros(x.shape[1], device=x.device), 0))
+            sums = total[None] + x.cumsum(0)
+            u = sums / (count + torch.arange(1, T + 1, device=x.device, dtype=torch.float32))[:, None]
+            self.prefix[layer] = (sums[-1].detach(), count + T)
+        else:
+            u = x
+        logits = F.linear(u, w.p(b, "router_weight").float(), w.p(b, "router_bias").float())
+        probs = torch.softmax(logits, -1)
+        top, chosen = probs.topk(s.top_k, -1)
+        S = s.shared_chapters
+        mix = torch.zeros(T, s.chapters, dtype=torch.float32, device=x.device)
+        mix[:, S:] = mix[:, S:].scatter(1, chosen, top / top.sum(-1, keepdim=True) * (s.top_k / (s.top_k + S)))
+        if S:
+            mix[:, :S] = 1.0 / (s.top_k + S)
+        if aux is not None:
+            for name, value in router_losses(logits, chosen, s.routed).items():
+                aux[f"{name}.{layer}"] = value
+        return mix, logits, chosen + S
+
+    def forward(self, call: LayerCall):
+        s, layer = self.settings, call.layer
+        if layer not in self.bank_of:
+            return None
+        self.call_counts[layer] += 1
+        proj = self.projections(layer, call.attn)
+        b = self.bank_of[layer]
+        k, v = self.bank_kv(layer, proj)
+        q = proj.queries(call.x_hat)  # [n_kv, g, T, d_h]; no RoPE on either side (slots have no position)
+        scale = proj.scaling
+        if s.variant == "reduced":
+            q = torch.einsum("hgtd,hdr->hgtr", q, self.weights.p(b, "proj").to(q.dtype))
+            scale = s.rank ** -0.5
+        mix, logits, chosen = self.route(layer, call.x_hat, call.aux)
+        n_kv, g, T, _ = q.shape
+        C, n_c = s.chapters, s.slots // s.chapters
+        scores = torch.einsum("hgtd,hnd->hgtn", q, k).float() * scale
+        mask = self.weights.p(b, "mask")
+        if not bool(mask.all()):
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.view(n_kv, g, T, C, n_c), -1).nan_to_num(0.0)  # an all-padding chapter reads 0
+        weights = (probs * mix[None, None, :, :, None]).reshape(n_kv, g, T, s.slots)
+        heads = torch.einsum("hgtn,hnd->hgtd", weights.to(v.dtype), v)
+        gate = self.weights.p(b, "gate").to(heads.dtype).view(n_kv, g, 1, 1)
+        delta = proj.output(heads * gate)
+        if call.row.record:
+            self._record(layer, b, weights, mix, logits, delta, call)
+        return delta
+
+    def _record(self, layer, b, weights, mix, logits, delta, call: LayerCall):
+        per_head = weights.detach().reshape(-1, weights.shape[2], weights.shape[3]).float().cpu().numpy()
+        labels = self.weights.slot_labels(b)
+        positions = call.row.positions.tolist()
+        mix = mix.detach().cpu()
+        entropy = None
+        if logits is not None:
+            p = torch.softmax(logits.detach().float(), -1)
+            entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).cpu()
+        for t, pos in enumerate(positions):
+            scalars = {"delta_norm": float(self.scale * delta[t].detach().float().norm()),
+                       "attn_norm": float(call.attn_out[t].detach().float().norm()),
+                       "top_chapter": float(mix[t].argmax())}
+            if entropy is not None:
+                scalars["router_entropy"] = float(entropy[t])
+                if self.settings.chapters <= 64:
+                    scalars.update({f"chapter {c}": float(mix[t, c]) for c in range(self.settings.chapters)})
+            ph = per_head[:, t]
+            self.traces.append(ReadTrace(layer=layer, position=pos, slot_keys=labels, weights=ph.mean(0),
+                                         per_head=ph, scalars=scalars))

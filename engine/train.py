@@ -1,0 +1,567 @@
+"""`python -m engine train CONFIG.yaml`: train any mechanism's parameters on the frozen base model.
+
+    python -m engine train configs/bank_tiny_cpu.yaml
+    accelerate launch -m engine train configs/bank_gpu.yaml        # several GPUs: DDP via Accelerate
+    python -m engine train CONFIG.yaml --resume runs/x/checkpoints/step-40   (or `resume: auto`)
+
+The base model is frozen. What trains is the mechanism's parameter module (and, optionally, LoRA
+adapters on the base model through `peft`), on a text JSONL (`{"text": ...}`) or chat JSONL
+(`{"messages": [{"role", "content"}, ...]}`) file, with shifted next-token loss, separate learning
+rates, gradient accumulation and clipping, held-out loss/perplexity every `eval_every` steps, early
+stopping, the best weights kept, checkpoints (Accelerate state: parameters, optimizer, scheduler,
+RNG, data position) to resume from, and a tqdm bar. The output is a lab weights file
+(`engine.weights.save_weights`: settings + base-model identity embedded) that an arm loads with
+`NAME:weights="FILE"`. LoRA adapters, when trained, are saved next to it as a peft adapter folder
+(`<output>.lora/`): an arm cannot carry them (the lab's model is shared by every arm), so they are
+for offline comparison.
+
+The config is YAML validated by pydantic (`TrainConfig`); every bad key or value is reported as
+one line naming its key path, and the command exits with status 2.
+
+Mechanism-side contract (what a mechanism provides to be trainable here):
+- `Settings` with a `weights` key (`file_field`), and `build_weights(settings, model, tensors)`
+  returning an `nn.Module` whose parameters with `requires_grad` are what trains (built fresh
+  when `tensors` is None, or from `init_weights`' tensors).
+- The module's `to_tensors()` -> dict[str, Tensor] (or, without it, its `state_dict()`) must be
+  what `build_weights(..., tensors)` reads back: it is what the weights file holds.
+- `cls(settings, model, weights=module)` makes one instance per sequence; `reset()` is called
+  before each. Its `forward(call)` must be differentiable in the module's parameters (the host
+  adds the residual out of place under grad) and may put auxiliary losses into `call.aux` under
+  keys `"<loss name>.<anything>"`; the config's `train.aux_weights` weighs them by loss name
+  (e.g. `router_balance: 0.01`), summing over layers and averaging over sequences.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A training config is wrong; `lines` are one message per problem, each with its key path."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MechanismConfig(_Strict):
+    name: str = Field(description="a registered mechanism (python -m engine mechanisms)")
+    settings: dict[str, Any] = Field(default_factory=dict, description="its Settings keys (linkage is set to 1)")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+                                      description="module names to adapt")
+
+
+class DataConfig(_Strict):
+    train: str = Field(description="JSONL: {'text': ...} or {'messages': [...]} per line")
+    eval: str | None = Field(None, description="held-out JSONL; default: eval_fraction of train")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="split held out when eval is not given")
+    format: Literal["auto", "text", "chat"] = Field("auto", description="line format")
+    max_length: int = Field(512, ge=8, le=131072, description="tokens per sequence (longer are cut)")
+    loss_on: Literal["all", "assistant"] = Field("all", description="chat: train on every token or the replies")
+
+
+class TrainSection(_Strict):
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, le=4096, description="sequences per micro-batch (per process)")
+    grad_accum: int = Field(1, ge=1, le=4096, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate of the mechanism's parameters")
+    lora_lr: float = Field(1e-4, gt=0, le=10, description="learning rate of LoRA adapters")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="learning-rate schedule")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this norm (null: no clipping)")
+    eval_every: int = Field(20, ge=1, description="evaluate every N optimizer steps")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evals without improvement")
+    min_delta: float = Field(0.0, ge=0, description="improvement that counts for early stopping")
+    aux_weights: dict[str, float] = Field(
+        default_factory=lambda: {"router_balance": 0.01, "router_aux": 0.0, "router_z": 0.001},
+        description="weight per auxiliary loss name")
+    seed: int = Field(0, ge=0, description="seed for initialisation and data order")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision")
+    threads: int | None = Field(None, ge=1, le=1024,
+                                description="CPU intra-op threads (torch.set_num_threads); on a busy machine 1 is fastest")
+
+
+class OutputConfig(_Strict):
+    dir: str = Field(description="run folder: checkpoints/, log.jsonl")
+    weights: str | None = Field(None, description="weights file to write; default <dir>/weights.safetensors")
+    save_every: int | None = Field(None, ge=1, description="checkpoint every N steps (always at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept")
+
+
+class TrainConfig(_Strict):
+    model: str = Field("embedded", description="'embedded', a local folder or a cached model id")
+    dtype: str | None = Field(None, description="float32 / bfloat16 / float16 (default: the loader's)")
+    mechanism: MechanismConfig
+    init_weights: str | None = Field(None, description="start from this weights file (e.g. a distilled bank)")
+    lora: LoraConfig | None = Field(None, description="also train LoRA adapters (peft)")
+    data: DataConfig
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputConfig
+    resume: str | None = Field(None, description="a checkpoint folder, or 'auto' for the latest in output.dir")
+
+    @model_validator(mode="after")
+    def _mechanism_settings(self):
+        from .mechanisms import MECHANISMS
+
+        if self.mechanism.name not in MECHANISMS:
+            raise ValueError(f"mechanism.name: unknown mechanism '{self.mechanism.name}' "
+                             f"(known: {', '.join(MECHANISMS)})")
+        cls = MECHANISMS[self.mechanism.name]
+        if not hasattr(cls, "build_weights") or "weights" not in cls.Settings.model_fields:
+            raise ValueError(f"mechanism.name: '{self.mechanism.name}' has no trainable weights")
+        return self
+
+    def settings(self):
+        from .mechanisms import MECHANISMS
+
+        cls = MECHANISMS[self.mechanism.name]
+        return cls.Settings(**{**self.mechanism.settings, "linkage": 1.0, "weights": None})
+
+    @property
+    def weights_path(self) -> Path:
+        return Path(self.output.weights) if self.output.weights else Path(self.output.dir) / "weights.safetensors"
+
+
+def _format_errors(e: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for err in e.errors():
+        path = prefix + ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key")
+        elif err["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        elif err["type"] == "value_error" and not err["loc"]:
+            lines.append(msg.removeprefix("Value error, "))
+        else:
+            lines.append(f"{path}: {msg[0].lower() + msg[1:]} (got {err.get('input')!r})")
+    return lines
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML config; raise ConfigError with one line per problem."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"config file {p} does not exist"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{p}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{p}: expected a mapping of keys at the top level"])
+    try:
+        cfg = TrainConfig(**raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+    try:
+        cfg.settings()
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "mechanism.settings.")) from None
+    for key in ("train", "eval"):
+        f = getattr(cfg.data, key)
+        if f is not None and not Path(f).is_file():
+            raise ConfigError([f"data.{key}: file {f} does not exist"])
+    if cfg.init_weights and not Path(cfg.init_weights).is_file():
+        raise ConfigError([f"init_weights: file {cfg.init_weights} does not exist"])
+    return cfg
+
+
+# ============================================================================ data
+
+def read_jsonl(path: str | Path, fmt: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError([f"{path} line {n}: not JSON ({e.msg})"]) from None
+            kind = "chat" if isinstance(row, dict) and "messages" in row else "text"
+            if not isinstance(row, dict) or (kind == "text" and not isinstance(row.get("text"), str)) \
+                    or (fmt != "auto" and kind != fmt):
+                raise ConfigError([f"{path} line {n}: expected an object with "
+                                   f"{'a messages list' if fmt == 'chat' else 'a text string' if fmt == 'text' else 'text or messages'}"])
+            rows.append(row)
+    if not rows:
+        raise ConfigError([f"{path}: no examples"])
+    return rows
+
+
+def encode(tokenizer, row: dict, max_length: int, loss_on: str) -> dict:
+    """token ids, role codes and labels (-100 = no loss) of one example."""
+    from .chat import _tokenize_with_roles
+    from .mechanisms.base import ROLE_CODE
+
+    if "messages" in row:
+        messages = row["messages"]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans, cursor = [], 0
+        for m in messages:
+            i = text.find(m["content"], cursor) if m.get("content") else -1
+            if i >= 0:
+                spans.append((i, i + len(m["content"]), m["role"] if m["role"] in ROLE_CODE else "user"))
+                cursor = i + len(m["content"])
+        piece = _tokenize_with_roles(tokenizer, text, spans)
+        ids, roles = piece.token_ids, piece.roles
+    else:
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        roles = [ROLE_CODE["assistant"]] * len(ids)
+    ids, roles = ids[:max_length], roles[:max_length]
+    labels = [t if (loss_on == "all" or r == ROLE_CODE["assistant"]) else -100 for t, r in zip(ids, roles)]
+    return {"ids": ids, "roles": roles, "labels": labels}
+
+
+def collate(batch: list[dict], pad_id: int):
+    import torch
+
+    T = max(len(b["ids"]) for b in batch)
+    out = {"ids": torch.full((len(batch), T), pad_id), "roles": torch.zeros(len(batch), T, dtype=torch.long),
+           "labels": torch.full((len(batch), T), -100), "valid": torch.zeros(len(batch), T, dtype=torch.bool)}
+    for i, b in enumerate(batch):
+        n = len(b["ids"])
+        out["ids"][i, :n] = torch.tensor(b["ids"])
+        out["roles"][i, :n] = torch.tensor(b["roles"])
+        out["labels"][i, :n] = torch.tensor(b["labels"])
+        out["valid"][i, :n] = True
+    return out
+
+
+# ============================================================================ the model under training
+
+def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float]):
+    """An nn.Module whose forward is one batch's loss: the frozen base with the mechanism bound by row."""
+    import torch
+    import torch.nn.functional as F
+
+    from .hooks import BatchContext, MechanismHost, RowBinding
+    from .mechanisms import StepRow
+
+    class MechanismTrainer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+            self.weights = weights
+            self.host = MechanismHost.of(base)
+            self.mechanisms: list = []
+
+        def state_dict(self, *args, **kwargs):
+            """Only what trains (the frozen base is not checkpointed)."""
+            return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad} | \
+                {f"weights.{n}": b for n, b in self.weights.named_buffers()}
+
+        def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+            own = dict(self.named_parameters()) | {f"weights.{n}": b for n, b in self.weights.named_buffers()}
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            missing = sorted(trainable - set(state))
+            unexpected = sorted(set(state) - set(own))
+            if strict and (missing or unexpected):
+                raise RuntimeError(f"checkpoint does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            with torch.no_grad():
+                for n, v in state.items():
+                    if n in own:
+                        own[n].copy_(v)
+            return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+        def _mechanism(self, i: int):
+            while len(self.mechanisms) <= i:
+                self.mechanisms.append(cls(settings, self.base, weights=self.weights))
+            m = self.mechanisms[i]
+            m.reset()
+            return m
+
+        def forward(self, ids, roles, labels, valid):
+            bindings = []
+            for r in range(ids.shape[0]):
+                n = int(valid[r].sum())
+                info = StepRow(positions=torch.arange(n, device=ids.device), roles=roles[r, :n], token_ids=ids[r, :n],
+                               turn=0, record=False)
+                bindings.append(RowBinding(r, self._mechanism(r), valid[r], info))
+            ctx = BatchContext(bindings)
+            with self.host.use(ctx):
+                positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+                out = self.base(input_ids=ids, attention_mask=valid.long(), position_ids=positions, use_cache=False)
+            logits = out.logits[:, :-1].float()
+            target = labels[:, 1:]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                                  reduction="sum")
+            n_tokens = (target != -100).sum()
+            aux = torch.zeros((), device=logits.device)
+            for row_losses in ctx.aux.values():
+                for key, value in row_losses.items():
+                    aux = aux + aux_weights.get(key.split(".")[0], 0.0) * value
+            aux = aux / max(1, len(ctx.aux))
+            return nll, n_tokens, aux
+
+    return MechanismTrainer()
+
+
+def _weights_tensors(module) -> dict:
+    return module.to_tensors() if hasattr(module, "to_tensors") else dict(module.state_dict())
+
+
+# ============================================================================ the loop
+
+def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, log=print, lm=None) -> dict:
+    """Run one training; returns a summary (steps, best eval loss, perplexity, files).
+
+    `lm`: an already loaded model to train on (tests, benchmarks); without LoRA only, since LoRA
+    adapters are injected into the model it is given."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from .mechanisms import MECHANISMS
+    from .model import load_model
+    from .weights import check_fits, load_tensors, read_header, save_weights
+
+    out_dir = Path(cfg.output.dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), automatic_checkpoint_naming=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    set_seed(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if lm is not None and cfg.lora is not None:
+        raise ConfigError(["lora: needs a model loaded for this run (LoRA changes the model it is given)"])
+    lm = lm or load_model(cfg.model, dtype=cfg.dtype, device=str(accelerator.device), verbose=False)
+    base = lm.model
+    base.requires_grad_(False)
+    base.eval()
+    cls = MECHANISMS[cfg.mechanism.name]
+    settings = cfg.settings()
+    tensors = None
+    if cfg.init_weights:
+        wf = read_header(cfg.init_weights)
+        check_fits(wf, cls.name, base, lm.identity)
+        tensors = load_tensors(wf)
+    weights = cls.build_weights(settings, base, tensors)
+    if weights is None or not any(True for _ in weights.parameters()):
+        raise ConfigError([f"mechanism.name: '{cls.name}' built no trainable parameters for these settings"])
+    weights.requires_grad_(True)
+    weights.train()
+
+    lora_params = []
+    if cfg.lora is not None:
+        from peft import LoraConfig as PeftLora
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                         target_modules=cfg.lora.target_modules), base)
+        lora_params = [p for n, p in base.named_parameters() if "lora_" in n]
+        for p in lora_params:
+            p.requires_grad_(True)
+    module = _trainer_module(base, cls, settings, weights, cfg.train.aux_weights)
+
+    # data
+    tok = lm.tokenizer
+    rows = read_jsonl(cfg.data.train, cfg.data.format)
+    if cfg.data.eval:
+        eval_rows = read_jsonl(cfg.data.eval, cfg.data.format)
+    else:
+        order = list(range(len(rows)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, int(round(len(rows) * cfg.data.eval_fraction))) if cfg.data.eval_fraction > 0 else 0
+        eval_rows = [rows[i] for i in order[:n_eval]]
+        rows = [rows[i] for i in order[n_eval:]] or rows
+    enc = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on) for r in rows]
+    enc_eval = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on) for r in eval_rows]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    loader = DataLoader(enc, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False,
+                        collate_fn=lambda b: collate(b, pad), generator=torch.Generator().manual_seed(cfg.train.seed))
+    eval_loader = DataLoader(enc_eval, batch_size=cfg.train.batch_size, shuffle=False,
+                             collate_fn=lambda b: collate(b, pad))
+
+    groups = [{"params": [p for p in weights.parameters() if p.requires_grad], "lr": cfg.train.lr}]
+    if lora_params:
+        groups.append({"params": lora_params, "lr": cfg.train.lora_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+    total, warm = cfg.train.max_steps, cfg.train.warmup_steps
+
+    def lr_factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.train.schedule == "constant":
+            return 1.0
+        frac = (step - warm) / max(1, total - warm)
+        return max(0.0, 1 - frac) if cfg.train.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    module, optimizer, loader, eval_loader, scheduler = accelerator.prepare(module, optimizer, loader, eval_loader,
+                                                                            scheduler)
+    state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "history": []}
+
+    ckpt_root = out_dir / "checkpoints"
+    resume = resume or cfg.resume
+    if resume == "auto":
+        found = sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if ckpt_root.is_dir() else []
+        resume = str(found[-1]) if found else None
+    if resume:
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise ConfigError([f"resume: {resume} is not a checkpoint of this trainer (no trainer_state.json)"])
+        accelerator.load_state(resume)
+        state = json.loads((Path(resume) / "trainer_state.json").read_text())
+        log(f"resumed from {resume} at step {state['step']}")
+
+    def evaluate() -> float:
+        module.eval()
+        nll_sum, n_sum = 0.0, 0
+        with torch.no_grad():
+            for batch in eval_loader:
+                nll, n, _ = module(**batch)
+                nll, n = accelerator.gather_for_metrics((nll.reshape(1), n.reshape(1)))
+                nll_sum += float(nll.sum())
+                n_sum += int(n.sum())
+        module.train()
+        weights.train()
+        return nll_sum / max(1, n_sum)
+
+    def save_best(path: Path) -> None:
+        if accelerator.is_main_process:
+            save_weights(path, _weights_tensors(accelerator.unwrap_model(module).weights), mechanism=cls.name,
+                         settings=settings.model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": settings.gain},
+                         model=base, identity=lm.identity,
+                         extra={"trained": {"step": state["step"], "eval_loss": state["best_eval"],
+                                            "config": cfg.model_dump()}})
+
+    def checkpoint() -> None:
+        path = ckpt_root / f"step-{state['step']}"
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:
+            (path / "trainer_state.json").write_text(json.dumps(state))
+            old = sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for p in old[:-cfg.output.keep_checkpoints]:
+                import shutil
+                shutil.rmtree(p, ignore_errors=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logf = open(out_dir / "log.jsonl", "a", encoding="utf-8") if accelerator.is_main_process else None
+    has_eval = bool(enc_eval)
+    if state["step"] == 0 and has_eval:
+        state["initial_eval"] = evaluate()
+        log(f"step 0: held-out loss {state['initial_eval']:.4f} (perplexity {math.exp(state['initial_eval']):.2f})")
+    bar = tqdm(total=total, initial=state["step"], disable=not (progress and accelerator.is_local_main_process),
+               desc=f"train {cls.name}", dynamic_ncols=True)
+    per_epoch = len(loader)
+    micro_done = state["step"] * cfg.train.grad_accum
+    epoch = micro_done // per_epoch
+    stop = False
+    t_start = time.perf_counter()
+    step_times: list[float] = []
+    module.train()
+    while not stop and state["step"] < total:
+        loader.set_epoch(epoch)
+        skip = micro_done - epoch * per_epoch
+        it = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
+        t_step = time.perf_counter()
+        for batch in it:
+            with accelerator.accumulate(module):
+                nll, n, aux = module(**batch)
+                loss = nll / n.clamp_min(1) + aux
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            micro_done += 1
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            step_times.append(time.perf_counter() - t_step)
+            t_step = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            record = {"step": state["step"], "loss": float(loss.detach()), "aux": float(aux.detach()), "lr": scheduler.get_last_lr()[0]}
+            if has_eval and (state["step"] % cfg.train.eval_every == 0 or state["step"] == total):
+                ev = evaluate()
+                record |= {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))}
+                state["history"].append([state["step"], ev])
+                if state["best_eval"] is None or ev < state["best_eval"] - cfg.train.min_delta:
+                    state.update(best_eval=ev, best_step=state["step"], bad_evals=0)
+                    save_best(cfg.weights_path)
+                else:
+                    state["bad_evals"] += 1
+                    if cfg.train.early_stopping_patience and state["bad_evals"] >= cfg.train.early_stopping_patience:
+                        log(f"early stop at step {state['step']}: no improvement in {state['bad_evals']} evals")
+                        stop = True
+                bar.write(f"step {state['step']}: held-out loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
+            if logf:
+                logf.write(json.dumps(record) + "\n")
+                logf.flush()
+            if cfg.output.save_every and state["step"] % cfg.output.save_every == 0:
+                checkpoint()
+            if stop or state["step"] >= total:
+                break
+        epoch += 1
+    bar.close()
+    if not has_eval:
+        save_best(cfg.weights_path)
+    checkpoint()
+    if logf:
+        logf.close()
+    if lora_params and accelerator.is_main_process:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        lora_dir = Path(str(cfg.weights_path) + ".lora")
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(base).items()},
+                  str(lora_dir / "adapter_model.safetensors"))
+        (lora_dir / "adapter_config.json").write_text(json.dumps(cfg.lora.model_dump()))
+    elapsed = time.perf_counter() - t_start
+    summary = {"steps": state["step"], "initial_eval_loss": state.get("initial_eval"), "best_eval_loss": state["best_eval"],
+               "best_step": state["best_step"], "weights": str(cfg.weights_path),
+               "best_perplexity": None if state["best_eval"] is None else math.exp(min(state["best_eval"], 50)),
+               "seconds": round(elapsed, 2),
+               "median_step_s": round(sorted(step_times)[len(step_times) // 2], 4) if step_times else None}
+    log(json.dumps(summary))
+    return summary
+
+
+def main(args) -> int:
+    """CLI entry (python -m engine train CONFIG.yaml [--resume DIR] [--no-progress])."""
+    try:
+        cfg = load_config(args.config)
+        train(cfg, resume=args.resume, progress=not args.no_progress)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a known failure (a weights file, a model) is one line
+        from .model import ModelLoadError
+        from .weights import WeightsError
+
+        if isinstance(e, (WeightsError, ModelLoadError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
