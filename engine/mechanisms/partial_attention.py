@@ -64,6 +64,9 @@ class PartialAttentionSettings(MechanismSettings):
                                                    "(edits the mask: linkage 0 or 1 only)")
     spe: bool = Field(False, description="positions restart at 0 after the source, the seed's separate positional "
                                          "encoding (edits positions: linkage 0 or 1 only)")
+    sae: bool = Field(False, description="training only: report the shifted source auto-encoding loss (aux 'sae', "
+                                         "the seed's SAE: the LM head reads the source's top-layer x̂, each "
+                                         "position predicting the next source token)")
     weights: str | None = file_field("trained branch parameters (cloned projections, Fp, language embeddings) "
                                      "written by `python -m engine train`; default: cloned from the model")
 
@@ -298,6 +301,8 @@ class PartialAttention(Mechanism):
 
     def forward(self, call: LayerCall):
         row, layer = call.row, call.layer
+        if self.settings.sae and torch.is_grad_enabled() and layer == self.layers[-1]:
+            self._sae_loss(call)
         proj = self.projections(layer, call.attn)
         branch = self.weights.layer(layer)
         if self.pinned:
@@ -359,6 +364,18 @@ class PartialAttention(Mechanism):
         if row.record:
             self._record(call, weights, out, idx, src_pos)
         return delta
+
+    def _sae_loss(self, call: LayerCall) -> None:
+        """Shifted source auto-encoding: source token i's x̂ at the top branch layer predicts source
+        token i+1 through the model's LM head (the seed's loss is unshifted: a position predicted its
+        own token). Its gradient reaches what shapes the source's representations (LoRA on the base)."""
+        is_src = self.is_source(call.row)
+        if int(is_src.sum()) < 2:
+            return
+        head = self.model.get_output_embeddings()
+        x = call.x_hat[is_src]
+        logits = head(x[:-1].to(head.weight.dtype)).float()
+        call.aux[f"sae.{call.layer}"] = F.cross_entropy(logits, call.row.token_ids[is_src][1:])
 
     def _record(self, call: LayerCall, weights, out, idx, src_pos):
         per_head = weights.reshape(-1, weights.shape[2], weights.shape[3]).float().detach()  # [H, n, S]
