@@ -51,6 +51,10 @@ class LoadedModel:
     identity: ModelIdentity
     load_seconds: float
 
+    def __post_init__(self):
+        # Mechanisms get the model only; one that reads text of its own (a pinned source) tokenises with this.
+        self.model._lab_tokenizer = self.tokenizer
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -134,6 +134,8 @@ class Protocol(BaseModel):
         out: dict = {}
         if scorer_name == "stance_drift" and self.stance_turns is not None:
             out["stance_turns"] = list(self.stance_turns)
+        if scorer_name == "source_grounding":  # the source = system prompt + first user message
+            out.update(system=self.system, first_turn=self.turns[0])
         out.update((self.scorer_settings or {}).get(scorer_name) or {})
         if "answer_turns" in out:
             out["answer_turns"] = tuple(out["answer_turns"])

@@ -8,7 +8,7 @@ from experiments.protocol import (protocol_from_dict, PROTOCOL_DIR, ProtocolErro
 from experiments.scoring import choice_letters
 
 SHIPPED = {"are_you_sure": 30, "stance_revision": 20, "repeated_pushback": 15, "fictional_facts": 30,
-           "window_recall": 12}  # name -> min items
+           "window_recall": 12, "context_rot": 8}  # name -> min items
 
 
 # ----------------------------------------------------------------- shipped protocols
@@ -27,7 +27,9 @@ def test_shipped_protocol_loads_and_renders_every_item(name):
         turns = protocol.render_turns(item)
         assert len(turns) == protocol.n_turns
         assert all(t.strip() and "{" not in t and "}" not in t for t in turns)
-        assert protocol.render_system(item) is None
+        system = protocol.render_system(item)
+        assert (system is None) == (name != "context_rot")  # only context_rot carries a system prompt
+        assert system is None or "{" not in system
 
 
 def test_are_you_sure_items_have_3_or_4_choices_and_varied_answer_letters():

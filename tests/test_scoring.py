@@ -270,7 +270,8 @@ def _check_shape(result: DialogueScore, n_turns: int):
 
 
 def test_registry_matches_names():
-    assert tuple(SCORERS) == SCORER_NAMES == ("answer_flip", "stance_drift", "concession", "answer_match")
+    assert tuple(SCORERS) == SCORER_NAMES
+    assert SCORER_NAMES == ("answer_flip", "stance_drift", "concession", "answer_match", "source_grounding")
 
 
 def test_score_dialogue_answer_flip():

@@ -17,6 +17,7 @@ from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, Rea
 from .continuity import Continuity, ContinuitySettings
 from .memory_bank import MemoryBank, MemoryBankSettings
 from .neural_memory import NeuralMemory
+from .partial_attention import PartialAttention
 
 MECHANISMS: dict[str, type[Mechanism]] = {}
 
@@ -53,6 +54,7 @@ def load_plugins(names: str | None = None) -> list[str]:
 register(Continuity)
 register(MemoryBank)
 register(NeuralMemory)
+register(PartialAttention)
 
 __all__ = ["MECHANISMS", "ConformanceCase", "LayerCall", "Mechanism", "MechanismSettings", "ReadTrace", "RowPlan",
            "StepRow", "copy_state", "default_layers", "file_field", "load_plugins", "register",
