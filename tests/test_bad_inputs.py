@@ -333,7 +333,7 @@ ENGINE_CASES = {
     "missing prompt": (["generate", "--arm", "observer"], "the following arguments are required: --prompt"),
     "missing arm": (["generate", "--prompt", "Hi"], "the following arguments are required: --arm"),
     "unknown flag": (["generate", "--prompt", "Hi", "--arm", "observer", "--bogus"], "unrecognized arguments: --bogus"),
-    "unknown command": (["train"], "invalid choice: 'train'"),
+    "unknown command": (["frobnicate"], "invalid choice: 'frobnicate'"),
     "no command": ([], "the following arguments are required: command"),
     "missing model": (["generate", "--prompt", "Hi", "--arm", "observer", "--model", "/no/such/model"], "model not found"),
     "odd model id": (["generate", "--prompt", "Hi", "--arm", "observer", "--model", "a/b/c"], "model not found"),
