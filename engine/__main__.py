@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="logit-delta probe of an arm against the observer")
     common(pr)
     pr.add_argument("--arm", required=True)
+    pr.add_argument("--mode", choices=["teacher-forced", "seed"], default="teacher-forced",
+                    help="teacher-forced: over the arm's reply, chat template, cached (default); seed: the seed's "
+                         "probe - raw prompt, last position, one uncached pass, the seed's gain 0.3 unless set")
 
     t = sub.add_parser("train", help="train a mechanism's weights from a YAML config (see engine/train.py)")
     t.add_argument("config", help="YAML config")
@@ -120,8 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         for s in specs:
             s.validate_for(lm.config.num_hidden_layers)
         if args.command == "probe":
-            from .probes import logit_delta_probe
+            from .probes import logit_delta_probe, seed_probe
 
+            if args.mode == "seed":
+                result = seed_probe(lm, specs[0], args.prompt)
+                if args.json:
+                    print(json.dumps({"model": lm.identity.to_dict(), **result}))
+                else:
+                    print(f"seed probe: arm {result['arm']} vs observer, last position of the raw prompt "
+                          f"({result['n_prompt_tokens']} tokens, uncached)")
+                    for key in ("max_abs_dlogit", "mean_abs_dlogit", "kl"):
+                        print(f"  {key:16s} {result[key]:.4f}")
+                    print(f"  on-path calls    {result['on_path_calls']}")
+                return 0
             result = logit_delta_probe(lm, specs[0], args.prompt, args.system, max_new_tokens=args.max_new_tokens or 48)
             if args.json:
                 print(json.dumps({"model": lm.identity.to_dict(), **result}))

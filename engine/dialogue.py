@@ -221,6 +221,7 @@ class Dialogue:
         self.max_positions = getattr(self.model.config, "max_position_embeddings", 4096)
         self._stop = [False] * len(arms)
         self._snapshot = None
+        self._refed: dict[int, int] = {}  # rows that re-fed their transcript this turn -> its length
         self.last_user: str | None = None
 
     # -- public API ---------------------------------------------------------------------------
@@ -377,16 +378,50 @@ class Dialogue:
         """Snapshot for rollback, tell the mechanisms a turn begins; return the turn and each arm's prompt ids
         (the previous reply's unfed last token, then the new piece)."""
         self._snapshot = self._take_snapshot()
+        self._refed = {}
         for arm in self.arms:
             if arm.mechanism is not None:
                 arm.mechanism.begin_turn(self.turn)
                 arm.mechanism.traces = []
-        return self.turn, [a.pending + p.token_ids for a, p in zip(self.arms, pieces)]
+        return self.turn, [(a.token_ids if self._reprefills(a) else []) + a.pending + p.token_ids
+                           for a, p in zip(self.arms, pieces)]
+
+    def _reprefills(self, arm: ArmState) -> bool:
+        """An arm whose mechanism asks to feed the whole transcript again each turn (continuity
+        variant=seed, as the published code did), past its first turn."""
+        return bool(arm.token_ids) and arm.mechanism is not None and \
+            bool(getattr(arm.mechanism, "reprefill_each_turn", False))
 
     def _prefill(self, pieces: list[Piece], prompt_ids: list[list[int]], turn: int) -> torch.Tensor:
-        """Feed the turn's prompt; the last position's logits predict each reply's first token."""
-        logits = self._forward(prompt_ids, [[ASSISTANT] * len(a.pending) + p.roles for a, p in zip(self.arms, pieces)],
-                               turn, logits_to_keep=1, carried=[len(a.pending) for a in self.arms])
+        """Feed the turn's prompt; the last position's logits predict each reply's first token.
+
+        A re-prefilling arm (see `_reprefills`) feeds its whole transcript again from position 0:
+        its earlier cache columns are masked off for this and every later step, and its token
+        history is rebuilt from the re-fed tokens (the same tokens, with their turn labels kept).
+        """
+        again = [r for r, a in enumerate(self.arms) if self._reprefills(a)]
+        roles = [([] if r not in again else list(a.roles)) + [ASSISTANT] * len(a.pending) + p.roles
+                 for r, (a, p) in enumerate(zip(self.arms, pieces))]
+        carried = [len(a.pending) + (a.length if r in again else 0) for r, a in enumerate(self.arms)]
+        saved = {r: (self.arms[r].token_ids, self.arms[r].roles, self.arms[r].turns) for r in again}
+        self._refed = {r: len(saved[r][0]) for r in again}  # ArmReply.prompt_token_ids: the new tokens only
+        saved_mask = self.mask
+        if again:
+            mask = self.mask.clone()
+            mask[again] = 0
+            self.mask = mask
+            for r in again:
+                self.arms[r].token_ids, self.arms[r].roles, self.arms[r].turns = [], [], []
+        try:
+            logits = self._forward(prompt_ids, roles, turn, logits_to_keep=1, carried=carried)
+        except BaseException:
+            self.mask = saved_mask
+            for r, (ids, rl, tn) in saved.items():
+                self.arms[r].token_ids, self.arms[r].roles, self.arms[r].turns = ids, rl, tn
+            raise
+        for r, (_, _, old_turns) in saved.items():
+            arm = self.arms[r]
+            arm.turns = old_turns + arm.turns[len(old_turns):]
         for arm in self.arms:
             arm.pending = []
         return logits
@@ -523,7 +558,7 @@ class Dialogue:
             arm.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
             traces = arm.mechanism.traces if arm.mechanism is not None else []
             reply = ArmReply(
-                arm=i, text=text, token_ids=list(ids), prompt_token_ids=list(prompt_ids[i]),
+                arm=i, text=text, token_ids=list(ids), prompt_token_ids=list(prompt_ids[i][self._refed.get(i, 0):]),
                 finish_reason=reasons[i] or "length", started_at=started, ttft_s=ttft,
                 duration_s=(finished_at[i] or time.perf_counter()) - t0,
                 gen_settings={**arm.spec.sampling.model_dump(), "max_new_tokens": limits[i],

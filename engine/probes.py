@@ -83,3 +83,47 @@ def logit_delta_probe(lm: LoadedModel, arm: ArmSpec, prompt: str, system: str | 
     calls = {} if mech is None else {str(k): v for k, v in sorted(mech.call_counts.items())}
     return {"arm": arm.to_string(), "prompt": prompt, "reply": lm.tokenizer.decode(reply, skip_special_tokens=True),
             **div.summary(), "on_path_calls": calls, "per_position": div.to_dict()}
+
+
+# The published README states continuity_gain 0.3 as the current value (the code also used 0.8
+# and 3.0; see shared/reference/seed-systems.md). Used when the arm's spec does not set a gain.
+SEED_PROBE_GAIN = 0.3
+
+
+def seed_probe(lm: LoadedModel, arm: ArmSpec, prompt: str, gain: float | None = None) -> dict:
+    """The seed's own logit-delta probe, for a like-for-like comparison with its table (max 7.21 /
+    mean 0.75 / KL 0.76 on Llama-3.1-8B): the RAW prompt (tokenised as is, no chat template), ONE
+    uncached forward pass of the whole prompt, the last position's logits of the arm against the
+    observer's. The arm's gain is the seed's default (SEED_PROBE_GAIN) unless its spec sets one or
+    `gain` is given. Unlike `logit_delta_probe` this is not the regime the arm generates in."""
+    from .dialogue import build_mechanism
+    from .hooks import BatchContext, MechanismHost, RowBinding
+    from .mechanisms import StepRow
+    from .mechanisms.base import ROLE_CODE
+
+    if arm.settings is not None and (gain is not None or "gain" not in arm.settings.model_fields_set):
+        settings = arm.settings.model_copy(update={"gain": SEED_PROBE_GAIN if gain is None else float(gain)})
+        arm = ArmSpec(arm.mechanism, settings, arm.sampling, arm.label)
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(lm.device)
+    T = ids.shape[1]
+    model = lm.model
+    with torch.inference_mode():
+        observer = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+        mech = build_mechanism(arm, lm)
+        if mech is None:
+            linked = observer.clone()
+            calls = {}
+        else:
+            row = StepRow(positions=torch.arange(T, device=lm.device), roles=torch.full((T,), ROLE_CODE["user"], device=lm.device),
+                          token_ids=ids[0], turn=0, record=False)
+            ctx = BatchContext([RowBinding(0, mech, torch.ones(T, dtype=torch.bool, device=lm.device), row)])
+            with MechanismHost.of(model).use(ctx):
+                linked = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+            calls = {str(k): v for k, v in sorted(mech.call_counts.items())}
+    div = compare_logits(linked[None], observer[None], [int(observer.argmax())])
+    s = div.summary()
+    return {"mode": "seed", "arm": arm.to_string(), "prompt": prompt, "n_prompt_tokens": T,
+            "gain": None if arm.settings is None else arm.settings.gain,
+            "max_abs_dlogit": s["max_abs_dlogit"], "mean_abs_dlogit": s["mean_abs_dlogit"], "kl": s["kl_mean"],
+            "top1_agreement": s["top1_agreement"], "on_path_calls": calls,
+            "observer_top": div.observer_top[0], "arm_top": div.arm_top[0]}

@@ -254,12 +254,16 @@ def test_seed_variant_decode_is_previous_token_skip(tiny_llama):
     def call(x, r):
         return mech.forward(LayerCall(layer, attn, x, None, torch.zeros(x.shape[0], 64), r, {}))
 
+    def skip(x):  # W_o W_v x: a softmax over one memory row is 1
+        v = attn.v_proj(x).view(1, 2, 16)  # 2 KV heads of 16
+        expanded = v.repeat_interleave(2, dim=1).reshape(1, 64)  # each query head reads its KV head's value
+        return torch.nn.functional.linear(expanded, attn.o_proj.weight)
+
     call(x1, row(5, 0))  # prefill
-    call(x2, row(1, 5))  # reads the prompt
+    # the first decode step reads only the prompt's LAST row (the published memory[:, -1, :])
+    assert torch.allclose(call(x2, row(1, 5)), skip(x1[-1:]), atol=1e-6)
     delta = call(x3, row(1, 6))
-    v = attn.v_proj(x2).view(1, 2, 16)  # 2 KV heads of 16
-    expanded = v.repeat_interleave(2, dim=1).reshape(1, 64)  # each query head reads its KV head's value
-    assert torch.allclose(delta, torch.nn.functional.linear(expanded, attn.o_proj.weight), atol=1e-6)
+    assert torch.allclose(delta, skip(x2), atol=1e-6)
     mech.begin_turn(1)
     assert mech.memory_size() == 0  # reset before every turn
 

@@ -12,8 +12,12 @@ rotated at their positions and queries rotated at theirs, as in the layer's own 
 
 `variant: seed` reproduces what the published code actually did, for comparison: the memory is the
 previous forward call's normed input, read without mask or RoPE (so in prefill every prompt token
-sees the whole prompt, future included, and in cached decoding it degenerates to a previous-token
-skip W_o W_v x̂_{t-1}), and it is reset before every turn.
+sees the whole prompt, future included), after a multi-token call only its last row is read (so
+cached decoding is a previous-token skip W_o W_v x̂_{t-1}), it is reset before every turn, and
+every turn re-prefills the WHOLE transcript from position 0 (the published code kept no cache
+across turns): the arm's earlier cache columns are masked off and its transcript is fed again,
+so turn k costs a prefill of everything so far. That is the seed's regime; the causal variant
+prefills only the new turn.
 """
 from __future__ import annotations
 
@@ -220,11 +224,26 @@ class Continuity(Mechanism):
                 scalars={"delta_norm": float(self.scale * delta[t].norm()),
                          "attn_norm": float(attn_out[t].norm())}))
 
+    @property
+    def reprefill_each_turn(self) -> bool:
+        """variant=seed: every turn feeds the whole transcript again from position 0 (the Dialogue
+        masks the arm's earlier cache), as the published code did; see `_seed_forward`."""
+        return self.settings.variant == "seed"
+
     def _seed_forward(self, layer, proj, x_hat, attn_out, row: StepRow):
-        """Published behaviour: previous call's x̂ as memory, no mask, no RoPE, reset per turn."""
+        """Published behaviour: no mask, no RoPE, reset per turn, and
+
+        - the first call of a turn (the whole transcript, re-prefilled from position 0) attends
+          to itself, bidirectionally;
+        - every later call reads only the LAST row of the previous call's x̂ (the published
+          `memory[:, -1, :]`): after the prefill that is the prompt's last token, then each
+          decoded token, so a decode step is the previous-token skip W_o W_v x̂_{t-1}.
+        """
         memory, memory_pos = self.seed_memory.get(layer, (None, None))
         if memory is None:  # first call of a turn: the prompt attends to itself, bidirectionally
             memory, memory_pos = x_hat, row.positions
+        else:
+            memory, memory_pos = memory[-1:], memory_pos[-1:]
         self.call_counts[layer] += 1
         q = proj.queries(x_hat)
         k, v = proj.keys(memory), proj.values(memory)
