@@ -180,6 +180,7 @@ class _Probe:
         self.L, self.H = n_layers, n_heads
         self.focus_arm = focus_arm
         self.active = False  # set while the passes that matter run
+        self.host = None  # the MechanismHost (set by capture_turn)
         self.want_attention = want_attention
         self.idx = bucket_index(T_final, max_size)
         self.S = int(self.idx.max()) + 1 if T_final else 0
@@ -218,7 +219,8 @@ class _Probe:
     def hook(self, layer: int):
         """Forward hook (with kwargs) on a layer's self_attn: reduce that layer's attention weights."""
         def fn(module, args, kwargs, output):
-            if self.active and self.step is not None and threading.get_ident() == self.thread:
+            if (self.active and self.step is not None and threading.get_ident() == self.thread
+                    and not (self.host is not None and self.host.in_base_pass)):
                 self._reduce(layer, module, kwargs)
             return None
         return fn
@@ -411,6 +413,7 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     T_final = expected_length if expected_length is not None else _dry_length(lm, specs, turns, system,
                                                                               focus_arm, focus_turn)
     probe = _Probe(L, H, len(specs), focus_arm, T_final, max_size, attention)
+    probe.host = d.host  # its hook skips the base-model passes a mechanism runs inside a forward
     d.probe = probe
     gen_arms = set(range(len(specs))) if curves else {focus_arm}
     layers = decoder_layers(model)

@@ -77,6 +77,24 @@ class MechanismHost:
             handle.remove()
         self._handles.clear()
 
+    @property
+    def in_base_pass(self) -> bool:
+        """True inside `base_pass()`: a forward that belongs to no batch (captures ignore it too)."""
+        return getattr(self._local, "base_depth", 0) > 0
+
+    @contextlib.contextmanager
+    def base_pass(self):
+        """Run the plain base model from inside a forward (e.g. a mechanism encoding a pinned text):
+        no mechanism is dispatched, and observers of the outer forward (captures) skip it."""
+        ctx = self.context
+        self._local.ctx = None
+        self._local.base_depth = getattr(self._local, "base_depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.base_depth -= 1
+            self._local.ctx = ctx
+
     @contextlib.contextmanager
     def use(self, ctx: BatchContext):
         self.ensure_hooks({l for b in ctx.bindings for l in b.mechanism.hook_layers})

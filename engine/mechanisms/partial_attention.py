@@ -258,16 +258,14 @@ class PartialAttention(Mechanism):
             mask = torch.ones(1, 1, n, n, dtype=torch.bool, device=device)
             if self.model.config._attn_implementation == "eager":
                 mask = torch.zeros(1, 1, n, n, dtype=self.dtype, device=device)
-        host = getattr(self.model, "_lab_host", None)
-        ctx = None if host is None else host._local.__dict__.pop("ctx", None)  # a plain base-model pass
+        from ..hooks import MechanismHost
+
         try:
-            with torch.no_grad():
+            with torch.no_grad(), MechanismHost.of(self.model).base_pass():  # a plain base-model pass
                 self.model(input_ids=ids.to(device), attention_mask=mask, use_cache=False, logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()
-            if ctx is not None:
-                host._local.ctx = ctx
         self._pinned = {"ids": ids[0].tolist(), "layers": seen}
         return self._pinned
 
