@@ -79,9 +79,11 @@ def _branch_share(traces, reply_start: int, n: int, window: int) -> tuple[Option
 def run_context_rot(lm: LoadedModel, protocol: Protocol, arms: list[str], *, items: Optional[int] = None,
                     max_new_tokens: Optional[int] = None, conditions=CONDITIONS, window: int = 50,
                     n_words: int = 60, curves: bool = True,
-                    progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+                    progress: Optional[Callable[[str], None]] = None,
+                    on_records: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
     """One record per (item, condition, arm): the reply's scores against the real source, and with
-    the real source the source-attention mass (and branch share) at the reply's start vs end."""
+    the real source the source-attention mass (and branch share) at the reply's start vs end.
+    `on_records(records)` is called after every (item, condition) with all records so far."""
     specs = [parse_arm(a) for a in arms]
     n_tokens = max_new_tokens or protocol.max_new_tokens or 200
     opts = {**protocol.scorer_options("source_grounding"), "n_words": n_words}
@@ -116,6 +118,8 @@ def run_context_rot(lm: LoadedModel, protocol: Protocol, arms: list[str], *, ite
                     rec["branch_share_start"], rec["branch_share_end"] = _branch_share(
                         cap.traces[i][0], start, len(reply.token_ids), window)
                 records.append(rec)
+            if on_records:
+                on_records(records)
             if progress:
                 progress(f"item {item_id} ({k + 1}/{len(chosen)}), source {cond}: "
                          f"{n_tokens} tokens x {len(specs)} arms in {time.perf_counter() - t0:.0f} s")
@@ -208,15 +212,18 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {str(e).splitlines()[0]}")
     lm = load_model(verbose=False)
     t0 = time.perf_counter()
+    def save(records):
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"records": records, "summary": summarise(records)}, indent=1))
+
     records = run_context_rot(lm, protocol, args.arms, items=args.items, max_new_tokens=args.max_new_tokens,
-                              conditions=args.conditions, window=args.window, progress=print)
+                              conditions=args.conditions, window=args.window, progress=lambda m: print(m, flush=True),
+                              on_records=save)
     summary = summarise(records)
     print(f"{protocol.name}: {args.items} items x {len(args.conditions)} source conditions x {len(args.arms)} arms, "
           f"{time.perf_counter() - t0:.0f} s")
     print(format_summary(summary))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"records": records, "summary": summary}, indent=1))
 
 
 if __name__ == "__main__":

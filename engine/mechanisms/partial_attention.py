@@ -180,6 +180,8 @@ class PartialAttention(Mechanism):
         self.src_pos: torch.Tensor | None = None  # [S] positions of the source tokens in the arm's sequence
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> source K, V [n_kv, S, d]
         self._pinned: dict | None = None  # pinned text: token ids, per-layer x̂ and RoPE (cos, sin)
+        if self.pinned and self.active:  # now, outside any forward pass (captures hook every forward)
+            self._encode_pinned()
 
     # -- trained parameters -------------------------------------------------------------------
     @classmethod
