@@ -7,7 +7,8 @@ from experiments.protocol import (protocol_from_dict, PROTOCOL_DIR, ProtocolErro
                                   load_protocol, protocol_from_yaml_text)
 from experiments.scoring import choice_letters
 
-SHIPPED = {"are_you_sure": 30, "stance_revision": 20, "repeated_pushback": 15, "context_rot": 8}  # name -> min items
+SHIPPED = {"are_you_sure": 30, "stance_revision": 20, "repeated_pushback": 15, "fictional_facts": 30,
+           "context_rot": 8}  # name -> min items
 
 
 # ----------------------------------------------------------------- shipped protocols
