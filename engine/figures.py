@@ -125,38 +125,69 @@ def memory_read_figure(tokens: list[str], slots: list[dict], weights: np.ndarray
     return fig
 
 
+def scalar_families(names) -> tuple[list[str], dict[str, list[tuple[int, str]]]]:
+    """Split scalar names into single ones and families `<family> <k>` (e.g. a memory bank's
+    `chapter 0`, `chapter 1`, ...): a family of two or more is drawn as one heatmap (tokens x members)."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for n in names:
+        head, _, tail = n.rpartition(" ")
+        if head and tail.isdigit():
+            groups.setdefault(head, []).append((int(tail), n))
+    families = {h: sorted(m) for h, m in groups.items() if len(m) >= 2}
+    members = {n for m in families.values() for _, n in m}
+    return [n for n in names if n not in members], families
+
+
 def scalar_curves_figure(curves: dict | None, labels: list[str], *, reply_span: tuple[int, int] | None = None,
                          title: str = "", height_per: int = 170) -> go.Figure:
     """Each named read scalar (e.g. surprise, write strength, memory norm) as a curve over the
-    transcript's positions, one line per layer, one panel per scalar; the focus reply shaded."""
+    transcript's positions, one line per layer, one panel per scalar; a family of numbered scalars
+    (a memory bank's per-chapter weights) as one heatmap, position x member, averaged over layers —
+    the chapter-usage view; the focus reply shaded."""
     if not curves or not curves.get("layers") or not curves.get("positions"):
         return empty_figure("no read scalars (observer arm, a mechanism without scalars, or a capture made "
                             "before curves were recorded: recompute)")
     from plotly.subplots import make_subplots
 
     names = sorted({n for e in curves["layers"] for n in e["series"]})
+    singles, families = scalar_families(names)
     pos = curves["positions"]
     text = [labels[p] if 0 <= p < len(labels) else "?" for p in pos]
-    fig = make_subplots(rows=len(names), cols=1, shared_xaxes=True, vertical_spacing=0.04,
-                        subplot_titles=[n.replace("_", " ") for n in names])
-    for i, name in enumerate(names, start=1):
-        for e in curves["layers"]:
-            ys = e["series"].get(name)
-            if ys is None:
-                continue
-            fig.add_trace(go.Scatter(x=pos, y=[np.nan if v is None else v for v in ys], mode="lines",
-                                     name=f"layer {e['layer']}", legendgroup=str(e["layer"]), showlegend=i == 1,
-                                     customdata=text,
-                                     hovertemplate=f"{html.escape(name)} %{{y:.4g}}<br>@%{{x}} %{{customdata}}"
-                                                   f"<extra>layer {e['layer']}</extra>"), row=i, col=1)
+    panels = [(n, None) for n in singles] + [(f, m) for f, m in sorted(families.items())]
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.04,
+                        subplot_titles=[n.replace("_", " ") if m is None else f"{n} usage (mean over layers)"
+                                        for n, m in panels])
+    for i, (name, members) in enumerate(panels, start=1):
+        if members is not None:
+            z = np.full((len(members), len(pos)), np.nan)
+            for j, (_, member) in enumerate(members):
+                rows = [e["series"][member] for e in curves["layers"] if member in e["series"]]
+                vals = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
+                if vals.size and not np.isnan(vals).all():
+                    z[j] = np.nanmean(vals, axis=0)
+            fig.add_trace(go.Heatmap(x=pos, y=[f"{name} {k}" for k, _ in members], z=z, colorscale="Blues",
+                                     showscale=False, customdata=np.array([text] * len(members), dtype=object),
+                                     hovertemplate="%{y}: %{z:.3f}<br>@%{x} %{customdata}<extra></extra>"),
+                          row=i, col=1)
+        else:
+            for e in curves["layers"]:
+                ys = e["series"].get(name)
+                if ys is None:
+                    continue
+                fig.add_trace(go.Scatter(x=pos, y=[np.nan if v is None else v for v in ys], mode="lines",
+                                         name=f"layer {e['layer']}", legendgroup=str(e["layer"]), showlegend=i == 1,
+                                         customdata=text,
+                                         hovertemplate=f"{html.escape(name)} %{{y:.4g}}<br>@%{{x}} %{{customdata}}"
+                                                       f"<extra>layer {e['layer']}</extra>"), row=i, col=1)
         if reply_span is not None and reply_span[1] > reply_span[0]:
             fig.add_vrect(x0=reply_span[0] - 1.5, x1=reply_span[1] - 1.5, fillcolor="orange", opacity=0.12,
                           line_width=0, row=i, col=1)
+    heights = [height_per if m is None else max(height_per, 14 * len(m) + 60) for _, m in panels]
     fig.update_layout(title=dict(text=html.escape(title) + "<br><sup>per token and layer, over the transcript "
                                  "(x: position of the reading token); shaded: the reads behind this turn's reply"
                                  "</sup>", x=0.01),
-                      height=90 + height_per * len(names), margin=dict(l=10, r=10, t=80, b=10))
-    fig.update_xaxes(title_text="position", row=len(names), col=1)
+                      height=90 + sum(heights), margin=dict(l=10, r=10, t=80, b=10))
+    fig.update_xaxes(title_text="position", row=len(panels), col=1)
     return fig
 
 

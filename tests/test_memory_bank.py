@@ -188,3 +188,29 @@ def test_placement_and_sharing():
     assert MemoryBankSettings(placement="last_k", placement_k=2).resolved_layers(30) == [28, 29]
     assert MemoryBankSettings(placement="first_k", placement_k=2).resolved_layers(30) == [0, 1]
     assert len(MemoryBankSettings(placement="all").resolved_layers(30)) == 30
+
+
+def test_chapter_usage_view_is_a_tokens_by_chapters_heatmap(tiny_llama):
+    """Inspect's read-scalar figure draws the bank's per-chapter weights as one heatmap (the seed's
+    'which chapters are selected' view), not one panel per chapter."""
+    from engine import Dialogue, parse_arm
+    from engine import figures as F
+    from engine.capture import scalar_curves
+
+    d = Dialogue(tiny_llama, [parse_arm("memory_bank:linkage=1,slots=16,chapters=4,top_k=2,routing=token")],
+                 record_traces=True)
+    reply = d.send("Which chapters do you read?", max_new_tokens=5)[0]
+    curves = scalar_curves(reply.traces)
+    names = {n for e in curves["layers"] for n in e["series"]}
+    singles, families = F.scalar_families(sorted(names))
+    assert [k for k, _ in families["chapter"]] == [0, 1, 2, 3]
+    fig = F.scalar_curves_figure(curves, ["t"] * 200, title="bank")
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heat) == 1 and heat[0].z.shape == (4, len(curves["positions"]))
+    z = heat[0].z
+    # top-2 of 4 chapters, renormalised: each token's chapter weights sum to one (averaged over layers)
+    import numpy as np
+
+    assert np.allclose(np.nansum(z, axis=0), 1.0, atol=1e-4)
+    assert not any(t.type == "scatter" and (t.hovertemplate or "").startswith("chapter ") for t in fig.data)
+    assert "top_chapter" in singles and "router_entropy" in singles
