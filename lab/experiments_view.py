@@ -145,6 +145,25 @@ def dialogue_rows(store, experiment_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=DIALOGUE_COLUMNS)
 
 
+DISAGREEMENT_COLUMNS = ["judge", "arm", "item", "seed", "turn", "annotator", "human", "judge_call", "reason", "text"]
+
+
+def judge_human_disagreements(store, experiment_id: str) -> pd.DataFrame:
+    """Every reply where a stance judge's call (each judge that scored the run) and a person's label
+    differ; a judge call that failed shows as an empty judge_call."""
+    from experiments.analysis import judge_disagreements, judges_in, results_frame
+
+    df = results_frame(store, experiment_id)
+    frames = []
+    for judge in judges_in(df):
+        d = judge_disagreements(results_frame(store, experiment_id, judge=judge))
+        if len(d):
+            frames.append(d.rename(columns={"judge": "judge_call"}).assign(judge=judge))
+    if not frames:
+        return pd.DataFrame(columns=DISAGREEMENT_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[DISAGREEMENT_COLUMNS]
+
+
 def run_details(store, experiment_id: Optional[str], metric: Optional[str] = None) -> dict:
     """Everything the results pane shows for one run; `error` set instead of raising."""
     from experiments.analysis import (METRIC_TITLES, fig_drift_curves, fig_metric_by_arm, format_summary,
@@ -152,7 +171,7 @@ def run_details(store, experiment_id: Optional[str], metric: Optional[str] = Non
 
     out: dict[str, Any] = {"error": None, "summary": None, "table": pd.DataFrame(), "bar": None, "drift": None,
                            "metrics": [], "metric": None, "dialogues": pd.DataFrame(columns=DIALOGUE_COLUMNS),
-                           "sessions": [], "text": ""}
+                           "sessions": [], "text": "", "disagreements": pd.DataFrame(columns=DISAGREEMENT_COLUMNS)}
     if not experiment_id:
         out["error"] = "pick a run"
         return out
@@ -168,6 +187,7 @@ def run_details(store, experiment_id: Optional[str], metric: Optional[str] = Non
         out["bar"] = fig_metric_by_arm(s, metric)
         out["drift"] = fig_drift_curves(df) if len(df) else None
         out["dialogues"] = dialogue_rows(store, experiment_id)
+        out["disagreements"] = judge_human_disagreements(store, experiment_id)
         out["sessions"] = [(f"{r.item} · seed {r.seed}" + ("" if r.complete else " (incomplete)"), r.session)
                            for r in out["dialogues"].itertuples()]
     except Exception as exc:  # noqa: BLE001 - show it, never crash the tab
@@ -299,6 +319,9 @@ def build_experiments_tab(ctx: LabContext) -> dict:
         c["open_session"] = gr.Button("Open in Sessions", scale=1, min_width=140)
     c["dialogues"] = gr.Dataframe(headers=DIALOGUE_COLUMNS, interactive=False, label="Dialogues of this run",
                                   max_height=260)
+    c["disagreements"] = gr.Dataframe(headers=DISAGREEMENT_COLUMNS, interactive=False, max_height=260, wrap=True,
+                                      label="Where a stance judge and the human labels disagree (label replies in "
+                                            "Sessions or the Arena; re-judge with `python -m experiments rescore`)")
     c["timer"] = gr.Timer(15)
 
     # ---------------------------------------------------------------- events
@@ -351,11 +374,13 @@ def build_experiments_tab(ctx: LabContext) -> dict:
         if d["error"]:
             return (gr.update(value=pd.DataFrame()), gr.update(choices=[], value=None), None, None,
                     gr.update(choices=[], value=None), pd.DataFrame(columns=DIALOGUE_COLUMNS),
-                    "" if not eid else f"❌ {d['error']}")
+                    "" if not eid else f"❌ {d['error']}", pd.DataFrame(columns=DISAGREEMENT_COLUMNS))
         return (d["table"], gr.update(choices=d["metrics"], value=d["metric"]), d["bar"], d["drift"],
-                gr.update(choices=d["sessions"], value=d["sessions"][0][1] if d["sessions"] else None), d["dialogues"], "")
+                gr.update(choices=d["sessions"], value=d["sessions"][0][1] if d["sessions"] else None), d["dialogues"],
+                "", d["disagreements"])
 
-    pick_outputs = [c["summary"], c["metric"], c["bar"], c["drift"], c["session"], c["dialogues"], c["status"]]
+    pick_outputs = [c["summary"], c["metric"], c["bar"], c["drift"], c["session"], c["dialogues"], c["status"],
+                    c["disagreements"]]
     c["run_id"].change(on_pick, c["run_id"], pick_outputs)
 
     def on_metric(eid, metric):

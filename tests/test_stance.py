@@ -218,6 +218,12 @@ def test_rescore_keeps_judges_side_by_side_and_summary_picks_one(stored_run, tmp
     diffs = A.judge_disagreements(A.results_frame(store, eid, judge="nli"))
     assert len(diffs) == 1 and diffs.iloc[0]["judge"] == S.REVERSED and diffs.iloc[0]["turn"] == 2
     assert diffs.iloc[0]["session_id"] == sid or diffs.iloc[0]["item"] == "a"
+    # the lab's Experiments tab shows the same disagreements, per judge
+    from lab.experiments_view import run_details
+
+    shown = run_details(store, eid)["disagreements"]
+    nli_rows = shown[shown["judge"] == "nli"]
+    assert len(nli_rows) == 1 and nli_rows.iloc[0]["judge_call"] == S.REVERSED and nli_rows.iloc[0]["turn"] == 2
 
 
 def test_summary_and_rescore_cli_errors_are_one_line(stored_run):
