@@ -1,6 +1,6 @@
 """Recall beyond the attention window: observer vs neural memory vs continuity.
 
-    python -m experiments.window_recall --windows none,64 --items 12 --json out.json
+    python -m experiments.window_recall --windows 32,none --items 12 --json out.json
 
 Plays the shipped `window_recall` protocol (a fact planted in turn 1, three distractor turns, the
 question last) to every arm at once, per item and window, greedy. The fact and distractor turns get
@@ -34,12 +34,9 @@ DEFAULT_ARMS = ["observer",
 # same transcript and only the attention window and the memory differ; --generate lets arms answer).
 FIXED_REPLIES = [
     "Noted, I will remember that.",
-    "A typical weekday morning starts with an alarm at seven, a shower, a quick breakfast of toast and coffee, "
-    "a look at the news, and a walk or a bus ride to work before nine.",
-    "Water only when the top of the soil is dry, give the plants bright indirect light, and wipe the dust off "
-    "their leaves every few weeks so they can breathe.",
-    "Sunlight is scattered by the molecules of the air, and blue light is scattered much more strongly than red "
-    "light, so blue reaches our eyes from every direction of the sky.",
+    "An alarm at seven, a shower, toast and coffee, then the bus to work.",
+    "Water when the soil is dry, give bright indirect light, and dust the leaves.",
+    "Air scatters blue light more than red, so blue comes from every direction.",
 ]
 
 
@@ -90,11 +87,12 @@ def summarise(rows: list[dict], labels: list[str]) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.window_recall", description=__doc__.split("\n")[0])
     p.add_argument("--arm", action="append", default=None, help="arm spec (repeatable; default: the README's arms)")
-    p.add_argument("--windows", default="none,64", help="comma-separated windows; 'none' = full attention")
+    p.add_argument("--windows", default="32,none", help="comma-separated windows; 'none' = full attention")
     p.add_argument("--items", type=int, default=None, help="first K items (default all)")
     p.add_argument("--generate", action="store_true", help="arms generate the fact/distractor replies "
                    "(default: the fixed replies are teacher-forced, the same transcript for every arm)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="with --generate: reply length of those turns")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a crowded machine)")
     p.add_argument("--json", default=None, help="write rows and summary to this file (after every dialogue)")
     p.add_argument("--summarise", default=None, metavar="JSON", help="only print the summary of a (partial) run's file")
     args = p.parse_args(argv)
@@ -104,9 +102,13 @@ def main(argv=None) -> int:
         report(data["rows"], data["labels"], data["setup"])
         return 0
 
+    import torch
+
     from engine import load_model, parse_arm
     from experiments.protocol import get_protocol
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     specs = [parse_arm(a).with_sampling(greedy=True) for a in (args.arm or DEFAULT_ARMS)]
     labels = [s.display_label for s in specs]
     windows = [None if w.strip().lower() == "none" else int(w) for w in args.windows.split(",") if w.strip()]
