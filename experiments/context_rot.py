@@ -85,6 +85,9 @@ def run_context_rot(lm: LoadedModel, protocol: Protocol, arms: list[str], *, ite
     the real source the source-attention mass (and branch share) at the reply's start vs end.
     `on_records(records)` is called after every (item, condition) with all records so far."""
     specs = [parse_arm(a) for a in arms]
+    labels = [s.display_label for s in specs]
+    if len(set(labels)) < len(labels):  # e.g. two gains at λ=1: records are grouped by label, so use the specs
+        labels = [s.display_label if s.mechanism is None else s.to_string(False) for s in specs]
     n_tokens = max_new_tokens or protocol.max_new_tokens or 200
     opts = {**protocol.scorer_options("source_grounding"), "n_words": n_words}
     records = []
@@ -106,7 +109,7 @@ def run_context_rot(lm: LoadedModel, protocol: Protocol, arms: list[str], *, ite
                                    attention=False, curves=True)
             for i, (spec, reply) in enumerate(zip(specs, replies)):
                 data = score_dialogue("source_grounding", item, [reply.text], **opts).turns[0]["data"]
-                rec = {"item": item_id, "condition": cond, "arm": spec.display_label, "spec": spec.to_string(False),
+                rec = {"item": item_id, "condition": cond, "arm": labels[i], "spec": spec.to_string(False),
                        "n_tokens": len(reply.token_ids), "text": reply.text, **data}
                 if cap is not None and cap.source_curves[i] is not None:
                     curve = cap.source_curves[i].mean(0)  # [n_reply] mass on the source, mean over layers
