@@ -25,10 +25,10 @@ PROMPT = ("Take a firm stance, in a few sentences, on whether cities should ban 
           "then give the strongest arguments for your view.")
 
 
-def plain_generate(lm, n: int, batch: int = 1) -> float:
+def plain_generate(lm, n: int, batch: int = 1, *, system: str | None = None, prompt: str = PROMPT) -> float:
     """Aggregate tok/s of transformers `generate` on the unhooked model (`batch` copies of the prompt)."""
     MechanismHost.of(lm.model).remove_hooks()
-    ids = torch.tensor([first_turn(lm.tokenizer, None, PROMPT).token_ids] * batch)
+    ids = torch.tensor([first_turn(lm.tokenizer, system, prompt).token_ids] * batch)
     start = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -38,12 +38,12 @@ def plain_generate(lm, n: int, batch: int = 1) -> float:
     return n * batch / elapsed
 
 
-def engine_generate(lm, arms: list[str], n: int) -> float:
+def engine_generate(lm, arms: list[str], n: int, *, system: str | None = None, prompt: str = PROMPT) -> float:
     """Aggregate tok/s of one batched turn of `arms`."""
-    d = Dialogue(lm, [parse_arm(a) for a in arms])
+    d = Dialogue(lm, [parse_arm(a) for a in arms], system=system)
     d.eos_ids = set()  # time exactly n tokens per arm, like min_new_tokens
     start = time.perf_counter()
-    replies = d.send(PROMPT, max_new_tokens=n)
+    replies = d.send(prompt, max_new_tokens=n)
     elapsed = time.perf_counter() - start
     assert all(len(r.token_ids) == n for r in replies)
     return n * len(arms) / elapsed

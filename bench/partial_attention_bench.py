@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from engine import Dialogue, load_model, parse_arm
+from bench import engine_bench
+from engine import load_model
 from engine.chat import first_turn
-from engine.hooks import MechanismHost
 
 SYSTEM = ("You are a careful assistant for a city planning office. Always answer in exactly three numbered points. "
           "Never mention specific brand names. Mention the city of Lyon at least once. Keep every point under "
@@ -26,25 +25,11 @@ PROMPT = "Should cities ban private cars from their centres? Give your view and 
 
 
 def plain_generate(lm, n: int) -> float:
-    MechanismHost.of(lm.model).remove_hooks()
-    ids = torch.tensor([first_turn(lm.tokenizer, SYSTEM, PROMPT).token_ids])
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-    elapsed = time.perf_counter() - start
-    assert out.shape[1] - ids.shape[1] == n
-    return n / elapsed
+    return engine_bench.plain_generate(lm, n, system=SYSTEM, prompt=PROMPT)
 
 
 def engine_generate(lm, arms: list[str], n: int) -> float:
-    d = Dialogue(lm, [parse_arm(a) for a in arms], system=SYSTEM)
-    d.eos_ids = set()
-    start = time.perf_counter()
-    replies = d.send(PROMPT, max_new_tokens=n)
-    elapsed = time.perf_counter() - start
-    assert all(len(r.token_ids) == n for r in replies)
-    return n * len(arms) / elapsed
+    return engine_bench.engine_generate(lm, arms, n, system=SYSTEM, prompt=PROMPT)
 
 
 def main(argv=None) -> None:

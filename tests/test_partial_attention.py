@@ -14,6 +14,7 @@ from engine.mechanisms.base import ROLE_CODE
 from engine.mechanisms.partial_attention import PartialAttention
 from engine.spec import SpecError, parse_arm
 from engine.weights import save_weights
+from test_engine_exactness import full_forward, stepwise_forward
 
 A, U, S = ROLE_CODE["assistant"], ROLE_CODE["user"], ROLE_CODE["system"]
 CASES = [c.spec for c in PartialAttention.conformance_cases()]
@@ -49,19 +50,6 @@ def dialogue_logits(lm, arms, prompt, n, system=None):
 
     d._forward = spy
     return [r.token_ids for r in d.send(prompt, max_new_tokens=n)], seen, d
-
-
-def full_forward(lm, arm, token_ids, roles):
-    d = Dialogue(lm, [parse_arm(arm)])
-    return d._forward([token_ids], [roles], 0, logits_to_keep=0)[0]
-
-
-def stepwise_forward(lm, arm, token_ids, roles, first_chunk=5):
-    d = Dialogue(lm, [parse_arm(arm)])
-    out = [d._forward([token_ids[:first_chunk]], [roles[:first_chunk]], 0, logits_to_keep=0)[0]]
-    for t in range(first_chunk, len(token_ids)):
-        out.append(d._forward([[token_ids[t]]], [[roles[t]]], 0, logits_to_keep=0)[0])
-    return torch.cat(out, 0)
 
 
 def sequence(n=28, n_src=10, seed=0):
