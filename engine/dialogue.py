@@ -187,6 +187,22 @@ def attention_mask_4d(mask2d: torch.Tensor, T: int, allow: dict[int, torch.Tenso
     return cols
 
 
+def apply_plan(r: int, plan: RowPlan, real: torch.Tensor, pos: torch.Tensor, allow: dict) -> None:
+    """Write row r's plan into a step's tensors: its position ids into `pos[r]` at the row's real
+    tokens (`real` [T] bool, n of them, wherever padding puts them), its extra pairs into `allow[r]`
+    ([n, n], for `attention_mask_4d`). The dialogue and the trainer both plan through this."""
+    n = int(real.sum())
+    if plan.position_ids is not None:
+        if plan.position_ids.shape != (n,):
+            raise DialogueError(f"a mechanism planned {tuple(plan.position_ids.shape)} positions for {n} tokens")
+        pos[r, real.to(pos.device)] = plan.position_ids.to(pos.device, pos.dtype)
+    if plan.allow is not None:
+        if plan.allow.shape != (n, n):
+            raise DialogueError(f"a mechanism planned a {tuple(plan.allow.shape)} mask for {n} tokens")
+        if bool(plan.allow.any()):
+            allow[r] = plan.allow.bool().cpu()
+
+
 class Dialogue:
     """A conversation with one or more arms of the same model, run batched."""
 
@@ -479,7 +495,7 @@ class Dialogue:
                                token_ids=ids[r, keep].to(self.device), turn=turn, record=self.record_traces)
                 plan = arm.mechanism.plan(info)
                 if plan is not None:
-                    self._apply_plan(r, plan, len(chunks[r]), pos, allow)
+                    apply_plan(r, plan, valid[r], pos, allow)
                 bindings.append(RowBinding(r, arm.mechanism, valid[r].to(self.device), info))
         columns = torch.cat([self.mask, valid.long().to(self.device)], dim=1)
         mask = columns
@@ -487,18 +503,6 @@ class Dialogue:
             mask = attention_mask_4d(columns.cpu(), T, allow, self.model.config._attn_implementation,
                                      self.model.dtype).to(self.device)
         return StepInputs(ids, valid, pos, [a.length for a in self.arms], bindings, allow, columns, mask)
-
-    @staticmethod
-    def _apply_plan(r: int, plan: RowPlan, n: int, pos: torch.Tensor, allow: dict) -> None:
-        if plan.position_ids is not None:
-            if plan.position_ids.shape != (n,):
-                raise DialogueError(f"a mechanism planned {tuple(plan.position_ids.shape)} positions for {n} tokens")
-            pos[r, pos.shape[1] - n:] = plan.position_ids.cpu()
-        if plan.allow is not None:
-            if plan.allow.shape != (n, n):
-                raise DialogueError(f"a mechanism planned a {tuple(plan.allow.shape)} mask for {n} tokens")
-            if bool(plan.allow.any()):
-                allow[r] = plan.allow.bool().cpu()
 
     def _track_and_evict(self, step: StepInputs) -> None:
         """Window: file this step's columns under their token indices, then evict every row's tokens

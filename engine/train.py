@@ -260,6 +260,7 @@ def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float])
     import torch
     import torch.nn.functional as F
 
+    from .dialogue import apply_plan, attention_mask_4d
     from .hooks import BatchContext, MechanismHost, RowBinding
     from .mechanisms import StepRow
 
@@ -296,27 +297,42 @@ def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float])
             m.reset()
             return m
 
-        def forward(self, ids, roles, labels, valid):
-            bindings = []
-            for r in range(ids.shape[0]):
+        def logits(self, ids, roles, valid):
+            """The batch's logits [B, T, V] and the mechanisms' auxiliary losses: rows right-padded, each
+            row's plan (positions, extra mask pairs) applied as the dialogue applies it."""
+            B, T = ids.shape
+            positions = torch.arange(T, device=ids.device).repeat(B, 1)
+            bindings, allow = [], {}
+            for r in range(B):
                 n = int(valid[r].sum())
                 info = StepRow(positions=torch.arange(n, device=ids.device), roles=roles[r, :n], token_ids=ids[r, :n],
                                turn=0, record=False)
-                bindings.append(RowBinding(r, self._mechanism(r), valid[r], info))
+                mech = self._mechanism(r)
+                plan = mech.plan(info) if mech.active else None
+                if plan is not None:
+                    apply_plan(r, plan, valid[r], positions, allow)
+                bindings.append(RowBinding(r, mech, valid[r], info))
+            mask = valid.long()
+            if allow:
+                mask = attention_mask_4d(mask.cpu(), T, allow, self.base.config._attn_implementation,
+                                         self.base.dtype).to(ids.device)
             ctx = BatchContext(bindings)
             with self.host.use(ctx):
-                positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-                out = self.base(input_ids=ids, attention_mask=valid.long(), position_ids=positions, use_cache=False)
-            logits = out.logits[:, :-1].float()
+                out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            return out.logits, ctx.aux
+
+        def forward(self, ids, roles, labels, valid):
+            all_logits, aux_losses = self.logits(ids, roles, valid)
+            logits = all_logits[:, :-1].float()
             target = labels[:, 1:]
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
                                   reduction="sum")
             n_tokens = (target != -100).sum()
             aux = torch.zeros((), device=logits.device)
-            for row_losses in ctx.aux.values():
+            for row_losses in aux_losses.values():
                 for key, value in row_losses.items():
                     aux = aux + aux_weights.get(key.split(".")[0], 0.0) * value
-            aux = aux / max(1, len(ctx.aux))
+            aux = aux / max(1, len(aux_losses))
             return nll, n_tokens, aux
 
     return MechanismTrainer()
@@ -365,10 +381,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         check_fits(wf, cls.name, base, lm.identity)
         tensors = load_tensors(wf)
     weights = cls.build_weights(settings, base, tensors)
-    if weights is None or not any(True for _ in weights.parameters()):
+    if weights is None or not any(p.requires_grad for p in weights.parameters()):
         raise ConfigError([f"mechanism.name: '{cls.name}' built no trainable parameters for these settings"])
-    weights.requires_grad_(True)
-    weights.train()
+    weights.train()  # what trains is what build_weights left requiring grad (e.g. LoRA adapters, not the clones)
 
     lora_params = []
     if cfg.lora is not None:

@@ -244,3 +244,47 @@ def test_capture_equals_eager_under_the_edited_mask(tiny_llama):
     np.testing.assert_allclose(attn, eager, atol=2e-5)
     src = np.nonzero(tr.source_mask())[0]
     assert eager[:, :, src[0], src[-1]].min() > 0  # the first source token sees the last one
+
+
+# -- LoRA on the branch: the weights file holds only what trains --------------------------------------
+LORA = "partial_attention:linkage=1,gain=1,fp=true,fp_dim=8,lang_emb=true,layers=1/3,lora_rank=4"
+
+
+def test_lora_weights_file_holds_adapters_and_rebuilds_the_branch_from_the_model(tiny_llama, tmp_path):
+    from engine.dialogue import build_mechanism
+
+    arm = parse_arm(LORA)
+    fresh = PartialAttention.build_weights(arm.settings, tiny_llama.model, None)
+    trains = sorted(n for n, p in fresh.named_parameters() if p.requires_grad)
+    assert trains and all("lora_" in n or ".fp_w" in n or n.endswith(".lang") for n in trains)
+    assert any("k_proj.lora_A" in n for n in trains) and any("o_proj.lora_B" in n for n in trains)
+    tensors = fresh.to_tensors()  # adapters (peft's names), Fp, language embeddings: never the clones
+    assert not any("base_layer" in k or k.endswith("_proj.weight") for k in tensors)
+    assert {k.replace("lora_A.default", "lora_A").replace("lora_B.default", "lora_B") for k in trains} == set(tensors)
+    ids, roles = sequence()
+    untrained = full_forward(tiny_llama, LORA.replace(",lora_rank=4", ""), ids, roles)
+    assert torch.equal(full_forward(tiny_llama, LORA, ids, roles), untrained)  # fresh adapters: B = 0
+    g = torch.Generator().manual_seed(0)
+    trained = {k: torch.randn(v.shape, generator=g) * 0.2 if "lora_B" in k else v.clone() for k, v in tensors.items()}
+    path = tmp_path / "lora.safetensors"
+    save_weights(path, trained, mechanism="partial_attention", settings=arm.settings.model_dump(exclude={"weights"}),
+                 model=tiny_llama.model, identity=tiny_llama.identity)
+    spec = f'partial_attention:linkage=1,gain=1,weights="{path}"'
+    loaded = full_forward(tiny_llama, spec, ids, roles)
+    assert (loaded - untrained).abs().max() > 1e-3
+    # an arm's (frozen, shared) module merges its adapters; the training-time unmerged path agrees
+    mech = build_mechanism(parse_arm(spec), tiny_llama)
+    lora_layers = [m for m in mech.weights.modules() if hasattr(m, "merged")]
+    assert len(lora_layers) == 8 and all(m.merged for m in lora_layers)
+    rebuilt = PartialAttention.build_weights(parse_arm(spec).settings, tiny_llama.model, trained)
+    assert all(torch.equal(rebuilt.to_tensors()[k], trained[k]) for k in trained)
+    d = Dialogue(tiny_llama, [parse_arm(spec)])
+    d.arms[0].mechanism = PartialAttention(parse_arm(spec).settings, tiny_llama.model, rebuilt)
+    unmerged = d._forward([ids], [roles], 0, logits_to_keep=0)[0]
+    assert not any(m.merged for m in rebuilt.modules() if hasattr(m, "merged"))
+    assert (unmerged - loaded).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="shape"):
+        PartialAttention.build_weights(parse_arm(LORA.replace("lora_rank=4", "lora_rank=2")).settings,
+                                       tiny_llama.model, trained)
+    with pytest.raises(ValueError, match="no place"):
+        PartialAttention.build_weights(parse_arm(LORA.replace(",lora_rank=4", "")).settings, tiny_llama.model, trained)

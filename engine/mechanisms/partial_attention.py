@@ -64,6 +64,12 @@ class PartialAttentionSettings(MechanismSettings):
                                                    "(edits the mask: linkage 0 or 1 only)")
     spe: bool = Field(False, description="positions restart at 0 after the source, the seed's separate positional "
                                          "encoding (edits positions: linkage 0 or 1 only)")
+    lora_rank: int = Field(0, ge=0, le=1024,
+                           description="train the branch's cloned q/k/v/o projections through peft LoRA adapters of "
+                                       "this rank (the clones stay frozen; the weights file holds only the adapters, "
+                                       "Fp and language embeddings); 0: the cloned projections train fully")
+    lora_alpha: float = Field(16.0, gt=0.0, le=4096.0, description="LoRA alpha of the branch's adapters "
+                                                                  "(scale alpha / rank)")
     sae: bool = Field(False, description="training only: report the shifted source auto-encoding loss (aux 'sae', "
                                          "the seed's SAE: the LM head reads the source's top-layer x̂, each "
                                          "position predicting the next source token)")
@@ -133,13 +139,68 @@ class BranchLayer(torch.nn.Module):
         return x + self.lang[1] if hasattr(self, "lang") else x
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 class PartialAttentionWeights(torch.nn.Module):
-    def __init__(self, layers: dict[int, BranchLayer]):
+    def __init__(self, layers: dict[int, BranchLayer], lora_rank: int = 0, lora_alpha: float = 16.0):
         super().__init__()
         self.branches = torch.nn.ModuleDict({str(l): m for l, m in layers.items()})
+        self.lora_rank = lora_rank
+        if lora_rank:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            # peft wraps each cloned projection: the clone becomes the frozen base_layer, A is
+            # random and B zero, so a fresh adapter changes nothing
+            with torch.random.fork_rng(devices=[]):  # the same fresh adapters in every process
+                torch.manual_seed(2000 + lora_rank)
+                inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                   target_modules=LORA_TARGETS), self)
+            for name, p in self.named_parameters():  # peft froze everything but its adapters
+                p.requires_grad_("lora_" in name or not any(f".{t}." in name for t in LORA_TARGETS))
 
     def layer(self, layer: int) -> BranchLayer:
         return self.branches[str(layer)]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """What a weights file holds: with LoRA, the adapters (peft's names) + Fp + language
+        embeddings, never the frozen clones (rebuilt from the model); without, every tensor."""
+        if not self.lora_rank:
+            return dict(self.state_dict())
+        from peft import get_peft_model_state_dict
+
+        own = {n: t for n, t in self.state_dict().items() if not any(f".{x}." in n for x in LORA_TARGETS)}
+        return own | get_peft_model_state_dict(self)
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.to_tensors()
+        unknown = sorted(set(tensors) - set(own))
+        if unknown:
+            layers = sorted(int(l) for l in self.branches)
+            raise ValueError(f"tensor '{unknown[0]}' has no place in these settings (layers {layers}, "
+                             f"lora_rank={self.lora_rank})")
+        for k, v in tensors.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        lora = {k: v for k, v in tensors.items() if "lora_" in k}
+        if lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self, lora)
+        # missing tensors stay fresh (cloned from the model, zero adapters)
+        self.load_state_dict({k: v for k, v in tensors.items() if k not in lora}, strict=False)
+
+    def train(self, mode: bool = True):
+        """A frozen module (an arm's, see engine.weights.shared_weights) merges its adapters into
+        the cloned projections once: decoding then costs what an un-adapted branch costs."""
+        super().train(mode)
+        if self.lora_rank and not mode and not any(p.requires_grad for p in self.parameters()):
+            from peft.tuners.lora import LoraLayer
+
+            for m in self.modules():
+                if isinstance(m, LoraLayer) and not m.merged:
+                    m.merge()
+        return self
 
 
 class _BranchProjections(LayerProjections):
@@ -192,17 +253,11 @@ class PartialAttention(Mechanism):
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         chosen = settings.resolved_layers(model.config.num_hidden_layers)
         module = PartialAttentionWeights({l: BranchLayer(layers[l].self_attn, settings, dtype, seed=1000 + l)
-                                          for l in chosen})
+                                          for l in chosen}, settings.lora_rank, settings.lora_alpha)
+        if settings.lora_rank:
+            module.to(dtype)  # the adapters in the model's dtype
         if tensors is not None:
-            own = module.state_dict()
-            unknown = sorted(set(tensors) - set(own))
-            if unknown:
-                raise ValueError(f"tensor '{unknown[0]}' has no place in these settings (layers {chosen}, "
-                                 f"fp={settings.fp}, lang_emb={settings.lang_emb})")
-            for k, v in tensors.items():
-                if tuple(v.shape) != tuple(own[k].shape):
-                    raise ValueError(f"tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-            module.load_state_dict(tensors, strict=False)  # missing tensors stay cloned from the model
+            module.load_tensors(tensors)
         return module
 
     def projections(self, layer: int, attn) -> _BranchProjections:
@@ -441,4 +496,6 @@ class PartialAttention(Mechanism):
                 # always prefills the turn-0 prompt in one step: tested in test_partial_attention)
                 ConformanceCase("partial_attention:linkage=1,gain=1,bidirectional=true", cached_exact=False,
                                 causal=False),
-                ConformanceCase("partial_attention:linkage=1,gain=1,spe=true")]
+                ConformanceCase("partial_attention:linkage=1,gain=1,spe=true"),
+                # the branch's projections as peft LoRA layers (fresh adapters; an arm's are merged)
+                ConformanceCase("partial_attention:linkage=1,gain=1,lora_rank=4,fp=true,fp_dim=8")]
