@@ -1,11 +1,13 @@
 """Decode speed of partial attention to the source, as ratios measured in one run (embedded model, fp32, CPU).
 
-    python -m bench.partial_attention_bench [--new-tokens 64] [--reps 3]
+    python -m bench.partial_attention_bench [--new-tokens 64] [--reps 3] [--weights runs/palm_tiny_cpu/palm.safetensors]
 
 Every configuration generates exactly N new tokens after the same system prompt + question
 (end-of-turn ignored, as `generate(min_new_tokens=N)` does); repetitions are interleaved so that a
 slow moment of the shared machine hits every configuration alike; medians are reported.
 Target (issue 11): partial attention on all layers at linkage 1 >= 0.8x plain `generate`.
+`--weights FILE` adds a row for an arm loading a trained weights file (e.g. the LoRA-adapted branch
+of `configs/palm_tiny_cpu.yaml`: its adapters are merged into the cloned projections once, at load).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--weights", default=None, help="also time an arm loading this partial-attention weights file")
     args = ap.parse_args(argv)
     n = args.new_tokens
     lm = load_model(verbose=False)
@@ -48,6 +51,10 @@ def main(argv=None) -> None:
         "partial attention, pinned text": lambda: engine_generate(
             lm, [f'partial_attention:linkage=1,text="{SYSTEM.replace(chr(39), "")}"'], n),
     }
+    if args.weights:
+        trained = f'partial_attention:linkage=1,weights="{args.weights}"'
+        configs["partial attention, weights file"] = lambda: engine_generate(lm, [trained], n)
+        engine_generate(lm, [trained], 4)  # warm-up: the file is read and its adapters merged once
     engine_generate(lm, ["partial_attention:linkage=1"], 4)  # warm-up: the shared cloned weights are built once
     engine_generate(lm, ["partial_attention:linkage=1,fp=true,lang_emb=true,bidirectional=true,spe=true"], 4)
     plain_generate(lm, 4)

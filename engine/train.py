@@ -13,7 +13,8 @@ RNG, data position) to resume from, and a tqdm bar. The output is a lab weights 
 (`engine.weights.save_weights`: settings + base-model identity embedded) that an arm loads with
 `NAME:weights="FILE"`. LoRA adapters, when trained, are saved next to it as a peft adapter folder
 (`<output>.lora/`): an arm cannot carry them (the lab's model is shared by every arm), so they are
-for offline comparison.
+for offline comparison. Adapters on a mechanism's own parameters (partial attention's `lora_rank`:
+peft LoRA on its cloned projections) are part of its module and of the weights file an arm loads.
 
 The config is YAML validated by pydantic (`TrainConfig`); every bad key or value is reported as
 one line naming its key path, and the command exits with status 2.
@@ -21,7 +22,8 @@ one line naming its key path, and the command exits with status 2.
 Mechanism-side contract (what a mechanism provides to be trainable here):
 - `Settings` with a `weights` key (`file_field`), and `build_weights(settings, model, tensors)`
   returning an `nn.Module` whose parameters with `requires_grad` are what trains (built fresh
-  when `tensors` is None, or from `init_weights`' tensors).
+  when `tensors` is None, or from `init_weights`' tensors); the trainer leaves the others frozen
+  (e.g. partial attention's cloned projections under its own peft LoRA adapters).
 - The module's `to_tensors()` -> dict[str, Tensor] (or, without it, its `state_dict()`) must be
   what `build_weights(..., tensors)` reads back: it is what the weights file holds.
 - `cls(settings, model, weights=module)` makes one instance per sequence; `reset()` is called
@@ -29,6 +31,10 @@ Mechanism-side contract (what a mechanism provides to be trainable here):
   adds the residual out of place under grad) and may put auxiliary losses into `call.aux` under
   keys `"<loss name>.<anything>"`; the config's `train.aux_weights` weighs them by loss name
   (e.g. `router_balance: 0.01`), summing over layers and averaging over sequences.
+- `plan(row)` is applied to each training row as the dialogue applies it (`engine.dialogue.apply_plan`
+  and `attention_mask_4d`: per-row position ids, extra allowed mask pairs), so a mechanism that edits
+  the mask or the positions trains under the edits it will run with. A training row is one
+  sequence at turn 0, right-padded.
 """
 from __future__ import annotations
 

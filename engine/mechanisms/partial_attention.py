@@ -33,9 +33,21 @@ Options, each changing nothing while off:
 The last two edit the model's own mask / positions, which a gate cannot scale: they take linkage
 0 or 1 only, and the settings refuse anything in between.
 
-Trained parameters (the cloned projections, Fp, language embeddings, fine-tuned with LoRA through
-`python -m engine train`) live in one module built by `build_weights`; fresh = cloned from the
-layer's own weights, so an untrained arm and an arm loading an untrained file are the same.
+Trained parameters live in one module built by `build_weights`, fine-tuned by `python -m engine
+train`; fresh = cloned from the layer's own weights, so an untrained arm and an arm loading an
+untrained file are the same. With `lora_rank=r` the branch's cloned q/k/v/o projections become
+peft LoRA layers (`peft.inject_adapter_in_model`): the clones are frozen, the adapters (B = 0 at
+start), Fp and language embeddings train, and the weights file holds only those (peft's adapter
+names); `build_weights(settings, model, tensors)` clones the projections from the model again and
+loads the adapters into them. An arm's module is frozen and shared (engine.weights), and freezing
+it merges the adapters into the clones, so decoding costs what an un-adapted branch costs. With
+`lora_rank=0` the cloned projections train fully and the file holds them.
+
+LoRA on the base model's own self-attention (the trainer's `lora:` section, needed for the `sae`
+loss to have a gradient, since the branch never changes the source's representations) stays
+offline-only: the lab runs every arm of a dialogue as a row of one batch through one shared model,
+so adapters on the base would change the observer and every other arm too; they are saved beside
+the weights file as a peft folder for offline comparison, and no arm loads them.
 """
 from __future__ import annotations
 
