@@ -12,7 +12,7 @@ from engine.dialogue import Dialogue, DialogueError
 from engine.mechanisms.neural_memory import NeuralMemory, NeuralMemorySettings, coefficients, implicit_attention, \
     linear_sequential
 from engine.spec import SpecError, parse_arm
-from engine.train import TrainConfig, train
+from engine.train import TrainConfig, load_config, train
 from engine.weights import load_tensors, read_header
 from test_engine_exactness import PROMPTS, full_forward, mixed_sequence, stepwise_forward
 from test_neural_memory import _random_kvq
@@ -162,3 +162,12 @@ def test_training_lowers_held_out_loss_and_weights_round_trip(tmp_path, tiny_lla
     # a file whose tensors do not fit the settings is one line
     with pytest.raises(DialogueError, match="do not fit"):
         Dialogue(tiny_llama, [parse_arm(f'neural_memory:weights="{summary["weights"]}",layers=1/2')])
+
+
+def test_shipped_config_is_valid(monkeypatch):
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # its data paths are relative to the repository
+    cfg = load_config("configs/neural_persistent_tiny_cpu.yaml")
+    s = cfg.settings()
+    assert cfg.mechanism.name == "neural_memory" and s.persistent == 8 and s.weights is None
