@@ -171,3 +171,25 @@ def test_shipped_config_is_valid(monkeypatch):
     cfg = load_config("configs/neural_persistent_tiny_cpu.yaml")
     s = cfg.settings()
     assert cfg.mechanism.name == "neural_memory" and s.persistent == 8 and s.weights is None
+
+
+def test_window_training_data_and_mask(tokenizer):
+    """experiments/persistent_window.py: facts disjoint from the protocol's items, labels only on the
+    answer, and the sliding window mask (sink + last N, causal, padding rows see themselves)."""
+    from experiments.persistent_window import encode_item, make_items, mismatched, window_mask
+    from experiments.protocol import get_protocol
+
+    protocol = get_protocol("window_recall")
+    train_items, held = make_items(0)
+    evaluated = {str(it["answer"]).lower() for it in protocol.items}
+    assert not evaluated & {it["answer"].lower() for it in train_items + held}
+    assert not {it["fact"] for it in held} & {it["fact"] for it in train_items}
+    wrong = mismatched(held, train_items)
+    assert all(w["fact"] != h["fact"] and w["answer"] == h["answer"] for w, h in zip(wrong, held))
+    enc = encode_item(tokenizer, protocol, held[0])
+    answer = tokenizer(held[0]["answer"], add_special_tokens=False).input_ids
+    assert [t for t in enc["labels"] if t != -100] == answer
+    valid = torch.tensor([[True] * 12, [True] * 9 + [False] * 3])
+    m = window_mask(valid, window=3, sink=2)[:, 0]
+    assert m[0, 10].tolist() == [True, True] + [False] * 5 + [True] * 4 + [False]
+    assert not m[1, 5, 9:].any() and m[1, 10].tolist() == [False] * 10 + [True, False]
