@@ -12,6 +12,9 @@ answer instead). Per arm it reports
   question (teacher-forced after rolling the generated answer back), mean over items with a
   bootstrap 95% CI, and the paired difference to the observer (bootstrap 95% CI over items).
 
+`--shuffle-facts` is the control: each item gets the next item's fact planted (its own question and
+answer kept), so what an arm still gains on log p(answer) is a prior over answers, not recall.
+
 Everything measured is printed, whatever it shows.
 """
 from __future__ import annotations
@@ -92,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--generate", action="store_true", help="arms generate the fact/distractor replies "
                    "(default: the fixed replies are teacher-forced, the same transcript for every arm)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="with --generate: reply length of those turns")
+    p.add_argument("--shuffle-facts", action="store_true",
+                   help="control: plant the next item's fact instead of the item's own (answers kept)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a crowded machine)")
     p.add_argument("--json", default=None, help="write rows and summary to this file (after every dialogue)")
     p.add_argument("--summarise", default=None, metavar="JSON", help="only print the summary of a (partial) run's file")
@@ -114,6 +119,8 @@ def main(argv=None) -> int:
     windows = [None if w.strip().lower() == "none" else int(w) for w in args.windows.split(",") if w.strip()]
     protocol = get_protocol("window_recall")
     items = protocol.items[:args.items] if args.items else protocol.items
+    if args.shuffle_facts:
+        items = [{**it, "fact": items[(k + 1) % len(items)]["fact"]} for k, it in enumerate(items)]
     lm = load_model(verbose=False)
 
     def answer_tokens(text):
@@ -122,6 +129,8 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.perf_counter()
     setup = "fixed, teacher-forced" if not args.generate else f"generated (<= {args.max_new_tokens} tokens)"
+    if args.shuffle_facts:
+        setup += "; CONTROL: each item's fact replaced by the next item's"
     for item in items:  # item-major: a partial run still compares every window on the same items
         for w in windows:
             recall, logp, texts, lengths = run_item(lm, specs, protocol, item, w, args.max_new_tokens, answer_tokens,

@@ -18,7 +18,7 @@ import gradio as gr
 from db import STANCE_LABELS, StoreError
 from engine import SpecError
 
-from .arena_controller import LETTERS, ArenaError, ArenaSession, TurnOutcome, check_message
+from .arena_controller import LETTERS, ArenaError, ArenaSession, TurnOutcome, check_message, parse_window
 from .context import MODEL_QUEUE, LabContext
 from .fields import FieldNumber, FieldSlider
 from .settings import Control, PaneLayout, mechanism_choices, summary
@@ -27,7 +27,7 @@ N_PANES = 4
 LOCK_OPEN = ("Settings take effect when a session starts (your first message). "
              "After that they are fixed until you press **New session**.")
 LOCK_CLOSED = ("**Settings are fixed for this session**; press **New session** to change them "
-               "(the number of arms, blind mode and the system prompt too).")
+               "(the number of arms, blind mode, the attention window and the system prompt too).")
 SHORTCUTS = ("<sub>Keys (outside text boxes): **1–6** pick a stance in the active label box (click a box to "
              "make it active), **s** saves it, **n** jumps to the next unlabelled reply.</sub>")
 ArenaTab = ArenaSession  # the old name
@@ -175,7 +175,7 @@ def named(fn, names: list[str]):
 PANE_OUTPUTS = (("header", "header"), ("settings", "acc"), ("locked", "locked"), ("chat", "chat"), ("info", "info"),
                 ("turn", "turn_sel"), ("saved", "saved"), ("stance", "stance"), ("note", "note"), ("error", "err"),
                 ("label_title", "label_title"), ("stop", "stop"), ("save", "save"))
-_ALL_OUTPUT_NAMES = (["lock_note", "n_arms", "blind", "system", "title", "reveal", "send_btn", "status", "progress",
+_ALL_OUTPUT_NAMES = (["lock_note", "n_arms", "blind", "system", "title", "window", "reveal", "send_btn", "status", "progress",
                       "msg"] + [f"arm{p + 1}_{k}" for p in range(N_PANES) for k, _ in PANE_OUTPUTS])
 OUTPUT_NAMES = [n for n in _ALL_OUTPUT_NAMES
                 if n not in ("reveal", "send_btn") and not n.endswith(("_settings", "_stop", "_save"))]
@@ -200,6 +200,9 @@ def build_arena_tab(ctx: LabContext) -> dict:
         annotator = gr.Textbox(value="", label="Annotator", placeholder="your name (for labels)", scale=2, min_width=160,
                                elem_id="lab-annotator")
         title = gr.Textbox(value="", label="Session title", placeholder="optional", scale=2, min_width=160)
+        window = gr.Textbox(value="", label="Attention window (tokens)", placeholder="blank = full attention",
+                            info="every arm sees the first 4 + the last N tokens; memories keep the rest",
+                            scale=1, min_width=160, elem_id="lab-window")
     with gr.Accordion("System prompt (optional, same for every arm)", open=False):
         system = gr.Textbox(value="", show_label=False, lines=2, placeholder="e.g. You are a helpful assistant.")
     lock_note = gr.Markdown(LOCK_OPEN, elem_classes=["lock-note"])
@@ -313,6 +316,8 @@ def build_arena_tab(ctx: LabContext) -> dict:
                blind: gr.update(interactive=not tab.started, **({"value": tab.blind} if tab.started else {})),
                system: gr.update(interactive=not tab.started),
                title: gr.update(interactive=not tab.started),
+               window: gr.update(interactive=not tab.started,
+                                 **({"value": "" if tab.window is None else str(tab.window)} if tab.started else {})),
                reveal_btn: gr.update(visible=tab.started and tab.hidden),
                send_btn: gr.update(interactive=True)}
         if status_text is not None:
@@ -349,7 +354,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
         return out
 
     named_outputs = ([("lock_note", lock_note), ("n_arms", n_arms), ("blind", blind), ("system", system),
-                      ("title", title), ("reveal", reveal_btn), ("send_btn", send_btn), ("status", status),
+                      ("title", title), ("window", window), ("reveal", reveal_btn), ("send_btn", send_btn), ("status", status),
                       ("progress", progress), ("msg", msg)]
                      + [(f"arm{p + 1}_{name}", pn[k]) for p, pn in enumerate(panes) for name, k in PANE_OUTPUTS])
     assert [n for n, _ in named_outputs] == _ALL_OUTPUT_NAMES
@@ -394,8 +399,13 @@ def build_arena_tab(ctx: LabContext) -> dict:
                 upd[panes[p]["chat"]] = base[p] + [user_msg, {"role": "assistant", "content": text}]
             yield upd
 
-    def start_session(tab: ArenaSession, n, blind_value, system_text, title_text, annotator_name, vals) -> dict:
-        """Build the arms from the settings; return {pane: error} if refused."""
+    def start_session(tab: ArenaSession, n, blind_value, system_text, title_text, annotator_name, window_text,
+                      vals) -> dict:
+        """Build the arms from the settings; return {pane: error} (or {"session": error}) if refused."""
+        try:
+            window_n = parse_window(window_text)
+        except ArenaError as e:
+            return {"session": str(e)}
         try:
             n = int(n or 2)
         except (TypeError, ValueError):
@@ -412,12 +422,13 @@ def build_arena_tab(ctx: LabContext) -> dict:
         if errors:
             return errors
         try:
-            tab.start(specs, blind=bool(blind_value), system=system_text, title=title_text, annotator=annotator_name)
+            tab.start(specs, blind=bool(blind_value), system=system_text, title=title_text, annotator=annotator_name,
+                      window=window_n)
         except ArenaError as e:
             return {0: str(e)}
         return {}
 
-    def send(tab: ArenaSession, message, n, blind_value, system_text, title_text, annotator_name, *vals):
+    def send(tab: ArenaSession, message, n, blind_value, system_text, title_text, annotator_name, window_text, *vals):
         why = check_message(message)
         if why:
             gr.Warning(why)
@@ -427,9 +438,11 @@ def build_arena_tab(ctx: LabContext) -> dict:
             yield {status: "⚠ A turn is still running; your message stays in the box — send it when it ends."}
             return
         if not tab.started:
-            errors = start_session(tab, n, blind_value, system_text, title_text, annotator_name, vals)
+            errors = start_session(tab, n, blind_value, system_text, title_text, annotator_name, window_text, vals)
             if errors:
-                upd = {status: "⚠ Not sent: fix the arm settings marked in red.", msg: message}
+                why = errors.pop("session", None)
+                upd = {status: f"⚠ Not sent: {why}." if why else "⚠ Not sent: fix the arm settings marked in red.",
+                       msg: message}
                 for p, pn in enumerate(panes):
                     upd[pn["err"]] = f"⚠ {html.escape(errors[p])}" if p in errors else ""
                 yield upd
@@ -535,12 +548,12 @@ def build_arena_tab(ctx: LabContext) -> dict:
 
     # ---------------------------------------------------------------- events
     ctrl_names = [n for p in range(N_PANES) for n in layout.api_names(p)]
-    send = named(send, ["message", "n_arms", "blind", "system_prompt", "title", "annotator"] + ctrl_names)
+    send = named(send, ["message", "n_arms", "blind", "system_prompt", "title", "annotator", "window"] + ctrl_names)
     regenerate = named(regenerate, ["blind", "annotator"] + ctrl_names)
     new_session = named(new_session, ["blind", "annotator"] + ctrl_names)
     reveal = named(reveal, ["blind", "annotator"] + ctrl_names)
     common = [tab_state]
-    top = [n_arms, blind, system, title, annotator]
+    top = [n_arms, blind, system, title, annotator, window]
     model_bound = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
     send_ev = gr.on([msg.submit, send_btn.click], send, inputs=common + [msg] + top + all_controls,
                     outputs=full_outputs, api_name="send", show_progress="hidden", **model_bound)
@@ -667,7 +680,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
                           api_name="continue_session", **model_bound)
         ev.success(lambda: gr.Tabs(selected=tab_id), outputs=[tabs], api_name=False, queue=False)
 
-    return dict(state=tab_state, n_arms=n_arms, blind=blind, annotator=annotator, title=title, system=system,
+    return dict(state=tab_state, n_arms=n_arms, blind=blind, annotator=annotator, title=title, system=system, window=window,
                 msg=msg, send=send_btn, stop_all=stop_all_btn, regenerate=regen_btn, new_session=new_btn,
                 reveal=reveal_btn, status=status, progress=progress, next=next_btn, panes=panes, layout=layout,
                 send_event=send_ev, regen_event=regen_ev, wire_inspect=wire_inspect, wire_continue=wire_continue,

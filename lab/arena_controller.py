@@ -31,6 +31,7 @@ from experiments.record import SessionRecorder, dialogue_from_session, other_wei
 
 LETTERS = "ABCD"
 MAX_ARMS = 4
+MAX_WINDOW = 1_000_000  # the protocols' bound (experiments/protocol.py)
 
 
 class ArenaError(ValueError):
@@ -72,6 +73,29 @@ def check_message(message) -> str | None:
     if "\x00" in message:
         return "The message contains a NUL character. Nothing was sent."
     return None
+
+
+def parse_window(value) -> int | None:
+    """The session's attention window from a settings box: None (blank: full attention) or a whole
+    number of tokens; ArenaError with one line otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    why = (f"the attention window must be a whole number of tokens from 1 to {MAX_WINDOW:,} "
+           f"(or blank for full attention), not {str(value).strip()[:40]!r}")
+    if isinstance(value, bool):
+        raise ArenaError(why)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ArenaError(why)
+        value = int(value)
+    if isinstance(value, str):
+        text = value.strip().replace("_", "").replace(",", "")
+        if not text.isdigit():
+            raise ArenaError(why)
+        value = int(text)
+    if not isinstance(value, int) or not 1 <= value <= MAX_WINDOW:
+        raise ArenaError(why)
+    return value
 
 
 def _first_line(e: BaseException) -> str:
@@ -134,6 +158,11 @@ class ArenaSession:
     def pane_name(self, pane: int) -> str:
         return LETTERS[pane] if self.blind else str(pane + 1)
 
+    @property
+    def window(self) -> int | None:
+        """The running session's attention window (None: full attention, or not started)."""
+        return None if self.dialogue is None else self.dialogue.window
+
     def spec_of(self, pane: int) -> ArmSpec | None:
         arm = self.arm_of(pane)
         return None if arm is None or self.dialogue is None else self.dialogue.arms[arm].spec
@@ -146,14 +175,19 @@ class ArenaSession:
 
     # -- starting -------------------------------------------------------------------------------
     def start(self, specs: list[ArmSpec], *, blind: bool = False, system: str | None = None, title: str = "",
-              annotator: str | None = None, rng: random.Random | None = None) -> None:
-        """Build the arms (no database row yet: that comes with the first accepted turn)."""
+              annotator: str | None = None, rng: random.Random | None = None, window=None) -> None:
+        """Build the arms (no database row yet: that comes with the first accepted turn).
+
+        `window`: the dialogue's attention window in tokens (every arm sees the first few plus the
+        last N; None or blank: full attention); the session's meta stores it, so replay and Continue
+        rebuild it."""
         if self.started:
             raise ArenaError("a session is already running; press New session first")
         if not 2 <= len(specs) <= MAX_ARMS:
             raise ArenaError(f"the number of arms must be 2 to {MAX_ARMS}, not {len(specs)}")
+        window = parse_window(window)
         try:
-            self.dialogue = Dialogue(self.lm, list(specs), system=(system or "").strip() or None)
+            self.dialogue = Dialogue(self.lm, list(specs), system=(system or "").strip() or None, window=window)
         except (SpecError, DialogueError) as e:
             raise ArenaError(_first_line(e)) from None
         order = list(range(len(specs)))

@@ -13,7 +13,7 @@ import pytest
 
 from db import Store
 from engine import parse_arm
-from lab.arena_controller import ArenaError, ArenaSession, TurnOutcome, check_message
+from lab.arena_controller import ArenaError, ArenaSession, TurnOutcome, check_message, parse_window
 
 pytestmark = pytest.mark.slow
 SPECS = ["observer:max_new_tokens=3", "continuity:linkage=1,max_new_tokens=3"]
@@ -126,6 +126,36 @@ def test_resume_continues_the_same_session(store, embedded):
     assert sorted({t["turn_index"] for t in rows}) == [0, 1, 2] and len(rows) == 3 * 3 * 2
     with pytest.raises(ArenaError, match="not found|unknown|no session"):
         ArenaSession.resume(store, embedded, "nope")
+
+
+def test_window_is_a_session_setting_kept_for_replay_and_continue(store, embedded):
+    """The dialogue-level attention window: set at start, stored in the session's meta as the CLI
+    stores it, rebuilt by replay and by Continue; bad values are one line and start nothing."""
+    from experiments.record import replay_turn
+
+    live = started(store, embedded, window=" 16 ")
+    assert live.window == 16
+    for m in ("My colour is teal.", "Which?"):
+        assert run(live, m)[1].kind == "done"
+    view, n = live.dialogue.cache_view(0), live.dialogue.arms[0].length
+    assert len(view) <= live.dialogue.sink + 16 < n and view[-1] < n  # older tokens really left the cache
+    sid = live.session_id
+    meta = store.get_session(sid)["meta"]
+    assert meta["window"] == 16 and meta["sink"] == live.dialogue.sink
+    assert replay_turn(store, embedded, sid, 1).identical
+    ctl = ArenaSession.resume(store, embedded, sid)
+    assert ctl.window == 16
+    expected = [r.token_ids for r in live.dialogue.send("And?")]
+    assert run(ctl, "And?")[1].kind == "done"
+    assert [r.token_ids for r in ctl.turns[2].replies] == expected
+    # a session without a window stays without one
+    assert started(store, embedded, window="").window is None
+    for bad in ("abc", "0", "-3", "1.5", "2e3", True, 0, 2.5, 10**7):
+        ctl = ArenaSession(store, embedded)
+        with pytest.raises(ArenaError, match="attention window must be a whole number") as e:
+            ctl.start([parse_arm(s) for s in SPECS], window=bad)
+        assert "\n" not in str(e.value) and not ctl.started
+    assert parse_window(None) is None and parse_window(" 1,024 ") == 1024 and parse_window(64.0) == 64
 
 
 def test_check_message():

@@ -43,7 +43,7 @@ def test_api_names(server):
         assert name in info, name
     params = [p["parameter_name"] for p in info["/send"]["parameters"]]
     assert params[:3] == ["message", "n_arms", "blind"] and "arm2_continuity_layers" in params
-    assert "arm2_mechanism" in params and "arm2_max_new_tokens" in params
+    assert "arm2_mechanism" in params and "arm2_max_new_tokens" in params and "window" in params
 
 
 def test_send_logs_both_arms_and_annotate(server):

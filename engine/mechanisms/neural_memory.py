@@ -31,6 +31,16 @@ shows which past tokens the memory recalls. The MLP memory (W2·silu(W1·k) per 
 autograd steps (`needs_grad`); its recurrence is inherently sequential, so its prefill batches the
 projections and reads and steps token by token.
 
+Persistent memory (Titans' learned, data-independent tokens, `persistent=P`): P vectors per layer
+in the layer's input space (where x̂ lives). They go through the layer's own W_k / W_v like any
+token and are written into the memory before the arm's first token (and again after every reset,
+e.g. each turn with scope=turn), so every token reads them as if they were prepended; the implicit
+attention lists them as slots "persistent 0".."persistent P-1". They come from a weights file
+trained by `python -m engine train` (the write is differentiable: the linear memory's chunked
+closed form directly, the MLP's steps through second-order autograd), or, training-free, from
+`persistent_text` (the x̂ of that text's last P tokens at each layer), else seeded random vectors
+shaped like the layer's normed inputs.
+
 State belongs to the arm's conversation (scope=dialogue) or to one turn (scope=turn);
 snapshot/restore copy it.
 """
@@ -42,9 +52,9 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from .base import ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, copy_state
+from .base import ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, copy_state, file_field
 from .projections import LayerProjections
 
 
@@ -61,7 +71,25 @@ class NeuralMemorySettings(MechanismSettings):
         "gate", description="memory as gate: read scaled by its strength per head; as layer: read added as is")
     scope: Literal["dialogue", "turn"] = Field("dialogue", description="memory persists across turns or resets each turn")
     chunk: int = Field(64, ge=1, le=4096, description="prefill chunk length of the parallel form (linear memory)")
-    init_seed: int = Field(0, ge=0, le=2**31 - 1, description="MLP memory: seed of its first layer's initial weights")
+    init_seed: int = Field(0, ge=0, le=2**31 - 1,
+                           description="seed of the MLP memory's first layer and of random persistent tokens")
+    persistent: int = Field(0, ge=0, le=256,
+                            description="persistent-memory tokens per layer (Titans): P data-independent vectors "
+                                        "written into the memory before the arm's first token; 0 = off")
+    persistent_text: str | None = Field(
+        None, max_length=4000,
+        description="training-free persistent tokens: each layer's x̂ of this text's last P tokens (write it in "
+                    "double quotes in a spec); a weights file's trained tokens take precedence")
+    weights: str | None = file_field("trained persistent tokens written by `python -m engine train`; default: "
+                                     "persistent_text, else seeded random vectors")
+
+    @model_validator(mode="after")
+    def _persistent_source(self):
+        if self.persistent_text is not None and not self.persistent_text.strip():
+            raise ValueError("persistent_text is empty")
+        if self.persistent_text is not None and self.persistent == 0:
+            raise ValueError("persistent_text gives persistent tokens, but persistent=0: set persistent=P (P >= 1)")
+        return self
 
 
 def _coefficients(a: float, eta: float, n: int) -> torch.Tensor:
@@ -133,15 +161,16 @@ def linear_chunk(settings, M0, S0, k, v, q, want_norms: bool = False):
         theta = torch.full((h, C), settings.lr, dtype=dt, device=dev)
         system = torch.eye(C, dtype=dt, device=dev)[None] + G * settings.lr
         E = torch.linalg.solve_triangular(system, R, upper=False, unitriangular=True)
-    else:  # θ depends on each error: forward substitution, vectorised over heads
-        E = torch.empty_like(R)
-        theta = torch.empty(h, C, dtype=dt, device=dev)
+    else:  # θ depends on each error: forward substitution, vectorised over heads (no in-place
+        # writes, so that it stays differentiable for training persistent tokens)
+        es, ths = [], []
         for t in range(C):
             e = R[:, t]
             if t:
-                e = e - torch.einsum("hm,hmd->hd", G[:, t, :t] * theta[:, :t], E[:, :t])
-            E[:, t] = e
-            theta[:, t] = _theta(settings, e.pow(2).sum(-1), v[:, t])
+                e = e - torch.einsum("hm,hmd->hd", G[:, t, :t] * torch.stack(ths, 1), torch.stack(es, 1))
+            es.append(e)
+            ths.append(_theta(settings, e.pow(2).sum(-1), v[:, t]))
+        E, theta = torch.stack(es, 1), torch.stack(ths, 1)
     # reads: the carried state, plus the implicit attention over this chunk's earlier tokens
     W = 2 * cmat[None, None] * theta[:, None, None, :] * torch.einsum("hmd,hgtd->hgtm", k, q)  # [h, g, C, C]
     y = (pa[:C].to(dt)[None, None, :, None] * torch.einsum("hde,hgte->hgtd", M0, q)
@@ -181,9 +210,11 @@ def _mlp(params, x):
     return out.reshape(x.shape)
 
 
-def mlp_steps(settings, params, moms, k, v, q):
+def mlp_steps(settings, params, moms, k, v, q, differentiable: bool = False):
     """Token-by-token test-time training. params/moms: [W1, W2]; k, v [h, T, d]; q [h, g, T, d].
 
+    `differentiable`: keep the whole recurrence on the autograd graph (second-order: each step's
+    gradient is itself differentiated), for training what feeds it (persistent tokens).
     Returns (params, moms, y, loss [h, T], theta [h, T], grad_norm [h, T], mem_norm [h, T]).
     """
     a, eta = 1.0 - settings.forget, settings.momentum
@@ -191,10 +222,14 @@ def mlp_steps(settings, params, moms, k, v, q):
     for t in range(k.shape[1]):
         ys.append(_mlp(params, q[:, :, t]))
         with torch.enable_grad():
-            live = [p.detach().requires_grad_(True) for p in params]
+            if differentiable:
+                live = [p if p.requires_grad else p.detach().requires_grad_(True) for p in params]
+            else:
+                live = [p.detach().requires_grad_(True) for p in params]
             per_head = (_mlp(live, k[:, t]) - v[:, t]).pow(2).sum(-1)  # [h]
-            grads = torch.autograd.grad(per_head.sum(), live)
-        loss = per_head.detach()
+            grads = torch.autograd.grad(per_head.sum(), live, create_graph=differentiable)
+        params = live if differentiable else params
+        loss = per_head if differentiable else per_head.detach()
         th = _theta(settings, loss, v[:, t])
         moms = [eta * m - th.view(-1, *([1] * (g.dim() - 1))) * g for m, g in zip(moms, grads)]
         params = [a * p + m for p, m in zip(params, moms)]
@@ -219,6 +254,10 @@ class _LayerState:
         self.hist_theta: torch.Tensor | None = None  # [h, N]
         self.hist_pos: torch.Tensor | None = None  # [N]
         self.hist_step: torch.Tensor | None = None  # [N]
+        self.n_persistent = 0  # persistent tokens written first (write steps 0..P-1)
+        self.pers_k: torch.Tensor | None = None  # [h, P, d] their keys, errors and step sizes
+        self.pers_e: torch.Tensor | None = None
+        self.pers_theta: torch.Tensor | None = None  # [h, P]
 
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -231,6 +270,43 @@ class _LayerState:
         return s
 
 
+class PersistentTokens(torch.nn.Module):
+    """The persistent-memory tokens: per layer a [P, hidden] parameter in the layer's input space."""
+
+    def __init__(self, vectors: dict[int, torch.Tensor]):
+        super().__init__()
+        self.tokens = torch.nn.ParameterDict({str(l): torch.nn.Parameter(v) for l, v in vectors.items()})
+
+    def layer(self, layer: int) -> torch.Tensor:
+        return self.tokens[str(layer)]
+
+
+def _text_inputs(model: torch.nn.Module, text: str, layers: list[int]) -> dict[int, torch.Tensor]:
+    """x̂ (self-attention's normed input) of `text` at each layer, from one plain base-model pass."""
+    from ..hooks import MechanismHost, decoder_layers
+    from ..weights import WeightsError
+
+    tok = getattr(model, "_lab_tokenizer", None)
+    if tok is None:
+        raise WeightsError("persistent_text needs the model's tokenizer (load the model with engine.load_model)")
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    dec = decoder_layers(model)
+    for l in layers:
+        def pre(module, args, kwargs, l=l):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            seen[l] = x[0].detach().float().clone()
+        handles.append(dec[l].self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad(), MechanismHost.of(model).base_pass():
+            model(input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 class NeuralMemory(Mechanism):
     name = "neural_memory"
     Settings = NeuralMemorySettings
@@ -239,6 +315,9 @@ class NeuralMemory(Mechanism):
         super().__init__(settings, model, weights)
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.device = next(model.parameters()).device
+        if settings.persistent and weights is None:  # built outside a Dialogue: its own tokens
+            weights = self.build_weights(settings, model, None)
+        self.weights = weights
         self.needs_grad = settings.memory == "mlp"  # autograd steps at test time (protocol v2)
         self.state: dict[int, _LayerState] = {}
         self._proj: dict[int, LayerProjections] = {}
@@ -247,6 +326,45 @@ class NeuralMemory(Mechanism):
         if layer not in self._proj:
             self._proj[layer] = LayerProjections(attn, self.config, self.dtype)
         return self._proj[layer]
+
+    # -- trained parameters: the persistent tokens ----------------------------------------------
+    @classmethod
+    def build_weights(cls, settings, model, tensors):
+        from ..hooks import decoder_layers
+        from ..weights import WeightsError
+
+        P, hidden = settings.persistent, model.config.hidden_size
+        layers = settings.resolved_layers(model.config.num_hidden_layers)
+        if tensors is not None:
+            want = {f"tokens.{l}" for l in layers} if P else set()
+            if set(tensors) != want:
+                extra, missing = sorted(set(tensors) - want), sorted(want - set(tensors))
+                raise ValueError(f"the file's tensors {sorted(tensors)} do not fit persistent={P} on layers {layers}"
+                                 + (f" (no place for '{extra[0]}')" if extra else f" (missing '{missing[0]}')"))
+            for name, t in tensors.items():
+                if tuple(t.shape) != (P, hidden):
+                    raise ValueError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {(P, hidden)}")
+        if not P:
+            return None
+        device = next(model.parameters()).device
+        if tensors is not None:
+            vectors = {l: tensors[f"tokens.{l}"].float().to(device).clone() for l in layers}
+        elif settings.persistent_text is not None:
+            seen = _text_inputs(model, settings.persistent_text, layers)
+            n = seen[layers[0]].shape[0]
+            if n < P:
+                raise WeightsError(f"persistent_text has {n} tokens, fewer than persistent={P}: "
+                                   f"give a longer text or a smaller P")
+            vectors = {l: seen[l][-P:].to(device) for l in layers}
+        else:  # seeded random vectors shaped like the layer's normed inputs (RMSNorm weight x unit noise)
+            dec = decoder_layers(model)
+            vectors = {}
+            for l in layers:
+                g = torch.Generator().manual_seed(settings.init_seed * 1009 + l)
+                norm = getattr(dec[l], "input_layernorm", None)
+                w = norm.weight.detach().float().cpu() if norm is not None and hasattr(norm, "weight") else 1.0
+                vectors[l] = (torch.randn(P, hidden, generator=g) * w).to(device)
+        return PersistentTokens(vectors)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def begin_turn(self, turn: int) -> None:
@@ -271,39 +389,55 @@ class NeuralMemory(Mechanism):
         return [ConformanceCase("neural_memory:linkage=1,gain=1"),
                 ConformanceCase("neural_memory:linkage=1,gain=1,wiring=layer,step=surprise,chunk=4"),
                 ConformanceCase("neural_memory:linkage=1,gain=1,scope=turn,momentum=0,forget=0.1"),
-                ConformanceCase("neural_memory:linkage=1,gain=1,memory=mlp,hidden=16,wiring=layer")]
+                ConformanceCase("neural_memory:linkage=1,gain=1,memory=mlp,hidden=16,wiring=layer"),
+                ConformanceCase("neural_memory:linkage=1,gain=1,persistent=4,scope=turn,chunk=3,step=surprise")]
 
     # -- the layer call -----------------------------------------------------------------------
-    def _fresh(self, h: int, d: int) -> _LayerState:
+    def _fresh(self, layer: int, proj: LayerProjections, h: int, g: int, d: int, train: bool) -> _LayerState:
         st = _LayerState()
         if self.settings.memory == "linear":
             st.params = [torch.zeros(h, d, d, dtype=torch.float32, device=self.device)]
         else:
-            g = torch.Generator().manual_seed(self.settings.init_seed)
-            W1 = torch.randn(h, self.settings.hidden, d, generator=g) / math.sqrt(d)
+            gen = torch.Generator().manual_seed(self.settings.init_seed)
+            W1 = torch.randn(h, self.settings.hidden, d, generator=gen) / math.sqrt(d)
             st.params = [W1.to(self.device), torch.zeros(h, d, self.settings.hidden, device=self.device)]
         st.moms = [torch.zeros_like(p) for p in st.params]
         st.v_norm_sum = torch.zeros(h, device=self.device)
+        P = self.settings.persistent
+        if P:  # the persistent tokens are written first, as if prepended to the arm's tokens
+            x = self.weights.layer(layer)
+            k = F.normalize(proj.keys(x).float(), dim=-1)
+            v = proj.values(x).float()
+            q = torch.zeros(h, g, P, d, dtype=k.dtype, device=k.device)  # they read nothing
+            if self.settings.memory == "linear":
+                _, _, theta, _, _, E = self._linear(st, k, v, q, False)
+                st.pers_k, st.pers_e, st.pers_theta = k, E, theta
+            else:
+                st.params, st.moms, *_ = mlp_steps(self.settings, st.params, st.moms, k, v, q, differentiable=train)
+            st.v_norm_sum = v.norm(dim=-1).sum(1)
+            st.steps = st.n_persistent = P
         return st
 
     def forward(self, call: LayerCall):
         layer, row = call.layer, call.row
         proj = self.projections(layer, call.attn)
-        x = call.x_hat.detach()
+        train = torch.is_grad_enabled()  # the trainer: keep the graph (a dialogue's rows run without grad)
+        x = call.x_hat if train else call.x_hat.detach()
         k = F.normalize(proj.keys(x).float(), dim=-1)  # [h, T, d]
         v = proj.values(x).float()
         q = F.normalize(proj.queries(x).float(), dim=-1)  # [h, g, T, d]
         h, T, d = k.shape
         st = self.state.get(layer)
         if st is None:
-            st = self.state[layer] = self._fresh(h, d)
+            st = self.state[layer] = self._fresh(layer, proj, h, q.shape[1], d, train)
         self.call_counts[layer] += 1
         steps0 = st.steps
         vsum0 = st.v_norm_sum.clone()
         if self.settings.memory == "linear":
             y, loss, theta, gnorm, mnorm, E = self._linear(st, k, v, q, row.record)
         else:
-            st.params, st.moms, y, loss, theta, gnorm, mnorm = mlp_steps(self.settings, st.params, st.moms, k, v, q)
+            st.params, st.moms, y, loss, theta, gnorm, mnorm = mlp_steps(self.settings, st.params, st.moms, k, v, q,
+                                                                         differentiable=train)
             E = None
         # gate scale: mean ||v|| of the tokens written before each reader
         vn = v.norm(dim=-1)  # [h, T]
@@ -357,19 +491,25 @@ class NeuralMemory(Mechanism):
         slots: list[int] = []
         if self.settings.memory == "linear":
             # the exact implicit attention needs the history since the memory was empty
-            exact = st.hist_k is not None or steps0 == 0
+            exact = st.hist_k is not None or steps0 == st.n_persistent
             if exact:
                 self._append_history(st, k, E, theta, row, steps0)
                 now = torch.arange(steps0, steps0 + T, device=k.device)
-                w = implicit_attention(self.settings, q, st.hist_k, st.hist_theta, st.hist_step, now)  # [h,g,T,N]
-                per_head_w = w.reshape(-1, T, w.shape[-1]).cpu().numpy()  # [H, T, N]
+                hk, hth, hstep = st.hist_k, st.hist_theta, st.hist_step
                 slots = st.hist_pos.tolist()
+                P = st.n_persistent
+                if P:  # the persistent tokens are the first slots (write steps 0..P-1)
+                    hk, hth = torch.cat([st.pers_k, hk], 1), torch.cat([st.pers_theta, hth], 1)
+                    hstep = torch.cat([torch.arange(P, device=hstep.device), hstep])
+                    slots = [f"persistent {j}" for j in range(P)] + slots
+                w = implicit_attention(self.settings, q, hk, hth, hstep, now)  # [h,g,T,N]
+                per_head_w = w.reshape(-1, T, w.shape[-1]).detach().cpu().numpy()  # [H, T, N]
         positions = row.positions.tolist()
         write = (theta * gnorm).mean(0)
         scalars = {"surprise": loss.mean(0), "write_strength": write, "memory_norm": mnorm.mean(0)}
         if gate is not None:
             scalars["gate"] = gate.mean((0, 1))
-        scalars = {k_: v_.float().cpu().numpy() for k_, v_ in scalars.items()}
+        scalars = {k_: v_.detach().float().cpu().numpy() for k_, v_ in scalars.items()}
         for t in range(T):
             if per_head_w is not None:
                 n = int(steps0 + t)  # slots written before this token
