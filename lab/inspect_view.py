@@ -147,7 +147,8 @@ def build_inspect_tab(ctx: LabContext) -> dict:
     L = ctx.lm.model.config.num_hidden_layers
     H = ctx.lm.model.config.num_attention_heads
     gr.Markdown("Pick a logged turn (or use **Inspect** in Arena / Sessions, then press **Show**). The first "
-                "look at a turn runs one capture pass (a few seconds on a CPU); after that it opens from the cache.",
+                "look at a turn runs one capture pass for all its arms (a few seconds on a CPU); after that every "
+                "arm of the turn opens from the cache.",
                 elem_classes=["lab-intro"])
     res_state = gr.State(None)
     with gr.Row():
@@ -182,14 +183,16 @@ def build_inspect_tab(ctx: LabContext) -> dict:
 
     blank = F.empty_figure("pick a session, arm and turn, then press Show")
 
-    def on_show(sid, arm_i, turn_i, again, layer_v, head_v, metric_v):
+    def on_show(sid, arm_i, turn_i, again, layer_v, head_v, metric_v, progress=gr.Progress()):
         sid = (sid or "").strip()
         nothing = (None, blank, blank, blank, blank, blank, blank, gr.update(choices=[MEM_MEAN], value=MEM_MEAN), blank)
         if not sid:
             return ("Enter a session id (or use Inspect in Arena / Sessions).",) + nothing
         try:
+            # only a turn not yet captured runs the model (one pass for every arm): say so while it runs
             res = inspect_turn(ctx.store, ctx.lm, sid, int(arm_i or 0), int(turn_i or 0), lock=ctx.model_lock,
-                               recompute=bool(again), captures_dir=ctx.captures_dir or None)
+                               recompute=bool(again), captures_dir=ctx.captures_dir or None,
+                               progress=lambda text: progress(0, desc=text))
         except InspectError as e:
             return (f"**Cannot inspect:** {e}",) + nothing
         except Exception as e:  # unknown session (StoreError) and anything unexpected: a message, not a crash
