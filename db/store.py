@@ -466,6 +466,27 @@ class Store:
             rows = [r for r in rows if newest[(r["turn_id"], r["annotator"])] is r]
         return rows
 
+    @_guard
+    def label_counts(self, session_ids=None) -> dict:
+        """How far labelling got, per session: {session_id: {"replies": M, "labelled": {annotator: N}}}
+        with M the assistant replies logged and N how many of them the annotator has labelled. The
+        numbers behind every "N of M labelled" in the lab (Arena and Sessions). `session_ids`: only
+        these (default every session)."""
+        replies = select(Turn.session_id, func.count()).where(Turn.role == "assistant").group_by(Turn.session_id)
+        done = (select(Turn.session_id, Annotation.annotator, func.count(Annotation.turn_id.distinct()))
+                .join(Turn, Annotation.turn_id == Turn.id).where(Turn.role == "assistant")
+                .group_by(Turn.session_id, Annotation.annotator))
+        if session_ids is not None:
+            ids = [str(i) for i in session_ids]
+            replies, done = replies.where(Turn.session_id.in_(ids)), done.where(Turn.session_id.in_(ids))
+        out: dict = {}
+        with self._ro() as s:
+            for sid, m in s.execute(replies):
+                out[sid] = {"replies": int(m), "labelled": {}}
+            for sid, who, n in s.execute(done):
+                out.setdefault(sid, {"replies": 0, "labelled": {}})["labelled"][who] = int(n)
+        return out
+
     def latest_annotations(self, session_id) -> list:
         """The current label of each annotator on each turn."""
         return self.get_annotations(session_id, latest=True)

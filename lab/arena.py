@@ -18,7 +18,7 @@ import gradio as gr
 from db import STANCE_LABELS, StoreError
 from engine import SpecError
 
-from .arena_controller import LETTERS, ArenaError, ArenaSession, TurnOutcome, check_message
+from .arena_controller import LETTERS, ArenaError, ArenaSession, TurnOutcome, check_message, labelled_line
 from .context import MODEL_QUEUE, LabContext
 from .fields import FieldNumber, FieldSlider
 from .settings import Control, PaneLayout, mechanism_choices, summary
@@ -147,12 +147,10 @@ def annotations_text(ctx: LabContext, turn_id) -> str:
 
 
 def progress_text(tab: ArenaSession, annotator: str) -> str:
-    name = (annotator or "").strip()
     if not tab.turns:
         return ""
-    done, total = tab.label_progress(name) if name else (0, sum(i is not None for t in tab.turns for i in t.turn_ids))
-    who = f"by **{html.escape(name)}**" if name else "(enter your name under Annotator)"
-    return f"**{done} of {total}** replies labelled {who} in this session"
+    done, total = tab.label_progress(annotator)
+    return labelled_line(done, total, annotator) + " in this session"
 
 
 # ------------------------------------------------------------------------------------------ UI
