@@ -21,8 +21,8 @@ from sqlalchemy.pool import StaticPool
 
 from .models import (ROLES, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, SchemaError,
                      Score, Turn, as_dict, migrate, new_id, utcnow)
-from .rules import (AnnotationRow, ArmRow, CaptureRow, ExperimentRow, ProbeRow, ScoreRow, SessionRow,
-                    TurnRow)
+from .rules import (ID_CHARS, ID_MAX, AnnotationRow, ArmRow, CaptureRow, ExperimentRow, ProbeRow, ScoreRow,
+                    SessionRow, TurnRow, _show)
 
 
 class StoreError(Exception):
@@ -197,9 +197,11 @@ class Store:
     # ---------------------------------------------------------------- lookups
 
     def _session_row(self, s, session_id) -> LabSession:
-        row = s.get(LabSession, session_id) if isinstance(session_id, str) else None
+        # what cannot be an id (a lone surrogate, a 2 MB string, '../x') is unknown without a query
+        is_id = (isinstance(session_id, str) and 0 < len(session_id) <= ID_MAX and set(session_id) <= ID_CHARS)
+        row = s.get(LabSession, session_id) if is_id else None
         if row is None:
-            raise StoreError(f"unknown session id {session_id!r} in {self.name}")
+            raise StoreError(f"unknown session id {_show(session_id)} in {self.name}")
         return row
 
     def _arm_row(self, s, session_id, arm_index) -> Arm:

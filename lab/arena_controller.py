@@ -27,7 +27,9 @@ from typing import Iterator
 
 from db import STANCE_LABELS, Store, StoreError
 from engine import ArmReply, ArmSpec, Dialogue, DialogueError, LoadedModel, SpecError, StreamEvent
+from db.rules import SessionRow
 from engine.dialogue import MAX_MESSAGE_CHARS
+from engine.dialogue import check_message as engine_check_message
 from experiments.record import SessionRecorder, dialogue_from_session, other_weights
 
 LETTERS = "ABCD"
@@ -77,6 +79,23 @@ def check_message(message) -> str | None:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def check_session_fields(system=None, title=None, annotator=None) -> str | None:
+    """Why a session with this system prompt, title and annotator cannot be started (one line), or None:
+    the engine's rule for the system prompt (valid text, as the CLI's --system), the store's rules for
+    the title and the annotator (checked before anything is generated, so a turn never waits for a
+    session that can never be written)."""
+    try:
+        if system is not None:
+            engine_check_message(system, "the system prompt", limit=None, allow_empty=True)
+        for what, value in (("title", title), ("annotator", annotator)):
+            if value is not None:
+                engine_check_message(value, f"the {what}", limit=None, allow_empty=True)
+        SessionRow.check_fields(title=(title or "").strip(), user=(annotator or "").strip() or None)
+    except (DialogueError, ValueError) as e:
+        return _first_line(e).replace("user:", "annotator:", 1)
+    return None
 
 
 # -- labels and reveal of a logged session: shared by the Arena and the Sessions tab ---------------------
@@ -189,6 +208,9 @@ class ArenaSession:
             raise ArenaError("a session is already running; press New session first")
         if not 2 <= len(specs) <= MAX_ARMS:
             raise ArenaError(f"the number of arms must be 2 to {MAX_ARMS}, not {len(specs)}")
+        why = check_session_fields(system, title, annotator)
+        if why:
+            raise ArenaError(why)
         try:
             self.dialogue = Dialogue(self.lm, list(specs), system=(system or "").strip() or None)
         except (SpecError, DialogueError) as e:
@@ -390,9 +412,14 @@ class ArenaSession:
         tid = turn.turn_ids[arm]
         if tid is None:
             raise ArenaError(f"Turn {k + 1} was not logged ({turn.log_error}); it cannot be annotated yet.")
+        if confidence is not None:
+            try:
+                confidence = float(confidence)
+            except (TypeError, ValueError, OverflowError):
+                shown = repr(confidence) if len(repr(confidence)) <= 40 else repr(confidence)[:37] + "..."
+                raise ArenaError(f"Not saved: confidence must be a number from 0 to 1, got {shown}") from None
         try:
-            self.store.annotate(tid, annotator.strip(), label, note or "",
-                                confidence=None if confidence is None else float(confidence))
+            self.store.annotate(tid, annotator.strip(), label, note or "", confidence=confidence)
         except (StoreError, ValueError) as e:
             raise ArenaError(f"Not saved: {_first_line(e)}") from None
         return k, tid

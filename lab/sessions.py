@@ -13,7 +13,7 @@ from db.export import export as export_files
 from db.store import is_blinded
 
 from .arena_controller import ArenaError, label_progress, labelled_line, reveal_session
-from .fields import FieldNumber
+from .fields import FieldDropdown, FieldNumber, FieldRadio
 from .context import LabContext
 
 N_COLS = 4
@@ -79,7 +79,7 @@ def build_sessions_tab(ctx: LabContext) -> dict:
     gr.Markdown("Every session in the database (newest first). Click a row, then **Open** to read it side by side "
                 "with its labels, or export it.")
     with gr.Row(equal_height=True):
-        kind = gr.Dropdown(["all", "lab", "experiment"], value="all", label="Kind", scale=1, min_width=120)
+        kind = FieldDropdown(["all", "lab", "experiment"], value="all", label="Kind", scale=1, min_width=120)
         refresh = gr.Button("Refresh", size="sm", scale=1, min_width=100, elem_classes=["short-btn"])
         gr.Markdown(f"<sub>Database: `{html.escape(ctx.db_url or ctx.store.name)}`</sub>")
     table = gr.Dataframe(value=pd.DataFrame(columns=LIST_COLUMNS), interactive=False, wrap=True, max_height=320,
@@ -109,8 +109,8 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         inspect_btn = gr.Button("Inspect this turn", size="sm", scale=1, visible=False, elem_classes=["short-btn"])
     with gr.Accordion("Export", open=True):
         with gr.Row(equal_height=True):
-            fmt = gr.Radio(list(FORMATS), value="CSV", label="Format", scale=3)
-            scope = gr.Radio(["this session", "all sessions"], value="this session", label="What", scale=2)
+            fmt = FieldRadio(list(FORMATS), value="CSV", label="Format", scale=3)
+            scope = FieldRadio(["this session", "all sessions"], value="this session", label="What", scale=2)
             export_btn = gr.Button("Export", variant="primary", scale=1, min_width=100, elem_classes=["short-btn"])
         files = gr.File(label="Files to download", file_count="multiple", interactive=False, elem_id="export-files")
         export_msg = gr.Markdown("")
