@@ -79,6 +79,8 @@ def test_other_arm_of_a_captured_turn_opens_from_the_store(served):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))  # e.g. Plotly refusing a figure
             page.goto(url, wait_until="domcontentloaded")
             page.get_by_role("tab", name="Inspect").click()
             page.locator("#inspect-session textarea, #inspect-session input").first.fill(sid)
@@ -102,5 +104,11 @@ def test_other_arm_of_a_captured_turn_opens_from_the_store(served):
             assert not capturing
             assert I.STATS["capture_runs"] == before + 1
             expect(page.locator("#inspect-heatmap")).to_contain_text("arm 0 (observer)")
+            # every plot drawn (the divergence strip of one row of tokens once got too little height)
+            for pid in ("inspect-divergence", "inspect-grid", "inspect-heatmap", "inspect-source"):
+                plot = page.locator(f"#{pid} .js-plotly-plot").first
+                plot.wait_for(state="attached", timeout=60_000)
+                assert plot.bounding_box()["height"] > 50, pid
+            assert not errors, errors
         finally:
             browser.close()
