@@ -83,7 +83,9 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         refresh = gr.Button("Refresh", size="sm", scale=1, min_width=100, elem_classes=["short-btn"])
         gr.Markdown(f"<sub>Database: `{html.escape(ctx.db_url or ctx.store.name)}`</sub>")
     table = gr.Dataframe(value=pd.DataFrame(columns=LIST_COLUMNS), interactive=False, wrap=True, max_height=320,
-                         label="Sessions", elem_id="sessions-table")
+                         label="Sessions", elem_id="sessions-table",
+                         # every column on screen, the labelling count included (the id alone is 32 characters)
+                         column_widths=["22%", "11%", "6%", "20%", "16%", "6%", "8%", "11%"])
     with gr.Row(equal_height=True):
         session_id = gr.Textbox(label="Session id", placeholder="click a row above or paste an id", scale=3,
                                 elem_id="sessions-id")
