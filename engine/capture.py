@@ -460,8 +460,8 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     model = lm.model
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     d = CaptureDialogue(lm, [s for s in specs], system=system, record_traces=True)
-    lengths = {r: (expected_length if r == focus_arm and expected_length is not None
-                   else _dry_length(lm, specs, turns, system, r, focus_turn)) for r in record}
+    lengths = {r: (0 if not attention else expected_length if r == focus_arm and expected_length is not None
+                   else _dry_length(lm, specs, turns, system, r, focus_turn)) for r in record}  # fixes the buckets
     probe = _Probe(L, H, len(specs), lengths, max_size, attention, dtype)
     probe.host = d.host  # its hook skips the base-model passes a mechanism runs inside a forward
     d.probe = probe
