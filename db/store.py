@@ -21,8 +21,8 @@ from sqlalchemy.pool import StaticPool
 
 from .models import (ROLES, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, SchemaError,
                      Score, Turn, as_dict, migrate, new_id, utcnow)
-from .rules import (AnnotationRow, ArmRow, CaptureRow, ExperimentRow, ProbeRow, ScoreRow, SessionRow,
-                    TurnRow)
+from .rules import (ID_CHARS, ID_MAX, AnnotationRow, ArmRow, CaptureRow, ExperimentRow, ProbeRow, ScoreRow,
+                    SessionRow, TurnRow, _show)
 
 
 class StoreError(Exception):
@@ -197,9 +197,11 @@ class Store:
     # ---------------------------------------------------------------- lookups
 
     def _session_row(self, s, session_id) -> LabSession:
-        row = s.get(LabSession, session_id) if isinstance(session_id, str) else None
+        # what cannot be an id (a lone surrogate, a 2 MB string, '../x') is unknown without a query
+        is_id = (isinstance(session_id, str) and 0 < len(session_id) <= ID_MAX and set(session_id) <= ID_CHARS)
+        row = s.get(LabSession, session_id) if is_id else None
         if row is None:
-            raise StoreError(f"unknown session id {session_id!r} in {self.name}")
+            raise StoreError(f"unknown session id {_show(session_id)} in {self.name}")
         return row
 
     def _arm_row(self, s, session_id, arm_index) -> Arm:
@@ -465,6 +467,27 @@ class Store:
             newest = {(r["turn_id"], r["annotator"]): r for r in rows}  # later rows win
             rows = [r for r in rows if newest[(r["turn_id"], r["annotator"])] is r]
         return rows
+
+    @_guard
+    def label_counts(self, session_ids=None) -> dict:
+        """How far labelling got, per session: {session_id: {"replies": M, "labelled": {annotator: N}}}
+        with M the assistant replies logged and N how many of them the annotator has labelled. The
+        numbers behind every "N of M labelled" in the lab (Arena and Sessions). `session_ids`: only
+        these (default every session)."""
+        replies = select(Turn.session_id, func.count()).where(Turn.role == "assistant").group_by(Turn.session_id)
+        done = (select(Turn.session_id, Annotation.annotator, func.count(Annotation.turn_id.distinct()))
+                .join(Turn, Annotation.turn_id == Turn.id).where(Turn.role == "assistant")
+                .group_by(Turn.session_id, Annotation.annotator))
+        if session_ids is not None:
+            ids = [str(i) for i in session_ids]
+            replies, done = replies.where(Turn.session_id.in_(ids)), done.where(Turn.session_id.in_(ids))
+        out: dict = {}
+        with self._ro() as s:
+            for sid, m in s.execute(replies):
+                out[sid] = {"replies": int(m), "labelled": {}}
+            for sid, who, n in s.execute(done):
+                out.setdefault(sid, {"replies": 0, "labelled": {}})["labelled"][who] = int(n)
+        return out
 
     def latest_annotations(self, session_id) -> list:
         """The current label of each annotator on each turn."""

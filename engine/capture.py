@@ -7,16 +7,18 @@ grows exactly as in `engine.probes`). The pass itself stays on SDPA: a forward h
 layer's `self_attn` recomputes the queries of only the rows a view needs, takes the rotated keys
 the layer has just written to the KV cache, and reduces softmax(q kᵀ) on the spot. That is the
 layer's own attention (tested against eager `output_attentions`) at a fraction of eager's cost,
-and nothing of size [L, H, T, T] is ever held for long transcripts:
+and nothing of size [L, H, T, T] is ever held for long transcripts. Every arm of the turn is
+recorded in the same pass (each batch row has its own accumulators), so one capture serves the
+views of every arm:
 
-* the focus arm's token x token attention, bucketed to at most `max_size` x `max_size`: one
+* each recorded arm's token x token attention, bucketed to at most `max_size` x `max_size`: one
   representative query row per bucket (its last token; all rows when T <= max_size), columns
   summed over the bucket, so every displayed row is an exact distribution that sums to 1;
   position 0, the attention sink, always keeps its own column so a view can leave it out of the
   colour range;
-* per layer x head, over the rows that generated the focus turn's reply: entropy, and the mass on
-  the source (system prompt + first user message), on the first token, on the arm's own earlier
-  answers;
+* per recorded arm and layer x head, over the rows that generated the arm's reply in the focus
+  turn: entropy, and the mass on the source (system prompt + first user message), on the first
+  token, on the arm's own earlier answers;
 * for every arm, per layer, the share of attention mass the rows generating the focus turn put
   on the source: the "context rot" curve.
 
@@ -33,7 +35,7 @@ import contextlib
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -149,16 +151,19 @@ class ArmTranscript:
 
 @dataclass
 class TurnCapture:
-    """Everything one capture pass yields for a focus (arm, turn), plus per-arm curves and summary."""
+    """Everything one capture pass yields: per recorded arm its bucketed attention and layer x head
+    grid, per arm its transcript, source-attention curve and read traces. `focus_arm` picks the arm
+    the single-arm views (`attention`, `bucket_of`, `grid`, `focus`) read; `for_arm(r)` is the same
+    capture seen from another recorded arm (no new pass)."""
 
     focus_arm: int
     focus_turn: int
     arms: list[ArmTranscript]
     n_layers: int
     n_heads: int
-    attention: np.ndarray | None  # [L, H, S, S] float32, bucketed; None if not captured
-    bucket_of: np.ndarray | None  # [T] bucket of each focus-arm position
-    grid: dict[str, np.ndarray]  # metric -> [L, H] over the rows generating the focus reply
+    attentions: list[np.ndarray | None]  # per arm: [L, H, S, S] bucketed; None if not recorded/captured
+    buckets: list[np.ndarray | None]  # per arm: [T] bucket of each position
+    grids: list[dict[str, np.ndarray] | None]  # per arm: metric -> [L, H] over the rows generating its reply
     source_curves: list[np.ndarray | None]  # per arm: [L, n_reply] source share per generating row
     traces: list[list[list[ReadTrace]]]  # [arm][turn] -> the arm's read traces of that turn
     seconds: float = 0.0
@@ -168,36 +173,72 @@ class TurnCapture:
     def focus(self) -> ArmTranscript:
         return self.arms[self.focus_arm]
 
+    @property
+    def attention(self) -> np.ndarray | None:
+        return self.attentions[self.focus_arm]
+
+    @property
+    def bucket_of(self) -> np.ndarray | None:
+        return self.buckets[self.focus_arm]
+
+    @property
+    def grid(self) -> dict[str, np.ndarray] | None:
+        return self.grids[self.focus_arm]
+
+    @property
+    def recorded(self) -> list[int]:
+        """The arms whose heatmap and grid this capture holds."""
+        return [r for r, g in enumerate(self.grids) if g is not None]
+
+    def for_arm(self, arm: int) -> "TurnCapture":
+        """This capture with `arm` as its focus (it must be one of the recorded arms)."""
+        if arm not in self.recorded:
+            raise CaptureError(f"arm {arm} was not recorded by this capture (recorded: {self.recorded})")
+        return replace(self, focus_arm=arm)
+
 
 # --------------------------------------------------------------------------------------------------
 # The capturing dialogue
 # --------------------------------------------------------------------------------------------------
-class _Probe:
-    """Per-layer reduction of the attention weights of the current forward pass (only the rows the views need)."""
+class _ArmAcc:
+    """One recorded arm's accumulators: its display buckets, its bucketed heatmap and its layer x head grid."""
 
-    def __init__(self, n_layers: int, n_heads: int, n_arms: int, focus_arm: int, T_final: int,
-                 max_size: int | None, want_attention: bool):
-        self.L, self.H = n_layers, n_heads
-        self.focus_arm = focus_arm
-        self.active = False  # set while the passes that matter run
-        self.host = None  # the MechanismHost (set by capture_turn)
-        self.want_attention = want_attention
+    def __init__(self, n_layers: int, n_heads: int, T_final: int, max_size: int | None, want_attention: bool,
+                 dtype: torch.dtype):
         self.idx = bucket_index(T_final, max_size)
         self.S = int(self.idx.max()) + 1 if T_final else 0
         self.idx_t = torch.from_numpy(self.idx)
         # one representative query per display bucket: the last position of each bucket
         self.rep_t = torch.from_numpy(representatives(self.idx))
-        self.acc = torch.zeros(n_layers, n_heads, self.S, self.S) if want_attention else None
-        self.row_counts = torch.zeros(self.S)
+        # each display row is written once (by its representative query), so a float16 store loses
+        # nothing beyond the final rounding a float16 payload makes anyway
+        self.acc = torch.zeros(n_layers, n_heads, self.S, self.S, dtype=dtype) if want_attention else None
         self.overflow = False
+        self.grid_sums = {k: torch.zeros(n_layers, n_heads, dtype=torch.float64) for k in GRID_METRICS}
+        self.grid_rows = 0
+
+
+class _Probe:
+    """Per-layer reduction of the attention weights of the current forward pass (only the rows the views need).
+
+    `record`: the arms (batch rows) whose heatmap and layer x head grid are kept, each in its own
+    accumulator (`_ArmAcc`); the source curves are kept for every arm that generates.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, n_arms: int, record: dict[int, int], max_size: int | None,
+                 want_attention: bool, dtype: torch.dtype = torch.float32):
+        self.L, self.H = n_layers, n_heads
+        self.active = False  # set while the passes that matter run
+        self.host = None  # the MechanismHost (set by capture_turn)
+        self.want_attention = want_attention
+        # record: arm -> its transcript length at the end of the capture (fixes its buckets)
+        self.arms = {r: _ArmAcc(n_layers, n_heads, T, max_size, want_attention, dtype) for r, T in record.items()}
         self.step: dict | None = None
         self.thread: int | None = None
         # per arm: which query rows generate reply tokens (set by the feeder), masks over columns
         self.gen_rows: list[str | None] = [None] * n_arms  # 'last' | 'all' | None
         self.col_masks: list[dict[str, torch.Tensor] | None] = [None] * n_arms
         self.curves: list[list[torch.Tensor]] = [[] for _ in range(n_arms)]  # chunks of [L, n]
-        self.grid_sums = {k: torch.zeros(n_layers, n_heads, dtype=torch.float64) for k in GRID_METRICS}
-        self.grid_rows = 0
         self._curve_chunk: list[torch.Tensor | None] = [None] * n_arms
 
     def begin_step(self, n: list[int], start: list[int], mask_after: torch.Tensor, T: int,
@@ -232,8 +273,9 @@ class _Probe:
         query per display bucket (its last token), the grid and curves every generating row.
         """
         heat = gen = None
-        if r == self.focus_arm and self.want_attention and start + n <= len(self.idx):
-            heat = torch.nonzero(self.rep_t[start:start + n]).squeeze(-1)
+        acc = self.arms.get(r)
+        if acc is not None and self.want_attention and start + n <= len(acc.idx):
+            heat = torch.nonzero(acc.rep_t[start:start + n]).squeeze(-1)
         mode = self.gen_rows[r]
         if mode is not None:
             gen = torch.tensor([n - 1]) if mode == "last" else torch.arange(n)
@@ -289,10 +331,11 @@ class _Probe:
                 continue
             w = self._weights(layer, module, kwargs, r, union, n)  # [H, m, start + n]
             where = {int(i): j for j, i in enumerate(union.tolist())}
+            acc = self.arms.get(r)
             if heat is not None and len(heat):
-                self._accumulate(layer, w[:, [where[int(i)] for i in heat]], start + heat)
-            elif r == self.focus_arm and self.want_attention and start + n > len(self.idx):
-                self.overflow = True
+                self._accumulate(acc, layer, w[:, [where[int(i)] for i in heat]], start + heat)
+            elif acc is not None and self.want_attention and start + n > len(acc.idx):
+                acc.overflow = True
             if gen is None:
                 continue
             g = w[:, [where[int(i)] for i in gen]]  # [H, n_gen, Tk]
@@ -304,27 +347,27 @@ class _Probe:
             if self._curve_chunk[r] is None:
                 self._curve_chunk[r] = torch.zeros(self.L, curve.shape[0])
             self._curve_chunk[r][layer] = curve
-            if r == self.focus_arm:
+            if acc is not None:
+                sums = acc.grid_sums
                 p = g.clamp_min(1e-12)
-                self.grid_sums["entropy"][layer] += (-(g * p.log()).sum(-1)).sum(-1).double()
-                self.grid_sums["source"][layer] += share.sum(-1).double()
-                self.grid_sums["sink"][layer] += g[:, :, 0].sum(-1).double()
+                sums["entropy"][layer] += (-(g * p.log()).sum(-1)).sum(-1).double()
+                sums["source"][layer] += share.sum(-1).double()
+                sums["sink"][layer] += g[:, :, 0].sum(-1).double()
                 own = masks["own_answers"][:rows_len]
-                self.grid_sums["own_answers"][layer] += g[:, :, own].sum(-1).sum(-1).double()
+                sums["own_answers"][layer] += g[:, :, own].sum(-1).sum(-1).double()
                 if layer == 0:
-                    self.grid_rows += g.shape[1]
+                    acc.grid_rows += g.shape[1]
 
-    def _accumulate(self, layer: int, rows: torch.Tensor, positions: torch.Tensor):
-        """Place representative query rows [H, m, Tk] (at absolute `positions`) into the display grid."""
+    @staticmethod
+    def _accumulate(acc: _ArmAcc, layer: int, rows: torch.Tensor, positions: torch.Tensor):
+        """Place representative query rows [H, m, Tk] (at absolute `positions`) into the arm's display grid."""
         Tk = rows.shape[-1]
-        qb = self.idx_t[positions]
-        kb = self.idx_t[:Tk]
-        if self.S == len(self.idx):  # no bucketing: place the rows as they are
-            self.acc[layer][:, qb, :Tk] = rows
+        qb = acc.idx_t[positions]
+        kb = acc.idx_t[:Tk]
+        if acc.S == len(acc.idx):  # no bucketing: place the rows as they are
+            acc.acc[layer][:, qb, :Tk] = rows.to(acc.acc.dtype)
         else:
-            self.acc[layer][:, qb] = torch.zeros(rows.shape[0], rows.shape[1], self.S).index_add_(2, kb, rows)
-        if layer == 0:
-            self.row_counts[qb] = 1.0
+            acc.acc[layer][:, qb] = torch.zeros(rows.shape[0], rows.shape[1], acc.S).index_add_(2, kb, rows).to(acc.acc.dtype)
 
 
 class CaptureDialogue(Dialogue):
@@ -383,15 +426,19 @@ class CaptureDialogue(Dialogue):
 def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, list[list[int]]]],
                  system: str | None = None, *, focus_arm: int = 0, focus_turn: int | None = None,
                  attention: bool = True, max_size: int | None = DEFAULT_MAX_SIZE,
-                 curves: bool = True, expected_length: int | None = None, window: int | None = None) -> TurnCapture:
+                 curves: bool = True, expected_length: int | None = None, window: int | None = None,
+                 record: list[int] | None = None, dtype: torch.dtype = torch.float32) -> TurnCapture:
     """Teacher-force `turns` [(user, [reply ids per arm]), ...] up to `focus_turn` and capture it.
 
-    One pass, eager attention, every arm's mechanism active and recording read traces. Returns the
-    focus arm's bucketed attention over its transcript up to the end of the focus turn
-    (`max_size=None`: full [L, H, T, T]), the layer x head grid over the rows that generated the
-    focus reply, every arm's source-attention curve for that turn, and every arm's read traces.
+    One pass, every arm's mechanism active and recording read traces. For every arm in `record`
+    (default: every arm; each batch row has its own accumulators) it keeps the arm's bucketed
+    attention over its transcript up to the end of the focus turn (`max_size=None`: full
+    [L, H, T, T]) and the layer x head grid over the rows that generated the arm's reply; for every
+    arm its source-attention curve for that turn and its read traces. `focus_arm` is the arm the
+    result's single-arm views show (`TurnCapture.for_arm` shows another recorded one). `dtype`: the
+    heatmaps' storage (float16 halves the memory of a long capture; each display row is written once).
     `expected_length`: the focus arm's transcript length if known (else it is found by a dry run of
-    the tokenisation), used to fix the buckets before the pass.
+    the tokenisation, as for every other recorded arm), used to fix the buckets before the pass.
     """
     if window is not None:
         raise CaptureError(f"this dialogue ran with an attention window of {window} tokens; captures need the "
@@ -403,6 +450,9 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
         raise CaptureError(f"turn {focus_turn} does not exist: the dialogue has turns 0..{len(turns) - 1}")
     if not 0 <= focus_arm < len(specs):
         raise CaptureError(f"arm {focus_arm} does not exist: the dialogue has arms 0..{len(specs) - 1}")
+    record = list(range(len(specs))) if record is None else sorted({int(r) for r in record} | {focus_arm})
+    if any(not 0 <= r < len(specs) for r in record):
+        raise CaptureError(f"record names an arm that does not exist: the dialogue has arms 0..{len(specs) - 1}")
     for k, (_, replies) in enumerate(turns[:focus_turn + 1]):
         if len(replies) != len(specs):
             raise CaptureError(f"turn {k} has replies for {len(replies)} arms, the dialogue has {len(specs)}")
@@ -410,12 +460,12 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     model = lm.model
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     d = CaptureDialogue(lm, [s for s in specs], system=system, record_traces=True)
-    T_final = expected_length if expected_length is not None else _dry_length(lm, specs, turns, system,
-                                                                              focus_arm, focus_turn)
-    probe = _Probe(L, H, len(specs), focus_arm, T_final, max_size, attention)
+    lengths = {r: (0 if not attention else expected_length if r == focus_arm and expected_length is not None
+                   else _dry_length(lm, specs, turns, system, r, focus_turn)) for r in record}  # fixes the buckets
+    probe = _Probe(L, H, len(specs), lengths, max_size, attention, dtype)
     probe.host = d.host  # its hook skips the base-model passes a mechanism runs inside a forward
     d.probe = probe
-    gen_arms = set(range(len(specs))) if curves else {focus_arm}
+    gen_arms = set(range(len(specs))) if curves else set(record)
     layers = decoder_layers(model)
     spans_by_arm: list[list[tuple[int, int]]] = [[] for _ in specs]
     traces: list[list[list[ReadTrace]]] = [[] for _ in specs]
@@ -433,7 +483,7 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
                     for r, arm in enumerate(d.arms):
                         probe.col_masks[r] = _column_masks(arm.turns, arm.roles, k, pad=spans[r][1] - spans[r][0] + 1)
 
-                # attention is only reduced in the focus turn, and everywhere for the focus heatmap
+                # attention is only reduced in the focus turn, and everywhere for the heatmaps
                 probe.active = attention or is_focus
                 d._gen_arms = gen_arms if is_focus else set()
                 if is_focus:
@@ -447,7 +497,7 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
             if attention:
                 probe.active = True
                 d._gen_arms = set()
-                d.flush([focus_arm])
+                d.flush(record)
     finally:
         for h in handles:
             h.remove()
@@ -458,24 +508,29 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
                                   token_ids=list(arm.token_ids), roles=list(arm.roles),
                                   msg_turns=list(arm.turns), reply_spans=spans_by_arm[r],
                                   memory_sizes=mem_sizes[r]))
-    attn = bucket_of = None
-    if attention:
-        T = arms[focus_arm].token_ids.__len__()
-        if probe.overflow or T != len(probe.idx):
-            notes.append(f"transcript length {T} differs from the expected {len(probe.idx)}; attention not captured")
-        else:
-            attn = (probe.acc / probe.row_counts.clamp_min(1)[None, None, :, None]).numpy()
-            bucket_of = probe.idx
-    rows = max(probe.grid_rows, 1)
-    grid = {k: (v / rows).numpy().astype(np.float32) for k, v in probe.grid_sums.items()}
-    if probe.grid_rows == 0:
-        grid = {k: np.full((L, H), np.nan, np.float32) for k in GRID_METRICS}
+    attentions: list[np.ndarray | None] = [None] * len(specs)
+    buckets: list[np.ndarray | None] = [None] * len(specs)
+    grids: list[dict[str, np.ndarray] | None] = [None] * len(specs)
+    for r, acc in probe.arms.items():
+        if attention:
+            T = len(arms[r].token_ids)
+            if acc.overflow or T != len(acc.idx):
+                notes.append(f"arm {r}: transcript length {T} differs from the expected {len(acc.idx)}; "
+                             "attention not captured")
+            else:
+                attentions[r] = acc.acc.numpy()  # rows never written are zero; every written row sums to 1
+                buckets[r] = acc.idx
+        rows = max(acc.grid_rows, 1)
+        grids[r] = {k: (v / rows).numpy().astype(np.float32) for k, v in acc.grid_sums.items()}
+        if acc.grid_rows == 0:
+            grids[r] = {k: np.full((L, H), np.nan, np.float32) for k in GRID_METRICS}
+        acc.acc = None
     src_curves: list[np.ndarray | None] = []
     for r in range(len(specs)):
         chunks = probe.curves[r]
         src_curves.append(torch.cat(chunks, 1).numpy() if chunks else None)
     return TurnCapture(focus_arm=focus_arm, focus_turn=focus_turn, arms=arms, n_layers=L, n_heads=H,
-                       attention=attn, bucket_of=bucket_of, grid=grid, source_curves=src_curves, traces=traces,
+                       attentions=attentions, buckets=buckets, grids=grids, source_curves=src_curves, traces=traces,
                        seconds=time.perf_counter() - t_start, notes=notes)
 
 

@@ -226,7 +226,8 @@ def divergence_strip(tokens: list[str], kl: list[float], *, max_abs_dlogit: list
                 f"max |Δlogit| {summary.get('max_abs_dlogit', 0):.3f} · mean |Δlogit| "
                 f"{summary.get('mean_abs_dlogit', 0):.4f} · top-1 agreement {summary.get('top1_agreement', 1):.0%}")
     fig.update_layout(title=dict(text=f"{html.escape(title)}<br><sup>{head}</sup>", x=0.01),
-                      height=110 + 38 * rows, margin=dict(l=10, r=10, t=70, b=10),
+                      # Gradio's Plot fails below ~80 px of plot area ('axis scaling'): keep room
+                      height=150 + 38 * rows, margin=dict(l=10, r=10, t=70, b=10),
                       xaxis=dict(visible=False), yaxis=dict(visible=False, autorange="reversed"))
     return fig
 

@@ -11,7 +11,9 @@ on demand, and caches it in the database so reopening a turn is instant:
 Every capture row carries a key (capture version, model weights hash, arms, max_size); a row whose
 key differs (other weights, a newer capture format) is recomputed, never shown.
 Capture kinds on the arm's assistant turn: inspect.attention, inspect.memory, inspect.source,
-inspect.summary (one capture pass makes all four), inspect.divergence (a separate probe pass).
+inspect.summary (one capture pass makes all four, for every arm of the turn at once: each batch
+row has its own accumulators), inspect.divergence (a probe pass per arm, every arm's run in the same
+call), so Inspect on any other arm of a captured turn is served from the store.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from db import Store
 from engine import LoadedModel
@@ -124,12 +127,15 @@ def _captures_root(store: Store, captures_dir: str | None) -> Path | None:
 
 def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_index: int, turn_index: int,
                  kinds=KINDS, *, max_size: int = DEFAULT_MAX_SIZE, lock=None, recompute: bool = False,
-                 captures_dir: str | None = None) -> InspectResult:
+                 captures_dir: str | None = None, progress=None) -> InspectResult:
     """Everything the Inspect views need for one (session, arm, turn), from the cache or computed.
 
     `lock`: held around model work only (the lab passes its model lock). `lm` may be None when every
-    asked kind is cached. Errors the user can act on raise `InspectError` (or the store's error for an
-    unknown session).
+    asked kind is cached. A pass that runs covers every arm of the turn: one capture stores the views
+    of all arms (each arm's own turn row and array file), and the divergence probe runs for every arm
+    not yet compared, so inspecting another arm of the turn afterwards runs no model. `progress(text)`
+    is called before each model pass (the lab shows it). Errors the user can act on raise
+    `InspectError` (or the store's error for an unknown session).
     """
     t0 = time.perf_counter()
     kinds = tuple(kinds)
@@ -160,8 +166,7 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
                            f"there is no turn {turn_index}")
     if any(k not in complete for k in range(turn_index + 1)):
         raise InspectError(f"turn {turn_index} (or an earlier one) has no logged reply for every arm")
-    focus_row = turns[turn_index][arm_index]["assistant"]
-    turn_id = focus_row["id"] if "id" in focus_row else focus_row["turn_id"]
+    turn_id = _row_id(turns[turn_index][arm_index]["assistant"])
     lm_hash = lm.identity.weights_hash if lm is not None else session["model"].get("weights_hash")
     key = _key(session, lm_hash, max_size)
     root = _captures_root(store, captures_dir)
@@ -170,14 +175,10 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
     # -- the cache
     missing = []
     for kind in kinds:
-        row = None if recompute else store.get_capture(turn_id, PREFIX + kind)
-        ok = row is not None and isinstance(row.get("data"), dict) and row["data"].get("key") == key
-        if ok and row.get("path"):
-            path = (root / row["path"]) if root is not None else None
-            ok = path is not None and path.is_file()
-            if ok:
-                result.files[kind] = str(path)
-        if ok:
+        row = None if recompute else _cached_row(store, turn_id, kind, key, root)
+        if row is not None:
+            if row.get("path"):
+                result.files[kind] = str(root / row["path"])
             _attach(result, kind, row["data"])
             result.cached[kind] = True
         else:
@@ -196,56 +197,91 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
     forced = [(turns[k][0]["user"]["text"], [turns[k][a["index"]]["assistant"]["token_ids"] for a in arms])
               for k in range(turn_index + 1)]
     guard = lock if lock is not None else contextlib.nullcontext()
+    # every pass covers every arm of the turn: Inspect on another arm then needs no model at all
+    turn_ids = [_row_id(turns[turn_index][a["index"]]["assistant"]) for a in arms]
 
     if any(k in CAPTURE_KINDS for k in missing):
+        if progress is not None:
+            progress(f"capturing turn {turn_index} (attention and memory reads of all {len(arms)} arms, "
+                     "one teacher-forced pass)")
         with guard:
             try:
                 cap = capture_turn(lm, specs, forced, system, focus_arm=arm_index, focus_turn=turn_index,
-                                   max_size=max_size)
+                                   max_size=max_size, dtype=torch.float16)
             except CaptureError as e:
                 raise InspectError(str(e)) from None
         STATS["capture_runs"] += 1
-        result.notes += cap.notes
-        _check_transcript(result, cap, turns, arm_index, turn_index)
-        data = _capture_payloads(lm, cap, key)
-        rel = None
-        arrays = data.pop("_arrays")
-        if root is not None:
-            rel = f"captures/{_safe(session_id)}/a{arm_index}-t{turn_index}.npz"
-            path = root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            np.savez_compressed(tmp, **arrays)
-            os.replace(tmp, path)
-            for kind in ("attention", "memory"):
-                result.files[kind] = str(path)
-        else:
-            result.notes.append("no folder for capture files: arrays are kept in memory only")
-            result._mem_arrays = arrays  # type: ignore[attr-defined]
-            result.files = {}
-        for kind in CAPTURE_KINDS:
-            payload = data[kind]
-            store.put_capture(turn_id, PREFIX + kind, path=rel if kind in ("attention", "memory") else None,
-                              data=payload)
-            _attach(result, kind, payload)
-            result.cached[kind] = False
+        # the asked arm first, so that an arm whose rows cannot be written does not cost it its views
+        for r in [arm_index] + [r for r in range(len(arms)) if r != arm_index]:
+            if r != arm_index and root is None:
+                break  # without a folder for the arrays only the asked arm's views can be kept (in memory)
+            view = cap.for_arm(r)
+            check = _check_transcript(view, turns, r, turn_index)
+            data = _capture_payloads(lm, view, key, [check] if check else [])
+            arrays = data.pop("_arrays")
+            rel = None
+            if root is not None:
+                rel = f"captures/{_safe(session_id)}/a{r}-t{turn_index}.npz"
+                path = root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.stem + ".tmp.npz")
+                np.savez_compressed(tmp, **arrays)
+                os.replace(tmp, path)
+                if r == arm_index:
+                    for kind in ("attention", "memory"):
+                        result.files[kind] = str(path)
+            elif r == arm_index:
+                result.notes.append("no folder for capture files: arrays are kept in memory only")
+                result._mem_arrays = arrays  # type: ignore[attr-defined]
+                result.files = {}
+            del arrays
+            for kind in CAPTURE_KINDS:
+                payload = data[kind]
+                store.put_capture(turn_ids[r], PREFIX + kind,
+                                  path=rel if kind in ("attention", "memory") else None, data=payload)
+                if r == arm_index:
+                    _attach(result, kind, payload)
+                    result.cached[kind] = False
+            if r == arm_index:
+                result.notes += view.notes + ([check] if check else [])
+        del cap
         if root is None:
             _load_npz.cache_clear()
 
     if "divergence" in missing:
-        with guard:
-            spec = specs[arm_index]
-            divs, _ = compare_on_transcript(lm, spec, [(u, r[arm_index]) for u, r in forced], system)
-        STATS["divergence_runs"] += 1
-        payload = _divergence_payload(lm, divs[turn_index], key)
-        store.put_capture(turn_id, PREFIX + "divergence", data=payload)
-        _attach(result, "divergence", payload)
-        result.cached["divergence"] = False
+        todo = [arm_index] + [r for r in range(len(arms)) if r != arm_index
+                              and _cached_row(store, turn_ids[r], "divergence", key, root) is None]
+        if progress is not None:
+            progress(f"comparing {len(todo)} arm{'s' if len(todo) > 1 else ''} with the observer "
+                     f"(teacher-forced, turn {turn_index})")
+        for r in todo:
+            with guard:
+                divs, _ = compare_on_transcript(lm, specs[r], [(u, reps[r]) for u, reps in forced], system)
+            STATS["divergence_runs"] += 1
+            payload = _divergence_payload(lm, divs[turn_index], key)
+            store.put_capture(turn_ids[r], PREFIX + "divergence", data=payload)
+            if r == arm_index:
+                _attach(result, "divergence", payload)
+                result.cached["divergence"] = False
 
     # keep only the asked kinds' flags
     result.cached = {k: v for k, v in result.cached.items() if k in kinds}
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _row_id(row: dict) -> int:
+    return row["id"] if "id" in row else row["turn_id"]
+
+
+def _cached_row(store: Store, turn_id: int, kind: str, key: dict, root: Path | None) -> dict | None:
+    """The stored capture row of this kind if it is current (same key) and its array file exists."""
+    row = store.get_capture(turn_id, PREFIX + kind)
+    if row is None or not isinstance(row.get("data"), dict) or row["data"].get("key") != key:
+        return None
+    if row.get("path") and (root is None or not (root / row["path"]).is_file()):
+        return None
+    return row
 
 
 def _safe(name: str) -> str:
@@ -262,7 +298,7 @@ def _attach(result: InspectResult, kind: str, data: dict):
         setattr(result, kind, data)
 
 
-def _check_transcript(result, cap, turns, arm_index, turn_index):
+def _check_transcript(cap, turns, arm_index, turn_index) -> str | None:
     expected: list[int] = []
     for k in range(turn_index + 1):
         expected += list(turns[k][arm_index]["user"].get("token_ids") or [])
@@ -271,15 +307,17 @@ def _check_transcript(result, cap, turns, arm_index, turn_index):
     expected += list(last[-1:])
     got = cap.focus.token_ids
     if expected and expected != got:
-        result.notes.append("the rebuilt transcript differs from the logged prompt tokens "
-                            f"({len(got)} vs {len(expected)} tokens); the views follow the rebuilt one")
+        return ("the rebuilt transcript differs from the logged prompt tokens "
+                f"({len(got)} vs {len(expected)} tokens); the views follow the rebuilt one")
+    return None
 
 
 def _r(x, nd=5):
     return None if x is None or (isinstance(x, float) and not np.isfinite(x)) else round(float(x), nd)
 
 
-def _capture_payloads(lm, cap, key) -> dict:
+def _capture_payloads(lm, cap, key, notes=()) -> dict:
+    """The stored views of `cap.focus_arm`: JSON payloads per kind and the arrays for its file."""
     tok = lm.tokenizer
     f = cap.focus
     labels = token_labels(tok, f.token_ids)
@@ -288,8 +326,9 @@ def _capture_payloads(lm, cap, key) -> dict:
     transcript = {"tokens": labels, "roles": [ROLES[r] for r in f.roles], "turns": f.msg_turns,
                   "reply_span": [a, b], "label": f.label, "spec": f.spec}
     att = None
+    notes = [n for n in cap.notes if not n.startswith("arm ") or n.startswith(f"arm {cap.focus_arm}:")] + list(notes)
     if cap.attention is not None:
-        arrays["attention"] = cap.attention.astype(np.float16)
+        arrays["attention"] = cap.attention.astype(np.float16, copy=False)
         starts = bucket_starts(cap.bucket_of)
         ends = starts[1:] + [len(cap.bucket_of)]
         bl = [labels[s] if e - s == 1 else f"{labels[s]}…{labels[e - 1]} [{s}-{e - 1}]" for s, e in zip(starts, ends)]
@@ -300,9 +339,9 @@ def _capture_payloads(lm, cap, key) -> dict:
                "rows": "rows: mean over the bucket's rows; columns: sum over the bucket's columns",
                "grid_metrics": GRID_METRICS,
                "grid": {m: [[_r(v) for v in row] for row in g] for m, g in cap.grid.items()},
-               "transcript": transcript, "notes": cap.notes, "capture_seconds": round(cap.seconds, 3)}
+               "transcript": transcript, "notes": notes, "capture_seconds": round(cap.seconds, 3)}
     else:
-        att = {"key": key, "unavailable": "; ".join(cap.notes) or "attention was not captured"}
+        att = {"key": key, "unavailable": "; ".join(notes) or "attention was not captured"}
     for m, g in cap.grid.items():
         arrays[f"grid_{m}"] = g
     table = memory_read_table(cap.traces[cap.focus_arm][cap.focus_turn], f, cap.focus_turn, tok)

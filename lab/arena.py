@@ -18,9 +18,10 @@ import gradio as gr
 from db import STANCE_LABELS, StoreError
 from engine import SpecError
 
-from .arena_controller import LETTERS, ArenaError, ArenaSession, TurnOutcome, check_message, parse_window
+from .arena_controller import (LETTERS, ArenaError, ArenaSession, TurnOutcome, check_message,
+                               check_session_fields, labelled_line, parse_window)
 from .context import MODEL_QUEUE, LabContext
-from .fields import FieldNumber, FieldSlider
+from .fields import FieldDropdown, FieldNumber, FieldRadio, FieldSlider
 from .settings import Control, PaneLayout, mechanism_choices, summary
 
 N_PANES = 4
@@ -41,7 +42,7 @@ def make_control(c: Control, value=None):
         return gr.Checkbox(value=bool(value), label=c.label, info=c.info or None, min_width=80)
     if c.kind == "dropdown":
         choices = ([""] if c.optional else []) + list(c.choices)
-        return gr.Dropdown(choices, value=value if value is not None else "", label=c.label, info=c.info or None,
+        return FieldDropdown(choices, value=value if value is not None else "", label=c.label, info=c.info or None,
                            min_width=80)
     if c.kind == "number" and c.optional:  # blank = unset (a number box could not be left empty over the API)
         return gr.Textbox(value="" if value is None else str(value), label=c.label, info=c.info or None,
@@ -147,12 +148,10 @@ def annotations_text(ctx: LabContext, turn_id) -> str:
 
 
 def progress_text(tab: ArenaSession, annotator: str) -> str:
-    name = (annotator or "").strip()
     if not tab.turns:
         return ""
-    done, total = tab.label_progress(name) if name else (0, sum(i is not None for t in tab.turns for i in t.turn_ids))
-    who = f"by **{html.escape(name)}**" if name else "(enter your name under Annotator)"
-    return f"**{done} of {total}** replies labelled {who} in this session"
+    done, total = tab.label_progress(annotator)
+    return labelled_line(done, total, annotator) + " in this session"
 
 
 # ------------------------------------------------------------------------------------------ UI
@@ -194,7 +193,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
                 "Label each reply below its pane (did the arm keep or revise its stance?). "
                 "Every finished turn is logged to the database.", elem_classes=["lab-intro"])
     with gr.Row(equal_height=True):
-        n_arms = gr.Radio([2, 3, 4], value=2, label="Arms", scale=1, min_width=140)
+        n_arms = FieldRadio([2, 3, 4], value=2, label="Arms", scale=1, min_width=140)
         blind = gr.Checkbox(label="Blind mode", value=False, scale=1, min_width=160,
                             info="hide which arm is which and shuffle the panes")
         annotator = gr.Textbox(value="", label="Annotator", placeholder="your name (for labels)", scale=2, min_width=160,
@@ -219,7 +218,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
                                      elem_classes=["pane-header"], elem_id=f"arm{p + 1}-header")
                 with gr.Accordion("Arm settings (click to change)", open=False,
                                   elem_classes=["pane-settings"]) as acc:
-                    controls = [gr.Dropdown(mechanism_choices(), value=d[0], label="Mechanism",
+                    controls = [FieldDropdown(mechanism_choices(), value=d[0], label="Mechanism",
                                             info="observer = the plain model, no memory",
                                             elem_classes=["mechanism"])]
                     by_slot = {}
@@ -285,9 +284,9 @@ def build_arena_tab(ctx: LabContext) -> dict:
                            elem_id=f"arm{p + 1}-label") as ann_col:
                 ann_title = gr.Markdown(ann_title_text(ArenaSession(ctx.store, ctx.lm), p, False,
                                                        layout.spec(layout.defaults(p))), elem_classes=["ann-title"])
-                turn_sel = gr.Dropdown(choices=[], value=None, label="Turn", interactive=True,
+                turn_sel = FieldDropdown(choices=[], value=None, label="Turn", interactive=True,
                                        info="the latest is selected after each reply")
-                stance = gr.Radio(STANCE_LABELS, value=None, label="Stance", elem_classes=["stance"])
+                stance = FieldRadio(STANCE_LABELS, value=None, label="Stance", elem_classes=["stance"])
                 with gr.Row(equal_height=True):
                     note = gr.Textbox(value="", label="Note", placeholder="optional", lines=1, scale=3, min_width=120)
                     confidence = FieldSlider(0, 1, value=0.8, step=0.05, label="Confidence", scale=2, min_width=120)
@@ -402,6 +401,9 @@ def build_arena_tab(ctx: LabContext) -> dict:
     def start_session(tab: ArenaSession, n, blind_value, system_text, title_text, annotator_name, window_text,
                       vals) -> dict:
         """Build the arms from the settings; return {pane: error} (or {"session": error}) if refused."""
+        why = check_session_fields(system_text, title_text, annotator_name)
+        if why:
+            return {"session": why}
         try:
             window_n = parse_window(window_text)
         except ArenaError as e:
@@ -441,7 +443,8 @@ def build_arena_tab(ctx: LabContext) -> dict:
             errors = start_session(tab, n, blind_value, system_text, title_text, annotator_name, window_text, vals)
             if errors:
                 why = errors.pop("session", None)
-                upd = {status: f"⚠ Not sent: {why}." if why else "⚠ Not sent: fix the arm settings marked in red.",
+                upd = {status: f"⚠ Not sent: {html.escape(why)}" if why
+                       else "⚠ Not sent: fix the arm settings marked in red.",
                        msg: message}
                 for p, pn in enumerate(panes):
                     upd[pn["err"]] = f"⚠ {html.escape(errors[p])}" if p in errors else ""

@@ -18,6 +18,7 @@ The Gradio code (lab/arena.py) keeps only layout and wiring.
 """
 from __future__ import annotations
 
+import html
 import random
 import threading
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from typing import Iterator
 
 from db import STANCE_LABELS, Store, StoreError
 from engine import ArmReply, ArmSpec, Dialogue, DialogueError, LoadedModel, SpecError, StreamEvent
+from db.rules import SessionRow
 from engine.dialogue import MAX_MESSAGE_CHARS
+from engine.dialogue import check_message as engine_check_message
 from experiments.record import SessionRecorder, dialogue_from_session, other_weights
 
 LETTERS = "ABCD"
@@ -100,6 +103,59 @@ def parse_window(value) -> int | None:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def check_session_fields(system=None, title=None, annotator=None) -> str | None:
+    """Why a session with this system prompt, title and annotator cannot be started (one line), or None:
+    the engine's rule for the system prompt (valid text, as the CLI's --system), the store's rules for
+    the title and the annotator (checked before anything is generated, so a turn never waits for a
+    session that can never be written)."""
+    try:
+        if system is not None:
+            engine_check_message(system, "the system prompt", limit=None, allow_empty=True)
+        for what, value in (("title", title), ("annotator", annotator)):
+            if value is not None:
+                engine_check_message(value, f"the {what}", limit=None, allow_empty=True)
+        SessionRow.check_fields(title=(title or "").strip(), user=(annotator or "").strip() or None)
+    except (DialogueError, ValueError) as e:
+        return _first_line(e).replace("user:", "annotator:", 1)
+    return None
+
+
+# -- labels and reveal of a logged session: shared by the Arena and the Sessions tab ---------------------
+def label_progress(store: Store, session_id: str | None, annotator: str) -> tuple[int, int]:
+    """(replies `annotator` has labelled, replies logged) in a logged session: "N of M labelled"."""
+    if not session_id:
+        return 0, 0
+    counts = store.label_counts([session_id]).get(session_id) or {"replies": 0, "labelled": {}}
+    return counts["labelled"].get((annotator or "").strip(), 0), counts["replies"]
+
+
+def labelled_line(done: int, total: int, annotator: str) -> str:
+    """The "N of M labelled" line as the lab shows it (Markdown)."""
+    name = (annotator or "").strip()
+    who = f"by **{html.escape(name)}**" if name else "(enter your name under Annotator)"
+    return f"**{done} of {total}** replies labelled {who}"
+
+
+def reveal_session(store: Store, session_id: str) -> str:
+    """Reveal a blind session's arms (records `meta.revealed_at`, kept if already set); returns the
+    mapping "Arm A = <label>, Arm B = ..." in pane order. Raises ArenaError if there is nothing to reveal."""
+    try:
+        s = store.get_session(session_id)
+    except StoreError as e:
+        raise ArenaError(_first_line(e)) from None
+    if not s.get("blind"):
+        raise ArenaError("This session is not blind: its arms are named already.")
+    meta = s.get("meta") or {}
+    if not meta.get("revealed_at"):
+        try:
+            store.update_session(session_id, meta={**meta, "revealed_at": datetime.now(timezone.utc).isoformat()})
+        except StoreError as e:
+            raise ArenaError(f"Not revealed: {_first_line(e)}") from None
+    labels = {a["index"]: a["label"] for a in s["arms"]}
+    order = s.get("pane_order") or sorted(labels)
+    return ", ".join(f"Arm {LETTERS[p]} = {labels.get(a, a)}" for p, a in enumerate(order))
 
 
 @dataclass
@@ -185,6 +241,9 @@ class ArenaSession:
             raise ArenaError("a session is already running; press New session first")
         if not 2 <= len(specs) <= MAX_ARMS:
             raise ArenaError(f"the number of arms must be 2 to {MAX_ARMS}, not {len(specs)}")
+        why = check_session_fields(system, title, annotator)
+        if why:
+            raise ArenaError(why)
         window = parse_window(window)
         try:
             self.dialogue = Dialogue(self.lm, list(specs), system=(system or "").strip() or None, window=window)
@@ -361,11 +420,9 @@ class ArenaSession:
         self.revealed = True
         if self.recorder is not None:
             try:
-                s = self.store.get_session(self.session_id)
-                self.store.update_session(self.session_id, meta={**(s.get("meta") or {}),
-                                                                 "revealed_at": datetime.now(timezone.utc).isoformat()})
-            except StoreError:
-                pass
+                reveal_session(self.store, self.session_id)
+            except ArenaError:
+                pass  # the panes are revealed here; the record keeps its letters until a write succeeds
         return ", ".join(f"Arm {LETTERS[p]} = {self.spec_of(p).display_label}" for p in range(self.n))
 
     # -- labels ---------------------------------------------------------------------------------
@@ -389,9 +446,14 @@ class ArenaSession:
         tid = turn.turn_ids[arm]
         if tid is None:
             raise ArenaError(f"Turn {k + 1} was not logged ({turn.log_error}); it cannot be annotated yet.")
+        if confidence is not None:
+            try:
+                confidence = float(confidence)
+            except (TypeError, ValueError, OverflowError):
+                shown = repr(confidence) if len(repr(confidence)) <= 40 else repr(confidence)[:37] + "..."
+                raise ArenaError(f"Not saved: confidence must be a number from 0 to 1, got {shown}") from None
         try:
-            self.store.annotate(tid, annotator.strip(), label, note or "",
-                                confidence=None if confidence is None else float(confidence))
+            self.store.annotate(tid, annotator.strip(), label, note or "", confidence=confidence)
         except (StoreError, ValueError) as e:
             raise ArenaError(f"Not saved: {_first_line(e)}") from None
         return k, tid
@@ -407,10 +469,13 @@ class ArenaSession:
         return {a["turn_id"] for a in rows if a["annotator"] == name}
 
     def label_progress(self, annotator: str) -> tuple[int, int]:
-        """(replies labelled by `annotator`, replies logged) in this session."""
-        ids = [tid for t in self.turns for tid in t.turn_ids if tid is not None]
-        done = self._labelled(annotator)
-        return sum(tid in done for tid in ids), len(ids)
+        """(replies labelled by `annotator`, replies logged) in this session (`label_progress`)."""
+        if self.recorder is None:
+            return 0, 0
+        try:
+            return label_progress(self.store, self.session_id, annotator)
+        except StoreError:
+            return 0, 0
 
     def next_unlabelled(self, annotator: str, after: tuple[int, int] | None = None) -> tuple[int, int] | None:
         """The next (turn index, pane) whose reply `annotator` has not labelled, in reading order."""

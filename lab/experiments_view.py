@@ -24,7 +24,7 @@ import gradio as gr
 import pandas as pd
 
 from lab.context import MODEL_QUEUE, LabContext
-from lab.fields import FieldNumber
+from lab.fields import FieldDropdown, FieldNumber
 
 DEFAULT_ARMS = "observer\ncontinuity:linkage=1,gain=0.3"
 CUSTOM = "(uploaded or pasted YAML)"
@@ -279,7 +279,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
     c: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=2):
-            c["protocol"] = gr.Dropdown(names + [CUSTOM], value="are_you_sure" if "are_you_sure" in names else None,
+            c["protocol"] = FieldDropdown(names + [CUSTOM], value="are_you_sure" if "are_you_sure" in names else None,
                                         label="Protocol", info="a shipped protocol, or upload / paste YAML below")
             with gr.Accordion("Upload or paste a protocol YAML", open=False):
                 c["upload"] = gr.File(label="protocol .yaml", file_types=[".yaml", ".yml"], type="filepath")
@@ -306,16 +306,16 @@ def build_experiments_tab(ctx: LabContext) -> dict:
     c["runs"] = gr.Dataframe(value=_safe_runs(ctx), headers=RUN_COLUMNS, interactive=False, label="Runs",
                              max_height=260)
     with gr.Row():
-        c["run_id"] = gr.Dropdown(choices=_safe_choices(ctx), value=None, label="Run", scale=3)
+        c["run_id"] = FieldDropdown(choices=_safe_choices(ctx), value=None, label="Run", scale=3)
         c["resume"] = gr.Button("Resume this run", size="sm", scale=1)
     c["summary"] = gr.Dataframe(pd.DataFrame(columns=["arm", "n"]), interactive=False,
                                 label="Summary (estimate [95% CI]; p vs the first arm)")
-    c["metric"] = gr.Dropdown(choices=[], label="Metric", interactive=True)
+    c["metric"] = FieldDropdown(choices=[], label="Metric", interactive=True)
     with gr.Row():
         c["bar"] = gr.Plot(label="Metric by arm")
         c["drift"] = gr.Plot(label="Similarity to the first stance by turn")
     with gr.Row():
-        c["session"] = gr.Dropdown(choices=[], value=None, label="Dialogue (session) behind the points", scale=3)
+        c["session"] = FieldDropdown(choices=[], value=None, label="Dialogue (session) behind the points", scale=3)
         c["open_session"] = gr.Button("Open in Sessions", scale=1, min_width=140)
     c["dialogues"] = gr.Dataframe(headers=DIALOGUE_COLUMNS, interactive=False, label="Dialogues of this run",
                                   max_height=260)

@@ -23,3 +23,36 @@ class FieldSlider(gr.Slider):
 
     def preprocess(self, payload):
         return payload
+
+
+def _choice_error(component, payload, e: gr.Error):
+    """Gradio's own choice check, said as one line naming the field, and without a server traceback."""
+    name = component.label or "a choice"
+    choices = ", ".join(str(c[1] if isinstance(c, tuple) else c) for c in (component.choices or []))
+    shown = repr(payload) if len(repr(payload)) <= 80 else repr(payload)[:77] + "..."
+    return gr.Error(f"{name}: {shown} is not one of the choices ({choices})", print_exception=False)
+
+
+class FieldDropdown(gr.Dropdown):
+    """A dropdown whose refusal of a value outside its choices names the field and logs no traceback
+    (Gradio's check prints one per bad API request)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error as e:
+            raise _choice_error(self, payload, e) from None
+
+
+class FieldRadio(gr.Radio):
+    """A radio group whose refusal of a value outside its choices names the field and logs no traceback."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error as e:
+            raise _choice_error(self, payload, e) from None

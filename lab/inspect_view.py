@@ -20,7 +20,7 @@ from engine import figures as F
 from engine.capture import GRID_METRICS
 from experiments.inspect import InspectError, InspectResult, inspect_turn
 
-from .fields import FieldNumber
+from .fields import FieldDropdown, FieldNumber, FieldRadio
 from .context import MODEL_QUEUE, LabContext
 
 HEADS_MEAN = "mean"
@@ -136,6 +136,19 @@ def status_text(res: InspectResult) -> str:
     return "\n\n".join(parts)
 
 
+def _whole(what: str, value) -> int:
+    """An arm or turn number from the form or the API (None -> 0), or an InspectError naming it."""
+    if value is None or value == "":
+        return 0
+    try:
+        number = float(value)
+        if number != int(number):
+            raise ValueError
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise InspectError(f"{what} must be a whole number, got {value!r:.40}") from None
+
+
 def _mem_choices(res):
     if res is None or not res.memory:
         return [MEM_MEAN]
@@ -147,7 +160,8 @@ def build_inspect_tab(ctx: LabContext) -> dict:
     L = ctx.lm.model.config.num_hidden_layers
     H = ctx.lm.model.config.num_attention_heads
     gr.Markdown("Pick a logged turn (or use **Inspect** in Arena / Sessions, then press **Show**). The first "
-                "look at a turn runs one capture pass (a few seconds on a CPU); after that it opens from the cache.",
+                "look at a turn runs one capture pass for all its arms (a few seconds on a CPU); after that every "
+                "arm of the turn opens from the cache.",
                 elem_classes=["lab-intro"])
     res_state = gr.State(None)
     with gr.Row():
@@ -160,14 +174,14 @@ def build_inspect_tab(ctx: LabContext) -> dict:
     with gr.Accordion("Divergence from the observer (teacher-forced on this arm's reply)", open=True):
         div_plot = gr.Plot(label="divergence strip", elem_id="inspect-divergence")
     with gr.Accordion("Memory read: what the mechanism read for each generated token", open=True):
-        mem_layer = gr.Dropdown([MEM_MEAN], value=MEM_MEAN, label="read layer", allow_custom_value=False)
+        mem_layer = FieldDropdown([MEM_MEAN], value=MEM_MEAN, label="read layer", allow_custom_value=False)
         mem_plot = gr.Plot(label="memory read", elem_id="inspect-memory")
         curve_plot = gr.Plot(label="read scalars over the transcript", elem_id="inspect-curves")
     with gr.Accordion("Attention", open=True):
         with gr.Row():
-            metric = gr.Dropdown(list(GRID_METRICS), value="source", label="overview colour")
+            metric = FieldDropdown(list(GRID_METRICS), value="source", label="overview colour")
             layer = gr.Slider(0, L - 1, value=L // 2, step=1, label="layer")
-            head = gr.Dropdown([HEADS_MEAN] + [str(h) for h in range(H)], value=HEADS_MEAN, label="head")
+            head = FieldDropdown([HEADS_MEAN] + [str(h) for h in range(H)], value=HEADS_MEAN, label="head")
         with gr.Row():
             grid_plot = gr.Plot(label="layer × head overview", elem_id="inspect-grid", scale=2)
             heat_plot = gr.Plot(label="token × token", elem_id="inspect-heatmap", scale=3)
@@ -182,14 +196,16 @@ def build_inspect_tab(ctx: LabContext) -> dict:
 
     blank = F.empty_figure("pick a session, arm and turn, then press Show")
 
-    def on_show(sid, arm_i, turn_i, again, layer_v, head_v, metric_v):
+    def on_show(sid, arm_i, turn_i, again, layer_v, head_v, metric_v, progress=gr.Progress()):
         sid = (sid or "").strip()
         nothing = (None, blank, blank, blank, blank, blank, blank, gr.update(choices=[MEM_MEAN], value=MEM_MEAN), blank)
         if not sid:
             return ("Enter a session id (or use Inspect in Arena / Sessions).",) + nothing
         try:
-            res = inspect_turn(ctx.store, ctx.lm, sid, int(arm_i or 0), int(turn_i or 0), lock=ctx.model_lock,
-                               recompute=bool(again), captures_dir=ctx.captures_dir or None)
+            # only a turn not yet captured runs the model (one pass for every arm): say so while it runs
+            res = inspect_turn(ctx.store, ctx.lm, sid, _whole("arm", arm_i), _whole("turn", turn_i), lock=ctx.model_lock,
+                               recompute=bool(again), captures_dir=ctx.captures_dir or None,
+                               progress=lambda text: progress(0, desc=text))
         except InspectError as e:
             return (f"**Cannot inspect:** {e}",) + nothing
         except Exception as e:  # unknown session (StoreError) and anything unexpected: a message, not a crash

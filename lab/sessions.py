@@ -12,7 +12,8 @@ from db import StoreError
 from db.export import export as export_files
 from db.store import is_blinded
 
-from .fields import FieldNumber
+from .arena_controller import ArenaError, label_progress, labelled_line, reveal_session
+from .fields import FieldDropdown, FieldNumber, FieldRadio
 from .context import LabContext
 
 N_COLS = 4
@@ -31,7 +32,7 @@ def pane_letters(session: dict) -> dict[int, str]:
 
 
 FORMATS = {"CSV": "csv", "JSONL": "jsonl", "Parquet": "parquet", "Bundle (JSON, one session)": "bundle"}
-LIST_COLUMNS = ["id", "created", "kind", "title", "arms", "turns", "annotations"]
+LIST_COLUMNS = ["id", "created", "kind", "title", "arms", "turns", "annotations", "labelled"]
 ANN_COLUMNS = ["arm", "turn", "annotator", "stance", "confidence", "note", "created"]
 
 
@@ -42,8 +43,18 @@ def _when(dt) -> str:
         return str(dt or "")
 
 
+def labelled_cell(counts: dict | None) -> str:
+    """The list's "labelled" cell: "N of M" per annotator (the Arena's numbers), or "0 of M"."""
+    counts = counts or {"replies": 0, "labelled": {}}
+    m = counts["replies"]
+    if not counts["labelled"]:
+        return f"0 of {m}"
+    return ", ".join(f"{who} {n} of {m}" for who, n in sorted(counts["labelled"].items()))
+
+
 def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.DataFrame:
     rows = ctx.store.list_sessions(kind=None if kind in (None, "", "all") else kind)[:limit]
+    counts = ctx.store.label_counts([s["id"] for s in rows]) if rows else {}
     out = []
     for s in rows:
         try:
@@ -59,7 +70,8 @@ def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.D
                 arms = ""
             arms = "(blind) " + arms
         out.append([s["id"], _when(s.get("created_at")), s.get("kind", ""), s.get("title") or "", arms,
-                    int(s.get("n_turns") or 0), int(s.get("n_annotations") or 0)])  # n_turns: exchanges
+                    int(s.get("n_turns") or 0), int(s.get("n_annotations") or 0),  # n_turns: exchanges
+                    labelled_cell(counts.get(s["id"]))])
     return pd.DataFrame(out, columns=LIST_COLUMNS)
 
 
@@ -67,18 +79,22 @@ def build_sessions_tab(ctx: LabContext) -> dict:
     gr.Markdown("Every session in the database (newest first). Click a row, then **Open** to read it side by side "
                 "with its labels, or export it.")
     with gr.Row(equal_height=True):
-        kind = gr.Dropdown(["all", "lab", "experiment"], value="all", label="Kind", scale=1, min_width=120)
+        kind = FieldDropdown(["all", "lab", "experiment"], value="all", label="Kind", scale=1, min_width=120)
         refresh = gr.Button("Refresh", size="sm", scale=1, min_width=100, elem_classes=["short-btn"])
         gr.Markdown(f"<sub>Database: `{html.escape(ctx.db_url or ctx.store.name)}`</sub>")
     table = gr.Dataframe(value=pd.DataFrame(columns=LIST_COLUMNS), interactive=False, wrap=True, max_height=320,
-                         label="Sessions", elem_id="sessions-table")
+                         label="Sessions", elem_id="sessions-table",
+                         # every column on screen, the labelling count included (the id alone is 32 characters)
+                         column_widths=["22%", "11%", "6%", "20%", "16%", "6%", "8%", "11%"])
     with gr.Row(equal_height=True):
         session_id = gr.Textbox(label="Session id", placeholder="click a row above or paste an id", scale=3,
                                 elem_id="sessions-id")
         open_btn = gr.Button("Open", variant="primary", scale=1, min_width=100, elem_classes=["short-btn"])
         continue_btn = gr.Button("Continue in Arena", scale=1, min_width=140, elem_classes=["short-btn"],
                                  elem_id="sessions-continue")
-    head = gr.Markdown("")
+        reveal_btn = gr.Button("Reveal arms", scale=1, min_width=120, visible=False, elem_classes=["short-btn"],
+                               elem_id="sessions-reveal")
+    head = gr.Markdown("", elem_id="sessions-head")
     cols, chats = [], []
     with gr.Row(equal_height=False):
         for i in range(N_COLS):
@@ -95,8 +111,8 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         inspect_btn = gr.Button("Inspect this turn", size="sm", scale=1, visible=False, elem_classes=["short-btn"])
     with gr.Accordion("Export", open=True):
         with gr.Row(equal_height=True):
-            fmt = gr.Radio(list(FORMATS), value="CSV", label="Format", scale=3)
-            scope = gr.Radio(["this session", "all sessions"], value="this session", label="What", scale=2)
+            fmt = FieldRadio(list(FORMATS), value="CSV", label="Format", scale=3)
+            scope = FieldRadio(["this session", "all sessions"], value="this session", label="What", scale=2)
             export_btn = gr.Button("Export", variant="primary", scale=1, min_width=100, elem_classes=["short-btn"])
         files = gr.File(label="Files to download", file_count="multiple", interactive=False, elem_id="export-files")
         export_msg = gr.Markdown("")
@@ -119,13 +135,15 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         sid = (sid or "").strip()
         blank = [gr.update(visible=False)] * N_COLS + [gr.update(value=[])] * N_COLS
         if not sid:
-            return ["⚠ Pick a session first.", *blank, pd.DataFrame(columns=ANN_COLUMNS)]
+            return ["⚠ Pick a session first.", *blank, pd.DataFrame(columns=ANN_COLUMNS), gr.update(visible=False)]
         try:
             s = ctx.store.get_session(sid)
             turns = ctx.store.get_turns(sid)
             anns = ctx.store.latest_annotations(sid)
+            progress = {who: label_progress(ctx.store, sid, who) for who in sorted({a["annotator"] for a in anns})}
+            total = label_progress(ctx.store, sid, "")[1]
         except StoreError as e:
-            return [f"⚠ {e}", *blank, pd.DataFrame(columns=ANN_COLUMNS)]
+            return [f"⚠ {e}", *blank, pd.DataFrame(columns=ANN_COLUMNS), gr.update(visible=False)]
         hidden = is_hidden(s)
         letters = pane_letters(s)
         # a blind session's columns in pane order (A, B, ...), as its panes showed them
@@ -136,9 +154,11 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         lines = [f"**{html.escape(s.get('title') or '(untitled)')}** · {s['kind']} · {_when(s['created_at'])} · "
                  f"model `{html.escape(str(model))}` · {len(arms)} arms"
                  + (f" · annotator {html.escape(s['user'])}" if s.get("user") else "")]
+        lines.append(" · ".join(labelled_line(done, m, who) for who, (done, m) in progress.items())
+                     if progress else f"**0 of {total}** replies labelled")
         if hidden:
-            lines.append("Blind session, **not revealed**: panes are named by letter only. Continue it in the "
-                         "Arena and press *Reveal arms* there to see which arm is which.")
+            lines.append("Blind session, **not revealed**: panes are named by letter only. Press *Reveal arms* "
+                         "(here or in the Arena) to see which arm is which.")
         elif s.get("blind"):
             order = s.get("pane_order") or []
             lines.append("Blind session (revealed); panes showed: " + ", ".join(
@@ -177,7 +197,7 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         ann_df = pd.DataFrame([[labels.get(a["arm_index"], a["arm_index"]), a["turn_index"], a["annotator"],
                                 a["stance_label"], a.get("confidence"), a.get("note") or "",
                                 _when(a.get("created_at"))] for a in anns], columns=ANN_COLUMNS)
-        return ["\n\n".join(lines), *col_updates, *chat_updates, ann_df]
+        return ["\n\n".join(lines), *col_updates, *chat_updates, ann_df, gr.update(visible=hidden)]
 
     def export_fn(sid, fmt_label, what, progress=gr.Progress()):
         sid = (sid or "").strip()
@@ -208,9 +228,24 @@ def build_sessions_tab(ctx: LabContext) -> dict:
     refresh.click(list_fn, inputs=[kind], outputs=[table], api_name="list_sessions")
     kind.change(list_fn, inputs=[kind], outputs=[table], api_name=False)
     table.select(pick, inputs=[table], outputs=[session_id], api_name=False)
-    open_outputs = [head, *cols, *chats, annotations]
+    open_outputs = [head, *cols, *chats, annotations, reveal_btn]
     open_btn.click(open_fn, inputs=[session_id], outputs=open_outputs, api_name="open_session")
-    session_id.submit(open_fn, inputs=[session_id], outputs=[head, *cols, *chats, annotations], api_name=False)
+    session_id.submit(open_fn, inputs=[session_id], outputs=open_outputs, api_name=False)
+
+    def reveal_fn(sid, k):
+        """Reveal a blind session (the Arena's own call), then show it and the list with the real arm labels."""
+        sid = (sid or "").strip()
+        if not sid:
+            raise gr.Error("Open a session first.", print_exception=False)
+        try:
+            mapping = reveal_session(ctx.store, sid)
+        except ArenaError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        out = open_fn(sid)
+        out[0] = f"✓ Revealed: {html.escape(mapping)}.\n\n" + out[0]
+        return [*out, list_fn(k)]
+
+    reveal_btn.click(reveal_fn, inputs=[session_id, kind], outputs=[*open_outputs, table], api_name="reveal_session")
     export_btn.click(export_fn, inputs=[session_id, fmt, scope], outputs=[files, export_msg], api_name="export")
 
     def wire_inspect(inspect_parts: dict, tabs: gr.Tabs, tab_id: str = "inspect"):
@@ -219,7 +254,7 @@ def build_sessions_tab(ctx: LabContext) -> dict:
                 raise gr.Error("Open a session first.", print_exception=False)
             try:
                 if is_hidden(ctx.store.get_session(sid.strip())):
-                    raise gr.Error("Blind session: reveal its arms (Continue in Arena, then Reveal arms) before "
+                    raise gr.Error("Blind session: reveal its arms (Reveal arms, here or in the Arena) before "
                                    "inspecting it.", print_exception=False)
             except StoreError as e:
                 raise gr.Error(str(e), print_exception=False) from None
@@ -238,4 +273,4 @@ def build_sessions_tab(ctx: LabContext) -> dict:
     return dict(kind=kind, refresh=refresh, table=table, session_id=session_id, open=open_btn, head=head,
                 chats=chats, annotations=annotations, fmt=fmt, scope=scope, export=export_btn, files=files,
                 export_msg=export_msg, list_fn=list_fn, wire_inspect=wire_inspect, continue_btn=continue_btn,
-                open_fn=open_fn, open_outputs=open_outputs)
+                open_fn=open_fn, open_outputs=open_outputs, reveal=reveal_btn, reveal_fn=reveal_fn)

@@ -162,3 +162,63 @@ def test_check_message():
     assert check_message("hi") is None
     assert "empty" in check_message("")
     assert "surrogate" in check_message("a\udfffb")
+
+
+def _sessions_tab(store, embedded):
+    import gradio as gr
+
+    from lab.context import LabContext
+    from lab.sessions import build_sessions_tab
+
+    with gr.Blocks():
+        return build_sessions_tab(LabContext(store=store, lm=embedded, db_url=store.name))
+
+
+def test_sessions_tab_counts_labels_as_the_arena_does(store, embedded):
+    from lab.context import LabContext
+    from lab.sessions import sessions_frame
+
+    ctl = started(store, embedded)
+    run(ctl, "One")
+    run(ctl, "Two")
+    ctl.annotate(0, 0, "ana", "initial stance")
+    ctl.annotate(1, 1, "ana", "maintained")
+    ctl.annotate(1, 1, "ana", "fully revised")  # a relabel is still one labelled reply
+    ctl.annotate(0, 1, "bo", "maintained")
+    assert ctl.label_progress("ana") == (2, 4) and ctl.label_progress("bo") == (1, 4)
+    tab = _sessions_tab(store, embedded)
+    ctx = LabContext(store=store, lm=embedded)
+    row = sessions_frame(ctx).set_index("id").loc[ctl.session_id]
+    assert row["labelled"] == "ana 2 of 4, bo 1 of 4"
+    head = tab["open_fn"](ctl.session_id)[0]
+    assert "**2 of 4** replies labelled by **ana**" in head and "**1 of 4** replies labelled by **bo**" in head
+    other = started(store, embedded)
+    run(other, "Alone")
+    assert sessions_frame(ctx).set_index("id").loc[other.session_id, "labelled"] == "0 of 2"
+
+
+def test_sessions_tab_reveals_a_blind_session(store, embedded):
+    ctl = started(store, embedded, blind=True, rng=random.Random(1))
+    run(ctl, "One")
+    sid = ctl.session_id
+    tab = _sessions_tab(store, embedded)
+    out = tab["open_fn"](sid)
+    head, reveal = out[0], out[-1]
+    assert "not revealed" in head and reveal["visible"] is True
+    text = "".join(str(x) for x in out)
+    assert "observer" not in text and "continuity" not in text
+    out = tab["reveal_fn"](sid, "all")
+    head, reveal, table = out[0], out[-2], out[-1]
+    assert "Revealed" in head and "observer" in head and "continuity" in head and reveal["visible"] is False
+    assert "revealed_at" in store.get_session(sid)["meta"]
+    row = table.set_index("id").loc[sid]
+    assert "observer" in row["arms"] and "Arm A" not in row["arms"]
+    # the Arena's reveal and this one are the same call: revealing again keeps the first time
+    first = store.get_session(sid)["meta"]["revealed_at"]
+    assert "Arm A = " in ctl.reveal() and store.get_session(sid)["meta"]["revealed_at"] == first
+    plain = started(store, embedded)
+    run(plain, "Two")
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="not blind"):
+        tab["reveal_fn"](plain.session_id, "all")

@@ -485,3 +485,191 @@ def test_bad_bundle_in_a_real_process(lab, tmp_path):
 def test_bad_experiment_in_a_real_process():
     assert_real_one_line(real("experiments", "run", "are_you_sure", "--arm", "observer", "--seeds", "0"), 2,
                          "--seeds must be at least 1")
+
+
+# ------------------------------------------------------------------ the lab's HTTP API
+# One real lab server for the module (the embedded model, a fresh SQLite file), called over plain
+# HTTP (Gradio's /gradio_api/call/<name> routes) so that anything a client can put in JSON reaches it:
+# lone surrogates ("\ud800" escapes), NaN and Infinity, strings where numbers belong. Each case: one
+# line naming the problem, no traceback in the server's output, the server answering the next request,
+# and the database intact with nothing added or lost.
+
+def _api_session(store, lm, blind=False):
+    from engine import Dialogue, parse_arm
+    from experiments.record import SessionRecorder
+
+    d = Dialogue(lm, [parse_arm("observer"), parse_arm("continuity:linkage=1")])
+    rec = SessionRecorder(store, lm, d, title="api battery", blind=blind, pane_order=[1, 0] if blind else None)
+    rec.log("Hi", d.send("Hi", max_new_tokens=3))
+    return rec.session_id
+
+
+@pytest.fixture(scope="module")
+def lab_api(embedded, tmp_path_factory):
+    from gradio_client import Client
+
+    from conftest import serve_lab
+
+    folder = tmp_path_factory.mktemp("lab-api")
+    store = Store(f"sqlite:///{folder / 'lab.db'}")
+    sid, blind_sid = _api_session(store, embedded), _api_session(store, embedded, blind=True)
+    url, demo = serve_lab(store, embedded, captures_dir=str(folder / "captures"))
+    info = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    yield {"url": url, "db": folder / "lab.db", "store": store, "sid": sid, "blind": blind_sid, "info": info}
+    demo.close()
+    store.close()
+
+
+def api_call(lab_api, name, values=(), session_hash=None, **named) -> tuple[str, list | None]:
+    """POST the endpoint's inputs (its defaults, overridden by name or position) as raw JSON text;
+    returns ('error', message) or ('complete', outputs)."""
+    import httpx
+
+    params = lab_api["info"][f"/{name}"]["parameters"]
+    data = [p.get("parameter_default") for p in params]
+    for i, v in enumerate(values):
+        data[i] = v
+    for k, v in named.items():
+        data[[p["parameter_name"] for p in params].index(k)] = v
+    body = json.dumps({"data": data, "session_hash": session_hash})  # NaN -> NaN, "\ud800" -> its escape
+    base = f"{lab_api['url']}gradio_api/call/{name}"
+    r = httpx.post(base, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+    events = httpx.get(f"{base}/{r.json()['event_id']}", timeout=300).text.splitlines()
+    kinds = [line.split(":", 1)[1].strip() for line in events if line.startswith("event:")]
+    last = json.loads([line for line in events if line.startswith("data:")][-1][5:])
+    if kinds[-1] == "error":
+        return "error", last["error"] if isinstance(last, dict) else str(last)
+    return "complete", last
+
+
+def _snapshot(db) -> tuple:
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        return tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                     for t in ("sessions", "arms", "turns", "annotations", "captures"))
+
+
+def _message_of(name, kind, out) -> str:
+    """The one line the client sees: the error, or the status/error output that names the problem."""
+    if kind == "error":
+        return out
+    if name == "send":
+        from lab.arena import _ALL_OUTPUT_NAMES
+
+        named = dict(zip(_ALL_OUTPUT_NAMES, out))
+        texts = [named["status"]] + [named[k] for k in named if k.endswith("_error")]
+    else:
+        texts = out if isinstance(out, list) else [out]
+    import html
+
+    shown = [t for t in texts if isinstance(t, str) and ("⚠" in t or t.startswith("**Cannot"))]
+    return html.unescape(" | ".join(shown))  # as the browser shows it
+
+
+S = "arm1_max_new_tokens"
+LAB_API_CASES = {
+    # the message
+    "empty message": ("send", {"message": ""}, "The message is empty"),
+    "whitespace message": ("send", {"message": " \n\t "}, "The message is empty"),
+    "25,000-character message": ("send", {"message": "x" * 25_000}, "25,000 characters; the limit is 20,000"),
+    "lone surrogate message": ("send", {"message": "caf\ud800"}, "a lone surrogate"),
+    "NUL in message": ("send", {"message": "a\x00b"}, "NUL character"),
+    "null message": ("send", {"message": None}, "The message is empty"),
+    # the session's own fields
+    "lone surrogate system prompt": ("send", {"message": "Hi", "system_prompt": "a\ud800"}, "the system prompt is not valid text"),
+    "title too long": ("send", {"message": "Hi", "title": "t" * 600}, "title: at most 500 characters"),
+    "annotator too long": ("send", {"message": "Hi", "annotator": "a" * 300}, "annotator: at most 200 characters"),
+    # arm settings
+    "linkage -0.1": ("send", {"message": "Hi", "arm2_continuity_linkage": -0.1}, "linkage: input should be greater than or equal to 0"),
+    "linkage 1.5": ("send", {"message": "Hi", "arm2_continuity_linkage": 1.5}, "linkage: input should be less than or equal to 1"),
+    "linkage NaN": ("send", {"message": "Hi", "arm2_continuity_linkage": float("nan")}, "linkage must be a finite number"),
+    "linkage Infinity": ("send", {"message": "Hi", "arm2_continuity_linkage": float("inf")}, "linkage must be a finite number"),
+    "linkage abc": ("send", {"message": "Hi", "arm2_continuity_linkage": "abc"}, "linkage must be a number"),
+    "unknown mechanism": ("send", {"message": "Hi", "arm2_mechanism": "telepathy"}, "Mechanism: 'telepathy' is not one of the choices"),
+    "5 arms": ("send", {"message": "Hi", "n_arms": "5"}, "Arms: '5' is not one of the choices"),
+    "layer 99": ("send", {"message": "Hi", "arm2_continuity_layers": "99"}, "layer 99 does not exist"),
+    "layer -1": ("send", {"message": "Hi", "arm2_continuity_layers": "-1"}, "layer -1 does not exist"),
+    "layers abc": ("send", {"message": "Hi", "arm2_continuity_layers": "abc"}, "'abc' is not a whole number"),
+    "layers repeat": ("send", {"message": "Hi", "arm2_continuity_layers": "15/15"}, "layers repeat"),
+    "unknown source": ("send", {"message": "Hi", "arm2_continuity_source": "everything"}, "is not one of the choices"),
+    "seed 1e20": ("send", {"message": "Hi", "arm1_seed": 1e20}, "seed is too large"),
+    "seed -1": ("send", {"message": "Hi", "arm1_seed": -1}, "seed: input should be greater than or equal to 0"),
+    "seed 2.5": ("send", {"message": "Hi", "arm1_seed": 2.5}, "seed: input should be a valid integer"),
+    "max_new_tokens 10**9": ("send", {"message": "Hi", S: 10**9}, "max_new_tokens: input should be less than or equal to"),
+    "max_new_tokens 1e30": ("send", {"message": "Hi", S: 1e30}, "max_new_tokens is too large"),
+    "max_new_tokens 0": ("send", {"message": "Hi", S: 0}, "max_new_tokens"),
+    "temperature -1": ("send", {"message": "Hi", "arm1_greedy": False, "arm1_temperature": -1}, "temperature: input should be greater than 0"),
+    "top_p 1.5": ("send", {"message": "Hi", "arm1_greedy": False, "arm1_top_p": 1.5}, "top_p: input should be less than or equal to 1"),
+    # sessions, exports
+    "open unknown session": ("open_session", {"sid": "no-such-session"}, "unknown session id 'no-such-session'"),
+    "open lone surrogate id": ("open_session", {"sid": "\ud800"}, "unknown session id"),
+    "open 5,000-character id": ("open_session", {"sid": "a" * 5000}, "unknown session id"),
+    "open path as id": ("open_session", {"sid": "../../../etc/passwd"}, "unknown session id '../../../etc/passwd'"),
+    "continue unknown session": ("continue_session", {"session_id": "no-such-session"}, "unknown session id 'no-such-session'"),
+    "continue lone surrogate id": ("continue_session", {"session_id": "x\ud800"}, "unknown session id"),
+    "reveal unknown session": ("reveal_session", {"sid": "no-such-session"}, "unknown session id 'no-such-session'"),
+    "reveal a session that is not blind": ("reveal_session", {"sid": "{sid}"}, "This session is not blind"),
+    "export unknown session": ("export", {"sid": "no-such-session"}, "Export failed: unknown session id"),
+    "export unknown format": ("export", {"sid": "{sid}", "fmt_label": "XLSX"}, "'XLSX' is not one of the choices"),
+    "list unknown kind": ("list_sessions", {"k": "secret"}, "Kind: 'secret' is not one of the choices"),
+    # inspect
+    "inspect unknown session": ("inspect_show", {"sid": "no-such-session"}, "unknown session id 'no-such-session'"),
+    "inspect arm 7": ("inspect_show", {"sid": "{sid}", "arm_i": 7}, "there is no arm 7"),
+    "inspect turn -1": ("inspect_show", {"sid": "{sid}", "turn_i": -1}, "there is no turn -1"),
+    "inspect turn 1e20": ("inspect_show", {"sid": "{sid}", "turn_i": 1e20}, "there is no turn"),
+    "inspect arm NaN": ("inspect_show", {"sid": "{sid}", "arm_i": float("nan")}, "arm must be a whole number, got nan"),
+    "inspect turn 2.5": ("inspect_show", {"sid": "{sid}", "turn_i": 2.5}, "turn must be a whole number, got 2.5"),
+    "inspect unknown head": ("inspect_show", {"sid": "{sid}", "head_v": "99"}, "head: '99' is not one of the choices"),
+    "inspect a blind session": ("inspect_show", {"sid": "{blind}", "arm_i": 0}, "blind session"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAB_API_CASES))
+def test_lab_api_bad_input(name, lab_api, capfd):
+    endpoint, named, message = LAB_API_CASES[name]
+    named = {k: v.format(sid=lab_api["sid"], blind=lab_api["blind"]) if isinstance(v, str) and "{" in v else v
+             for k, v in named.items()}
+    before = _snapshot(lab_api["db"])
+    capfd.readouterr()
+    kind, out = api_call(lab_api, endpoint, **named)
+    text = _message_of(endpoint, kind, out)
+    assert message in text, (kind, text or str(out)[:500])
+    assert "\n" not in text.strip() and "Traceback" not in text, text
+    server = capfd.readouterr()
+    assert "Traceback" not in server.err + server.out, server.err[-2000:]
+    kind, table = api_call(lab_api, "list_sessions", k="all")  # still serving
+    assert kind == "complete" and {lab_api["sid"], lab_api["blind"]} <= {r[0] for r in table[0]["data"]}
+    assert _snapshot(lab_api["db"]) == before  # integrity ok, nothing written, nothing lost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("conf,message", [(7.5, "confidence"), (-1, "confidence"), (float("nan"), "confidence"),
+                                          ("high", "confidence must be a number from 0 to 1, got 'high'")])
+def test_lab_api_bad_annotation(conf, message, lab_api, capfd):
+    """A bad confidence on a real reply (a tab with a logged turn): refused, named, nothing saved."""
+    h = f"battery-{abs(hash(str(conf)))}"
+    kind, out = api_call(lab_api, "send", session_hash=h, message="Hi", arm1_max_new_tokens=2, arm2_max_new_tokens=2)
+    assert kind == "complete"
+    before = _snapshot(lab_api["db"])
+    capfd.readouterr()
+    kind, out = api_call(lab_api, "annotate_arm_1", ["ana", None, "maintained", "", conf], session_hash=h)
+    text = out if kind == "error" else " | ".join(o for o in out if isinstance(o, str))
+    assert message in text and "Not saved" in text and "\n" not in text.strip(), text
+    assert "Traceback" not in capfd.readouterr().err
+    assert _snapshot(lab_api["db"]) == before
+    kind, out = api_call(lab_api, "annotate_arm_1", ["ana", None, "maintained", "", 0.5], session_hash=h)
+    assert kind == "complete" and "Saved" in out[0], out
+    assert _snapshot(lab_api["db"])[3] == before[3] + 1
+
+
+@pytest.mark.slow
+def test_lab_api_still_generates_after_the_battery(lab_api):
+    from lab.arena import _ALL_OUTPUT_NAMES
+
+    before = _snapshot(lab_api["db"])
+    kind, out = api_call(lab_api, "send", message="Still there?", arm1_max_new_tokens=2, arm2_max_new_tokens=2)
+    assert kind == "complete" and "Turn 1 logged" in dict(zip(_ALL_OUTPUT_NAMES, out))["status"]
+    after = _snapshot(lab_api["db"])
+    assert after[0] == before[0] + 1 and after[2] == before[2] + 4  # 1 session, 2 arms x (user, assistant)

@@ -226,3 +226,25 @@ def test_capture_equals_eager_attention(tiny_llama, case):
         covered = start + n
     assert covered >= attn.shape[-1] - 1  # all but the reply's last token, which nothing fed yet
     np.testing.assert_allclose(attn[:, :, :covered, :covered], eager[:, :, :covered, :covered], atol=2e-5)
+
+
+def test_one_capture_records_every_row_as_alone(tiny_llama):
+    """Inspect records every arm of a turn in one pass: each batch row's attention (its own mask and
+    positions, its own buckets) equals that arm captured alone, which the test above ties to eager."""
+    from engine.capture import capture_attention, capture_turn
+
+    lm = tiny_llama
+    specs = [p.values[0].spec for p in FIRST_CASES]  # each mechanism's first configuration (CI time)
+    for k in range(0, len(specs), 3):
+        group = ["observer"] + specs[k:k + 3]
+        d = Dialogue(lm, [parse_arm(s) for s in group])
+        turns = []
+        for m, n in ((PROMPTS[1], 5), ("Are you sure?", 4)):
+            turns.append((m, [r.token_ids for r in d.send(m, max_new_tokens=n)]))
+        cap = capture_turn(lm, [parse_arm(s) for s in group], turns, max_size=None)
+        assert cap.recorded == list(range(len(group)))
+        for r, spec in enumerate(group):
+            alone, tr = capture_attention(lm, parse_arm(spec), [(u, reps[r]) for u, reps in turns], max_size=None)
+            view = cap.for_arm(r)
+            assert view.focus.token_ids == tr.token_ids, spec
+            np.testing.assert_allclose(view.attention, alone, atol=2e-5, err_msg=spec)

@@ -99,13 +99,17 @@ def test_inspect_turn_caches(embedded, logged):
     res = I.inspect_turn(store, embedded, sid, 1, 1)
     assert not res.from_cache
     assert I.STATS["capture_runs"] == before.get("capture_runs", 0) + 1
-    assert I.STATS["divergence_runs"] == before.get("divergence_runs", 0) + 1
+    assert I.STATS["divergence_runs"] == before.get("divergence_runs", 0) + 2  # one per arm of the turn
     row = store.get_capture(store.get_turns(sid, 1)[-1]["id"], "inspect.attention")
     assert row["path"].startswith("captures/") and (store.dir / row["path"]).is_file()
     assert row["data"]["key"]["weights"] == embedded.identity.weights_hash
     again = I.inspect_turn(store, embedded, sid, 1, 1)
     assert again.from_cache and I.STATS["capture_runs"] == before.get("capture_runs", 0) + 1
-    assert I.STATS["divergence_runs"] == before.get("divergence_runs", 0) + 1
+    assert I.STATS["divergence_runs"] == before.get("divergence_runs", 0) + 2
+    # the other arm of the turn was captured and compared by the same passes: no model needed
+    other = I.inspect_turn(store, None, sid, 0, 1)
+    assert other.from_cache and other.divergence["kl_max"] == 0.0 and other.attention["transcript"]["label"] == "observer"
+    assert I.STATS["capture_runs"] == before.get("capture_runs", 0) + 1
     # reopening needs no model at all
     cold = I.inspect_turn(store, None, sid, 1, 1)
     assert cold.from_cache
@@ -233,3 +237,66 @@ def test_blind_sessions_are_not_inspected_before_the_reveal(embedded, tmp_path):
     store.update_session(rec.session_id, meta={"revealed_at": "2026-11-22T00:00:00+00:00"})
     assert inspect_turn(store, embedded, rec.session_id, 1, 0, kinds=("divergence",)) is not None
     store.close()
+
+
+# -- one capture covers every arm of a turn ----------------------------------------------------------
+THREE = ["observer", "continuity:linkage=1", "continuity:linkage=0.5,source=all"]
+
+
+@pytest.fixture(scope="module")
+def three_arms(embedded, tmp_path_factory):
+    """A logged 2-turn session of three arms whose replies differ in length (so their buckets differ)."""
+    store = Store(tmp_path_factory.mktemp("inspect-all") / "lab.db")
+    d = Dialogue(embedded, [parse_arm(s) for s in THREE], system=SYSTEM)
+    rec = SessionRecorder(store, embedded, d, title="every arm")
+    for m, n in zip(MESSAGES, (10, 7)):
+        rec.log(m, d.send(m, max_new_tokens=n))
+    yield store, rec.session_id
+    store.close()
+
+
+def test_one_capture_stores_every_arms_views(embedded, three_arms):
+    """After one Inspect, every arm of the turn is served from the store (no model at all), and each arm's
+    stored arrays and views equal those of a capture that recorded that arm alone."""
+    import torch
+
+    from experiments.record import session_specs, session_turns
+
+    store, sid = three_arms
+    size = 24  # smaller than the transcripts: the bucketed path
+    before = dict(I.STATS)
+    kinds = I.CAPTURE_KINDS  # the divergence's per-arm passes: test_inspect_turn_caches
+    first = I.inspect_turn(store, embedded, sid, 1, 1, kinds, max_size=size)
+    assert not first.from_cache
+    assert I.STATS["capture_runs"] == before.get("capture_runs", 0) + 1
+    session, turns = session_turns(store, sid)
+    specs = session_specs(session)
+    forced = [(turns[k][0]["user"]["text"], [turns[k][a]["assistant"]["token_ids"] for a in range(3)])
+              for k in range(2)]
+    assert len({len(r) for r in forced[1][1]}) > 1 or len({len(r) for r in forced[0][1]}) > 1
+    key = first.attention["key"]
+    for r in range(3):
+        # lm=None: anything not in the store raises "no model is loaded"
+        res = I.inspect_turn(store, None, sid, r, 1, kinds, max_size=size)
+        assert res.from_cache and res.arm_index == r
+        alone = capture_turn(embedded, specs, forced, SYSTEM, focus_arm=r, focus_turn=1, max_size=size, record=[r],
+                             dtype=torch.float16)
+        assert alone.recorded == [r] and alone.attentions[(r + 1) % 3] is None
+        want = I._capture_payloads(embedded, alone, key)
+        arrays = want.pop("_arrays")
+        got = res._arrays()
+        assert sorted(got) == sorted(arrays)
+        assert got["attention"].dtype == np.float16 and got["attention"].shape[2] <= size
+        for name, a in arrays.items():
+            np.testing.assert_allclose(got[name].astype(np.float32), a.astype(np.float32), atol=2e-3, rtol=0,
+                                       err_msg=f"arm {r}: {name}")
+        assert res.attention["bucket_labels"] == want["attention"]["bucket_labels"]
+        assert res.attention["transcript"] == want["attention"]["transcript"]
+        assert res.memory["layers"] == want["memory"]["layers"]
+        for i, (g, w) in enumerate(zip(res.source["arms"], want["source"]["arms"])):
+            # every arm's reply is complete here; a capture recording one arm feeds only that arm's last token
+            assert g["tokens"] == w["tokens"] if i == r else g["tokens"][:len(w["tokens"])] == w["tokens"]
+            assert len(g["tokens"]) == len(g["curve"][0])
+            np.testing.assert_allclose(np.asarray(g["curve"], float), np.asarray(w["curve"], float), atol=1e-4)
+        assert res.summary == want["summary"]["rows"]
+    assert I.STATS["capture_runs"] == before.get("capture_runs", 0) + 1  # one pass served all three arms

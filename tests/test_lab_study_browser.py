@@ -177,3 +177,50 @@ def test_blind_session_stays_blind_labels_by_keyboard_and_continues(lab, page, t
     expect(status).to_contain_text("Revealed", timeout=30_000)
     headers = page.locator("#arm1-header").inner_text() + page.locator("#arm2-header").inner_text()
     assert "observer" in headers and "continuity" in headers
+
+
+def test_sessions_tab_counts_labels_and_reveals(lab, embedded, page):
+    """Sessions: "N of M labelled" per session and annotator (the Arena's numbers), and Reveal on a blind
+    session: pane letters before it, the real arm labels in every Sessions view after it."""
+    import random
+
+    from playwright.sync_api import expect
+
+    from engine import parse_arm
+    from lab.arena_controller import ArenaSession
+
+    url, store = lab
+    ctl = ArenaSession(store, embedded)
+    ctl.start([parse_arm("observer:max_new_tokens=3"), parse_arm("continuity:linkage=1,max_new_tokens=3")],
+              blind=True, rng=random.Random(2), title="reveal from sessions")
+    list(ctl.run_turn("Is the sky green?"))
+    ctl.annotate(0, 0, "ana", "initial stance")
+    sid = ctl.session_id
+    assert ctl.label_progress("ana") == (1, 2)
+
+    page.goto(url)
+    page.get_by_role("tab", name="Sessions").click()
+    row = page.locator("#sessions-table").get_by_role("row").filter(has_text=sid[:8])
+    expect(row).to_contain_text("ana 1 of 2", timeout=30_000)
+    expect(row).to_contain_text("(blind) Arm A, Arm B")
+    page.locator("#sessions-id textarea, #sessions-id input").first.fill(sid)
+    page.get_by_role("button", name="Open", exact=True).click()
+    head = page.locator("#sessions-head")
+    expect(head).to_contain_text("1 of 2 replies labelled by ana", timeout=30_000)
+    expect(head).to_contain_text("not revealed")
+    # what the opened session shows (the list above also holds the other tests' sessions)
+    shown = "document.querySelector('#sessions-head').innerText + [...document.querySelectorAll('.session-chat')]" \
+            ".map(e => e.innerText).join(' ') + document.querySelector('#sessions-annotations').innerText"
+    expect(page.locator(".session-chat").first).to_contain_text("Is the sky green?")
+    text = page.evaluate(shown)
+    assert "Arm A" in text and not any(w in text for w in ("observer", "continuity", "λ")), text
+    page.locator("#sessions-reveal").click()
+    expect(head).to_contain_text("Revealed", timeout=30_000)
+    expect(head).to_contain_text("1 of 2 replies labelled by ana")
+    expect(page.locator("#sessions-reveal")).to_be_hidden()
+    expect(page.locator("#sessions-annotations")).not_to_contain_text("Arm A")
+    text = page.evaluate(shown)
+    assert "observer" in text and "continuity" in text, text
+    expect(row).not_to_contain_text("(blind) Arm A")
+    expect(row).to_contain_text("observer")
+    assert "revealed_at" in store.get_session(sid)["meta"]
