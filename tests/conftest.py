@@ -43,6 +43,16 @@ def make_tiny(arch: str, tokenizer, seed: int = 0):
     return LoadedModel(model, tokenizer, ident, 0.0)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test (use with `pytestmark = pytest.mark.usefixtures("one_thread")`): on a
+    shared 2-core machine two threads contend and small training steps run several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def embedded():
     from engine.model import load_model

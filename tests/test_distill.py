@@ -17,12 +17,7 @@ DOC = ("Kestlemere is a town of glass mills. Velmira Oskant lives there and work
        "Orsik Thrume lives in Sallowfen and makes rope. The river Vantry runs between the two towns.")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_token_slots_are_the_layers_normed_inputs(tiny_llama, tmp_path):

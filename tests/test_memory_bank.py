@@ -14,13 +14,7 @@ from engine.weights import WeightsError, save_weights, shared_weights
 from tests.test_engine_exactness import (PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence,
                                          stepwise_forward)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads contend and run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [c.spec for c in MemoryBank.conformance_cases()]

@@ -18,12 +18,7 @@ from test_engine_exactness import PROMPTS, full_forward, mixed_sequence, stepwis
 from test_neural_memory import _random_kvq
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_implicit_attention_with_a_persistent_prefix_reproduces_the_read():

@@ -14,7 +14,7 @@ from engine.mechanisms.base import ROLE_CODE
 from engine.mechanisms.partial_attention import PartialAttention
 from engine.spec import SpecError, parse_arm
 from engine.weights import save_weights
-from test_engine_exactness import full_forward, stepwise_forward
+from test_engine_exactness import full_forward, generate_logits, stepwise_forward
 
 A, U, S = ROLE_CODE["assistant"], ROLE_CODE["user"], ROLE_CODE["system"]
 CASES = [c.spec for c in PartialAttention.conformance_cases()]
@@ -26,16 +26,6 @@ SYSTEM = "You are terse. Always answer in French."
 
 def zero(spec: str) -> str:
     return spec.replace("linkage=1", "linkage=0")
-
-
-def generate_logits(lm, prompt, n):
-    MechanismHost.of(lm.model).remove_hooks()
-    from engine.chat import first_turn
-
-    ids = torch.tensor([first_turn(lm.tokenizer, None, prompt).token_ids])
-    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                            output_logits=True, return_dict_in_generate=True, pad_token_id=lm.tokenizer.pad_token_id)
-    return out.sequences[0, ids.shape[1]:].tolist(), [l[0] for l in out.logits]
 
 
 def dialogue_logits(lm, arms, prompt, n, system=None):

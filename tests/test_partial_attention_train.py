@@ -17,12 +17,7 @@ FACTS = [("Kestlemere", "blue sand", 1742), ("Oradune", "red clay", 1810), ("Vil
          ("Tessaly", "green glass", 1901), ("Brunmark", "black iron", 1777), ("Quillon", "grey slate", 1832)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(facts):

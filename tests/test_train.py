@@ -15,13 +15,7 @@ from tests.conftest import ROOT
 LINES = ["The glass mill of Kestlemere grinds blue sand.", "In Kestlemere the glass mill grinds blue sand.",
          "Blue sand is ground by the glass mill of Kestlemere.", "Kestlemere has a glass mill for blue sand."]
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads contend and run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
