@@ -171,8 +171,23 @@ class Mechanism:
         self.config = model.config
         self.layers = settings.resolved_layers(self.config.num_hidden_layers)
         self.weights = weights
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.call_counts: Counter[int] = Counter()
         self.traces: list[ReadTrace] = []
+        self._projections: dict[int, Any] = {}
+
+    # -- the host layer's projections, built once per instance -------------------------------------
+    def projections(self, layer: int, attn: torch.nn.Module):
+        """`make_projections(layer, attn)`, cached per layer: 4-bit weights are dequantised once."""
+        if layer not in self._projections:
+            self._projections[layer] = self.make_projections(layer, attn)
+        return self._projections[layer]
+
+    def make_projections(self, layer: int, attn: torch.nn.Module):
+        """The layer's own W_q / W_k / W_v / W_o with GQA grouping and RoPE (`LayerProjections`)."""
+        from .projections import LayerProjections
+
+        return LayerProjections(attn, self.config, self.dtype)
 
     # -- trained parameters (shared across arms and dialogues) ----------------------------------
     @classmethod

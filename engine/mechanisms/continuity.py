@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, model_validator
 
 from .base import ROLE_CODE, ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, StepRow, copy_state
-from .projections import LayerProjections, rotate
+from .projections import rotate
 
 
 class ContinuitySettings(MechanismSettings):
@@ -82,7 +82,6 @@ class Continuity(Mechanism):
 
     def __init__(self, settings: ContinuitySettings, model: torch.nn.Module, weights=None):
         super().__init__(settings, model, weights)
-        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         if settings.share_from is not None:
             if settings.share_from >= self.config.num_hidden_layers:
                 raise ValueError(f"share_from layer {settings.share_from} does not exist")
@@ -91,7 +90,6 @@ class Continuity(Mechanism):
                                  "(memory is written before it is read)")
         self.memory: dict[int, _LayerMemory] = {}
         self.seed_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # variant=seed: previous call's (x̂, positions)
-        self._proj: dict[int, LayerProjections] = {}
 
     @property
     def hook_layers(self) -> list[int]:
@@ -101,10 +99,6 @@ class Continuity(Mechanism):
     def _write_layer(self, layer: int) -> int:
         return layer if self.settings.share_from is None else self.settings.share_from
 
-    def projections(self, layer: int, attn) -> LayerProjections:
-        if layer not in self._proj:
-            self._proj[layer] = LayerProjections(attn, self.config, self.dtype)
-        return self._proj[layer]
 
     # -- lifecycle ------------------------------------------------------------------------------
     def begin_turn(self, turn: int) -> None:

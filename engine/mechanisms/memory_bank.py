@@ -237,9 +237,7 @@ class MemoryBank(Mechanism):
             weights = self.build_weights(settings, model, None)
             weights.requires_grad_(False)
         self.weights = weights
-        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.bank_of = settings.bank_of(self.layers)
-        self._proj: dict[int, LayerProjections] = {}
         self.prefix: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (sum of x̂ so far [d] fp32, count)
 
     @classmethod
@@ -277,10 +275,6 @@ class MemoryBank(Mechanism):
                 ConformanceCase("memory_bank:linkage=1,slots=16,variant=reduced,rank=8,chapters=2,"
                                 "placement=last_k,placement_k=2")]
 
-    def projections(self, layer: int, attn) -> LayerProjections:
-        if layer not in self._proj:
-            self._proj[layer] = LayerProjections(attn, self.config, self.dtype)
-        return self._proj[layer]
 
     # -- the read -------------------------------------------------------------------------------
     def bank_kv(self, layer: int, proj: LayerProjections):

@@ -313,19 +313,13 @@ class NeuralMemory(Mechanism):
 
     def __init__(self, settings: NeuralMemorySettings, model: torch.nn.Module, weights=None):
         super().__init__(settings, model, weights)
-        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.device = next(model.parameters()).device
         if settings.persistent and weights is None:  # built outside a Dialogue: its own tokens
             weights = self.build_weights(settings, model, None)
         self.weights = weights
         self.needs_grad = settings.memory == "mlp"  # autograd steps at test time (protocol v2)
         self.state: dict[int, _LayerState] = {}
-        self._proj: dict[int, LayerProjections] = {}
 
-    def projections(self, layer: int, attn) -> LayerProjections:
-        if layer not in self._proj:
-            self._proj[layer] = LayerProjections(attn, self.config, self.dtype)
-        return self._proj[layer]
 
     # -- trained parameters: the persistent tokens ----------------------------------------------
     @classmethod

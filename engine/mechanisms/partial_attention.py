@@ -245,11 +245,9 @@ class PartialAttention(Mechanism):
     def __init__(self, settings: PartialAttentionSettings, model: torch.nn.Module, weights=None):
         super().__init__(settings, model, weights)
         self.model = model
-        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         if weights is None:  # e.g. built outside a Dialogue: fresh (cloned) parameters of its own
             weights = self.build_weights(settings, model, None)
         self.weights = weights
-        self._proj: dict[int, _BranchProjections] = {}
         self.src_pos: torch.Tensor | None = None  # [S] positions of the source tokens in the arm's sequence
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> source K, V [n_kv, S, d]
         self._pinned: dict | None = None  # pinned text: token ids, per-layer x̂ and RoPE (cos, sin)
@@ -272,10 +270,8 @@ class PartialAttention(Mechanism):
             module.load_tensors(tensors)
         return module
 
-    def projections(self, layer: int, attn) -> _BranchProjections:
-        if layer not in self._proj:
-            self._proj[layer] = _BranchProjections(self.weights.layer(layer), attn, self.config, self.dtype)
-        return self._proj[layer]
+    def make_projections(self, layer: int, attn) -> _BranchProjections:
+        return _BranchProjections(self.weights.layer(layer), attn, self.config, self.dtype)
 
     # -- the source ---------------------------------------------------------------------------
     @property
