@@ -8,6 +8,12 @@ Usable from a notebook on its own; it knows nothing about the database or the we
     for r in d.send("Is it ever right to lie?"):
         print(r.text)
 """
+import logging
+
+# bitsandbytes (imported by peft) offers an optional AVX512-BF16 4-bit kernel fetched from a model
+# hub at run time; the lab never downloads, so its built-in kernel runs and that offer stays quiet.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .dialogue import ArmReply, Dialogue, DialogueError, StreamEvent
 from .mechanisms import MECHANISMS, ReadTrace, load_plugins, register
 from .model import LoadedModel, ModelIdentity, ModelLoadError, load_model
