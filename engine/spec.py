@@ -102,7 +102,10 @@ def _first_error(e: ValidationError, what: str) -> str:
     key = ".".join(str(p) for p in err["loc"]) or what
     if err["type"] == "extra_forbidden":
         return f"unknown key '{key}' for {what}"
-    return f"{what}: {key}: {err['msg'].lower()} (got {err.get('input')!r})"
+    msg = err["msg"]
+    if not err["loc"] and err["type"] == "value_error":  # a check across keys: its own sentence says it all
+        return f"{what}: {msg.removeprefix('Value error, ')}"
+    return f"{what}: {key}: {msg[:1].lower() + msg[1:]} (got {err.get('input')!r})"
 
 
 @dataclass

@@ -303,6 +303,13 @@ ENGINE_SPEC_CASES = [
     ("observer:seed=9223372036854775808", "seed"),
     ("observer:max_new_tokens=0", "max_new_tokens"),
     ("observer:greedy=maybe", "greedy"),
+    ("neural_memory:persistent=-1", "neural_memory: persistent: input should be greater than or equal to 0"),
+    ("neural_memory:persistent=4,persistent_text=\" \"", "neural_memory: persistent_text is empty"),
+    ("neural_memory:persistent_text=\"abc\"", "but persistent=0: set persistent=P (P >= 1)"),
+    ("neural_memory:memory=gru", "memory: input should be 'linear' or 'mlp'"),
+    ("partial_attention:lora_rank=-2", "lora_rank"),
+    ("partial_attention:linkage=0.5,spe=true", "spe edits the model's own attention mask / positions"),
+    ("partial_attention:linkage=0.5,bidirectional=true", "bidirectional edits the model's own attention mask"),
 ]
 
 
@@ -344,6 +351,11 @@ ENGINE_CASES = {
     "missing model": (["generate", "--prompt", "Hi", "--arm", "observer", "--model", "/no/such/model"], "model not found"),
     "odd model id": (["generate", "--prompt", "Hi", "--arm", "observer", "--model", "a/b/c"], "model not found"),
     "bad dtype": (["generate", "--prompt", "Hi", "--arm", "observer", "--dtype", "float8"], "unknown dtype 'float8'"),
+    "persistent text too short": (["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--arm",
+                                   'neural_memory:linkage=1,persistent=50,persistent_text="two words"'],
+                                  "persistent_text has 2 tokens, fewer than persistent=50"),
+    "missing weights file": (["generate", "--prompt", "Hi", "--arm", 'neural_memory:weights="/no/such.safetensors"'],
+                             "weights file /no/such.safetensors does not exist"),
 }
 
 
