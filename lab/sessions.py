@@ -153,7 +153,8 @@ def build_sessions_tab(ctx: LabContext) -> dict:
         model = (s.get("model") or {}).get("name", "?")
         lines = [f"**{html.escape(s.get('title') or '(untitled)')}** · {s['kind']} · {_when(s['created_at'])} · "
                  f"model `{html.escape(str(model))}` · {len(arms)} arms"
-                 + (f" · annotator {html.escape(s['user'])}" if s.get("user") else "")]
+                 + (f" · annotator {html.escape(s['user'])}" if s.get("user") else "")
+                 + (f" · attention window {window} tokens" if (window := (s.get("meta") or {}).get("window")) else "")]
         lines.append(" · ".join(labelled_line(done, m, who) for who, (done, m) in progress.items())
                      if progress else f"**0 of {total}** replies labelled")
         if hidden:

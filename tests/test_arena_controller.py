@@ -143,6 +143,7 @@ def test_window_is_a_session_setting_kept_for_replay_and_continue(store, embedde
     meta = store.get_session(sid)["meta"]
     assert meta["window"] == 16 and meta["sink"] == live.dialogue.sink
     assert replay_turn(store, embedded, sid, 1).identical
+    assert "attention window 16 tokens" in _sessions_tab(store, embedded)["open_fn"](sid)[0]
     ctl = ArenaSession.resume(store, embedded, sid)
     assert ctl.window == 16
     expected = [r.token_ids for r in live.dialogue.send("And?")]
@@ -192,6 +193,7 @@ def test_sessions_tab_counts_labels_as_the_arena_does(store, embedded):
     assert row["labelled"] == "ana 2 of 4, bo 1 of 4"
     head = tab["open_fn"](ctl.session_id)[0]
     assert "**2 of 4** replies labelled by **ana**" in head and "**1 of 4** replies labelled by **bo**" in head
+    assert "attention window" not in head  # full attention: nothing to say
     other = started(store, embedded)
     run(other, "Alone")
     assert sessions_frame(ctx).set_index("id").loc[other.session_id, "labelled"] == "0 of 2"
