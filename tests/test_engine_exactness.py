@@ -27,9 +27,9 @@ def generate_logits(lm, prompt, n):
     return out.sequences[0, ids.shape[1]:].tolist(), [l[0] for l in out.logits]
 
 
-def dialogue_logits(lm, arms, prompt, n):
-    """Greedy turn through the engine, recording each step's last-position logits per arm."""
-    d = Dialogue(lm, [parse_arm(a) for a in arms])
+def run_dialogue(lm, arms, prompt, n, system=None):
+    """Greedy turn through the engine: each arm's tokens, each step's last-position logits, the Dialogue."""
+    d = Dialogue(lm, [parse_arm(a) for a in arms], system=system)
     seen = []
     forward = d._forward
 
@@ -40,7 +40,13 @@ def dialogue_logits(lm, arms, prompt, n):
 
     d._forward = spy
     replies = d.send(prompt, max_new_tokens=n)
-    return [r.token_ids for r in replies], seen
+    return [r.token_ids for r in replies], seen, d
+
+
+def dialogue_logits(lm, arms, prompt, n):
+    """Greedy turn through the engine, recording each step's last-position logits per arm."""
+    tokens, seen, _ = run_dialogue(lm, arms, prompt, n)
+    return tokens, seen
 
 
 def full_forward(lm, arm, token_ids, roles):

@@ -14,7 +14,7 @@ from engine.mechanisms.base import ROLE_CODE
 from engine.mechanisms.partial_attention import PartialAttention
 from engine.spec import SpecError, parse_arm
 from engine.weights import save_weights
-from test_engine_exactness import full_forward, generate_logits, stepwise_forward
+from test_engine_exactness import full_forward, generate_logits, run_dialogue, stepwise_forward
 
 A, U, S = ROLE_CODE["assistant"], ROLE_CODE["user"], ROLE_CODE["system"]
 CASES = [c.spec for c in PartialAttention.conformance_cases()]
@@ -26,20 +26,6 @@ SYSTEM = "You are terse. Always answer in French."
 
 def zero(spec: str) -> str:
     return spec.replace("linkage=1", "linkage=0")
-
-
-def dialogue_logits(lm, arms, prompt, n, system=None):
-    d = Dialogue(lm, [parse_arm(a) for a in arms], system=system)
-    seen = []
-    forward = d._forward
-
-    def spy(*args, **kwargs):
-        logits = forward(*args, **kwargs)
-        seen.append(logits[:, -1].clone())
-        return logits
-
-    d._forward = spy
-    return [r.token_ids for r in d.send(prompt, max_new_tokens=n)], seen, d
 
 
 def sequence(n=28, n_src=10, seed=0):
@@ -55,14 +41,14 @@ ALL_ON = "partial_attention:linkage=1,gain=1,bidirectional=true,spe=true,fp=true
 @pytest.mark.parametrize("spec", [ALL_ON, CASES[3]])
 def test_linkage_zero_equals_plain_generate(tiny, spec):
     ref_tokens, ref_logits = generate_logits(tiny, PROMPT, 6)
-    tokens, logits, _ = dialogue_logits(tiny, [zero(spec)], PROMPT, 6)
+    tokens, logits, _ = run_dialogue(tiny, [zero(spec)], PROMPT, 6)
     assert tokens[0] == ref_tokens
     assert all(torch.equal(g[0], w) for g, w in zip(logits, ref_logits))
 
 
 def test_linkage_zero_equals_plain_generate_embedded(embedded):
     ref_tokens, ref_logits = generate_logits(embedded, PROMPT, 4)
-    tokens, logits, _ = dialogue_logits(embedded, [zero(ALL_ON)], PROMPT, 4)
+    tokens, logits, _ = run_dialogue(embedded, [zero(ALL_ON)], PROMPT, 4)
     assert tokens[0] == ref_tokens
     assert all(torch.equal(g[0], w) for g, w in zip(logits, ref_logits))
 
@@ -152,10 +138,10 @@ def test_batched_rows_with_different_source_lengths_equal_each_row_alone(tiny_ll
 def test_dialogue_arms_with_pinned_and_dialogue_sources_match_alone(tiny_llama):
     arms = ["partial_attention:linkage=1,gain=1,bidirectional=true",
             'partial_attention:linkage=1,gain=1,text="Lima is the capital of Peru."', "observer"]
-    batched, _, db = dialogue_logits(tiny_llama, arms, PROMPT, 6, system=SYSTEM)
+    batched, _, db = run_dialogue(tiny_llama, arms, PROMPT, 6, system=SYSTEM)
     lb = db.teacher_force("Are you sure?", [[5, 6, 7]] * 3)
     for i, arm in enumerate(arms):
-        alone, _, da = dialogue_logits(tiny_llama, [arm], PROMPT, 6, system=SYSTEM)
+        alone, _, da = run_dialogue(tiny_llama, [arm], PROMPT, 6, system=SYSTEM)
         assert batched[i] == alone[0], arm
         la = da.teacher_force("Are you sure?", [[5, 6, 7]])
         assert (lb[i] - la[0]).abs().max() <= 1e-4, arm
@@ -212,7 +198,7 @@ def test_capture_equals_eager_under_the_edited_mask(tiny_llama):
     from engine.capture import capture_attention
 
     spec = "partial_attention:linkage=1,gain=1,bidirectional=true,spe=true"
-    _, _, d = dialogue_logits(tiny_llama, [spec], PROMPT, 6, system=SYSTEM)
+    _, _, d = run_dialogue(tiny_llama, [spec], PROMPT, 6, system=SYSTEM)
     attn, tr = capture_attention(tiny_llama, parse_arm(spec), [(PROMPT, d.arms[0].replies[0].token_ids)], SYSTEM,
                                  max_size=None)
     T = len(tr.token_ids)
