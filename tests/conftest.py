@@ -85,6 +85,24 @@ BROWSER_MARKS = [pytest.mark.browser, pytest.mark.slow,
                                     reason="needs Debian's chromium (make browser)")]
 
 
+@pytest.fixture()
+def page():
+    """A Chromium page (1400x1000, downloads accepted, 60 s default timeout). With $LAB_SCREENSHOTS set,
+    the page as the test left it is saved there as <test name>.png."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        yield pg
+        if os.environ.get("LAB_SCREENSHOTS"):
+            name = os.environ.get("PYTEST_CURRENT_TEST", "browser").split("::")[-1].split(" ")[0]
+            pg.screenshot(path=os.path.join(os.environ["LAB_SCREENSHOTS"], f"{name}.png"), full_page=True)
+        context.close()
+        browser.close()
+
+
 def free_port() -> int:
     import socket
 

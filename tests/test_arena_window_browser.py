@@ -3,25 +3,10 @@ value is refused with one line and nothing sent; a good one starts the session w
 is stored in the session's meta, and the box is locked until New session."""
 from __future__ import annotations
 
-import pytest
-
-from conftest import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS as ARGS
+from conftest import BROWSER_MARKS
 
 pytestmark = BROWSER_MARKS
 LONG = 240_000  # ms: generation on a busy 2-core CPU
-
-
-@pytest.fixture()
-def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        pg = context.new_page()
-        pg.set_default_timeout(60_000)
-        yield pg
-        context.close()
-        browser.close()
 
 
 def test_window_setting_is_validated_stored_and_locked(server, page):

@@ -5,30 +5,12 @@ find the turns and the label in the database.
 """
 from __future__ import annotations
 
-import os
 import re
 
-import pytest
-
-from conftest import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS as ARGS
+from conftest import BROWSER_MARKS
 
 pytestmark = BROWSER_MARKS
 LONG = 240_000  # ms: generation on a busy 2-core CPU
-
-
-@pytest.fixture()
-def page(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-        pg = context.new_page()
-        pg.set_default_timeout(60_000)
-        yield pg
-        if os.environ.get("LAB_SCREENSHOTS"):
-            pg.screenshot(path=os.path.join(os.environ["LAB_SCREENSHOTS"], "browser-final.png"), full_page=True)
-        context.close()
-        browser.close()
 
 
 def test_chat_annotate_export(server, page, tmp_path):

@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 from pydantic import Field
 
-from conftest import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS, serve_lab
+from conftest import BROWSER_MARKS, serve_lab
 from engine.mechanisms import MECHANISMS, Mechanism, MechanismSettings, register
 
 pytestmark = BROWSER_MARKS
@@ -45,19 +45,6 @@ def lab(embedded, tmp_path_factory):
     demo.close()
     store.close()
     MECHANISMS.pop(Toy.name, None)
-
-
-@pytest.fixture()
-def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-        pg = context.new_page()
-        pg.set_default_timeout(60_000)
-        yield pg
-        context.close()
-        browser.close()
 
 
 def test_a_toy_mechanism_gets_its_own_controls(lab, page):
