@@ -41,39 +41,11 @@ class DistillError(ValueError):
     """A distillation request that cannot be done; the message says why."""
 
 
-class _Stop(Exception):
-    pass
-
-
 def capture_x_hat(model, token_ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
-    """x̂ [T, d] (fp32) at each layer's self-attention input; stops the forward after the last layer."""
-    from .hooks import decoder_layers
+    """x̂ [T, d] (fp32) at each layer's self-attention input; the forward stops after the last layer."""
+    from .hooks import layer_inputs
 
-    blocks = decoder_layers(model)
-    got: dict[int, torch.Tensor] = {}
-    handles = []
-    last = max(layers)
-
-    def make(layer):
-        def pre(module, args, kwargs):
-            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            got[layer] = x[0].detach().float()
-            if layer == last:
-                raise _Stop
-        return pre
-
-    for layer in layers:
-        handles.append(blocks[layer].self_attn.register_forward_pre_hook(make(layer), with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            model(input_ids=torch.tensor([token_ids], device=device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return got
+    return {l: x.float() for l, x in layer_inputs(model, torch.tensor([token_ids]), layers).items()}
 
 
 def _chapter_bounds(T: int, C: int) -> list[tuple[int, int]]:

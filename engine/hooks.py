@@ -28,6 +28,45 @@ def decoder_layers(model: torch.nn.Module):
     return layers
 
 
+class _Enough(Exception):
+    """Raised by `layer_inputs`' last hook: the layers above are not needed."""
+
+
+def layer_inputs(model: torch.nn.Module, input_ids: torch.Tensor, layers, *, attention_mask=None,
+                 rope: bool = False) -> dict[int, torch.Tensor | tuple[torch.Tensor, ...]]:
+    """One plain base-model pass over `input_ids` [1, T]: each chosen layer's self-attention input x̂
+    [T, hidden] (detached copies in the model's dtype), or with `rope=True` (x̂, cos, sin) with the
+    rotary tables [T, head_dim] the layer received. No mechanism is dispatched and captures skip it
+    (`base_pass`), so it is safe from inside another forward; the pass stops after the last chosen layer."""
+    blocks = decoder_layers(model)
+    last = max(layers)
+    seen: dict[int, torch.Tensor | tuple[torch.Tensor, ...]] = {}
+
+    def hook(layer: int):
+        def pre(module, args, kwargs):
+            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[0].detach().clone()
+            if rope:
+                cos, sin = kwargs["position_embeddings"]
+                seen[layer] = (x, cos[0].detach().clone(), sin[0].detach().clone())
+            else:
+                seen[layer] = x
+            if layer == last:
+                raise _Enough
+        return pre
+
+    handles = [blocks[l].self_attn.register_forward_pre_hook(hook(l), with_kwargs=True) for l in set(layers)]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), MechanismHost.of(model).base_pass():
+            model(input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    except _Enough:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 @dataclass
 class RowBinding:
     row: int

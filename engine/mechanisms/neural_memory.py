@@ -282,29 +282,15 @@ class PersistentTokens(torch.nn.Module):
 
 
 def _text_inputs(model: torch.nn.Module, text: str, layers: list[int]) -> dict[int, torch.Tensor]:
-    """x̂ (self-attention's normed input) of `text` at each layer, from one plain base-model pass."""
-    from ..hooks import MechanismHost, decoder_layers
+    """x̂ (self-attention's normed input, fp32) of `text` at each layer, from one plain base-model pass."""
+    from ..hooks import layer_inputs
     from ..weights import WeightsError
 
     tok = getattr(model, "_lab_tokenizer", None)
     if tok is None:
         raise WeightsError("persistent_text needs the model's tokenizer (load the model with engine.load_model)")
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    seen: dict[int, torch.Tensor] = {}
-    handles = []
-    dec = decoder_layers(model)
-    for l in layers:
-        def pre(module, args, kwargs, l=l):
-            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            seen[l] = x[0].detach().float().clone()
-        handles.append(dec[l].self_attn.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.no_grad(), MechanismHost.of(model).base_pass():
-            model(input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return {l: x.float() for l, x in layer_inputs(model, ids, layers).items()}
 
 
 class NeuralMemory(Mechanism):

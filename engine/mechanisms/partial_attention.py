@@ -299,7 +299,7 @@ class PartialAttention(Mechanism):
         """Run the base model once on the pinned text and keep each chosen layer's x̂ and RoPE."""
         if self._pinned is not None:
             return self._pinned
-        from ..hooks import decoder_layers
+        from ..hooks import layer_inputs
 
         tok = getattr(self.model, "_lab_tokenizer", None)
         if tok is None:
@@ -307,15 +307,6 @@ class PartialAttention(Mechanism):
         ids = tok(self.settings.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         if ids.shape[1] == 0:
             raise ValueError("the pinned source text has no tokens")
-        seen: dict[int, tuple] = {}
-        layers = decoder_layers(self.model)
-        handles = []
-        for l in self.layers:
-            def pre(module, args, kwargs, l=l):
-                x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                cos, sin = kwargs["position_embeddings"]
-                seen[l] = (x[0].detach().clone(), cos[0].detach().clone(), sin[0].detach().clone())
-            handles.append(layers[l].self_attn.register_forward_pre_hook(pre, with_kwargs=True))
         device = next(self.model.parameters()).device
         n = ids.shape[1]
         mask = None
@@ -323,14 +314,7 @@ class PartialAttention(Mechanism):
             mask = torch.ones(1, 1, n, n, dtype=torch.bool, device=device)
             if self.model.config._attn_implementation == "eager":
                 mask = torch.zeros(1, 1, n, n, dtype=self.dtype, device=device)
-        from ..hooks import MechanismHost
-
-        try:
-            with torch.no_grad(), MechanismHost.of(self.model).base_pass():  # a plain base-model pass
-                self.model(input_ids=ids.to(device), attention_mask=mask, use_cache=False, logits_to_keep=1)
-        finally:
-            for h in handles:
-                h.remove()
+        seen = layer_inputs(self.model, ids, self.layers, attention_mask=mask, rope=True)  # a plain base-model pass
         self._pinned = {"ids": ids[0].tolist(), "layers": seen}
         return self._pinned
 
