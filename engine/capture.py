@@ -571,8 +571,6 @@ def _dry_length(lm, specs, turns, system, focus_arm, focus_turn) -> int:
     return total
 
 
-
-
 def capture_attention(lm: LoadedModel, arm: ArmSpec, turns: list[tuple[str, list[int]]], system: str | None = None,
                       *, upto_turn: int | None = None, max_size: int | None = None) -> tuple[np.ndarray, ArmTranscript]:
     """Attention [L, H, T, T] of one arm over its transcript up to the end of `upto_turn`.

@@ -206,15 +206,17 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
                      "one teacher-forced pass)")
         with guard:
             try:
+                # without a folder for the arrays only the asked arm's views can be kept: record it alone
                 cap = capture_turn(lm, specs, forced, system, focus_arm=arm_index, focus_turn=turn_index,
-                                   max_size=max_size, dtype=torch.float16)
+                                   max_size=max_size, dtype=torch.float16,
+                                   record=None if root is not None else [arm_index])
             except CaptureError as e:
                 raise InspectError(str(e)) from None
         STATS["capture_runs"] += 1
         # the asked arm first, so that an arm whose rows cannot be written does not cost it its views
         for r in [arm_index] + [r for r in range(len(arms)) if r != arm_index]:
-            if r != arm_index and root is None:
-                break  # without a folder for the arrays only the asked arm's views can be kept (in memory)
+            if r not in cap.recorded:
+                continue
             view = cap.for_arm(r)
             check = _check_transcript(view, turns, r, turn_index)
             data = _capture_payloads(lm, view, key, [check] if check else [])
