@@ -46,6 +46,7 @@ YAML_KEYS = ("name", "description", "version", "source", "license", "system", "t
 SCORER_OPTION_KEYS = {"stance_drift": ("judge", "threshold", "stance_turns"), "answer_flip": ("answer_turns",),
                       "concession": ()}
 MAX_NEW_TOKENS_LIMIT = 8192
+MAX_WINDOW = 1_000_000  # the largest attention window (tokens) a protocol or a lab session may set
 MAX_LISTED_PROBLEMS = 20
 
 _EXPECTED = {
@@ -104,7 +105,7 @@ class Protocol(BaseModel):
     scorer_settings: Optional[dict[StrictStr, dict[StrictStr, Any]]] = Field(default=None, alias="scorer_options")
     max_new_tokens: Optional[Annotated[StrictInt, Field(gt=0, le=MAX_NEW_TOKENS_LIMIT)]] = None
     # attention window of every arm (engine.dialogue): the sink plus the last `window` tokens
-    window: Optional[Annotated[StrictInt, Field(gt=0, le=1_000_000)]] = None
+    window: Optional[Annotated[StrictInt, Field(gt=0, le=MAX_WINDOW)]] = None
     _source_path: Optional[Path] = PrivateAttr(default=None)
 
     @property

@@ -30,11 +30,11 @@ from engine import ArmReply, ArmSpec, Dialogue, DialogueError, LoadedModel, Spec
 from db.rules import SessionRow
 from engine.dialogue import MAX_MESSAGE_CHARS
 from engine.dialogue import check_message as engine_check_message
+from experiments.protocol import MAX_WINDOW
 from experiments.record import SessionRecorder, dialogue_from_session, other_weights
 
 LETTERS = "ABCD"
 MAX_ARMS = 4
-MAX_WINDOW = 1_000_000  # the protocols' bound (experiments/protocol.py)
 
 
 class ArenaError(ValueError):
