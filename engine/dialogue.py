@@ -80,6 +80,7 @@ class StreamEvent:
     texts: list[str]
     done: list[bool]
     replies: list[ArmReply] | None = None  # set on the last event of a turn
+    status: str | None = None  # e.g. "queued, 3 ahead" while a scheduler holds the turn back
 
 
 @dataclass
@@ -203,6 +204,11 @@ def apply_plan(r: int, plan: RowPlan, real: torch.Tensor, pos: torch.Tensor, all
             allow[r] = plan.allow.bool().cpu()
 
 
+def grad_mode(bindings: list[RowBinding]):
+    """inference_mode everywhere, except where a mechanism takes gradient steps at test time."""
+    return torch.no_grad if any(b.mechanism.needs_grad for b in bindings) else torch.inference_mode
+
+
 class Dialogue:
     """A conversation with one or more arms of the same model, run batched."""
 
@@ -238,6 +244,8 @@ class Dialogue:
         self._stop = [False] * len(arms)
         self._snapshot = None
         self._refed: dict[int, int] = {}  # rows that re-fed their transcript this turn -> its length
+        self._prefill_saved = None  # (mask, arms' histories) while a prefill is under way
+        self.record_logits: list[list[torch.Tensor]] | None = None  # tests: per arm, each sampled step's logits
         self.last_user: str | None = None
 
     # -- public API ---------------------------------------------------------------------------
@@ -261,65 +269,22 @@ class Dialogue:
     def stream(self, user: str, *, max_new_tokens: int | None = None,
                forced: list[list[int]] | None = None) -> Iterator[StreamEvent]:
         """Send `user` to every arm; yield after each step. `forced` replays given reply tokens."""
-        pieces = self._prepare(user, max_new_tokens, forced)
-        self._stop = [False] * self.n_arms
-        turn, prompt_ids = self._open_turn(pieces)
-        limits = [max_new_tokens or arm.spec.sampling.max_new_tokens for arm in self.arms]
-        if forced is not None:
-            limits = [len(f) for f in forced]
-        gens = [torch.Generator().manual_seed(seed_for_turn(a.spec.sampling.seed, turn)) for a in self.arms]
-        replies_ids: list[list[int]] = [[] for _ in self.arms]
-        done = [False] * self.n_arms
-        reasons = [""] * self.n_arms
-        texts = [""] * self.n_arms
-        started, t0 = time.time(), time.perf_counter()
-        ttft = None
-        finished_at = [0.0] * self.n_arms
-        step = 0
+        run = TurnRun(self, user, max_new_tokens, forced)
         try:
-            logits = self._prefill(pieces, prompt_ids, turn)
             while True:
-                for i, arm in enumerate(self.arms):
-                    if done[i]:
-                        continue
-                    if self._stop[i]:
-                        done[i], reasons[i], finished_at[i] = True, "stopped", time.perf_counter()
-                        continue
-                    if forced is not None:
-                        tok = forced[i][len(replies_ids[i])]
-                    else:
-                        tok = sample_token(logits[i, -1], arm.spec.sampling, gens[i])
-                    replies_ids[i].append(tok)
-                    if tok in self.eos_ids:
-                        done[i], reasons[i] = True, "eos"
-                    elif len(replies_ids[i]) >= limits[i]:
-                        done[i], reasons[i] = True, "length"
-                    if done[i]:
-                        finished_at[i] = time.perf_counter()
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                texts = [self._decode(ids) for ids in replies_ids]
-                step += 1
-                if all(done):
+                req = run.request()
+                event = run.advance(self._forward(req.chunks, req.roles, run.turn, logits_to_keep=1,
+                                                  carried=req.carried))
+                if event.replies is not None:
                     break
-                yield StreamEvent(step, list(texts), list(done))
-                chunks = [[] if done[i] else [replies_ids[i][-1]] for i in range(self.n_arms)]
-                logits = self._forward(chunks, [[ASSISTANT] * len(c) for c in chunks], turn, logits_to_keep=1)
+                yield event
         except GeneratorExit:
-            # The consumer went away (closed tab, cancelled event): keep what was generated.
-            for i in range(self.n_arms):
-                if not done[i]:
-                    done[i], reasons[i], finished_at[i] = True, "stopped", time.perf_counter()
-            self._finish_turn(user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft or 0.0,
-                              finished_at, limits)
+            run.close()  # the consumer went away (closed tab, cancelled event): keep what was generated
             raise
         except BaseException:
-            self._restore_snapshot(self._snapshot)
-            self._snapshot = None  # the failed turn is already undone: nothing left to roll back
+            run.fail()
             raise
-        replies = self._finish_turn(user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft or 0.0,
-                                    finished_at, limits)
-        yield StreamEvent(step, texts, done, replies)
+        yield event
 
     def rollback(self) -> None:
         """Undo the last turn (for 'regenerate'): cache, memories, transcript."""
@@ -409,11 +374,23 @@ class Dialogue:
             bool(getattr(arm.mechanism, "reprefill_each_turn", False))
 
     def _prefill(self, pieces: list[Piece], prompt_ids: list[list[int]], turn: int) -> torch.Tensor:
-        """Feed the turn's prompt; the last position's logits predict each reply's first token.
+        """Feed the turn's prompt; the last position's logits predict each reply's first token."""
+        chunks, roles, carried = self._begin_prefill(pieces, prompt_ids)
+        try:
+            logits = self._forward(chunks, roles, turn, logits_to_keep=1, carried=carried)
+        except BaseException:
+            self._abort_prefill()
+            raise
+        self._end_prefill()
+        return logits
+
+    def _begin_prefill(self, pieces: list[Piece], prompt_ids: list[list[int]]):
+        """The prefill's (chunks, roles, carried), with re-prefilling arms set up to feed again.
 
         A re-prefilling arm (see `_reprefills`) feeds its whole transcript again from position 0:
         its earlier cache columns are masked off for this and every later step, and its token
         history is rebuilt from the re-fed tokens (the same tokens, with their turn labels kept).
+        `_end_prefill` completes the step after the forward, `_abort_prefill` undoes it on failure.
         """
         again = [r for r, a in enumerate(self.arms) if self._reprefills(a)]
         roles = [([] if r not in again else list(a.roles)) + [ASSISTANT] * len(a.pending) + p.roles
@@ -421,26 +398,31 @@ class Dialogue:
         carried = [len(a.pending) + (a.length if r in again else 0) for r, a in enumerate(self.arms)]
         saved = {r: (self.arms[r].token_ids, self.arms[r].roles, self.arms[r].turns) for r in again}
         self._refed = {r: len(saved[r][0]) for r in again}  # ArmReply.prompt_token_ids: the new tokens only
-        saved_mask = self.mask
+        self._prefill_saved = (self.mask, saved)
         if again:
             mask = self.mask.clone()
             mask[again] = 0
             self.mask = mask
             for r in again:
                 self.arms[r].token_ids, self.arms[r].roles, self.arms[r].turns = [], [], []
-        try:
-            logits = self._forward(prompt_ids, roles, turn, logits_to_keep=1, carried=carried)
-        except BaseException:
-            self.mask = saved_mask
-            for r, (ids, rl, tn) in saved.items():
-                self.arms[r].token_ids, self.arms[r].roles, self.arms[r].turns = ids, rl, tn
-            raise
+        return prompt_ids, roles, carried
+
+    def _abort_prefill(self) -> None:
+        if self._prefill_saved is None:
+            return
+        self.mask, saved = self._prefill_saved
+        for r, (ids, rl, tn) in saved.items():
+            self.arms[r].token_ids, self.arms[r].roles, self.arms[r].turns = ids, rl, tn
+        self._prefill_saved = None
+
+    def _end_prefill(self) -> None:
+        _, saved = self._prefill_saved
         for r, (_, _, old_turns) in saved.items():
             arm = self.arms[r]
             arm.turns = old_turns + arm.turns[len(old_turns):]
         for arm in self.arms:
             arm.pending = []
-        return logits
+        self._prefill_saved = None
 
     def _forward(self, chunks: list[list[int]], roles: list[list[int]], turn: int, logits_to_keep: int,
                  carried: list[int] | None = None):
@@ -450,16 +432,26 @@ class Dialogue:
         belong to the previous turn.
         """
         step = self._step_inputs(chunks, roles, turn)
-        # inference_mode everywhere, except where a mechanism takes gradient steps at test time
-        grad_free = torch.no_grad if any(b.mechanism.needs_grad for b in step.bindings) else torch.inference_mode
+        logits = self._run_model(step, logits_to_keep)
+        self._absorb_step(step, chunks, roles, turn, carried)
+        return logits
+
+    def _run_model(self, step: StepInputs, logits_to_keep: int) -> torch.Tensor:
+        """The model call of one step on this dialogue's own cache."""
         self._before_model(step)
         try:
-            with grad_free(), self.host.use(BatchContext(step.bindings)):
+            with grad_mode(step.bindings)(), self.host.use(BatchContext(step.bindings)):
                 out = self.model(input_ids=step.ids.to(self.device), attention_mask=step.mask,
                                  position_ids=step.positions.to(self.device), past_key_values=self.cache,
                                  use_cache=True, logits_to_keep=logits_to_keep)
         finally:
             self._after_model(step)
+        return out.logits
+
+    def _absorb_step(self, step: StepInputs, chunks: list[list[int]], roles: list[list[int]], turn: int,
+                     carried: list[int] | None) -> None:
+        """After a step's forward (alone or batched with other dialogues): the mask, the window, the
+        arms' token histories."""
         self.mask = step.columns
         if self.window is not None:
             self._track_and_evict(step)
@@ -469,12 +461,13 @@ class Dialogue:
             arm.roles += list(role)
             n_prev = carried[r] if carried else 0
             arm.turns += [turn - 1] * n_prev + [turn] * (len(chunk) - n_prev)
-        return out.logits
 
-    def _step_inputs(self, chunks: list[list[int]], roles: list[list[int]], turn: int) -> StepInputs:
-        """The batch tensors of one step, with every active arm's plan (positions, mask edits) applied."""
+    def _step_inputs(self, chunks: list[list[int]], roles: list[list[int]], turn: int,
+                     width: int | None = None) -> StepInputs:
+        """The batch tensors of one step, with every active arm's plan (positions, mask edits) applied.
+        `width`: the step's length T when it runs batched with other dialogues (default: the longest chunk)."""
         B = self.n_arms
-        T = max(1, max(len(c) for c in chunks))
+        T = max(1, max(len(c) for c in chunks), width or 0)
         ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)
         pos = torch.zeros(B, T, dtype=torch.long)
@@ -604,3 +597,135 @@ class Dialogue:
             del arm.messages[n_msg:], arm.replies[n_rep:]
             if arm.mechanism is not None:
                 arm.mechanism.restore(mech_state)
+
+
+@dataclass
+class StepRequest:
+    """What a turn feeds in its next forward pass: per arm its new tokens, their roles, and how many
+    leading tokens belong to the previous turn (`carried`, prefill only)."""
+
+    chunks: list[list[int]]
+    roles: list[list[int]]
+    carried: list[int] | None = None
+    prefill: bool = False
+
+    @property
+    def width(self) -> int:
+        return max(1, max(len(c) for c in self.chunks))
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+class TurnRun:
+    """One turn of a dialogue as a sequence of steps: `request()` the next forward's inputs, run
+    them (alone, or in one pass with other dialogues' rows), `advance(logits)` to sample.
+
+    `Dialogue.stream` drives one at a time; the step scheduler (engine/scheduler.py) drives the
+    turns of many sessions together. Building one validates the message (DialogueError) and opens
+    the turn (snapshot for rollback); `close()` ends it early keeping what was generated, `fail()`
+    undoes it.
+    """
+
+    def __init__(self, dialogue: Dialogue, user: str, max_new_tokens: int | None = None,
+                 forced: list[list[int]] | None = None):
+        d = self.d = dialogue
+        self.user, self.forced = user, forced
+        self.pieces = d._prepare(user, max_new_tokens, forced)
+        d._stop = [False] * d.n_arms
+        self.turn, self.prompt_ids = d._open_turn(self.pieces)
+        n = d.n_arms
+        self.limits = [max_new_tokens or arm.spec.sampling.max_new_tokens for arm in d.arms]
+        if forced is not None:
+            self.limits = [len(f) for f in forced]
+        self.gens = [torch.Generator().manual_seed(seed_for_turn(a.spec.sampling.seed, self.turn)) for a in d.arms]
+        self.replies_ids: list[list[int]] = [[] for _ in range(n)]
+        self.done, self.reasons, self.texts = [False] * n, [""] * n, [""] * n
+        self.started, self.t0 = time.time(), time.perf_counter()
+        self.ttft: float | None = None
+        self.finished_at = [0.0] * n
+        self.step = 0
+        self.prefilled = False
+        self.replies: list[ArmReply] | None = None
+        self._request: StepRequest | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.replies is not None
+
+    @property
+    def rows(self) -> int:
+        return self.d.n_arms
+
+    def request(self) -> StepRequest:
+        """The inputs of this turn's next forward pass (the same object until `advance`)."""
+        if self._request is None:
+            if not self.prefilled:
+                chunks, roles, carried = self.d._begin_prefill(self.pieces, self.prompt_ids)
+                self._request = StepRequest(chunks, roles, carried, prefill=True)
+            else:
+                chunks = [[] if self.done[i] else [self.replies_ids[i][-1]] for i in range(self.d.n_arms)]
+                self._request = StepRequest(chunks, [[ASSISTANT] * len(c) for c in chunks])
+        return self._request
+
+    def advance(self, logits: torch.Tensor) -> StreamEvent:
+        """Sample each running arm's next token from the step's last-position logits [B, 1+, V]."""
+        d = self.d
+        if not self.prefilled:
+            d._end_prefill()
+            self.prefilled = True
+        self._request = None
+        for i, arm in enumerate(d.arms):
+            if self.done[i]:
+                continue
+            if d._stop[i]:
+                self.done[i], self.reasons[i], self.finished_at[i] = True, "stopped", time.perf_counter()
+                continue
+            if self.forced is not None:
+                tok = self.forced[i][len(self.replies_ids[i])]
+            else:
+                tok = sample_token(logits[i, -1], arm.spec.sampling, self.gens[i])
+            if d.record_logits is not None:
+                d.record_logits[i].append(logits[i, -1].detach().float().cpu().clone())
+            self.replies_ids[i].append(tok)
+            if tok in d.eos_ids:
+                self.done[i], self.reasons[i] = True, "eos"
+            elif len(self.replies_ids[i]) >= self.limits[i]:
+                self.done[i], self.reasons[i] = True, "length"
+            if self.done[i]:
+                self.finished_at[i] = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.t0
+        self.texts = [d._decode(ids) for ids in self.replies_ids]
+        self.step += 1
+        if all(self.done):
+            return self._finish()
+        return StreamEvent(self.step, list(self.texts), list(self.done))
+
+    def close(self) -> StreamEvent | None:
+        """End the turn now, every running arm 'stopped', keeping what was generated (None: nothing
+        was generated yet, so the turn is undone as if never sent)."""
+        if self.finished:
+            return None
+        if not self.prefilled:
+            self.fail()
+            return None
+        for i in range(self.d.n_arms):
+            if not self.done[i]:
+                self.done[i], self.reasons[i], self.finished_at[i] = True, "stopped", time.perf_counter()
+        return self._finish()
+
+    def fail(self) -> None:
+        """Undo the turn: the dialogue is as it was before it (a failed forward, a cancelled prefill)."""
+        d = self.d
+        d._abort_prefill()
+        if d._snapshot is not None:
+            d._restore_snapshot(d._snapshot)
+        d._snapshot = None  # the failed turn is already undone: nothing left to roll back
+        self._request = None
+
+    def _finish(self) -> StreamEvent:
+        self.replies = self.d._finish_turn(self.user, self.pieces, self.prompt_ids, self.replies_ids, self.reasons,
+                                           self.started, self.t0, self.ttft or 0.0, self.finished_at, self.limits)
+        return StreamEvent(self.step, list(self.texts), list(self.done), self.replies)
