@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from db import Store
 from engine import ArmSpec, Dialogue, LoadedModel, SpecError, parse_arm
@@ -222,7 +222,8 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
                  seeds: int = 1, items: Optional[int] = None, max_new_tokens: Optional[int] = None,
                  experiment_id: Optional[str] = None, progress: Optional[ProgressFn] = None,
                  stop_event: Optional[threading.Event] = None, name: Optional[str] = None,
-                 scorer_options: Optional[dict[str, dict]] = None, window: Optional[int] = None) -> str:
+                 scorer_options: Optional[dict[str, dict]] = None, window: Optional[int] = None,
+                 stream: Optional[Callable[..., Iterator]] = None) -> str:
     """Run (or resume) a protocol; returns the experiment id.
 
     `progress(done, total, info)` is called once before the first dialogue (info["event"] ==
@@ -232,7 +233,8 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
     A KeyboardInterrupt (or one raised by `progress`) marks it 'interrupted' and propagates;
     any other error marks it 'failed' (best effort) and propagates.
     `scorer_options` adds keyword options per scorer to the protocol's own (tests inject a
-    stance embedder this way).
+    stance embedder this way). `stream(dialogue, user, max_new_tokens=...)` runs each turn (default
+    `Dialogue.stream`); the lab passes its step scheduler's, so a run shares passes with the Arena.
     """
     config = RunConfig(resolve_protocol(protocol), parse_arms(specs), int(seeds), items, max_new_tokens, window)
     if config.seeds < 1:
@@ -276,7 +278,7 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
                 status = "interrupted"
                 return experiment_id
             sid = _run_dialogue(store, lm, config, experiment_id, item_index, item_key, seed,
-                                stop_event, scorer_options or {})
+                                stop_event, scorer_options or {}, stream)
             if sid is None:  # stopped mid-dialogue
                 status = "interrupted"
                 return experiment_id
@@ -298,7 +300,7 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
 
 def _run_dialogue(store: Store, lm: LoadedModel, config: RunConfig, experiment_id: str, item_index: int,
                   item_key: str, seed: int, stop_event: Optional[threading.Event],
-                  scorer_options: dict) -> Optional[str]:
+                  scorer_options: dict, stream: Optional[Callable[..., Iterator]] = None) -> Optional[str]:
     """Play, log and score one (item, seed) dialogue; None when stopped before its end."""
     protocol = config.protocol
     item = protocol.items[item_index]
@@ -320,7 +322,9 @@ def _run_dialogue(store: Store, lm: LoadedModel, config: RunConfig, experiment_i
     for user in protocol.render_turns(item):
         replies = None
         stopped = False
-        for event in d.stream(user, max_new_tokens=config.effective_max_new_tokens):
+        turn = d.stream(user, max_new_tokens=config.effective_max_new_tokens) if stream is None else \
+            stream(d, user, max_new_tokens=config.effective_max_new_tokens)
+        for event in turn:
             if stop_event is not None and stop_event.is_set() and not stopped:
                 d.stop_all()
                 stopped = True

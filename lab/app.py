@@ -2,8 +2,9 @@
 
     python app.py [--host 127.0.0.1] [--port 7860] [--db URL] [--model M] [--load-in-4bit] [--auth user:pass]
 
-The model is loaded once per process and shared by every browser tab; every event that runs it
-joins one queue (MODEL_QUEUE, one at a time). Each tab's conversation lives in its own gr.State.
+The model is loaded once per process and shared by every browser tab; one step scheduler
+(engine/scheduler.py) runs it for all of them, batching every tab's turns into shared forward passes
+(up to `--max-rows` rows; more wait in order). Each tab's conversation lives in its own gr.State.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def build_app(ctx: LabContext) -> gr.Blocks:
     ident = ctx.lm.identity
     with gr.Blocks(title="memory-linkage lab") as demo:
         gr.Markdown(f"## The memory-linkage lab\n<sub>model **{ident.name}** · {ident.n_layers} layers · "
-                    f"{ident.dtype} · {ident.device} · database `{ctx.db_url or ctx.store.name}`</sub>")
+                    f"{ident.dtype} · {ident.device} · database `{ctx.db_url or ctx.store.name}` · "
+                    f"up to {ctx.scheduler.max_rows} arms generating at once, over all tabs</sub>")
         experiments = None
         with gr.Tabs(selected="arena") as tabs:
             with gr.Tab("Arena", id="arena"):
@@ -154,6 +156,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the model loader's choice)")
     p.add_argument("--load-in-4bit", action="store_true", help="4-bit weights (bitsandbytes, CUDA)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="ask for a login (not production-grade)")
+    p.add_argument("--max-rows", default=None, metavar="N",
+                   help="most rows (arms) generating at once over all tabs; more wait in order "
+                        "(default $LAB_MAX_ROWS, else estimated from free memory)")
     return p.parse_args(argv)
 
 
@@ -168,8 +173,17 @@ def main(argv=None) -> int:
             print("error: --auth must be USER:PASS", file=sys.stderr)
             return 2
         auth = (user, pw)
+    max_rows = None
+    if args.max_rows is not None:
+        try:
+            max_rows = int(args.max_rows)
+            if max_rows < 1:
+                raise ValueError
+        except ValueError:
+            print(f"error: --max-rows must be a whole number >= 1, not {args.max_rows!r}", file=sys.stderr)
+            return 2
     from db import Store, StoreError, default_db_url
-    from engine import ModelLoadError, load_model
+    from engine import DialogueError, ModelLoadError, load_model
 
     db_url = args.db or default_db_url()
     try:
@@ -186,8 +200,13 @@ def main(argv=None) -> int:
         print(f"error: cannot load the model {args.model or 'embedded'}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     captures = store.dir / "captures" if store.dir else Path(tempfile.gettempdir()) / "lab-captures"
-    ctx = LabContext(store=store, lm=lm, db_url=store.name, captures_dir=str(captures))
-    print(f"lab: model {lm.identity.name} on {lm.identity.device}, database {store.name}", flush=True)
+    try:
+        ctx = LabContext(store=store, lm=lm, db_url=store.name, captures_dir=str(captures), max_rows=max_rows)
+    except DialogueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"lab: model {lm.identity.name} on {lm.identity.device}, database {store.name}, "
+          f"up to {ctx.scheduler.max_rows} rows at once", flush=True)
     try:
         launch(ctx, args.host, args.port, auth=auth)
     except OSError as e:

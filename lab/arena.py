@@ -20,7 +20,7 @@ from engine import SpecError
 
 from .arena_controller import (LETTERS, ArenaError, ArenaSession, TurnOutcome, check_message,
                                check_session_fields, labelled_line, parse_window)
-from .context import MODEL_QUEUE, LabContext
+from .context import ARENA_QUEUE, LabContext
 from .fields import FieldDropdown, FieldNumber, FieldRadio, FieldSlider
 from .settings import Control, PaneLayout, mechanism_choices, summary
 
@@ -186,7 +186,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
     """Build the Arena inside the current Tab; returns its components (and `wire_inspect`)."""
     n_layers = ctx.lm.model.config.num_hidden_layers
     layout = PaneLayout.current()
-    tab_state = gr.State(lambda: ArenaSession(ctx.store, ctx.lm, ctx.model_lock))
+    tab_state = gr.State(lambda: ArenaSession(ctx.store, ctx.lm, ctx.scheduler))
 
     gr.Markdown("Chat with **2–4 arms of the same model side by side**: the *observer* is the plain model, the others "
                 "carry a memory mechanism at some linkage λ. One message goes to every arm; all stream at once. "
@@ -388,6 +388,10 @@ def build_arena_tab(ctx: LabContext) -> dict:
                 yield upd
                 return
             ev = item
+            if ev.status:  # held back by the row cap: say where it stands, keep the panes as they are
+                yield {status: f"⏳ {ev.status.capitalize()} — the lab is serving other sessions; this turn starts "
+                               "as soon as rows free up (Stop cancels it)."}
+                continue
             upd = {status: f"Generating… step {ev.step} (Stop buttons work while it runs)"}
             if base is None:  # after a regenerate's rollback
                 base = [chat_history(tab, tab.arm_of(p)) if p < tab.n else [] for p in range(N_PANES)]
@@ -496,7 +500,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
         if tab.busy:
             raise gr.Error("A turn is running in the Arena; wait for it or press Stop first.", print_exception=False)
         try:
-            resumed = ArenaSession.resume(ctx.store, ctx.lm, session_id, ctx.model_lock)
+            resumed = ArenaSession.resume(ctx.store, ctx.lm, session_id, ctx.scheduler)
         except ArenaError as e:
             raise gr.Error(str(e), print_exception=False) from None
         tab.reset()
@@ -557,7 +561,8 @@ def build_arena_tab(ctx: LabContext) -> dict:
     reveal = named(reveal, ["blind", "annotator"] + ctrl_names)
     common = [tab_state]
     top = [n_arms, blind, system, title, annotator, window]
-    model_bound = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+    # every tab's turns run at once: the step scheduler batches them (and queues past its row cap)
+    model_bound = dict(concurrency_id=ARENA_QUEUE, concurrency_limit=None)
     send_ev = gr.on([msg.submit, send_btn.click], send, inputs=common + [msg] + top + all_controls,
                     outputs=full_outputs, api_name="send", show_progress="hidden", **model_bound)
     regen_ev = regen_btn.click(regenerate, inputs=common + [blind, annotator] + all_controls, outputs=full_outputs,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import html
 import random
-import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator
@@ -29,6 +29,7 @@ from db import STANCE_LABELS, Store, StoreError
 from engine import ArmReply, ArmSpec, Dialogue, DialogueError, LoadedModel, SpecError, StreamEvent
 from db.rules import SessionRow
 from engine.dialogue import MAX_MESSAGE_CHARS
+from engine.scheduler import StepScheduler
 from engine.dialogue import check_message as engine_check_message
 from experiments.protocol import MAX_WINDOW
 from experiments.record import SessionRecorder, dialogue_from_session, other_weights
@@ -160,12 +161,13 @@ def reveal_session(store: Store, session_id: str) -> str:
 
 @dataclass
 class ArenaSession:
-    """One tab's arena conversation. Thread-safe enough for Gradio: one model-bound event at a time
-    per tab (the model queue), stop requests from outside the queue only set flags."""
+    """One tab's arena conversation. Thread-safe enough for Gradio: one turn at a time per tab (`busy`);
+    the turns of all tabs run through the lab's step scheduler, batched (without one, e.g. in a
+    notebook, on the caller's thread); stop requests only set flags."""
 
     store: Store
     lm: LoadedModel
-    model_lock: threading.Lock = field(default_factory=threading.Lock)
+    scheduler: StepScheduler | None = None
     dialogue: Dialogue | None = None
     recorder: SessionRecorder | None = None
     order: list[int] = field(default_factory=list)  # pane -> arm index
@@ -182,10 +184,10 @@ class ArenaSession:
 
     def __deepcopy__(self, memo):
         """Gradio deep-copies a State's initial value per browser tab: a fresh conversation that shares
-        the store, the model and the lock (a running one is never copied)."""
+        the store, the model and the scheduler (a running one is never copied)."""
         if self.started:
             return self
-        return ArenaSession(self.store, self.lm, self.model_lock)
+        return ArenaSession(self.store, self.lm, self.scheduler)
 
     # -- what the views ask ---------------------------------------------------------------------
     @property
@@ -223,11 +225,21 @@ class ArenaSession:
         arm = self.arm_of(pane)
         return None if arm is None or self.dialogue is None else self.dialogue.arms[arm].spec
 
-    def reset(self) -> None:
+    def reset(self, wait_s: float = 60.0) -> None:
+        """Forget the conversation (a running turn is stopped first and allowed to end)."""
         if self.dialogue is not None:
             self.dialogue.stop_all()
-        store, lm, lock = self.store, self.lm, self.model_lock
-        self.__init__(store, lm, lock)
+        deadline = time.monotonic() + wait_s
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        store, lm, scheduler = self.store, self.lm, self.scheduler
+        self.__init__(store, lm, scheduler)
+
+    def _turn_events(self, user: str, **kwargs):
+        """A turn's StreamEvents: through the scheduler when there is one."""
+        if self.scheduler is not None:
+            return self.scheduler.stream(self.dialogue, user, **kwargs)
+        return self.dialogue.stream(user, **kwargs)
 
     # -- starting -------------------------------------------------------------------------------
     def start(self, specs: list[ArmSpec], *, blind: bool = False, system: str | None = None, title: str = "",
@@ -331,27 +343,22 @@ class ArenaSession:
                               "busy")
             return
         d = self.dialogue
-        it = d.stream(message)
         ev = None
         self.busy = True
+        it = self._turn_events(message)
         try:
-            while True:
-                with self.model_lock:
-                    try:
-                        ev = next(it)
-                    except StopIteration:
-                        break
+            for ev in it:
                 if ev.replies is not None:
                     break
                 yield ev
+            it.close()
         except DialogueError as e:  # refused before anything changed
             self.busy = False
             self._unstart()
             yield TurnOutcome("refused", f"⚠ Not sent: {_first_line(e)}", _first_line(e))
             return
         except GeneratorExit:  # the browser went away mid-turn: keep the turn the dialogue kept
-            with self.model_lock:
-                it.close()
+            it.close()  # the scheduler ends the turn at its next step and returns once it has
             self.busy = False
             if d.turn == len(self.turns) + 1:
                 self._record(message, [a.replies[-1] for a in d.arms])
@@ -366,6 +373,10 @@ class ArenaSession:
             return
         self.busy = False
         if ev is None or ev.replies is None:
+            if d.turn == len(self.turns):  # withdrawn while queued: nothing ran
+                self._unstart()
+                yield TurnOutcome("refused", "■ Stopped while queued: the message was not sent.", "stopped while queued")
+                return
             yield TurnOutcome("failed", "✗ Generation ended without replies.", "no replies")
             return
         yield TurnOutcome("done", self._record(message, ev.replies))
@@ -409,7 +420,8 @@ class ArenaSession:
 
     def stop_all(self) -> bool:
         if self.dialogue is not None and self.busy:
-            self.dialogue.stop_all()
+            if self.scheduler is None or not self.scheduler.cancel_queued(self.dialogue):
+                self.dialogue.stop_all()
             return True
         return False
 
@@ -493,12 +505,11 @@ class ArenaSession:
     # -- reopening a logged session -------------------------------------------------------------
     @classmethod
     def resume(cls, store: Store, lm: LoadedModel, session_id: str,
-               model_lock: threading.Lock | None = None) -> "ArenaSession":
+               scheduler: StepScheduler | None = None) -> "ArenaSession":
         """Rebuild a logged lab session's arms from its tokens so that the next turn continues it."""
         sid = (session_id or "").strip()
         if not sid:
             raise ArenaError("Pick a session first.")
-        lock = model_lock or threading.Lock()
         try:
             session, d, turns = dialogue_from_session(store, lm, sid)
         except StoreError as e:
@@ -514,7 +525,7 @@ class ArenaSession:
             raise ArenaError(f"session {sid} has {d.n_arms} arms; the Arena shows 2 to {MAX_ARMS}")
         if sorted(turns) != list(range(len(turns))):
             raise ArenaError(f"session {sid} has gaps in its turns ({sorted(turns)}); it cannot be continued")
-        self = cls(store, lm, lock, resumed=True)
+        self = cls(store, lm, scheduler, resumed=True)
         for k in sorted(turns):
             rows = turns[k]
             if sorted(rows) != list(range(d.n_arms)) or any("assistant" not in r or "user" not in r
@@ -524,14 +535,10 @@ class ArenaSession:
             if any(not f for f in forced):
                 raise ArenaError(f"turn {k + 1} of session {sid} has an empty reply; it cannot be continued")
             user = rows[0]["user"]["text"]
-            ev = None
-            it = d.stream(user, forced=forced)
-            while True:
-                with lock:
-                    try:
-                        ev = next(it)
-                    except StopIteration:
-                        break
+            if scheduler is not None:  # the replay shares passes with the other tabs' turns
+                scheduler.send(d, user, forced=forced)
+            else:
+                d.send(user, forced=forced)
             replies = []
             for i, r in enumerate(d.arms[a].replies[-1] for a in range(d.n_arms)):
                 row = rows[i]["assistant"]

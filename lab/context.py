@@ -1,24 +1,38 @@
-"""What every tab of the lab shares: one model, one store, one lock for the model.
+"""What every tab of the lab shares: one model, one store, one step scheduler for the model.
 
 Module globals are shared by all browser tabs; per-tab conversation state lives in gr.State.
-The model is loaded once per process and used by one model-bound event at a time (MODEL_QUEUE),
-which is what a CPU or a single GPU can serve without slowing every user down.
+The model is loaded once per process and run by one thread, the step scheduler
+(engine/scheduler.py): every tab's turns, and experiment runs started here, are batched into its
+forward passes, so several researchers stream at once. Work that needs the whole model (Inspect's
+captures) holds `model_lock` — the model between two steps.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 from db import Store
 from engine import LoadedModel
+from engine.scheduler import ModelLease, StepScheduler, scheduler_from_env
 
-MODEL_QUEUE = "model"  # the concurrency_id of every event that runs the model
+ARENA_QUEUE = "arena"  # Arena turns: as many at once as the scheduler's row cap holds
+INSPECT_QUEUE = "inspect"  # captures hold the model between steps: one at a time
+RUN_QUEUE = "experiment-run"  # one experiment run at a time (its dialogues join the scheduler)
 
 
 @dataclass
 class LabContext:
     store: Store
     lm: LoadedModel
-    model_lock: threading.Lock = field(default_factory=threading.Lock)
     db_url: str = ""
     captures_dir: str = ""  # where on-demand captures are cached next to the DB
+    max_rows: int | None = None  # the scheduler's row cap (None: $LAB_MAX_ROWS, else from free memory)
+    scheduler: StepScheduler | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.scheduler is None:
+            self.scheduler = scheduler_from_env(self.lm, self.max_rows)
+
+    @property
+    def model_lock(self) -> ModelLease:
+        """The model to one caller between two scheduler steps (`with ctx.model_lock: ...`)."""
+        return self.scheduler.lease

@@ -5,7 +5,8 @@ dict of components back; ``result["session"]`` is the dropdown holding the sessi
 dialogue the researcher picked, for the app to wire "open in Sessions".
 
 Runs go through `experiments.runner.run_protocol`, the same function as the CLI, on the lab's
-model (event in the MODEL_QUEUE, one at a time, holding `ctx.model_lock`). Stop sets the run's
+model, one run at a time (RUN_QUEUE); its dialogues' turns go through the lab's step scheduler, so
+they share forward passes with the Arena's tabs instead of blocking them. Stop sets the run's
 threading.Event: the run stops at the next decoding step, is marked 'interrupted', and can be
 resumed (here: pick it and press Resume; or `python -m experiments run --resume ID`). Runs
 started from the CLI on the same database show up in the runs table (Refresh, or every 15 s)
@@ -23,7 +24,7 @@ from typing import Any, Optional
 import gradio as gr
 import pandas as pd
 
-from lab.context import MODEL_QUEUE, LabContext
+from lab.context import RUN_QUEUE, LabContext
 from lab.fields import FieldDropdown, FieldNumber
 
 DEFAULT_ARMS = "observer\ncontinuity:linkage=1,gain=0.3"
@@ -253,9 +254,8 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
             progress(done, total, info)
 
     try:
-        with ctx.model_lock:
-            eid = run_protocol(ctx.store, ctx.lm, protocol, specs, seeds_n, items_n, mnt, experiment_id=resume_id,
-                               progress=on_progress, stop_event=event, window=window_n)
+        eid = run_protocol(ctx.store, ctx.lm, protocol, specs, seeds_n, items_n, mnt, experiment_id=resume_id,
+                           progress=on_progress, stop_event=event, window=window_n, stream=ctx.scheduler.stream)
         status = ctx.store.get_experiment(eid)["status"]
         if status == "interrupted":
             return (f"⏸ run {eid} stopped; pick it and press Resume, or "
@@ -358,9 +358,9 @@ def build_experiments_tab(ctx: LabContext) -> dict:
 
     form = [c["protocol"], c["yaml"], c["upload"], c["arms"], c["seeds"], c["items"], c["max_new_tokens"], c["window"]]
     c["run"].click(on_run, [c["owner"]] + form, [c["status"], c["runs"], c["run_id"]],
-                   concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+                   concurrency_id=RUN_QUEUE, concurrency_limit=1)
     c["resume"].click(on_resume, [c["owner"], c["run_id"]], [c["status"], c["runs"], c["run_id"]],
-                      concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+                      concurrency_id=RUN_QUEUE, concurrency_limit=1)
     c["stop"].click(stop_run, [c["owner"]], c["status"], queue=False)
 
     def on_refresh(selected):

@@ -5,8 +5,9 @@ arm's mechanism read for each generated token, how much attention the reply stil
 system prompt + first user message (every arm), memory size and reads on its own earlier answers
 across the dialogue, and a token x token attention heatmap for one layer/head picked from a
 layer x head overview. Computed on demand by one capture pass (eager attention) and cached in the
-database, so reopening a turn is instant. Only the "Show" event runs the model (MODEL_QUEUE);
-changing layer, head or metric redraws from the cached arrays.
+database, so reopening a turn is instant. Only the "Show" event runs the model (INSPECT_QUEUE, one
+at a time), holding it between two steps of the scheduler; changing layer, head or metric redraws
+from the cached arrays.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from engine.capture import GRID_METRICS
 from experiments.inspect import InspectError, InspectResult, inspect_turn
 
 from .fields import FieldDropdown, FieldNumber, FieldRadio
-from .context import MODEL_QUEUE, LabContext
+from .context import INSPECT_QUEUE, LabContext
 
 HEADS_MEAN = "mean"
 MEM_MEAN = "mean over layers"
@@ -219,12 +220,12 @@ def build_inspect_tab(ctx: LabContext) -> dict:
     show_outputs = [status, res_state, div_plot, mem_plot, grid_plot, heat_plot, src_plot, sum_plot, mem_layer,
                     curve_plot]
     show.click(on_show, inputs=show_inputs, outputs=show_outputs,
-               concurrency_id=MODEL_QUEUE, concurrency_limit=1, api_name="inspect_show")
+               concurrency_id=INSPECT_QUEUE, concurrency_limit=1, api_name="inspect_show")
 
     def then_show(event):
         """Chain a Show after another tab's 'Inspect' button filled session/arm/turn."""
         return event.success(on_show, inputs=show_inputs, outputs=show_outputs,
-                             concurrency_id=MODEL_QUEUE, concurrency_limit=1, api_name=False)
+                             concurrency_id=INSPECT_QUEUE, concurrency_limit=1, api_name=False)
 
     def on_pick(res, layer_v, head_v, metric_v):
         try:
