@@ -162,6 +162,7 @@ class StepScheduler:
         self._closed = False
         self._joined: tuple | None = None  # (sessions, cache, handed-out layer tensors) of the last joined pass
         self.steps = 0  # forward passes run
+        self.busy_s = 0.0  # seconds spent stepping (the benchmark reads the server's idle share)
         self.step_rows: list[int] = []  # rows per pass, for the benchmark (last 10_000)
         self._thread = None
         if thread:
@@ -299,6 +300,7 @@ class StepScheduler:
                 if self._closed:
                     return
                 self._stepping = True
+            t0 = time.perf_counter()
             try:
                 self.step()
             except Exception as e:  # noqa: BLE001 - never die; nobody may wait for a turn that cannot end
@@ -306,6 +308,7 @@ class StepScheduler:
                 for job in list(self._active):
                     self._fail(job, e)
             finally:
+                self.busy_s += time.perf_counter() - t0
                 with self._cv:
                     self._stepping = False
                     self._cv.notify_all()

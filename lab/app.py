@@ -164,6 +164,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # The scheduler's thread runs the model's Python between kernels; with the default 5 ms switch
+    # interval every busy request thread (Gradio rendering a step) can hold it up for 5 ms per op.
+    sys.setswitchinterval(float(os.environ.get("LAB_SWITCH_INTERVAL", "0.0005")))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = None

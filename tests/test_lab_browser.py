@@ -86,3 +86,43 @@ def test_chat_annotate_export(server, page, tmp_path):
         anns = store.latest_annotations(session_id)
         assert [(a["arm_index"], a["stance_label"], a["note"], a["annotator"]) for a in anns] == [
             (1, "maintained", "keeps its view", "ana")]
+
+
+def test_two_tabs_stream_at_once(server, page):
+    """Two researchers' tabs: both turns stream at the same time (the step scheduler batches them)."""
+    import time
+
+    from playwright.sync_api import expect
+
+    url, _ = server
+    tabs = [page, page.context.new_page()]
+    for k, pg in enumerate(tabs):
+        pg.set_default_timeout(60_000)
+        pg.goto(url)
+        settings = pg.get_by_text("Arm settings (click to change)")
+        expect(settings.nth(1)).to_be_visible()
+        for i in range(2):
+            settings.nth(i).click()
+            box = pg.get_by_label("Max new tokens").nth(i)
+            box.fill("48")
+            box.press("Tab")
+        pg.locator("#lab-message textarea").fill(f"Tell me a story about a lighthouse number {k + 1}.")
+    for pg in tabs:
+        pg.locator("#lab-send").click()
+    statuses = [pg.locator("#lab-status") for pg in tabs]
+    both_streaming = False
+    deadline = time.time() + LONG / 1000
+    while time.time() < deadline:
+        texts = [s.inner_text() for s in statuses]
+        if all("Generating… step" in t for t in texts):
+            both_streaming = True
+        if all("Turn 1 logged" in t for t in texts):
+            break
+        time.sleep(0.1)
+    for s in statuses:
+        expect(s).to_contain_text("Turn 1 logged", timeout=LONG)
+    assert both_streaming, "the two tabs never streamed at the same moment"
+    for pg in tabs:  # each tab shows its own conversation
+        expect(pg.locator("#arm1-chat")).to_contain_text("lighthouse number")
+    assert "number 1" in tabs[0].locator("#arm1-chat").inner_text()
+    assert "number 2" in tabs[1].locator("#arm1-chat").inner_text()
