@@ -20,7 +20,8 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from .models import (ROLES, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, SchemaError,
-                     Score, Turn, as_dict, migrate, new_id, utcnow)
+                     Score, Turn, as_dict, new_id, utcnow)
+from .schema import current, migrate
 from .rules import (ID_CHARS, ID_MAX, AnnotationRow, ArmRow, CaptureRow, ExperimentRow, ProbeRow, ScoreRow,
                     SessionRow, TurnRow, _show)
 
@@ -90,9 +91,11 @@ _role_order = case({r: i for i, r in enumerate(ROLES)}, value=Turn.role, else_=l
 
 
 class Store:
-    """The lab's database. Store(url_or_path, busy_timeout=seconds, create=True)."""
+    """The lab's database. Store(url_or_path, busy_timeout=seconds, create=True, upgrade=True).
+    Opening brings the schema up to date (db.schema) unless upgrade=False."""
 
-    def __init__(self, url_or_path=None, *, busy_timeout: float = 10.0, create: bool = True):
+    def __init__(self, url_or_path=None, *, busy_timeout: float = 10.0, create: bool = True,
+                 upgrade: bool = True):
         target = default_db_url() if url_or_path is None else url_or_path
         try:
             self.url = resolve_url(target)
@@ -122,11 +125,12 @@ class Store:
         self._write_engine = self.engine.execution_options(lab_write=True)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
-        try:
-            self._migrate()
-        except StoreError:
-            self.engine.dispose()
-            raise
+        if upgrade:
+            try:
+                self.upgrade()
+            except StoreError:
+                self.engine.dispose()
+                raise
 
     def _setup_sqlite(self, busy_timeout, wal):
         busy_ms = int(busy_timeout * 1000)
@@ -150,9 +154,11 @@ class Store:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     @_guard
-    def _migrate(self):
+    def upgrade(self, target: str = "head") -> tuple:
+        """Run the pending migrations; returns (revision before, revision after)."""
         try:
-            migrate(self.engine, self._write_engine)
+            before = current(self.engine)
+            return before, migrate(self.engine, self._write_engine, target)
         except SchemaError as e:
             raise StoreError(f"{self.name}: {e}") from None
 

@@ -295,36 +295,6 @@ def test_open_forms_and_open_errors(tmp_path, monkeypatch):
         Store(tmp_path / "junk.db")
 
 
-def test_newer_schema_is_refused(tmp_path):
-    path = tmp_path / "future.db"
-    Store(path).close()
-    with sqlite3.connect(path) as con:
-        con.execute("UPDATE schema_info SET schema_version = 99")
-    with pytest.raises(StoreError, match="schema version 99 but this code knows only up to 1"):
-        Store(path)
-
-
-def test_older_schema_is_migrated_once(tmp_path, monkeypatch):
-    import db.models as models
-    path = tmp_path / "old.db"
-    sid = Store(path).create_session("lab", "v1 data", MODEL, ARMS[:1])
-    calls = []
-
-    def v1_to_v2(conn):
-        calls.append(1)
-        conn.exec_driver_sql("ALTER TABLE sessions ADD COLUMN tag TEXT")
-
-    monkeypatch.setattr(models, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(models.MIGRATIONS, 1, v1_to_v2)
-    Store(path)
-    Store(path)
-    assert calls == [1]
-    with sqlite3.connect(path) as con:
-        assert con.execute("SELECT schema_version FROM schema_info").fetchone() == (2,)
-        assert con.execute("SELECT title, tag FROM sessions").fetchall() == [("v1 data", None)]
-    assert Store(path).get_session(sid)["title"] == "v1 data"
-
-
 # ----------------------------------------------------------------- export
 
 
@@ -341,8 +311,12 @@ def test_bundle_moves_a_session_between_databases_without_loss(tmp_path):
 
     with pytest.raises(StoreError, match=f"session {sid} already exists"):
         import_bundle(b, bundle)
-    copy = import_bundle(b, bundle, new_id=True)
-    assert copy != sid and export_bundle(b, copy) == {**bundle, "session": {**bundle["session"], "id": copy}}
+    # one dialogue per (experiment, item, seed): a copy of the same dialogue would be a second one
+    with pytest.raises(StoreError, match="already has the dialogue of item '3' seed 7"):
+        import_bundle(b, bundle, new_id=True)
+    other_seed = {**bundle, "session": {**bundle["session"], "seed": 8}}
+    copy = import_bundle(b, other_seed, new_id=True)
+    assert copy != sid and export_bundle(b, copy) == {**other_seed, "session": {**other_seed["session"], "id": copy}}
     # a second session of the same experiment reuses the experiment row that is already there
     assert len(b.list_experiments()) == 1 and b.list_experiments()[0]["n_sessions"] == 2
 
