@@ -170,6 +170,8 @@ class Store:
             return f"cannot open the database {self.name}"
         if "not a database" in msg:
             return f"{self.name} is not a database file"
+        if "connection failed" in msg or "could not connect" in msg or "connection refused" in msg:
+            return f"cannot connect to the database {self.name}: {_first_line(getattr(e, 'orig', e))}"
         if "readonly" in msg or "read-only" in msg:
             return f"the database {self.name} is read-only"
         return f"database error on {self.name}: {_first_line(getattr(e, 'orig', e))}"

@@ -129,10 +129,10 @@ def test_legacy_file_with_duplicate_dialogues_is_refused_untouched(old_db):
         assert "alembic_version" not in {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
 
 
-def test_models_and_migrations_agree(tmp_path):
-    """A fresh database gets every migration from the baseline on; its schema must be the models'.
-    Someone who edits a model without a migration (or the reverse) fails here."""
-    store = Store(tmp_path / "fresh.db")
+def test_models_and_migrations_agree(new_db):
+    """A fresh database gets every migration from the baseline on; its schema must be the models',
+    on SQLite and on PostgreSQL. Someone who edits a model without a migration (or the reverse) fails here."""
+    store = Store(new_db("fresh"))
     assert diff(store.engine) == []
     # the comparison sees a change: a column the migrations do not have
     edited = sa.MetaData()
@@ -140,3 +140,15 @@ def test_models_and_migrations_agree(tmp_path):
         table.to_metadata(edited)
     edited.tables["sessions"].append_column(sa.Column("tag", sa.Text()))
     assert [d[0] for d in diff(store.engine, edited)] == ["add_column"]
+
+
+def test_newer_postgresql_database_is_refused(pg_server):
+    url = pg_server.create_database("future")
+    Store(url).close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
+    with pytest.raises(StoreError, match="schema revision f00dfeed, which this code does not know"):
+        Store(url)
+    engine.dispose()
+    pg_server.drop_database("future")
