@@ -375,6 +375,101 @@ class Store:
             row = s.scalar(q)
             return None if row is None else self._session_dict(s, row)
 
+    @_guard
+    def log_dialogue(self, experiment_id, item_key, seed, *, title="", model=None, arms=(), system_prompt=None,
+                     meta=None, turns=(), scores=()) -> tuple:
+        """One whole experiment dialogue in one transaction: its session, arms, every message
+        (`turns`: log_turn keyword dicts with arm_index) and scores (`scores`: dicts of arm_index,
+        turn_index, scorer, label, value, data on assistant messages). Returns (session_id, written).
+
+        Exactly once per (experiment, item_key, seed): if the experiment already holds that
+        dialogue complete (meta.complete), nothing is written and written is False; this is how
+        a retried or duplicated delivery (Ray is at-least-once) or a second runner is absorbed,
+        and the unique index on the key settles a race between two writers. An incomplete one
+        (a single-process run interrupted mid-dialogue) is replaced, keeping its id."""
+        arm_rows = []
+        for pos, a in enumerate(arms):
+            try:
+                arm_rows.append(ArmRow.check(**{"index": pos, **a}))
+            except ValueError as e:
+                raise ValueError(f"arms[{pos}].{e}") from None
+        session = SessionRow.check(id=new_id(), kind="experiment", title=title or "", model=model,
+                                   system_prompt=system_prompt, experiment_id=experiment_id, item_key=item_key,
+                                   seed=seed, meta=meta)
+        if session.experiment_id is None:
+            raise ValueError("experiment_id: a dialogue belongs to an experiment")
+        turn_rows = []
+        for pos, t in enumerate(turns):
+            try:
+                turn_rows.append(TurnRow.check(**t))
+            except ValueError as e:
+                raise ValueError(f"turns[{pos}].{e}") from None
+        score_rows = []
+        for pos, x in enumerate(scores):
+            try:
+                score_rows.append(ScoreRow.check(role="assistant", **x))
+            except ValueError as e:
+                raise ValueError(f"scores[{pos}].{e}") from None
+        key = (LabSession.experiment_id == session.experiment_id, LabSession.item_key == session.item_key,
+               LabSession.seed.is_(None) if session.seed is None else LabSession.seed == session.seed)
+        try:
+            with self._tx() as s:
+                if s.get(Experiment, session.experiment_id) is None:
+                    raise StoreError(f"unknown experiment id {session.experiment_id!r} in {self.name}")
+                old = s.scalar(select(LabSession).where(*key).with_for_update())
+                if old is not None and (old.meta or {}).get("complete") is True:
+                    return old.id, False
+                created_at = utcnow()
+                if old is not None:  # an interrupted dialogue: replaced whole, same id
+                    session.id, created_at = old.id, old.created_at
+                    self._delete_session_rows(s, old.id)
+                    s.expunge(old)
+                row = LabSession(**session.model_dump(exclude={"created_at", "pane_order"}), created_at=created_at,
+                                 pane_order=[a.index for a in arm_rows])
+                s.add(row)
+                s.flush()
+                arm_ids = {}
+                for a in arm_rows:
+                    arm = Arm(session_id=row.id, **a.model_dump())
+                    s.add(arm)
+                    s.flush()
+                    arm_ids[a.index] = arm.id
+                turn_ids = {}
+                for pos, t in enumerate(turn_rows):
+                    if t.arm_index not in arm_ids:
+                        raise ValueError(f"turns[{pos}].arm_index: the dialogue has no arm {t.arm_index}")
+                    turn = turn_row(t, row.id)
+                    turn.arm_id = arm_ids[t.arm_index]
+                    s.add(turn)
+                    s.flush()
+                    turn_ids[(t.arm_index, t.turn_index, t.role)] = turn.id
+                for pos, x in enumerate(score_rows):
+                    tid = turn_ids.get((x.arm_index, x.turn_index, "assistant"))
+                    if tid is None:
+                        raise ValueError(f"scores[{pos}]: the dialogue has no reply {x.turn_index} of arm {x.arm_index}")
+                    s.add(Score(turn_id=tid, scorer=x.scorer, label=x.label, value=x.value,
+                                data={} if x.data is None else x.data, created_at=utcnow()))
+                return row.id, True
+        except exc.IntegrityError:
+            with self._ro() as s:  # another writer stored this dialogue first: ours is the duplicate
+                other = s.scalar(select(LabSession.id).where(*key))
+            if other is None:
+                raise
+            return other, False
+
+    def _delete_session_rows(self, s, session_id) -> None:
+        """Every row of a session, children first (correct even where deletes do not cascade)."""
+        arm_ids = select(Arm.id).where(Arm.session_id == session_id).scalar_subquery()
+        turn_ids = list(s.scalars(select(Turn.id).where(Turn.session_id == session_id)))
+        if turn_ids:
+            for model in (Annotation, Score, Capture):
+                s.execute(delete(model).where(model.turn_id.in_(turn_ids)))
+        s.execute(delete(ProbeResult).where(ProbeResult.arm_id.in_(arm_ids)))
+        s.execute(delete(Turn).where(Turn.session_id == session_id))
+        s.execute(delete(Arm).where(Arm.session_id == session_id))
+        s.execute(delete(LabSession).where(LabSession.id == session_id))
+        s.flush()
+
     # ------------------------------------------------------------------ turns
 
     @_guard

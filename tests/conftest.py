@@ -177,3 +177,14 @@ def new_db(backend, tmp_path, request):
     yield make
     for name in made:
         server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One small local Ray instance for every Ray test (2 CPUs, 80 MiB object store, no auth token)."""
+    from experiments.distributed import start_ray
+
+    ray, started = start_ray(num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()
