@@ -1,5 +1,6 @@
 # The two commands: `make lab` starts the lab on the embedded model, `make test` runs the tests.
-# Both set everything up on a fresh machine first (virtualenv, packages, packaged model, browser).
+# Both set everything up on a fresh machine first (virtualenv, packages, packaged model, browser,
+# PostgreSQL for the database tests).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 7860
 PYTEST_ARGS ?=
 
-.PHONY: setup lab test bench browser clean
+.PHONY: setup lab test bench browser postgres clean
 
 setup: $(STAMP)
 
@@ -31,10 +32,19 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; \
 	fi
 
+# Debian's PostgreSQL for the database tests on both backends (tests/pg_server.py starts a
+# throw-away server from its binaries; nothing is configured or left running system-wide).
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	fi
+
 lab: setup
 	$(PY) app.py --host $(HOST) --port $(PORT)
 
-test: setup browser
+test: setup browser postgres
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup

@@ -2,6 +2,7 @@
 python -m db list   [--db URL]
 python -m db export [--db URL] --format csv|jsonl|parquet|bundle --out DIR [--session ID] [--experiment ID]
 python -m db import [--db URL] BUNDLE.json [--new-id]
+python -m db upgrade [--db URL]     # run pending schema migrations (Alembic; no alembic.ini needed)
 
 --db defaults to $LAB_DB, else sqlite:///lab.db. Errors are one line on stderr. Exit status:
 0 done; 2 a mistake in the command or its input (unknown option, unreadable or invalid bundle,
@@ -65,11 +66,25 @@ def cmd_import(args):
     print(import_bundle(store, bundle, new_id=args.new_id))
 
 
+def cmd_upgrade(args):
+    from .schema import state
+    store = Store(args.db, create=False, upgrade=False)
+    with store.engine.connect() as conn:
+        revision, legacy, has_tables = state(conn)
+    _, after = store.upgrade()
+    if revision == after:
+        print(f"{store.name}: at schema revision {after}, the newest this code knows; nothing to do")
+        return
+    was = (f"revision {revision}" if revision else
+           f"the schema before Alembic (version {legacy})" if legacy else "an empty database")
+    print(f"{store.name}: upgraded from {was} to schema revision {after}")
+
+
 def main(argv=None):
     p = _Parser(prog="python -m db", description="The lab's experiment record.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("list", "list experiments and sessions"), ("export", "export tables or bundles"),
-                        ("import", "import a session bundle")):
+                        ("import", "import a session bundle"), ("upgrade", "run pending schema migrations")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--db", default=default_db_url(), help="SQLAlchemy URL or SQLite file (default $LAB_DB or lab.db)")
         if name == "export":
@@ -82,7 +97,7 @@ def main(argv=None):
             c.add_argument("--new-id", action="store_true", help="import as a copy under a fresh session id")
     args = p.parse_args(argv)
     try:
-        {"list": cmd_list, "export": cmd_export, "import": cmd_import}[args.command](args)
+        {"list": cmd_list, "export": cmd_export, "import": cmd_import, "upgrade": cmd_upgrade}[args.command](args)
     except (StoreError, ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the cause
         return 1 if isinstance(e, StoreError) and not isinstance(e, ValueError) else 2

@@ -362,6 +362,12 @@ def _import(store, b, fresh_id):
             e = b.experiment
             s.add(Experiment(**e.model_dump(exclude={"created_at"}), created_at=e.created_at or utcnow()))
         ss = b.session
+        if exp_id is not None:
+            taken = s.scalar(select(LabSession.id).where(
+                LabSession.experiment_id == exp_id, LabSession.item_key == ss.item_key, LabSession.seed == ss.seed))
+            if taken is not None:  # the database keeps one dialogue per (experiment, item, seed)
+                raise StoreError(f"experiment {exp_id} in {store.name} already has the dialogue of item "
+                                 f"{ss.item_key!r} seed {ss.seed} (session {taken}); a copy would be a second one")
         s.add(LabSession(**ss.model_dump(exclude={"id", "created_at", "pane_order"}), id=sid,
                          created_at=ss.created_at or utcnow(),
                          pane_order=[a.index for a in b.arms] if ss.pane_order is None else ss.pane_order))

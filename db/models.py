@@ -11,11 +11,20 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String,
-                        Text, TypeDecorator, UniqueConstraint, inspect, select)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String,
+                        Text, TypeDecorator, UniqueConstraint, inspect)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+# schema_info.schema_version: 1 was the last release with hand-written migrations; from 2 on
+# Alembic (db/migrations) keeps the schema, and the number only makes those older releases
+# refuse a database they could no longer keep (they refuse any version above 1).
+SCHEMA_VERSION = 2
+
+# jsonb on PostgreSQL: its plain json type has no equality, so DISTINCT / GROUP BY / = fail.
+JSONData = JSON().with_variant(JSONB(), "postgresql")
+# SQLite's INTEGER is 64-bit; PostgreSQL's is 32-bit, and seeds (db/rules.py) go up to 2**63 - 1.
+Int64 = Integer().with_variant(BigInteger(), "postgresql")
 
 STANCE_LABELS = [
     "initial stance",
@@ -32,7 +41,7 @@ EXPERIMENT_STATUSES = ("running", "finished", "interrupted", "failed")
 
 
 class SchemaError(RuntimeError):
-    """The database file was written by a newer version of this code."""
+    """The database cannot be brought to this code's schema (e.g. a newer version wrote it)."""
 
 
 def utcnow() -> datetime:
@@ -71,7 +80,7 @@ class UTCDateTime(TypeDecorator):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime}
+    type_annotation_map = {datetime: UTCDateTime, int: Int64}
 
 
 def new_id() -> str:
@@ -81,7 +90,7 @@ def new_id() -> str:
 class SchemaInfo(Base):
     __tablename__ = "schema_info"
     id: Mapped[int] = mapped_column(primary_key=True)
-    schema_version: Mapped[int] = mapped_column(Integer)
+    schema_version: Mapped[int] = mapped_column(Int64)
 
 
 class Experiment(Base):
@@ -89,9 +98,9 @@ class Experiment(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
     protocol_name: Mapped[str] = mapped_column(String(200))
-    protocol: Mapped[Any] = mapped_column(JSON)   # the validated protocol content
-    args: Mapped[Any] = mapped_column(JSON)       # CLI args: arms, seeds, items, max_new_tokens...
-    model: Mapped[Any] = mapped_column(JSON)      # model identity
+    protocol: Mapped[Any] = mapped_column(JSONData)   # the validated protocol content
+    args: Mapped[Any] = mapped_column(JSONData)       # CLI args: arms, seeds, items, max_new_tokens...
+    model: Mapped[Any] = mapped_column(JSONData)      # model identity
     status: Mapped[str] = mapped_column(String(20), default="running")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[Optional[datetime]]
@@ -104,25 +113,27 @@ class LabSession(Base):
     kind: Mapped[str] = mapped_column(String(20))  # 'lab' | 'experiment'
     title: Mapped[str] = mapped_column(String(500), default="")
     user: Mapped[Optional[str]] = mapped_column(String(200))
-    model: Mapped[Any] = mapped_column(JSON)       # name, weights_hash, dtype, quantization...
+    model: Mapped[Any] = mapped_column(JSONData)       # name, weights_hash, dtype, quantization...
     system_prompt: Mapped[Optional[str]] = mapped_column(Text)
     blind: Mapped[bool] = mapped_column(Boolean, default=False)
-    pane_order: Mapped[Any] = mapped_column(JSON)  # arm indices in display order
+    pane_order: Mapped[Any] = mapped_column(JSONData)  # arm indices in display order
     experiment_id: Mapped[Optional[str]] = mapped_column(ForeignKey("experiments.id"))
     item_key: Mapped[Optional[str]] = mapped_column(String(200))
     seed: Mapped[Optional[int]]
-    meta: Mapped[Any] = mapped_column(JSON)
-    __table_args__ = (Index("ix_sessions_resume", "experiment_id", "item_key", "seed"),)
+    meta: Mapped[Any] = mapped_column(JSONData)
+    # one dialogue per (experiment, item, seed): a retried or duplicated write cannot add a second
+    # (lab sessions have no experiment, and NULLs never collide)
+    __table_args__ = (Index("uq_sessions_dialogue", "experiment_id", "item_key", "seed", unique=True),)
 
 
 class Arm(Base):
     __tablename__ = "arms"
     id: Mapped[int] = mapped_column(primary_key=True)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
-    index: Mapped[int] = mapped_column("arm_index", Integer)  # position in the session's arm list
+    index: Mapped[int] = mapped_column("arm_index", Int64)  # position in the session's arm list
     label: Mapped[str] = mapped_column(String(200))           # "observer", "continuity λ=1"
     spec: Mapped[str] = mapped_column(Text)                   # "continuity:linkage=1,gain=0.3,..."
-    settings: Mapped[Any] = mapped_column(JSON)               # full mechanism + sampling settings
+    settings: Mapped[Any] = mapped_column(JSONData)               # full mechanism + sampling settings
     seed: Mapped[int]
     __table_args__ = (UniqueConstraint("session_id", "arm_index"),)
 
@@ -135,16 +146,16 @@ class Turn(Base):
     turn_index: Mapped[int]                     # 0-based user/assistant exchange number
     role: Mapped[str] = mapped_column(String(20))
     text: Mapped[str] = mapped_column(Text)
-    token_ids: Mapped[Any] = mapped_column(JSON)  # exactly this message's tokens, list[int]
+    token_ids: Mapped[Any] = mapped_column(JSONData)  # exactly this message's tokens, list[int]
     started_at: Mapped[Optional[datetime]]
     finished_at: Mapped[Optional[datetime]]
     ttft_s: Mapped[Optional[float]] = mapped_column(Float)
     duration_s: Mapped[Optional[float]] = mapped_column(Float)
     n_tokens: Mapped[int]
     finish_reason: Mapped[Optional[str]] = mapped_column(String(20))
-    gen_settings: Mapped[Any] = mapped_column(JSON)  # settings actually used, incl. per-turn seed
+    gen_settings: Mapped[Any] = mapped_column(JSONData)  # settings actually used, incl. per-turn seed
     error: Mapped[Optional[str]] = mapped_column(Text)
-    meta: Mapped[Any] = mapped_column(JSON)
+    meta: Mapped[Any] = mapped_column(JSONData)
     __table_args__ = (UniqueConstraint("arm_id", "turn_index", "role"),)
 
 
@@ -166,7 +177,7 @@ class Score(Base):
     scorer: Mapped[str] = mapped_column(String(100))
     label: Mapped[Optional[str]] = mapped_column(String(200))
     value: Mapped[Optional[float]] = mapped_column(Float)
-    data: Mapped[Any] = mapped_column(JSON)
+    data: Mapped[Any] = mapped_column(JSONData)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     __table_args__ = (UniqueConstraint("turn_id", "scorer"),)
 
@@ -177,7 +188,7 @@ class ProbeResult(Base):
     turn_id: Mapped[Optional[int]] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), index=True)
     arm_id: Mapped[int] = mapped_column(ForeignKey("arms.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(100))
-    metrics: Mapped[Any] = mapped_column(JSON)
+    metrics: Mapped[Any] = mapped_column(JSONData)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -187,7 +198,7 @@ class Capture(Base):
     turn_id: Mapped[int] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(100))      # 'attention', 'reads', 'divergence'
     path: Mapped[Optional[str]] = mapped_column(Text)   # a file next to the DB, relative to its folder
-    data: Mapped[Any] = mapped_column(JSON, nullable=True)
+    data: Mapped[Any] = mapped_column(JSONData, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     __table_args__ = (UniqueConstraint("turn_id", "kind"),)
 
@@ -195,43 +206,3 @@ class Capture(Base):
 def as_dict(row) -> dict:
     """A detached plain copy of an ORM row, safe to hand to other threads."""
     return {a.key: getattr(row, a.key) for a in inspect(row).mapper.column_attrs}
-
-
-# Migrations: MIGRATIONS[v] upgrades a database from schema version v to v + 1.
-# Each takes a Connection inside the migration transaction. Add entries here
-# (and bump SCHEMA_VERSION) when the schema changes; never edit old ones.
-MIGRATIONS: dict = {}
-
-
-def stored_version(conn) -> Optional[int]:
-    if not inspect(conn).has_table(SchemaInfo.__tablename__):
-        return None
-    return conn.execute(select(SchemaInfo.schema_version).where(SchemaInfo.id == 1)).scalar()
-
-
-def migrate(engine, write_engine=None) -> int:
-    """Bring the database up to SCHEMA_VERSION; a newer file than the code is an error.
-    The check runs without a write lock; upgrading runs in one write transaction
-    (write_engine lets SQLite take that lock up front so two openers do not race)."""
-    with engine.connect() as conn:
-        version = stored_version(conn)
-    if version is not None and version > SCHEMA_VERSION:
-        raise SchemaError(f"the database has schema version {version} but this code knows only up to "
-                          f"{SCHEMA_VERSION}; update the lab code before opening it")
-    if version == SCHEMA_VERSION:
-        return version
-    with (write_engine or engine).begin() as conn:
-        version = stored_version(conn)  # re-read under the lock: someone may have migrated meanwhile
-        if version is None:
-            Base.metadata.create_all(conn)
-            conn.execute(SchemaInfo.__table__.insert().values(id=1, schema_version=SCHEMA_VERSION))
-            return SCHEMA_VERSION
-        if version > SCHEMA_VERSION:
-            raise SchemaError(f"the database has schema version {version} but this code knows only "
-                              f"up to {SCHEMA_VERSION}; update the lab code before opening it")
-        while version < SCHEMA_VERSION:
-            MIGRATIONS[version](conn)
-            version += 1
-        Base.metadata.create_all(conn)  # tables added by later versions
-        conn.execute(SchemaInfo.__table__.update().where(SchemaInfo.id == 1).values(schema_version=version))
-        return version

@@ -11,7 +11,8 @@ integers fit SQLite's signed 64-bit INTEGER, floats are finite, JSON columns hol
 (settings and identities are JSON objects), timestamps are datetimes, epoch seconds or ISO
 strings, ids are short names of letters, digits, '_' and '-' (they end up in file names),
 a capture path stays inside the database's folder, and every text is valid Unicode that
-UTF-8 can store.
+UTF-8 can store, without NUL characters (PostgreSQL's text and jsonb refuse them; refusing them on
+SQLite too keeps the backends interchangeable).
 """
 
 import base64
@@ -43,7 +44,10 @@ def _show(v, limit=60) -> str:
 
 # ------------------------------------------------------------------ checkers
 
-def _text(v, max_len=None):
+NUL_PROBLEM = "contains a NUL character (\\x00), which PostgreSQL cannot store"
+
+
+def _text(v, max_len=None, nul_ok=False):
     if not isinstance(v, str):
         raise ValueError(f"expected a string, got {_show(v)}")
     if max_len is not None and len(v) > max_len:
@@ -52,7 +56,24 @@ def _text(v, max_len=None):
         v.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"not valid Unicode text (a lone surrogate at character {e.start + 1})") from None
+    if not nul_ok and "\0" in v:  # refused on every backend, so a record moves between them whole
+        raise ValueError(f"{NUL_PROBLEM} (at character {v.index(chr(0)) + 1})")
     return v
+
+
+def _no_nul(v):
+    """JSON strings (keys and values) without NUL: jsonb cannot hold \\u0000."""
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if "\0" in x:
+                raise ValueError(f"a string in it {NUL_PROBLEM}: {_show(x)}")
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
 
 
 def _int(v, lo=INT64_MIN, hi=INT64_MAX, what="an int"):
@@ -106,6 +127,7 @@ def _json_value(v):
         json.dumps(v)
     except (TypeError, ValueError, OverflowError, RecursionError) as e:
         raise ValueError(f"must be JSON-serialisable: {e}") from None
+    _no_nul(v)
     return v
 
 
@@ -149,7 +171,7 @@ def _stance(v):
 def _capture_path(v):
     if v is None:
         return None
-    _text(v, 4096)
+    _text(v, 4096, nul_ok=True)
     bad = "\0" in v or not v.strip()
     for p in (PurePosixPath(v), PureWindowsPath(v)):
         bad = bad or p.is_absolute() or bool(p.drive) or ".." in p.parts

@@ -20,7 +20,8 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from .models import (ROLES, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, SchemaError,
-                     Score, Turn, as_dict, migrate, new_id, utcnow)
+                     Score, Turn, as_dict, new_id, utcnow)
+from .schema import current, migrate
 from .rules import (ID_CHARS, ID_MAX, AnnotationRow, ArmRow, CaptureRow, ExperimentRow, ProbeRow, ScoreRow,
                     SessionRow, TurnRow, _show)
 
@@ -90,9 +91,11 @@ _role_order = case({r: i for i, r in enumerate(ROLES)}, value=Turn.role, else_=l
 
 
 class Store:
-    """The lab's database. Store(url_or_path, busy_timeout=seconds, create=True)."""
+    """The lab's database. Store(url_or_path, busy_timeout=seconds, create=True, upgrade=True).
+    Opening brings the schema up to date (db.schema) unless upgrade=False."""
 
-    def __init__(self, url_or_path=None, *, busy_timeout: float = 10.0, create: bool = True):
+    def __init__(self, url_or_path=None, *, busy_timeout: float = 10.0, create: bool = True,
+                 upgrade: bool = True):
         target = default_db_url() if url_or_path is None else url_or_path
         try:
             self.url = resolve_url(target)
@@ -122,11 +125,12 @@ class Store:
         self._write_engine = self.engine.execution_options(lab_write=True)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
-        try:
-            self._migrate()
-        except StoreError:
-            self.engine.dispose()
-            raise
+        if upgrade:
+            try:
+                self.upgrade()
+            except StoreError:
+                self.engine.dispose()
+                raise
 
     def _setup_sqlite(self, busy_timeout, wal):
         busy_ms = int(busy_timeout * 1000)
@@ -150,9 +154,11 @@ class Store:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     @_guard
-    def _migrate(self):
+    def upgrade(self, target: str = "head") -> tuple:
+        """Run the pending migrations; returns (revision before, revision after)."""
         try:
-            migrate(self.engine, self._write_engine)
+            before = current(self.engine)
+            return before, migrate(self.engine, self._write_engine, target)
         except SchemaError as e:
             raise StoreError(f"{self.name}: {e}") from None
 
@@ -164,6 +170,8 @@ class Store:
             return f"cannot open the database {self.name}"
         if "not a database" in msg:
             return f"{self.name} is not a database file"
+        if "connection failed" in msg or "could not connect" in msg or "connection refused" in msg:
+            return f"cannot connect to the database {self.name}: {_first_line(getattr(e, 'orig', e))}"
         if "readonly" in msg or "read-only" in msg:
             return f"the database {self.name} is read-only"
         return f"database error on {self.name}: {_first_line(getattr(e, 'orig', e))}"
@@ -366,6 +374,101 @@ class Store:
         with self._ro() as s:
             row = s.scalar(q)
             return None if row is None else self._session_dict(s, row)
+
+    @_guard
+    def log_dialogue(self, experiment_id, item_key, seed, *, title="", model=None, arms=(), system_prompt=None,
+                     meta=None, turns=(), scores=()) -> tuple:
+        """One whole experiment dialogue in one transaction: its session, arms, every message
+        (`turns`: log_turn keyword dicts with arm_index) and scores (`scores`: dicts of arm_index,
+        turn_index, scorer, label, value, data on assistant messages). Returns (session_id, written).
+
+        Exactly once per (experiment, item_key, seed): if the experiment already holds that
+        dialogue complete (meta.complete), nothing is written and written is False; this is how
+        a retried or duplicated delivery (Ray is at-least-once) or a second runner is absorbed,
+        and the unique index on the key settles a race between two writers. An incomplete one
+        (a single-process run interrupted mid-dialogue) is replaced, keeping its id."""
+        arm_rows = []
+        for pos, a in enumerate(arms):
+            try:
+                arm_rows.append(ArmRow.check(**{"index": pos, **a}))
+            except ValueError as e:
+                raise ValueError(f"arms[{pos}].{e}") from None
+        session = SessionRow.check(id=new_id(), kind="experiment", title=title or "", model=model,
+                                   system_prompt=system_prompt, experiment_id=experiment_id, item_key=item_key,
+                                   seed=seed, meta=meta)
+        if session.experiment_id is None:
+            raise ValueError("experiment_id: a dialogue belongs to an experiment")
+        turn_rows = []
+        for pos, t in enumerate(turns):
+            try:
+                turn_rows.append(TurnRow.check(**t))
+            except ValueError as e:
+                raise ValueError(f"turns[{pos}].{e}") from None
+        score_rows = []
+        for pos, x in enumerate(scores):
+            try:
+                score_rows.append(ScoreRow.check(role="assistant", **x))
+            except ValueError as e:
+                raise ValueError(f"scores[{pos}].{e}") from None
+        key = (LabSession.experiment_id == session.experiment_id, LabSession.item_key == session.item_key,
+               LabSession.seed.is_(None) if session.seed is None else LabSession.seed == session.seed)
+        try:
+            with self._tx() as s:
+                if s.get(Experiment, session.experiment_id) is None:
+                    raise StoreError(f"unknown experiment id {session.experiment_id!r} in {self.name}")
+                old = s.scalar(select(LabSession).where(*key).with_for_update())
+                if old is not None and (old.meta or {}).get("complete") is True:
+                    return old.id, False
+                created_at = utcnow()
+                if old is not None:  # an interrupted dialogue: replaced whole, same id
+                    session.id, created_at = old.id, old.created_at
+                    self._delete_session_rows(s, old.id)
+                    s.expunge(old)
+                row = LabSession(**session.model_dump(exclude={"created_at", "pane_order"}), created_at=created_at,
+                                 pane_order=[a.index for a in arm_rows])
+                s.add(row)
+                s.flush()
+                arm_ids = {}
+                for a in arm_rows:
+                    arm = Arm(session_id=row.id, **a.model_dump())
+                    s.add(arm)
+                    s.flush()
+                    arm_ids[a.index] = arm.id
+                turn_ids = {}
+                for pos, t in enumerate(turn_rows):
+                    if t.arm_index not in arm_ids:
+                        raise ValueError(f"turns[{pos}].arm_index: the dialogue has no arm {t.arm_index}")
+                    turn = turn_row(t, row.id)
+                    turn.arm_id = arm_ids[t.arm_index]
+                    s.add(turn)
+                    s.flush()
+                    turn_ids[(t.arm_index, t.turn_index, t.role)] = turn.id
+                for pos, x in enumerate(score_rows):
+                    tid = turn_ids.get((x.arm_index, x.turn_index, "assistant"))
+                    if tid is None:
+                        raise ValueError(f"scores[{pos}]: the dialogue has no reply {x.turn_index} of arm {x.arm_index}")
+                    s.add(Score(turn_id=tid, scorer=x.scorer, label=x.label, value=x.value,
+                                data={} if x.data is None else x.data, created_at=utcnow()))
+                return row.id, True
+        except exc.IntegrityError:
+            with self._ro() as s:  # another writer stored this dialogue first: ours is the duplicate
+                other = s.scalar(select(LabSession.id).where(*key))
+            if other is None:
+                raise
+            return other, False
+
+    def _delete_session_rows(self, s, session_id) -> None:
+        """Every row of a session, children first (correct even where deletes do not cascade)."""
+        arm_ids = select(Arm.id).where(Arm.session_id == session_id).scalar_subquery()
+        turn_ids = list(s.scalars(select(Turn.id).where(Turn.session_id == session_id)))
+        if turn_ids:
+            for model in (Annotation, Score, Capture):
+                s.execute(delete(model).where(model.turn_id.in_(turn_ids)))
+        s.execute(delete(ProbeResult).where(ProbeResult.arm_id.in_(arm_ids)))
+        s.execute(delete(Turn).where(Turn.session_id == session_id))
+        s.execute(delete(Arm).where(Arm.session_id == session_id))
+        s.execute(delete(LabSession).where(LabSession.id == session_id))
+        s.flush()
 
     # ------------------------------------------------------------------ turns
 

@@ -2,6 +2,7 @@
 
     python -m experiments run are_you_sure --arm observer --arm continuity:linkage=1,gain=0.3 \
         --seeds 3 --items 10 [--db lab.db] [--model embedded] [--max-new-tokens 64] [--json]
+    python -m experiments run are_you_sure --arm observer --items 10 --ray [ADDRESS] [--actors N]   # on Ray actors
     python -m experiments run --resume RUN_ID            # or the same command again plus --resume RUN_ID
     (the same run command again resumes its unfinished run, or skips a finished one; --new forces a fresh run)
     python -m experiments list [--db URL] [--json]
@@ -51,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--new", action="store_true",
                    help="start a fresh run even if the same command already has a run in the database")
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="play the dialogues on Ray actors: on the cluster at ADDRESS (e.g. auto, ray://host:10001), "
+                        "or without one on a local instance started for the run")
+    r.add_argument("--actors", type=int, default=None,
+                   help="with --ray: how many actors, each with the model loaded (default: one per GPU, else per CPU)")
 
     ls = sub.add_parser("list", help="runs in the database with status and progress")
     ls.add_argument("--db", default=None)
@@ -296,19 +302,24 @@ def _cmd_run(args) -> int:
     else:
         config = RunConfig(protocol, specs, args.seeds or 1, args.items, args.max_new_tokens, args.window)
 
-    # 2. the model
+    if args.actors is not None and (args.actors < 1 or args.ray is None):
+        return _fail("--actors must be at least 1" if args.actors < 1 else "--actors needs --ray")
+
+    # 2. the model (with --ray each actor loads its own; the driver loads none)
     from engine import load_model
 
-    try:
-        lm = load_model(args.model, dtype=args.dtype, verbose=not args.json)
-    except ModelLoadError as e:
-        return _fail(str(e))
+    lm = None
+    if args.ray is None:
+        try:
+            lm = load_model(args.model, dtype=args.dtype, verbose=not args.json)
+        except ModelLoadError as e:
+            return _fail(str(e))
 
     # 3. the same command again: resume its unfinished run, or skip a finished one
     if args.resume is None and not args.new:
         from experiments.runner import find_matching_run
 
-        match = find_matching_run(store, config, lm.identity.weights_hash)
+        match = find_matching_run(store, config, lm.identity.weights_hash if lm else None)
         if match is not None and match["status"] == "finished":
             from experiments.analysis import format_summary, summary
 
@@ -348,9 +359,17 @@ def _cmd_run(args) -> int:
     except ValueError:  # not the main thread (a notebook, the lab): leave signals alone
         previous = None
     try:
-        eid = run_protocol(store, lm, config.protocol, config.specs, config.seeds, config.items,
-                           config.max_new_tokens, experiment_id=args.resume, progress=progress, name=args.name,
-                           window=config.window)
+        if args.ray is None:
+            eid = run_protocol(store, lm, config.protocol, config.specs, config.seeds, config.items,
+                               config.max_new_tokens, experiment_id=args.resume, progress=progress, name=args.name,
+                               window=config.window)
+        else:
+            from experiments.distributed import run_protocol_ray
+
+            eid = run_protocol_ray(store, config.protocol, config.specs, config.seeds, config.items,
+                                   config.max_new_tokens, experiment_id=args.resume, progress=progress,
+                                   name=args.name, window=config.window, model=args.model, dtype=args.dtype,
+                                   address=args.ray or None, actors=args.actors)
     except KeyboardInterrupt as e:
         if bar is not None:
             bar.close()
@@ -358,7 +377,7 @@ def _cmd_run(args) -> int:
         how = "terminated (SIGTERM)" if isinstance(e, _Terminated) else "interrupted"
         print(f"\n{how}; run {state['id']} is marked 'interrupted'. Resume with:\n  {cmd}", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
-    except (SpecError, RunConfigError, ProtocolError, DialogueError) as e:
+    except (SpecError, RunConfigError, ProtocolError, DialogueError, ModelLoadError) as e:
         return _fail(str(e))
     except Exception as e:  # StoreError included: say how to continue
         from db.store import StoreError

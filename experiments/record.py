@@ -34,6 +34,32 @@ def session_window(session: dict) -> dict:
     return {"window": int(meta["window"]), "sink": int(meta.get("sink", 4))} if meta.get("window") else {}
 
 
+def session_fields(lm: LoadedModel, dialogue: Dialogue, meta: dict | None = None) -> dict:
+    """The session row's model, arms, system prompt and meta for a dialogue (as create_session takes them)."""
+    return {"model": lm.identity.to_dict(), "arms": arm_rows([a.spec for a in dialogue.arms]),
+            "system_prompt": dialogue.system, "meta": {**(meta or {}), **window_meta(dialogue)}}
+
+
+def turn_rows(dialogue: Dialogue, user: str, replies: list[ArmReply], turn_index: int | None = None,
+              errors: dict[int, str] | None = None) -> list[dict]:
+    """The rows of one exchange, user message then reply per arm, as `Store.log_turn` keyword arguments
+    (with arm_index): what the recorder logs one by one and a Ray actor hands the driver whole."""
+    turn = dialogue.turn - 1 if turn_index is None else turn_index
+    rows = []
+    for r in replies:
+        mech = dialogue.arms[r.arm].mechanism
+        rows.append({"arm_index": r.arm, "turn_index": turn, "role": "user", "text": user,
+                     "token_ids": r.prompt_token_ids, "started_at": r.started_at, "finished_at": r.started_at})
+        meta = {"memory_size": 0 if mech is None else mech.memory_size(),
+                "on_path_calls": {} if mech is None else {str(k): v for k, v in mech.call_counts.items()}}
+        rows.append({"arm_index": r.arm, "turn_index": turn, "role": "assistant", "text": r.text,
+                     "token_ids": r.token_ids, "started_at": r.started_at,
+                     "finished_at": r.started_at + r.duration_s, "ttft_s": r.ttft_s, "duration_s": r.duration_s,
+                     "finish_reason": r.finish_reason, "gen_settings": r.gen_settings,
+                     "error": (errors or {}).get(r.arm), "meta": meta})
+    return rows
+
+
 class SessionRecorder:
     """Writes each finished turn of a `Dialogue` to the store, one transaction per arm-message."""
 
@@ -42,29 +68,18 @@ class SessionRecorder:
                  experiment_id: str | None = None, item_key: str | None = None, seed: int | None = None,
                  meta: dict | None = None, session_id: str | None = None):
         self.store, self.lm, self.dialogue = store, lm, dialogue
-        specs = [a.spec for a in dialogue.arms]
         self.session_id = session_id or store.create_session(
-            kind, title=title, model=lm.identity.to_dict(), arms=arm_rows(specs), system_prompt=dialogue.system,
-            blind=blind, pane_order=pane_order, user=user, experiment_id=experiment_id, item_key=item_key,
-            seed=seed, meta={**(meta or {}), **window_meta(dialogue)})
+            kind, title=title, blind=blind, pane_order=pane_order, user=user, experiment_id=experiment_id,
+            item_key=item_key, seed=seed, **session_fields(lm, dialogue, meta))
 
     def log(self, user: str, replies: list[ArmReply], turn_index: int | None = None,
             errors: dict[int, str] | None = None) -> list[int]:
         """Log the user message and every arm's reply; return the assistant turn ids by arm."""
-        turn = self.dialogue.turn - 1 if turn_index is None else turn_index
         ids = []
-        for r in replies:
-            arm = self.dialogue.arms[r.arm]
-            self.store.log_turn(self.session_id, r.arm, turn, "user", user, token_ids=r.prompt_token_ids,
-                                started_at=r.started_at, finished_at=r.started_at)
-            mech = arm.mechanism
-            meta = {"memory_size": 0 if mech is None else mech.memory_size(),
-                    "on_path_calls": {} if mech is None else {str(k): v for k, v in mech.call_counts.items()}}
-            ids.append(self.store.log_turn(
-                self.session_id, r.arm, turn, "assistant", r.text, token_ids=r.token_ids, started_at=r.started_at,
-                finished_at=r.started_at + r.duration_s, ttft_s=r.ttft_s, duration_s=r.duration_s,
-                finish_reason=r.finish_reason, gen_settings=r.gen_settings,
-                error=(errors or {}).get(r.arm), meta=meta))
+        for row in turn_rows(self.dialogue, user, replies, turn_index, errors):
+            tid = self.store.log_turn(self.session_id, **row)
+            if row["role"] == "assistant":
+                ids.append(tid)
         return ids
 
     def undo_last(self) -> None:

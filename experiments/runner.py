@@ -218,6 +218,42 @@ def completed_keys(store: Store, experiment_id: str) -> set[tuple[str, int]]:
             if (s.get("meta") or {}).get("complete") is True}
 
 
+def make_config(protocol: Protocol | str, specs: Sequence[str | ArmSpec], seeds: int = 1, items: Optional[int] = None,
+                max_new_tokens: Optional[int] = None, window: Optional[int] = None) -> RunConfig:
+    """A checked RunConfig (RunConfigError, SpecError or ProtocolError naming the first problem)."""
+    config = RunConfig(resolve_protocol(protocol), parse_arms(specs), int(seeds), items, max_new_tokens, window)
+    if config.seeds < 1:
+        raise RunConfigError("seeds must be at least 1")
+    if config.items is not None and config.items < 1:
+        raise RunConfigError("items must be at least 1")
+    if config.max_new_tokens is not None and config.max_new_tokens < 1:
+        raise RunConfigError("max_new_tokens must be at least 1")
+    if config.window is not None and (isinstance(config.window, bool) or not isinstance(config.window, int)
+                                      or config.window < 1):
+        raise RunConfigError(f"window must be a whole number of tokens >= 1 (got {config.window!r})")
+    return config
+
+
+def open_run(store: Store, config: RunConfig, model: dict, n_layers: int, experiment_id: Optional[str] = None,
+             name: Optional[str] = None) -> str:
+    """Create the run's experiment record, or check that a stored one is this run on these weights
+    and mark it running again; returns its id. `model` is the model identity (to_dict())."""
+    for s in config.specs:
+        s.validate_for(n_layers)
+    if experiment_id is None:
+        return store.create_experiment(
+            name or f"{config.protocol.name} x {len(config.specs)} arms", config.protocol.name,
+            protocol=protocol_record(config.protocol), args=config.args(), model=model)
+    exp = store.get_experiment(experiment_id)
+    _check_same_run(load_run(store, experiment_id), config, experiment_id)
+    stored_hash = (exp.get("model") or {}).get("weights_hash")
+    if stored_hash and stored_hash != model.get("weights_hash"):
+        raise RunConfigError(f"run {experiment_id} was run on {(exp.get('model') or {}).get('name')} with other "
+                             f"weights; load that model to resume it")
+    store.update_experiment(experiment_id, status="running")
+    return experiment_id
+
+
 def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs: Sequence[str | ArmSpec],
                  seeds: int = 1, items: Optional[int] = None, max_new_tokens: Optional[int] = None,
                  experiment_id: Optional[str] = None, progress: Optional[ProgressFn] = None,
@@ -236,32 +272,8 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
     stance embedder this way). `stream(dialogue, user, max_new_tokens=...)` runs each turn (default
     `Dialogue.stream`); the lab passes its step scheduler's, so a run shares passes with the Arena.
     """
-    config = RunConfig(resolve_protocol(protocol), parse_arms(specs), int(seeds), items, max_new_tokens, window)
-    if config.seeds < 1:
-        raise RunConfigError("seeds must be at least 1")
-    if config.items is not None and config.items < 1:
-        raise RunConfigError("items must be at least 1")
-    if config.max_new_tokens is not None and config.max_new_tokens < 1:
-        raise RunConfigError("max_new_tokens must be at least 1")
-    if config.window is not None and (isinstance(config.window, bool) or not isinstance(config.window, int)
-                                      or config.window < 1):
-        raise RunConfigError(f"window must be a whole number of tokens >= 1 (got {config.window!r})")
-    n_layers = lm.config.num_hidden_layers
-    for s in config.specs:
-        s.validate_for(n_layers)
-
-    if experiment_id is None:
-        experiment_id = store.create_experiment(
-            name or f"{config.protocol.name} x {len(config.specs)} arms", config.protocol.name,
-            protocol=protocol_record(config.protocol), args=config.args(), model=lm.identity.to_dict())
-    else:
-        exp = store.get_experiment(experiment_id)
-        _check_same_run(load_run(store, experiment_id), config, experiment_id)
-        stored_hash = (exp.get("model") or {}).get("weights_hash")
-        if stored_hash and stored_hash != lm.identity.weights_hash:
-            raise RunConfigError(f"run {experiment_id} was run on {(exp.get('model') or {}).get('name')} with other "
-                                 f"weights; load that model to resume it")
-        store.update_experiment(experiment_id, status="running")
+    config = make_config(protocol, specs, seeds, items, max_new_tokens, window)
+    experiment_id = open_run(store, config, lm.identity.to_dict(), lm.config.num_hidden_layers, experiment_id, name)
 
     plan = dialogue_plan(config)
     done_keys = completed_keys(store, experiment_id)
@@ -298,27 +310,26 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
             pass
 
 
-def _run_dialogue(store: Store, lm: LoadedModel, config: RunConfig, experiment_id: str, item_index: int,
-                  item_key: str, seed: int, stop_event: Optional[threading.Event],
-                  scorer_options: dict, stream: Optional[Callable[..., Iterator]] = None) -> Optional[str]:
-    """Play, log and score one (item, seed) dialogue; None when stopped before its end."""
+def start_dialogue(lm: LoadedModel, config: RunConfig, item_index: int, seed: int) -> tuple[Dialogue, dict]:
+    """The batched Dialogue of one (item, seed) and its session's starting meta (complete: False)."""
     protocol = config.protocol
     item = protocol.items[item_index]
     specs = specs_for_seed(config.specs, seed, config.effective_max_new_tokens)
     d = Dialogue(lm, specs, system=protocol.render_system(item), window=config.effective_window)
     meta = {"complete": False, "protocol": protocol.name, "item_index": item_index,
             **({"window": d.window, "sink": d.sink} if d.window else {})}
-    existing = store.find_session(experiment_id, item_key, seed)
-    if existing is not None:  # interrupted earlier: start it again from nothing, same row
-        store.delete_turns_from(existing["id"], None, 0)
-        store.update_session(existing["id"], meta=meta)
-        rec = SessionRecorder(store, lm, d, session_id=existing["id"])
-    else:
-        rec = SessionRecorder(store, lm, d, kind="experiment", experiment_id=experiment_id, item_key=item_key,
-                              seed=seed, title=f"{protocol.name} · {item_key} · seed {seed}", meta=meta)
-    sid = rec.session_id
-    turn_ids: list[list[int]] = [[] for _ in specs]
-    texts: list[list[str]] = [[] for _ in specs]
+    return d, meta
+
+
+def play_dialogue(d: Dialogue, config: RunConfig, item_index: int, stop_event: Optional[threading.Event] = None,
+                  on_turn: Optional[Callable] = None,
+                  stream: Optional[Callable[..., Iterator]] = None) -> Optional[list[tuple[str, list]]]:
+    """Play the protocol's user turns to every arm at once: [(user, replies)] per turn, or None when
+    stopped before the end. on_turn(user, replies) is called after each turn (the recorder logs there);
+    `stream(d, user, max_new_tokens=...)` runs a turn (default `d.stream`; the lab: its scheduler's)."""
+    protocol = config.protocol
+    item = protocol.items[item_index]
+    turns = []
     for user in protocol.render_turns(item):
         replies = None
         stopped = False
@@ -331,19 +342,67 @@ def _run_dialogue(store: Store, lm: LoadedModel, config: RunConfig, experiment_i
             replies = event.replies
         if stopped:
             return None
-        for arm, tid in enumerate(rec.log(user, replies)):
-            turn_ids[arm].append(tid)
+        if on_turn is not None:
+            on_turn(user, replies)
+        turns.append((user, replies))
+    return turns
+
+
+def score_turns(config: RunConfig, item_index: int, turns: list[tuple[str, list]], n_arms: int,
+                scorer_options: dict) -> dict[int, dict[str, Any]]:
+    """{arm: {scorer: DialogueScore}} of a played dialogue's assistant replies."""
+    protocol = config.protocol
+    item = protocol.items[item_index]
+    texts: list[list[str]] = [[] for _ in range(n_arms)]
+    for _, replies in turns:
         for r in replies:
             texts[r.arm].append(r.text)
-    summaries: dict[str, dict] = {}
-    for arm in range(len(specs)):
-        summaries[str(arm)] = {}
+    out: dict[int, dict[str, Any]] = {}
+    for arm in range(n_arms):
+        out[arm] = {}
         for scorer in protocol.scoring:
             opts = {**protocol.scorer_options(scorer), **scorer_options.get(scorer, {})}
-            result = score_dialogue(scorer, item, texts[arm], **opts)
+            out[arm][scorer] = score_dialogue(scorer, item, texts[arm], **opts)
+    return out
+
+
+def complete_meta(meta: dict, scores: dict[int, dict[str, Any]]) -> dict:
+    """The session meta that marks a dialogue whole: complete, with each arm's scorer summaries."""
+    summaries = {str(arm): {scorer: r.summary for scorer, r in by.items()} for arm, by in scores.items()}
+    return {**meta, "complete": True, "summaries": summaries, "finished_at": time.time()}
+
+
+def _run_dialogue(store: Store, lm: LoadedModel, config: RunConfig, experiment_id: str, item_index: int,
+                  item_key: str, seed: int, stop_event: Optional[threading.Event],
+                  scorer_options: dict, stream: Optional[Callable[..., Iterator]] = None) -> Optional[str]:
+    """Play, log and score one (item, seed) dialogue; None when stopped before its end."""
+    protocol = config.protocol
+    d, meta = start_dialogue(lm, config, item_index, seed)
+    existing = store.find_session(experiment_id, item_key, seed)
+    if existing is not None:  # interrupted earlier: start it again from nothing, same row
+        store.delete_turns_from(existing["id"], None, 0)
+        store.update_session(existing["id"], meta=meta)
+        rec = SessionRecorder(store, lm, d, session_id=existing["id"])
+    else:
+        rec = SessionRecorder(store, lm, d, kind="experiment", experiment_id=experiment_id, item_key=item_key,
+                              seed=seed, title=dialogue_title(protocol, item_key, seed), meta=meta)
+    turn_ids: list[list[int]] = [[] for _ in range(d.n_arms)]
+
+    def log(user, replies):
+        for arm, tid in enumerate(rec.log(user, replies)):
+            turn_ids[arm].append(tid)
+
+    turns = play_dialogue(d, config, item_index, stop_event, on_turn=log, stream=stream)
+    if turns is None:
+        return None
+    scores = score_turns(config, item_index, turns, d.n_arms, scorer_options)
+    for arm, by in scores.items():
+        for scorer, result in by.items():
             for tid, turn in zip(turn_ids[arm], result.turns):
                 store.put_score(tid, scorer, turn["label"], turn["value"], turn["data"])
-            summaries[str(arm)][scorer] = result.summary
-    store.update_session(sid, meta={**meta, "complete": True, "summaries": summaries,
-                                    "finished_at": time.time()})
-    return sid
+    store.update_session(rec.session_id, meta=complete_meta(meta, scores))  # last: the dialogue is whole
+    return rec.session_id
+
+
+def dialogue_title(protocol: Protocol, item_key: str, seed: int) -> str:
+    return f"{protocol.name} · {item_key} · seed {seed}"

@@ -133,3 +133,58 @@ def server(embedded, tmp_path_factory):
     yield url, db_file
     demo.close()
     store.close()
+
+
+# -- the database backends: real SQLite files and a real PostgreSQL server -----------------------
+# Outside CI a missing PostgreSQL skips (run `make postgres`); in CI it must be there, so the tests fail.
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throw-away PostgreSQL server for the whole run (tests/pg_server.py)."""
+    from tests.pg_server import PgServer, pg_bin
+
+    bin_dir = pg_bin()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs Debian's postgresql under /usr/lib/postgresql/*/bin (make postgres)")
+        pytest.skip("needs Debian's postgresql under /usr/lib/postgresql/*/bin (make postgres)")
+    server = PgServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def new_db(backend, tmp_path, request):
+    """new_db(name) -> a fresh, empty database of this test's backend: a SQLite file path in
+    tmp_path, or a new database on the PostgreSQL server (dropped after the test)."""
+    if backend == "sqlite":
+        yield lambda name="lab": tmp_path / f"{name}.db"
+        return
+    server = request.getfixturevalue("pg_server")
+    made = []
+
+    def make(name="lab"):
+        made.append(f"t{len(server.databases)}_{name}"[:60])
+        server.databases.append(made[-1])
+        return server.create_database(made[-1])
+    yield make
+    for name in made:
+        server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One small local Ray instance for every Ray test (2 CPUs, 80 MiB object store, no auth token)."""
+    from experiments.distributed import start_ray
+
+    ray, started = start_ray(num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()

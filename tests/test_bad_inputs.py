@@ -516,20 +516,37 @@ def _api_session(store, lm, blind=False):
     return rec.session_id
 
 
-@pytest.fixture(scope="module")
-def lab_api(embedded, tmp_path_factory):
+def _serve_lab_api(embedded, folder, db_url):
     from gradio_client import Client
 
     from conftest import serve_lab
 
-    folder = tmp_path_factory.mktemp("lab-api")
-    store = Store(f"sqlite:///{folder / 'lab.db'}")
+    store = Store(db_url)
     sid, blind_sid = _api_session(store, embedded), _api_session(store, embedded, blind=True)
     url, demo = serve_lab(store, embedded, captures_dir=str(folder / "captures"))
     info = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
-    yield {"url": url, "db": folder / "lab.db", "store": store, "sid": sid, "blind": blind_sid, "info": info}
+    return {"url": url, "db": db_url, "store": store, "sid": sid, "blind": blind_sid, "info": info}, demo
+
+
+@pytest.fixture(scope="module")
+def lab_api(embedded, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lab-api")
+    api, demo = _serve_lab_api(embedded, folder, f"sqlite:///{folder / 'lab.db'}")
+    yield api
     demo.close()
-    store.close()
+    api["store"].close()
+
+
+@pytest.fixture(scope="module")
+def lab_api_pg(embedded, tmp_path_factory, pg_server):
+    """The same lab on a PostgreSQL database: the battery's writes run on both backends."""
+    api, demo = _serve_lab_api(embedded, tmp_path_factory.mktemp("lab-api-pg"), pg_server.create_database("lab_api"))
+    yield api
+    demo.close()
+    api["store"].close()
+
+
+LAB_APIS = ["lab_api", "lab_api_pg"]
 
 
 def api_call(lab_api, name, values=(), session_hash=None, **named) -> tuple[str, list | None]:
@@ -556,10 +573,20 @@ def api_call(lab_api, name, values=(), session_hash=None, **named) -> tuple[str,
 
 
 def _snapshot(db) -> tuple:
-    with sqlite3.connect(db) as con:
-        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        return tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                     for t in ("sessions", "arms", "turns", "annotations", "captures"))
+    """Row counts, read past the lab's own Store (on SQLite after an integrity check of the file)."""
+    tables = ("sessions", "arms", "turns", "annotations", "captures")
+    if db.startswith("sqlite:///"):
+        with sqlite3.connect(db.removeprefix("sqlite:///")) as con:
+            assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            return tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables)
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db)
+    try:
+        with engine.connect() as con:
+            return tuple(con.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar() for t in tables)
+    finally:
+        engine.dispose()
 
 
 def _message_of(name, kind, out) -> str:
@@ -657,10 +684,12 @@ def test_lab_api_bad_input(name, lab_api, capfd):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("api", LAB_APIS)
 @pytest.mark.parametrize("conf,message", [(7.5, "confidence"), (-1, "confidence"), (float("nan"), "confidence"),
                                           ("high", "confidence must be a number from 0 to 1, got 'high'")])
-def test_lab_api_bad_annotation(conf, message, lab_api, capfd):
+def test_lab_api_bad_annotation(conf, message, api, request, capfd):
     """A bad confidence on a real reply (a tab with a logged turn): refused, named, nothing saved."""
+    lab_api = request.getfixturevalue(api)
     h = f"battery-{abs(hash(str(conf)))}"
     kind, out = api_call(lab_api, "send", session_hash=h, message="Hi", arm1_max_new_tokens=2, arm2_max_new_tokens=2)
     assert kind == "complete"
@@ -677,7 +706,9 @@ def test_lab_api_bad_annotation(conf, message, lab_api, capfd):
 
 
 @pytest.mark.slow
-def test_lab_api_still_generates_after_the_battery(lab_api):
+@pytest.mark.parametrize("api", LAB_APIS)
+def test_lab_api_still_generates_after_the_battery(api, request):
+    lab_api = request.getfixturevalue(api)
     from lab.arena import _ALL_OUTPUT_NAMES
 
     before = _snapshot(lab_api["db"])

@@ -33,8 +33,8 @@ def assert_no_secret(text):
         assert word not in text, word
 
 
-def test_table_exports_show_panes_until_reveal(tmp_path):
-    st, sid = blind_db(tmp_path / "b.db")
+def test_table_exports_show_panes_until_reveal(tmp_path, new_db):
+    st, sid = blind_db(new_db("b"))
     turns = turns_frame(st)
     replies = turns[turns.role == "assistant"]
     # pane order [2, 0, 1]: Arm A shows arm 2, Arm B arm 0, Arm C arm 1
@@ -64,8 +64,8 @@ def test_table_exports_show_panes_until_reveal(tmp_path):
     assert shown.turn_id.notna().all() and "sealed" not in export_bundle(st, sid)
 
 
-def test_bundle_of_a_blind_session_is_sealed_and_lossless(tmp_path):
-    st, sid = blind_db(tmp_path / "a.db")
+def test_bundle_of_a_blind_session_is_sealed_and_lossless(tmp_path, new_db):
+    st, sid = blind_db(new_db("a"))
     bundle = export_bundle(st, sid)
     readable = json.dumps({k: v for k, v in bundle.items() if k != "sealed"}, ensure_ascii=False)
     assert_no_secret(readable)
@@ -74,7 +74,7 @@ def test_bundle_of_a_blind_session_is_sealed_and_lossless(tmp_path):
     [path] = export(st, "bundle", tmp_path / "out")
     assert_no_secret(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "sealed"}))
 
-    other = Store(tmp_path / "b.db")
+    other = Store(new_db("b"))
     assert import_bundle(other, json.loads(path.read_text())) == sid
     assert [a["label"] for a in other.get_session(sid)["arms"]] == [a["label"] for a in ARMS]
     assert other.get_session(sid)["pane_order"] == [2, 0, 1] and len(other.get_probes(sid)) == 1
@@ -88,20 +88,21 @@ def test_bundle_of_a_blind_session_is_sealed_and_lossless(tmp_path):
     (lambda b: b.__setitem__("sealed", "aGVsbG8="), "sealed: not a sealed bundle"),
     (lambda b: b.__setitem__("sealed", 5), "sealed: "),
 ])
-def test_a_broken_seal_is_refused(tmp_path, change, message):
-    st, sid = blind_db(tmp_path / "a.db")
+def test_a_broken_seal_is_refused(tmp_path, new_db, change, message):
+    st, sid = blind_db(new_db("a"))
     bundle = export_bundle(st, sid)
     change(bundle)
-    other = Store(tmp_path / "b.db")
+    other = Store(new_db("b"))
     with pytest.raises(ValueError, match=message):
         import_bundle(other, bundle)
     assert other.list_sessions() == []
 
 
-def test_a_seal_of_another_session_is_refused(tmp_path):
-    st, sid = blind_db(tmp_path / "a.db")
-    _, sid2 = blind_db(tmp_path / "a2.db")
+def test_a_seal_of_another_session_is_refused(tmp_path, new_db):
+    st, sid = blind_db(new_db("a"))
+    a2 = new_db("a2")
+    _, sid2 = blind_db(a2)
     bundle = export_bundle(st, sid)
-    bundle["sealed"] = export_bundle(Store(tmp_path / "a2.db"), sid2)["sealed"]
+    bundle["sealed"] = export_bundle(Store(a2), sid2)["sealed"]
     with pytest.raises(ValueError, match="sealed.session.id: .* does not match"):
-        import_bundle(Store(tmp_path / "b.db"), bundle)
+        import_bundle(Store(new_db("b")), bundle)

@@ -44,10 +44,11 @@ def make_db(path):
 
 
 @pytest.mark.slow
-def test_cli_export_import_list(tmp_path):
-    sid = make_db(tmp_path / "a.db")
+def test_cli_export_import_list(tmp_path, new_db):
+    a, b = str(new_db("a")), str(new_db("b"))
+    sid = make_db(a)
 
-    r = cli("export", "--db", "a.db", "--format", "parquet", "--out", "tables", "--session", sid, cwd=tmp_path)
+    r = cli("export", "--db", a, "--format", "parquet", "--out", "tables", "--session", sid, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     paths = [Path(p) for p in r.stdout.split()]
     assert [p.name for p in paths] == ["turns.parquet", "annotations.parquet", "scores.parquet"]
@@ -55,20 +56,20 @@ def test_cli_export_import_list(tmp_path):
     assert list(turns.columns) == TURN_COLUMNS and len(turns) == 4
     assert len(pd.read_parquet(paths[1])) == 1
 
-    r = cli("export", "--db", "a.db", "--format", "bundle", "--out", "bundles", cwd=tmp_path)
+    r = cli("export", "--db", a, "--format", "bundle", "--out", "bundles", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     [bundle] = [Path(p) for p in r.stdout.split()]
     assert bundle == tmp_path / "bundles" / f"bundle-{sid}.json"
 
-    r = cli("import", "--db", "b.db", bundle, cwd=tmp_path)
+    r = cli("import", "--db", b, bundle, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == sid
-    assert export_bundle(Store(tmp_path / "b.db"), sid) == json.loads(bundle.read_text())
+    assert export_bundle(Store(b), sid) == json.loads(bundle.read_text())
 
-    r = cli("list", "--db", "b.db", cwd=tmp_path)
+    r = cli("list", "--db", b, cwd=tmp_path)
     assert r.returncode == 0 and sid in r.stdout and "   1 turn " in r.stdout and "drift" in r.stdout
 
-    r = cli("import", "--db", "b.db", bundle, cwd=tmp_path)
+    r = cli("import", "--db", b, bundle, cwd=tmp_path)
     assert_one_line_error(r, f"session {sid} already exists")
 
 

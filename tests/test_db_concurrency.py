@@ -20,11 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = {"name": "tiny-llm"}
 
 
-def test_concurrent_writers_lose_nothing(tmp_path):
-    path = tmp_path / "busy.db"
+def test_concurrent_writers_lose_nothing(new_db):
+    path = new_db("busy")
     st = Store(path)
     sid = st.create_session("lab", "stress", MODEL, [{"label": f"arm{i}", "spec": "x", "seed": i} for i in range(9)])
-    other = Store(path)  # a second Store (its own engine and pool) on the same file
+    other = Store(path)  # a second Store (its own engine and pool) on the same database
     errors = []
 
     def writer(store, arm, n=25):

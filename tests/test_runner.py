@@ -282,3 +282,23 @@ def test_sigterm_marks_the_run_interrupted(tmp_path):
     store = Store(db, create=False)
     assert store.get_experiment(eid)["status"] == "interrupted"
     store.close()
+
+
+def test_cli_run_on_postgresql_writes_what_sqlite_got(full_run, pg_server, capsys):
+    """The same run through the CLI on a postgresql+psycopg:// URL: the same rows, token for token."""
+    full_store, full_eid, _, _ = full_run
+    url = pg_server.create_database("runner")
+    argv = ["run", "are_you_sure", *[x for a in ARMS for x in ("--arm", a)], "--seeds", str(SEEDS), "--items",
+            str(ITEMS), "--max-new-tokens", str(TOKENS), "--db", url, "--json"]
+    assert cli(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    store = Store(url)
+    [exp] = store.list_experiments()
+    assert summary["run_id"] == exp["id"] if "run_id" in summary else exp["id"] in json.dumps(summary)
+    c = counts(store, exp["id"])
+    assert c["sessions"] == EXPECTED["sessions"] and c["turns"] == c["unique_turns"] == EXPECTED["turns"]
+    assert c["scores"] == c["unique_scores"] == EXPECTED["scores"]
+    assert tokens_by_key(store, exp["id"]) == tokens_by_key(full_store, full_eid)
+    assert cli(["list", "--db", url]) == 0 and "finished" in capsys.readouterr().out
+    store.close()
+    pg_server.drop_database("runner")
