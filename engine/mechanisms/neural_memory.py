@@ -91,6 +91,12 @@ class NeuralMemorySettings(MechanismSettings):
             raise ValueError("persistent_text gives persistent tokens, but persistent=0: set persistent=P (P >= 1)")
         return self
 
+    def caveat(self) -> str | None:
+        if self.persistent and self.weights is None and self.persistent_text is None and self.linkage > 0:
+            return (f"untrained: the {self.persistent} persistent tokens per layer are seeded random vectors "
+                    "(no weights file, no persistent_text), not learned memory")
+        return None
+
 
 def _coefficients(a: float, eta: float, n: int) -> torch.Tensor:
     """c_0..c_n with c_k = Σ_{r=0..k} a^{k−r} η^r (float64, stable also for a ≈ η)."""
