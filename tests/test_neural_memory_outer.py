@@ -137,7 +137,7 @@ def test_windowed_training_lowers_held_out_loss_and_loads(tiny_llama, tmp_path):
                                                             "wiring": "layer", "lr": 0.5}},
         "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "format": "chat",
                  "loss_on": "last", "max_length": 128},
-        "train": {"max_steps": 5, "batch_size": 2, "lr": 0.05, "eval_every": 5, "window": 8, "sink": 2},
+        "train": {"max_steps": 8, "batch_size": 2, "lr": 0.05, "eval_every": 4, "window": 8, "sink": 2},
         "output": {"dir": str(tmp_path / "run"), "weights": str(tmp_path / "outer.safetensors")}})
     result = train(cfg, progress=False, log=lambda *a: None, lm=tiny_llama)
     assert result["best_eval_loss"] < result["initial_eval_loss"]
