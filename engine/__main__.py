@@ -73,6 +73,13 @@ def _fail(message: str) -> int:
     return 2
 
 
+def warn_caveats(specs) -> None:
+    """One `warning:` line on stderr per arm that must not be read as memory (`ArmSpec.caveat`)."""
+    for s in specs:
+        if s.caveat:
+            print(f"warning: arm {s.to_string(False)}: {s.caveat}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         lm = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, verbose=not args.json)
         for s in specs:
             s.validate_for(lm.config.num_hidden_layers)
+        warn_caveats(specs)
         if args.command == "probe":
             from .probes import logit_delta_probe, seed_probe
 

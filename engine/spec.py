@@ -105,6 +105,7 @@ def _first_error(e: ValidationError, what: str) -> str:
     msg = err["msg"]
     if not err["loc"] and err["type"] == "value_error":  # a check across keys: its own sentence says it all
         return f"{what}: {msg.removeprefix('Value error, ')}"
+    msg = msg.removeprefix("Value error, ")  # a key's own check: its sentence, without pydantic's prefix
     return f"{what}: {key}: {msg[:1].lower() + msg[1:]} (got {err.get('input')!r})"
 
 
@@ -129,6 +130,11 @@ class ArmSpec:
             return OBSERVER
         return f"{self.mechanism} λ={_format_value(self.linkage)}"
 
+    @property
+    def caveat(self) -> str | None:
+        """What a person must be told about this arm before reading its replies as memory (None: nothing)."""
+        return None if self.settings is None else self.settings.caveat()
+
     def to_string(self, include_sampling: bool = True) -> str:
         """The canonical spec string (only non-default values)."""
         pairs = []
@@ -145,7 +151,9 @@ class ArmSpec:
 
     @property
     def weights_path(self) -> str | None:
-        return getattr(self.settings, "weights", None) if self.settings is not None else None
+        if self.settings is None:
+            return None  # a control arm (noise) records the file of the arm it matches
+        return getattr(self.settings, "weights", None) or getattr(self.settings, "referenced_weights", None)
 
     def to_dict(self) -> dict:
         d = {"mechanism": self.mechanism,

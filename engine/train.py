@@ -81,7 +81,8 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="split held out when eval is not given")
     format: Literal["auto", "text", "chat"] = Field("auto", description="line format")
     max_length: int = Field(512, ge=8, le=131072, description="tokens per sequence (longer are cut)")
-    loss_on: Literal["all", "assistant"] = Field("all", description="chat: train on every token or the replies")
+    loss_on: Literal["all", "assistant", "last"] = Field(
+        "all", description="chat: train on every token, the replies, or the last reply only (e.g. a recall answer)")
 
 
 class TrainSection(_Strict):
@@ -104,6 +105,10 @@ class TrainSection(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision")
     threads: int | None = Field(None, ge=1, le=1024,
                                 description="CPU intra-op threads (torch.set_num_threads); on a busy machine 1 is fastest")
+    window: int | None = Field(None, ge=1, le=1_000_000,
+                               description="sliding attention window: each token sees the first `sink` tokens and the "
+                                           "last N (as a dialogue's window=N), so only a memory carries what fell out")
+    sink: int = Field(4, ge=0, le=1024, description="attention-sink tokens kept visible under `window`")
 
 
 class OutputConfig(_Strict):
@@ -241,7 +246,28 @@ def encode(tokenizer, row: dict, max_length: int, loss_on: str) -> dict:
         roles = [ROLE_CODE["assistant"]] * len(ids)
     ids, roles = ids[:max_length], roles[:max_length]
     labels = [t if (loss_on == "all" or r == ROLE_CODE["assistant"]) else -100 for t, r in zip(ids, roles)]
+    if loss_on == "last":  # the last run of reply tokens only
+        A = ROLE_CODE["assistant"]
+        end = max((i for i, r in enumerate(roles) if r == A), default=-1) + 1
+        start = end
+        while start > 0 and roles[start - 1] == A:
+            start -= 1
+        labels = [t if start <= i < end else -100 for i, t in enumerate(ids)]
     return {"ids": ids, "roles": roles, "labels": labels}
+
+
+def window_mask(valid, window: int, sink: int = 4):
+    """[B, 1, T, T] bool for right-padded rows: causal, each token sees the first `sink` tokens and
+    the last `window` before it (and itself), as a dialogue's attention window; padding sees itself."""
+    import torch
+
+    B, T = valid.shape
+    i = torch.arange(T, device=valid.device)[:, None]
+    j = torch.arange(T, device=valid.device)[None, :]
+    allowed = (j <= i) & ((j < sink) | (j >= i - window))
+    m = allowed[None] & valid[:, None, :] & valid[:, :, None]
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+    return (m | (eye & ~valid[:, :, None]))[:, None]
 
 
 def collate(batch: list[dict], pad_id: int):
@@ -261,7 +287,8 @@ def collate(batch: list[dict], pad_id: int):
 
 # ============================================================================ the model under training
 
-def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float]):
+def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None,
+                    sink: int = 4):
     """An nn.Module whose forward is one batch's loss: the frozen base with the mechanism bound by row."""
     import torch
     import torch.nn.functional as F
@@ -319,7 +346,12 @@ def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float])
                     apply_plan(r, plan, valid[r], positions, allow)
                 bindings.append(RowBinding(r, mech, valid[r], info))
             mask = valid.long()
-            if allow:
+            if window is not None:
+                if allow:
+                    raise ValueError("train.window: this mechanism edits the attention mask, which a window "
+                                     "cannot be combined with yet")
+                mask = window_mask(valid, window, sink)
+            elif allow:
                 mask = attention_mask_4d(mask.cpu(), T, allow, self.base.config._attn_implementation,
                                          self.base.dtype).to(ids.device)
             ctx = BatchContext(bindings)
@@ -401,7 +433,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         lora_params = [p for n, p in base.named_parameters() if "lora_" in n]
         for p in lora_params:
             p.requires_grad_(True)
-    module = _trainer_module(base, cls, settings, weights, cfg.train.aux_weights)
+    module = _trainer_module(base, cls, settings, weights, cfg.train.aux_weights, cfg.train.window, cfg.train.sink)
 
     # data
     tok = lm.tokenizer

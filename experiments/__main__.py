@@ -314,6 +314,9 @@ def _cmd_run(args) -> int:
             lm = load_model(args.model, dtype=args.dtype, verbose=not args.json)
         except ModelLoadError as e:
             return _fail(str(e))
+    from engine.__main__ import warn_caveats
+
+    warn_caveats(config.specs)
 
     # 3. the same command again: resume its unfinished run, or skip a finished one
     if args.resume is None and not args.new:

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from engine.train import window_mask  # noqa: F401  (the trainer's sliding window, used here too)
+
 ATTRS = [  # (fact, question, values): none of the protocol's items
     ("My neighbour is called {v}.", "What is my neighbour called?", ["Tobias", "Marguerite", "Ingrid", "Rafael",
                                                                      "Yusuf", "Beatrix"]),
@@ -98,21 +100,6 @@ def encode_item(tok, protocol, item: dict) -> dict:
     labels[start:start + len(answer)] = answer
     assert enc["roles"][start] == ROLE_CODE["assistant"]
     return {"ids": ids, "roles": enc["roles"], "labels": labels}
-
-
-def window_mask(valid, window: int, sink: int = 4):
-    """[B, 1, T, T] bool: causal, the first `sink` tokens and the last `window` before each token
-    (itself included); a padding row sees itself only."""
-    import torch
-
-    B, T = valid.shape
-    i = torch.arange(T)[:, None]
-    j = torch.arange(T)[None, :]
-    allowed = (j <= i) & ((j < sink) | (j >= i - window))
-    m = allowed[None] & valid[:, None, :] & valid[:, :, None]
-    eye = torch.eye(T, dtype=torch.bool)[None]
-    m = m | (eye & ~valid[:, :, None])
-    return m[:, None]
 
 
 def batch_loss(lm, mechs, batch, window: int):

@@ -235,7 +235,8 @@ def summary(spec: ArmSpec) -> str:
         if k == "linkage":
             continue
         parts.append(f"{k} {'/'.join(map(str, v)) if isinstance(v, list) else _fmt(v)}")
-    return " · ".join(parts + [samp, f"≤{s.max_new_tokens} tokens"])
+    line = " · ".join(parts + [samp, f"≤{s.max_new_tokens} tokens"])
+    return line + (f" · ⚠ {spec.caveat}" if spec.caveat else "")  # e.g. a fresh bank is noise, not memory
 
 
 # -------------------------------------------------------------------------------- the flat layout

@@ -17,6 +17,7 @@ from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, Rea
 from .continuity import Continuity, ContinuitySettings
 from .memory_bank import MemoryBank, MemoryBankSettings
 from .neural_memory import NeuralMemory
+from .noise import Noise
 from .partial_attention import PartialAttention
 
 MECHANISMS: dict[str, type[Mechanism]] = {}
@@ -55,6 +56,7 @@ register(Continuity)
 register(MemoryBank)
 register(NeuralMemory)
 register(PartialAttention)
+register(Noise)  # the matched-norm noise control for any of the above
 
 __all__ = ["MECHANISMS", "ConformanceCase", "LayerCall", "Mechanism", "MechanismSettings", "ReadTrace", "RowPlan",
            "StepRow", "copy_state", "default_layers", "file_field", "load_plugins", "register",

@@ -50,6 +50,11 @@ class MechanismSettings(BaseModel):
     gain: float = Field(0.3, ge=0.0, le=10.0, description="scale of the residual the mechanism adds")
     layers: list[int] | None = Field(None, description="decoder layers to attach to; default: seed depths")
 
+    def caveat(self) -> str | None:
+        """A warning a person must see beside this arm (e.g. untrained random parameters that make it
+        a perturbation, not a memory); None when there is none. The lab and the CLIs show it."""
+        return None
+
     def resolved_layers(self, n_layers: int) -> list[int]:
         layers = self.layers if self.layers is not None else default_layers(n_layers)
         bad = [l for l in layers if not 0 <= l < n_layers]

@@ -80,8 +80,11 @@ class NeuralMemorySettings(MechanismSettings):
         None, max_length=4000,
         description="training-free persistent tokens: each layer's x̂ of this text's last P tokens (write it in "
                     "double quotes in a spec); a weights file's trained tokens take precedence")
-    weights: str | None = file_field("trained persistent tokens written by `python -m engine train`; default: "
-                                     "persistent_text, else seeded random vectors")
+    outer: bool = Field(
+        False, description="Titans' outer loop: learned key/value/query projections and data-dependent θ_t, η_t, α_t "
+                           "(linear memory; trained by `python -m engine train`; a fresh one equals outer=false)")
+    weights: str | None = file_field("trained parameters written by `python -m engine train` (persistent tokens, "
+                                     "the outer loop); default: persistent_text, else seeded random vectors")
 
     @model_validator(mode="after")
     def _persistent_source(self):
@@ -89,7 +92,17 @@ class NeuralMemorySettings(MechanismSettings):
             raise ValueError("persistent_text is empty")
         if self.persistent_text is not None and self.persistent == 0:
             raise ValueError("persistent_text gives persistent tokens, but persistent=0: set persistent=P (P >= 1)")
+        if self.outer and self.memory != "linear":
+            raise ValueError("outer=true is built for the linear memory only: set memory=linear")
         return self
+
+    def caveat(self) -> str | None:
+        if self.persistent and self.weights is None and self.persistent_text is None and self.linkage > 0:
+            return (f"untrained: the {self.persistent} persistent tokens per layer are seeded random vectors "
+                    "(no weights file, no persistent_text), not learned memory")
+        if self.outer and self.weights is None and self.linkage > 0:
+            return "untrained outer loop: fresh projections and gates, the same memory as outer=false"
+        return None
 
 
 def _coefficients(a: float, eta: float, n: int) -> torch.Tensor:
@@ -270,15 +283,62 @@ class _LayerState:
         return s
 
 
-class PersistentTokens(torch.nn.Module):
-    """The persistent-memory tokens: per layer a [P, hidden] parameter in the layer's input space."""
+OUTER_PARAMS = ("dk", "dv", "dq", "theta_w", "theta_b", "eta_w", "eta_b", "alpha_w", "alpha_b")
 
-    def __init__(self, vectors: dict[int, torch.Tensor]):
+
+def outer_shapes(h: int, d: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """Per layer: residual d×d maps on the layer's own keys / values / queries (per KV head), and
+    per KV head a linear gate on x̂ for each of θ_t, η_t, α_t."""
+    return {"dk": (h, d, d), "dv": (h, d, d), "dq": (h, d, d), "theta_w": (h, hidden), "theta_b": (h,),
+            "eta_w": (h, hidden), "eta_b": (h,), "alpha_w": (h, hidden), "alpha_b": (h,)}
+
+
+class PersistentTokens(torch.nn.Module):
+    """The neural memory's trained parameters: per layer the persistent-memory tokens ([P, hidden], in
+    the layer's input space) and / or the outer loop's projections and gates (`outer.<layer>.<name>`)."""
+
+    def __init__(self, vectors: dict[int, torch.Tensor] | None = None,
+                 outer: dict[int, dict[str, torch.Tensor]] | None = None):
         super().__init__()
-        self.tokens = torch.nn.ParameterDict({str(l): torch.nn.Parameter(v) for l, v in vectors.items()})
+        self.tokens = torch.nn.ParameterDict({str(l): torch.nn.Parameter(v) for l, v in (vectors or {}).items()})
+        self.outer = torch.nn.ModuleDict({str(l): torch.nn.ParameterDict(
+            {n: torch.nn.Parameter(t) for n, t in ps.items()}) for l, ps in (outer or {}).items()})
 
     def layer(self, layer: int) -> torch.Tensor:
         return self.tokens[str(layer)]
+
+    def outer_of(self, layer: int):
+        return self.outer[str(layer)]
+
+
+def outer_gates(ps, x: torch.Tensor, settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """θ_t, η_t, α_t [h, T] from x̂ [T, hidden]: each the setting times 2σ(w·x̂ + b), so zero weights
+    give the setting itself exactly (η capped below 1, α at 1)."""
+    x = x.float()
+
+    def gate(w, b):
+        return 2 * torch.sigmoid(x @ w.T + b).T  # [h, T]
+    theta = settings.lr * gate(ps["theta_w"], ps["theta_b"])
+    eta = (settings.momentum * gate(ps["eta_w"], ps["eta_b"])).clamp(max=0.999)
+    alpha = (settings.forget * gate(ps["alpha_w"], ps["alpha_b"])).clamp(max=1.0)
+    return theta, eta, alpha
+
+
+def linear_scan(settings, M, S, k, v, q, theta, eta, alpha):
+    """The linear memory's recurrence with per-token θ_t, η_t, α_t [h, T] (the outer loop's gates),
+    token by token and differentiable. Shapes as `linear_sequential`; step=surprise scales θ_t by
+    min(1, ℓ_t / ||v_t||²) as there. Returns (M, S, y, E, theta_used, mem_norm)."""
+    ys, es, ths, norms = [], [], [], []
+    for t in range(k.shape[1]):
+        ys.append(torch.einsum("hde,hge->hgd", M, q[:, :, t]))
+        e = v[:, t] - torch.einsum("hde,he->hd", M, k[:, t])
+        th = theta[:, t]
+        if settings.step == "surprise":
+            th = th * (e.pow(2).sum(-1) / v[:, t].pow(2).sum(-1).clamp_min(1e-12)).clamp(max=1.0)
+        S = eta[:, t, None, None] * S + 2 * th[:, None, None] * torch.einsum("hd,he->hde", e, k[:, t])
+        M = (1 - alpha[:, t, None, None]) * M + S
+        es.append(e), ths.append(th), norms.append(M.flatten(1).norm(dim=1))
+    return M, S, torch.stack(ys, 2), torch.stack(es, 1), torch.stack(ths, 1), torch.stack(norms, 1)
 
 
 def _text_inputs(model: torch.nn.Module, text: str, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -300,7 +360,7 @@ class NeuralMemory(Mechanism):
     def __init__(self, settings: NeuralMemorySettings, model: torch.nn.Module, weights=None):
         super().__init__(settings, model, weights)
         self.device = next(model.parameters()).device
-        if settings.persistent and weights is None:  # built outside a Dialogue: its own tokens
+        if (settings.persistent or settings.outer) and weights is None:  # built outside a Dialogue: its own
             weights = self.build_weights(settings, model, None)
         self.weights = weights
         self.needs_grad = settings.memory == "mlp"  # autograd steps at test time (protocol v2)
@@ -315,18 +375,31 @@ class NeuralMemory(Mechanism):
 
         P, hidden = settings.persistent, model.config.hidden_size
         layers = settings.resolved_layers(model.config.num_hidden_layers)
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+        shapes = outer_shapes(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim, hidden)
         if tensors is not None:
             want = {f"tokens.{l}" for l in layers} if P else set()
+            if settings.outer:
+                want |= {f"outer.{l}.{n}" for l in layers for n in OUTER_PARAMS}
             if set(tensors) != want:
                 extra, missing = sorted(set(tensors) - want), sorted(want - set(tensors))
-                raise ValueError(f"the file's tensors {sorted(tensors)} do not fit persistent={P} on layers {layers}"
+                raise ValueError(f"the file's tensors {sorted(tensors)[:4]}... do not fit persistent={P}, "
+                                 f"outer={settings.outer} on layers {layers}"
                                  + (f" (no place for '{extra[0]}')" if extra else f" (missing '{missing[0]}')"))
             for name, t in tensors.items():
-                if tuple(t.shape) != (P, hidden):
-                    raise ValueError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {(P, hidden)}")
-        if not P:
+                expect = (P, hidden) if name.startswith("tokens.") else shapes[name.split(".")[-1]]
+                if tuple(t.shape) != expect:
+                    raise ValueError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {expect}")
+        if not P and not settings.outer:
             return None
         device = next(model.parameters()).device
+        outer = None
+        if settings.outer:  # zeros: the fresh outer loop is today's memory (θ, η, α constant; own projections)
+            outer = {l: {n: (tensors[f"outer.{l}.{n}"].float().to(device).clone() if tensors is not None
+                             else torch.zeros(shape, device=device)) for n, shape in shapes.items()} for l in layers}
+        if not P:
+            return PersistentTokens(None, outer)
         if tensors is not None:
             vectors = {l: tensors[f"tokens.{l}"].float().to(device).clone() for l in layers}
         elif settings.persistent_text is not None:
@@ -344,7 +417,7 @@ class NeuralMemory(Mechanism):
                 norm = getattr(dec[l], "input_layernorm", None)
                 w = norm.weight.detach().float().cpu() if norm is not None and hasattr(norm, "weight") else 1.0
                 vectors[l] = (torch.randn(P, hidden, generator=g) * w).to(device)
-        return PersistentTokens(vectors)
+        return PersistentTokens(vectors, outer)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def begin_turn(self, turn: int) -> None:
@@ -370,7 +443,9 @@ class NeuralMemory(Mechanism):
                 ConformanceCase("neural_memory:linkage=1,gain=1,wiring=layer,step=surprise,chunk=4"),
                 ConformanceCase("neural_memory:linkage=1,gain=1,scope=turn,momentum=0,forget=0.1"),
                 ConformanceCase("neural_memory:linkage=1,gain=1,memory=mlp,hidden=16,wiring=layer"),
-                ConformanceCase("neural_memory:linkage=1,gain=1,persistent=4,scope=turn,chunk=3,step=surprise")]
+                ConformanceCase("neural_memory:linkage=1,gain=1,persistent=4,scope=turn,chunk=3,step=surprise"),
+                ConformanceCase("neural_memory:linkage=1,gain=1,outer=true,wiring=layer"),
+                ConformanceCase("neural_memory:linkage=1,gain=1,outer=true,persistent=2,step=surprise,scope=turn")]
 
     # -- the layer call -----------------------------------------------------------------------
     def _fresh(self, layer: int, proj: LayerProjections, h: int, g: int, d: int, train: bool) -> _LayerState:
@@ -386,10 +461,11 @@ class NeuralMemory(Mechanism):
         P = self.settings.persistent
         if P:  # the persistent tokens are written first, as if prepended to the arm's tokens
             x = self.weights.layer(layer)
-            k = F.normalize(proj.keys(x).float(), dim=-1)
-            v = proj.values(x).float()
+            k, v, _ = self._kvq(layer, proj, x)
             q = torch.zeros(h, g, P, d, dtype=k.dtype, device=k.device)  # they read nothing
-            if self.settings.memory == "linear":
+            if self.settings.outer:
+                self._outer(st, layer, x, k, v, q)
+            elif self.settings.memory == "linear":
                 _, _, theta, _, _, E = self._linear(st, k, v, q, False)
                 st.pers_k, st.pers_e, st.pers_theta = k, E, theta
             else:
@@ -403,9 +479,7 @@ class NeuralMemory(Mechanism):
         proj = self.projections(layer, call.attn)
         train = torch.is_grad_enabled()  # the trainer: keep the graph (a dialogue's rows run without grad)
         x = call.x_hat if train else call.x_hat.detach()
-        k = F.normalize(proj.keys(x).float(), dim=-1)  # [h, T, d]
-        v = proj.values(x).float()
-        q = F.normalize(proj.queries(x).float(), dim=-1)  # [h, g, T, d]
+        k, v, q = self._kvq(layer, proj, x)  # [h, T, d], [h, T, d], [h, g, T, d]
         h, T, d = k.shape
         st = self.state.get(layer)
         if st is None:
@@ -413,7 +487,9 @@ class NeuralMemory(Mechanism):
         self.call_counts[layer] += 1
         steps0 = st.steps
         vsum0 = st.v_norm_sum.clone()
-        if self.settings.memory == "linear":
+        if self.settings.outer:
+            y, loss, theta, gnorm, mnorm, E = self._outer(st, layer, x, k, v, q)
+        elif self.settings.memory == "linear":
             y, loss, theta, gnorm, mnorm, E = self._linear(st, k, v, q, row.record)
         else:
             st.params, st.moms, y, loss, theta, gnorm, mnorm = mlp_steps(self.settings, st.params, st.moms, k, v, q,
@@ -435,9 +511,28 @@ class NeuralMemory(Mechanism):
         delta = proj.output(heads.to(self.dtype))
         if row.record:
             self._record(layer, st, row, q, k, E, theta, loss, gnorm, mnorm, gate, steps0)
-        elif self.settings.memory == "linear" and st.hist_k is not None:
+        elif self.settings.memory == "linear" and not self.settings.outer and st.hist_k is not None:
             self._append_history(st, k, E, theta, row, steps0)
         return delta
+
+    def _kvq(self, layer: int, proj: LayerProjections, x: torch.Tensor):
+        """Keys (ℓ2-normalised), values and queries (ℓ2-normalised) of x̂ [T, hidden]: the layer's own
+        projections, plus with the outer loop its learned residual maps (zero: exactly the same)."""
+        k, v, q = proj.keys(x).float(), proj.values(x).float(), proj.queries(x).float()
+        if self.settings.outer:
+            ps = self.weights.outer_of(layer)
+            k = k + torch.einsum("htd,hde->hte", k, ps["dk"])
+            v = v + torch.einsum("htd,hde->hte", v, ps["dv"])
+            q = q + torch.einsum("hgtd,hde->hgte", q, ps["dq"])
+        return F.normalize(k, dim=-1), v, F.normalize(q, dim=-1)
+
+    def _outer(self, st: _LayerState, layer: int, x, k, v, q):
+        """The outer loop's write and read: per-token θ_t, η_t, α_t from x̂, the recurrence token by token
+        (exact in cached and uncached forwards alike; no chunked form for time-varying gates)."""
+        theta, eta, alpha = outer_gates(self.weights.outer_of(layer), x, self.settings)
+        M, S, y, E, th, mnorm = linear_scan(self.settings, st.params[0], st.moms[0], k, v, q, theta, eta, alpha)
+        st.params, st.moms = [M], [S]
+        return y, E.pow(2).sum(-1), th, 2 * E.norm(dim=-1), mnorm, E
 
     def _linear(self, st: _LayerState, k, v, q, record: bool):
         M, S = st.params[0], st.moms[0]
@@ -469,7 +564,7 @@ class NeuralMemory(Mechanism):
         T = k.shape[1]
         per_head_w = None
         slots: list[int] = []
-        if self.settings.memory == "linear":
+        if self.settings.memory == "linear" and not self.settings.outer:  # (time-varying gates: no closed form)
             # the exact implicit attention needs the history since the memory was empty
             exact = st.hist_k is not None or steps0 == st.n_persistent
             if exact:
