@@ -9,6 +9,7 @@
     python -m experiments protocols                      # the shipped protocols
     python -m experiments score SCORER FILE.jsonl [--judge NAME] [--json]   # agreement with labels
     python -m experiments judge-audit FILE.jsonl [FILE ...] [--judge NAME] [--json]  # judge-bias checks
+    python -m experiments fit-ensemble DEV.jsonl [DEV ...] [--out FILE]   # fit the ensemble judge on dev splits
     python -m experiments rescore RUN_ID --judge NAME    # stance rows of another judge, side by side
     python -m experiments figures RUN_ID [--out DIR] [--judge NAME] [--format html|png|svg]
 
@@ -78,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     ja.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
     ja.add_argument("--json", action="store_true", help="one object with every group")
 
+    fe = sub.add_parser("fit-ensemble", help="fit the ensemble stance judge on labelled dev files (never test/holdout)")
+    fe.add_argument("file", nargs="+", help="labelled dev JSONL file(s)")
+    fe.add_argument("--out", default=None, help="weights JSON (default: experiments/stance_labels/ensemble.json)")
+
     rs = sub.add_parser("rescore", help="score a run's stored dialogues again with another stance judge")
     rs.add_argument("run_id")
     rs.add_argument("--judge", required=True, help="nli | llm | similarity")
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_rescore(args)
         if args.command == "judge-audit":
             return _cmd_judge_audit(args)
+        if args.command == "fit-ensemble":
+            return _cmd_fit_ensemble(args)
         if args.command == "figures":
             return _cmd_figures(args)
         return _cmd_run(args)
@@ -261,6 +268,23 @@ def _cmd_judge_audit(args) -> int:
         return _fail(str(e))
     result["files"] = list(args.file)
     print(json.dumps(result) if args.json else format_audit(result, args.file))
+    return 0
+
+
+def _cmd_fit_ensemble(args) -> int:
+    from pathlib import Path
+
+    from experiments.stance import JudgeUnavailable, fit_ensemble
+
+    held_out = [f for f in args.file if any(w in Path(f).name for w in ("test", "holdout"))]
+    if held_out:
+        return _fail(f"{held_out[0]} looks like a test or holdout split; the ensemble is fitted on dev files only")
+    try:
+        w = fit_ensemble(args.file, args.out)
+    except (ValueError, JudgeUnavailable) as e:
+        return _fail(str(e))
+    print(f"ensemble fitted on {w['n_pairs']} stance pairs of {', '.join(w['fitted_on'])}; classes "
+          f"{', '.join(w['classes'])}; weights in {args.out or 'experiments/stance_labels/ensemble.json'}")
     return 0
 
 
