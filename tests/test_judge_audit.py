@@ -93,3 +93,29 @@ def test_judge_audit_command_on_the_default_judge():
     g = result["groups"]
     assert {"overall", "order: swapped", "paraphrase (kept, other words)", "no stance (human)"} <= set(g)
     assert all(v["n"] > 0 for v in g.values())
+
+
+def test_ensemble_rules_and_dev_only_fitting(tmp_path):
+    assert S.incoherent("?.??,???,????, the all,,, voting:,,,., voting?,??.?")
+    assert S.incoherent(" ".join(["the cat sat"] * 10))
+    assert not S.incoherent("Cities should ban private cars from their centres.")
+    # 'but' where the reference said 'while' is the same contrast, not a new hedge
+    assert S.hedge_classes("While X can help, it should go.", "X can help, but it should go.") == []
+    assert S.hedge_classes("It should go.", "It should perhaps go.") == ["possible"]
+    out = subprocess.run([sys.executable, "-m", "experiments", "fit-ensemble",
+                          str(ROOT / "experiments/stance_labels/runs_holdout.jsonl")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "dev files only" in out.stderr and "Traceback" not in out.stderr
+    missing = S.EnsembleJudge(path=tmp_path / "none.json")
+    with pytest.raises(S.JudgeUnavailable, match="fit-ensemble"):
+        missing.weights()
+
+
+def test_new_splits_share_no_item():
+    """Split by item before labelling: no protocol item in two of the runs_* splits."""
+    items = {}
+    for split in ("dev", "test", "holdout"):
+        for row in S.read_labelled(ROOT / f"experiments/stance_labels/runs_{split}.jsonl"):
+            items.setdefault(row["source"]["item"], set()).add(split)
+            assert row["annotator"] and row["split"] == split
+    assert items and all(len(s) == 1 for s in items.values())
