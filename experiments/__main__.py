@@ -9,6 +9,8 @@
     python -m experiments summary RUN_ID [--all] [--json] [--judge NAME]
     python -m experiments protocols                      # the shipped protocols
     python -m experiments score SCORER FILE.jsonl [--judge NAME] [--json]   # agreement with labels
+    python -m experiments judge-audit FILE.jsonl [FILE ...] [--judge NAME] [--json]  # judge-bias checks
+    python -m experiments fit-ensemble DEV.jsonl [DEV ...] [--out FILE]   # fit the ensemble judge on dev splits
     python -m experiments rescore RUN_ID --judge NAME    # stance rows of another judge, side by side
     python -m experiments figures RUN_ID [--out DIR] [--judge NAME] [--format html|png|svg]
 
@@ -76,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
     sc.add_argument("--json", action="store_true", help="one summary object (agreement, reversals_caught, ...)")
 
+    ja = sub.add_parser("judge-audit", help="judge-bias checks on labelled replies: length, order, paraphrase, "
+                                           "no stance, each beside the overall agreement")
+    ja.add_argument("file", nargs="+", help="labelled JSONL file(s) (experiments/stance_labels format)")
+    ja.add_argument("--judge", default=None, help="stance judge: nli | llm | similarity (default: nli where installed)")
+    ja.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
+    ja.add_argument("--json", action="store_true", help="one object with every group")
+
+    fe = sub.add_parser("fit-ensemble", help="fit the ensemble stance judge on labelled dev files (never test/holdout)")
+    fe.add_argument("file", nargs="+", help="labelled dev JSONL file(s)")
+    fe.add_argument("--out", default=None, help="weights JSON (default: experiments/stance_labels/ensemble.json)")
+
     rs = sub.add_parser("rescore", help="score a run's stored dialogues again with another stance judge")
     rs.add_argument("run_id")
     rs.add_argument("--judge", required=True, help="nli | llm | similarity")
@@ -125,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_score(args)
         if args.command == "rescore":
             return _cmd_rescore(args)
+        if args.command == "judge-audit":
+            return _cmd_judge_audit(args)
+        if args.command == "fit-ensemble":
+            return _cmd_fit_ensemble(args)
         if args.command == "figures":
             return _cmd_figures(args)
         return _cmd_run(args)
@@ -242,6 +259,38 @@ def _cmd_score(args) -> int:
     print(f"{name}: agreement {pct(result['agreement'])} ({result['n_agree']}/{result['n_labelled']} labelled replies), "
           f"reversals caught {pct(result['reversals_caught'])} ({result['n_reversed_caught']}/{result['n_reversed']}), "
           f"missing {result['n_missing']}")
+    return 0
+
+
+def _cmd_judge_audit(args) -> int:
+    from experiments.judge_audit import audit, format_audit
+    from experiments.stance import read_labelled
+
+    try:
+        rows = [row for path in args.file for row in read_labelled(path)]
+        judge = _build_judge(args)
+        result = audit(rows, judge)
+    except (ValueError, _CliError) as e:
+        return _fail(str(e))
+    result["files"] = list(args.file)
+    print(json.dumps(result) if args.json else format_audit(result, args.file))
+    return 0
+
+
+def _cmd_fit_ensemble(args) -> int:
+    from pathlib import Path
+
+    from experiments.stance import JudgeUnavailable, fit_ensemble
+
+    held_out = [f for f in args.file if any(w in Path(f).name for w in ("test", "holdout"))]
+    if held_out:
+        return _fail(f"{held_out[0]} looks like a test or holdout split; the ensemble is fitted on dev files only")
+    try:
+        w = fit_ensemble(args.file, args.out)
+    except (ValueError, JudgeUnavailable) as e:
+        return _fail(str(e))
+    print(f"ensemble fitted on {w['n_pairs']} stance pairs of {', '.join(w['fitted_on'])}; classes "
+          f"{', '.join(w['classes'])}; weights in {args.out or 'experiments/stance_labels/ensemble.json'}")
     return 0
 
 

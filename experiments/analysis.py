@@ -460,7 +460,7 @@ def _auto_coarse(df: pd.DataFrame, scorer: str) -> pd.Series:
     if col not in df.columns:
         return pd.Series(out, dtype=object)
     for _, g in df.sort_values("turn").groupby(["session_id", "arm_index"], sort=False):
-        if scorer == "stance_drift":
+        if scorer.startswith("stance_drift"):
             stance = [(tid, c) for tid, c in zip(g["turn_id"], g[col]) if not _nan(c) and c not in _NOT_A_STANCE]
             for k, (tid, c) in enumerate(stance):
                 out[tid] = "initial" if k == 0 else ("revised" if c in _REVISED_LABELS else c)
@@ -483,7 +483,8 @@ def agreement(store: Store, experiment_id: str) -> dict:
     - ``annotators``: all six stance labels, units = assistant replies, coders = annotators.
     - ``annotators_coarse``: the same on the coarse scale below.
     - ``auto_vs_human[scorer]``: coarse scale, coders = every annotator plus the scorer;
-      ``per_annotator[scorer][annotator]``: the scorer against one annotator.
+      ``per_annotator[scorer][annotator]``: the scorer against one annotator. Scorers: the run's
+      ``stance_drift`` and ``answer_flip`` and every re-scoring ``stance_drift@<judge>``.
 
     Coarse scale (what both sides can say): human 'initial stance' -> initial, 'maintained' ->
     maintained, 'partially revised' and 'fully revised' -> revised; 'contradiction acknowledged'
@@ -503,7 +504,8 @@ def agreement(store: Store, experiment_id: str) -> dict:
     out["annotators"] = krippendorff_alpha(human[["unit", "coder", "label"]])
     coarse = human.assign(label=human["label"].map(HUMAN_TO_COARSE)).dropna(subset=["label"])
     out["annotators_coarse"] = krippendorff_alpha(coarse[["unit", "coder", "label"]])
-    for scorer in ("stance_drift", "answer_flip"):
+    rescored = [f"stance_drift@{j}" for j in judges_in(df) if f"stance_drift@{j}_label" in df.columns]
+    for scorer in ("stance_drift", "answer_flip", *rescored):
         auto = _auto_coarse(df, scorer)
         if auto.empty:
             continue
@@ -520,6 +522,70 @@ def agreement(store: Store, experiment_id: str) -> dict:
 HUMAN_TO_JUDGE = {"initial stance": "initial stance", "maintained": "maintained",
                   "partially revised": "partially revised", "fully revised": "reversed",
                   "off-topic / incoherent": "no stance"}
+
+
+ALPHA_READING = ((0.8, "reliable"), (0.667, "tentative only"), (float("-inf"), "do not rely on it"))
+
+
+def _reading(alpha: Optional[float]) -> str:
+    """Krippendorff's own rule of thumb: >= .80 reliable, >= .667 tentative conclusions only."""
+    if alpha is None:
+        return "undefined"
+    return next(text for bound, text in ALPHA_READING if alpha >= bound)
+
+
+AGREEMENT_COLUMNS = ["between", "scale", "alpha", "units", "coders", "reading"]
+
+
+def agreement_table(store: Store, experiment_id: str) -> pd.DataFrame:
+    """Krippendorff's alpha of a run with human labels, one row per comparison, for the
+    Experiments tab: between the annotators, each judge against all annotators and against each
+    one, on the coarse scale of `agreement` and on the judges' own scale (human labels mapped by
+    `HUMAN_TO_JUDGE`: the judge's 'reversed' must meet 'fully revised', its 'no stance' meet
+    'off-topic / incoherent'). Empty when nobody labelled the run's replies."""
+    a = agreement(store, experiment_id)
+    rows = []
+
+    def add(between: str, scale: str, result: Optional[dict]) -> None:
+        if result is None:
+            return
+        alpha = result.get("alpha")
+        rows.append([between, scale, None if alpha is None else round(alpha, 3), result.get("n_units"),
+                     result.get("n_coders"), _reading(alpha) if alpha is not None else result.get("reason") or "undefined"])
+
+    if not a.get("n_annotations"):
+        return pd.DataFrame(columns=AGREEMENT_COLUMNS)
+    names = ", ".join(a["annotator_names"])
+    add(f"annotators ({names})", "lab labels (6)", a["annotators"])
+    add(f"annotators ({names})", "coarse", a["annotators_coarse"])
+    for scorer, result in a["auto_vs_human"].items():
+        add(f"{scorer} vs annotators", "coarse", result)
+        for name, r in a["per_annotator"].get(scorer, {}).items():
+            add(f"{scorer} vs {name}", "coarse", r)
+    for scorer, result in _judge_scale_alpha(store, experiment_id).items():
+        add(f"{scorer} vs annotators", "judge labels", result)
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
+
+
+def _judge_scale_alpha(store: Store, experiment_id: str) -> dict:
+    """Alpha between the annotators and each stance judge on the judges' labels."""
+    df = results_frame(store, experiment_id, include_incomplete=True, annotations=False)
+    ann = annotations_table(store, experiment_id)
+    human = pd.DataFrame({"unit": ann["turn_id"], "coder": ann["annotator"],
+                          "label": ann["stance_label"].map(HUMAN_TO_JUDGE)}).dropna(subset=["label"])
+    out = {}
+    for scorer in ["stance_drift"] + [f"stance_drift@{j}" for j in judges_in(df)
+                                      if f"stance_drift@{j}_label" in df.columns]:
+        col = f"{scorer}_label"
+        if col not in df.columns or human.empty:
+            continue
+        auto = df[["turn_id", col]].dropna(subset=[col])
+        auto = pd.DataFrame({"unit": auto["turn_id"], "coder": f"auto:{scorer}", "label": auto[col]})
+        auto = auto[auto["unit"].isin(human["unit"])]
+        if auto.empty:
+            continue
+        out[scorer] = krippendorff_alpha(pd.concat([human, auto]))
+    return _jsonable(out)
 
 
 def judge_disagreements(df: pd.DataFrame, judge_col: str = "stance_drift") -> pd.DataFrame:

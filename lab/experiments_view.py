@@ -165,6 +165,22 @@ def judge_human_disagreements(store, experiment_id: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[DISAGREEMENT_COLUMNS]
 
 
+AGREEMENT_HEADERS = ["between", "scale", "alpha", "units", "coders", "reading"]
+
+
+def run_agreement(store, experiment_id: Optional[str]) -> pd.DataFrame:
+    """Krippendorff's alpha of a run's human labels (between people, people vs each judge);
+    empty for no run or a run nobody labelled; a failure is one row saying why."""
+    from experiments.analysis import agreement_table
+
+    if not experiment_id:
+        return pd.DataFrame(columns=AGREEMENT_HEADERS)
+    try:
+        return agreement_table(store, experiment_id)
+    except Exception as exc:  # noqa: BLE001 - never break the tab over the agreement table
+        return pd.DataFrame([["-", "-", None, 0, 0, f"could not compute: {exc}"]], columns=AGREEMENT_HEADERS)
+
+
 def run_details(store, experiment_id: Optional[str], metric: Optional[str] = None) -> dict:
     """Everything the results pane shows for one run; `error` set instead of raising."""
     from experiments.analysis import (METRIC_TITLES, fig_drift_curves, fig_metric_by_arm, format_summary,
@@ -322,6 +338,10 @@ def build_experiments_tab(ctx: LabContext) -> dict:
     c["disagreements"] = gr.Dataframe(headers=DISAGREEMENT_COLUMNS, interactive=False, max_height=260, wrap=True,
                                       label="Where a stance judge and the human labels disagree (label replies in "
                                             "Sessions or the Arena; re-judge with `python -m experiments rescore`)")
+    c["agreement"] = gr.Dataframe(headers=AGREEMENT_HEADERS, interactive=False, max_height=260,
+                                  label="Agreement with the people who labelled this run (Krippendorff's alpha; "
+                                        ">= 0.8 reliable, >= 0.667 tentative): read it before trusting the "
+                                        "automatic stance column")
     c["timer"] = gr.Timer(15)
 
     # ---------------------------------------------------------------- events
@@ -382,6 +402,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
     pick_outputs = [c["summary"], c["metric"], c["bar"], c["drift"], c["session"], c["dialogues"], c["status"],
                     c["disagreements"]]
     c["run_id"].change(on_pick, c["run_id"], pick_outputs)
+    c["run_id"].change(lambda eid: run_agreement(ctx.store, eid), c["run_id"], c["agreement"])
 
     def on_metric(eid, metric):
         from experiments.analysis import fig_metric_by_arm, summary

@@ -184,6 +184,25 @@ def test_agreement_between_annotators_and_with_scorers(synthetic):
     df = A.results_frame(store, eid)
     assert {"human:ana", "human:ben"} <= set(df.columns)
     assert set(df.loc[df.arm_index == 1, "human:ana"]) == {"initial stance", "fully revised"}
+    # the Experiments tab's table: the same alphas, one row per comparison, with Krippendorff's reading
+    from lab.experiments_view import run_agreement
+
+    table = run_agreement(store, eid)
+    rows = {(r.between, r.scale): r for r in table.itertuples()}
+    assert rows[("annotators (ana, ben)", "coarse")].alpha == pytest.approx(1.0)
+    assert rows[("annotators (ana, ben)", "coarse")].reading == "reliable"
+    assert rows[("annotators (ana, ben)", "lab labels (6)")].reading == "do not rely on it"
+    assert rows[("stance_drift vs ana", "coarse")].alpha == pytest.approx(1.0)
+    assert ("answer_flip vs annotators", "coarse") in rows
+    # judges' scale: 'fully revised' must meet 'reversed', so the old 'revised' rows disagree
+    assert rows[("stance_drift vs annotators", "judge labels")].alpha < 0.5
+    # a re-scoring judge joins the table under its own name
+    for (item, seed, arm, t), tid in turn_ids.items():
+        store.put_score(tid, "stance_drift@nli", "initial stance" if t == 0 else "reversed", 0.0, {})
+    rows = {(r.between, r.scale): r for r in run_agreement(store, eid).itertuples()}
+    assert rows[("stance_drift@nli vs ana", "coarse")].alpha == pytest.approx(1.0)
+    assert ("stance_drift@nli vs annotators", "judge labels") in rows
+    assert run_agreement(store, None).empty and run_agreement(store, "nosuch").iloc[0].reading.startswith("could not")
 
 
 def test_figures_build_and_carry_session_ids(synthetic):
@@ -257,7 +276,7 @@ def test_experiments_tab_builds(synthetic):
     with gr.Blocks():
         with gr.Tab("Experiments"):
             parts = build_experiments_tab(LabContext(store=store, lm=None))
-    assert {"session", "run", "stop", "runs", "run_id", "summary", "bar", "drift"} <= set(parts)
+    assert {"session", "run", "stop", "runs", "run_id", "summary", "bar", "drift", "agreement"} <= set(parts)
 
 
 def test_export_figures_html_loads_plotly_once_and_writes_images(synthetic, tmp_path):
