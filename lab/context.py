@@ -29,7 +29,7 @@ class LabContext:
     scheduler: StepScheduler | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.scheduler is None:
+        if self.scheduler is None and self.lm is not None:  # (a tab built without a model: tests)
             self.scheduler = scheduler_from_env(self.lm, self.max_rows)
 
     @property
