@@ -613,10 +613,6 @@ class StepRequest:
     def width(self) -> int:
         return max(1, max(len(c) for c in self.chunks))
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(c) for c in self.chunks)
-
 
 class TurnRun:
     """One turn of a dialogue as a sequence of steps: `request()` the next forward's inputs, run
@@ -653,10 +649,6 @@ class TurnRun:
     @property
     def finished(self) -> bool:
         return self.replies is not None
-
-    @property
-    def rows(self) -> int:
-        return self.d.n_arms
 
     def request(self) -> StepRequest:
         """The inputs of this turn's next forward pass (the same object until `advance`)."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -115,7 +114,6 @@ class ScheduledTurn:
     cancelled: bool = False
     replies: list[ArmReply] | None = None
     error: BaseException | None = None
-    submitted_at: float = field(default_factory=time.perf_counter)
     position: int | None = None  # turns ahead of it in the queue (None: running)
 
     @property
@@ -162,7 +160,6 @@ class StepScheduler:
         self._closed = False
         self._joined: tuple | None = None  # (sessions, cache, handed-out layer tensors) of the last joined pass
         self.steps = 0  # forward passes run
-        self.busy_s = 0.0  # seconds spent stepping (the benchmark reads the server's idle share)
         self.step_rows: list[int] = []  # rows per pass, for the benchmark (last 10_000)
         self._thread = None
         if thread:
@@ -300,7 +297,6 @@ class StepScheduler:
                 if self._closed:
                     return
                 self._stepping = True
-            t0 = time.perf_counter()
             try:
                 self.step()
             except Exception as e:  # noqa: BLE001 - never die; nobody may wait for a turn that cannot end
@@ -308,7 +304,6 @@ class StepScheduler:
                 for job in list(self._active):
                     self._fail(job, e)
             finally:
-                self.busy_s += time.perf_counter() - t0
                 with self._cv:
                     self._stepping = False
                     self._cv.notify_all()
@@ -481,15 +476,12 @@ class StepScheduler:
             like = next(d.cache.layers[i] for d, w in zip(dialogues, widths) if w)
             keys, values = [], []
             for d, w in zip(dialogues, widths):
-                own = d.cache.layers[i]
                 if w:
-                    k, v = own.keys, own.values
-                else:
-                    shape = (d.n_arms, *like.keys.shape[1:2], 0, like.keys.shape[-1])
-                    k = like.keys.new_zeros(shape)
-                    v = like.values.new_zeros((d.n_arms, *like.values.shape[1:2], 0, like.values.shape[-1]))
-                keys.append(_pad_left(k, S))
-                values.append(_pad_left(v, S))
+                    keys.append(_pad_left(d.cache.layers[i].keys, S))
+                    values.append(_pad_left(d.cache.layers[i].values, S))
+                else:  # a first turn: nothing cached yet, all padding
+                    keys.append(like.keys.new_zeros((d.n_arms, like.keys.shape[1], S, like.keys.shape[3])))
+                    values.append(like.values.new_zeros((d.n_arms, like.values.shape[1], S, like.values.shape[3])))
             _set_layer(layer, torch.cat(keys, 0), torch.cat(values, 0))
         return cache, offsets
 

@@ -103,6 +103,19 @@ def page():
         browser.close()
 
 
+def limit_new_tokens(page, n: int, panes: int = 2) -> None:
+    """Open each pane's settings on the Arena and set its token limit to `n` (short turns on a CPU)."""
+    from playwright.sync_api import expect
+
+    settings = page.get_by_text("Arm settings (click to change)")
+    expect(settings.nth(panes - 1)).to_be_visible()
+    for i in range(panes):
+        settings.nth(i).click()
+        box = page.get_by_label("Max new tokens").nth(i)
+        box.fill(str(n))
+        box.press("Tab")
+
+
 def free_port() -> int:
     import socket
 

@@ -3,7 +3,7 @@ value is refused with one line and nothing sent; a good one starts the session w
 is stored in the session's meta, and the box is locked until New session."""
 from __future__ import annotations
 
-from conftest import BROWSER_MARKS
+from conftest import BROWSER_MARKS, limit_new_tokens
 
 pytestmark = BROWSER_MARKS
 LONG = 240_000  # ms: generation on a busy 2-core CPU
@@ -16,13 +16,7 @@ def test_window_setting_is_validated_stored_and_locked(server, page):
 
     url, db_file = server
     page.goto(url)
-    settings = page.get_by_text("Arm settings (click to change)")
-    expect(settings.nth(1)).to_be_visible()
-    for i in range(2):
-        settings.nth(i).click()
-        box = page.get_by_label("Max new tokens").nth(i)
-        box.fill("3")
-        box.press("Tab")
+    limit_new_tokens(page, 3)
     window = page.get_by_label("Attention window (tokens)")
     window.fill("ten")
     page.locator("#lab-message textarea").fill("Remember: my colour is teal.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import BROWSER_MARKS
+from conftest import BROWSER_MARKS, limit_new_tokens
 
 pytestmark = BROWSER_MARKS
 LONG = 240_000  # ms: generation on a busy 2-core CPU
@@ -20,13 +20,7 @@ def test_chat_annotate_export(server, page, tmp_path):
 
     url, db_file = server
     page.goto(url)
-    settings = page.get_by_text("Arm settings (click to change)")
-    expect(settings.nth(1)).to_be_visible()
-    for i in range(2):  # short replies: open each pane's settings and lower the token limit
-        settings.nth(i).click()
-        box = page.get_by_label("Max new tokens").nth(i)
-        box.fill("8")
-        box.press("Tab")
+    limit_new_tokens(page, 8)  # short replies
     expect(page.locator("#arm1-header")).to_contain_text("≤8 tokens")
     page.get_by_label("Annotator").fill("ana")
     page.locator("#lab-message textarea").fill("Is the sky green?")
@@ -99,13 +93,7 @@ def test_two_tabs_stream_at_once(server, page):
     for k, pg in enumerate(tabs):
         pg.set_default_timeout(60_000)
         pg.goto(url)
-        settings = pg.get_by_text("Arm settings (click to change)")
-        expect(settings.nth(1)).to_be_visible()
-        for i in range(2):
-            settings.nth(i).click()
-            box = pg.get_by_label("Max new tokens").nth(i)
-            box.fill("48")
-            box.press("Tab")
+        limit_new_tokens(pg, 48)
         pg.locator("#lab-message textarea").fill(f"Tell me a story about a lighthouse number {k + 1}.")
     for pg in tabs:
         pg.locator("#lab-send").click()

@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 from pydantic import Field
 
-from conftest import BROWSER_MARKS, serve_lab
+from conftest import BROWSER_MARKS, limit_new_tokens, serve_lab
 from engine.mechanisms import MECHANISMS, Mechanism, MechanismSettings, register
 
 pytestmark = BROWSER_MARKS
@@ -73,12 +73,7 @@ def test_blind_session_stays_blind_labels_by_keyboard_and_continues(lab, page, t
 
     url, store = lab
     page.goto(url)
-    settings = page.get_by_text("Arm settings (click to change)")
-    for i, n in enumerate(("12", "12")):
-        settings.nth(i).click()
-        box = page.get_by_label("Max new tokens").nth(i)
-        box.fill(n)
-        box.press("Tab")
+    limit_new_tokens(page, 12)
     page.get_by_label("Blind mode").check()
     page.get_by_label("Annotator").fill("ana")
     msg = page.locator("#lab-message textarea")
