@@ -6,9 +6,10 @@ Every mode runs the same `are_you_sure` sweep (items x 1 seed, each dialogue all
 its own scratch SQLite file, on the embedded model. Reported per mode: dialogues/min over the
 dialogues alone (first dialogue started to last written), and the fixed cost around them: the
 plain runner's model load, or Ray's start-up (a local instance, 80 MiB object store) plus the time
-until every actor has loaded its model, and the peak resident memory of the driver and of each
-actor. Actors get one torch thread each (the plain runner gets --threads, default 2), so on a
-2-core machine 2 actors use the same cores the plain runner does.
+until every actor has loaded its model, the peak resident memory of the driver and of each
+actor, and (Ray) the median time of the driver's one write transaction per dialogue. Actors get
+one torch thread each (the plain runner gets --threads, default 2), so on a 2-core machine 2
+actors use the same cores the plain runner does.
 """
 from __future__ import annotations
 
@@ -52,6 +53,16 @@ def on_ray(args, db, actors) -> dict:
     from db import Store
     from experiments import distributed
 
+    writes = []
+
+    class TimedStore(Store):  # the driver's one transaction per dialogue, timed
+        def log_dialogue(self, *a, **k):
+            t = time.perf_counter()
+            try:
+                return super().log_dialogue(*a, **k)
+            finally:
+                writes.append(time.perf_counter() - t)
+
     t0 = time.perf_counter()
     ray, started = distributed.start_ray(num_cpus=actors)
     ray_up = time.perf_counter()
@@ -72,7 +83,7 @@ def on_ray(args, db, actors) -> dict:
 
     distributed._Actors.kill_all = kill_all
     try:
-        distributed.run_protocol_ray(Store(db), args.protocol, args.arm, items=args.items,
+        distributed.run_protocol_ray(TimedStore(db), args.protocol, args.arm, items=args.items,
                                      max_new_tokens=args.max_new_tokens, actors=actors,
                                      progress=lambda d, t, i: marks.append(time.perf_counter()))
     finally:
@@ -81,7 +92,8 @@ def on_ray(args, db, actors) -> dict:
             ray.shutdown()
     # marks: actors ready, start event, then one per dialogue
     return {"ray_start_s": ray_up - t0, "fixed_s": marks[0] - t0, "dialogues_s": marks[-1] - marks[1],
-            "n": len(marks) - 2, "driver_rss_mib": peak_rss_mib(), "actor_rss_mib": rss}
+            "n": len(marks) - 2, "driver_rss_mib": peak_rss_mib(), "actor_rss_mib": rss,
+            "write_ms_median": 1000 * sorted(writes)[len(writes) // 2]}
 
 
 def main(argv=None) -> int:
@@ -121,7 +133,8 @@ def main(argv=None) -> int:
             print(f"{mode:6s} {r['dialogues_per_min']:6.2f} dialogues/min  ({r['n']} in {r['dialogues_s']:.1f} s)  "
                   f"fixed {r['fixed_s']:.1f} s" + (f" (Ray up {r['ray_start_s']:.1f} s)" if "ray_start_s" in r else "")
                   + f"  driver peak {r['driver_rss_mib']:.0f} MiB"
-                  + (f"  actors peak {', '.join(f'{x:.0f}' for x in r['actor_rss_mib'])} MiB" if r["actor_rss_mib"] else ""),
+                  + (f"  actors peak {', '.join(f'{x:.0f}' for x in r['actor_rss_mib'])} MiB" if r["actor_rss_mib"] else "")
+                  + (f"  driver write {r['write_ms_median']:.1f} ms/dialogue (median)" if "write_ms_median" in r else ""),
                   flush=True)
     if args.json:
         print(json.dumps(out))

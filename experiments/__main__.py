@@ -433,9 +433,12 @@ def _cmd_run(args) -> int:
         return _fail(str(e))
     except Exception as e:  # StoreError included: say how to continue
         from db.store import StoreError
+        from experiments.distributed import RayUnavailable
 
         if bar is not None:
             bar.close()
+        if isinstance(e, RayUnavailable):  # raised before anything was written
+            return _fail(str(e))
         if isinstance(e, StoreError) and state["id"]:
             print(f"error: {e}\nrows already written are kept; resume with: "
                   f"python -m experiments run --resume {state['id']}", file=sys.stderr)

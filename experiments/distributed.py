@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from collections import deque
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,7 +33,7 @@ from db import Store
 from engine import ArmSpec
 from experiments.protocol import Protocol
 from experiments.runner import (ProgressFn, RunConfig, completed_keys, complete_meta, dialogue_plan,
-                                dialogue_title, make_config, open_run)
+                                RunStatus, dialogue_title, make_config, open_run)
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECT_STORE_BYTES = 80 << 20  # a local instance's object store: results are a few kB per dialogue
@@ -93,8 +92,33 @@ def _ray():
     return ray
 
 
+class RayUnavailable(RuntimeError):
+    """No Ray cluster answers at the address given (said in one line, before Ray retries for minutes)."""
+
+
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """Raise RayUnavailable unless something accepts a TCP connection at a `host:port` or
+    `ray://host:port` address. Ray itself waits on a dead address for minutes, printing warnings;
+    "auto" is left to Ray, which fails at once when no local cluster runs."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    if address == "auto" or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    if not port.isdigit():
+        raise RayUnavailable(f"--ray {address}: the port {port!r} is not a number (use HOST:PORT, ray://HOST:PORT or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayUnavailable(f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); "
+                             "start one with `ray start --head` or leave the address out for a local instance") from None
+
+
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
     """Connect to `address`, or start a small local instance; returns (ray, started_here)."""
+    if address:
+        probe_address(address)
     ray = _ray()
     if ray.is_initialized():
         return ray, False
@@ -103,7 +127,10 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
     kwargs = dict(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False,
                   configure_logging=False)
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:  # "auto" with no cluster running, or a port that is not Ray's
+            raise RayUnavailable(f"--ray {address}: {str(e).splitlines()[0]}") from None
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, object_store_memory=OBJECT_STORE_BYTES, **kwargs)
     return ray, True
@@ -154,8 +181,6 @@ def run_protocol_ray(store: Store, protocol: Protocol | str, specs: Sequence[str
     config = make_config(protocol, specs, seeds, items, max_new_tokens, window)
     ray, started_here = start_ray(address)
     pool = None
-    opened = False
-    status = "failed"
     try:
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -166,83 +191,61 @@ def run_protocol_ray(store: Store, protocol: Protocol | str, specs: Sequence[str
 
             raise ModelLoadError(info["error"])
         experiment_id = open_run(store, config, info["model"], info["n_layers"], experiment_id, name)
-        opened = True
-        plan = dialogue_plan(config)
-        done_keys = completed_keys(store, experiment_id)
-        todo = deque((i, key, s) for i, key, s in plan if (key, s) not in done_keys)
-        done, total = len(plan) - len(todo), len(plan)
-        if progress:
-            progress(done, total, {"event": "start", "experiment_id": experiment_id})
-        config_ref = ray.put(config)
-        options = scorer_options or {}
-        pending: dict = {}  # object ref -> (actor, (item_index, item_key, seed))
+        with RunStatus(store, experiment_id) as status:
+            plan = dialogue_plan(config)
+            done_keys = completed_keys(store, experiment_id)
+            todo = deque((i, key, s) for i, key, s in plan if (key, s) not in done_keys)
+            done, total = len(plan) - len(todo), len(plan)
+            if progress:
+                progress(done, total, {"event": "start", "experiment_id": experiment_id})
+            config_ref = ray.put(config)
+            options = scorer_options or {}
+            pending: dict = {}  # object ref -> (actor, (item_index, item_key, seed))
 
-        def submit(actor):
-            if todo:
-                job = todo.popleft()
-                pending[actor.play.remote(config_ref, *job, options)] = (actor, job)
+            def submit(actor):
+                if todo:
+                    job = todo.popleft()
+                    pending[actor.play.remote(config_ref, *job, options)] = (actor, job)
 
-        for a in pool.live:
-            submit(a)
-        while pending:
-            if stop_event is not None and stop_event.is_set():
-                status = "interrupted"  # in-flight dialogues are not written: a resume plays them
-                return experiment_id
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for ref in ready:
-                actor, job = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except RayActorError:  # the actor died (killed, out of memory, node lost): redo elsewhere
-                    todo.appendleft(job)
-                    submit(pool.replace(actor))
-                    continue
-                except RayTaskError as e:  # the dialogue itself failed: as in the plain runner, the run fails
-                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
-                submit(actor)  # keep the actor busy while the driver writes
-                key = (result["item_key"], result["seed"])
-                if key in done_keys:
-                    continue  # a second delivery of a written dialogue
-                s = result["session"]
-                sid, _written = store.log_dialogue(
-                    experiment_id, result["item_key"], result["seed"],
-                    title=dialogue_title(config.protocol, result["item_key"], result["seed"]), model=s["model"],
-                    arms=s["arms"], system_prompt=s["system_prompt"], meta=s["meta"], turns=result["turns"],
-                    scores=result["scores"])
-                done_keys.add(key)
-                done += 1
-                if progress:
-                    progress(done, total, {"event": "done", "experiment_id": experiment_id, "item": key[0],
-                                           "seed": key[1], "session_id": sid, "actor_pid": result["pid"]})
-        status = "finished"
+            for a in pool.live:
+                submit(a)
+            while pending:
+                if stop_event is not None and stop_event.is_set():
+                    status.value = "interrupted"  # in-flight dialogues are not written: a resume plays them
+                    return experiment_id
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    actor, job = pending.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except RayActorError:  # the actor died (killed, out of memory, node lost): redo elsewhere
+                        todo.appendleft(job)
+                        submit(pool.replace(actor))
+                        continue
+                    except RayTaskError as e:  # the dialogue itself failed: as in the plain runner, the run fails
+                        raise (e.cause if isinstance(e.cause, Exception) else e) from None
+                    submit(actor)  # keep the actor busy while the driver writes
+                    key = (result["item_key"], result["seed"])
+                    if key in done_keys:
+                        continue  # a second delivery of a written dialogue
+                    s = result["session"]
+                    sid, _written = store.log_dialogue(
+                        experiment_id, result["item_key"], result["seed"],
+                        title=dialogue_title(config.protocol, result["item_key"], result["seed"]), model=s["model"],
+                        arms=s["arms"], system_prompt=s["system_prompt"], meta=s["meta"], turns=result["turns"],
+                        scores=result["scores"])
+                    done_keys.add(key)
+                    done += 1
+                    if progress:
+                        progress(done, total, {"event": "done", "experiment_id": experiment_id, "item": key[0],
+                                               "seed": key[1], "session_id": sid, "actor_pid": result["pid"]})
+            status.value = "finished"
         return experiment_id
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
     finally:
-        if opened:
-            try:
-                store.update_experiment(experiment_id, status=status)
-            except Exception:  # noqa: BLE001 - a locked DB must not hide the original error
-                pass
         if pool is not None:
             pool.kill_all()
         if started_here:
             ray.shutdown()
-
-
-def ray_fixed_cost(address: Optional[str] = None, model: Optional[str] = None, actors: int = 1) -> dict:
-    """Seconds to start Ray and to get `actors` actors with a loaded model (for bench/)."""
-    t0 = time.perf_counter()
-    ray, started_here = start_ray(address)
-    t1 = time.perf_counter()
-    pool = _Actors(ray, model, None, actors, 1)
-    pool.describe()
-    t2 = time.perf_counter()
-    pool.kill_all()
-    if started_here:
-        ray.shutdown()
-    return {"ray_start_s": t1 - t0, "actors_ready_s": t2 - t1}
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m experiments run ... --ray is the way in

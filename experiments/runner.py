@@ -281,33 +281,47 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
     total = len(plan)
     if progress:
         progress(done, total, {"event": "start", "experiment_id": experiment_id})
-    status = "failed"
-    try:
+    with RunStatus(store, experiment_id) as status:
         for item_index, item_key, seed in plan:
             if (item_key, seed) in done_keys:
                 continue
             if stop_event is not None and stop_event.is_set():
-                status = "interrupted"
+                status.value = "interrupted"
                 return experiment_id
             sid = _run_dialogue(store, lm, config, experiment_id, item_index, item_key, seed,
                                 stop_event, scorer_options or {}, stream)
             if sid is None:  # stopped mid-dialogue
-                status = "interrupted"
+                status.value = "interrupted"
                 return experiment_id
             done += 1
             if progress:
                 progress(done, total, {"event": "done", "experiment_id": experiment_id, "item": item_key,
                                        "seed": seed, "session_id": sid})
-        status = "finished"
-        return experiment_id
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
+        status.value = "finished"
+    return experiment_id
+
+
+class RunStatus:
+    """The run record's status, written however the run ends: what the body set ("finished",
+    "interrupted"), "interrupted" on Ctrl-C, else "failed". Shared by the plain and the Ray runner. A
+    failing write (a locked database) must not hide the error that ended the run, so it is dropped."""
+
+    def __init__(self, store: Store, experiment_id: str):
+        self.store, self.experiment_id, self.value = store, experiment_id, "failed"
+
+    def __enter__(self) -> "RunStatus":
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):  # Ctrl-C, or SIGTERM raised as one
+            self.value = "interrupted"
+        elif kind is not None:
+            self.value = "failed"
         try:
-            store.update_experiment(experiment_id, status=status)
-        except Exception:  # noqa: BLE001 - a locked DB must not hide the original error
+            self.store.update_experiment(self.experiment_id, status=self.value)
+        except Exception:  # noqa: BLE001 - see the class doc
             pass
+        return False
 
 
 def start_dialogue(lm: LoadedModel, config: RunConfig, item_index: int, seed: int) -> tuple[Dialogue, dict]:

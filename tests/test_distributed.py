@@ -71,9 +71,15 @@ def test_ray_run_matches_the_plain_run_and_resumes(plain_run, ray_cluster, tmp_p
     assert rows_without_timing(store, eid) == rows_without_timing(plain_store, plain_eid)
 
 
-def test_killed_actor_loses_and_duplicates_nothing_on_postgresql(plain_run, ray_cluster, pg_server):
+def test_killed_actor_loses_and_duplicates_nothing_on_postgresql(plain_run, ray_cluster, pg_server, embedded):
     """An actor is SIGKILLed right after delivering a dialogue, while it plays its next one; meanwhile
-    another writer adds lab sessions to the same PostgreSQL database."""
+    the real lab server, on the same PostgreSQL database, serves three researchers' chats (gradio_client
+    over HTTP, two turns each). Both writers' rows are all there, each exactly once."""
+    from gradio_client import Client
+
+    from tests.conftest import serve_lab
+    from tests.test_lab_api import outputs
+
     plain_store, plain_eid = plain_run
     url = pg_server.create_database("ray_kill")
     store = Store(url)
@@ -84,33 +90,43 @@ def test_killed_actor_loses_and_duplicates_nothing_on_postgresql(plain_run, ray_
             killed.append(info["actor_pid"])
             os.kill(info["actor_pid"], signal.SIGKILL)
 
-    other = Store(url)
-    lab_ids, errors = [], []
+    lab_store = Store(url)
+    lab_url, demo = serve_lab(lab_store, embedded)
+    statuses, errors = [], []
 
-    def lab_writer():
+    def researchers():
         try:
-            for k in range(20):
-                sid = other.create_session("lab", f"chat {k}", {"name": "tiny"},
-                                           [{"label": "observer", "spec": "observer", "seed": k}])
-                other.log_turn(sid, 0, 0, "user", f"hello {k}", [k])
-                lab_ids.append(sid)
+            for k in range(3):  # one client each: its own browser tab, so its own lab session
+                c = Client(lab_url, verbose=False)
+                for message in (f"Is {k} + {k} equal to {2 * k}?", "Are you sure?"):
+                    out = c.predict(message, api_name="/send", arm1_max_new_tokens=4, arm2_max_new_tokens=4)
+                    statuses.append(outputs(out)["status"])
         except Exception as e:  # noqa: BLE001 - collected for the assert
             errors.append(e)
 
-    writer = threading.Thread(target=lab_writer)
-    writer.start()
-    eid = run_protocol_ray(store, "are_you_sure", ARMS, **RUN, progress=kill_first_deliverer, actors=2)
-    writer.join(120)
-    assert killed and errors == []
+    lab = threading.Thread(target=researchers)
+    lab.start()
+    try:
+        eid = run_protocol_ray(store, "are_you_sure", ARMS, **RUN, progress=kill_first_deliverer, actors=2)
+        lab.join(300)
+    finally:
+        demo.close()
+    assert killed and errors == [] and not lab.is_alive()
+    assert len(statuses) == 6 and all("logged" in s for s in statuses), statuses
     assert store.get_experiment(eid)["status"] == "finished"
     c = counts(store, eid)
     assert c["sessions"] == EXPECTED["sessions"]
     assert c["turns"] == c["unique_turns"] == EXPECTED["turns"]
     assert c["scores"] == c["unique_scores"] == EXPECTED["scores"]
     assert tokens_by_key(store, eid) == tokens_by_key(plain_store, plain_eid)
-    assert sorted(s["id"] for s in store.list_sessions(kind="lab")) == sorted(lab_ids) and len(lab_ids) == 20
+    lab_sessions = store.list_sessions(kind="lab")
+    assert len(lab_sessions) == 3
+    for s in lab_sessions:  # 2 turns x 2 arms x (user, assistant), each once
+        turns = store.get_turns(s["id"])
+        assert len(turns) == len({(t["arm_index"], t["turn_index"], t["role"]) for t in turns}) == 8
+        assert all(t["text"] for t in turns if t["role"] == "assistant")
     store.close()
-    other.close()
+    lab_store.close()
     pg_server.drop_database("ray_kill")
 
 
