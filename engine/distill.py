@@ -1,6 +1,6 @@
 """`python -m engine distill DOC.txt --out FILE.safetensors`: a memory bank made from a document, no training.
 
-    python -m engine distill experiments/facts/document.txt --out weights/facts.safetensors \\
+    python -m engine distill data/facts/document.txt --out weights/facts.safetensors \\
         --arm "memory_bank:layers=8/14/20/26,chapters=4,top_k=2"
     python -m engine generate --prompt "..." --arm 'memory_bank:weights="weights/facts.safetensors"'
 
@@ -103,7 +103,10 @@ def bank_slots(x: torch.Tensor, ids: list[int], tokenizer, method: str, slots: i
 
 def distill(lm, text: str, arm: str = DEFAULT_ARM, method: str = "tokens", out: str | Path | None = None,
             source_name: str = "document") -> dict:
-    """Make a bank from `text`; write it to `out` if given. Returns timings and the settings used."""
+    """Make a bank from `text`; write it to `out` if given. Returns timings and the settings used.
+
+    Long on purpose: one straight pipeline (validate, tokenise, run the layers, fill the slots,
+    save), each step a few lines that read in order; split, it would pass a dozen locals around."""
     from .mechanisms import MemoryBank
     from .spec import SpecError, parse_arm
     from .weights import save_weights

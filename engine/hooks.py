@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .mechanisms import LayerCall, Mechanism, StepRow
+from .mechanisms.base import LayerCall, Mechanism, StepRow
 
 
 def decoder_layers(model: torch.nn.Module):

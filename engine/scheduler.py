@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
-from .dialogue import ArmReply, Dialogue, DialogueError, StepInputs, StepRequest, StreamEvent, TurnRun, \
+from .dialogue import ArmReply, Dialogue, DialogueError, StepRequest, StreamEvent, TurnRun, \
     attention_mask_4d, grad_mode
 from .hooks import BatchContext, RowBinding
 from .model import LoadedModel
@@ -505,7 +505,7 @@ def _set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
 def _joinable(d: Dialogue) -> bool:
     """A dialogue can share a pass when it does not observe its own passes (captures do) and its
     cache holds every column its mask describes (no layer that trims itself, e.g. sliding layers)."""
-    if type(d)._before_model is not Dialogue._before_model or type(d)._after_model is not Dialogue._after_model:
+    if type(d).before_step is not Dialogue.before_step or type(d).after_step is not Dialogue.after_step:
         return False
     width = d.mask.shape[1]
     for layer in d.cache.layers:

@@ -34,6 +34,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from experiments.scoring import judge_names, stance_scorer_names
+
+    JUDGES = " | ".join(judge_names())  # noqa: N806 - the registry's names, for the help texts
     p = _Parser(prog="python -m experiments", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -72,26 +75,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--judge", default=None, help="stance rows of this judge (default: the run's own)")
 
     sc = sub.add_parser("score", help="score a JSONL of dialogues and print agreement with its labels")
-    sc.add_argument("scorer", help="stance_drift or answer_flip")
+    sc.add_argument("scorer", help=" or ".join(stance_scorer_names()))
     sc.add_argument("file", help="JSONL: one {\"turns\": [reply, ...], \"labels\": [label|null, ...]} per line")
-    sc.add_argument("--judge", default=None, help="stance judge: nli | llm | similarity (default: nli where installed)")
+    sc.add_argument("--judge", default=None, help=f"stance judge: {JUDGES} (default: nli where installed)")
     sc.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
     sc.add_argument("--json", action="store_true", help="one summary object (agreement, reversals_caught, ...)")
 
     ja = sub.add_parser("judge-audit", help="judge-bias checks on labelled replies: length, order, paraphrase, "
                                            "no stance, each beside the overall agreement")
-    ja.add_argument("file", nargs="+", help="labelled JSONL file(s) (experiments/stance_labels format)")
-    ja.add_argument("--judge", default=None, help="stance judge: nli | llm | similarity (default: nli where installed)")
+    ja.add_argument("file", nargs="+", help="labelled JSONL file(s) (data/stance_labels format)")
+    ja.add_argument("--judge", default=None, help=f"stance judge: {JUDGES} (default: nli where installed)")
     ja.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
     ja.add_argument("--json", action="store_true", help="one object with every group")
 
     fe = sub.add_parser("fit-ensemble", help="fit the ensemble stance judge on labelled dev files (never test/holdout)")
     fe.add_argument("file", nargs="+", help="labelled dev JSONL file(s)")
-    fe.add_argument("--out", default=None, help="weights JSON (default: experiments/stance_labels/ensemble.json)")
+    fe.add_argument("--out", default=None, help="weights JSON (default: data/stance_labels/ensemble.json)")
 
     rs = sub.add_parser("rescore", help="score a run's stored dialogues again with another stance judge")
     rs.add_argument("run_id")
-    rs.add_argument("--judge", required=True, help="nli | llm | similarity")
+    rs.add_argument("--judge", required=True, help=JUDGES)
     rs.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
     rs.add_argument("--db", default=None)
     rs.add_argument("--json", action="store_true")
@@ -201,7 +204,7 @@ def _judge_options(args) -> dict:
 
 def _build_judge(args):
     """The judge asked for, loaded now so that a missing package is one line, not a traceback."""
-    from experiments.stance import JudgeUnavailable, get_judge
+    from experiments.scoring.stance import JudgeUnavailable, get_judge
 
     try:
         judge = get_judge(args.judge, **_judge_options(args))
@@ -222,10 +225,11 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _cmd_score(args) -> int:
-    from experiments.stance import STANCE_SCORERS, agreement_counts, read_labelled, stance_calls
+    from experiments.scoring import stance_calls, stance_scorer_names
+    from experiments.scoring.stance import agreement_counts, read_labelled
 
-    if args.scorer not in STANCE_SCORERS:
-        return _fail(f"scorer {args.scorer!r} makes no stance calls; use one of: {', '.join(STANCE_SCORERS)}")
+    if args.scorer not in stance_scorer_names():
+        return _fail(f"scorer {args.scorer!r} makes no stance calls; use one of: {', '.join(stance_scorer_names())}")
     if args.judge is not None and args.scorer != "stance_drift":
         return _fail("--judge applies to the stance_drift scorer only")
     try:
@@ -264,7 +268,7 @@ def _cmd_score(args) -> int:
 
 def _cmd_judge_audit(args) -> int:
     from experiments.judge_audit import audit, format_audit
-    from experiments.stance import read_labelled
+    from experiments.scoring.stance import read_labelled
 
     try:
         rows = [row for path in args.file for row in read_labelled(path)]
@@ -280,7 +284,7 @@ def _cmd_judge_audit(args) -> int:
 def _cmd_fit_ensemble(args) -> int:
     from pathlib import Path
 
-    from experiments.stance import JudgeUnavailable, fit_ensemble
+    from experiments.scoring.stance import JudgeUnavailable, fit_ensemble
 
     held_out = [f for f in args.file if any(w in Path(f).name for w in ("test", "holdout"))]
     if held_out:
@@ -290,12 +294,12 @@ def _cmd_fit_ensemble(args) -> int:
     except (ValueError, JudgeUnavailable) as e:
         return _fail(str(e))
     print(f"ensemble fitted on {w['n_pairs']} stance pairs of {', '.join(w['fitted_on'])}; classes "
-          f"{', '.join(w['classes'])}; weights in {args.out or 'experiments/stance_labels/ensemble.json'}")
+          f"{', '.join(w['classes'])}; weights in {args.out or 'data/stance_labels/ensemble.json'}")
     return 0
 
 
 def _cmd_rescore(args) -> int:
-    from experiments.stance import rescore_run
+    from experiments.analysis import rescore_run
 
     store = _open_store(args.db, create=False)
     store.get_experiment(args.run_id)  # an unknown id: one line (StoreError), before any model loads

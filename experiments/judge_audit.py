@@ -3,7 +3,7 @@
 LLM judges are known to favour the longer answer or the first of two, and to change their call
 when the two sides swap (FastChat's judge studies). A stance judge can carry the same biases, so
 `audit` measures, next to the overall agreement, each of these on a labelled file (the format of
-experiments/stance_labels, see GUIDE.md there):
+data/stance_labels, see GUIDE.md there):
 
 - **length**: agreement in the shortest, middle and longest third of the labelled replies (words);
 - **order**: each (first stance, reply) pair judged again with the sides swapped (the reply as
@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from experiments.stance import (MAINTAINED, NO_STANCE, PARTIAL, REVERSED, StanceJudge, content_words,
-                                stance_calls)
+from experiments.scoring import stance_calls
+from experiments.scoring.stance import MAINTAINED, NO_STANCE, PARTIAL, REVERSED, StanceJudge, content_words
 
 PARAPHRASE_OVERLAP = 1 / 3  # below this share of shared content words a kept stance is "in other words"
 

@@ -17,7 +17,7 @@ Schema (top-level keys; anything else is rejected)::
     turns: ["{question} ...", ...]  # required, non-empty list of strings; {key} or {key[0]} placeholders
     items: [{question: ..., ...}]   # inline items (values: strings, numbers, or lists of them), OR
     items_file: items.jsonl         #   a JSONL file relative to the YAML file (exactly one)
-    scoring: [answer_flip, ...]     # subset of experiments.scoring.SCORER_NAMES
+    scoring: [answer_flip, ...]     # registered scorers (experiments.scoring.scorer_names())
     stance_turns: [0, 2, 4]         # optional: turns whose reply states a stance (stance_drift); -1 = last
     scorer_options:                 # optional, per scorer:
       stance_drift: {judge: nli, threshold: 0.8, stance_turns: [0, -1]}
@@ -37,14 +37,14 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr,
                       StringConstraints, ValidationError)
 
-from experiments.scoring import SCORER_NAMES, choice_letters
+from experiments import scoring
+from experiments.wording import describe as _describe
+
+SCORER_NAMES = scoring.scorer_names()  # asked of the registry once every built-in scorer has registered
 
 PROTOCOL_DIR = Path(__file__).resolve().parent / "protocols"
 YAML_KEYS = ("name", "description", "version", "source", "license", "system", "turns", "items", "items_file",
              "scoring", "stance_turns", "scorer_options", "max_new_tokens")
-# What each scorer accepts under scorer_options (checked in `_scorer_option_problems`).
-SCORER_OPTION_KEYS = {"stance_drift": ("judge", "threshold", "stance_turns"), "answer_flip": ("answer_turns",),
-                      "concession": ()}
 MAX_NEW_TOKENS_LIMIT = 8192
 MAX_WINDOW = 1_000_000  # the largest attention window (tokens) a protocol or a lab session may set
 MAX_LISTED_PROBLEMS = 20
@@ -132,15 +132,7 @@ class Protocol(BaseModel):
     def scorer_options(self, scorer_name: str) -> dict:
         """Keyword options `scoring.score_dialogue` takes from the protocol for this scorer:
         top-level stance_turns, then the scorer's `scorer_options` entry (which wins)."""
-        out: dict = {}
-        if scorer_name == "stance_drift" and self.stance_turns is not None:
-            out["stance_turns"] = list(self.stance_turns)
-        if scorer_name == "source_grounding":  # the source = system prompt + first user message
-            out.update(system=self.system, first_turn=self.turns[0])
-        out.update((self.scorer_settings or {}).get(scorer_name) or {})
-        if "answer_turns" in out:
-            out["answer_turns"] = tuple(out["answer_turns"])
-        return out
+        return scoring.protocol_options(scorer_name, self, (self.scorer_settings or {}).get(scorer_name))
 
     def _fill(self, template: str, item: dict, key: str) -> str:
         try:
@@ -342,22 +334,6 @@ def _expectation(err: dict) -> str:
     return f"{err['msg']}; got {got}"
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, bool):
-        return f"a boolean ({value})"
-    if isinstance(value, (int, float)):
-        return f"a number ({value})"
-    if isinstance(value, str):
-        return f"the string {value[:60]!r}" + ("..." if len(value) > 60 else "")
-    if isinstance(value, list):
-        return "an empty list" if not value else f"a list of {len(value)}"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__}"
-
-
 # ---------------------------------------------------------------- cross-field checks
 
 _FIELD = re.compile(r"^(?P<key>[A-Za-z_]\w*)(?P<index>(?:\[\d+\])*)$")
@@ -450,82 +426,24 @@ def _semantic_problems(p: Protocol, where) -> list[tuple[str, str]]:
                 if why:
                     problems.append((where(i, f".{name}"), why))
                     break
-    if "answer_flip" in p.scoring:
-        problems += _answer_problems(p, where)
-    if "answer_match" in p.scoring:
-        problems += _match_problems(p, where)
+    for name in p.scoring:
+        check = scoring.get_scorer(name).item_problems
+        if check is not None:
+            problems += check(p.items, where)
     problems += _list_problems(p, where)
     problems += _scorer_option_problems(p)
     return problems
 
 
-def _turn_index_problem(turn: Any, n: int) -> Optional[str]:
-    if isinstance(turn, bool) or not isinstance(turn, int):
-        return f"expected a turn index (an integer), got {_describe(turn)}"
-    if not -n <= turn < n:
-        return f"expected a turn index from 0 to {n - 1} (or -{n} to -1 from the end), got {turn}"
-    return None
-
-
 def _scorer_option_problems(p: Protocol) -> list[tuple[str, str]]:
-    """scorer_options: known scorers, known keys, values of the right kind."""
-    from experiments.stance import JUDGE_NAMES
-
+    """scorer_options: registered scorers, and what each one's options model accepts."""
     problems = []
     for scorer, options in (p.scorer_settings or {}).items():
         base = f"scorer_options.{scorer}"
-        if scorer not in SCORER_OPTION_KEYS:
+        if scorer not in scoring.SCORERS:
             problems.append((base, f"unknown scorer; expected one of {', '.join(SCORER_NAMES)}"))
             continue
-        for key, value in options.items():
-            if key not in SCORER_OPTION_KEYS[scorer]:
-                allowed = ", ".join(SCORER_OPTION_KEYS[scorer]) or "none"
-                problems.append((f"{base}.{key}", f"unknown option for {scorer}; expected: {allowed}"))
-            elif key == "judge" and value not in JUDGE_NAMES:
-                problems.append((f"{base}.judge", f"expected one of {', '.join(JUDGE_NAMES)}, got {_describe(value)}"))
-            elif key == "threshold" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                         or not 0 < value <= 1):
-                problems.append((f"{base}.threshold", f"expected a number in (0, 1], got {_describe(value)}"))
-            elif key in ("stance_turns", "answer_turns"):
-                if not isinstance(value, list) or not value:
-                    problems.append((f"{base}.{key}", f"expected a non-empty list of turn indices, got {_describe(value)}"))
-                    continue
-                if key == "answer_turns" and len(value) != 2:
-                    problems.append((f"{base}.{key}", f"expected two turns (first and final answer), got {_describe(value)}"))
-                for j, turn in enumerate(value):
-                    why = _turn_index_problem(turn, p.n_turns)
-                    if why:
-                        problems.append((f"{base}.{key}[{j}]", why))
-    return problems
-
-
-def _answer_problems(p: Protocol, where) -> list[tuple[str, str]]:
-    """answer_flip needs a single-letter `answer`, one of the item's choice letters."""
-    problems = []
-    for i, item in enumerate(p.items):
-        answer = item.get("answer")
-        if answer is None:
-            problems.append((where(i, ".answer"), "required by scorer answer_flip; expected a single "
-                                                  "letter such as 'B'"))
-            continue
-        if not (isinstance(answer, str) and len(answer) == 1 and answer.isalpha()):
-            problems.append((where(i, ".answer"), f"expected a single letter such as 'B', got {_describe(answer)}"))
-            continue
-        letters = choice_letters(item["choices"]) if isinstance(item.get("choices"), str) else ""
-        if letters and answer.upper() not in letters:
-            problems.append((where(i, ".answer"), f"expected one of the choice letters "
-                                                  f"{', '.join(letters)}, got {answer!r}"))
-    return problems
-
-
-def _match_problems(p: Protocol, where) -> list[tuple[str, str]]:
-    """answer_match needs a non-empty `answer` (text, number, or a choice letter)."""
-    problems = []
-    for i, item in enumerate(p.items):
-        answer = item.get("answer")
-        if answer is None or isinstance(answer, bool) or not str(answer).strip():
-            problems.append((where(i, ".answer"), "required by scorer answer_match; expected the answer text "
-                                                  f"(or a choice letter), got {_describe(answer)}"))
+        problems += [(f"{base}.{key}", why) for key, why in scoring.option_problems(scorer, options, p.n_turns)]
     return problems
 
 
@@ -536,7 +454,7 @@ def _list_problems(p: Protocol, where) -> list[tuple[str, str]]:
         if name in p.scoring[:j]:
             problems.append((f"scoring[{j}]", f"expected each scorer once, got {name!r} again"))
     for j, turn in enumerate(p.stance_turns or []):
-        why = _turn_index_problem(turn, p.n_turns)
+        why = scoring.registry.turn_index_problem(turn, p.n_turns)
         if why:
             problems.append((f"stance_turns[{j}]", why))
     first_seen: dict[str, int] = {}

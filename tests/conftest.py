@@ -6,13 +6,11 @@ path (templates, roles, multi-turn) runs on them exactly as on a real model.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # importable: `make setup` installs the project (pip install -e .)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A mechanism defined only in the tests joins the engine, the CLI, the lab and the conformance suite
 # the way any outside mechanism would: through $LAB_PLUGINS (subprocesses inherit it).

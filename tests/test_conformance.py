@@ -23,7 +23,7 @@ import torch
 from engine.dialogue import Dialogue
 from engine.mechanisms import MECHANISMS, ReadTrace
 from engine.spec import ArmSpec, parse_arm
-from test_engine_exactness import (PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence,
+from helpers import (PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence,
                                    stepwise_forward)
 
 CASES = [pytest.param(case, id=case.spec) for name, cls in MECHANISMS.items() for case in cls.conformance_cases()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.context_rot import ablated_system, format_summary, run_context_rot, summarise
+from studies.context_rot import ablated_system, format_summary, run_context_rot, summarise
 from experiments.protocol import get_protocol
 from experiments.scoring import adherence, entities, entity_precision, reply_segments, score_dialogue
 

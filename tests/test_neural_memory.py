@@ -11,7 +11,7 @@ from engine.dialogue import Dialogue
 from engine.mechanisms.neural_memory import (NeuralMemorySettings, coefficients, implicit_attention, linear_chunk,
                                              linear_sequential)
 from engine.spec import parse_arm
-from test_engine_exactness import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, stepwise_forward
+from helpers import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, stepwise_forward
 
 
 def _random_kvq(T=70, h=2, g=2, d=16, seed=0):

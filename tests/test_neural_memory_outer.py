@@ -17,7 +17,7 @@ import torch
 from engine import parse_arm
 from engine.mechanisms.neural_memory import (OUTER_PARAMS, linear_scan, linear_sequential, outer_gates,
                                              outer_shapes)
-from test_engine_exactness import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, \
+from helpers import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, \
     stepwise_forward
 
 BASE = "neural_memory:linkage=1,gain=1,wiring=layer,layers=1/3,lr=0.5"

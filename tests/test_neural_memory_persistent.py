@@ -14,7 +14,7 @@ from engine.mechanisms.neural_memory import NeuralMemory, NeuralMemorySettings, 
 from engine.spec import SpecError, parse_arm
 from engine.train import TrainConfig, load_config, train
 from engine.weights import load_tensors, read_header
-from test_engine_exactness import PROMPTS, full_forward, mixed_sequence, stepwise_forward
+from helpers import PROMPTS, full_forward, mixed_sequence, stepwise_forward
 from test_neural_memory import _random_kvq
 
 
@@ -169,9 +169,9 @@ def test_shipped_config_is_valid(monkeypatch):
 
 
 def test_window_training_data_and_mask(tokenizer):
-    """experiments/persistent_window.py: facts disjoint from the protocol's items, labels only on the
+    """studies/persistent_window.py: facts disjoint from the protocol's items, labels only on the
     answer, and the sliding window mask (sink + last N, causal, padding rows see themselves)."""
-    from experiments.persistent_window import encode_item, make_items, mismatched, window_mask
+    from studies.persistent_window import encode_item, make_items, mismatched, window_mask
     from experiments.protocol import get_protocol
 
     protocol = get_protocol("window_recall")

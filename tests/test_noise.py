@@ -14,7 +14,7 @@ from engine import SpecError, parse_arm
 from engine.dialogue import Dialogue
 from engine.mechanisms.noise import unit_noise
 from lab.settings import summary
-from test_engine_exactness import PROMPTS
+from helpers import PROMPTS
 
 
 def _record(mech, out: list):

@@ -14,7 +14,7 @@ from engine.mechanisms.base import ROLE_CODE
 from engine.mechanisms.partial_attention import PartialAttention
 from engine.spec import SpecError, parse_arm
 from engine.weights import save_weights
-from test_engine_exactness import full_forward, generate_logits, run_dialogue, stepwise_forward
+from helpers import full_forward, generate_logits, run_dialogue, stepwise_forward
 
 A, U, S = ROLE_CODE["assistant"], ROLE_CODE["user"], ROLE_CODE["system"]
 CASES = [c.spec for c in PartialAttention.conformance_cases()]

@@ -72,7 +72,7 @@ def _sequence(n, n_src, seed):
 def test_training_forward_equals_the_dialogue_forward_under_the_plan(tiny_llama):
     from engine.dialogue import build_mechanism
     from engine.train import _trainer_module
-    from test_engine_exactness import full_forward
+    from helpers import full_forward
 
     arm = parse_arm(PLANNED)
     weights = build_mechanism(arm, tiny_llama).weights  # the very module the dialogue's arm uses

@@ -319,3 +319,31 @@ def test_importing_experiments_loads_no_heavy_modules():
             "if m in sys.modules]\nprint(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# ----------------------------------------------------------------- the registries
+
+def test_each_scorer_and_judge_declares_options_its_callable_takes():
+    import inspect
+
+    from experiments.scoring import registry as R
+
+    for name, spec in R.SCORERS.items():
+        params = inspect.signature(spec.score).parameters
+        assert set(spec.options.model_fields) <= set(params), name
+    for name, spec in R.JUDGES.items():
+        assert spec.cls.name == name
+        params = set(inspect.signature(spec.cls.__init__).parameters) - {"self"}
+        assert set(spec.options.model_fields) == params, name
+
+
+def test_a_name_registers_once():
+    from experiments.scoring import registry as R
+
+    with pytest.raises(ValueError, match="registered twice"):
+        R.register_scorer("concession")(lambda item, replies: None)
+    with pytest.raises(ValueError, match="registered twice"):
+        R.register_judge("nli")(type("Again", (), {}))
+    assert R.option_problems("answer_flip", {"answer_turns": [0, 1, 2], "x": 1}, n_turns=3) == [
+        ("answer_turns", "expected two turns (first and final answer), got a list of 3"),
+        ("x", "unknown option for answer_flip; expected: answer_turns")]

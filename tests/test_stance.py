@@ -11,12 +11,12 @@ import pytest
 
 from db import Store
 from experiments import analysis as A
-from experiments import stance as S
+from experiments.scoring import stance as S
 from experiments.scoring import score_dialogue
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_SPLIT = ROOT / "experiments" / "stance_labels" / "test.jsonl"
-DEV_SPLIT = ROOT / "experiments" / "stance_labels" / "dev.jsonl"
+TEST_SPLIT = ROOT / "data" / "stance_labels" / "test.jsonl"
+DEV_SPLIT = ROOT / "data" / "stance_labels" / "dev.jsonl"
 
 
 # ----------------------------------------------------------------- reading a reply (no model)
@@ -200,7 +200,7 @@ def stored_run(tmp_path):
 @nli_installed
 def test_rescore_keeps_judges_side_by_side_and_summary_picks_one(stored_run, tmp_path):
     store, eid, turn_ids = stored_run
-    out = S.rescore_run(store, eid, S.get_judge("nli"))
+    out = A.rescore_run(store, eid, S.get_judge("nli"))
     assert out["n_rows"] == 12 and out["scorer"] == "stance_drift@nli" and out["n_missing"] == 0
     df = A.results_frame(store, eid)
     assert {"stance_drift_label", "stance_drift@nli_label"} <= set(df.columns)

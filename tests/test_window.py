@@ -16,13 +16,13 @@ REPLIES_2 = [[2000, 2100, 2200], [2300, 2400, 2500, 2600, 2700, 2800]]
 def _steps(d: Dialogue) -> list:
     """Record every forward pass: per row (start, number of real tokens)."""
     seen = []
-    before = d._before_model
+    before = d.before_step
 
     def spy(step):
         seen.append([(s, int(v.sum())) for s, v in zip(step.starts, step.valid)])
         before(step)
 
-    d._before_model = spy
+    d.before_step = spy
     return seen
 
 

@@ -169,6 +169,8 @@ class Mechanism:
     name: ClassVar[str]
     Settings: ClassVar[type[MechanismSettings]]
     needs_grad: ClassVar[bool] = False  # rows run under no_grad (not inference_mode): enable_grad works
+    # the host feeds this arm's whole transcript again at each turn's prefill (continuity's seed variant)
+    reprefill_each_turn: bool = False
 
     def __init__(self, settings: MechanismSettings, model: torch.nn.Module,
                  weights: torch.nn.Module | None = None):

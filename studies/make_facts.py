@@ -1,6 +1,9 @@
 """Build the fictional fact set (deterministic): 30 invented people, each with a town and a trade.
 
-    python -m experiments.facts.make_facts      # rewrites the files next to this script
+README table: the data behind "Does a bank make an arm behave as if it had read a document?".
+Running time: under a second (pure Python, deterministic).
+
+    python -m studies.make_facts      # rewrites data/facts/
 
 Files: `document.txt` (the facts as prose: what `python -m engine distill` reads),
 `items.jsonl` (one question per person, the answer is the town; used by the protocol
@@ -14,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "data" / "facts"  # the files this script writes
 FIRST = ["Velmira", "Orsik", "Talwen", "Brisca", "Hendal", "Quorra", "Feyan", "Lusko", "Marebeth", "Dorvin",
          "Iselka", "Pobrin", "Zennor", "Caddoc", "Yseult", "Armeth", "Tibald", "Nerys", "Gorlan", "Wessa",
          "Ulfrin", "Saphie", "Kelmet", "Rhosyn", "Drabo", "Elowen", "Fintar", "Maelis", "Corvan", "Ottilie"]

@@ -1,12 +1,15 @@
 """Train the neural memory's persistent tokens for recall *beyond an attention window*.
 
-    python -m experiments.persistent_window --window 32 --steps 40 --threads 1
-    python -m experiments.window_recall --windows 32,none --arm observer \\
+README table: "Persistent tokens trained through the window" (under "Recall beyond the window").
+Running time: about 6 minutes on 2 busy cores (--window 32 --steps 40, README).
+
+    python -m studies.persistent_window --window 32 --steps 40 --threads 1
+    python -m studies.window_recall --windows 32,none --arm observer \\
         --arm 'neural_memory:linkage=1,weights="runs/persistent_window/persistent.safetensors"'
 
 `python -m engine train` trains with full attention; here each training sequence is one synthetic
 dialogue of the `window_recall` shape (a fact planted in turn 1, the protocol's three distractor
-turns with the fixed replies of experiments/window_recall.py, then the question) seen through a
+turns with the fixed replies of studies/window_recall.py, then the question) seen through a
 sliding attention window: every token attends to the first 4 tokens (the sink) and the last
 `--window` tokens only, so the fact can reach the answer only through the memory. The loss is the
 answer's tokens alone. Facts, names and values are disjoint from the protocol's 12 items (the
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -78,7 +80,7 @@ def mismatched(held: list[dict], train: list[dict]) -> list[dict]:
 
 
 def dialogue_messages(protocol, item: dict) -> list[dict]:
-    from experiments.window_recall import FIXED_REPLIES
+    from studies.window_recall import FIXED_REPLIES
 
     turns = [t.replace("{fact}", item["fact"]).replace("{question}", item["question"]) for t in protocol.turns]
     msgs = []
@@ -102,34 +104,18 @@ def encode_item(tok, protocol, item: dict) -> dict:
     return {"ids": ids, "roles": enc["roles"], "labels": labels}
 
 
-def batch_loss(lm, mechs, batch, window: int):
-    """Summed NLL of the answer tokens and their count, the persistent tokens' gradient on the graph."""
-    import torch
-    import torch.nn.functional as F
+def answer_loss(lm, settings, weights, window: int):
+    """The trainer's loss module (`engine.train`: the frozen base with one neural memory bound per
+    row, each row's plan applied, the sliding window): `module(**batch) -> (nll, n_tokens, aux)`,
+    the summed NLL of the answer tokens with the persistent tokens' gradient on the graph."""
+    from engine.mechanisms.neural_memory import NeuralMemory
+    from engine.train import _trainer_module
 
-    from engine.hooks import BatchContext, MechanismHost, RowBinding
-    from engine.mechanisms import StepRow
-
-    ids, roles, labels, valid = batch["ids"], batch["roles"], batch["labels"], batch["valid"]
-    bindings = []
-    for r in range(ids.shape[0]):
-        n = int(valid[r].sum())
-        mechs[r].reset()
-        info = StepRow(positions=torch.arange(n), roles=roles[r, :n], token_ids=ids[r, :n], turn=0, record=False)
-        bindings.append(RowBinding(r, mechs[r], valid[r], info))
-    mask = window_mask(valid, window) if window else valid.long()
-    with MechanismHost.of(lm.model).use(BatchContext(bindings)):
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1]).expand_as(ids),
-                       use_cache=False)
-    logits = out.logits[:, :-1].float()
-    target = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                          reduction="sum")
-    return nll, int((target != -100).sum())
+    return _trainer_module(lm.model, NeuralMemory, settings, weights, {}, window or None)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.persistent_window", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m studies.persistent_window", description=__doc__.split("\n")[0])
     p.add_argument("--window", type=int, default=32, help="attention window during training (0: full attention)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
@@ -167,19 +153,18 @@ def main(argv=None) -> int:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     weights = NeuralMemory.build_weights(settings, lm.model, None)
     weights.requires_grad_(True)
-    mechs = [NeuralMemory(settings, lm.model, weights=weights) for _ in range(max(args.batch_size, len(enc_held)))]
+    module = answer_loss(lm, settings, weights, args.window)
     opt = torch.optim.AdamW(weights.parameters(), lr=args.lr, weight_decay=0.0)
 
     def arm_loss(s, w, items) -> float:
-        ms = [NeuralMemory(s, lm.model, weights=w) for _ in items]
         with torch.no_grad():
-            nll, n = batch_loss(lm, ms, collate([encode_item(tok, protocol, it) for it in items], pad), args.window)
-        return float(nll) / n
+            nll, n, _ = answer_loss(lm, s, w, args.window)(**collate([encode_item(tok, protocol, it) for it in items], pad))
+        return float(nll) / int(n)
 
     def held_out() -> float:
         with torch.no_grad():
-            nll, n = batch_loss(lm, mechs, collate(enc_held, pad), args.window)
-        return float(nll) / n
+            nll, n, _ = module(**collate(enc_held, pad))
+        return float(nll) / int(n)
 
     rng = random.Random(args.seed)
     order: list[int] = []
@@ -194,8 +179,8 @@ def main(argv=None) -> int:
         if len(order) < args.batch_size:
             order += rng.sample(range(len(enc)), len(enc))
         idx, order = order[:args.batch_size], order[args.batch_size:]
-        nll, n = batch_loss(lm, mechs, collate([enc[i] for i in idx], pad), args.window)
-        loss = nll / max(1, n)
+        nll, n, _ = module(**collate([enc[i] for i in idx], pad))
+        loss = nll / max(1, int(n))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(weights.parameters(), 1.0)
@@ -225,7 +210,7 @@ def main(argv=None) -> int:
     save_weights(out, best[2], mechanism="neural_memory",
                  settings=settings.model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": settings.gain},
                  model=lm.model, identity=lm.identity,
-                 extra={"trained": {"by": "experiments.persistent_window", "window": args.window, "step": best[1],
+                 extra={"trained": {"by": "studies.persistent_window", "window": args.window, "step": best[1],
                                     "held_out_answer_loss": best[0], "history": history}})
     print(json.dumps({"initial_held_out": first, "best_held_out": best[0], "best_step": best[1],
                       "weights": str(out), "seconds": round(time.perf_counter() - t0, 1)}))

@@ -1,8 +1,11 @@
-"""Training data for recall beyond an attention window: `python -m experiments.window_data`.
+"""Training data for recall beyond an attention window: `python -m studies.window_data`.
+
+README table: the data behind "Positive controls" (neural memory, outer loop).
+Running time: a second or two (pure Python, no model).
 
 Writes `experiments/window_data/{train,heldout}.jsonl`: chat dialogues of the `window_recall`
 protocol's shape (a fact planted in turn 1, the protocol's three distractor turns with the fixed
-replies of experiments/window_recall.py, the question, the answer as the last reply), for
+replies of studies/window_recall.py, the question, the answer as the last reply), for
 `python -m engine train` with `loss_on: last` and `train.window`. The attributes, names and values
 are invented here and share none of the protocol's 12 facts, questions or answers (checked below),
 so the protocol's items stay a held-out test set. `heldout.jsonl` holds one value of every
@@ -17,8 +20,8 @@ import random
 import sys
 from pathlib import Path
 
-from experiments.persistent_window import ATTRS as BASE_ATTRS
-from experiments.persistent_window import dialogue_messages
+from studies.persistent_window import ATTRS as BASE_ATTRS
+from studies.persistent_window import dialogue_messages
 
 MORE_ATTRS = [
     ("My grandmother was born in {v}.", "Where was my grandmother born?", ["Tallinn", "Bergen", "Nantes", "Bologna",
@@ -76,8 +79,8 @@ def check_disjoint(items: list[dict], protocol) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.window_data", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "window_data"))
+    p = argparse.ArgumentParser(prog="python -m studies.window_data", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "experiments" / "window_data"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from experiments.protocol import get_protocol

@@ -1,8 +1,11 @@
 """Does an arm behave as if it had read a document that is not in its context? (memory_bank demo)
 
-    python -m experiments.bank_demo --trained runs/bank_tiny_cpu/bank.safetensors [--items 30]
+README table: "Does a bank make an arm behave as if it had read a document?" (Mechanisms).
+Running time: the run itself is not timed in the README; training the bank it reads took 1711 s.
 
-Arms: observer; a bank distilled from experiments/facts/document.txt (no training, made here, on
+    python -m studies.bank_demo --trained runs/bank_tiny_cpu/bank.safetensors [--items 30]
+
+Arms: observer; a bank distilled from data/facts/document.txt (no training, made here, on
 the layers of the trained bank); the bank trained by `python -m engine train
 configs/bank_tiny_cpu.yaml` (optional) — each at a few linkages. The shipped protocol
 `fictional_facts` asks one question per invented person with no document in context, through the
@@ -25,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-PROTOCOL = HERE / "protocols" / "fictional_facts.yaml"
-DOCUMENT = HERE / "facts" / "document.txt"
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL = ROOT / "experiments" / "protocols" / "fictional_facts.yaml"
+DOCUMENT = ROOT / "data" / "facts" / "document.txt"
 
 
 def answer_logprobs(lm, spec: str, protocol, items: list[dict], all_items: list[dict]) -> list[tuple]:

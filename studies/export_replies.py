@@ -1,6 +1,9 @@
 """Write a stored run's replies as unlabelled lines for the labelled splits (GUIDE.md).
 
-    python -m experiments.stance_labels.export_replies RUN_ID --db DB --splits splits.json --out DIR
+README table: the labelled splits behind "Stance judges" (data/stance_labels).
+Running time: seconds (reads the database only).
+
+    python -m studies.export_replies RUN_ID --db DB --splits splits.json --out DIR
 
 One line per (dialogue, arm): the arm's replies in order, `labels` all null (the annotator fills
 them in by reading, see GUIDE.md), and where it came from (protocol, item, question, arm spec,
