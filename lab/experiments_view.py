@@ -194,6 +194,18 @@ def say_when_flat(fig):
     return fig
 
 
+def say_when_empty(fig, what: str = "nothing to plot: no scored turns in this run"):
+    """A figure without a single point says so in words, not as a bare axis."""
+    if fig is None:
+        return fig
+    def points(tr):
+        ys = getattr(tr, "y", None)
+        return ys is not None and any(y is not None and y == y for y in ys)
+    if not any(points(tr) for tr in fig.data):
+        fig.add_annotation(text=what, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font=dict(size=14))
+    return fig
+
+
 def compact_summary(table: pd.DataFrame) -> pd.DataFrame:
     """The summary with one row per metric and one column per arm, each cell 'estimate · n k/ji · p':
     as many columns as arms (2-4), so it fits the page where one column per metric did not."""
@@ -208,7 +220,7 @@ def compact_summary(table: pd.DataFrame) -> pd.DataFrame:
             parts = [str(r[m]) if pd.notna(r[m]) and str(r[m]) != "" else "–"]
             if f"{m} n" in table.columns and pd.notna(r[f"{m} n"]) and str(r[f"{m} n"]) not in ("", "–"):
                 parts.append(f"n {r[f'{m} n']}")
-            if f"{m} p" in table.columns and pd.notna(r[f"{m} p"]) and str(r[f"{m} p"]) != "":
+            if f"{m} p" in table.columns and pd.notna(r[f"{m} p"]) and str(r[f"{m} p"]) not in ("", "–"):
                 parts.append(f"p {r[f'{m} p']}")
             row[str(r["arm"])] = " · ".join(parts)
         rows.append(row)
@@ -434,7 +446,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
                     gr.update(choices=[], value=None), pd.DataFrame(columns=DIALOGUE_COLUMNS),
                     "" if not eid else f"❌ {d['error']}", pd.DataFrame(columns=DISAGREEMENT_COLUMNS))
         return (compact_summary(d["table"]), gr.update(choices=d["metrics"], value=d["metric"]), say_when_flat(d["bar"]),
-                d["drift"],
+                say_when_empty(d["drift"]),
                 gr.update(choices=d["sessions"], value=d["sessions"][0][1] if d["sessions"] else None), d["dialogues"],
                 "", d["disagreements"])
 

@@ -178,15 +178,22 @@ def mechanism_help(name: str) -> str:
 def untrained_note(spec: ArmSpec) -> str | None:
     """What a person must know before reading this arm's replies: a short note when the arm runs random or
     untrained parameters (the settings model's `untrained_note`, shown while it has no weights file),
-    else the settings' own caveat; None for an arm whose replies mean what they seem to."""
+    else the settings' own caveat, else a weak-gain note (the model's `weak_below_gain`); None for an arm
+    whose replies mean what they seem to."""
     s = spec.settings
     if s is None or s.linkage == 0:
         return None
     note = getattr(type(s), "untrained_note", None)
     if type(s).caveat is not MechanismSettings.caveat:  # the mechanism itself says when an arm is untrained
-        return (note or spec.caveat) if spec.caveat else None
-    untrained = "weights" in type(s).model_fields and getattr(s, "weights", None) is None
-    return note if note and untrained else None
+        if spec.caveat:
+            return note or spec.caveat
+    elif note and "weights" in type(s).model_fields and getattr(s, "weights", None) is None:
+        return note
+    weak = getattr(type(s), "weak_below_gain", None)  # below this gain the arm barely moves off the observer
+    if weak is not None and s.gain < weak:
+        return (f"gain {s.gain:g} is weak for {spec.mechanism}: expect replies close to the observer's, often "
+                "token for token — raise the gain to see its effect")
+    return None
 
 
 # -------------------------------------------------------------------------------- values -> spec

@@ -142,3 +142,13 @@ def test_untrained_notes_and_mechanism_help():
     assert "untrained branch" in untrained_note(arm_spec("partial_attention", {}, {}))
     assert untrained_note(arm_spec("partial_attention", {"weights": "w.safetensors"}, {})) is None
     assert "not a memory" in untrained_note(arm_spec("noise", {}, {}))  # the control says what it is
+
+
+def test_a_weak_default_says_so():
+    """neural_memory at its default gain barely moves off the observer (measured: 48/48 greedy tokens equal on
+    the embedded model), so its pane says so; at gain 1 or more the note goes."""
+    from lab.settings import arm_spec, untrained_note
+
+    assert "close to the observer's" in untrained_note(arm_spec("neural_memory", {}, {}))
+    assert untrained_note(arm_spec("neural_memory", {"gain": 1.0}, {})) is None
+    assert "untrained" in untrained_note(arm_spec("neural_memory", {"gain": 1.0, "persistent": 4}, {}))

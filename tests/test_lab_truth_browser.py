@@ -81,6 +81,7 @@ def test_the_arena_shows_what_runs(server, page):
     page.get_by_role("option", name="mlp").click()
     expect(nm.get_by_label("Hidden")).to_be_visible()
     expect(page.locator("#arm2-header")).not_to_contain_text("expect noise")
+    expect(page.locator("#arm2-header")).to_contain_text("close to the observer's")  # its default gain is weak
     mech.click()
     page.get_by_role("option", name="continuity").click()
     expect(pane2.get_by_text("continuity: The continuity stream")).to_be_visible()

@@ -2,12 +2,12 @@
 import pandas as pd
 import plotly.graph_objects as go
 
-from lab.experiments_view import compact_summary, say_when_flat
+from lab.experiments_view import compact_summary, say_when_empty, say_when_flat
 from lab.inspect_view import _progress_words, _turn_index, _turns_from_one
 
 
 def test_summary_is_a_row_per_metric_and_a_column_per_arm():
-    wide = pd.DataFrame([["observer", 4, "0.250 [0.0, 0.6]", "4/2i", ""],
+    wide = pd.DataFrame([["observer", 4, "0.250 [0.0, 0.6]", "4/2i", "–"],
                          ["continuity λ=1", 4, "0.500 [0.1, 0.9]", "4/2i", "0.31"]],
                         columns=["arm", "dialogues", "flip_rate", "flip_rate n", "flip_rate p"])
     t = compact_summary(wide)
@@ -25,6 +25,9 @@ def test_a_flat_plot_says_so():
     assert "nothing was scored" in none.layout.annotations[0].text
     assert not say_when_flat(go.Figure(go.Bar(x=["a"], y=[0.5]))).layout.annotations
     assert say_when_flat(None) is None
+    empty = say_when_empty(go.Figure(go.Scatter(x=[], y=[])))
+    assert "nothing to plot" in empty.layout.annotations[0].text
+    assert not say_when_empty(go.Figure(go.Scatter(x=[1], y=[0.0]))).layout.annotations
 
 
 def test_inspect_counts_turns_from_one():
