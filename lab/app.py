@@ -19,7 +19,7 @@ import gradio as gr
 from .context import LabContext
 
 CSS = """
-.gradio-container {max-width: 1600px !important}
+.gradio-container {max-width: 1600px !important; overflow: clip !important}  /* hidden would break sticky */
 .lab-intro p {font-size: 0.92em; margin: 0}
 .lock-note p {font-size: 0.85em; margin: 0; opacity: 0.85}
 .pane-header h3 {margin: 0 0 2px 0}
@@ -32,7 +32,11 @@ CSS = """
 .pane-chat button[aria-label="Clear"], .session-chat button[aria-label="Clear"] {display: none !important}
 .short-btn {align-self: flex-end !important; max-height: 46px}
 .hidden-box {display: none !important}
-.status-row {position: sticky; top: 0; z-index: 20; background: var(--background-fill-primary); min-height: 1.6em}
+.composer {position: sticky; bottom: 0; z-index: 1000; background: var(--background-fill-primary);
+            padding: 6px 0 4px 0; border-top: 1px solid var(--border-color-primary)}
+.status-row {min-height: 1.6em; align-items: center}
+.pane-note {color: var(--error-text-color, #b45309); font-size: 0.85em; font-weight: 600}
+.pane-settings {max-height: 520px; overflow-y: auto}
 #lab-status p, #lab-progress p {margin: 2px 0}
 .pane-annotate.label-active {outline: 2px solid var(--color-accent); border-radius: 6px}
 .shortcuts p {margin: 0}

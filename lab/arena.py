@@ -19,10 +19,11 @@ from db import STANCE_LABELS, StoreError
 from engine import SpecError
 
 from .arena_controller import (LETTERS, ArenaError, ArenaSession, TurnOutcome, check_message,
-                               check_session_fields, labelled_line, parse_window)
+                               check_session_fields, labelled_line, parse_window, settings_refusal,
+                               stop_reason_text)
 from .context import ARENA_QUEUE, LabContext
 from .fields import FieldDropdown, FieldNumber, FieldRadio, FieldSlider
-from .settings import Control, PaneLayout, mechanism_choices, summary
+from .settings import Control, PaneLayout, mechanism_choices, mechanism_help, summary, untrained_note
 
 N_PANES = 4
 LOCK_OPEN = ("Settings take effect when a session starts (your first message). "
@@ -48,10 +49,9 @@ def make_control(c: Control, value=None):
         return gr.Textbox(value="" if value is None else str(value), label=c.label, info=c.info or None,
                           placeholder="blank = unset", min_width=80)
     if c.kind == "number":
-        if (not c.integer and c.minimum is not None and c.maximum is not None and not c.optional
-                and 0 < c.maximum - c.minimum <= 5):
-            return FieldSlider(c.minimum, c.maximum, value=value, step=0.05, label=c.label, info=c.info or None)
-        return FieldNumber(value=value, label=c.label, info=c.info or None, minimum=c.minimum, maximum=c.maximum,
+        # a plain number box, bounds in its help text: a slider (or the box's own min/max) would snap a typed
+        # 7 back to 1 on blur while the settings model refused the 7, so the page would show what does not run
+        return FieldNumber(value=value, label=c.label, info=c.info or None,
                            precision=0 if c.integer else None, step=1 if c.integer else 0.05, min_width=80)
     placeholder = "path on the server, or Upload" if c.kind == "file" else ("blank = default" if c.optional else None)
     return gr.Textbox(value="" if value is None else str(value), label=c.label, info=c.info or None,
@@ -62,8 +62,7 @@ def make_control(c: Control, value=None):
 def reply_footer(r) -> str:
     n = len(r.token_ids)
     rate = f" · {n / r.duration_s:.1f} tok/s" if r.duration_s > 0 and n else ""
-    reason = {"eos": "finished", "length": "hit the token limit", "stopped": "stopped"}.get(r.finish_reason,
-                                                                                            r.finish_reason)
+    reason = stop_reason_text(r.finish_reason)
     return f"<sub>{n} token{'' if n == 1 else 's'} · {r.duration_s:.1f} s{rate} · {reason}</sub>"
 
 
@@ -76,8 +75,14 @@ def chat_history(tab: ArenaSession, arm: int) -> list[dict]:
     return msgs
 
 
+def note_line(spec) -> str:
+    """A pane's warning line for an arm whose replies are not what they seem (random or untrained)."""
+    note = untrained_note(spec)
+    return f"\n\n<span class='pane-note'>⚠ {html.escape(note)}</span>" if note else ""
+
+
 def pane_header(tab: ArenaSession, pane: int, blind: bool, spec_or_error=None) -> str:
-    """'Arm 1 · continuity λ=1' (settings visible) or 'Arm A' (blind)."""
+    """'Arm 1 · continuity λ=1' (settings visible) or 'Arm A' (blind); an untrained arm's note below."""
     if tab.started:
         spec = tab.spec_of(pane)
         if spec is None:
@@ -85,8 +90,9 @@ def pane_header(tab: ArenaSession, pane: int, blind: bool, spec_or_error=None) -
         if tab.hidden:
             return f"### Arm {LETTERS[pane]}"
         if tab.blind:
-            return f"### Arm {LETTERS[pane]} = {spec.display_label}\n<sub>{html.escape(summary(spec))}</sub>"
-        return f"### Arm {pane + 1} · {spec.display_label}\n<sub>{html.escape(summary(spec))}</sub>"
+            return (f"### Arm {LETTERS[pane]} = {spec.display_label}\n<sub>{html.escape(summary(spec))}</sub>"
+                    + note_line(spec))
+        return f"### Arm {pane + 1} · {spec.display_label}\n<sub>{html.escape(summary(spec))}</sub>" + note_line(spec)
     if blind:
         return f"### Arm {LETTERS[pane]}"
     if spec_or_error is None:
@@ -94,7 +100,7 @@ def pane_header(tab: ArenaSession, pane: int, blind: bool, spec_or_error=None) -
     if isinstance(spec_or_error, str):
         return f"### Arm {pane + 1} · ⚠ invalid settings\n<sub>{html.escape(spec_or_error)}</sub>"
     spec = spec_or_error
-    return f"### Arm {pane + 1} · {spec.display_label}\n<sub>{html.escape(summary(spec))}</sub>"
+    return f"### Arm {pane + 1} · {spec.display_label}\n<sub>{html.escape(summary(spec))}</sub>" + note_line(spec)
 
 
 def pane_name(tab: ArenaSession, pane: int, blind: bool) -> str:
@@ -205,9 +211,6 @@ def build_arena_tab(ctx: LabContext) -> dict:
     with gr.Accordion("System prompt (optional, same for every arm)", open=False):
         system = gr.Textbox(value="", show_label=False, lines=2, placeholder="e.g. You are a helpful assistant.")
     lock_note = gr.Markdown(LOCK_OPEN, elem_classes=["lock-note"])
-    with gr.Row(equal_height=True, elem_classes=["status-row"]):
-        status = gr.Markdown("", elem_id="lab-status")
-        progress = gr.Markdown("", elem_id="lab-progress")
 
     panes = []
     with gr.Row(equal_height=False, elem_classes=["panes"]):
@@ -219,22 +222,39 @@ def build_arena_tab(ctx: LabContext) -> dict:
                 with gr.Accordion("Arm settings (click to change)", open=False,
                                   elem_classes=["pane-settings"]) as acc:
                     controls = [FieldDropdown(mechanism_choices(), value=d[0], label="Mechanism",
-                                            info="observer = the plain model, no memory",
-                                            elem_classes=["mechanism"])]
+                                              info=mechanism_help(d[0]), elem_classes=["mechanism"])]
                     by_slot = {}
                     groups = {}
+                    conditional = []  # (control, (other key, value)) of the shown mechanism's group
+
+                    def add(name, c):
+                        value = d[layout.slots.index((name, c.key))]
+                        when = c.only_when
+                        comp = make_control(c, value)
+                        if when:
+                            other = d[layout.slots.index((name, when[0]))] if (name, when[0]) in layout.slots else None
+                            comp.visible = str(other) == str(when[1])
+                            conditional.append((name, comp, when))
+                        by_slot[(name, c.key)] = comp
+                        if c.kind == "file":
+                            up = gr.UploadButton(f"Upload {c.label.lower()}…", size="sm",
+                                                 file_count="single", type="filepath",
+                                                 file_types=[c.suffix] if c.suffix else None)
+                            up.upload(lambda f: f or gr.skip(), inputs=[up], outputs=[comp], api_name=False,
+                                      queue=False, show_progress="hidden")
+
                     for name, cs in layout.mechanisms.items():
                         with gr.Group(visible=d[0] == name, elem_classes=[f"mech-{name}"]) as g:
                             gr.Markdown(f"<sub>**{html.escape(name)}** settings</sub>")
                             for c in cs:
-                                comp = make_control(c, d[layout.slots.index((name, c.key))])
-                                by_slot[(name, c.key)] = comp
-                                if c.kind == "file":
-                                    up = gr.UploadButton(f"Upload {c.label.lower()}…", size="sm",
-                                                         file_count="single", type="filepath",
-                                                         file_types=[c.suffix] if c.suffix else None)
-                                    up.upload(lambda f: f or gr.skip(), inputs=[up], outputs=[comp], api_name=False,
-                                              queue=False, show_progress="hidden")
+                                if not c.advanced:
+                                    add(name, c)
+                            advanced = [c for c in cs if c.advanced]
+                            if advanced:
+                                with gr.Accordion(f"Advanced ({len(advanced)}: training-only or rarely changed)",
+                                                  open=False, elem_classes=["advanced"]):
+                                    for c in advanced:
+                                        add(name, c)
                         groups[name] = g
                     samp = {c.key: c for c in layout.sampling}
                     with gr.Row():
@@ -255,20 +275,29 @@ def build_arena_tab(ctx: LabContext) -> dict:
                                      elem_classes=["pane-stop"])
             assert len(controls) == len(layout)
             panes.append(dict(col=col, header=header, acc=acc, groups=groups, samp_row=samp_row, err=err,
-                              locked=locked, chat=chat, info=info, stop=stop, controls=controls, by_slot=by_slot))
+                              locked=locked, chat=chat, info=info, stop=stop, controls=controls, by_slot=by_slot,
+                              conditional=conditional))
 
-    with gr.Row(equal_height=True):
-        msg = gr.Textbox(show_label=False, placeholder="Message to every arm — Enter sends, Shift+Enter for a new line",
-                         lines=1, max_lines=8, scale=8, autofocus=True, elem_id="lab-message")
-        send_btn = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="lab-send")
-    with gr.Row():
-        stop_all_btn = gr.Button("Stop all", variant="stop", size="sm")
-        regen_btn = gr.Button("Regenerate last turn", size="sm")
-        new_btn = gr.Button("New session", size="sm")
-        reveal_btn = gr.Button("Reveal arms", size="sm", visible=False, elem_id="lab-reveal")
-        resume_btn = gr.Button("Continue my last session", size="sm", visible=False, elem_id="lab-resume")
+    # the composer sticks to the bottom of the window: its status line is where one types and sends
+    with gr.Column(elem_classes=["composer"], elem_id="lab-composer"):
+        with gr.Row(equal_height=True, elem_classes=["status-row"]):
+            status = gr.Markdown("", elem_id="lab-status")
+            resume_btn = gr.Button("Continue my last session", size="sm", visible=False, elem_id="lab-resume",
+                                   scale=0, min_width=200)
+            progress = gr.Markdown("", elem_id="lab-progress")
+        with gr.Row(equal_height=True):
+            msg = gr.Textbox(show_label=False,
+                             placeholder="Message to every arm — Enter sends, Shift+Enter for a new line",
+                             lines=1, max_lines=8, scale=8, elem_id="lab-message")
+            send_btn = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="lab-send")
+        with gr.Row():
+            stop_all_btn = gr.Button("Stop all", variant="stop", size="sm")
+            regen_btn = gr.Button("Regenerate last turn", size="sm")
+            new_btn = gr.Button("New session", size="sm")
+            reveal_btn = gr.Button("Reveal arms", size="sm", visible=False, elem_id="lab-reveal")
     # the last session this browser logged to, kept across reloads (the live one dies with the page)
     last_sid = gr.BrowserState("", storage_key="lab-last-session")
+    saved_name = gr.BrowserState("", storage_key="lab-annotator")  # the annotator's name, per browser
 
     gr.Markdown("#### Label the replies\n<sub>Pick a turn, a stance label, optionally a note and your confidence, "
                 "then **Save label**. You can label while the next turn is streaming. Enter your name under "
@@ -446,10 +475,9 @@ def build_arena_tab(ctx: LabContext) -> dict:
         if not tab.started:
             errors = start_session(tab, n, blind_value, system_text, title_text, annotator_name, window_text, vals)
             if errors:
-                why = errors.pop("session", None)
-                upd = {status: f"⚠ Not sent: {html.escape(why)}" if why
-                       else "⚠ Not sent: fix the arm settings marked in red.",
+                upd = {status: "⚠ " + html.escape(settings_refusal(errors, lambda p: pane_name(tab, p, blind_value))),
                        msg: message}
+                errors.pop("session", None)
                 for p, pn in enumerate(panes):
                     upd[pn["err"]] = f"⚠ {html.escape(errors[p])}" if p in errors else ""
                 yield upd
@@ -479,10 +507,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
         out = full_render(tab, blind_value, vals, status_text="New session: adjust the settings if you like, then "
                                                               "send a message.", clear_msg=False,
                           annotator_name=annotator_name)
-        for pn in panes:
-            out[pn["col"]] = gr.update(visible=True)
-            out[pn["ann_col"]] = gr.update(visible=True)
-        return out
+        return out  # the panes' visibility follows the Arms choice (the event chained after this one)
 
     def reveal(tab: ArenaSession, blind_value, annotator_name, *vals):
         try:
@@ -554,6 +579,16 @@ def build_arena_tab(ctx: LabContext) -> dict:
         return out
 
     # ---------------------------------------------------------------- events
+    pane_columns = [pn["col"] for pn in panes] + [pn["ann_col"] for pn in panes]
+
+    def panes_for(n):
+        """Pane and label columns for the Arms choice: exactly the first n are shown."""
+        try:
+            n = min(max(int(n or 2), 2), N_PANES)
+        except (TypeError, ValueError):
+            n = 2
+        return [gr.update(visible=p < n) for p in range(N_PANES)] * 2
+
     ctrl_names = [n for p in range(N_PANES) for n in layout.api_names(p)]
     send = named(send, ["message", "n_arms", "blind", "system_prompt", "title", "annotator", "window"] + ctrl_names)
     regenerate = named(regenerate, ["blind", "annotator"] + ctrl_names)
@@ -573,7 +608,8 @@ def build_arena_tab(ctx: LabContext) -> dict:
     # New session: stop what is running now (outside the queue), then reset once the turn has finished.
     new_btn.click(stop_all, inputs=common, outputs=[status], queue=False, api_name=False).then(
         new_session, inputs=common + [blind, annotator] + all_controls, outputs=full_outputs, api_name="new_session",
-        **model_bound)
+        **model_bound).then(panes_for, inputs=[n_arms], outputs=pane_columns, queue=False, api_name=False,
+                            show_progress="hidden")
     reveal_btn.click(reveal, inputs=common + [blind, annotator] + all_controls, outputs=full_outputs, api_name="reveal")
 
     for p, pn in enumerate(panes):
@@ -586,37 +622,40 @@ def build_arena_tab(ctx: LabContext) -> dict:
                    outputs=[progress, active_box] + [pn[k] for pn in panes for k in ("turn_sel", "stance", "saved")],
                    api_name="next_unlabelled").then(
         None, inputs=[active_box], outputs=None, js="(v) => { window.labSetActive && window.labSetActive(v); }")
-    annotator.blur(lambda tab, name: progress_text(tab, name), inputs=common + [annotator], outputs=[progress],
-                   api_name=False, queue=False, show_progress="hidden")
+    annotator.blur(lambda tab, name: (progress_text(tab, name), (name or "").strip()), inputs=common + [annotator],
+                   outputs=[progress, saved_name], api_name=False, queue=False, show_progress="hidden")
 
     # settings (before a session): live header, mechanism groups, sampling row, pane count, blind
     def header_fn(p):
         def fn(tab: ArenaSession, blind_value, *v):
             if tab.started:
-                return gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip()
             spec = pane_spec(list(v), 0)  # v is this pane's values alone
-            return pane_header(tab, p, blind_value, spec), ann_title_text(tab, p, blind_value, spec)
+            err_text = f"⚠ {html.escape(spec)} — Send is refused until this is fixed." if isinstance(spec, str) else ""
+            return pane_header(tab, p, blind_value, spec), ann_title_text(tab, p, blind_value, spec), err_text
         return fn
 
     mech_names = list(layout.mechanisms)
     for p, pn in enumerate(panes):
         c = pn["controls"]
-        c[0].change(lambda m: [gr.update(visible=m == name) for name in mech_names], inputs=[c[0]],
-                    outputs=[pn["groups"][name] for name in mech_names], queue=False, api_name=False,
-                    show_progress="hidden")
+        c[0].change(lambda m: [gr.update(visible=m == name) for name in mech_names] + [gr.update(info=mechanism_help(m))],
+                    inputs=[c[0]], outputs=[pn["groups"][name] for name in mech_names] + [c[0]], queue=False,
+                    api_name=False, show_progress="hidden")
+        for name, comp, (other, value) in pn["conditional"]:
+            pn["by_slot"][(name, other)].change(lambda v, want=value: gr.update(visible=str(v) == str(want)),
+                                                inputs=[pn["by_slot"][(name, other)]], outputs=[comp], queue=False,
+                                                api_name=False, show_progress="hidden")
         if ("sampling", "greedy") in pn["by_slot"]:
             pn["by_slot"][("sampling", "greedy")].change(lambda g: gr.update(visible=not g),
                                                         inputs=[pn["by_slot"][("sampling", "greedy")]],
                                                         outputs=[pn["samp_row"]], queue=False, api_name=False,
                                                         show_progress="hidden")
         triggers = [x.release if isinstance(x, gr.Slider) else x.change for x in c]
-        gr.on(triggers, header_fn(p), inputs=common + [blind] + c, outputs=[pn["header"], pn["label_title"]],
+        gr.on(triggers, header_fn(p), inputs=common + [blind] + c, outputs=[pn["header"], pn["label_title"], pn["err"]],
               queue=False, api_name=False, show_progress="hidden")
 
-    n_arms.change(lambda n: [gr.update(visible=p < int(n or 2)) for p in range(N_PANES)], inputs=[n_arms],
-                  outputs=[pn["col"] for pn in panes], queue=False, api_name=False, show_progress="hidden")
-    n_arms.change(lambda n: [gr.update(visible=p < int(n or 2)) for p in range(N_PANES)], inputs=[n_arms],
-                  outputs=[pn["ann_col"] for pn in panes], queue=False, api_name=False, show_progress="hidden")
+    n_arms.change(panes_for, inputs=[n_arms], outputs=pane_columns, queue=False, api_name=False,
+                  show_progress="hidden")
 
     def blind_changed(tab: ArenaSession, blind_value, *vals):
         out = {}
@@ -649,7 +688,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
                     raise gr.Error("Pick a logged turn first.", print_exception=False) from None
                 if tid is None:
                     raise gr.Error("This turn was not logged, so it cannot be inspected.", print_exception=False)
-                return tab.session_id, arm, k, gr.Tabs(selected=tab_id)
+                return tab.session_id, arm, k + 1, gr.Tabs(selected=tab_id)  # Inspect counts turns from 1
             return fn
 
         for p, pn in enumerate(panes):
@@ -680,6 +719,8 @@ def build_arena_tab(ctx: LabContext) -> dict:
     def on_load(demo: gr.Blocks):
         demo.load(offer_resume, inputs=[tab_state, last_sid], outputs=[resume_btn, status], api_name=False,
                   queue=False)
+        demo.load(lambda name: (name or "") if (name or "").strip() else gr.skip(), inputs=[saved_name],
+                  outputs=[annotator], api_name=False, queue=False, show_progress="hidden")
 
     def wire_continue(button: gr.Button, session_box: gr.Textbox, tabs: gr.Tabs, tab_id: str = "arena"):
         """A button elsewhere (Sessions) that reopens the session in `session_box` here and switches to the Arena."""

@@ -79,6 +79,29 @@ def check_message(message) -> str | None:
     return None
 
 
+# how a reply ended, in the same words in every view (the stored value is the key)
+STOP_REASONS = {"eos": "finished", "length": "hit the token limit", "stopped": "stopped"}
+
+
+def stop_reason_text(reason) -> str:
+    """A stored finish_reason as the lab words it everywhere (Arena, Sessions, Inspect)."""
+    return STOP_REASONS.get(reason, str(reason or ""))
+
+
+def turn_label(turn_index: int) -> str:
+    """'turn 1' for the stored index 0: every view counts turns from 1 (the store stays 0-based)."""
+    return f"turn {int(turn_index) + 1}"
+
+
+def settings_refusal(errors: dict, pane_name=lambda p: str(p + 1)) -> str:
+    """The one status line for settings that cannot run: 'Not sent: arm 2 · linkage: ... (got 7)'."""
+    if "session" in errors:
+        return f"Not sent: {errors['session']}"
+    parts = [f"arm {pane_name(p)} · {why}" for p, why in sorted((k, v) for k, v in errors.items()
+                                                                if isinstance(k, int))]
+    return "Not sent: " + "; ".join(parts) + " — fix it in the arm's settings."
+
+
 def parse_window(value) -> int | None:
     """The session's attention window from a settings box: None (blank: full attention) or a whole
     number of tokens; ArenaError with one line otherwise."""

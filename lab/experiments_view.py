@@ -181,6 +181,52 @@ def run_agreement(store, experiment_id: Optional[str]) -> pd.DataFrame:
         return pd.DataFrame([["-", "-", None, 0, 0, f"could not compute: {exc}"]], columns=AGREEMENT_HEADERS)
 
 
+def say_when_flat(fig):
+    """A bar chart whose every bar is 0 (or that has no bars) says so in words, not as an empty axis."""
+    if fig is None:
+        return fig
+    ys = [y for tr in fig.data if getattr(tr, "type", "") == "bar" and tr.y is not None for y in tr.y
+          if y is not None and y == y]  # NaN: not scored
+    if ys and any(abs(float(y)) > 0 for y in ys):
+        return fig
+    text = "no value to show: nothing was scored" if not ys else "every arm is 0 here (nothing happened, not a blank plot)"
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font=dict(size=14))
+    return fig
+
+
+def say_when_empty(fig, what: str = "nothing to plot: no scored turns in this run"):
+    """A figure without a single point says so in words, not as a bare axis."""
+    if fig is None:
+        return fig
+    def points(tr):
+        ys = getattr(tr, "y", None)
+        return ys is not None and any(y is not None and y == y for y in ys)
+    if not any(points(tr) for tr in fig.data):
+        fig.add_annotation(text=what, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font=dict(size=14))
+    return fig
+
+
+def compact_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """The summary with one row per metric and one column per arm, each cell 'estimate · n k/ji · p':
+    as many columns as arms (2-4), so it fits the page where one column per metric did not."""
+    if table is None or table.empty or "arm" not in table.columns:
+        return table
+    cols = [c for c in table.columns if c != "arm"]
+    metrics = [c for c in cols if not (c.endswith(" n") or c.endswith(" p"))]
+    rows = []
+    for m in metrics:
+        row = {"metric": m}
+        for _, r in table.iterrows():
+            parts = [str(r[m]) if pd.notna(r[m]) and str(r[m]) != "" else "–"]
+            if f"{m} n" in table.columns and pd.notna(r[f"{m} n"]) and str(r[f"{m} n"]) not in ("", "–"):
+                parts.append(f"n {r[f'{m} n']}")
+            if f"{m} p" in table.columns and pd.notna(r[f"{m} p"]) and str(r[f"{m} p"]) not in ("", "–"):
+                parts.append(f"p {r[f'{m} p']}")
+            row[str(r["arm"])] = " · ".join(parts)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["metric", *[str(a) for a in table["arm"]]])
+
+
 def run_details(store, experiment_id: Optional[str], metric: Optional[str] = None) -> dict:
     """Everything the results pane shows for one run; `error` set instead of raising."""
     from experiments.analysis import (METRIC_TITLES, fig_drift_curves, fig_metric_by_arm, format_summary,
@@ -324,8 +370,12 @@ def build_experiments_tab(ctx: LabContext) -> dict:
     with gr.Row():
         c["run_id"] = FieldDropdown(choices=_safe_choices(ctx), value=None, label="Run", scale=3)
         c["resume"] = gr.Button("Resume this run", size="sm", scale=1)
-    c["summary"] = gr.Dataframe(pd.DataFrame(columns=["arm", "n"]), interactive=False,
-                                label="Summary (estimate [95% CI]; p vs the first arm)")
+    c["summary"] = gr.Dataframe(pd.DataFrame(columns=["metric"]), interactive=False, wrap=True,
+                                label="Summary: a row per metric, a column per arm (estimate [95% CI] · n · p vs the "
+                                      "first arm)", elem_id="exp-summary")
+    gr.Markdown("<sub>**n** reads *k/j*i: *k* scored values over *j* distinct protocol items (the "
+                "confidence intervals resample items, so *j* is what counts); – : nothing scored.</sub>",
+                elem_id="exp-summary-key")
     c["metric"] = FieldDropdown(choices=[], label="Metric", interactive=True)
     with gr.Row():
         c["bar"] = gr.Plot(label="Metric by arm")
@@ -395,7 +445,8 @@ def build_experiments_tab(ctx: LabContext) -> dict:
             return (gr.update(value=pd.DataFrame()), gr.update(choices=[], value=None), None, None,
                     gr.update(choices=[], value=None), pd.DataFrame(columns=DIALOGUE_COLUMNS),
                     "" if not eid else f"❌ {d['error']}", pd.DataFrame(columns=DISAGREEMENT_COLUMNS))
-        return (d["table"], gr.update(choices=d["metrics"], value=d["metric"]), d["bar"], d["drift"],
+        return (compact_summary(d["table"]), gr.update(choices=d["metrics"], value=d["metric"]), say_when_flat(d["bar"]),
+                say_when_empty(d["drift"]),
                 gr.update(choices=d["sessions"], value=d["sessions"][0][1] if d["sessions"] else None), d["dialogues"],
                 "", d["disagreements"])
 
@@ -410,7 +461,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
         if not eid or not metric:
             return None
         try:
-            return fig_metric_by_arm(summary(ctx.store, eid), metric)
+            return say_when_flat(fig_metric_by_arm(summary(ctx.store, eid), metric))
         except Exception:  # noqa: BLE001
             return None
 

@@ -11,6 +11,8 @@ from the cached arrays.
 """
 from __future__ import annotations
 
+import re
+
 import tempfile
 from pathlib import Path
 
@@ -44,7 +46,7 @@ def heatmap_figures(res: InspectResult, layer: int, head, metric: str):
                            selected=(layer, head))
     a = res.attention_matrix(layer, head)
     label = res.arm_labels[res.arm_index]
-    title = (f"arm {res.arm_index} ({label}) · turn {res.turn_index} · layer {layer} · head {head} · "
+    title = (f"arm {res.arm_index} ({label}) · turn {res.turn_index + 1} · layer {layer} · head {head} · "
              f"{att['T']} tokens" + (f" in {att['S']} buckets" if att["S"] < att["T"] else ""))
     heat = F.attention_heatmap(a, att["bucket_labels"], title=title)
     return grid, heat
@@ -81,7 +83,7 @@ def memory_figure(res: InspectResult, mem_layer):
             cnt[ok] += 1
         W = np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
         slots, what = [slot_of[k] for k in keys], "mean over read layers " + ", ".join(str(e["layer"]) for e in layers)
-    title = f"memory read · arm {res.arm_index} ({res.arm_labels[res.arm_index]}) · turn {res.turn_index} · {what}"
+    title = f"memory read · arm {res.arm_index} ({res.arm_labels[res.arm_index]}) · turn {res.turn_index + 1} · {what}"
     return F.memory_read_figure(tokens, slots, W, title=title, current_turn=res.turn_index)
 
 
@@ -92,7 +94,7 @@ def curves_figure(res: InspectResult):
     m = res.memory
     tr = m.get("transcript") or {}
     span = tr.get("reply_span")
-    title = f"read scalars · arm {res.arm_index} ({res.arm_labels[res.arm_index]}) · turns 0-{res.turn_index}"
+    title = f"read scalars · arm {res.arm_index} ({res.arm_labels[res.arm_index]}) · turns 1-{res.turn_index + 1}"
     return F.scalar_curves_figure(m.get("curves"), tr.get("tokens") or [], reply_span=tuple(span) if span else None,
                                   title=title)
 
@@ -104,21 +106,21 @@ def divergence_figure(res: InspectResult):
     return F.divergence_strip(d["tokens"], d["kl_per_pos"], max_abs_dlogit=d["max_abs_dlogit_per_pos"],
                               top1_agree=d["top1_agree_per_pos"], observer_top=d["observer_top_text"],
                               summary=d, title=f"KL(P_arm ‖ P_observer) per token · arm {res.arm_index} "
-                                               f"({res.arm_labels[res.arm_index]}) · turn {res.turn_index}")
+                                               f"({res.arm_labels[res.arm_index]}) · turn {res.turn_index + 1}")
 
 
 def source_figure(res: InspectResult):
     if res is None or not res.source:
         return F.empty_figure("no source-attention curves")
     return F.source_attention_curves(res.source["arms"], res.source["n_layers"],
-                                     title=f"turn {res.turn_index}: attention on system prompt + first user message "
+                                     title=f"turn {res.turn_index + 1}: attention on system prompt + first user message "
                                            "(per layer third; row behind each generated token)")
 
 
 def summary_figure(res: InspectResult):
     if res is None or not res.summary:
         return F.empty_figure("no summary")
-    return F.turn_summary_figure(res.summary, title=f"turns 0..{res.turn_index}: memory size and reads on own "
+    return F.turn_summary_figure(res.summary, title=f"turns 1..{res.turn_index + 1}: memory size and reads on own "
                                                     "earlier answers")
 
 
@@ -127,7 +129,7 @@ def status_text(res: InspectResult) -> str:
     src = "from the cache" if cached else "computed now and cached"
     d = res.divergence or {}
     parts = [f"**session** `{res.session_id}` · **arm** {res.arm_index} ({res.arm_labels[res.arm_index]}) · "
-             f"**turn** {res.turn_index} of {res.n_turns} · {src} in {res.seconds:.2f} s"]
+             f"**turn** {res.turn_index + 1} of {res.n_turns} · {src} in {res.seconds:.2f} s"]
     if d:
         parts.append(f"KL mean {d.get('kl_mean', 0):.4f}, max {d.get('kl_max', 0):.4f} · max |Δlogit| "
                      f"{d.get('max_abs_dlogit', 0):.3f} · mean |Δlogit| {d.get('mean_abs_dlogit', 0):.4f} · "
@@ -150,6 +152,28 @@ def _whole(what: str, value) -> int:
         raise InspectError(f"{what} must be a whole number, got {value!r:.40}") from None
 
 
+def _turn_index(value) -> int:
+    """The form's turn (counted from 1, as every view counts) -> the stored 0-based index (blank: the first)."""
+    if value is None or value == "":
+        return 0
+    return _whole("turn", value) - 1
+
+
+def _turns_from_one(message: str) -> str:
+    """The engine's 0-based turn wording ('turns 0..2; there is no turn 3') as the lab counts (1..3; 4)."""
+    message = re.sub(r"turns 0\.\.(-?\d+)", lambda m: f"turns 1..{int(m.group(1)) + 1}", message)
+    return re.sub(r"there is no turn (-?\d+)", lambda m: f"there is no turn {int(m.group(1)) + 1}", message)
+
+
+def _progress_words(text: str) -> str:
+    """experiments.inspect's progress line as the lab words it: turns from 1, and the divergence pass said
+    exactly (its arm count includes the observer, whose divergence from itself is zero)."""
+    text = re.sub(r"\bturn (\d+)", lambda m: f"turn {int(m.group(1)) + 1}", text)
+    return re.sub(r"comparing (\d+) arms? with the observer",
+                  lambda m: f"divergence from the observer for {m.group(1)} arm{'s' if m.group(1) != '1' else ''} "
+                            "of the turn", text)
+
+
 def _mem_choices(res):
     if res is None or not res.memory:
         return [MEM_MEAN]
@@ -168,7 +192,8 @@ def build_inspect_tab(ctx: LabContext) -> dict:
     with gr.Row():
         session = gr.Textbox(label="session id", scale=3, elem_id="inspect-session")
         arm = FieldNumber(label="arm", value=1, precision=0, minimum=0, scale=1, elem_id="inspect-arm")
-        turn = FieldNumber(label="turn", value=0, precision=0, minimum=0, scale=1, elem_id="inspect-turn")
+        turn = FieldNumber(label="turn", value=1, precision=0, minimum=1, scale=1, elem_id="inspect-turn",
+                           info="counted from 1, as in the Arena")
         recompute = gr.Checkbox(label="recompute", value=False, scale=1)
         show = gr.Button("Show", variant="primary", scale=1, elem_id="inspect-show")
     status = gr.Markdown("", elem_id="inspect-status")
@@ -204,11 +229,11 @@ def build_inspect_tab(ctx: LabContext) -> dict:
             return ("Enter a session id (or use Inspect in Arena / Sessions).",) + nothing
         try:
             # only a turn not yet captured runs the model (one pass for every arm): say so while it runs
-            res = inspect_turn(ctx.store, ctx.lm, sid, _whole("arm", arm_i), _whole("turn", turn_i), lock=ctx.model_lock,
+            res = inspect_turn(ctx.store, ctx.lm, sid, _whole("arm", arm_i), _turn_index(turn_i), lock=ctx.model_lock,
                                recompute=bool(again), captures_dir=ctx.captures_dir or None,
-                               progress=lambda text: progress(0, desc=text))
+                               progress=lambda text: progress(0, desc=_progress_words(text)))
         except InspectError as e:
-            return (f"**Cannot inspect:** {e}",) + nothing
+            return (f"**Cannot inspect:** {_turns_from_one(str(e))}",) + nothing
         except Exception as e:  # unknown session (StoreError) and anything unexpected: a message, not a crash
             return (f"**Cannot inspect:** {str(e).splitlines()[0] if str(e) else type(e).__name__}",) + nothing
         grid, heat = heatmap_figures(res, layer_v, head_v, metric_v)
@@ -250,7 +275,7 @@ def build_inspect_tab(ctx: LabContext) -> dict:
         if res is None:
             return None, "Show a turn first."
         out = Path(tempfile.mkdtemp(prefix="lab-inspect-"))
-        stem = f"{res.session_id[:12]}-a{res.arm_index}-t{res.turn_index}"
+        stem = f"{res.session_id[:12]}-a{res.arm_index}-t{res.turn_index + 1}"  # turn counted from 1
         grid, heat = heatmap_figures(res, layer_v, head_v, metric_v)
         figs = {"divergence": divergence_figure(res), "memory": memory_figure(res, mem_v),
                 "read-scalars": curves_figure(res), "grid": grid,

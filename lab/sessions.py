@@ -12,7 +12,8 @@ from db import StoreError
 from db.export import export as export_files
 from db.store import is_blinded
 
-from .arena_controller import ArenaError, label_progress, labelled_line, reveal_session
+from .arena_controller import (ArenaError, label_progress, labelled_line, reveal_session, stop_reason_text,
+                               turn_label)
 from .fields import FieldDropdown, FieldNumber, FieldRadio
 from .context import LabContext
 
@@ -107,7 +108,8 @@ def build_sessions_tab(ctx: LabContext) -> dict:
                                elem_id="sessions-annotations")
     with gr.Row(equal_height=True):
         insp_arm = FieldNumber(value=0, precision=0, minimum=0, label="Arm (index)", scale=1, min_width=100)
-        insp_turn = FieldNumber(value=0, precision=0, minimum=0, label="Turn (0-based)", scale=1, min_width=100)
+        insp_turn = FieldNumber(value=1, precision=0, minimum=1, label="Turn", info="counted from 1, as in the Arena",
+                                 scale=1, min_width=100)
         inspect_btn = gr.Button("Inspect this turn", size="sm", scale=1, visible=False, elem_classes=["short-btn"])
     with gr.Accordion("Export", open=True):
         with gr.Row(equal_height=True):
@@ -182,11 +184,11 @@ def build_sessions_tab(ctx: LabContext) -> dict:
                     continue
                 content = t["text"] or "*(empty)*"
                 if t["role"] == "assistant":
-                    bits = [f"turn {t['turn_index']}", f"{t.get('n_tokens') or 0} tokens"]
+                    bits = [turn_label(t["turn_index"]), f"{t.get('n_tokens') or 0} tokens"]
                     if t.get("duration_s"):
                         bits.append(f"{t['duration_s']:.1f} s")
                     if t.get("finish_reason"):
-                        bits.append(t["finish_reason"])
+                        bits.append(stop_reason_text(t["finish_reason"]))
                     for a in ann_by_turn.get(t["id"], []):
                         bits.append(f"label {a['annotator']}: {a['stance_label']}")
                     content += "\n\n<sub>" + html.escape(" · ".join(bits)) + "</sub>"
@@ -195,7 +197,7 @@ def build_sessions_tab(ctx: LabContext) -> dict:
             chat_updates.append(gr.update(value=msgs, label=labels[idx] if hidden else f"Arm {idx} · {arms[i]['label']}"))
         if hidden:  # in pane order, so the row order says nothing about the arm index
             anns = sorted(anns, key=lambda a: (a["turn_index"], letters.get(a["arm_index"], "Z")))
-        ann_df = pd.DataFrame([[labels.get(a["arm_index"], a["arm_index"]), a["turn_index"], a["annotator"],
+        ann_df = pd.DataFrame([[labels.get(a["arm_index"], a["arm_index"]), a["turn_index"] + 1, a["annotator"],
                                 a["stance_label"], a.get("confidence"), a.get("note") or "",
                                 _when(a.get("created_at"))] for a in anns], columns=ANN_COLUMNS)
         return ["\n\n".join(lines), *col_updates, *chat_updates, ann_df, gr.update(visible=hidden)]
@@ -260,7 +262,7 @@ def build_sessions_tab(ctx: LabContext) -> dict:
             except StoreError as e:
                 raise gr.Error(str(e), print_exception=False) from None
             try:
-                return sid.strip(), int(arm or 0), int(turn or 0), gr.Tabs(selected=tab_id)
+                return sid.strip(), int(arm or 0), int(turn or 1), gr.Tabs(selected=tab_id)  # turns from 1 in both
             except (TypeError, ValueError, OverflowError):
                 raise gr.Error("Arm and turn must be whole numbers.", print_exception=False) from None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import annotated_types as at
 from pydantic import BaseModel, ValidationError
 
 from engine import ArmSpec, SpecError
-from engine.mechanisms import MECHANISMS
+from engine.mechanisms import MECHANISMS, MechanismSettings
 from engine.spec import OBSERVER, SamplingSettings, _first_error
 
 INT64_MAX = 2 ** 63 - 1  # what SQLite's INTEGER (and so the session's seed column) holds
@@ -51,6 +52,8 @@ class Control:
     optional: bool = False  # blank means None
     item_integer: bool = True  # for 'list': whole numbers
     suffix: str = ""  # for 'file': the expected file type, e.g. '.safetensors'
+    advanced: bool = False  # training-only or rarely useful: the Arena puts it behind "Advanced"
+    only_when: tuple = ()  # (other key, value): meaningful only when that key has that value
 
 
 def _unwrap_optional(ann):
@@ -84,6 +87,23 @@ def is_file_field(info) -> bool:
     return isinstance(extra, dict) and bool(extra.get("file"))
 
 
+def _extra(info) -> dict:
+    extra = info.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def _bound_text(lo, hi, integer: bool) -> str:
+    """'≥ 0, ≤ 1'; a bound that is only a storage limit (a 64-bit seed) is left out: it says nothing."""
+    def fmt(x):
+        return f"{x:,}" if integer else f"{x:g}"
+    parts = []
+    if lo is not None and abs(lo) < 2 ** 31:
+        parts.append(f"≥ {fmt(lo)}")
+    if hi is not None and abs(hi) < 2 ** 31:
+        parts.append(f"≤ {fmt(hi)}")
+    return ", ".join(parts)
+
+
 def _label(key: str) -> str:
     return {"linkage": "Linkage λ", "top_p": "Top-p", "max_new_tokens": "Max new tokens"}.get(
         key, key.replace("_", " ").capitalize())
@@ -96,29 +116,37 @@ def control_for(key: str, info) -> Control:
     desc = info.description or ""
     lo, hi = _bounds(info.metadata)
     label = info.title or _label(key)
+    extra = _extra(info)
+    meta = dict(advanced=bool(extra.get("advanced") or extra.get("training_only")),
+                only_when=tuple(extra.get("only_when") or ()))
+    if extra.get("training_only"):
+        desc = desc if desc.startswith("training only") else ("training only: " + desc if desc else "training only")
     if is_file_field(info):
         suffix = str(info.json_schema_extra.get("suffix") or "")
-        return Control(key, "file", label, desc, default or "", optional=optional, suffix=suffix)
+        return Control(key, "file", label, desc, default or "", optional=optional, suffix=suffix, **meta)
     if ann is bool:
-        return Control(key, "checkbox", label, desc, bool(default))
+        return Control(key, "checkbox", label, desc, bool(default), **meta)
     if typing.get_origin(ann) is Literal:
         choices = tuple(str(c) for c in typing.get_args(ann))
         return Control(key, "dropdown", label, desc, None if default is None else str(default), choices=choices,
-                       optional=optional)
+                       optional=optional, **meta)
     if ann in (int, float):
-        bounds = ", ".join(filter(None, [f"≥ {lo:g}" if lo is not None else "", f"≤ {hi:g}" if hi is not None else ""]))
+        bounds = _bound_text(lo, hi, ann is int)
+        useful = extra.get("useful")  # a small useful range inside wide bounds, e.g. (0, 0.05)
+        if useful:
+            bounds = (bounds + "; " if bounds else "") + f"useful {useful[0]:g}–{useful[1]:g}"
         info_text = desc + (f" ({bounds})" if bounds and desc else bounds)
         if optional:
             info_text += "; blank = unset"
         return Control(key, "number", label, info_text, default, minimum=lo, maximum=hi, integer=ann is int,
-                       optional=optional)
+                       optional=optional, **meta)
     if typing.get_origin(ann) in (list, tuple):
         args = typing.get_args(ann)
         item_int = not args or args[0] is int
         text = "" if default is None else "/".join(str(x) for x in default)
         return Control(key, "list", label, desc + ("; e.g. 15/22/28" if desc else "e.g. 15/22/28"), text,
-                       optional=optional, item_integer=item_int)
-    return Control(key, "text", label, desc, "" if default is None else str(default), optional=optional)
+                       optional=optional, item_integer=item_int, **meta)
+    return Control(key, "text", label, desc, "" if default is None else str(default), optional=optional, **meta)
 
 
 def controls_for(model: type[BaseModel]) -> list[Control]:
@@ -131,6 +159,41 @@ def sampling_controls() -> list[Control]:
 
 def mechanism_choices() -> list[str]:
     return [OBSERVER, *MECHANISMS]
+
+
+OBSERVER_HELP = "observer: the plain model, no memory — the reference the other arms are compared with"
+
+
+def mechanism_help(name: str) -> str:
+    """One line about the chosen mechanism: the first line of its module's (or class's) docstring."""
+    name = (name or OBSERVER).strip().lower()
+    if name == OBSERVER or name not in MECHANISMS:
+        return OBSERVER_HELP
+    cls = MECHANISMS[name]
+    doc = getattr(sys.modules.get(cls.__module__), "__doc__", None) or cls.__doc__ or ""
+    first = next((line.strip() for line in doc.splitlines() if line.strip()), "")
+    return f"{name}: {first}" if first else name
+
+
+def untrained_note(spec: ArmSpec) -> str | None:
+    """What a person must know before reading this arm's replies: a short note when the arm runs random or
+    untrained parameters (the settings model's `untrained_note`, shown while it has no weights file),
+    else the settings' own caveat, else a weak-gain note (the model's `weak_below_gain`); None for an arm
+    whose replies mean what they seem to."""
+    s = spec.settings
+    if s is None or s.linkage == 0:
+        return None
+    note = getattr(type(s), "untrained_note", None)
+    if type(s).caveat is not MechanismSettings.caveat:  # the mechanism itself says when an arm is untrained
+        if spec.caveat:
+            return note or spec.caveat
+    elif note and "weights" in type(s).model_fields and getattr(s, "weights", None) is None:
+        return note
+    weak = getattr(type(s), "weak_below_gain", None)  # below this gain the arm barely moves off the observer
+    if weak is not None and s.gain < weak:
+        return (f"gain {s.gain:g} is weak for {spec.mechanism}: expect replies close to the observer's, often "
+                "token for token — raise the gain to see its effect")
+    return None
 
 
 # -------------------------------------------------------------------------------- values -> spec

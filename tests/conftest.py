@@ -106,7 +106,7 @@ def limit_new_tokens(page, n: int, panes: int = 2) -> None:
     from playwright.sync_api import expect
 
     settings = page.get_by_text("Arm settings (click to change)")
-    expect(settings.nth(panes - 1)).to_be_visible()
+    expect(settings.nth(panes - 1)).to_be_visible(timeout=60_000)  # the first render takes ~4-6 s on a busy CPU
     for i in range(panes):
         settings.nth(i).click()
         box = page.get_by_label("Max new tokens").nth(i)

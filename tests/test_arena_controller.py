@@ -224,3 +224,15 @@ def test_sessions_tab_reveals_a_blind_session(store, embedded):
 
     with pytest.raises(gr.Error, match="not blind"):
         tab["reveal_fn"](plain.session_id, "all")
+
+
+def test_one_wording_and_one_numbering_for_every_view():
+    from lab.arena_controller import STOP_REASONS, settings_refusal, stop_reason_text, turn_label
+
+    assert [stop_reason_text(k) for k in ("eos", "length", "stopped")] == list(STOP_REASONS.values())
+    assert stop_reason_text("length") == "hit the token limit" and stop_reason_text(None) == ""
+    assert turn_label(0) == "turn 1"  # the stored index stays 0-based
+    line = settings_refusal({1: "continuity: linkage: input should be less than or equal to 1 (got 7)"})
+    assert line.startswith("Not sent: arm 2 · continuity: linkage") and "\n" not in line
+    assert "arm B" in settings_refusal({1: "x"}, lambda p: "AB"[p])
+    assert settings_refusal({"session": "the title is too long"}) == "Not sent: the title is too long"

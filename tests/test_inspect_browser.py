@@ -39,7 +39,7 @@ def test_inspect_tab_renders_plots(served):
             box = page.locator("#inspect-session textarea, #inspect-session input").first
             box.fill(sid)
             page.locator("#inspect-arm input").first.fill("1")
-            page.locator("#inspect-turn input").first.fill("1")
+            page.locator("#inspect-turn input").first.fill("2")  # turns count from 1
             page.locator("#inspect-show").click()
             for pid in ("inspect-divergence", "inspect-memory", "inspect-grid", "inspect-heatmap", "inspect-source",
                         "inspect-summary"):
@@ -88,7 +88,7 @@ def test_other_arm_of_a_captured_turn_opens_from_the_store(served):
 
             def show(arm):
                 page.locator("#inspect-arm input").first.fill(str(arm))
-                page.locator("#inspect-turn input").first.fill("0")
+                page.locator("#inspect-turn input").first.fill("1")  # the first turn
                 page.evaluate(WATCH)
                 page.locator("#inspect-show").click()
                 expect(status).to_contain_text(f"**arm** {arm}".replace("**", ""), timeout=240_000)

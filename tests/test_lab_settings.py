@@ -108,3 +108,47 @@ def test_a_toy_mechanism_gets_its_own_controls(toy):
         layout.spec(layout.values_from("toy_mask", {"strength": 9}))
     with pytest.raises(SpecError, match="toy_mask: mode"):
         layout.spec(layout.values_from("toy_mask", {"mode": "other"}))
+
+
+def test_settings_metadata_shapes_the_controls():
+    """Training-only and rarely changed keys are marked advanced (the Arena hides them behind "Advanced"),
+    a key meaningful for one value of another says so, a small useful range is shown, and a storage
+    bound (the 64-bit seed) is not printed as 9.22337e+18."""
+    layout = PaneLayout.current()
+    by = {name: {c.key: c for c in cs} for name, cs in layout.mechanisms.items()}
+    pa, bank, nm = by["partial_attention"], by["memory_bank"], by["neural_memory"]
+    assert {k for k, c in pa.items() if c.advanced} >= {"lora_rank", "lora_alpha", "sae"}
+    assert pa["lora_rank"].info.startswith("training only") and pa["sae"].info.count("training only") == 1
+    assert bank["init_std"].advanced and bank["gate_init"].advanced and not bank["slots"].advanced
+    assert not any(c.advanced for c in by["continuity"].values())
+    assert nm["hidden"].only_when == ("memory", "mlp") and not nm["hidden"].advanced
+    assert "useful 0–0.05" in nm["forget"].info
+    seed = {c.key: c for c in layout.sampling}["seed"]
+    assert "e+" not in seed.info and seed.info == "≥ 0"
+    assert "≤ 8,192" in {c.key: c for c in layout.sampling}["max_new_tokens"].info
+
+
+def test_untrained_notes_and_mechanism_help():
+    from lab.settings import OBSERVER_HELP, arm_spec, mechanism_help, untrained_note
+
+    assert mechanism_help("observer") == OBSERVER_HELP
+    for name in MECHANISMS:
+        assert mechanism_help(name).startswith(f"{name}: ") and mechanism_help(name) != OBSERVER_HELP
+    assert untrained_note(arm_spec("observer", {}, {})) is None
+    assert untrained_note(arm_spec("continuity", {}, {})) is None
+    assert "fresh random bank: expect noise" in untrained_note(arm_spec("memory_bank", {}, {}))
+    assert untrained_note(arm_spec("memory_bank", {"linkage": 0}, {})) is None  # the observer, bit for bit
+    assert untrained_note(arm_spec("memory_bank", {"gate_init": 0}, {})) is None  # starts as the base model
+    assert "untrained branch" in untrained_note(arm_spec("partial_attention", {}, {}))
+    assert untrained_note(arm_spec("partial_attention", {"weights": "w.safetensors"}, {})) is None
+    assert "not a memory" in untrained_note(arm_spec("noise", {}, {}))  # the control says what it is
+
+
+def test_a_weak_default_says_so():
+    """neural_memory at its default gain barely moves off the observer (measured: 48/48 greedy tokens equal on
+    the embedded model), so its pane says so; at gain 1 or more the note goes."""
+    from lab.settings import arm_spec, untrained_note
+
+    assert "close to the observer's" in untrained_note(arm_spec("neural_memory", {}, {}))
+    assert untrained_note(arm_spec("neural_memory", {"gain": 1.0}, {})) is None
+    assert "untrained" in untrained_note(arm_spec("neural_memory", {"gain": 1.0, "persistent": 4}, {}))

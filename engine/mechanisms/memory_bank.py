@@ -39,7 +39,7 @@ model bit for bit whatever the bank holds.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ from .projections import LayerProjections
 
 
 class MemoryBankSettings(MechanismSettings):
+    untrained_note: ClassVar[str] = "fresh random bank: expect noise — load or distill weights"  # shown in the lab
     gain: float = Field(1.0, ge=0.0, le=10.0, description="scale of the bank's read added to attention")
     placement: Literal["custom", "all", "first_k", "last_k", "every_n"] = Field(
         "custom", description="which layers read the bank: the `layers` list, all, first/last k, every n-th")
@@ -66,8 +67,8 @@ class MemoryBankSettings(MechanismSettings):
     sharing: Literal["shared", "per_layer", "every_k"] = Field(
         "shared", description="one bank for all layers, one per layer, or one per share_k layers")
     share_k: int = Field(2, ge=1, le=1024, description="layers per bank when sharing=every_k")
-    init_std: float = Field(1.0, ge=0.0, le=100.0, description="std of a fresh bank's slots (units of x̂)")
-    gate_init: float = Field(1.0, ge=0.0, le=10.0,
+    init_std: float = Field(1.0, ge=0.0, le=100.0, json_schema_extra={"training_only": True}, description="std of a fresh bank's slots (units of x̂)")
+    gate_init: float = Field(1.0, ge=0.0, le=10.0, json_schema_extra={"training_only": True},
                              description="per-head output gate of a fresh bank (0: starts as the base model)")
     weights: str | None = file_field("bank weights (safetensors from distill or train); none = a fresh bank")
 

@@ -51,6 +51,8 @@ the weights file as a peft folder for offline comparison, and no arm loads them.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -64,25 +66,28 @@ MAX_PINNED_CHARS = 20_000
 
 
 class PartialAttentionSettings(MechanismSettings):
+    # shown in the lab while no weights file is given (cloned, untrained projections at gain 1 garble replies)
+    untrained_note: ClassVar[str] = ("untrained branch: expect garbled replies at gain 1 — load trained weights "
+                                     "(python -m engine train)")
     gain: float = Field(1.0, ge=0.0, le=10.0, description="scale of the partial-attention branch (the gate is gain x linkage)")
     layers: list[int] | None = Field(None, description="decoder layers that get the branch; default: all layers")
     text: str | None = Field(None, max_length=MAX_PINNED_CHARS,
                              description="pinned source text read instead of the system prompt + first user message "
                                          "(write it in double quotes in a spec)")
-    fp: bool = Field(False, description="pass the source through an Fp network x + W2·SiLU(W1·x) (W2 = 0 at start)")
-    fp_dim: int = Field(64, ge=1, le=8192, description="hidden width of the Fp network (W1: hidden -> fp_dim)")
-    lang_emb: bool = Field(False, description="add learned source/target embeddings to the branch's inputs (zero at start)")
+    fp: bool = Field(False, json_schema_extra={"advanced": True}, description="pass the source through an Fp network x + W2·SiLU(W1·x) (W2 = 0 at start)")
+    fp_dim: int = Field(64, ge=1, le=8192, json_schema_extra={"advanced": True}, description="hidden width of the Fp network (W1: hidden -> fp_dim)")
+    lang_emb: bool = Field(False, json_schema_extra={"advanced": True}, description="add learned source/target embeddings to the branch's inputs (zero at start)")
     bidirectional: bool = Field(False, description="source tokens attend to each other both ways in the prefill "
                                                    "(edits the mask: linkage 0 or 1 only)")
     spe: bool = Field(False, description="positions restart at 0 after the source, the seed's separate positional "
                                          "encoding (edits positions: linkage 0 or 1 only)")
-    lora_rank: int = Field(0, ge=0, le=1024,
+    lora_rank: int = Field(0, ge=0, le=1024, json_schema_extra={"training_only": True},
                            description="train the branch's cloned q/k/v/o projections through peft LoRA adapters of "
                                        "this rank (the clones stay frozen; the weights file holds only the adapters, "
                                        "Fp and language embeddings); 0: the cloned projections train fully")
-    lora_alpha: float = Field(16.0, gt=0.0, le=4096.0, description="LoRA alpha of the branch's adapters "
+    lora_alpha: float = Field(16.0, gt=0.0, le=4096.0, json_schema_extra={"training_only": True}, description="LoRA alpha of the branch's adapters "
                                                                   "(scale alpha / rank)")
-    sae: bool = Field(False, description="training only: report the shifted source auto-encoding loss (aux 'sae', "
+    sae: bool = Field(False, json_schema_extra={"training_only": True}, description="training only: report the shifted source auto-encoding loss (aux 'sae', "
                                          "the seed's SAE: the LM head reads the source's top-layer x̂, each "
                                          "position predicting the next source token)")
     weights: str | None = file_field("trained branch parameters (cloned projections, Fp, language embeddings) "
