@@ -31,6 +31,10 @@ Mechanism-side contract (what a mechanism provides to be trainable here):
   adds the residual out of place under grad) and may put auxiliary losses into `call.aux` under
   keys `"<loss name>.<anything>"`; the config's `train.aux_weights` weighs them by loss name
   (e.g. `router_balance: 0.01`), summing over layers and averaging over sequences.
+- With `data.documents: true` each row carries a `document`: the trainer reads it with the frozen
+  model (x̂ at the mechanism's layers, what `engine distill --method tokens` stores) and hands it
+  to `mech.bind_document(...)` before the row; what trains is `cls.build_reader(...)`, a module
+  that reads any such document (memory_bank's reader), saved with `extra.reader = true`.
 - `plan(row)` is applied to each training row as the dialogue applies it (`engine.dialogue.apply_plan`
   and `attention_mask_4d`: per-row position ids, extra allowed mask pairs), so a mechanism that edits
   the mask or the positions trains under the edits it will run with. A training row is one
