@@ -13,7 +13,7 @@ import pytest
 
 from engine import parse_arm
 from engine.dialogue import Dialogue
-from engine.train import load_config
+from engine.train import TrainConfig, load_config
 from engine.weights import check_fits, read_header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,8 @@ def test_shipped_file_loads_and_matches_its_config(embedded, path, monkeypatch, 
     assert wf.mechanism == manifest["mechanism"] == cfg.mechanism.name
     want = cfg.settings().model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": cfg.settings().gain}
     assert wf.settings == json.loads(json.dumps(want))
-    assert wf.extra["trained"]["config"] == json.loads(json.dumps(cfg.model_dump()))
+    recorded = TrainConfig.model_validate(wf.extra["trained"]["config"])  # keys added since take their defaults
+    assert json.loads(json.dumps(recorded.model_dump())) == json.loads(json.dumps(cfg.model_dump()))
     monkeypatch.setenv("LAB_WEIGHTS_DIR", str(path.parent))
     if wf.extra.get("reader"):  # a bank reader reads a distilled bank: distil one on its layers
         from engine.distill import distill

@@ -30,6 +30,13 @@ by cross-attention at chosen layers, through that layer's own projections:
   document text a distilled slot came from), plus scalars: each chapter's mixture weight
   (`chapter c`), the top chapter, router entropy, and the delta norm.
 
+- Reader (`reader=FILE`): what reads a bank, trained once for every document (`ReaderWeights`):
+  per layer, peft LoRA on the read's W_q / W_k and a per-head gate multiplied into the bank's.
+  A bank distilled at test time (`engine distill`) is then read through it:
+  `memory_bank:weights="doc.safetensors",reader=@bank_reader`. A fresh reader reads as the layer's
+  own projections. Trained with `engine train` and `data.documents: true`, which binds each row's
+  document as the bank (`bind_document`).
+
 Parameters come from `build_weights` (a weights file, see `python -m engine distill` and
 `python -m engine train`, or a fresh bank: slots ~ N(0, init_std²) in the units of `x̂`, a
 router ~ N(0, 0.02²), gates `gate_init`; drawn from a fixed seed, so a fresh bank is
