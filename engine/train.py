@@ -31,6 +31,10 @@ Mechanism-side contract (what a mechanism provides to be trainable here):
   adds the residual out of place under grad) and may put auxiliary losses into `call.aux` under
   keys `"<loss name>.<anything>"`; the config's `train.aux_weights` weighs them by loss name
   (e.g. `router_balance: 0.01`), summing over layers and averaging over sequences.
+- With `data.documents: true` each row carries a `document`: the trainer reads it with the frozen
+  model (x̂ at the mechanism's layers, what `engine distill --method tokens` stores) and hands it
+  to `mech.bind_document(...)` before the row; what trains is `cls.build_reader(...)`, a module
+  that reads any such document (memory_bank's reader), saved with `extra.reader = true`.
 - `plan(row)` is applied to each training row as the dialogue applies it (`engine.dialogue.apply_plan`
   and `attention_mask_4d`: per-row position ids, extra allowed mask pairs), so a mechanism that edits
   the mask or the positions trains under the edits it will run with. A training row is one
@@ -83,6 +87,8 @@ class DataConfig(_Strict):
     max_length: int = Field(512, ge=8, le=131072, description="tokens per sequence (longer are cut)")
     loss_on: Literal["all", "assistant", "last"] = Field(
         "all", description="chat: train on every token, the replies, or the last reply only (e.g. a recall answer)")
+    documents: bool = Field(False, description="each row has a 'document': it is distilled into the memory bank "
+                                               "before the row (as engine distill does), and a bank reader trains")
 
 
 class TrainSection(_Strict):
@@ -223,8 +229,8 @@ def read_jsonl(path: str | Path, fmt: str) -> list[dict]:
     return rows
 
 
-def encode(tokenizer, row: dict, max_length: int, loss_on: str) -> dict:
-    """token ids, role codes and labels (-100 = no loss) of one example."""
+def encode(tokenizer, row: dict, max_length: int, loss_on: str, documents: bool = False) -> dict:
+    """token ids, role codes and labels (-100 = no loss) of one example (and its document's ids)."""
     from .chat import _tokenize_with_roles
     from .mechanisms.base import ROLE_CODE
 
@@ -253,7 +259,12 @@ def encode(tokenizer, row: dict, max_length: int, loss_on: str) -> dict:
         while start > 0 and roles[start - 1] == A:
             start -= 1
         labels = [t if start <= i < end else -100 for i, t in enumerate(ids)]
-    return {"ids": ids, "roles": roles, "labels": labels}
+    out = {"ids": ids, "roles": roles, "labels": labels}
+    if documents:
+        if not isinstance(row.get("document"), str) or not row["document"].strip():
+            raise ConfigError(["data.documents: every row needs a non-empty 'document' string"])
+        out["doc"] = tokenizer(row["document"], add_special_tokens=False)["input_ids"]
+    return out
 
 
 def window_mask(valid, window: int, sink: int = 4):
@@ -282,6 +293,12 @@ def collate(batch: list[dict], pad_id: int):
         out["roles"][i, :n] = torch.tensor(b["roles"])
         out["labels"][i, :n] = torch.tensor(b["labels"])
         out["valid"][i, :n] = True
+    if "doc" in batch[0]:  # documents, right-padded: a causal pass reads each one's tokens unchanged
+        D = max(len(b["doc"]) for b in batch)
+        out["doc_ids"] = torch.full((len(batch), D), pad_id)
+        out["doc_len"] = torch.tensor([len(b["doc"]) for b in batch])
+        for i, b in enumerate(batch):
+            out["doc_ids"][i, :len(b["doc"])] = torch.tensor(b["doc"])
     return out
 
 
@@ -330,10 +347,19 @@ def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float],
             m.reset()
             return m
 
-        def logits(self, ids, roles, valid):
+        def documents(self, doc_ids, doc_len) -> list[dict]:
+            """Per row: layer -> the document's x̂ [n, d] at the bank's layers (what distill stores)."""
+            from .hooks import layer_inputs
+
+            layers = self._mechanism(0).layers
+            return [{l: x[:int(n)] for l, x in layer_inputs(self.base, doc_ids[r:r + 1, :int(n)], layers).items()}
+                    for r, n in enumerate(doc_len)]
+
+        def logits(self, ids, roles, valid, doc_ids=None, doc_len=None):
             """The batch's logits [B, T, V] and the mechanisms' auxiliary losses: rows right-padded, each
             row's plan (positions, extra mask pairs) applied as the dialogue applies it."""
             B, T = ids.shape
+            docs = self.documents(doc_ids, doc_len) if doc_ids is not None else None
             positions = torch.arange(T, device=ids.device).repeat(B, 1)
             bindings, allow = [], {}
             for r in range(B):
@@ -341,6 +367,8 @@ def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float],
                 info = StepRow(positions=torch.arange(n, device=ids.device), roles=roles[r, :n], token_ids=ids[r, :n],
                                turn=0, record=False)
                 mech = self._mechanism(r)
+                if docs is not None:
+                    mech.bind_document(docs[r])
                 plan = mech.plan(info) if mech.active else None
                 if plan is not None:
                     apply_plan(r, plan, valid[r], positions, allow)
@@ -359,8 +387,8 @@ def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float],
                 out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             return out.logits, ctx.aux
 
-        def forward(self, ids, roles, labels, valid):
-            all_logits, aux_losses = self.logits(ids, roles, valid)
+        def forward(self, ids, roles, labels, valid, doc_ids=None, doc_len=None):
+            all_logits, aux_losses = self.logits(ids, roles, valid, doc_ids, doc_len)
             logits = all_logits[:, :-1].float()
             target = labels[:, 1:]
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
@@ -418,7 +446,15 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         wf = read_header(cfg.init_weights)
         check_fits(wf, cls.name, base, lm.identity)
         tensors = load_tensors(wf)
-    weights = cls.build_weights(settings, base, tensors)
+    if cfg.data.documents:
+        if not hasattr(cls, "build_reader"):
+            raise ConfigError([f"data.documents: mechanism '{cls.name}' has no reader to train (memory_bank has)"])
+        try:
+            weights = cls.build_reader(settings, base, tensors)
+        except ValueError as e:
+            raise ConfigError([f"mechanism.settings: {e}"]) from None
+    else:
+        weights = cls.build_weights(settings, base, tensors)
     if weights is None or not any(p.requires_grad for p in weights.parameters()):
         raise ConfigError([f"mechanism.name: '{cls.name}' built no trainable parameters for these settings"])
     weights.train()  # what trains is what build_weights left requiring grad (e.g. LoRA adapters, not the clones)
@@ -446,8 +482,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
         n_eval = max(1, int(round(len(rows) * cfg.data.eval_fraction))) if cfg.data.eval_fraction > 0 else 0
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in order[n_eval:]] or rows
-    enc = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on) for r in rows]
-    enc_eval = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on) for r in eval_rows]
+    enc = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on, cfg.data.documents) for r in rows]
+    enc_eval = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on, cfg.data.documents) for r in eval_rows]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     loader = DataLoader(enc, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False,
                         collate_fn=lambda b: collate(b, pad), generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -504,7 +540,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
                          settings=settings.model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": settings.gain},
                          model=base, identity=lm.identity,
                          extra={"trained": {"step": state["step"], "eval_loss": state["best_eval"],
-                                            "config": cfg.model_dump()}})
+                                            "config": cfg.model_dump()}} | ({"reader": True} if cfg.data.documents else {}))
 
     def checkpoint() -> None:
         path = ckpt_root / f"step-{state['step']}"

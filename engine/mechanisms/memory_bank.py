@@ -30,6 +30,13 @@ by cross-attention at chosen layers, through that layer's own projections:
   document text a distilled slot came from), plus scalars: each chapter's mixture weight
   (`chapter c`), the top chapter, router entropy, and the delta norm.
 
+- Reader (`reader=FILE`): what reads a bank, trained once for every document (`ReaderWeights`):
+  per layer, peft LoRA on the read's W_q / W_k and a per-head gate multiplied into the bank's.
+  A bank distilled at test time (`engine distill`) is then read through it:
+  `memory_bank:weights="doc.safetensors",reader=@bank_reader`. A fresh reader reads as the layer's
+  own projections. Trained with `engine train` and `data.documents: true`, which binds each row's
+  document as the bank (`bind_document`).
+
 Parameters come from `build_weights` (a weights file, see `python -m engine distill` and
 `python -m engine train`, or a fresh bank: slots ~ N(0, init_std²) in the units of `x̂`, a
 router ~ N(0, 0.02²), gates `gate_init`; drawn from a fixed seed, so a fresh bank is
@@ -71,6 +78,10 @@ class MemoryBankSettings(MechanismSettings):
     gate_init: float = Field(1.0, ge=0.0, le=10.0, json_schema_extra={"training_only": True},
                              description="per-head output gate of a fresh bank (0: starts as the base model)")
     weights: str | None = file_field("bank weights (safetensors from distill or train); none = a fresh bank")
+    reader: str | None = file_field("a trained bank reader (engine train with data.documents: true): LoRA on the "
+                                    "read's W_q / W_k and per-head gates, for any distilled bank")
+    reader_rank: int = Field(8, ge=1, le=1024, description="LoRA rank of a reader's query / key adapters")
+    reader_alpha: float = Field(16.0, gt=0.0, le=4096.0, description="LoRA alpha of a reader's adapters")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -84,6 +95,8 @@ class MemoryBankSettings(MechanismSettings):
                              f"{self.chapters}")
         if self.chapters > 1 and self.top_k > routed:
             raise ValueError(f"top_k ({self.top_k}) is more than the {routed} routed chapters")
+        if self.reader is not None and self.variant != "standard":
+            raise ValueError(f"a reader reads standard banks only, not variant={self.variant}")
         return self
 
     def caveat(self) -> str | None:
@@ -214,6 +227,9 @@ class BankWeights(torch.nn.Module):
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if any(k.startswith("readers.") for k in tensors):
+            raise ValueError("this file is a bank reader, not a bank: name it with reader=, beside a distilled "
+                             "bank's weights=")
         expected = {k for k in self.to_tensors() if not k.endswith(".labels")}
         given = {k for k in tensors if not k.endswith(".labels")}
         missing = sorted(expected - given - {f"bank.{b}.mask" for b in range(self.n_banks)})
@@ -235,18 +251,176 @@ class BankWeights(torch.nn.Module):
                 target.copy_(value.to(target.dtype))
 
 
+def _clone_linear(linear: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:
+    from .projections import dense
+
+    w, b = dense(linear, dtype)
+    out = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=dtype, device=w.device)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if b is not None:
+            out.bias.copy_(b)
+    return out
+
+
+class ReaderLayer(torch.nn.Module):
+    """One host layer's reader: clones of its W_q / W_k (frozen, under LoRA) and a per-head gate."""
+
+    def __init__(self, attn: torch.nn.Module, n_heads: int, dtype: torch.dtype):
+        super().__init__()
+        self.q_read = _clone_linear(attn.q_proj, dtype)
+        self.k_read = _clone_linear(attn.k_proj, dtype)
+        self.gate = torch.nn.Parameter(torch.ones(n_heads, dtype=dtype, device=self.q_read.weight.device))
+
+
+READER_TARGETS = ["q_read", "k_read"]
+
+
+class ReaderWeights(torch.nn.Module):
+    """A bank reader: what reads a bank, not what it holds, so one reader serves every distilled
+    document. Per host layer, peft LoRA adapters on the read's query and slot-key projections (B = 0
+    at start: a fresh reader reads as the layer's own W_q / W_k) and a per-head gate (1 at start),
+    multiplied into the bank's own. Trained by `python -m engine train` with `data.documents: true`
+    (each row's document distilled into the bank on the fly); an arm loads it with `reader=FILE`
+    beside the distilled bank's `weights=FILE`. The file holds the adapters and gates only."""
+
+    def __init__(self, settings: MemoryBankSettings, model: torch.nn.Module):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from ..hooks import decoder_layers
+
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        blocks = decoder_layers(model)
+        self.layers = settings.resolved_layers(model.config.num_hidden_layers)
+        self.readers = torch.nn.ModuleDict({str(l): ReaderLayer(blocks[l].self_attn, model.config.num_attention_heads,
+                                                                dtype) for l in self.layers})
+        with torch.random.fork_rng(devices=[]):  # the same fresh adapters in every process
+            torch.manual_seed(3000 + settings.reader_rank)
+            inject_adapter_in_model(LoraConfig(r=settings.reader_rank, lora_alpha=settings.reader_alpha,
+                                               lora_dropout=0.0, target_modules=READER_TARGETS), self)
+        for name, p in self.named_parameters():
+            p.requires_grad_("lora_" in name or name.endswith(".gate"))
+
+    def layer(self, layer: int) -> ReaderLayer:
+        return self.readers[str(layer)]
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        gates = {n: t for n, t in self.state_dict().items() if n.endswith(".gate")}
+        return gates | get_peft_model_state_dict(self)
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.to_tensors()
+        if set(tensors) != set(own):
+            odd = sorted(set(tensors) ^ set(own))
+            raise ValueError(f"reader tensors do not fit layers {self.layers} (first mismatch: '{odd[0]}')")
+        for k, v in tensors.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"reader tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self, {k: v for k, v in tensors.items() if "lora_" in k})
+        self.load_state_dict({k: v for k, v in tensors.items() if "lora_" not in k}, strict=False)
+
+    def train(self, mode: bool = True):
+        """A frozen reader (an arm's) merges its adapters into the clones once."""
+        super().train(mode)
+        if not mode and not any(p.requires_grad for p in self.parameters()):
+            from peft.tuners.lora import LoraLayer
+
+            for m in self.modules():
+                if isinstance(m, LoraLayer) and not m.merged:
+                    m.merge()
+        return self
+
+
+class _ReaderProjections(LayerProjections):
+    """The layer's attention geometry with the reader's W_q / W_k (called as modules: LoRA takes part)."""
+
+    def __init__(self, reader: ReaderLayer, attn: torch.nn.Module, config, dtype: torch.dtype):
+        super().__init__(attn, config, dtype)
+        self.reader = reader
+
+    def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == "q_proj":
+            return self.reader.q_read(x.to(self.dtype))
+        if name == "k_proj":
+            return self.reader.k_read(x.to(self.dtype))
+        return super()._proj(name, x)
+
+
+_READERS: dict[tuple, ReaderWeights] = {}
+
+
+def load_reader(settings: MemoryBankSettings, model: torch.nn.Module, identity=None) -> ReaderWeights:
+    """The frozen reader named by `settings.reader`, built once per (file content, model)."""
+    from ..weights import WeightsError, check_fits, load_tensors, read_header
+
+    wf = read_header(settings.reader)
+    check_fits(wf, "memory_bank", model, identity)
+    if not wf.extra.get("reader"):
+        raise WeightsError(f"{wf.path} is a bank, not a reader (a reader is trained with data.documents: true); "
+                           f"name a bank with weights=")
+    key = (wf.sha256, id(model))
+    if key not in _READERS:
+        own = settings.model_copy(update={"placement": "custom", "layers": wf.settings["layers"],
+                                          "reader_rank": wf.settings["reader_rank"],
+                                          "reader_alpha": wf.settings["reader_alpha"]})
+        reader = ReaderWeights(own, model)
+        try:
+            reader.load_tensors(load_tensors(wf))
+        except ValueError as e:
+            raise WeightsError(f"reader {wf.path}: {e}") from None
+        reader.requires_grad_(False)
+        _READERS[key] = reader.eval()
+    reader = _READERS[key]
+    missing = sorted(set(settings.resolved_layers(model.config.num_hidden_layers)) - set(reader.layers))
+    if missing:
+        raise WeightsError(f"reader {wf.path} was trained for layers {reader.layers}; the bank also reads layers {missing}")
+    return reader
+
+
 class MemoryBank(Mechanism):
     name = "memory_bank"
     Settings = MemoryBankSettings
 
     def __init__(self, settings: MemoryBankSettings, model: torch.nn.Module, weights: BankWeights | None = None):
+        reader = None
+        if isinstance(weights, ReaderWeights):  # a reader under training: the bank comes with each document
+            reader, weights = weights, None
         super().__init__(settings, model, weights)
+        if reader is None and settings.reader:
+            reader = load_reader(settings, model)
+        self.reader = reader
+        self.document: dict[int, torch.Tensor] | None = None  # layer -> slots x̂ [n, d] (bind_document)
         if weights is None:
             weights = self.build_weights(settings, model, None)
             weights.requires_grad_(False)
         self.weights = weights
         self.bank_of = settings.bank_of(self.layers)
         self.prefix: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (sum of x̂ so far [d] fp32, count)
+
+    @classmethod
+    def build_reader(cls, settings: MemoryBankSettings, model, tensors) -> ReaderWeights:
+        """A reader to train (fresh, or from a reader file's tensors)."""
+        if settings.chapters != 1 or settings.variant != "standard":
+            raise ValueError("a reader trains on plain distilled banks: chapters=1, variant=standard")
+        reader = ReaderWeights(settings, model)
+        if tensors is not None:
+            reader.load_tensors(tensors)
+        return reader
+
+    def bind_document(self, slots: dict[int, torch.Tensor]) -> None:
+        """Read these slots (layer -> x̂ [n, d], as `engine distill --method tokens` makes them)
+        instead of the bank's, until `reset`: how a reader trains on many documents."""
+        self.document = slots
+
+    def make_projections(self, layer: int, attn: torch.nn.Module):
+        if self.reader is not None:
+            return _ReaderProjections(self.reader.layer(layer), attn, self.config, self.dtype)
+        return super().make_projections(layer, attn)
 
     @classmethod
     def build_weights(cls, settings: MemoryBankSettings, model, tensors):
@@ -262,6 +436,7 @@ class MemoryBank(Mechanism):
     # -- lifecycle ------------------------------------------------------------------------------
     def reset(self) -> None:
         self.prefix.clear()
+        self.document = None
 
     def snapshot(self) -> dict:
         return copy_state({layer: (s, n) for layer, (s, n) in self.prefix.items()})
@@ -290,9 +465,13 @@ class MemoryBank(Mechanism):
 
         Kept per (weights, layer) when the bank is frozen (as every loaded bank is); recomputed
         at every call while its parameters train."""
+        if self.document is not None:
+            m = self.document[layer]
+            return proj.keys(m), proj.values(m)
         w, b = self.weights, self.bank_of[layer]
         frozen = not any(p.requires_grad for p in w.parameters())
-        key = (layer, id(proj.attn))
+        frozen = frozen and (self.reader is None or not any(p.requires_grad for p in self.reader.parameters()))
+        key = (layer, id(proj.attn), id(self.reader))
         if frozen and key in w.kv_cache:
             return w.kv_cache[key]
         m = w.memory(b)
@@ -345,15 +524,21 @@ class MemoryBank(Mechanism):
             scale = s.rank ** -0.5
         mix, logits, chosen = self.route(layer, call.x_hat, call.aux)
         n_kv, g, T, _ = q.shape
-        C, n_c = s.chapters, s.slots // s.chapters
+        N = k.shape[1]
+        C, n_c = s.chapters, N // s.chapters
         scores = torch.einsum("hgtd,hnd->hgtn", q, k).float() * scale
-        mask = self.weights.p(b, "mask")
-        if not bool(mask.all()):
-            scores = scores.masked_fill(~mask, float("-inf"))
+        if self.document is None:
+            mask = self.weights.p(b, "mask")
+            if not bool(mask.all()):
+                scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores.view(n_kv, g, T, C, n_c), -1).nan_to_num(0.0)  # an all-padding chapter reads 0
-        weights = (probs * mix[None, None, :, :, None]).reshape(n_kv, g, T, s.slots)
+        weights = (probs * mix[None, None, :, :, None]).reshape(n_kv, g, T, N)
         heads = torch.einsum("hgtn,hnd->hgtd", weights.to(v.dtype), v)
-        gate = self.weights.p(b, "gate").to(heads.dtype).view(n_kv, g, 1, 1)
+        gate = self.reader.layer(layer).gate if self.reader is not None else None
+        if self.document is None:
+            own = self.weights.p(b, "gate")
+            gate = own if gate is None else gate * own
+        gate = gate.to(heads.dtype).view(n_kv, g, 1, 1)
         delta = proj.output(heads * gate)
         if call.row.record:
             self._record(layer, b, weights, mix, logits, delta, call)
