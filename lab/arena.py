@@ -227,7 +227,7 @@ def build_arena_tab(ctx: LabContext) -> dict:
                     groups = {}
                     conditional = []  # (control, (other key, value)) of the shown mechanism's group
 
-                    def add(name, c):
+                    def add(name, c, d=d, by_slot=by_slot, conditional=conditional):  # bound now: called in this loop
                         value = d[layout.slots.index((name, c.key))]
                         when = c.only_when
                         comp = make_control(c, value)

@@ -64,10 +64,10 @@ class NeuralMemorySettings(MechanismSettings):
     weak_below_gain: ClassVar[float] = 1.0
     memory: Literal["linear", "mlp"] = Field(
         "linear", description="memory network per KV head: a linear d×d map (closed form) or a 2-layer MLP (autograd)")
-    hidden: int = Field(64, ge=4, le=1024, json_schema_extra={"only_when": ("memory", "mlp")}, description="MLP memory: hidden width per KV head")
+    hidden: int = Field(64, ge=4, le=1024, json_schema_extra={"only_when": ["memory", "mlp"]}, description="MLP memory: hidden width per KV head")
     lr: float = Field(0.1, gt=0.0, le=10.0, description="θ: step size of each test-time write")
     momentum: float = Field(0.5, ge=0.0, lt=1.0, description="η: momentum of the surprise (past surprise carried on)")
-    forget: float = Field(0.005, ge=0.0, le=1.0, json_schema_extra={"useful": (0.0, 0.05)}, description="α: forgetting per token, M ← (1−α)·M + S")
+    forget: float = Field(0.005, ge=0.0, le=1.0, json_schema_extra={"useful": [0.0, 0.05]}, description="α: forgetting per token, M ← (1−α)·M + S")
     step: Literal["constant", "surprise"] = Field(
         "constant", description="θ constant, or scaled by the token's own surprise min(1, loss/||v||²)")
     wiring: Literal["gate", "layer"] = Field(
