@@ -2,7 +2,7 @@
 
     python -m studies.bank_reader [--reader @bank_reader] [--items 120] [--threads 1]     # ~10 min, 2 cores
 
-For each held-out document (data/bank_reader/test.jsonl: invented people and towns never
+For each held-out document (studies/data/bank_reader/test.jsonl: invented people and towns never
 seen in training) a bank is distilled here with `engine.distill.distill` (what `python -m engine
 distill DOC --arm "memory_bank:layers=..."` runs), on the reader's layers. Each question
 ("Where does <person> live?", no document in context) is put to five arms:

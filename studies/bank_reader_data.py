@@ -1,6 +1,6 @@
 """Invented documents for the bank reader (README "Positive controls", row "bank reader"). Seconds.
 
-    python -m studies.bank_reader_data      # writes data/bank_reader/{train,dev,test}.jsonl
+    python -m studies.bank_reader_data      # writes studies/data/bank_reader/{train,dev,test}.jsonl
 
 Each document names three invented people, the town each lives in and the object each keeps
 ("Orla Vennick lives in Tarrowby. Orla keeps a copper kettle. ..."). Training rows are chat
@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "data" / "bank_reader"
+OUT = Path(__file__).resolve().parent / "data" / "bank_reader"
 SYSTEM = "Answer in a few words."
 ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "t", "th", "v", "w", "z"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]

@@ -1,7 +1,7 @@
 """A constraint checked at the end of a long reply, for partial attention (README "Positive
 controls", row "partial attention, constraint task"). Seconds.
 
-    python -m studies.constraint_data     # writes data/constraint_end/{train,dev,test}.jsonl
+    python -m studies.constraint_data     # writes studies/data/constraint_end/{train,dev,test}.jsonl
 
 The system prompt lists a few rules; the one checked is the last: "End every reply with the line
 'Signed, <invented name> of <invented town>.'". The user asks for a description of a topic; the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .bank_reader_data import pools
 
-OUT = Path(__file__).resolve().parents[1] / "data" / "constraint_end"
+OUT = Path(__file__).resolve().parent / "data" / "constraint_end"
 TOPICS = ["a harbour at dawn", "an old library", "a mountain railway", "a winter market", "a river ferry",
           "a clock tower", "a village bakery", "a lighthouse", "a desert road", "a night train", "an orchard",
           "a weaving workshop", "a salt marsh", "a glass house", "a stone bridge", "a fishing village"]

@@ -3,7 +3,7 @@
 
     python -m studies.constraint_end [--weights @constraint_palm] [--items 60] [--threads 1]   # ~5 min, 2 cores
 
-Held-out items (data/constraint_end/test.jsonl): the system prompt's last rule is "End
+Held-out items (studies/data/constraint_end/test.jsonl): the system prompt's last rule is "End
 every reply with the line 'Signed, <name> of <town>.'" with a name never seen in training. Each
 arm is teacher-forced the same long reply (~150 tokens of description) and then "Signed,"; at
 that point we measure the sign-off name's log-probability, the right-minus-wrong margin against
