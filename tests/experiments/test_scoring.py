@@ -11,7 +11,7 @@ from experiments.scoring import (SCORER_NAMES, SCORERS, DialogueScore, StanceEmb
                                  choice_letters, choice_texts, concession, extract_letter, first_sentence,
                                  normalise_answer, score_answer_flip, score_dialogue)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------- extract_letter
 

@@ -36,7 +36,7 @@ def client(url):
 
 
 def status_of(result) -> str:
-    from tests.test_lab_api import outputs
+    from tests.lab.test_lab_api import outputs
 
     return outputs(result)["status"]
 
@@ -112,7 +112,7 @@ def test_more_tabs_than_the_row_cap_wait_their_turn(capped):
     stop = threading.Event()
 
     def watch():  # the status each tab shows while it streams
-        from tests.test_lab_api import outputs
+        from tests.lab.test_lab_api import outputs
 
         while not stop.is_set():
             for j in jobs:

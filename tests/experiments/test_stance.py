@@ -14,7 +14,7 @@ from experiments import analysis as A
 from experiments.scoring import stance as S
 from experiments.scoring import score_dialogue
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEST_SPLIT = ROOT / "data" / "stance_labels" / "test.jsonl"
 DEV_SPLIT = ROOT / "data" / "stance_labels" / "dev.jsonl"
 

@@ -1,6 +1,6 @@
 """Exactness of the engine: linkage 0 is the base model bit for bit, cached == uncached, no future
 leakage, batched arms == arms alone, memory scopes, the seed variant, 4-bit. The invariants every
-mechanism shares are in tests/test_conformance.py; this file keeps the continuity-specific ones."""
+mechanism shares are in tests/engine/test_conformance.py; this file keeps the continuity-specific ones."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +14,7 @@ from helpers import PROMPTS, A, dialogue_logits, full_forward, generate_logits, 
 
 
 # -- linkage 0 is the base model -----------------------------------------------------------------
-# Every mechanism's own configurations are checked by the conformance suite (tests/test_conformance.py);
+# Every mechanism's own configurations are checked by the conformance suite (tests/engine/test_conformance.py);
 # here the observer itself, which no mechanism registers.
 def test_observer_equals_plain_generate(tiny):
     ref_tokens, ref_logits = generate_logits(tiny, PROMPTS[0], 12)

@@ -12,7 +12,7 @@ import pytest
 from db import Store
 from db.export import TURN_COLUMNS, export_bundle
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(180)
 
 

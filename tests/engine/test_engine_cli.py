@@ -10,7 +10,7 @@ import pytest
 
 from engine.spec import ArmSpec, SpecError, parse_arm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, timeout=180):

@@ -16,7 +16,7 @@ from db import Store
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL = {"name": "tiny-llm"}
 
 

@@ -12,7 +12,7 @@ import pytest
 from experiments.scoring import stance as S
 from experiments.judge_audit import Rate, audit, format_audit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class NegationJudge(S.StanceJudge):

@@ -12,7 +12,7 @@ import pytest
 from db import Store
 from experiments.distributed import run_protocol_ray
 from experiments.runner import completed_keys, run_protocol
-from tests.test_runner import ARMS, EXPECTED, ITEMS, SEEDS, TOKENS, counts, tokens_by_key
+from tests.experiments.test_runner import ARMS, EXPECTED, ITEMS, SEEDS, TOKENS, counts, tokens_by_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 RUN = dict(seeds=SEEDS, items=ITEMS, max_new_tokens=TOKENS)
@@ -78,7 +78,7 @@ def test_killed_actor_loses_and_duplicates_nothing_on_postgresql(plain_run, ray_
     from gradio_client import Client
 
     from tests.conftest import serve_lab
-    from tests.test_lab_api import outputs
+    from tests.lab.test_lab_api import outputs
 
     plain_store, plain_eid = plain_run
     url = pg_server.create_database("ray_kill")

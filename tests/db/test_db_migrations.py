@@ -18,7 +18,7 @@ from db.export import export_bundle
 from db.models import Base
 from db.schema import head, migrate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OLD = ROOT / "tests" / "data" / "lab-v1.db"  # written by the release before Alembic (tests/data/make_lab_v1.py)
 TABLES = ("experiments", "sessions", "arms", "turns", "annotations", "scores", "probe_results", "captures")
 

@@ -16,7 +16,7 @@ from engine.dialogue import Dialogue
 from engine.train import TrainConfig, load_config
 from engine.weights import check_fits, read_header
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "weights").glob("*.safetensors"))
 
 

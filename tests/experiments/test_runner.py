@@ -258,7 +258,7 @@ def test_sigterm_marks_the_run_interrupted(tmp_path):
     from pathlib import Path
 
     db = tmp_path / "term.db"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-m", "experiments", "run", "are_you_sure", "--arm", "observer",
                              "--items", "6", "--max-new-tokens", "32", "--db", str(db)], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
