@@ -2,7 +2,7 @@
 
 To add one: subclass `Mechanism` with a `Settings` model, implement `forward` (and whatever else
 of the protocol it needs), and `register` it. The host, the dialogue loop, the CLI, the lab and the
-conformance suite (tests/test_conformance.py) pick it up from the registry. Modules named in
+conformance suite (tests/engine/test_conformance.py) pick it up from the registry. Modules named in
 `$LAB_PLUGINS` (comma-separated, importable) are imported when the engine loads, so a mechanism
 kept outside this package registers itself the same way.
 """

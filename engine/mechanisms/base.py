@@ -115,7 +115,7 @@ class LayerCall:
 
 @dataclass
 class ConformanceCase:
-    """One configuration the shared conformance suite (tests/test_conformance.py) checks.
+    """One configuration the shared conformance suite (tests/engine/test_conformance.py) checks.
 
     `spec` is an arm spec at linkage 1 (the suite derives the linkage-0 arm from it). The flags say
     which invariants the configuration claims; every case must be bit-identical at linkage 0.
@@ -252,5 +252,5 @@ class Mechanism:
     # -- what the shared conformance suite checks -----------------------------------------------
     @classmethod
     def conformance_cases(cls) -> list[ConformanceCase]:
-        """Configurations (at linkage 1) whose invariants tests/test_conformance.py checks."""
+        """Configurations (at linkage 1) whose invariants tests/engine/test_conformance.py checks."""
         return [ConformanceCase(f"{cls.name}:linkage=1")]
