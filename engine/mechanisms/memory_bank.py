@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from .base import ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, copy_state, file_field
-from .projections import LayerProjections
+from .projections import LayerProjections, clone_linear
 
 
 class MemoryBankSettings(MechanismSettings):
@@ -251,25 +251,14 @@ class BankWeights(torch.nn.Module):
                 target.copy_(value.to(target.dtype))
 
 
-def _clone_linear(linear: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:
-    from .projections import dense
-
-    w, b = dense(linear, dtype)
-    out = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=dtype, device=w.device)
-    with torch.no_grad():
-        out.weight.copy_(w)
-        if b is not None:
-            out.bias.copy_(b)
-    return out
-
 
 class ReaderLayer(torch.nn.Module):
     """One host layer's reader: clones of its W_q / W_k (frozen, under LoRA) and a per-head gate."""
 
     def __init__(self, attn: torch.nn.Module, n_heads: int, dtype: torch.dtype):
         super().__init__()
-        self.q_read = _clone_linear(attn.q_proj, dtype)
-        self.k_read = _clone_linear(attn.k_proj, dtype)
+        self.q_read = clone_linear(attn.q_proj, dtype)
+        self.k_read = clone_linear(attn.k_proj, dtype)
         self.gate = torch.nn.Parameter(torch.ones(n_heads, dtype=dtype, device=self.q_read.weight.device))
 
 

@@ -59,7 +59,7 @@ from pydantic import Field, model_validator
 
 from .base import ROLE_CODE, ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, RowPlan, StepRow, \
     copy_state, file_field
-from .projections import LayerProjections, dense, rotate
+from .projections import LayerProjections, clone_linear, rotate
 
 SOURCE_ROLES = (ROLE_CODE["system"], ROLE_CODE["user"])
 MAX_PINNED_CHARS = 20_000
@@ -116,15 +116,6 @@ class PartialAttentionSettings(MechanismSettings):
 # --------------------------------------------------------------------------------------------------
 # Trained parameters
 # --------------------------------------------------------------------------------------------------
-def _clone_linear(linear: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:
-    w, b = dense(linear, dtype)
-    out = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=dtype, device=w.device)
-    with torch.no_grad():
-        out.weight.copy_(w)
-        if b is not None:
-            out.bias.copy_(b)
-    return out
-
 
 class BranchLayer(torch.nn.Module):
     """One layer's branch: projections cloned from its self-attention, optional Fp and language embeddings."""
@@ -132,7 +123,7 @@ class BranchLayer(torch.nn.Module):
     def __init__(self, attn: torch.nn.Module, settings: PartialAttentionSettings, dtype: torch.dtype, seed: int):
         super().__init__()
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, _clone_linear(getattr(attn, name), dtype))
+            setattr(self, name, clone_linear(getattr(attn, name), dtype))
         hidden = self.q_proj.weight.shape[1]
         device = self.q_proj.weight.device
         if settings.fp:

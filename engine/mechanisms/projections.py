@@ -73,6 +73,19 @@ class LayerProjections:
         return F.linear(flat, w)
 
 
+def clone_linear(linear: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear:
+    """A trainable dense copy of a (possibly 4-bit) linear layer: a trained mechanism starts exactly
+    where the host's projection is."""
+    w, b = dense(linear, dtype)
+    out = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=dtype, device=w.device)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if b is not None:
+            out.bias.copy_(b)
+    return out
+
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Apply RoPE as transformers' Llama does: x*cos + rotate_half(x)*sin. cos/sin: [T, head_dim]."""
     half = x.shape[-1] // 2
