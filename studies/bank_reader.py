@@ -23,7 +23,6 @@ of a document resampled together); differences are paired with the observer.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from .bank_reader_data import OUT as DATA, SYSTEM
+from .common import study_args, test_items
 
 
 def arms_for(doc: str, other: str) -> list[tuple[str, str]]:
@@ -47,13 +47,8 @@ def arms_for(doc: str, other: str) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reader", default="@bank_reader", help="reader weights (engine train, data.documents: true)")
-    ap.add_argument("--items", type=int, default=120)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="also write per-item results as JSON here")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = study_args(__doc__, argv, 120, lambda ap: ap.add_argument(
+        "--reader", default="@bank_reader", help="reader weights (engine train, data.documents: true)"))
 
     from engine import load_model, parse_arm
     from engine.dialogue import Dialogue
@@ -66,7 +61,7 @@ def main(argv=None) -> None:
     tok = lm.tokenizer
     reader = resolve_path(args.reader)
     layers = "/".join(str(l) for l in read_header(reader).settings["layers"])
-    items = [json.loads(l) for l in (DATA / "test.jsonl").read_text().splitlines() if l.strip()][: args.items]
+    items = test_items(DATA, args.items)
     docs = list(dict.fromkeys(it["doc_id"] for it in items))
     text = {it["doc_id"]: it["document"] for it in items}
     tmp = Path(tempfile.mkdtemp(prefix="bank_reader_"))

@@ -13,9 +13,10 @@ looked at while training.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from .common import write_splits
 
 OUT = Path(__file__).resolve().parent / "data" / "bank_reader"
 SYSTEM = "Answer in a few words."
@@ -90,12 +91,7 @@ def make(seed: int = 0, n_train: int = 400, n_dev: int = 4, n_test: int = 40) ->
 
 
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for part, rows in make().items():
-        with open(OUT / f"{part}.jsonl", "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        print(f"{OUT / part}.jsonl: {len(rows)} rows")
+    write_splits(OUT, make())
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ sign-off name: the right-minus-wrong margin at the reply's end measures groundin
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from .bank_reader_data import pools
+from .common import write_splits
 
 OUT = Path(__file__).resolve().parent / "data" / "constraint_end"
 TOPICS = ["a harbour at dawn", "an old library", "a mountain railway", "a winter market", "a river ferry",
@@ -72,12 +72,7 @@ def make(seed: int = 0, n_train: int = 240, n_dev: int = 8, n_test: int = 60) ->
 
 
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    for part, rows in make().items():
-        with open(OUT / f"{part}.jsonl", "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        print(f"{OUT / part}.jsonl: {len(rows)} rows")
+    write_splits(OUT, make())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ another item's sign-off, and adherence: whether greedy decoding from there write
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .common import study_args, test_items
 from .constraint_data import OUT as DATA
 
 SETTINGS = "layers=20/24/28,fp=true,fp_dim=32,lang_emb=true,lora_rank=8,lora_alpha=16"
@@ -45,13 +45,8 @@ def arms_for(weights: str, other_source: str) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--weights", default="@constraint_palm", help="trained partial-attention weights")
-    ap.add_argument("--items", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="also write per-item results as JSON here")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = study_args(__doc__, argv, 60, lambda ap: ap.add_argument(
+        "--weights", default="@constraint_palm", help="trained partial-attention weights"))
 
     from engine import load_model, parse_arm
     from engine.dialogue import Dialogue
@@ -59,7 +54,7 @@ def main(argv=None) -> None:
 
     lm = load_model(verbose=False)
     tok = lm.tokenizer
-    items = [json.loads(l) for l in (DATA / "test.jsonl").read_text().splitlines() if l.strip()][: args.items]
+    items = test_items(DATA, args.items)
     t0 = time.perf_counter()
     rows = []
     for i, it in enumerate(items):
