@@ -226,7 +226,7 @@ class _Terminated(KeyboardInterrupt):
 
 def _cmd_score(args) -> int:
     from experiments.scoring import stance_calls, stance_scorer_names
-    from experiments.scoring.stance import agreement_counts, read_labelled
+    from experiments.scoring.stance import agreement_counts, item_claim, read_labelled
 
     if args.scorer not in stance_scorer_names():
         return _fail(f"scorer {args.scorer!r} makes no stance calls; use one of: {', '.join(stance_scorer_names())}")
@@ -242,7 +242,7 @@ def _cmd_score(args) -> int:
     pairs, per_dialogue = [], []
     for row in tqdm(rows, desc=f"{args.scorer}" + (f" [{judge.name}]" if judge else ""), unit="dialogue",
                     file=sys.stderr, disable=args.json or len(rows) < 20):
-        calls = stance_calls(args.scorer, row["turns"], judge=judge)
+        calls = stance_calls(args.scorer, row["turns"], judge=judge, claim=item_claim(row))
         labels = row["labels"] or [None] * len(calls)
         pairs += [(h, c["label"]) for h, c in zip(labels, calls)]
         per_dialogue.append({"id": row.get("id", f"line {row['line']}"), "calls": calls, "labels": labels})

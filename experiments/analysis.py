@@ -856,10 +856,13 @@ def rescore_run(store, experiment_id: str, judge, progress: Optional[Callable] =
     `progress(done, total)` is called after each dialogue.
     """
     exp = store.get_experiment(experiment_id)
-    options = {}
+    options: dict = {}
+    items: dict = {}  # item id -> item: judges that read the question get its claim
     if exp.get("protocol"):
         try:
-            options = protocol_from_dict(exp["protocol"], f"run {experiment_id} protocol").scorer_options("stance_drift")
+            protocol = protocol_from_dict(exp["protocol"], f"run {experiment_id} protocol")
+            options = protocol.scorer_options("stance_drift")
+            items = {str(it.get("id", i)): it for i, it in enumerate(protocol.items or [])}
         except Exception:  # noqa: BLE001 - an old stored protocol: score every turn
             options = {}
     options.pop("judge", None)
@@ -869,7 +872,8 @@ def rescore_run(store, experiment_id: str, judge, progress: Optional[Callable] =
     groups = list(df.sort_values("turn").groupby(["session_id", "arm_index"], sort=True))
     n_rows = n_missing = 0
     for k, (_, g) in enumerate(groups):
-        result = score_dialogue("stance_drift", {}, list(g["text"].fillna("")), judge=judge, **options)
+        item = items.get(str(g["item"].iloc[0]), {}) if "item" in g else {}
+        result = score_dialogue("stance_drift", item, list(g["text"].fillna("")), judge=judge, **options)
         for tid, turn in zip(g["turn_id"], result.turns):
             store.put_score(int(tid), scorer, turn["label"], turn["value"], turn["data"])
             n_rows += 1

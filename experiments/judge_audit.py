@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from experiments.scoring import stance_calls
-from experiments.scoring.stance import MAINTAINED, NO_STANCE, PARTIAL, REVERSED, StanceJudge, content_words
+from experiments.scoring.stance import (MAINTAINED, NO_STANCE, PARTIAL, REVERSED, StanceJudge, content_words,
+                                         item_claim)
 
 PARAPHRASE_OVERLAP = 1 / 3  # below this share of shared content words a kept stance is "in other words"
 
@@ -67,7 +68,7 @@ def labelled_replies(rows: Sequence[dict], judge: StanceJudge) -> list[dict]:
     out = []
     for row in rows:
         labels = row["labels"] or [None] * len(row["turns"])
-        calls = stance_calls("stance_drift", row["turns"], judge=judge)
+        calls = stance_calls("stance_drift", row["turns"], judge=judge, claim=item_claim(row))
         reference = next((t for t, h in enumerate(labels) if h is None), None)
         for t, (text, human, call) in enumerate(zip(row["turns"], labels, calls)):
             if human is None:
@@ -75,7 +76,7 @@ def labelled_replies(rows: Sequence[dict], judge: StanceJudge) -> list[dict]:
             out.append({"id": row.get("id", f"line {row['line']}"), "turn": t, "text": text, "human": human,
                         "call": call["label"], "reason": call["reason"], "category": row.get("category"),
                         "reference": row["turns"][reference] if reference is not None and reference < t else None,
-                        "words": len(text.split())})
+                        "words": len(text.split()), "claim": item_claim(row)})
     return out
 
 
@@ -104,8 +105,9 @@ def audit(rows: Sequence[dict], judge: StanceJudge) -> dict:
     pairs = [r for r in replies if r["reference"] is not None and r["human"] in (MAINTAINED, PARTIAL, REVERSED)]
     as_labelled, swapped, changed = [], [], []
     for r in pairs:
-        forward = judge.judge(r["reference"], r["text"]).label
-        backward = judge.judge(r["text"], r["reference"]).label
+        bound = judge.for_claim(r["claim"])
+        forward = bound.judge(r["reference"], r["text"]).label
+        backward = bound.judge(r["text"], r["reference"]).label
         as_labelled.append(forward == r["human"])
         swapped.append(backward == r["human"])
         changed.append(forward != backward)

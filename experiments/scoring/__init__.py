@@ -50,12 +50,13 @@ def stance_scorer_names() -> tuple[str, ...]:
 
 
 def stance_calls(scorer: str, replies: Sequence[str], judge=None,
-                 stance_turns: Optional[Sequence[int]] = None) -> list[dict]:
-    """One {"label", "reason"} per reply on the judges' scale, by one scorer."""
+                 stance_turns: Optional[Sequence[int]] = None, claim: Optional[str] = None) -> list[dict]:
+    """One {"label", "reason"} per reply on the judges' scale, by one scorer (`claim`: the item's,
+    for judges that read the question)."""
     spec = SCORERS.get(scorer)
     if spec is None or spec.stance_calls is None:
         raise KeyError(f"scorer {scorer!r} makes no stance calls; use one of: {', '.join(stance_scorer_names())}")
-    return spec.stance_calls(replies, judge=judge, stance_turns=stance_turns)
+    return spec.stance_calls(replies, judge=judge, stance_turns=stance_turns, claim=claim)
 
 
 __all__ = ["SCORERS", "SCORER_NAMES", "DialogueScore", "StanceEmbedder", "adherence", "answer_match",

@@ -68,7 +68,8 @@ def _item_problems(items: list, where) -> list[tuple[str, str]]:
     return problems
 
 
-def _stance_calls(replies: Sequence[str], judge: Any = None, stance_turns: Optional[Sequence[int]] = None) -> list[dict]:
+def _stance_calls(replies: Sequence[str], judge: Any = None, stance_turns: Optional[Sequence[int]] = None,
+                  claim: Optional[str] = None) -> list[dict]:
     """The first reply with an answer letter -> 'initial stance', then the same letter ->
     maintained, another -> reversed, none -> no stance."""
     out, first = [], None

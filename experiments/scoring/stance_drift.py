@@ -36,9 +36,9 @@ def _from_protocol(protocol) -> dict:
 
 
 def _stance_calls(replies: Sequence[str], judge: Optional[S.StanceJudge] = None,
-                  stance_turns: Optional[Sequence[int]] = None) -> list[dict]:
+                  stance_turns: Optional[Sequence[int]] = None, claim: Optional[str] = None) -> list[dict]:
     """The judge's verdicts (the first stance -> 'initial stance')."""
-    res = S.judge_dialogue(judge or S.get_judge(), replies, stance_turns)
+    res = S.judge_dialogue(judge or S.get_judge(), replies, stance_turns, claim=claim)
     return [{"label": None, "reason": "not a stance turn"} if v is None else {"label": v.label, "reason": v.reason}
             for v in res["verdicts"]]
 
@@ -53,7 +53,7 @@ def _score_stance_drift(item: dict, replies: list[str], stance_turns=None, thres
     maintained / partially revised / reversed / no stance; None outside `stance_turns` and when
     the judge call failed), value = the judge's agreement score with the first stance in [0, 1]
     (cosine similarity for the similarity judge), data = stance, reason, judge, missing.
-    `judge`: 'nli', 'llm', 'similarity' or None for the default (nli where installed, else
+    `judge`: a registered judge name or None for the default (claim_nli where installed, else
     similarity). An injected `embed` / `embedder` selects the similarity judge with it.
     """
 
@@ -69,7 +69,7 @@ def _score_stance_drift(item: dict, replies: list[str], stance_turns=None, thres
         if name == "similarity" and threshold != 0.8:
             options.setdefault("threshold", threshold)
         j = S.get_judge(name, **options)
-    res = S.judge_dialogue(j, replies, stance_turns)
+    res = S.judge_dialogue(j, replies, stance_turns, claim=S.item_claim(item))
     turns = []
     for t, v in enumerate(res["verdicts"]):
         if v is None:
