@@ -22,7 +22,9 @@ import gradio as gr
 from db import STANCE_LABELS, StoreError
 from engine import SpecError
 
-from .arena_controller import (LETTERS, MAX_ARMS, ArenaError, ArenaSession, SessionSettings, SettingsRefused,
+from db.blind import pane_letter
+
+from .arena_controller import (MAX_ARMS, ArenaError, ArenaSession, SessionSettings, SettingsRefused,
                                TurnOutcome, labelled_line, settings_refusal, stop_reason_text)
 from .context import ARENA_QUEUE, LabContext
 from .fields import FieldDropdown, FieldNumber, FieldRadio, FieldSlider
@@ -91,13 +93,13 @@ def pane_header(tab: ArenaSession, pane: int, blind: bool, spec_or_error=None) -
         if spec is None:
             return f"### Arm {pane + 1}"
         if tab.hidden:
-            return f"### Arm {LETTERS[pane]}"
+            return f"### Arm {pane_letter(pane)}"
         if tab.blind:
-            return (f"### Arm {LETTERS[pane]} = {spec.display_label}\n<sub>{html.escape(summary(spec))}</sub>"
+            return (f"### Arm {pane_letter(pane)} = {spec.display_label}\n<sub>{html.escape(summary(spec))}</sub>"
                     + note_line(spec))
         return f"### Arm {pane + 1} · {spec.display_label}\n<sub>{html.escape(summary(spec))}</sub>" + note_line(spec)
     if blind:
-        return f"### Arm {LETTERS[pane]}"
+        return f"### Arm {pane_letter(pane)}"
     if spec_or_error is None:
         return f"### Arm {pane + 1}"
     if isinstance(spec_or_error, str):
@@ -108,7 +110,7 @@ def pane_header(tab: ArenaSession, pane: int, blind: bool, spec_or_error=None) -
 
 def pane_name(tab: ArenaSession, pane: int, blind: bool) -> str:
     hidden = tab.blind if tab.started else blind
-    return LETTERS[pane] if hidden else str(pane + 1)
+    return pane_letter(pane) if hidden else str(pane + 1)
 
 
 def ann_title_text(tab: ArenaSession, pane: int, blind: bool, spec_or_error=None) -> str:

@@ -23,10 +23,10 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 from db import STANCE_LABELS, Store, StoreError
+from db.blind import draw_pane_order, is_revealed, pane_letter, reveal_mapping, revealed_meta
 from engine import ArmReply, ArmSpec, Dialogue, DialogueError, LoadedModel, SpecError, StreamEvent
 from db.rules import SessionRow
 from engine.dialogue import MAX_MESSAGE_CHARS
@@ -35,7 +35,6 @@ from engine.dialogue import check_message as engine_check_message
 from experiments.protocol import MAX_WINDOW
 from experiments.record import SessionRecorder, dialogue_from_session, other_weights
 
-LETTERS = "ABCD"
 MAX_ARMS = 4
 BUSY = "A turn is already running in this tab; wait for it to end or press Stop."
 """The one refusal of a second turn (or a Continue) while a tab's turn runs."""
@@ -204,15 +203,14 @@ def reveal_session(store: Store, session_id: str) -> str:
         raise ArenaError(_first_line(e)) from None
     if not s.get("blind"):
         raise ArenaError("This session is not blind: its arms are named already.")
-    meta = s.get("meta") or {}
-    if not meta.get("revealed_at"):
+    meta = revealed_meta(s.get("meta"))
+    if meta is not None:
         try:
-            store.update_session(session_id, meta={**meta, "revealed_at": datetime.now(timezone.utc).isoformat()})
+            store.update_session(session_id, meta=meta)
         except StoreError as e:
             raise ArenaError(f"Not revealed: {_first_line(e)}") from None
     labels = {a["index"]: a["label"] for a in s["arms"]}
-    order = s.get("pane_order") or sorted(labels)
-    return ", ".join(f"Arm {LETTERS[p]} = {labels.get(a, a)}" for p, a in enumerate(order))
+    return reveal_mapping(labels, s.get("pane_order") or sorted(labels))
 
 
 @dataclass
@@ -271,7 +269,7 @@ class ArenaSession:
         return self.order.index(arm) if arm in self.order else None
 
     def pane_name(self, pane: int) -> str:
-        return LETTERS[pane] if self.blind else str(pane + 1)
+        return pane_letter(pane) if self.blind else str(pane + 1)
 
     @property
     def window(self) -> int | None:
@@ -327,10 +325,7 @@ class ArenaSession:
             self.dialogue = Dialogue(self.lm, list(specs), system=(system or "").strip() or None, window=window)
         except (SpecError, DialogueError) as e:
             raise ArenaError(_first_line(e)) from None
-        order = list(range(len(specs)))
-        if blind:
-            (rng or random).shuffle(order)
-        self.order, self.blind, self.revealed = order, bool(blind), False
+        self.order, self.blind, self.revealed = draw_pane_order(len(specs), bool(blind), rng), bool(blind), False
         self.title, self.annotator = (title or "").strip(), (annotator or "").strip() or None
 
     def open(self, settings: SessionSettings) -> dict:
@@ -557,7 +552,7 @@ class ArenaSession:
                 reveal_session(self.store, self.session_id)
             except ArenaError:
                 pass  # the panes are revealed here; the record keeps its letters until a write succeeds
-        return ", ".join(f"Arm {LETTERS[p]} = {self.spec_of(p).display_label}" for p in range(self.n))
+        return reveal_mapping({self.arm_of(p): self.spec_of(p).display_label for p in range(self.n)}, self.order)
 
     # -- labels ---------------------------------------------------------------------------------
     def annotate(self, pane: int, turn_index, annotator: str, label: str, note: str = "",
@@ -636,7 +631,7 @@ class ArenaSession:
             self.turns.append(_replay_turn(d, turns[k], k, sid, scheduler))
         self.dialogue, self.order = d, list(session.get("pane_order") or range(d.n_arms))
         self.blind = bool(session.get("blind"))
-        self.revealed = "revealed_at" in (session.get("meta") or {})
+        self.revealed = is_revealed(session)
         self.title, self.annotator = session.get("title") or "", session.get("user")
         self.recorder = SessionRecorder(store, lm, d, session_id=sid)
         self.can_rollback = False  # the replay left no snapshot: the last logged turn stays
