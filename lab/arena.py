@@ -421,7 +421,7 @@ def build_arena_tab(ctx: LabContext) -> "ArenaView":
 
 
 # ------------------------------------------------------------------------------------------ wiring
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: Gradio keeps its bound handlers
 class ArenaView:
     """The Arena's components and their event handlers: each handler turns one browser event into
     calls on the tab's `ArenaSession` and renders the result. What the rest of the app wires to is
