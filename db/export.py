@@ -27,7 +27,7 @@ scores_frame: one row per score:
 
 Timestamps are UTC.
 
-Blind sessions: until a blind session is revealed (db.store.is_blinded), every export
+Blind sessions: until a blind session is revealed (db.blind.is_blinded), every export
 shows its arms only as panes: arm_index is the pane position (0 = Arm A), arm_label the
 pane name ("Arm A"), and arm_spec, settings, gen_settings, arm_seed, turn_id and score_id
 are empty. A bundle of such a session keeps the real session sealed (see export_bundle).
@@ -44,7 +44,8 @@ from .models import SCHEMA_VERSION, Annotation, Arm, Capture, Experiment, LabSes
 from .models import new_id as _new_id
 from .models import utcnow
 from .rules import BUNDLE_FORMAT, BUNDLE_VERSION, check_bundle, seal
-from .store import Store, StoreError, _role_order, is_blinded, turn_row
+from .blind import pane_name, pane_positions
+from .store import Store, StoreError, _role_order, turn_row
 
 TURN_COLUMNS = [
     "session_id", "session_kind", "session_title", "experiment_id", "item_key", "seed",
@@ -62,24 +63,6 @@ SCORE_COLUMNS = [
 ]
 _INT_COLUMNS = {"seed", "arm_index", "turn_index", "n_tokens", "turn_id", "arm_seed", "annotation_id", "score_id"}
 FORMATS = ("csv", "jsonl", "parquet", "bundle")
-
-
-PANE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def pane_name(position: int) -> str:
-    """'Arm A' for pane 0, as the lab's Arena names panes."""
-    return f"Arm {PANE_LETTERS[position]}" if position < len(PANE_LETTERS) else f"Arm {position + 1}"
-
-
-def pane_positions(session) -> dict | None:
-    """{arm index: pane position} while a blind session is not revealed, else None.
-    session: a dict from the store or a LabSession row."""
-    get = session.get if isinstance(session, dict) else lambda k: getattr(session, k)
-    if not is_blinded({"blind": get("blind"), "meta": get("meta")}):
-        return None
-    order = list(get("pane_order") or [])
-    return {arm: pos for pos, arm in enumerate(order)}
 
 
 class _Blinder:

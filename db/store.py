@@ -74,12 +74,6 @@ def pane_order_of(pane_order, indices) -> list:
     return order
 
 
-def is_blinded(session: dict) -> bool:
-    """True while a blind session's arms are not revealed (meta.revealed_at unset): until then
-    every view and export shows pane letters, never arm labels or specs."""
-    return bool(session.get("blind")) and not (session.get("meta") or {}).get("revealed_at")
-
-
 def turn_row(v: TurnRow, session_id) -> Turn:
     """The Turn row of a validated TurnRow (arm_id is set by the caller)."""
     row = Turn(session_id=session_id, **v.model_dump(exclude={"arm_index", "n_tokens"}))

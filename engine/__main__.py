@@ -80,85 +80,64 @@ def warn_caveats(specs) -> None:
             print(f"warning: arm {s.to_string(False)}: {s.caveat}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Dispatch one subcommand; long only because it is a flat list of small branches, one per command."""
-    args = _parser().parse_args(argv)
-    if args.command == "train":
-        from .train import main as train_main
+def _list_mechanisms() -> int:
+    from .mechanisms import MECHANISMS
 
-        return train_main(args)
-    if args.command == "distill":
-        from .distill import main as distill_main
+    for name, cls in MECHANISMS.items():
+        print(name)
+        for key, f in cls.Settings.model_fields.items():
+            print(f"  {key:12s} default={f.default!r:12s} {f.description or ''}")
+    return 0
 
-        return distill_main(args)
-    from .dialogue import DialogueError, check_message
+
+def _arm_specs(args) -> list:
+    """The arms of `generate` / `probe`, checked (with the prompt) before the model loads, so a
+    mistake costs nothing; SpecError or DialogueError with one line."""
+    from .dialogue import check_message
     from .spec import SpecError, parse_arm
 
-    if args.command == "mechanisms":
-        from .mechanisms import MECHANISMS
+    specs = [parse_arm(a) for a in (args.arm if isinstance(args.arm, list) else [args.arm])]
+    if args.command == "generate":
+        specs = [s.with_sampling(**({"greedy": True} if args.greedy else {}),
+                                 **({"seed": args.seed} if args.seed is not None else {})) for s in specs]
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise SpecError("--max-new-tokens must be at least 1")
+    if getattr(args, "window", None) is not None and args.window < 1:
+        raise SpecError("--window must be at least 1 token")
+    check_message(args.prompt, "--prompt")
+    if args.system is not None:
+        check_message(args.system, "--system", limit=None, allow_empty=True)
+    return specs
 
-        for name, cls in MECHANISMS.items():
-            print(name)
-            for key, f in cls.Settings.model_fields.items():
-                print(f"  {key:12s} default={f.default!r:12s} {f.description or ''}")
+
+def _probe(lm, spec, args) -> int:
+    """`probe`: the seed's probe (raw prompt, last position) or the teacher-forced logit-delta probe."""
+    from .probes import logit_delta_probe, seed_probe
+
+    if args.mode == "seed":
+        result = seed_probe(lm, spec, args.prompt)
+        if args.json:
+            print(json.dumps({"model": lm.identity.to_dict(), **result}))
+        else:
+            print(f"seed probe: arm {result['arm']} vs observer, last position of the raw prompt "
+                  f"({result['n_prompt_tokens']} tokens, uncached)")
+            for key in ("max_abs_dlogit", "mean_abs_dlogit", "kl"):
+                print(f"  {key:16s} {result[key]:.4f}")
+            print(f"  on-path calls    {result['on_path_calls']}")
         return 0
-    if args.command == "prepare":
-        from .model import ensure_embedded_cache
+    result = logit_delta_probe(lm, spec, args.prompt, args.system, max_new_tokens=args.max_new_tokens or 48)
+    if args.json:
+        print(json.dumps({"model": lm.identity.to_dict(), **result}))
+    else:
+        print(f"arm {result['arm']} vs observer over {result['n_positions']} reply tokens")
+        for key in ("max_abs_dlogit", "mean_abs_dlogit", "kl_mean", "kl_max", "top1_agreement"):
+            print(f"  {key:16s} {result[key]:.4f}")
+        print(f"  on-path calls    {result['on_path_calls']}")
+    return 0
 
-        print(f"embedded model ready at {ensure_embedded_cache()}")
-        return 0
 
-    try:
-        specs = [parse_arm(a) for a in (args.arm if isinstance(args.arm, list) else [args.arm])]
-        if args.command == "generate":
-            specs = [s.with_sampling(**({"greedy": True} if args.greedy else {}),
-                                     **({"seed": args.seed} if args.seed is not None else {})) for s in specs]
-        if args.max_new_tokens is not None and args.max_new_tokens < 1:
-            raise SpecError("--max-new-tokens must be at least 1")
-        if getattr(args, "window", None) is not None and args.window < 1:
-            raise SpecError("--window must be at least 1 token")
-        check_message(args.prompt, "--prompt")  # before the model loads: a bad message costs nothing
-        if args.system is not None:
-            check_message(args.system, "--system", limit=None, allow_empty=True)
-    except (SpecError, DialogueError) as e:
-        return _fail(str(e))
-
-    from .dialogue import Dialogue
-    from .model import ModelLoadError, load_model
-
-    try:
-        lm = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, verbose=not args.json)
-        for s in specs:
-            s.validate_for(lm.config.num_hidden_layers)
-        warn_caveats(specs)
-        if args.command == "probe":
-            from .probes import logit_delta_probe, seed_probe
-
-            if args.mode == "seed":
-                result = seed_probe(lm, specs[0], args.prompt)
-                if args.json:
-                    print(json.dumps({"model": lm.identity.to_dict(), **result}))
-                else:
-                    print(f"seed probe: arm {result['arm']} vs observer, last position of the raw prompt "
-                          f"({result['n_prompt_tokens']} tokens, uncached)")
-                    for key in ("max_abs_dlogit", "mean_abs_dlogit", "kl"):
-                        print(f"  {key:16s} {result[key]:.4f}")
-                    print(f"  on-path calls    {result['on_path_calls']}")
-                return 0
-            result = logit_delta_probe(lm, specs[0], args.prompt, args.system, max_new_tokens=args.max_new_tokens or 48)
-            if args.json:
-                print(json.dumps({"model": lm.identity.to_dict(), **result}))
-            else:
-                print(f"arm {result['arm']} vs observer over {result['n_positions']} reply tokens")
-                for key in ("max_abs_dlogit", "mean_abs_dlogit", "kl_mean", "kl_max", "top1_agreement"):
-                    print(f"  {key:16s} {result[key]:.4f}")
-                print(f"  on-path calls    {result['on_path_calls']}")
-            return 0
-        d = Dialogue(lm, specs, system=args.system, record_traces=args.traces, window=args.window)
-        replies = d.send(args.prompt, max_new_tokens=args.max_new_tokens)
-    except (SpecError, DialogueError, ModelLoadError) as e:
-        return _fail(str(e))
-
+def _print_replies(args, lm, specs, d, replies) -> None:
+    """`generate`'s output: one JSON object, or each arm's reply under a header line."""
     if args.json:
         arms = []
         for spec, arm, r in zip(specs, d.arms, replies):
@@ -173,6 +152,46 @@ def main(argv: list[str] | None = None) -> int:
         for spec, r in zip(specs, replies):
             print(f"== {spec.display_label}  [{spec.to_string()}]  ({len(r.token_ids)} tokens, {r.finish_reason})")
             print(r.text.strip() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch one subcommand."""
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        from .train import main as train_main
+
+        return train_main(args)
+    if args.command == "distill":
+        from .distill import main as distill_main
+
+        return distill_main(args)
+    if args.command == "mechanisms":
+        return _list_mechanisms()
+    if args.command == "prepare":
+        from .model import ensure_embedded_cache
+
+        print(f"embedded model ready at {ensure_embedded_cache()}")
+        return 0
+    from .dialogue import Dialogue, DialogueError
+    from .model import ModelLoadError, load_model
+    from .spec import SpecError
+
+    try:
+        specs = _arm_specs(args)
+    except (SpecError, DialogueError) as e:
+        return _fail(str(e))
+    try:
+        lm = load_model(args.model, dtype=args.dtype, load_in_4bit=args.load_in_4bit, verbose=not args.json)
+        for s in specs:
+            s.validate_for(lm.config.num_hidden_layers)
+        warn_caveats(specs)
+        if args.command == "probe":
+            return _probe(lm, specs[0], args)
+        d = Dialogue(lm, specs, system=args.system, record_traces=args.traces, window=args.window)
+        replies = d.send(args.prompt, max_new_tokens=args.max_new_tokens)
+    except (SpecError, DialogueError, ModelLoadError) as e:
+        return _fail(str(e))
+    _print_replies(args, lm, specs, d, replies)
     return 0
 
 

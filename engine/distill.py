@@ -101,17 +101,11 @@ def bank_slots(x: torch.Tensor, ids: list[int], tokenizer, method: str, slots: i
     return M, torch.ones(M.shape[0], dtype=torch.bool), labels
 
 
-def distill(lm, text: str, arm: str = DEFAULT_ARM, method: str = "tokens", out: str | Path | None = None,
-            source_name: str = "document") -> dict:
-    """Make a bank from `text`; write it to `out` if given. Returns timings and the settings used.
-
-    Long on purpose: one straight pipeline (validate, tokenise, run the layers, fill the slots,
-    save), each step a few lines that read in order; split, it would pass a dozen locals around."""
-    from .mechanisms import MemoryBank
+def _bank_settings(arm: str, method: str):
+    """The memory_bank settings `arm` asks for, as distill uses them (per-layer sharing unless told,
+    slots set by the document later); DistillError / SpecError with one line otherwise."""
     from .spec import SpecError, parse_arm
-    from .weights import save_weights
 
-    t0 = time.perf_counter()
     if method not in METHODS:
         raise DistillError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
     import re
@@ -127,21 +121,83 @@ def distill(lm, text: str, arm: str = DEFAULT_ARM, method: str = "tokens", out: 
         s = s.model_copy(update={"sharing": "per_layer"})
     if s.weights:
         raise SpecError("distill writes a new weights file: leave weights out of --arm")
-    model, tok = lm.model, lm.tokenizer
-    n_layers = model.config.num_hidden_layers
-    layers = s.resolved_layers(n_layers)
-    groups = s.bank_of(layers)
-    first_layer = {}
-    for layer in layers:
-        first_layer.setdefault(groups[layer], layer)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return s
+
+
+def _document_ids(lm, text: str, chapters: int) -> list[int]:
+    """The document's token ids, refused (one line) when empty, shorter than the chapters, or
+    longer than the model reads at once."""
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise DistillError("the document is empty")
-    if len(ids) < s.chapters:
-        raise DistillError(f"the document has {len(ids)} tokens, fewer than the {s.chapters} chapters")
-    limit = getattr(model.config, "max_position_embeddings", 4096)
+    if len(ids) < chapters:
+        raise DistillError(f"the document has {len(ids)} tokens, fewer than the {chapters} chapters")
+    limit = getattr(lm.model.config, "max_position_embeddings", 4096)
     if len(ids) > limit:
         raise DistillError(f"the document is {len(ids)} tokens; this model reads at most {limit} at once")
+    return ids
+
+
+def _fill_slots(weights, b, M, mask, s, n_slots: int) -> None:
+    """Bank b's slots: M itself, or for the factorized variant its rank-r SVD factors."""
+    if s.variant == "factorized":
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        r = min(s.rank, S.shape[0])
+        A = torch.zeros(n_slots, s.rank)
+        B = torch.zeros(M.shape[1], s.rank)
+        A[:, :r], B[:, :r] = U[:, :r] * S[:r], Vh[:r].T
+        weights.p(b, "a").copy_(A)
+        weights.p(b, "b").copy_(B)
+    else:
+        weights.p(b, "slots").copy_(M)
+
+
+def _fill_projection(weights, b, M, mask, s, model, layer: int) -> None:
+    """The reduced variant's per-head projection: the top-r right singular vectors of the slots' keys."""
+    from .mechanisms.projections import LayerProjections
+
+    proj = LayerProjections(model.model.layers[layer].self_attn, model.config, torch.float32)
+    keys = proj.keys(M[mask].to(next(model.parameters()).device)).float().cpu()  # [n_kv, N, d_h]
+    for h in range(keys.shape[0]):
+        _, _, vh = torch.linalg.svd(keys[h], full_matrices=False)
+        r = min(s.rank, vh.shape[0])
+        P = torch.zeros(keys.shape[2], s.rank)
+        P[:, :r] = vh[:r].T
+        weights.p(b, "proj")[h].copy_(P)
+
+
+def _fill_router(weights, b, X, M, mask, s, n_c: int) -> None:
+    """A routed bank's router: each routed chapter's direction from the document mean, scaled so the
+    document's own tokens score with unit spread and zero mean."""
+    mu = X.mean(0)
+    ch = torch.stack([M[c * n_c:(c + 1) * n_c][mask[c * n_c:(c + 1) * n_c]].mean(0)
+                      for c in range(s.shared_chapters, s.chapters)])
+    W = ch - mu
+    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    logits = X @ W.T
+    W = W / logits.std(0).clamp_min(1e-6)[:, None]
+    weights.p(b, "router_weight").copy_(W)
+    weights.p(b, "router_bias").copy_(-(X @ W.T).mean(0))
+
+
+def distill(lm, text: str, arm: str = DEFAULT_ARM, method: str = "tokens", out: str | Path | None = None,
+            source_name: str = "document") -> dict:
+    """Make a bank from `text`; write it to `out` if given. Returns timings and the settings used.
+
+    One pipeline: validate, tokenise, run the layers, fill each bank's slots (and its projection
+    or router), save."""
+    from .mechanisms import MemoryBank
+    from .weights import save_weights
+
+    t0 = time.perf_counter()
+    s = _bank_settings(arm, method)
+    model, tok = lm.model, lm.tokenizer
+    layers = s.resolved_layers(model.config.num_hidden_layers)
+    groups = s.bank_of(layers)
+    first_layer: dict = {}
+    for layer in layers:
+        first_layer.setdefault(groups[layer], layer)
+    ids = _document_ids(lm, text, s.chapters)
     t_read = time.perf_counter()
     xs = capture_x_hat(model, ids, sorted(set(first_layer.values())))
     read_s = time.perf_counter() - t_read
@@ -150,45 +206,16 @@ def distill(lm, text: str, arm: str = DEFAULT_ARM, method: str = "tokens", out: 
     n_slots = next(iter(banks.values()))[0].shape[0]
     s = s.model_copy(update={"slots": n_slots, "gate_init": 1.0, "linkage": 1.0})
     weights = MemoryBank.build_weights(s, model, None).float().cpu()
-    n_c = n_slots // s.chapters
     with torch.no_grad():
         for b, (M, mask, labels) in banks.items():
             weights.labels[b] = labels
             weights.p(b, "mask").copy_(mask)
             weights.p(b, "gate").fill_(1.0)
-            if s.variant == "factorized":
-                U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-                r = min(s.rank, S.shape[0])
-                A = torch.zeros(n_slots, s.rank)
-                B = torch.zeros(M.shape[1], s.rank)
-                A[:, :r], B[:, :r] = U[:, :r] * S[:r], Vh[:r].T
-                weights.p(b, "a").copy_(A)
-                weights.p(b, "b").copy_(B)
-            else:
-                weights.p(b, "slots").copy_(M)
+            _fill_slots(weights, b, M, mask, s, n_slots)
             if s.variant == "reduced":
-                from .mechanisms.projections import LayerProjections
-
-                layer = first_layer[b]
-                proj = LayerProjections(model.model.layers[layer].self_attn, model.config, torch.float32)
-                keys = proj.keys(M[mask].to(next(model.parameters()).device)).float().cpu()  # [n_kv, N, d_h]
-                for h in range(keys.shape[0]):
-                    _, _, vh = torch.linalg.svd(keys[h], full_matrices=False)
-                    r = min(s.rank, vh.shape[0])
-                    P = torch.zeros(keys.shape[2], s.rank)
-                    P[:, :r] = vh[:r].T
-                    weights.p(b, "proj")[h].copy_(P)
+                _fill_projection(weights, b, M, mask, s, model, first_layer[b])
             if s.routed:
-                X = xs[first_layer[b]].cpu()
-                mu = X.mean(0)
-                ch = torch.stack([M[c * n_c:(c + 1) * n_c][mask[c * n_c:(c + 1) * n_c]].mean(0)
-                                  for c in range(s.shared_chapters, s.chapters)])
-                W = ch - mu
-                W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-6)
-                logits = X @ W.T
-                W = W / logits.std(0).clamp_min(1e-6)[:, None]
-                weights.p(b, "router_weight").copy_(W)
-                weights.p(b, "router_bias").copy_(-(X @ W.T).mean(0))
+                _fill_router(weights, b, xs[first_layer[b]].cpu(), M, mask, s, n_slots // s.chapters)
     distill_s = time.perf_counter() - t0
     result = {"tokens": len(ids), "slots": n_slots, "banks": len(banks), "layers": layers, "method": method,
               "read_s": round(read_s, 3), "distill_s": round(distill_s, 3),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .mechanisms import MECHANISMS, MechanismSettings
+from .mechanisms.registry import use_arm_parser
 from .weights import WeightsError, file_sha256, read_header, resolve_path
 
 OBSERVER = "observer"
@@ -261,3 +262,6 @@ def parse_arm(text: str) -> ArmSpec:
     except ValidationError as e:
         raise SpecError(_first_error(e, name)) from None
     return ArmSpec(name, settings, sampling, None if label is None else str(label))
+
+
+use_arm_parser(parse_arm)  # a mechanism whose settings name another arm (noise's match) parses it through this

@@ -47,11 +47,18 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
+import torch
+import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .dialogue import apply_plan, attention_mask_4d
+from .hooks import BatchContext, MechanismHost, RowBinding, layer_inputs
+from .mechanisms import StepRow
 
 
 class ConfigError(ValueError):
@@ -304,143 +311,129 @@ def collate(batch: list[dict], pad_id: int):
 
 # ============================================================================ the model under training
 
-def _trainer_module(base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None,
-                    sink: int = 4):
-    """An nn.Module whose forward is one batch's loss: the frozen base with the mechanism bound by row."""
-    import torch
-    import torch.nn.functional as F
+class MechanismTrainer(torch.nn.Module):
+    """An nn.Module whose forward is one batch's loss: the frozen base with the mechanism bound by
+    row, each row's plan applied as the dialogue applies it (so training sees what running sees)."""
 
-    from .dialogue import apply_plan, attention_mask_4d
-    from .hooks import BatchContext, MechanismHost, RowBinding
-    from .mechanisms import StepRow
+    def __init__(self, base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None,
+                 sink: int = 4):
+        super().__init__()
+        self.base = base
+        self.weights = weights
+        self.host = MechanismHost.of(base)
+        self.mechanisms: list = []
+        self.cls, self.settings, self.aux_weights = cls, settings, aux_weights
+        self.window, self.sink = window, sink
 
-    class MechanismTrainer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.base = base
-            self.weights = weights
-            self.host = MechanismHost.of(base)
-            self.mechanisms: list = []
+    def state_dict(self, *args, **kwargs):
+        """Only what trains (the frozen base is not checkpointed)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad} | \
+            {f"weights.{n}": b for n, b in self.weights.named_buffers()}
 
-        def state_dict(self, *args, **kwargs):
-            """Only what trains (the frozen base is not checkpointed)."""
-            return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad} | \
-                {f"weights.{n}": b for n, b in self.weights.named_buffers()}
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        own = dict(self.named_parameters()) | {f"weights.{n}": b for n, b in self.weights.named_buffers()}
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for n, v in state.items():
+                if n in own:
+                    own[n].copy_(v)
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
-        def load_state_dict(self, state, strict: bool = True, assign: bool = False):
-            own = dict(self.named_parameters()) | {f"weights.{n}": b for n, b in self.weights.named_buffers()}
-            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-            missing = sorted(trainable - set(state))
-            unexpected = sorted(set(state) - set(own))
-            if strict and (missing or unexpected):
-                raise RuntimeError(f"checkpoint does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-            with torch.no_grad():
-                for n, v in state.items():
-                    if n in own:
-                        own[n].copy_(v)
-            return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+    def _mechanism(self, i: int):
+        """Row i's mechanism instance, reset: one per row, kept across batches (built once)."""
+        while len(self.mechanisms) <= i:
+            self.mechanisms.append(self.cls(self.settings, self.base, weights=self.weights))
+        m = self.mechanisms[i]
+        m.reset()
+        return m
 
-        def _mechanism(self, i: int):
-            while len(self.mechanisms) <= i:
-                self.mechanisms.append(cls(settings, self.base, weights=self.weights))
-            m = self.mechanisms[i]
-            m.reset()
-            return m
+    def documents(self, doc_ids, doc_len) -> list[dict]:
+        """Per row: layer -> the document's x̂ [n, d] at the bank's layers (what distill stores)."""
+        layers = self._mechanism(0).layers
+        return [{l: x[:int(n)] for l, x in layer_inputs(self.base, doc_ids[r:r + 1, :int(n)], layers).items()}
+                for r, n in enumerate(doc_len)]
 
-        def documents(self, doc_ids, doc_len) -> list[dict]:
-            """Per row: layer -> the document's x̂ [n, d] at the bank's layers (what distill stores)."""
-            from .hooks import layer_inputs
+    def _bind_rows(self, ids, roles, valid, docs, positions) -> tuple[list, dict]:
+        """Each row's binding (its mechanism, reset, bound to its document) and the extra mask pairs
+        its plan allows; `positions` [B, T] is edited in place by the plans."""
+        bindings, allow = [], {}
+        for r in range(ids.shape[0]):
+            n = int(valid[r].sum())
+            info = StepRow(positions=torch.arange(n, device=ids.device), roles=roles[r, :n], token_ids=ids[r, :n],
+                           turn=0, record=False)
+            mech = self._mechanism(r)
+            if docs is not None:
+                mech.bind_document(docs[r])
+            plan = mech.plan(info) if mech.active else None
+            if plan is not None:
+                apply_plan(r, plan, valid[r], positions, allow)
+            bindings.append(RowBinding(r, mech, valid[r], info))
+        return bindings, allow
 
-            layers = self._mechanism(0).layers
-            return [{l: x[:int(n)] for l, x in layer_inputs(self.base, doc_ids[r:r + 1, :int(n)], layers).items()}
-                    for r, n in enumerate(doc_len)]
+    def _mask(self, valid, allow: dict, T: int):
+        """The batch's attention mask: padding only, the training window, or the plans' extra pairs."""
+        mask = valid.long()
+        if self.window is not None:
+            if allow:
+                raise ValueError("train.window: this mechanism edits the attention mask, which a window "
+                                 "cannot be combined with yet")
+            return window_mask(valid, self.window, self.sink)
+        if allow:
+            return attention_mask_4d(mask.cpu(), T, allow, self.base.config._attn_implementation,
+                                     self.base.dtype).to(valid.device)
+        return mask
 
-        def logits(self, ids, roles, valid, doc_ids=None, doc_len=None):
-            """The batch's logits [B, T, V] and the mechanisms' auxiliary losses: rows right-padded, each
-            row's plan (positions, extra mask pairs) applied as the dialogue applies it."""
-            B, T = ids.shape
-            docs = self.documents(doc_ids, doc_len) if doc_ids is not None else None
-            positions = torch.arange(T, device=ids.device).repeat(B, 1)
-            bindings, allow = [], {}
-            for r in range(B):
-                n = int(valid[r].sum())
-                info = StepRow(positions=torch.arange(n, device=ids.device), roles=roles[r, :n], token_ids=ids[r, :n],
-                               turn=0, record=False)
-                mech = self._mechanism(r)
-                if docs is not None:
-                    mech.bind_document(docs[r])
-                plan = mech.plan(info) if mech.active else None
-                if plan is not None:
-                    apply_plan(r, plan, valid[r], positions, allow)
-                bindings.append(RowBinding(r, mech, valid[r], info))
-            mask = valid.long()
-            if window is not None:
-                if allow:
-                    raise ValueError("train.window: this mechanism edits the attention mask, which a window "
-                                     "cannot be combined with yet")
-                mask = window_mask(valid, window, sink)
-            elif allow:
-                mask = attention_mask_4d(mask.cpu(), T, allow, self.base.config._attn_implementation,
-                                         self.base.dtype).to(ids.device)
-            ctx = BatchContext(bindings)
-            with self.host.use(ctx):
-                out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-            return out.logits, ctx.aux
+    def logits(self, ids, roles, valid, doc_ids=None, doc_len=None):
+        """The batch's logits [B, T, V] and the mechanisms' auxiliary losses: rows right-padded, each
+        row's plan (positions, extra mask pairs) applied as the dialogue applies it."""
+        B, T = ids.shape
+        docs = self.documents(doc_ids, doc_len) if doc_ids is not None else None
+        positions = torch.arange(T, device=ids.device).repeat(B, 1)
+        bindings, allow = self._bind_rows(ids, roles, valid, docs, positions)
+        mask = self._mask(valid, allow, T)
+        ctx = BatchContext(bindings)
+        with self.host.use(ctx):
+            out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        return out.logits, ctx.aux
 
-        def forward(self, ids, roles, labels, valid, doc_ids=None, doc_len=None):
-            all_logits, aux_losses = self.logits(ids, roles, valid, doc_ids, doc_len)
-            logits = all_logits[:, :-1].float()
-            target = labels[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                                  reduction="sum")
-            n_tokens = (target != -100).sum()
-            aux = torch.zeros((), device=logits.device)
-            for row_losses in aux_losses.values():
-                for key, value in row_losses.items():
-                    aux = aux + aux_weights.get(key.split(".")[0], 0.0) * value
-            aux = aux / max(1, len(aux_losses))
-            return nll, n_tokens, aux
+    def forward(self, ids, roles, labels, valid, doc_ids=None, doc_len=None):
+        """(summed next-token NLL, tokens counted, weighted auxiliary loss averaged over rows)."""
+        all_logits, aux_losses = self.logits(ids, roles, valid, doc_ids, doc_len)
+        logits = all_logits[:, :-1].float()
+        target = labels[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                              reduction="sum")
+        n_tokens = (target != -100).sum()
+        aux = torch.zeros((), device=logits.device)
+        for row_losses in aux_losses.values():
+            for key, value in row_losses.items():
+                aux = aux + self.aux_weights.get(key.split(".")[0], 0.0) * value
+        aux = aux / max(1, len(aux_losses))
+        return nll, n_tokens, aux
 
-    return MechanismTrainer()
+
+def trainer_module(base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None,
+                   sink: int = 4) -> MechanismTrainer:
+    """The module `train` optimises (its forward is one batch's loss); public so that studies train
+    and score through the very same batched loss (studies/persistent_window.py)."""
+    return MechanismTrainer(base, cls, settings, weights, aux_weights, window, sink)
 
 
 def _weights_tensors(module) -> dict:
     return module.to_tensors() if hasattr(module, "to_tensors") else dict(module.state_dict())
 
 
-# ============================================================================ the loop
+# ============================================================================ setting a run up
 
-def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, log=print, lm=None) -> dict:
-    """Run one training; returns a summary (steps, best eval loss, perplexity, files).
+def _build_weights(cfg: TrainConfig, cls, settings, base, lm):
+    """The mechanism's trainable module: its weights (or, with documents, its reader), from
+    `init_weights` when given; ConfigError when nothing in it would train."""
+    from .weights import check_fits, load_tensors, read_header
 
-    `lm`: an already loaded model to train on (tests, benchmarks); without LoRA only, since LoRA
-    adapters are injected into the model it is given."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from .mechanisms import MECHANISMS
-    from .model import load_model
-    from .weights import check_fits, load_tensors, read_header, save_weights
-
-    out_dir = Path(cfg.output.dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
-        project_config=ProjectConfiguration(project_dir=str(out_dir), automatic_checkpoint_naming=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    set_seed(cfg.train.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if lm is not None and cfg.lora is not None:
-        raise ConfigError(["lora: needs a model loaded for this run (LoRA changes the model it is given)"])
-    lm = lm or load_model(cfg.model, dtype=cfg.dtype, device=str(accelerator.device), verbose=False)
-    base = lm.model
-    base.requires_grad_(False)
-    base.eval()
-    cls = MECHANISMS[cfg.mechanism.name]
-    settings = cfg.settings()
     tensors = None
     if cfg.init_weights:
         wf = read_header(cfg.init_weights)
@@ -458,21 +451,29 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     if weights is None or not any(p.requires_grad for p in weights.parameters()):
         raise ConfigError([f"mechanism.name: '{cls.name}' built no trainable parameters for these settings"])
     weights.train()  # what trains is what build_weights left requiring grad (e.g. LoRA adapters, not the clones)
+    return weights
 
-    lora_params = []
-    if cfg.lora is not None:
-        from peft import LoraConfig as PeftLora
-        from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                         target_modules=cfg.lora.target_modules), base)
-        lora_params = [p for n, p in base.named_parameters() if "lora_" in n]
-        for p in lora_params:
-            p.requires_grad_(True)
-    module = _trainer_module(base, cls, settings, weights, cfg.train.aux_weights, cfg.train.window, cfg.train.sink)
+def _inject_lora(cfg: TrainConfig, base) -> list:
+    """peft LoRA adapters on the base model when the config asks; their parameters (trainable)."""
+    if cfg.lora is None:
+        return []
+    from peft import LoraConfig as PeftLora
+    from peft import inject_adapter_in_model
 
-    # data
-    tok = lm.tokenizer
+    inject_adapter_in_model(PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                     target_modules=cfg.lora.target_modules), base)
+    lora_params = [p for n, p in base.named_parameters() if "lora_" in n]
+    for p in lora_params:
+        p.requires_grad_(True)
+    return lora_params
+
+
+def _loaders(cfg: TrainConfig, tok):
+    """(train loader, held-out loader, whether there is held-out data): the held-out rows are the
+    eval file, or a seeded `eval_fraction` split of the training rows."""
+    from torch.utils.data import DataLoader
+
     rows = read_jsonl(cfg.data.train, cfg.data.format)
     if cfg.data.eval:
         eval_rows = read_jsonl(cfg.data.eval, cfg.data.format)
@@ -489,152 +490,274 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
                         collate_fn=lambda b: collate(b, pad), generator=torch.Generator().manual_seed(cfg.train.seed))
     eval_loader = DataLoader(enc_eval, batch_size=cfg.train.batch_size, shuffle=False,
                              collate_fn=lambda b: collate(b, pad))
+    return loader, eval_loader, bool(enc_eval)
 
+
+def lr_factor(step: int, schedule: str, warm: int, total: int) -> float:
+    """The learning rate's multiplier at `step`: linear warm-up, then constant, linear or cosine decay."""
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    frac = (step - warm) / max(1, total - warm)
+    return max(0.0, 1 - frac) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def _optimizer(cfg: TrainConfig, weights, lora_params: list):
+    """AdamW (the mechanism's parameters at `lr`, LoRA's at `lora_lr`) and its schedule."""
     groups = [{"params": [p for p in weights.parameters() if p.requires_grad], "lr": cfg.train.lr}]
     if lora_params:
         groups.append({"params": lora_params, "lr": cfg.train.lora_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-    total, warm = cfg.train.max_steps, cfg.train.warmup_steps
+    t = cfg.train
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.schedule, t.warmup_steps,
+                                                                                 t.max_steps))
+    return optimizer, scheduler
 
-    def lr_factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.train.schedule == "constant":
-            return 1.0
-        frac = (step - warm) / max(1, total - warm)
-        return max(0.0, 1 - frac) if cfg.train.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    module, optimizer, loader, eval_loader, scheduler = accelerator.prepare(module, optimizer, loader, eval_loader,
-                                                                            scheduler)
-    state = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "history": []}
-
-    ckpt_root = out_dir / "checkpoints"
+def _resume_point(cfg: TrainConfig, resume: str | None, ckpt_root: Path) -> str | None:
+    """The checkpoint folder to resume from ('auto': the newest under checkpoints/), or None."""
     resume = resume or cfg.resume
     if resume == "auto":
         found = sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if ckpt_root.is_dir() else []
         resume = str(found[-1]) if found else None
-    if resume:
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise ConfigError([f"resume: {resume} is not a checkpoint of this trainer (no trainer_state.json)"])
-        accelerator.load_state(resume)
-        state = json.loads((Path(resume) / "trainer_state.json").read_text())
-        log(f"resumed from {resume} at step {state['step']}")
+    if resume and not (Path(resume) / "trainer_state.json").is_file():
+        raise ConfigError([f"resume: {resume} is not a checkpoint of this trainer (no trainer_state.json)"])
+    return resume
 
-    def evaluate() -> float:
-        module.eval()
+
+# ============================================================================ the loop
+
+@dataclass
+class _Run:
+    """One training run once set up: the prepared module, optimizer, schedule and loaders, and the
+    state a checkpoint keeps (step, best held-out loss, patience, history)."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    module: Any
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    eval_loader: Any
+    has_eval: bool
+    weights: Any
+    cls: Any
+    settings: Any
+    lm: Any
+    log: Callable
+    state: dict = field(default_factory=lambda: {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0,
+                                                 "history": []})
+    step_times: list = field(default_factory=list)
+    logf: Any = None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return Path(self.cfg.output.dir) / "checkpoints"
+
+    def evaluate(self) -> float:
+        """Held-out loss per token, over every process's share."""
+        self.module.eval()
         nll_sum, n_sum = 0.0, 0
         with torch.no_grad():
-            for batch in eval_loader:
-                nll, n, _ = module(**batch)
-                nll, n = accelerator.gather_for_metrics((nll.reshape(1), n.reshape(1)))
+            for batch in self.eval_loader:
+                nll, n, _ = self.module(**batch)
+                nll, n = self.accelerator.gather_for_metrics((nll.reshape(1), n.reshape(1)))
                 nll_sum += float(nll.sum())
                 n_sum += int(n.sum())
-        module.train()
-        weights.train()
+        self.module.train()
+        self.weights.train()
         return nll_sum / max(1, n_sum)
 
-    def save_best(path: Path) -> None:
-        if accelerator.is_main_process:
-            save_weights(path, _weights_tensors(accelerator.unwrap_model(module).weights), mechanism=cls.name,
-                         settings=settings.model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": settings.gain},
-                         model=base, identity=lm.identity,
-                         extra={"trained": {"step": state["step"], "eval_loss": state["best_eval"],
+    def save_best(self, path: Path) -> None:
+        from .weights import save_weights
+
+        if self.accelerator.is_main_process:
+            s, cfg = self.settings, self.cfg
+            save_weights(path, _weights_tensors(self.accelerator.unwrap_model(self.module).weights),
+                         mechanism=self.cls.name,
+                         settings=s.model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": s.gain},
+                         model=self.lm.model, identity=self.lm.identity,
+                         extra={"trained": {"step": self.state["step"], "eval_loss": self.state["best_eval"],
                                             "config": cfg.model_dump()}} | ({"reader": True} if cfg.data.documents else {}))
 
-    def checkpoint() -> None:
-        path = ckpt_root / f"step-{state['step']}"
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            (path / "trainer_state.json").write_text(json.dumps(state))
-            old = sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-            for p in old[:-cfg.output.keep_checkpoints]:
+    def checkpoint(self) -> None:
+        """Accelerate's state plus trainer_state.json; only the newest `keep_checkpoints` are kept."""
+        path = self.ckpt_root / f"step-{self.state['step']}"
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(path))
+        if self.accelerator.is_main_process:
+            (path / "trainer_state.json").write_text(json.dumps(self.state))
+            old = sorted(self.ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for p in old[:-self.cfg.output.keep_checkpoints]:
                 import shutil
                 shutil.rmtree(p, ignore_errors=True)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    logf = open(out_dir / "log.jsonl", "a", encoding="utf-8") if accelerator.is_main_process else None
-    has_eval = bool(enc_eval)
-    if state["step"] == 0 and has_eval:
-        state["initial_eval"] = evaluate()
-        log(f"step 0: held-out loss {state['initial_eval']:.4f} (perplexity {math.exp(state['initial_eval']):.2f})")
-    bar = tqdm(total=total, initial=state["step"], disable=not (progress and accelerator.is_local_main_process),
-               desc=f"train {cls.name}", dynamic_ncols=True)
-    per_epoch = len(loader)
-    micro_done = state["step"] * cfg.train.grad_accum
-    epoch = micro_done // per_epoch
-    stop = False
-    t_start = time.perf_counter()
-    step_times: list[float] = []
-    module.train()
-    while not stop and state["step"] < total:
-        loader.set_epoch(epoch)
-        skip = micro_done - epoch * per_epoch
-        it = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
-        t_step = time.perf_counter()
-        for batch in it:
-            with accelerator.accumulate(module):
-                nll, n, aux = module(**batch)
-                loss = nll / n.clamp_min(1) + aux
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            micro_done += 1
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            step_times.append(time.perf_counter() - t_step)
-            t_step = time.perf_counter()
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            record = {"step": state["step"], "loss": float(loss.detach()), "aux": float(aux.detach()), "lr": scheduler.get_last_lr()[0]}
-            if has_eval and (state["step"] % cfg.train.eval_every == 0 or state["step"] == total):
-                ev = evaluate()
-                record |= {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))}
-                state["history"].append([state["step"], ev])
-                if state["best_eval"] is None or ev < state["best_eval"] - cfg.train.min_delta:
-                    state.update(best_eval=ev, best_step=state["step"], bad_evals=0)
-                    save_best(cfg.weights_path)
-                else:
-                    state["bad_evals"] += 1
-                    if cfg.train.early_stopping_patience and state["bad_evals"] >= cfg.train.early_stopping_patience:
-                        log(f"early stop at step {state['step']}: no improvement in {state['bad_evals']} evals")
-                        stop = True
-                bar.write(f"step {state['step']}: held-out loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
-            if logf:
-                logf.write(json.dumps(record) + "\n")
-                logf.flush()
-            if cfg.output.save_every and state["step"] % cfg.output.save_every == 0:
-                checkpoint()
-            if stop or state["step"] >= total:
-                break
-        epoch += 1
-    bar.close()
-    if not has_eval:
-        save_best(cfg.weights_path)
-    checkpoint()
-    if logf:
-        logf.close()
-    if lora_params and accelerator.is_main_process:
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
+    def held_out(self, record: dict, bar) -> bool:
+        """Evaluate, keep the best weights, count patience; True when early stopping says stop."""
+        ev, state, t = self.evaluate(), self.state, self.cfg.train
+        record |= {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))}
+        state["history"].append([state["step"], ev])
+        stop = False
+        if state["best_eval"] is None or ev < state["best_eval"] - t.min_delta:
+            state.update(best_eval=ev, best_step=state["step"], bad_evals=0)
+            self.save_best(self.cfg.weights_path)
+        else:
+            state["bad_evals"] += 1
+            if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
+                self.log(f"early stop at step {state['step']}: no improvement in {state['bad_evals']} evals")
+                stop = True
+        bar.write(f"step {state['step']}: held-out loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
+        return stop
 
-        lora_dir = Path(str(cfg.weights_path) + ".lora")
-        lora_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(base).items()},
-                  str(lora_dir / "adapter_model.safetensors"))
-        (lora_dir / "adapter_config.json").write_text(json.dumps(cfg.lora.model_dump()))
-    elapsed = time.perf_counter() - t_start
-    summary = {"steps": state["step"], "initial_eval_loss": state.get("initial_eval"), "best_eval_loss": state["best_eval"],
-               "best_step": state["best_step"], "weights": str(cfg.weights_path),
-               "best_perplexity": None if state["best_eval"] is None else math.exp(min(state["best_eval"], 50)),
-               "seconds": round(elapsed, 2),
-               "median_step_s": round(sorted(step_times)[len(step_times) // 2], 4) if step_times else None}
+    def after_step(self, loss, aux, bar) -> bool:
+        """What follows an optimiser step: the bar, the log line, held-out loss, checkpoints.
+        True when the run should stop."""
+        state, total = self.state, self.cfg.train.max_steps
+        state["step"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        record = {"step": state["step"], "loss": float(loss.detach()), "aux": float(aux.detach()),
+                  "lr": self.scheduler.get_last_lr()[0]}
+        stop = False
+        if self.has_eval and (state["step"] % self.cfg.train.eval_every == 0 or state["step"] == total):
+            stop = self.held_out(record, bar)
+        if self.logf:
+            self.logf.write(json.dumps(record) + "\n")
+            self.logf.flush()
+        if self.cfg.output.save_every and state["step"] % self.cfg.output.save_every == 0:
+            self.checkpoint()
+        return stop or state["step"] >= total
+
+    def micro_step(self, batch):
+        """One micro-batch forward and backward; the optimiser steps when accumulation syncs."""
+        acc = self.accelerator
+        with acc.accumulate(self.module):
+            nll, n, aux = self.module(**batch)
+            loss = nll / n.clamp_min(1) + aux
+            acc.backward(loss)
+            if acc.sync_gradients and self.cfg.train.max_grad_norm is not None:
+                acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                    self.cfg.train.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return loss, aux
+
+    def loop(self, bar) -> None:
+        """Epochs until max_steps or early stopping; a resumed run skips the batches it has seen."""
+        per_epoch = len(self.loader)
+        micro_done = self.state["step"] * self.cfg.train.grad_accum
+        epoch = micro_done // per_epoch
+        stop = False
+        self.module.train()
+        while not stop and self.state["step"] < self.cfg.train.max_steps:
+            self.loader.set_epoch(epoch)
+            skip = micro_done - epoch * per_epoch
+            it = self.accelerator.skip_first_batches(self.loader, skip) if skip > 0 else self.loader
+            t_step = time.perf_counter()
+            for batch in it:
+                loss, aux = self.micro_step(batch)
+                micro_done += 1
+                if not self.accelerator.sync_gradients:
+                    continue
+                self.step_times.append(time.perf_counter() - t_step)
+                t_step = time.perf_counter()
+                stop = self.after_step(loss, aux, bar)
+                if stop:
+                    break
+            epoch += 1
+
+    def summary(self, elapsed: float) -> dict:
+        state, times = self.state, self.step_times
+        return {"steps": state["step"], "initial_eval_loss": state.get("initial_eval"),
+                "best_eval_loss": state["best_eval"], "best_step": state["best_step"],
+                "weights": str(self.cfg.weights_path),
+                "best_perplexity": None if state["best_eval"] is None else math.exp(min(state["best_eval"], 50)),
+                "seconds": round(elapsed, 2),
+                "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None}
+
+
+def _save_lora(cfg: TrainConfig, base) -> None:
+    """LoRA adapters as a peft adapter folder beside the weights file (for offline comparison)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    lora_dir = Path(str(cfg.weights_path) + ".lora")
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(base).items()},
+              str(lora_dir / "adapter_model.safetensors"))
+    (lora_dir / "adapter_config.json").write_text(json.dumps(cfg.lora.model_dump()))
+
+
+def _setup(cfg: TrainConfig, accelerator, lm, resume: str | None, log) -> tuple[_Run, list]:
+    """Model, trainable module, LoRA, data, optimizer, all prepared by Accelerate, in the order the
+    seeded RNG has always seen them (so a config trains to the same weights); the resumed state."""
+    from .mechanisms import MECHANISMS
+    from .model import load_model
+
+    if lm is not None and cfg.lora is not None:
+        raise ConfigError(["lora: needs a model loaded for this run (LoRA changes the model it is given)"])
+    lm = lm or load_model(cfg.model, dtype=cfg.dtype, device=str(accelerator.device), verbose=False)
+    base = lm.model
+    base.requires_grad_(False)
+    base.eval()
+    cls = MECHANISMS[cfg.mechanism.name]
+    settings = cfg.settings()
+    weights = _build_weights(cfg, cls, settings, base, lm)
+    lora_params = _inject_lora(cfg, base)
+    module = trainer_module(base, cls, settings, weights, cfg.train.aux_weights, cfg.train.window, cfg.train.sink)
+    loader, eval_loader, has_eval = _loaders(cfg, lm.tokenizer)
+    optimizer, scheduler = _optimizer(cfg, weights, lora_params)
+    module, optimizer, loader, eval_loader, scheduler = accelerator.prepare(module, optimizer, loader, eval_loader,
+                                                                            scheduler)
+    run = _Run(cfg, accelerator, module, optimizer, scheduler, loader, eval_loader, has_eval, weights, cls, settings,
+               lm, log)
+    resume = _resume_point(cfg, resume, run.ckpt_root)
+    if resume:
+        accelerator.load_state(resume)
+        run.state = json.loads((Path(resume) / "trainer_state.json").read_text())
+        log(f"resumed from {resume} at step {run.state['step']}")
+    return run, lora_params
+
+
+def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True, log=print, lm=None) -> dict:
+    """Run one training; returns a summary (steps, best eval loss, perplexity, files).
+
+    `lm`: an already loaded model to train on (tests, benchmarks); without LoRA only, since LoRA
+    adapters are injected into the model it is given."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    out_dir = Path(cfg.output.dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), automatic_checkpoint_naming=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    set_seed(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run, lora_params = _setup(cfg, accelerator, lm, resume, log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.logf = open(out_dir / "log.jsonl", "a", encoding="utf-8") if accelerator.is_main_process else None
+    if run.state["step"] == 0 and run.has_eval:
+        run.state["initial_eval"] = ev = run.evaluate()
+        log(f"step 0: held-out loss {ev:.4f} (perplexity {math.exp(ev):.2f})")
+    bar = tqdm(total=cfg.train.max_steps, initial=run.state["step"],
+               disable=not (progress and accelerator.is_local_main_process), desc=f"train {run.cls.name}",
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    run.loop(bar)
+    bar.close()
+    if not run.has_eval:
+        run.save_best(cfg.weights_path)
+    run.checkpoint()
+    if run.logf:
+        run.logf.close()
+    if lora_params and accelerator.is_main_process:
+        _save_lora(cfg, run.lm.model)
+    summary = run.summary(time.perf_counter() - t_start)
     log(json.dumps(summary))
     return summary
 

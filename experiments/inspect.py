@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from db import Store
+from db.blind import is_blinded
 from engine import LoadedModel
 from engine.capture import (CAPTURE_VERSION, DEFAULT_MAX_SIZE, GRID_METRICS, CaptureError, bucket_starts,
                             capture_turn, memory_read_table, scalar_curves, token_label, token_labels, turn_summary)
@@ -143,7 +144,7 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
     if bad:
         raise InspectError(f"unknown kind {bad[0]!r}; use {', '.join(KINDS)}")
     session, turns = session_turns(store, session_id)
-    if session.get("blind") and not (session.get("meta") or {}).get("revealed_at"):
+    if is_blinded(session):
         # memory reads and divergence from the observer show which arm is linked: no amount of
         # relabelling keeps a blind annotation blind, so Inspect waits for the reveal
         raise InspectError("this is a blind session and its arms are not revealed yet: inspecting would show "

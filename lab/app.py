@@ -115,15 +115,15 @@ def build_app(ctx: LabContext) -> gr.Blocks:
                 else:
                     inspect = build_inspect_tab(ctx)
         if inspect and all(k in inspect for k in ("session", "arm", "turn")):
-            arena["wire_inspect"](inspect, tabs)
+            arena.wire_inspect(inspect, tabs)
             sessions["wire_inspect"](inspect, tabs)
-        arena["wire_continue"](sessions["continue_btn"], sessions["session_id"], tabs)
+        arena.wire_continue(sessions["continue_btn"], sessions["session_id"], tabs)
         if experiments and "open_session" in experiments:
             _wire_open_in_sessions(experiments, sessions, tabs)
         sessions_tab.select(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]],
                             api_name=False)
         demo.load(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]], api_name=False)
-        arena["on_load"](demo)
+        arena.on_load(demo)
     demo.lab_parts = {"arena": arena, "sessions": sessions, "inspect": inspect, "tabs": tabs}
     return demo
 

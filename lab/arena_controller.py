@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import html
 import random
+import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
 from db import STANCE_LABELS, Store, StoreError
+from db.blind import draw_pane_order, is_revealed, pane_letter, reveal_mapping, revealed_meta
 from engine import ArmReply, ArmSpec, Dialogue, DialogueError, LoadedModel, SpecError, StreamEvent
 from db.rules import SessionRow
 from engine.dialogue import MAX_MESSAGE_CHARS
@@ -34,8 +35,9 @@ from engine.dialogue import check_message as engine_check_message
 from experiments.protocol import MAX_WINDOW
 from experiments.record import SessionRecorder, dialogue_from_session, other_weights
 
-LETTERS = "ABCD"
 MAX_ARMS = 4
+BUSY = "A turn is already running in this tab; wait for it to end or press Stop."
+"""The one refusal of a second turn (or a Continue) while a tab's turn runs."""
 
 
 class ArenaError(ValueError):
@@ -61,6 +63,36 @@ class TurnOutcome:
     kind: str
     status: str
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """`ArenaSession.send` took the message (the session is started): the turn's events follow."""
+
+    status: str = "Generating… (Stop buttons work while it runs)"
+
+
+@dataclass(frozen=True)
+class SettingsRefused:
+    """`ArenaSession.send` could not start a session: {pane: why}, or {"session": why}."""
+
+    errors: dict
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a session is started with, as the Arena's top row and panes give it.
+
+    `pane_spec(p)` is pane p's settings as an ArmSpec, or the one line saying why they are refused
+    (asked only for the panes in use, as the browser shows them)."""
+
+    n_arms: object
+    pane_spec: Callable[[int], "ArmSpec | str"]
+    blind: bool = False
+    system: str | None = None
+    title: str | None = None
+    annotator: str | None = None
+    window: object = None
 
 
 def check_message(message) -> str | None:
@@ -171,15 +203,14 @@ def reveal_session(store: Store, session_id: str) -> str:
         raise ArenaError(_first_line(e)) from None
     if not s.get("blind"):
         raise ArenaError("This session is not blind: its arms are named already.")
-    meta = s.get("meta") or {}
-    if not meta.get("revealed_at"):
+    meta = revealed_meta(s.get("meta"))
+    if meta is not None:
         try:
-            store.update_session(session_id, meta={**meta, "revealed_at": datetime.now(timezone.utc).isoformat()})
+            store.update_session(session_id, meta=meta)
         except StoreError as e:
             raise ArenaError(f"Not revealed: {_first_line(e)}") from None
     labels = {a["index"]: a["label"] for a in s["arms"]}
-    order = s.get("pane_order") or sorted(labels)
-    return ", ".join(f"Arm {LETTERS[p]} = {labels.get(a, a)}" for p, a in enumerate(order))
+    return reveal_mapping(labels, s.get("pane_order") or sorted(labels))
 
 
 @dataclass
@@ -204,6 +235,7 @@ class ArenaSession:
     title: str = ""
     annotator: str | None = None
     resumed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __deepcopy__(self, memo):
         """Gradio deep-copies a State's initial value per browser tab: a fresh conversation that shares
@@ -237,7 +269,7 @@ class ArenaSession:
         return self.order.index(arm) if arm in self.order else None
 
     def pane_name(self, pane: int) -> str:
-        return LETTERS[pane] if self.blind else str(pane + 1)
+        return pane_letter(pane) if self.blind else str(pane + 1)
 
     @property
     def window(self) -> int | None:
@@ -255,8 +287,17 @@ class ArenaSession:
         deadline = time.monotonic() + wait_s
         while self.busy and time.monotonic() < deadline:
             time.sleep(0.02)
-        store, lm, scheduler = self.store, self.lm, self.scheduler
-        self.__init__(store, lm, scheduler)
+        with self._lock:  # a send claiming the tab meanwhile sees either the old or the fresh state
+            self.__init__(self.store, self.lm, self.scheduler, _lock=self._lock)
+
+    def _claim(self) -> bool:
+        """Mark the tab busy unless it already is (check-then-set under the lock): two sends racing
+        into one tab, or a send racing a Continue, cannot both run."""
+        with self._lock:
+            if self.busy:
+                return False
+            self.busy = True
+            return True
 
     def _turn_events(self, user: str, **kwargs):
         """A turn's StreamEvents: through the scheduler when there is one."""
@@ -284,11 +325,37 @@ class ArenaSession:
             self.dialogue = Dialogue(self.lm, list(specs), system=(system or "").strip() or None, window=window)
         except (SpecError, DialogueError) as e:
             raise ArenaError(_first_line(e)) from None
-        order = list(range(len(specs)))
-        if blind:
-            (rng or random).shuffle(order)
-        self.order, self.blind, self.revealed = order, bool(blind), False
+        self.order, self.blind, self.revealed = draw_pane_order(len(specs), bool(blind), rng), bool(blind), False
         self.title, self.annotator = (title or "").strip(), (annotator or "").strip() or None
+
+    def open(self, settings: SessionSettings) -> dict:
+        """Start a session from the Arena's settings: {} when started, else {pane: why} (or
+        {"session": why}) checked in the order the browser shows them: the session's fields, the
+        window, the number of arms, each pane's settings."""
+        why = check_session_fields(settings.system, settings.title, settings.annotator)
+        if why:
+            return {"session": why}
+        try:
+            window = parse_window(settings.window)
+        except ArenaError as e:
+            return {"session": str(e)}
+        try:
+            n = int(settings.n_arms or 2)
+        except (TypeError, ValueError):
+            return {0: f"the number of arms must be 2 to {MAX_ARMS}, not {settings.n_arms!r}"}
+        if not 2 <= n <= MAX_ARMS:
+            return {0: f"the number of arms must be 2 to {MAX_ARMS}, not {n}"}
+        specs = [settings.pane_spec(p) for p in range(n)]
+        errors: dict = {p: s for p, s in enumerate(specs) if isinstance(s, str)}
+        if errors:
+            return errors
+        try:
+            self.start([s for s in specs if not isinstance(s, str)], blind=bool(settings.blind),
+                       system=settings.system, title=settings.title or "", annotator=settings.annotator,
+                       window=window)
+        except ArenaError as e:
+            return {0: str(e)}
+        return {}
 
     def _unstart(self) -> None:
         """A refused first message: forget the arms, the settings stay editable."""
@@ -361,13 +428,40 @@ class ArenaSession:
         if why:
             yield TurnOutcome("refused", f"⚠ {why}", why)
             return
-        if self.busy:
-            yield TurnOutcome("refused", "⚠ A turn is already running in this tab; wait for it or press Stop.",
-                              "busy")
+        if not self._claim():
+            yield TurnOutcome("refused", f"⚠ {BUSY}", "busy")
             return
+        yield from self._run_claimed(message)
+
+    def send(self, message: str, settings: SessionSettings) -> Iterator[object]:
+        """The Arena's Send: check the message, claim the tab, start the session on the first message,
+        then stream the turn. Yields a TurnOutcome('refused') for a bad message, TurnOutcome('busy')
+        while a turn runs, SettingsRefused when the session cannot start; else Accepted, then what
+        `run_turn` yields."""
+        why = check_message(message)
+        if why:
+            yield TurnOutcome("refused", f"⚠ {why}", why)
+            return
+        if not self._claim():
+            yield TurnOutcome("busy", f"⚠ {BUSY} Your message stays in the box.", "busy")
+            return
+        running = False
+        try:
+            errors = {} if self.started else self.open(settings)
+            if errors:
+                yield SettingsRefused(errors)
+                return
+            yield Accepted()
+            running = True
+            yield from self._run_claimed(message)
+        finally:
+            if not running:  # refused, or the consumer left before the turn began
+                self.busy = False
+
+    def _run_claimed(self, message: str) -> Iterator[StreamEvent | TurnOutcome]:
+        """`run_turn`'s body, on a tab this call has claimed (`busy`); every way out releases it."""
         d = self.dialogue
         ev = None
-        self.busy = True
         it = self._turn_events(message)
         try:
             for ev in it:
@@ -458,7 +552,7 @@ class ArenaSession:
                 reveal_session(self.store, self.session_id)
             except ArenaError:
                 pass  # the panes are revealed here; the record keeps its letters until a write succeeds
-        return ", ".join(f"Arm {LETTERS[p]} = {self.spec_of(p).display_label}" for p in range(self.n))
+        return reveal_mapping({self.arm_of(p): self.spec_of(p).display_label for p in range(self.n)}, self.order)
 
     # -- labels ---------------------------------------------------------------------------------
     def annotate(self, pane: int, turn_index, annotator: str, label: str, note: str = "",
@@ -531,50 +625,76 @@ class ArenaSession:
                scheduler: StepScheduler | None = None) -> "ArenaSession":
         """Rebuild a logged lab session's arms from its tokens so that the next turn continues it."""
         sid = (session_id or "").strip()
-        if not sid:
-            raise ArenaError("Pick a session first.")
-        try:
-            session, d, turns = dialogue_from_session(store, lm, sid)
-        except StoreError as e:
-            raise ArenaError(_first_line(e)) from None
-        except (SpecError, DialogueError, ValueError) as e:
-            raise ArenaError(f"session {sid} cannot be rebuilt: {_first_line(e)}") from None
-        if session["kind"] != "lab":
-            raise ArenaError(f"session {sid} is a {session['kind']} session; only lab sessions can be continued")
-        why = other_weights(session, lm, "continue")
-        if why:
-            raise ArenaError(why)
-        if not 2 <= d.n_arms <= MAX_ARMS:
-            raise ArenaError(f"session {sid} has {d.n_arms} arms; the Arena shows 2 to {MAX_ARMS}")
-        if sorted(turns) != list(range(len(turns))):
-            raise ArenaError(f"session {sid} has gaps in its turns ({sorted(turns)}); it cannot be continued")
+        session, d, turns = _loadable_session(store, lm, sid)
         self = cls(store, lm, scheduler, resumed=True)
         for k in sorted(turns):
-            rows = turns[k]
-            if sorted(rows) != list(range(d.n_arms)) or any("assistant" not in r or "user" not in r
-                                                            for r in rows.values()):
-                raise ArenaError(f"turn {k + 1} of session {sid} is not logged for every arm; it cannot be continued")
-            forced = [rows[i]["assistant"]["token_ids"] or [] for i in range(d.n_arms)]
-            if any(not f for f in forced):
-                raise ArenaError(f"turn {k + 1} of session {sid} has an empty reply; it cannot be continued")
-            user = rows[0]["user"]["text"]
-            if scheduler is not None:  # the replay shares passes with the other tabs' turns
-                scheduler.send(d, user, forced=forced)
-            else:
-                d.send(user, forced=forced)
-            replies = []
-            for i, r in enumerate(d.arms[a].replies[-1] for a in range(d.n_arms)):
-                row = rows[i]["assistant"]
-                r.finish_reason = row.get("finish_reason") or r.finish_reason
-                r.duration_s = float(row.get("duration_s") or 0.0)
-                r.text = row.get("text") or r.text
-                replies.append(r)
-            self.turns.append(LabTurn(user, replies, [rows[i]["assistant"]["id"] for i in range(d.n_arms)]))
-        order = list(session.get("pane_order") or range(d.n_arms))
-        self.dialogue, self.order = d, order
+            self.turns.append(_replay_turn(d, turns[k], k, sid, scheduler))
+        self.dialogue, self.order = d, list(session.get("pane_order") or range(d.n_arms))
         self.blind = bool(session.get("blind"))
-        self.revealed = "revealed_at" in (session.get("meta") or {})
+        self.revealed = is_revealed(session)
         self.title, self.annotator = session.get("title") or "", session.get("user")
         self.recorder = SessionRecorder(store, lm, d, session_id=sid)
         self.can_rollback = False  # the replay left no snapshot: the last logged turn stays
         return self
+
+    def reopen(self, session_id: str) -> None:
+        """Continue a logged session in this tab (the Arena's Continue): refused while a turn runs;
+        this tab's conversation is replaced only once the logged one is rebuilt (a refusal changes
+        nothing here)."""
+        if not self._claim():
+            raise ArenaError(BUSY)
+        try:
+            other = ArenaSession.resume(self.store, self.lm, session_id, self.scheduler)
+            if self.dialogue is not None:
+                self.dialogue.stop_all()
+            self.dialogue, self.recorder, self.order, self.turns = other.dialogue, other.recorder, other.order, other.turns
+            self.blind, self.revealed, self.title, self.annotator = other.blind, other.revealed, other.title, other.annotator
+            self.store_error, self.can_rollback, self.failed_message, self.resumed = None, False, None, True
+        finally:
+            self.busy = False
+
+
+def _loadable_session(store: Store, lm: LoadedModel, sid: str):
+    """(session, Dialogue, turns) of a logged lab session the Arena can continue; ArenaError with
+    one line for a person otherwise."""
+    if not sid:
+        raise ArenaError("Pick a session first.")
+    try:
+        session, d, turns = dialogue_from_session(store, lm, sid)
+    except StoreError as e:
+        raise ArenaError(_first_line(e)) from None
+    except (SpecError, DialogueError, ValueError) as e:
+        raise ArenaError(f"session {sid} cannot be rebuilt: {_first_line(e)}") from None
+    if session["kind"] != "lab":
+        raise ArenaError(f"session {sid} is a {session['kind']} session; only lab sessions can be continued")
+    why = other_weights(session, lm, "continue")
+    if why:
+        raise ArenaError(why)
+    if not 2 <= d.n_arms <= MAX_ARMS:
+        raise ArenaError(f"session {sid} has {d.n_arms} arms; the Arena shows 2 to {MAX_ARMS}")
+    if sorted(turns) != list(range(len(turns))):
+        raise ArenaError(f"session {sid} has gaps in its turns ({sorted(turns)}); it cannot be continued")
+    return session, d, turns
+
+
+def _replay_turn(d: Dialogue, rows: dict, k: int, sid: str, scheduler: StepScheduler | None) -> LabTurn:
+    """Feed logged turn k back through the dialogue (forced tokens, batched with the other tabs'
+    turns when there is a scheduler) and return it as the Arena's LabTurn with the logged timings."""
+    if sorted(rows) != list(range(d.n_arms)) or any("assistant" not in r or "user" not in r for r in rows.values()):
+        raise ArenaError(f"turn {k + 1} of session {sid} is not logged for every arm; it cannot be continued")
+    forced = [rows[i]["assistant"]["token_ids"] or [] for i in range(d.n_arms)]
+    if any(not f for f in forced):
+        raise ArenaError(f"turn {k + 1} of session {sid} has an empty reply; it cannot be continued")
+    user = rows[0]["user"]["text"]
+    if scheduler is not None:  # the replay shares passes with the other tabs' turns
+        scheduler.send(d, user, forced=forced)
+    else:
+        d.send(user, forced=forced)
+    replies = []
+    for i, r in enumerate(d.arms[a].replies[-1] for a in range(d.n_arms)):
+        row = rows[i]["assistant"]
+        r.finish_reason = row.get("finish_reason") or r.finish_reason
+        r.duration_s = float(row.get("duration_s") or 0.0)
+        r.text = row.get("text") or r.text
+        replies.append(r)
+    return LabTurn(user, replies, [rows[i]["assistant"]["id"] for i in range(d.n_arms)])

@@ -10,7 +10,7 @@ import pandas as pd
 
 from db import StoreError
 from db.export import export as export_files
-from db.store import is_blinded
+from db.blind import is_blinded, pane_letters, reveal_mapping
 
 from .arena_controller import (ArenaError, label_progress, labelled_line, reveal_session, stop_reason_text,
                                turn_label)
@@ -18,18 +18,11 @@ from .fields import FieldDropdown, FieldNumber, FieldRadio
 from .context import LabContext
 
 N_COLS = 4
-LETTERS = "ABCD"
 
 
 def is_hidden(session: dict) -> bool:
     """A blind session whose arms have not been revealed: only pane letters may be shown."""
     return is_blinded(session)
-
-
-def pane_letters(session: dict) -> dict[int, str]:
-    """arm index -> the pane letter it was shown under."""
-    order = session.get("pane_order") or [a["index"] for a in session["arms"]]
-    return {arm: LETTERS[p] for p, arm in enumerate(order)}
 
 
 FORMATS = {"CSV": "csv", "JSONL": "jsonl", "Parquet": "parquet", "Bundle (JSON, one session)": "bundle"}
@@ -164,8 +157,7 @@ def build_sessions_tab(ctx: LabContext) -> dict:
                          "(here or in the Arena) to see which arm is which.")
         elif s.get("blind"):
             order = s.get("pane_order") or []
-            lines.append("Blind session (revealed); panes showed: " + ", ".join(
-                f"Arm {LETTERS[p]} = {labels.get(a, a)}" for p, a in enumerate(order)))
+            lines.append("Blind session (revealed); panes showed: " + reveal_mapping(labels, order))
         if s.get("system_prompt"):
             lines.append(f"System prompt: *{html.escape(s['system_prompt'])}*")
         ann_by_turn: dict[int, list] = {}

@@ -109,9 +109,9 @@ def answer_loss(lm, settings, weights, window: int):
     row, each row's plan applied, the sliding window): `module(**batch) -> (nll, n_tokens, aux)`,
     the summed NLL of the answer tokens with the persistent tokens' gradient on the graph."""
     from engine.mechanisms.neural_memory import NeuralMemory
-    from engine.train import _trainer_module
+    from engine.train import trainer_module
 
-    return _trainer_module(lm.model, NeuralMemory, settings, weights, {}, window or None)
+    return trainer_module(lm.model, NeuralMemory, settings, weights, {}, window or None)
 
 
 def main(argv=None) -> int:

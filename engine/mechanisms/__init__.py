@@ -19,20 +19,7 @@ from .memory_bank import MemoryBank, MemoryBankSettings
 from .neural_memory import NeuralMemory
 from .noise import Noise
 from .partial_attention import PartialAttention
-
-MECHANISMS: dict[str, type[Mechanism]] = {}
-
-
-def register(cls: type[Mechanism]) -> type[Mechanism]:
-    """Add a mechanism to the registry (usable as a class decorator). Names are `[a-z0-9_]+`."""
-    name = getattr(cls, "name", "")
-    if not name or not name.replace("_", "").isalnum() or name != name.lower() or name == "observer":
-        raise ValueError(f"mechanism name {name!r} must be lower-case letters, digits and '_' (not 'observer')")
-    if MECHANISMS.get(name, cls) is not cls:
-        raise ValueError(f"a different mechanism is already registered as '{name}'")
-    MECHANISMS[name] = cls
-    return cls
-
+from .registry import MECHANISMS, register
 
 def load_plugins(names: str | None = None) -> list[str]:
     """Import the modules named in `names` (default `$LAB_PLUGINS`); each registers its mechanisms.

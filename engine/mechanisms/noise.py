@@ -21,18 +21,18 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
+from ..weights import shared_weights
 from .base import ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace
+from .registry import MECHANISMS, parse_arm_text
 
 BLOCK = 256  # positions drawn together: one generator call per (seed, layer, block of positions)
 
 
 def parse_matched(text: str):
     """The matched arm's spec (an `ArmSpec`), refused in one line if it cannot be matched."""
-    from ..spec import SpecError, parse_arm  # engine.spec imports the mechanisms: import late
-
     try:
-        arm = parse_arm(text)
-    except SpecError as e:
+        arm = parse_arm_text(text)  # engine.spec's parse_arm, through the registry (spec imports the mechanisms)
+    except ValueError as e:  # its SpecError, as the settings model's one-line error
         raise ValueError(str(e)) from None
     if arm.mechanism is None:
         raise ValueError("match names the observer, which adds no residual to match")
@@ -110,9 +110,6 @@ class Noise(Mechanism):
     Settings = NoiseSettings
 
     def __init__(self, settings: NoiseSettings, model: torch.nn.Module, weights=None):
-        from ..weights import shared_weights
-        from . import MECHANISMS
-
         super().__init__(settings, model, None)
         spec = settings.matched()
         cls = MECHANISMS[spec.mechanism]

@@ -56,7 +56,7 @@ def test_fresh_reader_reads_as_the_layers_own_projections_and_linkage_0_is_the_b
 
 def test_training_slots_are_the_distilled_bank(embedded, files):
     """A trainer row with its document bound reads exactly as an arm over distill's bank does."""
-    from engine.train import _trainer_module
+    from engine.train import trainer_module
     from engine.weights import load_tensors, read_header
 
     settings = MemoryBank.Settings(layers=LAYERS, sharing="per_layer", linkage=1.0)
@@ -71,9 +71,9 @@ def test_training_slots_are_the_distilled_bank(embedded, files):
     roles, valid = torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool)
     doc = torch.tensor([tok(DOC, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
-        bound, _ = _trainer_module(embedded.model, MemoryBank, settings, reader, {}).logits(
+        bound, _ = trainer_module(embedded.model, MemoryBank, settings, reader, {}).logits(
             ids, roles, valid, doc, torch.tensor([doc.shape[1]]))
-        distilled, _ = _trainer_module(embedded.model, MemoryBank, bank_settings, bank, {}).logits(ids, roles, valid)
+        distilled, _ = trainer_module(embedded.model, MemoryBank, bank_settings, bank, {}).logits(ids, roles, valid)
         base = embedded.model(input_ids=ids).logits
     assert not torch.allclose(bound, base, atol=1e-3)
     torch.testing.assert_close(bound, distilled, atol=1e-4, rtol=1e-4)

@@ -71,12 +71,12 @@ def _sequence(n, n_src, seed):
 
 def test_training_forward_equals_the_dialogue_forward_under_the_plan(tiny_llama):
     from engine.dialogue import build_mechanism
-    from engine.train import _trainer_module
+    from engine.train import trainer_module
     from helpers import full_forward
 
     arm = parse_arm(PLANNED)
     weights = build_mechanism(arm, tiny_llama).weights  # the very module the dialogue's arm uses
-    trainer = _trainer_module(tiny_llama.model, PartialAttention, arm.settings, weights, {})
+    trainer = trainer_module(tiny_llama.model, PartialAttention, arm.settings, weights, {})
     rows = [_sequence(26, 10, 1), _sequence(18, 6, 2)]  # different lengths and source lengths, right-padded
     T = max(len(r[0]) for r in rows)
     ids, roles, valid = torch.zeros(2, T, dtype=torch.long), torch.zeros(2, T, dtype=torch.long), torch.zeros(2, T, dtype=torch.bool)

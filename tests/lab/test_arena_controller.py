@@ -236,3 +236,67 @@ def test_one_wording_and_one_numbering_for_every_view():
     assert line.startswith("Not sent: arm 2 · continuity: linkage") and "\n" not in line
     assert "arm B" in settings_refusal({1: "x"}, lambda p: "AB"[p])
     assert settings_refusal({"session": "the title is too long"}) == "Not sent: the title is too long"
+
+
+def _settings(n=2, panes=SPECS, **kw):
+    from lab.arena_controller import SessionSettings
+    return SessionSettings(n, lambda p: parse_arm(panes[p]) if p < len(panes) else "no such pane", **kw)
+
+
+def test_open_checks_the_settings_in_the_order_the_page_shows_them(store, embedded):
+    ctl = ArenaSession(store, embedded)
+    assert "title" in ctl.open(_settings(title="x" * 10_000))["session"]
+    assert "attention window" in ctl.open(_settings(window="soon"))["session"]
+    assert ctl.open(_settings(n="two")) == {0: "the number of arms must be 2 to 4, not 'two'"}
+    assert ctl.open(_settings(n=5)) == {0: "the number of arms must be 2 to 4, not 5"}
+    assert ctl.open(_settings(n=3)) == {2: "no such pane"} and not ctl.started
+    assert ctl.open(_settings(blind=True, window="64")) == {} and ctl.started and ctl.blind and ctl.window == 64
+    assert ctl.open(_settings()) == {0: "a session is already running; press New session first"}
+
+
+def test_one_busy_check_under_a_lock_and_one_wording(store, embedded):
+    import threading
+
+    from lab.arena_controller import BUSY, Accepted, SettingsRefused
+    ctl = ArenaSession(store, embedded)
+    claims, gate = [], threading.Barrier(8)
+
+    def claim():
+        gate.wait()
+        claims.append(ctl._claim())
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claims) == [False] * 7 + [True] and ctl.busy
+    (busy,) = list(ctl.send("hello", _settings()))
+    assert busy.kind == "busy" and busy.status.startswith(f"⚠ {BUSY}") and not ctl.started  # nothing started
+    with pytest.raises(ArenaError, match="already running in this tab"):
+        ctl.reopen("anything")
+    ctl.busy = False
+    (bad,) = list(ctl.send("hello", _settings(n=9)))
+    assert isinstance(bad, SettingsRefused) and bad.errors == {0: "the number of arms must be 2 to 4, not 9"}
+    assert not ctl.busy  # a refusal releases the tab
+    events = list(ctl.send("Is the sky green?", _settings()))
+    assert isinstance(events[0], Accepted) and events[-1].kind == "done" and not ctl.busy
+    ctl.busy = True
+    assert list(ctl.run_turn("again"))[-1].status == f"⚠ {BUSY}"  # the same words from Regenerate's path
+    ctl.busy = False
+
+
+def test_reopen_replaces_the_conversation_only_once_rebuilt(store, embedded):
+    live = started(store, embedded, blind=True, rng=random.Random(2))
+    assert run(live, "Name a colour.")[1].kind == "done"
+    tab = started(store, embedded)
+    assert run(tab, "Something else.")[1].kind == "done"
+    before = tab.session_id
+    with pytest.raises(ArenaError):
+        tab.reopen("nope")
+    assert tab.session_id == before and len(tab.turns) == 1 and not tab.busy  # a refusal changes nothing
+    tab.reopen(live.session_id)
+    assert tab.session_id == live.session_id and tab.order == live.order and tab.hidden and tab.resumed
+    assert [r.token_ids for r in tab.turns[0].replies] == [r.token_ids for r in live.turns[0].replies]
+    assert not tab.busy and not tab.can_rollback
+    assert run(tab, "Why that one?")[1].kind == "done"
+    assert len(store.get_turns(live.session_id)) == 2 * 2 * 2
