@@ -294,3 +294,18 @@ def test_export_figures_html_loads_plotly_once_and_writes_images(synthetic, tmp_
     else:
         assert names == ["run-drift.png", "run-drift.svg", "run.html"]
         assert (tmp_path / "figs" / "run-drift.svg").read_text().lstrip().startswith("<svg")
+
+
+def test_drift_legend_counts_every_dialogue_that_ran(synthetic):
+    """A dialogue whose replies carry no stance is not drawn, but the legend still counts it (issue 22:
+    'n=3' where 4 dialogues ran); an arm with nothing to draw still has its legend entry."""
+    store, eid, _ = synthetic
+    df = A.results_frame(store, eid)
+    one = df[df["arm_index"] == 1]["session_id"].iloc[0]
+    df.loc[df["session_id"].eq(one) & df["arm_index"].eq(1), "stance_drift_label"] = "no stance"
+    legends = [t.name for t in A.fig_drift_curves(df, n_boot=50).data if t.showlegend is not False]
+    assert legends[0] == "observer (n=8 dialogues, 4 items)"
+    assert legends[1] == "continuity λ=1 (n=8 dialogues, 4 items; 1 not drawn: nothing scored)"
+    df.loc[df["arm_index"].eq(1), "stance_drift_label"] = "no stance"
+    legends = [t.name for t in A.fig_drift_curves(df, n_boot=50).data if t.showlegend is not False]
+    assert legends[1] == "continuity λ=1 (n=8 dialogues, 4 items; 8 not drawn: nothing scored)"
