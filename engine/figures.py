@@ -299,18 +299,18 @@ def source_attention_curves(arms: list[dict], n_layers: int, bands: int = 3, *, 
 
 
 def turn_summary_figure(rows: list[dict], *, title: str = "") -> go.Figure:
-    """Per arm and turn: memory size, and mean read weight on the model's own earlier answers."""
+    """Per arm and turn: memory size, and mean read weight on the model's own earlier answers (arms named from 1)."""
     if not rows:
         return empty_figure("no turns")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("memory size (entries)", "read weight on own earlier answers"))
     labels = sorted({(r["arm"], r["label"]) for r in rows})
     for i, (arm, label) in enumerate(labels):
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["turn"])
-        x = [r["turn"] for r in mine]
+        x = [r["turn"] + 1 for r in mine]  # turns counted from 1, as every view counts
         colour = ARM_COLOURS[i % len(ARM_COLOURS)]
-        fig.add_trace(go.Scatter(x=x, y=[r["memory_size"] for r in mine], name=f"{arm}: {label}", mode="lines+markers",
+        fig.add_trace(go.Scatter(x=x, y=[r["memory_size"] for r in mine], name=f"arm {arm + 1}: {label}", mode="lines+markers",
                                  line=dict(color=colour), legendgroup=str(arm)), 1, 1)
-        fig.add_trace(go.Scatter(x=x, y=[r["own_answer_read"] for r in mine], name=f"{arm}: {label}",
+        fig.add_trace(go.Scatter(x=x, y=[r["own_answer_read"] for r in mine], name=f"arm {arm + 1}: {label}",
                                  mode="lines+markers", line=dict(color=colour), legendgroup=str(arm), showlegend=False),
                       1, 2)
     fig.update_xaxes(title_text="turn", dtick=1)

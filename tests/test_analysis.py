@@ -255,16 +255,14 @@ def test_experiments_view_handlers(synthetic):
     assert d["bar"] is not None and d["drift"] is not None and len(d["table"]) == 2
     assert V.run_details(store, "nosuch")["error"]
 
-    class Ctx:  # start_run validates before it touches the model
-        pass
+    from lab.context import LabContext
 
-    ctx = Ctx()
-    ctx.store = store
+    ctx = LabContext(store=store, lm=None)  # start_run validates before it touches the model
     message, run = V.start_run(ctx, "are_you_sure", "", None, "nosuchmech", 1, None, None)
     assert message.startswith("❌") and "unknown mechanism" in message and run is None
     message, _ = V.start_run(ctx, "are_you_sure", "", None, "observer", 0, None, None)
     assert message.startswith("❌") and "seeds" in message
-    assert V.stop_run() == "no run is in progress in this lab"
+    assert V.stop_run(ctx) == "no run is in progress in this lab"
 
 
 def test_experiments_tab_builds(synthetic):
