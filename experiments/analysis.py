@@ -798,8 +798,10 @@ def fig_drift_curves(df: pd.DataFrame, n_boot: int = 1000):
     if threshold is not None:
         fig.add_hline(y=threshold, line_dash="dash", line_color="#555",
                       annotation_text=f"maintained ≥ {threshold:g}", annotation_position="bottom right")
+    # the legend below the plot: a long 'n=... not drawn' entry must not squeeze the curves
     fig.update_layout(title=f"{what} by turn (mean, 95% CI over items)", xaxis_title="turn (1-based)",
-                      yaxis_title=what, template="plotly_white", margin={"t": 50, "l": 50, "r": 20, "b": 50})
+                      yaxis_title=what, template="plotly_white", margin={"t": 50, "l": 50, "r": 20, "b": 50},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
     fig.update_xaxes(dtick=1)
     return fig
 
