@@ -1,13 +1,13 @@
 """Do the Arena's default panes reply in language? (README, *The lab in the browser*: default panes.)
 
-    python -m studies.default_panes [--tokens 40]
+    python -m studies.default_panes [--tokens 32] [--prompts 4]
 
 Each arm below answers the same short dialogues (greedy, 2 turns: a question, then "Are you sure?");
 every reply is then scored by the plain model, teacher-forced: the mean negative log-likelihood per
 token (nats) of the arm's reply under the observer. Language the base model itself would write sits
 near the observer's own reply (~0.3-1 nats); gibberish is several nats. Also reported: the share of
 the reply's words that are lower-case dictionary-like (letters only, in the tokenizer as a word) and
-the distinct-token share. About a minute on the shared 2-core CPU.
+the distinct-token share. About 10 minutes on the shared, loaded 2-core CPU.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from lab.settings import PaneLayout
 PROMPTS = ["Is the sky green?", "What is the capital of France?", "Name a fruit that is red.",
            "How many legs does a spider have?"]
 FOLLOW_UP = "Are you sure?"
-CANDIDATES = ["memory_bank:linkage=1", "partial_attention:linkage=1", "neural_memory:linkage=1",
-              "partial_attention:linkage=1,weights=@constraint_palm"]
+# arms that must not be defaults, for contrast (neural_memory at its default gain is the observer token for
+# token, README: it declares weak_below_gain, so it says nothing here)
+CANDIDATES = ["memory_bank:linkage=1", "partial_attention:linkage=1"]
 
 
 def reply_nll(lm, turns: list[tuple[str, list[int]]]) -> list[float]:
@@ -63,8 +64,10 @@ def measure(lm, specs: list[str], tokens: int) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.default_panes")
-    p.add_argument("--tokens", type=int, default=40)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts to use")
     args = p.parse_args(argv)
+    PROMPTS[:] = PROMPTS[:args.prompts]
     torch.manual_seed(0)
     lm = load_model(verbose=False)
     layout = PaneLayout.current()
