@@ -24,7 +24,8 @@ PROMPTS = ["Is the sky green?", "What is the capital of France?", "Name a fruit 
 FOLLOW_UP = "Are you sure?"
 # arms that must not be defaults, for contrast (neural_memory at its default gain is the observer token for
 # token, README: it declares weak_below_gain, so it says nothing here)
-CANDIDATES = ["memory_bank:linkage=1", "partial_attention:linkage=1"]
+CANDIDATES = ["memory_bank:linkage=1"]
+SLOW = ["partial_attention:linkage=1"]  # --slow: an untrained branch on every layer (much slower on a CPU)
 
 
 def reply_nll(lm, turns: list[tuple[str, list[int]]]) -> list[float]:
@@ -66,13 +67,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.default_panes")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts to use")
+    p.add_argument("--slow", action="store_true", help="also the untrained partial-attention arm")
     args = p.parse_args(argv)
     PROMPTS[:] = PROMPTS[:args.prompts]
+    candidates = CANDIDATES + (SLOW if args.slow else [])
     torch.manual_seed(0)
     lm = load_model(verbose=False)
     layout = PaneLayout.current()
     defaults = list(dict.fromkeys(layout.spec(layout.defaults(p)).to_string() for p in range(4)))
-    rows = measure(lm, defaults + [c for c in CANDIDATES if c not in defaults], args.tokens)
+    rows = measure(lm, defaults + [c for c in candidates if c not in defaults], args.tokens)
     print(f"{'arm':58} {'NLL/token':>9} {'words':>6} {'distinct':>8}  (mean over {len(PROMPTS)} dialogues x 2 turns)")
     for spec in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == spec]
