@@ -192,10 +192,37 @@ def scalar_curves_figure(curves: dict | None, labels: list[str], *, reply_span: 
 
 
 # --------------------------------------------------------------------------------------------------
+STRIP_PER_ROW = 12  # tokens per row: at the lab's default width a cell holds a 14-character label at 13 px
+STRIP_ROWS_PER_PAGE = 10  # longer replies are paged (buttons above the strip) rather than shrunk
+STRIP_FONT_PX = 13
+STRIP_LABEL_CHARS = 14
+
+
+def _strip_label(token: str) -> str:
+    """A token as the strip writes it: without its spaces (the hover has it exactly), a newline as ⏎, a
+    blank token as ␣, escaped, cut only past 14 characters."""
+    t = str(token).replace("\n", "⏎").strip(" ")
+    return html.escape(_short(t or "␣", STRIP_LABEL_CHARS))
+
+
+def _strip_pages(rows: int, per_row: int, n: int, rows_per_page: int) -> list[dict]:
+    """Plotly buttons that show one page of rows each (the y axis runs top-down, rows are reversed)."""
+    pages = []
+    for first in range(0, rows, rows_per_page):
+        last = min(rows, first + rows_per_page)
+        pages.append(dict(label=f"tokens {first * per_row + 1}–{min(n, last * per_row)}", method="relayout",
+                          args=[{"yaxis.range": [first + rows_per_page - 0.5, first - 0.5]}]))
+    return pages
+
+
 def divergence_strip(tokens: list[str], kl: list[float], *, max_abs_dlogit: list[float] | None = None,
                      top1_agree: list[bool] | None = None, observer_top: list[list] | None = None,
-                     summary: dict | None = None, title: str = "", per_row: int = 24) -> go.Figure:
-    """The reply as rows of tokens coloured by KL(P_arm || P_observer); hover: observer's top alternatives."""
+                     summary: dict | None = None, title: str = "", per_row: int = STRIP_PER_ROW,
+                     rows_per_page: int = STRIP_ROWS_PER_PAGE) -> go.Figure:
+    """The reply as rows of tokens coloured by KL(P_arm || P_observer); hover: observer's top alternatives.
+
+    Labels are drawn at a fixed 13 px (plotly would otherwise shrink them to fit, ~6 px at 24 per row)
+    and cut only past 14 characters; a reply of more than `rows_per_page` rows is paged with buttons."""
     n = len(tokens)
     if n == 0:
         return empty_figure("empty reply")
@@ -206,7 +233,7 @@ def divergence_strip(tokens: list[str], kl: list[float], *, max_abs_dlogit: list
     for i in range(n):
         r, c = divmod(i, per_row)
         z[r, c] = kl[i]
-        text[r, c] = _short(tokens[i], 10)
+        text[r, c] = _strip_label(tokens[i])
         alts = ""
         if observer_top and i < len(observer_top):
             alts = "<br>".join(f"{html.escape(str(t))!s}: {p:.3f}" for t, p in observer_top[i])
@@ -215,20 +242,30 @@ def divergence_strip(tokens: list[str], kl: list[float], *, max_abs_dlogit: list
             extra += f"<br>max |Δlogit| {max_abs_dlogit[i]:.3f}"
         if top1_agree is not None:
             extra += f"<br>top-1 {'agrees' if top1_agree[i] else 'DIFFERS'}"
-        hover[r, c] = (f"#{i} {html.escape(tokens[i])}<br>KL {kl[i]:.4f}{extra}<br><b>observer top:</b><br>{alts}")
+        hover[r, c] = (f"#{i + 1} {html.escape(tokens[i])}<br>KL {kl[i]:.4f}{extra}<br><b>observer top:</b><br>{alts}")
+    top = max(float(np.nanmax(z)), 1e-6)
     fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", customdata=hover,
+                               textfont=dict(size=STRIP_FONT_PX),
                                hovertemplate="%{customdata}<extra></extra>", colorscale="Reds", zmin=0.0,
-                               zmax=max(float(np.nanmax(z)), 1e-6), xgap=2, ygap=2,
-                               colorbar=dict(title="KL")))
+                               zmax=top, xgap=2, ygap=2, colorbar=dict(title="KL")))
     head = ""
     if summary:
         head = (f"KL mean {summary.get('kl_mean', 0):.4f} · max {summary.get('kl_max', 0):.4f} · "
                 f"max |Δlogit| {summary.get('max_abs_dlogit', 0):.3f} · mean |Δlogit| "
                 f"{summary.get('mean_abs_dlogit', 0):.4f} · top-1 agreement {summary.get('top1_agreement', 1):.0%}")
+    shown = min(rows, rows_per_page)
+    paged = rows > rows_per_page
+    if paged:
+        head += f"{' · ' if head else ''}{n} tokens in {rows} rows: pick a page above the strip"
     fig.update_layout(title=dict(text=f"{html.escape(title)}<br><sup>{head}</sup>", x=0.01),
                       # Gradio's Plot fails below ~80 px of plot area ('axis scaling'): keep room
-                      height=150 + 38 * rows, margin=dict(l=10, r=10, t=70, b=10),
+                      height=150 + 40 * shown + (40 if paged else 0), margin=dict(l=10, r=10, t=70 + (40 if paged else 0), b=10),
                       xaxis=dict(visible=False), yaxis=dict(visible=False, autorange="reversed"))
+    if paged:
+        fig.update_layout(yaxis=dict(visible=False, autorange=False, range=[shown - 0.5, -0.5]),
+                          updatemenus=[dict(type="buttons", direction="right", showactive=True, active=0,
+                                            x=0.0, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=4, b=4),
+                                            buttons=_strip_pages(rows, per_row, n, rows_per_page))])
     return fig
 
 
@@ -262,18 +299,18 @@ def source_attention_curves(arms: list[dict], n_layers: int, bands: int = 3, *, 
 
 
 def turn_summary_figure(rows: list[dict], *, title: str = "") -> go.Figure:
-    """Per arm and turn: memory size, and mean read weight on the model's own earlier answers."""
+    """Per arm and turn: memory size, and mean read weight on the model's own earlier answers (arms named from 1)."""
     if not rows:
         return empty_figure("no turns")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("memory size (entries)", "read weight on own earlier answers"))
     labels = sorted({(r["arm"], r["label"]) for r in rows})
     for i, (arm, label) in enumerate(labels):
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["turn"])
-        x = [r["turn"] for r in mine]
+        x = [r["turn"] + 1 for r in mine]  # turns counted from 1, as every view counts
         colour = ARM_COLOURS[i % len(ARM_COLOURS)]
-        fig.add_trace(go.Scatter(x=x, y=[r["memory_size"] for r in mine], name=f"{arm}: {label}", mode="lines+markers",
+        fig.add_trace(go.Scatter(x=x, y=[r["memory_size"] for r in mine], name=f"arm {arm + 1}: {label}", mode="lines+markers",
                                  line=dict(color=colour), legendgroup=str(arm)), 1, 1)
-        fig.add_trace(go.Scatter(x=x, y=[r["own_answer_read"] for r in mine], name=f"{arm}: {label}",
+        fig.add_trace(go.Scatter(x=x, y=[r["own_answer_read"] for r in mine], name=f"arm {arm + 1}: {label}",
                                  mode="lines+markers", line=dict(color=colour), legendgroup=str(arm), showlegend=False),
                       1, 2)
     fig.update_xaxes(title_text="turn", dtick=1)

@@ -739,6 +739,20 @@ def drift_values(df: pd.DataFrame) -> tuple[pd.DataFrame, str, Optional[float]]:
     return df.assign(y=np.nan).iloc[0:0], "no stance scores", None
 
 
+def _dialogues_ran(df: pd.DataFrame) -> dict[int, dict]:
+    """Per arm index: its name, the dialogues and items that ran (every reply row, with or without a score)."""
+    return {int(i): {"arm": g["arm"].iloc[0], "dialogues": int(g["session_id"].nunique()),
+                     "items": int(g["item"].nunique())} for i, g in df.groupby("arm_index", sort=True)}
+
+
+def _drift_label(ran: dict, drawn: int) -> str:
+    """The legend of one arm: n counts the dialogues that ran, and says how many had nothing to draw."""
+    label = f"{ran['arm']} (n={ran['dialogues']} dialogues, {ran['items']} items"
+    if drawn < ran["dialogues"]:
+        label += f"; {ran['dialogues'] - drawn} not drawn: nothing scored"
+    return label + ")"
+
+
 def fig_drift_curves(df: pd.DataFrame, n_boot: int = 1000):
     """Per arm, mean of `drift_values` by turn (1-based) with a 95% CI band (items resampled), one
     faint marker per dialogue, n per turn in the hover and the legend, and the decision threshold
@@ -748,9 +762,16 @@ def fig_drift_curves(df: pd.DataFrame, n_boot: int = 1000):
 
     data, what, threshold = drift_values(df)
     fig = go.Figure()
-    for k, (arm_index, g) in enumerate(data.groupby("arm_index", sort=True)):
-        arm = g["arm"].iloc[0]
+    ran = _dialogues_ran(df)
+    drawn = set(data["arm_index"].unique()) if len(data) else set()
+    for k, arm_index in enumerate(sorted(ran)):
         color = _COLORS[k % len(_COLORS)]
+        if arm_index not in drawn:  # an arm none of whose replies has a value still shows what ran
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines+markers", line={"color": color},
+                                     name=_drift_label(ran[arm_index], 0), legendgroup=str(arm_index)))
+            continue
+        g = data[data["arm_index"] == arm_index]
+        arm = g["arm"].iloc[0]
         turns, mean, low, high, cds = [], [], [], [], []
         for turn, gt in g.groupby("turn", sort=True):
             est, lo, hi = bootstrap_ci(gt["y"].astype(float).to_numpy(), clusters=list(gt["item"]), n_boot=n_boot)
@@ -759,8 +780,7 @@ def fig_drift_curves(df: pd.DataFrame, n_boot: int = 1000):
             low.append(lo)
             high.append(hi)
             cds.append([",".join(sorted(set(gt["session_id"]))), int(len(gt))])
-        n_dialogues = g[["session_id"]].drop_duplicates().shape[0]
-        label = f"{arm} (n={n_dialogues} dialogues, {g['item'].nunique()} items)"
+        label = _drift_label(ran[arm_index], g["session_id"].nunique())
         fig.add_trace(go.Scatter(x=turns + turns[::-1], y=high + low[::-1], fill="toself", fillcolor=color,
                                  opacity=0.15, line={"width": 0}, hoverinfo="skip", showlegend=False,
                                  legendgroup=arm, name=f"{arm} CI"))
@@ -778,8 +798,10 @@ def fig_drift_curves(df: pd.DataFrame, n_boot: int = 1000):
     if threshold is not None:
         fig.add_hline(y=threshold, line_dash="dash", line_color="#555",
                       annotation_text=f"maintained ≥ {threshold:g}", annotation_position="bottom right")
+    # the legend below the plot: a long 'n=... not drawn' entry must not squeeze the curves
     fig.update_layout(title=f"{what} by turn (mean, 95% CI over items)", xaxis_title="turn (1-based)",
-                      yaxis_title=what, template="plotly_white", margin={"t": 50, "l": 50, "r": 20, "b": 50})
+                      yaxis_title=what, template="plotly_white", margin={"t": 50, "l": 50, "r": 20, "b": 50},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
     fig.update_xaxes(dtick=1)
     return fig
 

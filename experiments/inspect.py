@@ -255,8 +255,7 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
         todo = [arm_index] + [r for r in range(len(arms)) if r != arm_index
                               and _cached_row(store, turn_ids[r], "divergence", key, root) is None]
         if progress is not None:
-            progress(f"comparing {len(todo)} arm{'s' if len(todo) > 1 else ''} with the observer "
-                     f"(teacher-forced, turn {turn_index})")
+            progress(f"{_divergence_todo_words([specs[r] for r in todo])} (teacher-forced, turn {turn_index})")
         for r in todo:
             with guard:
                 divs, _ = compare_on_transcript(lm, specs[r], [(u, reps[r]) for u, reps in forced], system)
@@ -271,6 +270,15 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
     result.cached = {k: v for k, v in result.cached.items() if k in kinds}
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _divergence_todo_words(specs: list) -> str:
+    """What the divergence pass compares, exactly: the observer itself is no arm 'compared with the observer'."""
+    linked = sum(s.mechanism is not None for s in specs)
+    words = f"divergence from the observer for {linked} linked arm{'' if linked == 1 else 's'}" if linked else ""
+    if linked < len(specs):
+        words += (" and " if words else "divergence of ") + "the observer itself (0 by definition)"
+    return words
 
 
 def _row_id(row: dict) -> int:

@@ -40,6 +40,10 @@ CSS = """
 #lab-status p, #lab-progress p {margin: 2px 0}
 .pane-annotate.label-active {outline: 2px solid var(--color-accent); border-radius: 6px}
 .shortcuts p {margin: 0}
+/* a primary button looks enabled when it is (hover darkens it; the theme's lighter hover read as disabled) and
+   clearly disabled when it is not */
+button.primary:disabled, button.primary[disabled] {background: var(--neutral-200) !important; color: var(--neutral-500)
+  !important; border: 1px dashed var(--neutral-400) !important; box-shadow: none !important; cursor: not-allowed}
 """
 
 # Labelling shortcuts (outside text boxes): 1-6 pick a stance in the active label box, s saves it,
@@ -77,6 +81,12 @@ SHORTCUTS_JS = """
 })();
 </script>
 """
+
+
+# Soft, but a hovered primary button darkens instead of paling (a pale Run read as disabled, issue 22)
+THEME = gr.themes.Soft().set(button_primary_background_fill_hover="*primary_600",
+                             button_primary_background_fill_hover_dark="*primary_600",
+                             button_primary_text_color="white", button_primary_text_color_hover="white")
 
 
 def _unavailable(name: str, e: Exception) -> None:
@@ -146,7 +156,7 @@ def launch(ctx: LabContext, host: str = "127.0.0.1", port: int | None = 7860, pr
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock, auth=auth,
-                show_error=True, quiet=quiet, css=CSS, theme=gr.themes.Soft(), head=SHORTCUTS_JS,
+                show_error=True, quiet=quiet, css=CSS, theme=THEME, head=SHORTCUTS_JS,
                 footer_links=["gradio"])
     return demo
 

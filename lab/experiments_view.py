@@ -5,7 +5,7 @@ dict of components back; ``result["session"]`` is the dropdown holding the sessi
 dialogue the researcher picked, for the app to wire "open in Sessions".
 
 Runs go through `experiments.runner.run_protocol`, the same function as the CLI, on the lab's
-model, one run at a time (RUN_QUEUE); its dialogues' turns go through the lab's step scheduler, so
+model, one run at a time (RUN_QUEUE, `ctx.active_run`); its dialogues' turns go through the lab's step scheduler, so
 they share forward passes with the Arena's tabs instead of blocking them. Stop sets the run's
 threading.Event: the run stops at the next decoding step, is marked 'interrupted', and can be
 resumed (here: pick it and press Resume; or `python -m experiments run --resume ID`). Runs
@@ -31,11 +31,8 @@ DEFAULT_ARMS = "observer\ncontinuity:linkage=1,gain=0.3"
 CUSTOM = "(uploaded or pasted YAML)"
 RUN_COLUMNS = ["run", "status", "progress", "protocol", "arms", "seeds", "items", "model", "started"]
 DIALOGUE_COLUMNS = ["session", "item", "seed", "arms", "complete"]
+RUN_LABEL, RUN_BUSY_LABEL = "Run", "Run (a run is in progress: one at a time)"
 
-# The run in progress in this lab process (one model: one run at a time) and the browser tab that
-# started it: only that tab stops it; other tabs watch it in the runs table.
-_active: dict[str, Any] = {"event": None, "experiment_id": None, "owner": None}
-_active_lock = threading.Lock()
 
 
 # ====================================================================== pure handlers
@@ -258,10 +255,11 @@ def run_details(store, experiment_id: Optional[str], metric: Optional[str] = Non
     return out
 
 
-def stop_run(owner: Optional[str] = None) -> str:
-    """Stop the run in progress if `owner` (the tab's token) started it."""
-    with _active_lock:
-        event, eid, started_by = _active["event"], _active["experiment_id"], _active["owner"]
+def stop_run(ctx: LabContext, owner: Optional[str] = None) -> str:
+    """Stop the lab's run in progress (`ctx.active_run`) if `owner` (the tab's token) started it."""
+    active = ctx.active_run
+    with active.lock:
+        event, eid, started_by = active.event, active.experiment_id, active.owner
     if event is None:
         return "no run is in progress in this lab"
     if started_by != owner:
@@ -301,17 +299,17 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
     except Exception as exc:  # noqa: BLE001
         return f"❌ {type(exc).__name__}: {exc}", None
 
-    event = threading.Event()
-    with _active_lock:
-        if _active["event"] is not None:
+    event, active = threading.Event(), ctx.active_run
+    with active.lock:
+        if active.event is not None:
             return "❌ a run is already in progress in this lab; stop it or wait", None
-        _active.update(event=event, experiment_id=resume_id, owner=owner)
+        active.event, active.experiment_id, active.owner = event, resume_id, owner
     state = {"id": resume_id}
 
     def on_progress(done, total, info):
         state["id"] = info.get("experiment_id", state["id"])
-        with _active_lock:
-            _active["experiment_id"] = state["id"]
+        with active.lock:
+            active.experiment_id = state["id"]
         if progress is not None:
             progress(done, total, info)
 
@@ -329,16 +327,48 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
         hint = f"; rows already written are kept, resume run {state['id']}" if state["id"] else ""
         return f"❌ {type(exc).__name__}: {exc}{hint}", state["id"]
     finally:
-        with _active_lock:
-            _active.update(event=None, experiment_id=None, owner=None)
+        with active.lock:
+            active.event, active.experiment_id, active.owner = None, None, None
 
 
-# ====================================================================== the tab
+# ====================================================================== what the results pane shows
 
-def build_experiments_tab(ctx: LabContext) -> dict:
-    """Build the tab's components in the current Blocks context; returns them by name."""
+def pick_run(store, experiment_id: Optional[str]) -> dict:
+    """A picked run as the results pane shows it: compact summary, metric choices, plots that say when
+    they have nothing to show, dialogues, status line and disagreements (an error: all empty, said once)."""
+    d = run_details(store, experiment_id)
+    if d["error"]:
+        return dict(table=pd.DataFrame(), metrics=[], metric=None, bar=None, drift=None, sessions=[], session=None,
+                    dialogues=pd.DataFrame(columns=DIALOGUE_COLUMNS), status="" if not experiment_id else f"❌ {d['error']}",
+                    disagreements=pd.DataFrame(columns=DISAGREEMENT_COLUMNS))
+    return dict(table=compact_summary(d["table"]), metrics=d["metrics"], metric=d["metric"], bar=say_when_flat(d["bar"]),
+                drift=say_when_empty(d["drift"]), sessions=d["sessions"],
+                session=d["sessions"][0][1] if d["sessions"] else None, dialogues=d["dialogues"], status="",
+                disagreements=d["disagreements"])
+
+
+def metric_figure(store, experiment_id: Optional[str], metric: Optional[str]):
+    """The bar plot of another metric of the picked run (None when there is none to draw)."""
+    from experiments.analysis import fig_metric_by_arm, summary
+
+    if not experiment_id or not metric:
+        return None
+    try:
+        return say_when_flat(fig_metric_by_arm(summary(store, experiment_id), metric))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def run_button_ready(ctx: LabContext) -> bool:
+    """Run is enabled unless a run is in progress in this lab (one model: one run at a time)."""
+    return not ctx.active_run.busy
+
+
+# ====================================================================== the tab (layout and wiring)
+
+def _run_form(c: dict) -> None:
+    """Protocol, arms and run settings, Run / Stop and the status line."""
     names = shipped_protocol_names()
-    c: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=2):
             c["protocol"] = FieldDropdown(names + [CUSTOM], value="are_you_sure" if "are_you_sure" in names else None,
@@ -360,9 +390,13 @@ def build_experiments_tab(ctx: LabContext) -> dict:
                 c["window"] = gr.Textbox("", label="attention window (tokens)", placeholder="protocol's / full",
                                          info="every arm sees the first few tokens plus the last N")
             with gr.Row():
-                c["run"] = gr.Button("Run", variant="primary")
-                c["stop"] = gr.Button("Stop", variant="stop")
+                c["run"] = gr.Button(RUN_LABEL, variant="primary", elem_id="exp-run")
+                c["stop"] = gr.Button("Stop", variant="stop", elem_id="exp-stop")
             c["status"] = gr.Markdown()
+
+
+def _results_layout(ctx: LabContext, c: dict) -> None:
+    """The runs table, the picked run's summary and plots, its dialogues, disagreements and agreement."""
     with gr.Row():
         c["refresh"] = gr.Button("Refresh runs", size="sm")
     c["runs"] = gr.Dataframe(value=_safe_runs(ctx), headers=RUN_COLUMNS, interactive=False, label="Runs",
@@ -379,7 +413,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
     c["metric"] = FieldDropdown(choices=[], label="Metric", interactive=True)
     with gr.Row():
         c["bar"] = gr.Plot(label="Metric by arm")
-        c["drift"] = gr.Plot(label="Similarity to the first stance by turn")
+        c["drift"] = gr.Plot(label="Similarity to the first stance by turn", elem_id="exp-drift")
     with gr.Row():
         c["session"] = FieldDropdown(choices=[], value=None, label="Dialogue (session) behind the points", scale=3)
         c["open_session"] = gr.Button("Open in Sessions", scale=1, min_width=140)
@@ -394,7 +428,9 @@ def build_experiments_tab(ctx: LabContext) -> dict:
                                         "automatic stance column")
     c["timer"] = gr.Timer(15)
 
-    # ---------------------------------------------------------------- events
+
+def _wire_runs(ctx: LabContext, c: dict) -> None:
+    """Validate, Run, Resume, Stop, Refresh; Run is disabled while a run is in progress in this lab."""
     def on_validate(choice, text, upload):
         return validate_protocol(choice, text, upload)
 
@@ -426,29 +462,30 @@ def build_experiments_tab(ctx: LabContext) -> dict:
                                   owner=owner)
         return (message, *refreshed(eid2 or eid))
 
+    def run_button(ready=None):
+        ready = run_button_ready(ctx) if ready is None else ready
+        return gr.update(interactive=ready, value=RUN_LABEL if ready else RUN_BUSY_LABEL)
+
     form = [c["protocol"], c["yaml"], c["upload"], c["arms"], c["seeds"], c["items"], c["max_new_tokens"], c["window"]]
-    c["run"].click(on_run, [c["owner"]] + form, [c["status"], c["runs"], c["run_id"]],
-                   concurrency_id=RUN_QUEUE, concurrency_limit=1)
-    c["resume"].click(on_resume, [c["owner"], c["run_id"]], [c["status"], c["runs"], c["run_id"]],
-                      concurrency_id=RUN_QUEUE, concurrency_limit=1)
-    c["stop"].click(stop_run, [c["owner"]], c["status"], queue=False)
+    for button, fn, inputs in ((c["run"], on_run, [c["owner"]] + form), (c["resume"], on_resume, [c["owner"], c["run_id"]])):
+        button.click(lambda: run_button(False), None, c["run"], queue=False, api_name=False)
+        button.click(fn, inputs, [c["status"], c["runs"], c["run_id"]], concurrency_id=RUN_QUEUE,
+                     concurrency_limit=1).then(lambda: run_button(), None, c["run"], queue=False, api_name=False)
+    c["stop"].click(lambda owner: stop_run(ctx, owner), [c["owner"]], c["status"], queue=False, api_name="stop_run")
 
     def on_refresh(selected):
         return refreshed(selected)
 
     c["refresh"].click(on_refresh, c["run_id"], [c["runs"], c["run_id"]], queue=False)
-    c["timer"].tick(lambda: _safe_runs(ctx), None, c["runs"], show_progress="hidden")
+    c["timer"].tick(lambda: (_safe_runs(ctx), run_button()), None, [c["runs"], c["run"]], show_progress="hidden")
 
-    def on_pick(eid, metric=None):
-        d = run_details(ctx.store, eid, metric)
-        if d["error"]:
-            return (gr.update(value=pd.DataFrame()), gr.update(choices=[], value=None), None, None,
-                    gr.update(choices=[], value=None), pd.DataFrame(columns=DIALOGUE_COLUMNS),
-                    "" if not eid else f"❌ {d['error']}", pd.DataFrame(columns=DISAGREEMENT_COLUMNS))
-        return (compact_summary(d["table"]), gr.update(choices=d["metrics"], value=d["metric"]), say_when_flat(d["bar"]),
-                say_when_empty(d["drift"]),
-                gr.update(choices=d["sessions"], value=d["sessions"][0][1] if d["sessions"] else None), d["dialogues"],
-                "", d["disagreements"])
+
+def _wire_results(ctx: LabContext, c: dict) -> None:
+    """Picking a run fills the results pane; another metric redraws the bars; a dialogue row picks its session."""
+    def on_pick(eid):
+        v = pick_run(ctx.store, eid)
+        return (v["table"], gr.update(choices=v["metrics"], value=v["metric"]), v["bar"], v["drift"],
+                gr.update(choices=v["sessions"], value=v["session"]), v["dialogues"], v["status"], v["disagreements"])
 
     pick_outputs = [c["summary"], c["metric"], c["bar"], c["drift"], c["session"], c["dialogues"], c["status"],
                     c["disagreements"]]
@@ -456,14 +493,7 @@ def build_experiments_tab(ctx: LabContext) -> dict:
     c["run_id"].change(lambda eid: run_agreement(ctx.store, eid), c["run_id"], c["agreement"])
 
     def on_metric(eid, metric):
-        from experiments.analysis import fig_metric_by_arm, summary
-
-        if not eid or not metric:
-            return None
-        try:
-            return say_when_flat(fig_metric_by_arm(summary(ctx.store, eid), metric))
-        except Exception:  # noqa: BLE001
-            return None
+        return metric_figure(ctx.store, eid, metric)
 
     c["metric"].input(on_metric, [c["run_id"], c["metric"]], c["bar"])
 
@@ -475,6 +505,15 @@ def build_experiments_tab(ctx: LabContext) -> dict:
             return gr.update()
 
     c["dialogues"].select(on_dialogue_select, c["dialogues"], c["session"])
+
+
+def build_experiments_tab(ctx: LabContext) -> dict:
+    """Build the tab's components in the current Blocks context; returns them by name."""
+    c: dict[str, Any] = {}
+    _run_form(c)
+    _results_layout(ctx, c)
+    _wire_runs(ctx, c)
+    _wire_results(ctx, c)
     return c
 
 

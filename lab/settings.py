@@ -34,6 +34,11 @@ from engine.spec import OBSERVER, SamplingSettings, _first_error
 
 INT64_MAX = 2 ** 63 - 1  # what SQLite's INTEGER (and so the session's seed column) holds
 PANE_LINKAGE = [1.0, 1.0, 0.5, 0.25]  # panes 3 and 4, when shown, step the linkage down
+# The Arena's default linked arm: continuity at its default gain 0.3 replies in language (measured by
+# `python -m studies.default_panes`: its replies score about as the observer's own under the plain model),
+# and it needs no weights file. A fresh memory bank (random slots) or an untrained partial-attention branch
+# at gain 1 garble replies, so they are never a default; if continuity is missing the panes are observers.
+DEFAULT_MECHANISM = "continuity"
 
 
 @dataclass(frozen=True)
@@ -364,8 +369,9 @@ class PaneLayout:
         return spec
 
     def defaults(self, pane: int) -> list:
-        """Pane 1 is the plain observer; the others the first registered mechanism (λ 1, 1, 0.5, 0.25)."""
-        first = next(iter(self.mechanisms), None)
+        """Pane 1 is the plain observer; the others DEFAULT_MECHANISM (λ 1, 1, 0.5, 0.25): an arm that replies
+        in language, never whichever mechanism happens to register first."""
+        first = DEFAULT_MECHANISM if DEFAULT_MECHANISM in self.mechanisms else None
         mech = OBSERVER if pane == 0 or first is None else first
         out = [mech]
         for group, key in self.slots[1:]:

@@ -255,16 +255,14 @@ def test_experiments_view_handlers(synthetic):
     assert d["bar"] is not None and d["drift"] is not None and len(d["table"]) == 2
     assert V.run_details(store, "nosuch")["error"]
 
-    class Ctx:  # start_run validates before it touches the model
-        pass
+    from lab.context import LabContext
 
-    ctx = Ctx()
-    ctx.store = store
+    ctx = LabContext(store=store, lm=None)  # start_run validates before it touches the model
     message, run = V.start_run(ctx, "are_you_sure", "", None, "nosuchmech", 1, None, None)
     assert message.startswith("❌") and "unknown mechanism" in message and run is None
     message, _ = V.start_run(ctx, "are_you_sure", "", None, "observer", 0, None, None)
     assert message.startswith("❌") and "seeds" in message
-    assert V.stop_run() == "no run is in progress in this lab"
+    assert V.stop_run(ctx) == "no run is in progress in this lab"
 
 
 def test_experiments_tab_builds(synthetic):
@@ -294,3 +292,18 @@ def test_export_figures_html_loads_plotly_once_and_writes_images(synthetic, tmp_
     else:
         assert names == ["run-drift.png", "run-drift.svg", "run.html"]
         assert (tmp_path / "figs" / "run-drift.svg").read_text().lstrip().startswith("<svg")
+
+
+def test_drift_legend_counts_every_dialogue_that_ran(synthetic):
+    """A dialogue whose replies carry no stance is not drawn, but the legend still counts it (issue 22:
+    'n=3' where 4 dialogues ran); an arm with nothing to draw still has its legend entry."""
+    store, eid, _ = synthetic
+    df = A.results_frame(store, eid)
+    one = df[df["arm_index"] == 1]["session_id"].iloc[0]
+    df.loc[df["session_id"].eq(one) & df["arm_index"].eq(1), "stance_drift_label"] = "no stance"
+    legends = [t.name for t in A.fig_drift_curves(df, n_boot=50).data if t.showlegend is not False]
+    assert legends[0] == "observer (n=8 dialogues, 4 items)"
+    assert legends[1] == "continuity λ=1 (n=8 dialogues, 4 items; 1 not drawn: nothing scored)"
+    df.loc[df["arm_index"].eq(1), "stance_drift_label"] = "no stance"
+    legends = [t.name for t in A.fig_drift_curves(df, n_boot=50).data if t.showlegend is not False]
+    assert legends[1] == "continuity λ=1 (n=8 dialogues, 4 items; 8 not drawn: nothing scored)"

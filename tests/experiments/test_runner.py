@@ -207,7 +207,7 @@ def test_lab_handlers_run_stop_and_resume(embedded, tmp_path):
     def press_stop(done, total, info):
         seen.append((done, total))
         if info.get("event") == "start":
-            assert V.stop_run().startswith("stopping")
+            assert V.stop_run(ctx).startswith("stopping")
 
     message, eid = V.start_run(ctx, "are_you_sure", "", None, "observer", 1, 1, 4, progress=press_stop)
     assert message.startswith("⏸") and eid and f"--resume {eid}" in message
@@ -217,7 +217,7 @@ def test_lab_handlers_run_stop_and_resume(embedded, tmp_path):
     assert message.startswith("✅") and eid2 == eid
     assert V.runs_rows(store).iloc[0]["progress"] == "1/1"
     assert counts(store, eid)["turns"] == N_TURNS * 2
-    assert not ctx.model_lock.locked() and V.stop_run() == "no run is in progress in this lab"
+    assert not ctx.model_lock.locked() and V.stop_run(ctx) == "no run is in progress in this lab"
     store.close()
 
 

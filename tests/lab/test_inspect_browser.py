@@ -38,7 +38,7 @@ def test_inspect_tab_renders_plots(served):
             page.get_by_role("tab", name="Inspect").click()
             box = page.locator("#inspect-session textarea, #inspect-session input").first
             box.fill(sid)
-            page.locator("#inspect-arm input").first.fill("1")
+            page.locator("#inspect-arm input").first.fill("2")  # arms count from 1: the linked arm
             page.locator("#inspect-turn input").first.fill("2")  # turns count from 1
             page.locator("#inspect-show").click()
             for pid in ("inspect-divergence", "inspect-memory", "inspect-grid", "inspect-heatmap", "inspect-source",
@@ -96,14 +96,14 @@ def test_other_arm_of_a_captured_turn_opens_from_the_store(served):
                 return status.inner_text(), page.evaluate("window.__capturing")
 
             before = I.STATS["capture_runs"]
-            text, capturing = show(1)  # turn 0 was never inspected: one capture pass, shown while it runs
+            text, capturing = show(2)  # arms count from 1; turn 1 was never inspected: one capture pass, shown while it runs
             assert "computed now" in text and capturing
             assert I.STATS["capture_runs"] == before + 1
-            text, capturing = show(0)
+            text, capturing = show(1)  # the observer
             assert "from the cache" in text and "observer" in text, text
             assert not capturing
             assert I.STATS["capture_runs"] == before + 1
-            expect(page.locator("#inspect-heatmap")).to_contain_text("arm 0 (observer)")
+            expect(page.locator("#inspect-heatmap")).to_contain_text("arm 1 (observer)")
             # every plot drawn (the divergence strip of one row of tokens once got too little height)
             for pid in ("inspect-divergence", "inspect-grid", "inspect-heatmap", "inspect-source"):
                 plot = page.locator(f"#{pid} .js-plotly-plot").first

@@ -18,12 +18,12 @@ def test_stop_belongs_to_the_tab_that_started_the_run(embedded, tmp_path):
 
     def at_start(done, total, info):
         if info.get("event") == "start":
-            said.append(V.stop_run("tab-2"))  # another tab: refused, the run goes on
-            said.append(V.stop_run("tab-1"))  # the tab that started it
+            said.append(V.stop_run(ctx, "tab-2"))  # another tab: refused, the run goes on
+            said.append(V.stop_run(ctx, "tab-1"))  # the tab that started it
 
     message, eid = V.start_run(ctx, "are_you_sure", "", None, "observer", 1, 1, 4, progress=at_start,
                                owner="tab-1")
     assert "another tab" in said[0] and said[1].startswith("stopping"), said
     assert message.startswith("⏸") and store.get_experiment(eid)["status"] == "interrupted"
-    assert V.stop_run("tab-1") == "no run is in progress in this lab"
+    assert V.stop_run(ctx, "tab-1") == "no run is in progress in this lab"
     store.close()

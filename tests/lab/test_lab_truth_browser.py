@@ -160,7 +160,7 @@ def test_the_arena_shows_what_runs(server, page):
     expect(turn_box).to_have_value("1")
 
     # ... and so does Inspect, opened from there on the same (first) turn
-    page.get_by_role("spinbutton", name="Arm (index)").fill("1")
+    page.locator("#sessions-arm input").first.fill("2")  # arms count from 1: the linked arm
     page.get_by_role("button", name="Inspect this turn").click()
     expect(page.get_by_role("tab", name="Inspect")).to_have_attribute("aria-selected", "true")
     expect(page.locator("#inspect-turn input").first).to_have_value("1")

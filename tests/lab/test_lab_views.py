@@ -35,3 +35,22 @@ def test_inspect_counts_turns_from_one():
     assert _turns_from_one("session s has turns 0..1; there is no turn 5") == "session s has turns 1..2; there is no turn 6"
     words = _progress_words("comparing 2 arms with the observer (teacher-forced, turn 0)")
     assert "turn 1" in words and "with the observer" not in words
+
+
+def test_divergence_strip_labels_are_legible_and_long_replies_paged():
+    """Labels at a fixed legible size, whole words uncut (issue 22: ~6 px and 'longstan…'); a long reply is
+    paged with buttons instead of shrunk; a short one has no pager."""
+    from engine.figures import STRIP_FONT_PX, divergence_strip
+
+    toks = [" The", " sky", " is", " a", " longstanding", " misconception", "\n"] * 20
+    fig = divergence_strip(toks, [0.1] * len(toks))
+    hm = fig.data[0]
+    assert hm.textfont.size == STRIP_FONT_PX >= 12
+    labels = [t for row in hm.text for t in row if t]
+    assert "longstanding" in labels and "misconception" in labels and not any(t.endswith("…") for t in labels)
+    assert "⏎" in labels
+    pages = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in pages] == ["tokens 1–120", "tokens 121–140"]
+    assert list(fig.layout.yaxis.range) == [9.5, -0.5]  # the first page: rows 1-10
+    short = divergence_strip(toks[:7], [0.0] * 7)
+    assert not short.layout.updatemenus and short.layout.height >= 150 + 40
