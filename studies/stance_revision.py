@@ -78,13 +78,15 @@ def report(store, run_id: str, out: Path) -> dict:
 
 
 def sample(store, run_id: str, n: int, path: Path, seed: int = 0) -> None:
-    """n random (item, seed, arm) dialogues, unlabelled (GUIDE.md format), the arm hidden in `id`
-    order so the labeller reads them shuffled; arm and run kept in `source` for the join."""
+    """n random (item, seed, arm) dialogues' stance-turn replies, unlabelled (GUIDE.md format), in a
+    shuffled order with neutral ids so the labeller reads them shuffled; arm and run kept in `source`."""
     from experiments.analysis import results_frame
 
     exp = store.get_experiment(run_id)
     questions = {str(i.get("id")): i.get("question") for i in (exp["protocol"] or {}).get("items", [])}
     df = results_frame(store, run_id, annotations=False)
+    stance_turns = (exp["protocol"] or {}).get("stance_turns") or sorted(df["turn"].unique())
+    df = df[df["turn"].isin(stance_turns)]  # the replies the run's judge calls (GUIDE.md: one label each)
     groups = sorted(df.groupby(["item", "seed", "arm_index"]), key=lambda kv: kv[0])
     rng = random.Random(seed)
     chosen = rng.sample(groups, min(n, len(groups)))
