@@ -72,7 +72,7 @@ def report(store, run_id: str, out: Path) -> dict:
     print("figures:", *written, *(f"(not written: {f})" for f in failed), file=sys.stderr)
     compact = {"run_id": run_id, "arms": [
         {"arm": a["arm"], **{k: a["metrics"].get(k) for k in METRICS},
-         "vs_observer": {k: a["vs_first"].get(k) for k in METRICS}} for a in s["arms"]]}
+         "vs_observer": {k: a["vs_first"].get(k) for k in METRICS}} for a in s.get("arms", [])]}
     (out / "summary.json").write_text(json.dumps(compact, indent=1, default=str) + "\n")
     return s
 
