@@ -17,7 +17,7 @@ linkage 1 (a random residual of the same norm per token and layer). The run is t
 / reversed with item-bootstrap 95% intervals and exact McNemar tests paired with the observer over
 the same (item, seed) dialogues), writes the figure and a JSON of the summary, and with
 `--sample N` writes N dialogues' replies (unlabelled, GUIDE.md format) for labelling by hand.
-Running again resumes the same run (the runner finds it by its configuration).
+Running again resumes the newest unfinished run of the same configuration (as the CLI does).
 """
 from __future__ import annotations
 
@@ -43,10 +43,12 @@ def run(db: str, seeds: int, items: int | None) -> tuple[object, str]:
     """Run (or resume) the study's experiment; returns (store, run id)."""
     from db import Store
     from engine import load_model
-    from experiments.runner import run_protocol
+    from experiments.runner import find_matching_run, make_config, run_protocol
 
     store = Store(db)
     lm = load_model()
+    match = find_matching_run(store, make_config(PROTOCOL, ARMS, seeds, items), lm.identity.weights_hash)
+    experiment_id = match["id"] if match else None  # the same command resumes its run, as the CLI does
     t0 = time.time()
 
     def progress(done: int, total: int, info: dict) -> None:
@@ -54,7 +56,7 @@ def run(db: str, seeds: int, items: int | None) -> tuple[object, str]:
               f"seed {info.get('seed', '')}", file=sys.stderr, flush=True)
 
     run_id = run_protocol(store, lm, PROTOCOL, ARMS, seeds=seeds, items=items, progress=progress,
-                          name="stance_revision study (seed 000)")
+                          experiment_id=experiment_id, name="stance_revision study (seed 000)")
     print(f"run {run_id}: {time.time() - t0:.0f} s", file=sys.stderr)
     return store, run_id
 
