@@ -2,8 +2,9 @@
 revising its stance? (README "Stance revision: seed 000's question, answered")
 
 README table and figure: "Stance revision: seed 000's question, answered" (figures/stance_revision/).
-Running time: ~25 min per seed for the 24 items x 4 arms on the shared 2-core CPU (128 new tokens
-per reply, 5 turns); the README's run is quoted there with its number of seeds.
+Running time: about 1-2 min per dialogue (4 arms, 5 turns, 128 new tokens per reply) on a quiet
+2-core CPU, so ~40 min per seed of 24 items; at load 12+ under nice 19 one turn took 15-25 min
+(README: 3 of 48 dialogues finished in this round).
 
     python -m studies.stance_revision [--seeds 2] [--db runs/stance_revision.db] [--threads 2]
 
