@@ -1,7 +1,7 @@
 """Running a protocol against several arms: items x seeds dialogues, logged, scored, resumable.
 
 One *run* is one experiment record (`store.create_experiment`). It plays the protocol's user turns,
-item by item and seed by seed, to ALL arms at once (one batched `Dialogue` per (item, seed)), logs
+seed by seed and item by item, to ALL arms at once (one batched `Dialogue` per (item, seed)), logs
 every message through `SessionRecorder(kind="experiment", experiment_id, item_key, seed)`, then runs
 the protocol's scorers on each arm's assistant replies:
 
@@ -207,9 +207,10 @@ def _check_same_run(stored: RunConfig, asked: RunConfig, experiment_id: str) -> 
 # ------------------------------------------------------------------ the run
 
 def dialogue_plan(config: RunConfig) -> list[tuple[int, str, int]]:
-    """(item_index, item_key, seed) for every dialogue, in run order (item-major)."""
+    """(item_index, item_key, seed) for every dialogue, in run order: seed-major, so a run cut
+    short holds whole seeds over every item (fewer seeds, never fewer items)."""
     ids = config.protocol.item_ids()
-    return [(i, ids[i], s) for i in config.item_indices for s in range(config.seeds)]
+    return [(i, ids[i], s) for s in range(config.seeds) for i in config.item_indices]
 
 
 def completed_keys(store: Store, experiment_id: str) -> set[tuple[str, int]]:

@@ -14,6 +14,7 @@ import sys
 
 from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, RowPlan, StepRow,
                    copy_state, default_layers, file_field)
+from .adapter import Adapter
 from .continuity import Continuity, ContinuitySettings
 from .memory_bank import MemoryBank, MemoryBankSettings
 from .neural_memory import NeuralMemory
@@ -44,6 +45,7 @@ register(MemoryBank)
 register(NeuralMemory)
 register(PartialAttention)
 register(Noise)  # the matched-norm noise control for any of the above
+register(Adapter)  # a low-rank adapter with no memory: the matched control for trained mechanisms
 
 __all__ = ["MECHANISMS", "ConformanceCase", "LayerCall", "Mechanism", "MechanismSettings", "ReadTrace", "RowPlan",
            "StepRow", "copy_state", "default_layers", "file_field", "load_plugins", "register",

@@ -302,3 +302,12 @@ def test_cli_run_on_postgresql_writes_what_sqlite_got(full_run, pg_server, capsy
     assert cli(["list", "--db", url]) == 0 and "finished" in capsys.readouterr().out
     store.close()
     pg_server.drop_database("runner")
+
+
+def test_dialogue_plan_is_seed_major():
+    """A run stopped early must hold whole seeds over every item (fewer seeds, never fewer items)."""
+    from experiments.runner import dialogue_plan, make_config
+
+    plan = dialogue_plan(make_config("are_you_sure", ["observer"], seeds=2, items=3))
+    assert [(i, s) for i, _, s in plan] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert len({key for _, key, _ in plan}) == 3
