@@ -46,9 +46,10 @@ postgres:
 lab: setup
 	$(PY) app.py --host $(HOST) --port $(PORT)
 
-# Lint (ruff, configured in pyproject.toml) and types (mypy on engine/); `make test` runs it first.
+# Lint and format (ruff, configured in pyproject.toml) and types (mypy on engine/); `make test` runs it first.
 check: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 test: setup browser postgres check

@@ -11,6 +11,7 @@
 - Distill: a 2,000-token document into a per-layer bank on 4 layers (target <= 3 s).
 The shared 2-core machine runs faster on one intra-op thread (--threads 1, the default).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,21 @@ def train_step_time(lm, steps: int) -> float:
     from engine.train import TrainConfig, train
 
     tmp = Path(tempfile.mkdtemp(prefix="bank_bench_"))
-    cfg = TrainConfig(mechanism={"name": "memory_bank", "settings": {"layers": [8, 14, 20, 26], "slots": 128,
-                                                                     "chapters": 4, "top_k": 2, "gate_init": 0.0}},
-                      data={"train": str(FACTS / "train.jsonl"), "eval": str(FACTS / "heldout.jsonl"),
-                            "max_length": 48},
-                      train={"max_steps": steps, "batch_size": 8, "eval_every": 10_000, "lr": 0.01,
-                             "threads": torch.get_num_threads()},
-                      output={"dir": str(tmp)})
+    cfg = TrainConfig(
+        mechanism={
+            "name": "memory_bank",
+            "settings": {"layers": [8, 14, 20, 26], "slots": 128, "chapters": 4, "top_k": 2, "gate_init": 0.0},
+        },
+        data={"train": str(FACTS / "train.jsonl"), "eval": str(FACTS / "heldout.jsonl"), "max_length": 48},
+        train={
+            "max_steps": steps,
+            "batch_size": 8,
+            "eval_every": 10_000,
+            "lr": 0.01,
+            "threads": torch.get_num_threads(),
+        },
+        output={"dir": str(tmp)},
+    )
     return train(cfg, progress=False, log=lambda *_: None, lm=lm)["median_step_s"]
 
 
@@ -91,13 +100,17 @@ def main(argv=None) -> None:
         print(f"decode, {n} new tokens, median of {args.reps}:")
         for k, v in med.items():
             print(f"  {k:30s} {v:6.2f} tok/s")
-        print(f"  bank 4 layers / plain generate   {med['bank linkage 1 (4 layers)'] / med['plain generate']:5.3f}x  "
-              f"(>= 0.85)   [{BANK.split(':', 1)[1]}]")
+        print(
+            f"  bank 4 layers / plain generate   {med['bank linkage 1 (4 layers)'] / med['plain generate']:5.3f}x  "
+            f"(>= 0.85)   [{BANK.split(':', 1)[1]}]"
+        )
         print(f"  bank linkage 0 / plain generate  {med['bank linkage 0'] / med['plain generate']:5.3f}x")
     if args.only in (None, "distill"):
         tokens, total, read, plain = result["distill"] = distill_time(lm)
-        print(f"  distill {tokens} tokens, 4 layers  {total:5.2f} s   (<= 3); of which the model's read to layer 26 "
-              f"{read:5.2f} s; a plain 30-layer forward of the same tokens {plain:5.2f} s")
+        print(
+            f"  distill {tokens} tokens, 4 layers  {total:5.2f} s   (<= 3); of which the model's read to layer 26 "
+            f"{read:5.2f} s; a plain 30-layer forward of the same tokens {plain:5.2f} s"
+        )
     if args.only in (None, "train"):
         step_s = result["train_step_s"] = train_step_time(lm, args.train_steps)
         print(f"  train step (batch 8, <=48 tok)   {step_s:5.2f} s   median of {args.train_steps} steps")

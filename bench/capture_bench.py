@@ -7,6 +7,7 @@ Builds a 3-turn transcript (long user messages, forced assistant replies) for on
 whole transcript with every layer's weights reduced on the fly, bucketed to 256 x 256, plus the
 arm's read traces) and `memory_read_table`. Target: <= 3 s on the CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,11 @@ import os
 import sys
 import time
 
-
-TEXT = ("The committee met again on Tuesday to revisit the question of whether the river crossing should be "
-        "rebuilt in stone or in steel. Each member restated a position, citing costs, flood records, the "
-        "opinions of engineers and the wishes of the villagers who use the bridge every morning. ")
+TEXT = (
+    "The committee met again on Tuesday to revisit the question of whether the river crossing should be "
+    "rebuilt in stone or in steel. Each member restated a position, citing costs, flood records, the "
+    "opinions of engineers and the wishes of the villagers who use the bridge every morning. "
+)
 
 
 def main(argv=None) -> int:
@@ -41,12 +43,14 @@ def main(argv=None) -> int:
     user_len, reply_len = int(per_turn * 0.6), per_turn - int(per_turn * 0.6) - 12
     turns = []
     for k in range(3):
-        user = tok.decode(words[k * 50: k * 50 + user_len])
-        reply = words[200 + k * 30: 200 + k * 30 + reply_len] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        user = tok.decode(words[k * 50 : k * 50 + user_len])
+        reply = words[200 + k * 30 : 200 + k * 30 + reply_len] + [tok.convert_tokens_to_ids("<|im_end|>")]
         turns.append((user, [reply]))
     spec = parse_arm(args.arm)
-    print(f"model {lm.identity.name} · torch threads {torch.get_num_threads()} · cpu count {os.cpu_count()} · "
-          f"arm {spec.to_string()}")
+    print(
+        f"model {lm.identity.name} · torch threads {torch.get_num_threads()} · cpu count {os.cpu_count()} · "
+        f"arm {spec.to_string()}"
+    )
     times = []
     for rep in range(args.reps):
         t0 = time.perf_counter()
@@ -57,11 +61,13 @@ def main(argv=None) -> int:
         times.append(t2 - t0)
         T = len(cap.focus.token_ids)
         n_slots = max((len(e["slots"]) for e in table["layers"]), default=0)
-        print(f"rep {rep}: {T} tokens, attention {tuple(cap.attention.shape)} float32 "
-              f"({cap.attention.astype('float16').nbytes / 2**20:.1f} MiB as float16), "
-              f"{sum(len(t) for t in cap.traces[0])} read traces, {len(table['layers'])} read layers x "
-              f"{len(table['tokens'])} reply tokens x {n_slots} slots · capture {t1 - t0:.2f} s + "
-              f"memory table {t2 - t1:.2f} s = {t2 - t0:.2f} s")
+        print(
+            f"rep {rep}: {T} tokens, attention {tuple(cap.attention.shape)} float32 "
+            f"({cap.attention.astype('float16').nbytes / 2**20:.1f} MiB as float16), "
+            f"{sum(len(t) for t in cap.traces[0])} read traces, {len(table['layers'])} read layers x "
+            f"{len(table['tokens'])} reply tokens x {n_slots} slots · capture {t1 - t0:.2f} s + "
+            f"memory table {t2 - t1:.2f} s = {t2 - t0:.2f} s"
+        )
     best = min(times)
     print(f"capture_seconds_best {best:.2f} (target <= 3.0: {'OK' if best <= 3.0 else 'OVER'})")
     return 0

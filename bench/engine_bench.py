@@ -9,6 +9,7 @@ Targets (issue 2): linkage-0 arm >= 0.97x plain `generate`; continuity on 3 laye
 >= 0.85x; 2 arms batched >= 1.7x aggregate, 4 arms >= 2.8x; next-turn time to first token after
 ~1000 tokens of dialogue <= 1 s; warm model load <= 3 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,10 @@ from engine import Dialogue, load_model, parse_arm
 from engine.chat import first_turn
 from engine.hooks import MechanismHost
 
-PROMPT = ("Take a firm stance, in a few sentences, on whether cities should ban private cars from their centres, "
-          "then give the strongest arguments for your view.")
+PROMPT = (
+    "Take a firm stance, in a few sentences, on whether cities should ban private cars from their centres, "
+    "then give the strongest arguments for your view."
+)
 
 
 def plain_generate(lm, n: int, batch: int = 1, *, system: str | None = None, prompt: str = PROMPT) -> float:
@@ -31,8 +34,14 @@ def plain_generate(lm, n: int, batch: int = 1, *, system: str | None = None, pro
     ids = torch.tensor([first_turn(lm.tokenizer, system, prompt).token_ids] * batch)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        out = lm.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )
     elapsed = time.perf_counter() - start
     assert out.shape[1] - ids.shape[1] == n
     return n * batch / elapsed
@@ -52,8 +61,9 @@ def engine_generate(lm, arms: list[str], n: int, *, system: str | None = None, p
 def next_turn_ttft(lm, arm: str, history_tokens: int = 1000) -> tuple[int, float]:
     """Build ~history_tokens of dialogue (teacher-forced replies), then time the next turn's first token."""
     d = Dialogue(lm, [parse_arm(arm)])
-    filler = lm.tokenizer("The argument continues with another careful point about the city and its streets. ",
-                          add_special_tokens=False)["input_ids"]
+    filler = lm.tokenizer(
+        "The argument continues with another careful point about the city and its streets. ", add_special_tokens=False
+    )["input_ids"]
     turn = 0
     while d.arms[0].length < history_tokens:
         reply = (filler * 20)[:180] + [lm.tokenizer.eos_token_id]
@@ -86,8 +96,9 @@ def main(argv=None) -> None:
         "continuity linkage 0": lambda: engine_generate(lm, ["continuity:linkage=0"], n),
         "continuity linkage 1 (3 layers)": lambda: engine_generate(lm, [continuity], n),
         "2 arms batched": lambda: engine_generate(lm, ["observer", continuity], n),
-        "4 arms batched": lambda: engine_generate(lm, ["observer", continuity, "continuity:linkage=0.5",
-                                                       "continuity:linkage=1,source=all"], n),
+        "4 arms batched": lambda: engine_generate(
+            lm, ["observer", continuity, "continuity:linkage=0.5", "continuity:linkage=1,source=all"], n
+        ),
     }
     engine_generate(lm, ["observer"], 8)  # warm-up
     plain_generate(lm, 8)
@@ -111,10 +122,14 @@ def main(argv=None) -> None:
     print(f"  4 observer arms / 1 arm             {med['4 observer arms batched'] / one:5.3f}x")
     print(f"  reference: generate batch 2 / 1     {med['plain generate, batch 2'] / base:5.3f}x  (what this CPU gives)")
     print(f"  reference: generate batch 4 / 1     {med['plain generate, batch 4'] / base:5.3f}x  (what this CPU gives)")
-    print(f"  2 arms batched / generate batch 2   {med['2 arms batched'] / med['plain generate, batch 2']:5.3f}x  "
-          "(same batch, aggregate)")
-    print(f"  4 arms batched / generate batch 4   {med['4 arms batched'] / med['plain generate, batch 4']:5.3f}x  "
-          "(same batch, aggregate)")
+    print(
+        f"  2 arms batched / generate batch 2   {med['2 arms batched'] / med['plain generate, batch 2']:5.3f}x  "
+        "(same batch, aggregate)"
+    )
+    print(
+        f"  4 arms batched / generate batch 4   {med['4 arms batched'] / med['plain generate, batch 4']:5.3f}x  "
+        "(same batch, aggregate)"
+    )
     print(f"  next-turn TTFT after {length} tokens    {ttft:5.3f} s   (<= 1)")
     print(f"  warm model load                     {warm_load:5.3f} s   (<= 3)")
 

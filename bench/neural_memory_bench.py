@@ -9,6 +9,7 @@ the plain model's forward. Repetitions are interleaved so a slow moment of the s
 every configuration alike; medians are reported. Targets (issue 10): linear decode >= 0.8x plain
 generate (the MLP's is reported); prefill of 1,000 tokens <= 1.5x the plain forward's time.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -9,6 +9,7 @@ Target (issue 11): partial attention on all layers at linkage 1 >= 0.8x plain `g
 `--weights FILE` adds a row for an arm loading a trained weights file (e.g. the LoRA-adapted branch
 of `configs/palm_tiny_cpu.yaml`: its adapters are merged into the cloned projections once, at load).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,11 @@ from bench import engine_bench
 from engine import load_model
 from engine.chat import first_turn
 
-SYSTEM = ("You are a careful assistant for a city planning office. Always answer in exactly three numbered points. "
-          "Never mention specific brand names. Mention the city of Lyon at least once. Keep every point under "
-          "thirty words, use British spelling, and end with a one-line summary that starts with 'In short'.")
+SYSTEM = (
+    "You are a careful assistant for a city planning office. Always answer in exactly three numbered points. "
+    "Never mention specific brand names. Mention the city of Lyon at least once. Keep every point under "
+    "thirty words, use British spelling, and end with a one-line summary that starts with 'In short'."
+)
 PROMPT = "Should cities ban private cars from their centres? Give your view and the strongest arguments."
 
 
@@ -47,9 +50,11 @@ def main(argv=None) -> None:
         "observer arm": lambda: engine_generate(lm, ["observer"], n),
         "partial attention, all layers": lambda: engine_generate(lm, ["partial_attention:linkage=1"], n),
         "partial attention, all options": lambda: engine_generate(
-            lm, ["partial_attention:linkage=1,fp=true,lang_emb=true,bidirectional=true,spe=true"], n),
+            lm, ["partial_attention:linkage=1,fp=true,lang_emb=true,bidirectional=true,spe=true"], n
+        ),
         "partial attention, pinned text": lambda: engine_generate(
-            lm, [f'partial_attention:linkage=1,text="{SYSTEM.replace(chr(39), "")}"'], n),
+            lm, [f'partial_attention:linkage=1,text="{SYSTEM.replace(chr(39), "")}"'], n
+        ),
     }
     if args.weights:
         trained = f'partial_attention:linkage=1,weights="{args.weights}"'
@@ -65,12 +70,16 @@ def main(argv=None) -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     src = len(first_turn(lm.tokenizer, SYSTEM, PROMPT).token_ids)
     base = med["plain generate"]
-    print(f"embedded model, fp32, {torch.get_num_threads()} threads, prompt {src} tokens, {n} new tokens, "
-          f"median of {args.reps}")
+    print(
+        f"embedded model, fp32, {torch.get_num_threads()} threads, prompt {src} tokens, {n} new tokens, "
+        f"median of {args.reps}"
+    )
     for k, v in med.items():
         print(f"  {k:34s} {v:6.2f} tok/s   {v / base:5.3f}x plain generate")
-    print(f"target: partial attention, all layers / plain generate >= 0.8  -> "
-          f"{med['partial attention, all layers'] / base:5.3f}x")
+    print(
+        f"target: partial attention, all layers / plain generate >= 0.8  -> "
+        f"{med['partial attention, all layers'] / base:5.3f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ actor, and (Ray) the median time of the driver's one write transaction per dialo
 one torch thread each (the plain runner gets --threads, default 2), so on a 2-core machine 2
 actors use the same cores the plain runner does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 ARMS = ["observer", "continuity:linkage=1,gain=0.3"]
 
@@ -42,10 +42,22 @@ def plain(args, db) -> dict:
     lm = load_model(verbose=False)
     loaded = time.perf_counter()
     marks = []
-    run_protocol(Store(db), lm, args.protocol, args.arm, items=args.items, max_new_tokens=args.max_new_tokens,
-                 progress=lambda d, t, i: marks.append(time.perf_counter()))
-    return {"fixed_s": loaded - t0, "dialogues_s": marks[-1] - marks[0], "n": len(marks) - 1,
-            "driver_rss_mib": peak_rss_mib(), "actor_rss_mib": []}
+    run_protocol(
+        Store(db),
+        lm,
+        args.protocol,
+        args.arm,
+        items=args.items,
+        max_new_tokens=args.max_new_tokens,
+        progress=lambda d, t, i: marks.append(time.perf_counter()),
+    )
+    return {
+        "fixed_s": loaded - t0,
+        "dialogues_s": marks[-1] - marks[0],
+        "n": len(marks) - 1,
+        "driver_rss_mib": peak_rss_mib(),
+        "actor_rss_mib": [],
+    }
 
 
 def on_ray(args, db, actors) -> dict:
@@ -82,17 +94,29 @@ def on_ray(args, db, actors) -> dict:
 
     distributed._Actors.kill_all = kill_all
     try:
-        distributed.run_protocol_ray(TimedStore(db), args.protocol, args.arm, items=args.items,
-                                     max_new_tokens=args.max_new_tokens, actors=actors,
-                                     progress=lambda d, t, i: marks.append(time.perf_counter()))
+        distributed.run_protocol_ray(
+            TimedStore(db),
+            args.protocol,
+            args.arm,
+            items=args.items,
+            max_new_tokens=args.max_new_tokens,
+            actors=actors,
+            progress=lambda d, t, i: marks.append(time.perf_counter()),
+        )
     finally:
         distributed._Actors.describe, distributed._Actors.kill_all = real_describe, real_kill
         if started:
             ray.shutdown()
     # marks: actors ready, start event, then one per dialogue
-    return {"ray_start_s": ray_up - t0, "fixed_s": marks[0] - t0, "dialogues_s": marks[-1] - marks[1],
-            "n": len(marks) - 2, "driver_rss_mib": peak_rss_mib(), "actor_rss_mib": rss,
-            "write_ms_median": 1000 * sorted(writes)[len(writes) // 2]}
+    return {
+        "ray_start_s": ray_up - t0,
+        "fixed_s": marks[0] - t0,
+        "dialogues_s": marks[-1] - marks[1],
+        "n": len(marks) - 2,
+        "driver_rss_mib": peak_rss_mib(),
+        "actor_rss_mib": rss,
+        "write_ms_median": 1000 * sorted(writes)[len(writes) // 2],
+    }
 
 
 def main(argv=None) -> int:
@@ -110,9 +134,23 @@ def main(argv=None) -> int:
     if len(modes) > 1:  # one process per mode: each peak memory is its own
         out = {}
         for mode in modes:
-            cmd = [sys.executable, "-m", "bench.scale_bench", "--modes", mode, "--json", "--items", str(args.items),
-                   "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-                   "--protocol", args.protocol, *[x for a in args.arm for x in ("--arm", a)]]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.scale_bench",
+                "--modes",
+                mode,
+                "--json",
+                "--items",
+                str(args.items),
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+                "--threads",
+                str(args.threads),
+                "--protocol",
+                args.protocol,
+                *[x for a in args.arm for x in ("--arm", a)],
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
             if r.returncode != 0:
                 print(r.stderr[-3000:], file=sys.stderr)
@@ -129,12 +167,19 @@ def main(argv=None) -> int:
             r = plain(args, db) if mode == "plain" else on_ray(args, db, int(mode.removeprefix("ray")))
             r["dialogues_per_min"] = 60 * r["n"] / r["dialogues_s"]
             out[mode] = r
-            print(f"{mode:6s} {r['dialogues_per_min']:6.2f} dialogues/min  ({r['n']} in {r['dialogues_s']:.1f} s)  "
-                  f"fixed {r['fixed_s']:.1f} s" + (f" (Ray up {r['ray_start_s']:.1f} s)" if "ray_start_s" in r else "")
-                  + f"  driver peak {r['driver_rss_mib']:.0f} MiB"
-                  + (f"  actors peak {', '.join(f'{x:.0f}' for x in r['actor_rss_mib'])} MiB" if r["actor_rss_mib"] else "")
-                  + (f"  driver write {r['write_ms_median']:.1f} ms/dialogue (median)" if "write_ms_median" in r else ""),
-                  flush=True)
+            print(
+                f"{mode:6s} {r['dialogues_per_min']:6.2f} dialogues/min  ({r['n']} in {r['dialogues_s']:.1f} s)  "
+                f"fixed {r['fixed_s']:.1f} s"
+                + (f" (Ray up {r['ray_start_s']:.1f} s)" if "ray_start_s" in r else "")
+                + f"  driver peak {r['driver_rss_mib']:.0f} MiB"
+                + (
+                    f"  actors peak {', '.join(f'{x:.0f}' for x in r['actor_rss_mib'])} MiB"
+                    if r["actor_rss_mib"]
+                    else ""
+                )
+                + (f"  driver write {r['write_ms_median']:.1f} ms/dialogue (median)" if "write_ms_median" in r else ""),
+                flush=True,
+            )
     if args.json:
         print(json.dumps(out))
     return 0

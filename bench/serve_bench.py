@@ -13,6 +13,7 @@ that one session's dialogue alone (the lab's own per-turn overhead). With `--que
 also runs the 8-client load with the row cap at 2 (one session at a time: how the lab served
 before the scheduler). Repetitions are interleaved; medians are reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,13 @@ def start_server(db_file: Path, max_rows: int):
 
     port = free_port()
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, str(root / "app.py"), "--port", str(port), "--db", str(db_file),
-                             "--max-rows", str(max_rows)], cwd=root, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    proc = subprocess.Popen(
+        [sys.executable, str(root / "app.py"), "--port", str(port), "--db", str(db_file), "--max-rows", str(max_rows)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -78,9 +83,17 @@ def run_clients(url: str, n: int, turns: int, new_tokens: int) -> tuple[float, l
         barrier.wait()
         for t in range(turns):
             t0 = time.perf_counter()
-            out = dict(zip(OUTPUT_NAMES, clients[k].predict(MESSAGES[t % len(MESSAGES)], api_name="/send",
-                                                            arm1_max_new_tokens=new_tokens,
-                                                            arm2_max_new_tokens=new_tokens)))
+            out = dict(
+                zip(
+                    OUTPUT_NAMES,
+                    clients[k].predict(
+                        MESSAGES[t % len(MESSAGES)],
+                        api_name="/send",
+                        arm1_max_new_tokens=new_tokens,
+                        arm2_max_new_tokens=new_tokens,
+                    ),
+                )
+            )
             dt = time.perf_counter() - t0
             if f"Turn {t + 1} logged" not in out["status"]:
                 with lock:
@@ -130,9 +143,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     ns = [int(x) for x in args.sessions.split(",")]
     lm = load_model(verbose=False)
-    from experiments.record import session_specs
-
     from db import Store
+    from experiments.record import session_specs
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     url, proc = start_server(tmp / "lab.db", args.max_rows)
@@ -165,11 +177,15 @@ def main(argv=None) -> None:
             proc.wait(timeout=60)
     store.close()
 
-    print(f"lab server vs one engine batch: embedded model, {len(specs)} arms per session "
-          f"({', '.join(s.to_string() for s in specs)}), {args.turns} turns x {args.new_tokens} new tokens, greedy, "
-          f"{args.reps} rep(s), medians")
-    print(f"{'sessions':>8} {'rows':>5} {'server s':>9} {'engine s':>9} {'ratio':>6} {'median turn s':>14} "
-          f"{'p95 turn s':>11}")
+    print(
+        f"lab server vs one engine batch: embedded model, {len(specs)} arms per session "
+        f"({', '.join(s.to_string() for s in specs)}), {args.turns} turns x {args.new_tokens} new tokens, greedy, "
+        f"{args.reps} rep(s), medians"
+    )
+    print(
+        f"{'sessions':>8} {'rows':>5} {'server s':>9} {'engine s':>9} {'ratio':>6} {'median turn s':>14} "
+        f"{'p95 turn s':>11}"
+    )
     single = None
     for n in ns:
         r = rows[n]
@@ -177,16 +193,22 @@ def main(argv=None) -> None:
         med, p95 = statistics.median(r["lat"]), pct(r["lat"], 0.95)
         if n == 1:
             single = med
-        print(f"{n:>8} {n * len(specs):>5} {server:>9.2f} {engine:>9.2f} {engine / server:>6.2f} {med:>14.2f} "
-              f"{p95:>11.2f}")
+        print(
+            f"{n:>8} {n * len(specs):>5} {server:>9.2f} {engine:>9.2f} {engine / server:>6.2f} {med:>14.2f} "
+            f"{p95:>11.2f}"
+        )
     if single is not None:
         for n in ns:
             if n > 1:
-                print(f"p95 turn latency with {n} sessions / median single-session turn: "
-                      f"{pct(rows[n]['lat'], 0.95) / single:.2f}x")
+                print(
+                    f"p95 turn latency with {n} sessions / median single-session turn: "
+                    f"{pct(rows[n]['lat'], 0.95) / single:.2f}x"
+                )
     if queue_row is not None:
-        print(f"8 sessions with the row cap at one session (the old one-at-a-time queue): server {queue_row[0]:.2f} s, "
-              f"median turn {queue_row[1]:.2f} s, p95 {queue_row[2]:.2f} s")
+        print(
+            f"8 sessions with the row cap at one session (the old one-at-a-time queue): server {queue_row[0]:.2f} s, "
+            f"median turn {queue_row[1]:.2f} s, p95 {queue_row[2]:.2f} s"
+        )
 
 
 if __name__ == "__main__":

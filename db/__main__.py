@@ -33,16 +33,21 @@ def _plural(n, word):
 def cmd_list(args):
     store = Store(args.db, create=False)
     for e in store.list_experiments():
-        print(f"experiment {e['id']}  {e['status']:<11} {e['created_at']:%Y-%m-%d %H:%M}  "
-              f"{e['n_sessions']:>4} sessions  {e['name']} ({e['protocol_name']})")
+        print(
+            f"experiment {e['id']}  {e['status']:<11} {e['created_at']:%Y-%m-%d %H:%M}  "
+            f"{e['n_sessions']:>4} sessions  {e['name']} ({e['protocol_name']})"
+        )
     for s in store.list_sessions():
         extra = f"  experiment={s['experiment_id']} item={s['item_key']} seed={s['seed']}" if s["experiment_id"] else ""
-        print(f"session    {s['id']}  {s['kind']:<10}  {s['created_at']:%Y-%m-%d %H:%M}  {_plural(s['n_arms'], 'arm')} "
-              f"{_plural(s['n_turns'], 'turn')} {_plural(s['n_annotations'], 'annotation')}  {s['title']!r}{extra}")
+        print(
+            f"session    {s['id']}  {s['kind']:<10}  {s['created_at']:%Y-%m-%d %H:%M}  {_plural(s['n_arms'], 'arm')} "
+            f"{_plural(s['n_turns'], 'turn')} {_plural(s['n_annotations'], 'annotation')}  {s['title']!r}{extra}"
+        )
 
 
 def cmd_export(args):
     from .export import export
+
     store = Store(args.db, create=False)
     for path in export(store, args.format, args.out, session_id=args.session, experiment_id=args.experiment):
         print(path)
@@ -51,6 +56,7 @@ def cmd_export(args):
 def cmd_import(args):
     from .export import import_bundle
     from .rules import check_bundle
+
     try:
         with open(args.bundle, encoding="utf-8") as f:
             bundle = json.load(f)
@@ -68,6 +74,7 @@ def cmd_import(args):
 
 def cmd_upgrade(args):
     from .schema import state
+
     store = Store(args.db, create=False, upgrade=False)
     with store.engine.connect() as conn:
         revision, legacy, has_tables = state(conn)
@@ -75,18 +82,29 @@ def cmd_upgrade(args):
     if revision == after:
         print(f"{store.name}: at schema revision {after}, the newest this code knows; nothing to do")
         return
-    was = (f"revision {revision}" if revision else
-           f"the schema before Alembic (version {legacy})" if legacy else "an empty database")
+    was = (
+        f"revision {revision}"
+        if revision
+        else f"the schema before Alembic (version {legacy})"
+        if legacy
+        else "an empty database"
+    )
     print(f"{store.name}: upgraded from {was} to schema revision {after}")
 
 
 def main(argv=None):
     p = _Parser(prog="python -m db", description="The lab's experiment record.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("list", "list experiments and sessions"), ("export", "export tables or bundles"),
-                        ("import", "import a session bundle"), ("upgrade", "run pending schema migrations")):
+    for name, help_ in (
+        ("list", "list experiments and sessions"),
+        ("export", "export tables or bundles"),
+        ("import", "import a session bundle"),
+        ("upgrade", "run pending schema migrations"),
+    ):
         c = sub.add_parser(name, help=help_)
-        c.add_argument("--db", default=default_db_url(), help="SQLAlchemy URL or SQLite file (default $LAB_DB or lab.db)")
+        c.add_argument(
+            "--db", default=default_db_url(), help="SQLAlchemy URL or SQLite file (default $LAB_DB or lab.db)"
+        )
         if name == "export":
             c.add_argument("--format", required=True, choices=FORMATS)
             c.add_argument("--out", required=True, help="folder to write into (created if missing)")

@@ -7,6 +7,7 @@ then every view and export names its arms by pane only ("Arm A"), never by label
 It lives in db/ (floor 2) so that the store and its exports (db/) and the lab's views (lab/) share
 it without lab/ being imported from below.
 """
+
 from __future__ import annotations
 
 import random

@@ -40,26 +40,66 @@ from pathlib import Path
 import pandas as pd
 from sqlalchemy import exc, select
 
-from .models import SCHEMA_VERSION, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, Score, Turn
-from .models import new_id as _new_id
-from .models import utcnow
-from .rules import BUNDLE_FORMAT, BUNDLE_VERSION, check_bundle, seal
 from .blind import pane_name, pane_positions
+from .models import SCHEMA_VERSION, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, Score, Turn, utcnow
+from .models import new_id as _new_id
+from .rules import BUNDLE_FORMAT, BUNDLE_VERSION, check_bundle, seal
 from .store import Store, StoreError, _role_order, turn_row
 
 TURN_COLUMNS = [
-    "session_id", "session_kind", "session_title", "experiment_id", "item_key", "seed",
-    "arm_index", "arm_label", "arm_spec", "turn_index", "role", "text", "n_tokens", "ttft_s",
-    "duration_s", "finish_reason", "started_at", "finished_at", "model_name", "token_ids",
-    "settings", "gen_settings", "turn_id", "arm_seed", "error",
+    "session_id",
+    "session_kind",
+    "session_title",
+    "experiment_id",
+    "item_key",
+    "seed",
+    "arm_index",
+    "arm_label",
+    "arm_spec",
+    "turn_index",
+    "role",
+    "text",
+    "n_tokens",
+    "ttft_s",
+    "duration_s",
+    "finish_reason",
+    "started_at",
+    "finished_at",
+    "model_name",
+    "token_ids",
+    "settings",
+    "gen_settings",
+    "turn_id",
+    "arm_seed",
+    "error",
 ]
 ANNOTATION_COLUMNS = [
-    "annotation_id", "session_id", "arm_index", "arm_label", "turn_index", "annotator",
-    "stance_label", "note", "confidence", "created_at", "text", "turn_id",
+    "annotation_id",
+    "session_id",
+    "arm_index",
+    "arm_label",
+    "turn_index",
+    "annotator",
+    "stance_label",
+    "note",
+    "confidence",
+    "created_at",
+    "text",
+    "turn_id",
 ]
 SCORE_COLUMNS = [
-    "score_id", "session_id", "arm_index", "arm_label", "turn_id", "turn_index", "role",
-    "scorer", "label", "value", "data", "created_at",
+    "score_id",
+    "session_id",
+    "arm_index",
+    "arm_label",
+    "turn_id",
+    "turn_index",
+    "role",
+    "scorer",
+    "label",
+    "value",
+    "data",
+    "created_at",
 ]
 _INT_COLUMNS = {"seed", "arm_index", "turn_index", "n_tokens", "turn_id", "arm_seed", "annotation_id", "score_id"}
 FORMATS = ("csv", "jsonl", "parquet", "bundle")
@@ -91,6 +131,7 @@ def _order_panes(rows, keys):
 
 # ----------------------------------------------------------------- frames
 
+
 def _filtered(store, q, session_id, experiment_id):
     """Apply the session/experiment filter; unknown ids are an error, not an empty table."""
     if session_id is not None:
@@ -111,26 +152,56 @@ def _frame(rows, columns):
 
 
 def turns_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFrame:
-    q = (select(Turn, Arm, LabSession).join(Arm, Turn.arm_id == Arm.id)
-         .join(LabSession, Turn.session_id == LabSession.id)
-         .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index))
+    q = (
+        select(Turn, Arm, LabSession)
+        .join(Arm, Turn.arm_id == Arm.id)
+        .join(LabSession, Turn.session_id == LabSession.id)
+        .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index)
+    )
     q = _filtered(store, q, session_id, experiment_id)
     rows, hidden, blinder = [], set(), _Blinder()
     with store._ro() as s:
         for t, a, ss in s.execute(q):
-            rows.append(dict(
-                session_id=ss.id, session_kind=ss.kind, session_title=ss.title, experiment_id=ss.experiment_id,
-                item_key=ss.item_key, seed=ss.seed, arm_index=a.index, arm_label=a.label, arm_spec=a.spec,
-                turn_index=t.turn_index, role=t.role, text=t.text, n_tokens=t.n_tokens, ttft_s=t.ttft_s,
-                duration_s=t.duration_s, finish_reason=t.finish_reason, started_at=t.started_at,
-                finished_at=t.finished_at, model_name=(ss.model or {}).get("name"),
-                token_ids=json.dumps(t.token_ids), settings=json.dumps(a.settings),
-                gen_settings=json.dumps(t.gen_settings), turn_id=t.id, arm_seed=a.seed, error=t.error))
+            rows.append(
+                dict(
+                    session_id=ss.id,
+                    session_kind=ss.kind,
+                    session_title=ss.title,
+                    experiment_id=ss.experiment_id,
+                    item_key=ss.item_key,
+                    seed=ss.seed,
+                    arm_index=a.index,
+                    arm_label=a.label,
+                    arm_spec=a.spec,
+                    turn_index=t.turn_index,
+                    role=t.role,
+                    text=t.text,
+                    n_tokens=t.n_tokens,
+                    ttft_s=t.ttft_s,
+                    duration_s=t.duration_s,
+                    finish_reason=t.finish_reason,
+                    started_at=t.started_at,
+                    finished_at=t.finished_at,
+                    model_name=(ss.model or {}).get("name"),
+                    token_ids=json.dumps(t.token_ids),
+                    settings=json.dumps(a.settings),
+                    gen_settings=json.dumps(t.gen_settings),
+                    turn_id=t.id,
+                    arm_seed=a.seed,
+                    error=t.error,
+                )
+            )
             pos = blinder.pane(ss, a.index)
             if pos is not None:
                 hidden.add(t.id)
-                rows[-1].update(arm_index=pos, arm_label=pane_name(pos), arm_spec=None, settings=None,
-                                gen_settings=None, arm_seed=None)
+                rows[-1].update(
+                    arm_index=pos,
+                    arm_label=pane_name(pos),
+                    arm_spec=None,
+                    settings=None,
+                    gen_settings=None,
+                    arm_seed=None,
+                )
     if hidden:
         rank = {r: i for i, r in enumerate(("system", "user", "assistant"))}
         first = {}
@@ -149,18 +220,35 @@ def turns_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFra
 
 
 def annotations_frame(store: Store, session_id=None, experiment_id=None) -> pd.DataFrame:
-    q = (select(Annotation, Turn, Arm, LabSession).join(Turn, Annotation.turn_id == Turn.id)
-         .join(Arm, Turn.arm_id == Arm.id).join(LabSession, Turn.session_id == LabSession.id)
-         .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, Arm.index,
-                   Annotation.created_at, Annotation.id))
+    q = (
+        select(Annotation, Turn, Arm, LabSession)
+        .join(Turn, Annotation.turn_id == Turn.id)
+        .join(Arm, Turn.arm_id == Arm.id)
+        .join(LabSession, Turn.session_id == LabSession.id)
+        .order_by(
+            LabSession.created_at, LabSession.id, Turn.turn_index, Arm.index, Annotation.created_at, Annotation.id
+        )
+    )
     q = _filtered(store, q, session_id, experiment_id)
     rows, blinder, blinded = [], _Blinder(), False
     with store._ro() as s:
         for an, t, a, ss in s.execute(q):
-            rows.append(dict(annotation_id=an.id, session_id=ss.id, arm_index=a.index, arm_label=a.label,
-                             turn_index=t.turn_index, annotator=an.annotator, stance_label=an.stance_label,
-                             note=an.note, confidence=an.confidence, created_at=an.created_at, text=t.text,
-                             turn_id=t.id))
+            rows.append(
+                dict(
+                    annotation_id=an.id,
+                    session_id=ss.id,
+                    arm_index=a.index,
+                    arm_label=a.label,
+                    turn_index=t.turn_index,
+                    annotator=an.annotator,
+                    stance_label=an.stance_label,
+                    note=an.note,
+                    confidence=an.confidence,
+                    created_at=an.created_at,
+                    text=t.text,
+                    turn_id=t.id,
+                )
+            )
             pos = blinder.pane(ss, a.index)
             if pos is not None:
                 blinded = True
@@ -171,16 +259,33 @@ def annotations_frame(store: Store, session_id=None, experiment_id=None) -> pd.D
 
 
 def scores_frame(store: Store, session_id=None, experiment_id=None, _turn_ids=False) -> pd.DataFrame:
-    q = (select(Score, Turn, Arm, LabSession).join(Turn, Score.turn_id == Turn.id)
-         .join(Arm, Turn.arm_id == Arm.id).join(LabSession, Turn.session_id == LabSession.id)
-         .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index, Score.scorer))
+    q = (
+        select(Score, Turn, Arm, LabSession)
+        .join(Turn, Score.turn_id == Turn.id)
+        .join(Arm, Turn.arm_id == Arm.id)
+        .join(LabSession, Turn.session_id == LabSession.id)
+        .order_by(LabSession.created_at, LabSession.id, Turn.turn_index, _role_order, Arm.index, Score.scorer)
+    )
     q = _filtered(store, q, session_id, experiment_id)
     rows, blinder, blinded = [], _Blinder(), False
     with store._ro() as s:
         for sc, t, a, ss in s.execute(q):
-            rows.append(dict(score_id=sc.id, session_id=ss.id, arm_index=a.index, arm_label=a.label, turn_id=t.id,
-                             turn_index=t.turn_index, role=t.role, scorer=sc.scorer, label=sc.label,
-                             value=sc.value, data=json.dumps(sc.data), created_at=sc.created_at))
+            rows.append(
+                dict(
+                    score_id=sc.id,
+                    session_id=ss.id,
+                    arm_index=a.index,
+                    arm_label=a.label,
+                    turn_id=t.id,
+                    turn_index=t.turn_index,
+                    role=t.role,
+                    scorer=sc.scorer,
+                    label=sc.label,
+                    value=sc.value,
+                    data=json.dumps(sc.data),
+                    created_at=sc.created_at,
+                )
+            )
             pos = blinder.pane(ss, a.index)
             if pos is not None:
                 blinded = True
@@ -196,6 +301,7 @@ def scores_frame(store: Store, session_id=None, experiment_id=None, _turn_ids=Fa
 
 
 # ------------------------------------------------------------------ files
+
 
 def safe_path(out_dir, filename) -> Path:
     """out_dir/filename, refusing any name that could land outside out_dir."""
@@ -246,6 +352,7 @@ def export(store: Store, fmt, out_dir, session_id=None, experiment_id=None, pref
 
 # ---------------------------------------------------------------- bundles
 
+
 def _plain(x):
     """JSON-ready: datetimes become ISO 8601 strings (UTC), everything else is already plain."""
     if isinstance(x, datetime):
@@ -286,29 +393,47 @@ def _pane_view(full: dict, panes: dict) -> dict:
     def moved(rows):
         out = [{**r, "arm_index": panes[r["arm_index"]]} for r in rows]
         return sorted(out, key=lambda r: (r.get("turn_index") or 0, rank.get(r.get("role"), 3), r["arm_index"]))
+
     turns = [{**t, "gen_settings": {}, "meta": {}} for t in moved(full["turns"])]
-    arms = sorted(({"index": panes[a["index"]], "label": pane_name(panes[a["index"]]), "spec": "",
-                    "settings": {}, "seed": 0} for a in full["arms"]), key=lambda a: a["index"])
-    return {**full, "session": {**full["session"], "pane_order": [a["index"] for a in arms]},
-            "experiment": None, "arms": arms, "turns": turns, "annotations": moved(full["annotations"]),
-            "scores": moved(full["scores"]), "probes": [], "captures": []}
+    arms = sorted(
+        (
+            {"index": panes[a["index"]], "label": pane_name(panes[a["index"]]), "spec": "", "settings": {}, "seed": 0}
+            for a in full["arms"]
+        ),
+        key=lambda a: a["index"],
+    )
+    return {
+        **full,
+        "session": {**full["session"], "pane_order": [a["index"] for a in arms]},
+        "experiment": None,
+        "arms": arms,
+        "turns": turns,
+        "annotations": moved(full["annotations"]),
+        "scores": moved(full["scores"]),
+        "probes": [],
+        "captures": [],
+    }
 
 
 def _full_bundle(store: Store, session_id) -> dict:
     session = store.get_session(session_id)
     arms = session.pop("arms")
     experiment = store.get_experiment(session["experiment_id"]) if session["experiment_id"] else None
-    return _plain({
-        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "schema_version": SCHEMA_VERSION,
-        "session": session,
-        "experiment": experiment,
-        "arms": [_drop(a, "id", "session_id") for a in arms],
-        "turns": [_drop(t, "id", "session_id", "arm_id") for t in store.get_turns(session_id)],
-        "annotations": [_drop(a, "id", "turn_id", "session_id") for a in store.get_annotations(session_id)],
-        "scores": [_drop(x, "id", "turn_id", "session_id") for x in store.get_scores(session_id=session_id)],
-        "probes": [_drop(p, "id", "turn_id", "arm_id") for p in store.get_probes(session_id)],
-        "captures": [_drop(c, "id", "turn_id") for c in store.get_captures(session_id)],
-    })
+    return _plain(
+        {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "schema_version": SCHEMA_VERSION,
+            "session": session,
+            "experiment": experiment,
+            "arms": [_drop(a, "id", "session_id") for a in arms],
+            "turns": [_drop(t, "id", "session_id", "arm_id") for t in store.get_turns(session_id)],
+            "annotations": [_drop(a, "id", "turn_id", "session_id") for a in store.get_annotations(session_id)],
+            "scores": [_drop(x, "id", "turn_id", "session_id") for x in store.get_scores(session_id=session_id)],
+            "probes": [_drop(p, "id", "turn_id", "arm_id") for p in store.get_probes(session_id)],
+            "captures": [_drop(c, "id", "turn_id") for c in store.get_captures(session_id)],
+        }
+    )
 
 
 class BundleError(StoreError, ValueError):
@@ -335,25 +460,38 @@ def _import(store, b, fresh_id):
     sid = _new_id() if fresh_id else b.session.id
     with store._tx() as s:
         if s.get(LabSession, sid) is not None:
-            raise StoreError(f"session {sid} already exists in {store.name}; "
-                             "import with new_id=True (--new-id) to add a copy")
+            raise StoreError(
+                f"session {sid} already exists in {store.name}; import with new_id=True (--new-id) to add a copy"
+            )
         exp_id = b.session.experiment_id
         if exp_id is not None and s.get(Experiment, exp_id) is None:
             if b.experiment is None:
-                raise BundleError(f"invalid session bundle: experiment: the session belongs to experiment "
-                                  f"{exp_id}, which is neither in the bundle nor in {store.name}")
+                raise BundleError(
+                    f"invalid session bundle: experiment: the session belongs to experiment "
+                    f"{exp_id}, which is neither in the bundle nor in {store.name}"
+                )
             e = b.experiment
             s.add(Experiment(**e.model_dump(exclude={"created_at"}), created_at=e.created_at or utcnow()))
         ss = b.session
         if exp_id is not None:
-            taken = s.scalar(select(LabSession.id).where(
-                LabSession.experiment_id == exp_id, LabSession.item_key == ss.item_key, LabSession.seed == ss.seed))
+            taken = s.scalar(
+                select(LabSession.id).where(
+                    LabSession.experiment_id == exp_id, LabSession.item_key == ss.item_key, LabSession.seed == ss.seed
+                )
+            )
             if taken is not None:  # the database keeps one dialogue per (experiment, item, seed)
-                raise StoreError(f"experiment {exp_id} in {store.name} already has the dialogue of item "
-                                 f"{ss.item_key!r} seed {ss.seed} (session {taken}); a copy would be a second one")
-        s.add(LabSession(**ss.model_dump(exclude={"id", "created_at", "pane_order"}), id=sid,
-                         created_at=ss.created_at or utcnow(),
-                         pane_order=[a.index for a in b.arms] if ss.pane_order is None else ss.pane_order))
+                raise StoreError(
+                    f"experiment {exp_id} in {store.name} already has the dialogue of item "
+                    f"{ss.item_key!r} seed {ss.seed} (session {taken}); a copy would be a second one"
+                )
+        s.add(
+            LabSession(
+                **ss.model_dump(exclude={"id", "created_at", "pane_order"}),
+                id=sid,
+                created_at=ss.created_at or utcnow(),
+                pane_order=[a.index for a in b.arms] if ss.pane_order is None else ss.pane_order,
+            )
+        )
         s.flush()
         arm_ids = {}
         for a in b.arms:
@@ -374,12 +512,18 @@ def _import(store, b, fresh_id):
                 d = r.model_dump(exclude={"arm_index", "turn_index", "role"})
                 d["created_at"] = d.get("created_at") or utcnow()
                 s.add(model(turn_id=turn_ids.get((r.arm_index, r.turn_index, r.role)), **d))
+
         rows(Annotation, b.annotations)
         rows(Score, b.scores)
         rows(Capture, b.captures)
         for p in b.probes:
             d = p.model_dump(exclude={"arm_index", "turn_index", "role"})
             d["created_at"] = d.get("created_at") or utcnow()
-            s.add(ProbeResult(arm_id=arm_ids[p.arm_index], **d,
-                              turn_id=None if p.turn_index is None else turn_ids[(p.arm_index, p.turn_index, p.role)]))
+            s.add(
+                ProbeResult(
+                    arm_id=arm_ids[p.arm_index],
+                    **d,
+                    turn_id=None if p.turn_index is None else turn_ids[(p.arm_index, p.turn_index, p.role)],
+                )
+            )
     return sid

@@ -11,8 +11,21 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String,
-                        Text, TypeDecorator, UniqueConstraint, inspect)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    inspect,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -66,6 +79,7 @@ def to_utc(value) -> Optional[datetime]:
 
 class UTCDateTime(TypeDecorator):
     """DateTime that stores UTC and returns aware datetimes, also on SQLite (which drops tzinfo)."""
+
     impl = DateTime
     cache_ok = True
 
@@ -98,9 +112,9 @@ class Experiment(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
     protocol_name: Mapped[str] = mapped_column(String(200))
-    protocol: Mapped[Any] = mapped_column(JSONData)   # the validated protocol content
-    args: Mapped[Any] = mapped_column(JSONData)       # CLI args: arms, seeds, items, max_new_tokens...
-    model: Mapped[Any] = mapped_column(JSONData)      # model identity
+    protocol: Mapped[Any] = mapped_column(JSONData)  # the validated protocol content
+    args: Mapped[Any] = mapped_column(JSONData)  # CLI args: arms, seeds, items, max_new_tokens...
+    model: Mapped[Any] = mapped_column(JSONData)  # model identity
     status: Mapped[str] = mapped_column(String(20), default="running")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[Optional[datetime]]
@@ -113,7 +127,7 @@ class LabSession(Base):
     kind: Mapped[str] = mapped_column(String(20))  # 'lab' | 'experiment'
     title: Mapped[str] = mapped_column(String(500), default="")
     user: Mapped[Optional[str]] = mapped_column(String(200))
-    model: Mapped[Any] = mapped_column(JSONData)       # name, weights_hash, dtype, quantization...
+    model: Mapped[Any] = mapped_column(JSONData)  # name, weights_hash, dtype, quantization...
     system_prompt: Mapped[Optional[str]] = mapped_column(Text)
     blind: Mapped[bool] = mapped_column(Boolean, default=False)
     pane_order: Mapped[Any] = mapped_column(JSONData)  # arm indices in display order
@@ -131,9 +145,9 @@ class Arm(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column("arm_index", Int64)  # position in the session's arm list
-    label: Mapped[str] = mapped_column(String(200))           # "observer", "continuity λ=1"
-    spec: Mapped[str] = mapped_column(Text)                   # "continuity:linkage=1,gain=0.3,..."
-    settings: Mapped[Any] = mapped_column(JSONData)               # full mechanism + sampling settings
+    label: Mapped[str] = mapped_column(String(200))  # "observer", "continuity λ=1"
+    spec: Mapped[str] = mapped_column(Text)  # "continuity:linkage=1,gain=0.3,..."
+    settings: Mapped[Any] = mapped_column(JSONData)  # full mechanism + sampling settings
     seed: Mapped[int]
     __table_args__ = (UniqueConstraint("session_id", "arm_index"),)
 
@@ -143,7 +157,7 @@ class Turn(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
     arm_id: Mapped[int] = mapped_column(ForeignKey("arms.id", ondelete="CASCADE"))
-    turn_index: Mapped[int]                     # 0-based user/assistant exchange number
+    turn_index: Mapped[int]  # 0-based user/assistant exchange number
     role: Mapped[str] = mapped_column(String(20))
     text: Mapped[str] = mapped_column(Text)
     token_ids: Mapped[Any] = mapped_column(JSONData)  # exactly this message's tokens, list[int]
@@ -196,8 +210,8 @@ class Capture(Base):
     __tablename__ = "captures"
     id: Mapped[int] = mapped_column(primary_key=True)
     turn_id: Mapped[int] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(100))      # 'attention', 'reads', 'divergence'
-    path: Mapped[Optional[str]] = mapped_column(Text)   # a file next to the DB, relative to its folder
+    kind: Mapped[str] = mapped_column(String(100))  # 'attention', 'reads', 'divergence'
+    path: Mapped[Optional[str]] = mapped_column(Text)  # a file next to the DB, relative to its folder
     data: Mapped[Any] = mapped_column(JSONData, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     __table_args__ = (UniqueConstraint("turn_id", "kind"),)

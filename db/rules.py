@@ -27,12 +27,11 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from .models import (EXPERIMENT_STATUSES, FINISH_REASONS, ROLES, SCHEMA_VERSION, SESSION_KINDS, STANCE_LABELS,
-                     to_utc)
+from .models import EXPERIMENT_STATUSES, FINISH_REASONS, ROLES, SCHEMA_VERSION, SESSION_KINDS, STANCE_LABELS, to_utc
 
 INT64_MAX = 2**63 - 1  # SQLite INTEGER is a signed 64-bit number
 INT64_MIN = -(2**63)
-ID_MAX = 32            # String(32) id columns; a uuid4 hex is 32 characters
+ID_MAX = 32  # String(32) id columns; a uuid4 hex is 32 characters
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -98,8 +97,13 @@ def _float(v, lo=None, hi=None):
     if not math.isfinite(f):
         raise ValueError(f"expected a finite number, got {_show(v)}")
     if (lo is not None and f < lo) or (hi is not None and f > hi):
-        rng = (f"between {lo:g} and {hi:g}" if lo is not None and hi is not None
-               else f">= {lo:g}" if lo is not None else f"<= {hi:g}")
+        rng = (
+            f"between {lo:g} and {hi:g}"
+            if lo is not None and hi is not None
+            else f">= {lo:g}"
+            if lo is not None
+            else f"<= {hi:g}"
+        )
         raise ValueError(f"expected a number {rng}, got {_show(v)}")
     return f
 
@@ -113,6 +117,7 @@ def _choice(options):
         if v not in options:
             raise ValueError(f"expected one of {', '.join(map(str, options))}, got {_show(v)}")
         return v
+
     return check
 
 
@@ -236,8 +241,10 @@ Annotator = Annotated[str, BeforeValidator(_annotator)]
 
 # ------------------------------------------------------------------- rows
 
+
 class Row(BaseModel):
     """A row as the store writes it. Unknown keys are refused; assignment re-validates."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
 
     @classmethod
@@ -297,7 +304,7 @@ class ArmRow(Row):
 
 
 class TurnRow(Row):
-    arm_index: Index              # which arm (the store looks up its row id)
+    arm_index: Index  # which arm (the store looks up its row id)
     turn_index: Index
     role: Role
     text: Str() = ""
@@ -306,7 +313,7 @@ class TurnRow(Row):
     finished_at: Time = None
     ttft_s: Seconds = None
     duration_s: Seconds = None
-    n_tokens: OptIndex = None     # None: len(token_ids)
+    n_tokens: OptIndex = None  # None: len(token_ids)
     finish_reason: FinishReason = None
     gen_settings: JsonObject = {}
     error: OptStr() = None
@@ -315,6 +322,7 @@ class TurnRow(Row):
 
 class TurnKey(Row):
     """Rows of a bundle that belong to one turn name it by (arm_index, turn_index, role)."""
+
     arm_index: Index
     turn_index: Index
     role: Role
@@ -338,7 +346,7 @@ class ScoreRow(TurnKey):
 
 class ProbeRow(Row):
     arm_index: Index
-    turn_index: OptIndex = None   # None: the probe is about the arm, not one turn
+    turn_index: OptIndex = None  # None: the probe is about the arm, not one turn
     role: OptRole = None
     kind: Str(100)
     metrics: JsonValue = None
@@ -360,6 +368,7 @@ BUNDLE_VERSION = 1
 
 class Bundle(BaseModel):
     """A session bundle (db.export.export_bundle) as import_bundle accepts it."""
+
     model_config = ConfigDict(extra="forbid")
 
     format: Literal[BUNDLE_FORMAT]
@@ -414,8 +423,9 @@ def check_bundle(data) -> Bundle:
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"not a session bundle (missing format marker {BUNDLE_FORMAT!r})")
     if data.get("version") != BUNDLE_VERSION:
-        raise ValueError(f"bundle version {_show(data.get('version'))} is not supported "
-                         f"(this code reads {BUNDLE_VERSION})")
+        raise ValueError(
+            f"bundle version {_show(data.get('version'))} is not supported (this code reads {BUNDLE_VERSION})"
+        )
     try:
         b = Bundle.model_validate(data)
     except ValidationError as e:
@@ -436,8 +446,10 @@ def check_bundle(data) -> Bundle:
 def _check_references(b: Bundle) -> None:
     s = b.session
     if b.experiment is not None and b.experiment.id != s.experiment_id:
-        raise ValueError(f"experiment.id: the bundle carries experiment {b.experiment.id} but the session "
-                         f"belongs to {s.experiment_id}")
+        raise ValueError(
+            f"experiment.id: the bundle carries experiment {b.experiment.id} but the session "
+            f"belongs to {s.experiment_id}"
+        )
     arms = set()
     for i, a in enumerate(b.arms):
         if a.index in arms:
@@ -474,6 +486,7 @@ def _check_references(b: Bundle) -> None:
 
 
 # ------------------------------------------------------------------ errors
+
 
 def _path(loc) -> str:
     out = ""

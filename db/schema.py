@@ -8,6 +8,7 @@ connection they hand to Alembic, so no alembic.ini is needed. Three cases:
   stamped with the baseline, which is exactly its schema, and then upgraded in place;
 - a database at a revision this code does not know was written by newer code and is refused.
 """
+
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +21,9 @@ from sqlalchemy import inspect, select, text
 from .models import SchemaError, SchemaInfo
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-BASELINE = "0001"        # the schema of the last release before Alembic
-LEGACY_VERSION = 1       # its schema_info.schema_version
-_PG_LOCK = 0x1AB5C4E3A   # advisory lock key: one migrator at a time on a PostgreSQL database
+BASELINE = "0001"  # the schema of the last release before Alembic
+LEGACY_VERSION = 1  # its schema_info.schema_version
+_PG_LOCK = 0x1AB5C4E3A  # advisory lock key: one migrator at a time on a PostgreSQL database
 
 
 def alembic_config(connection=None) -> Config:
@@ -48,19 +49,26 @@ def state(conn) -> tuple[Optional[str], Optional[int], bool]:
     """(alembic revision, schema_info version, any lab table present) of the database."""
     names = set(inspect(conn).get_table_names())
     revision = MigrationContext.configure(conn).get_current_revision() if "alembic_version" in names else None
-    legacy = (conn.execute(select(SchemaInfo.schema_version).where(SchemaInfo.id == 1)).scalar()
-              if SchemaInfo.__tablename__ in names else None)
+    legacy = (
+        conn.execute(select(SchemaInfo.schema_version).where(SchemaInfo.id == 1)).scalar()
+        if SchemaInfo.__tablename__ in names
+        else None
+    )
     return revision, legacy, bool(names - {"alembic_version"})
 
 
 def _refuse_newer(name, revision, legacy, has_tables):
     if revision is not None and revision not in known_revisions():
-        raise SchemaError(f"the database is at schema revision {revision}, which this code does not know "
-                          f"(newer code wrote it; this code's newest is {head()}); update the lab code "
-                          f"before opening it")
+        raise SchemaError(
+            f"the database is at schema revision {revision}, which this code does not know "
+            f"(newer code wrote it; this code's newest is {head()}); update the lab code "
+            f"before opening it"
+        )
     if revision is None and legacy is not None and legacy > LEGACY_VERSION:
-        raise SchemaError(f"the database has schema version {legacy} but no Alembic revision; it was not "
-                          f"written by this lab code or by a release it can upgrade")
+        raise SchemaError(
+            f"the database has schema version {legacy} but no Alembic revision; it was not "
+            f"written by this lab code or by a release it can upgrade"
+        )
     if revision is None and legacy is None and has_tables:
         raise SchemaError("the database has tables but no lab schema marker; it is not a lab database")
 
@@ -90,7 +98,9 @@ def migrate(engine, write_engine=None, target: str = "head") -> str:
                 cfg = alembic_config(conn)
                 if revision is None and legacy == LEGACY_VERSION:
                     command.stamp(cfg, BASELINE)  # the pre-Alembic release's file: exactly the baseline
-                older = revision is not None and want in {r.revision for r in script().iterate_revisions(revision, "base")}
+                older = revision is not None and want in {
+                    r.revision for r in script().iterate_revisions(revision, "base")
+                }
                 try:
                     (command.downgrade if older else command.upgrade)(cfg, want)
                 except SchemaError:

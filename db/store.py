@@ -19,11 +19,35 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from .models import (ROLES, Annotation, Arm, Capture, Experiment, LabSession, ProbeResult, SchemaError,
-                     Score, Turn, as_dict, new_id, utcnow)
+from .models import (
+    ROLES,
+    Annotation,
+    Arm,
+    Capture,
+    Experiment,
+    LabSession,
+    ProbeResult,
+    SchemaError,
+    Score,
+    Turn,
+    as_dict,
+    new_id,
+    utcnow,
+)
+from .rules import (
+    ID_CHARS,
+    ID_MAX,
+    AnnotationRow,
+    ArmRow,
+    CaptureRow,
+    ExperimentRow,
+    ProbeRow,
+    ScoreRow,
+    SessionRow,
+    TurnRow,
+    _show,
+)
 from .schema import current, migrate
-from .rules import (ID_CHARS, ID_MAX, AnnotationRow, ArmRow, CaptureRow, ExperimentRow, ProbeRow, ScoreRow,
-                    SessionRow, TurnRow, _show)
 
 
 class StoreError(Exception):
@@ -42,8 +66,7 @@ def resolve_url(url_or_path) -> URL:
     if s == ":memory:":
         s = "sqlite://"
     url = make_url(s) if "://" in s else URL.create("sqlite", database=s)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-            and not url.query.get("uri"):
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") and not url.query.get("uri"):
         url = url.set(database=str(Path(url.database).expanduser().resolve()))
     return url
 
@@ -55,6 +78,7 @@ def _first_line(e) -> str:
 
 def _guard(fn):
     """Turn driver errors into a StoreError with one readable line (the cause stays chained)."""
+
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         try:
@@ -63,6 +87,7 @@ def _guard(fn):
             raise StoreError(self._explain(e)) from e
         except exc.SQLAlchemyError as e:
             raise StoreError(f"database error on {self.name}: {_first_line(e)}") from e
+
     return wrapper
 
 
@@ -88,8 +113,7 @@ class Store:
     """The lab's database. Store(url_or_path, busy_timeout=seconds, create=True, upgrade=True).
     Opening brings the schema up to date (db.schema) unless upgrade=False."""
 
-    def __init__(self, url_or_path=None, *, busy_timeout: float = 10.0, create: bool = True,
-                 upgrade: bool = True):
+    def __init__(self, url_or_path=None, *, busy_timeout: float = 10.0, create: bool = True, upgrade: bool = True):
         target = default_db_url() if url_or_path is None else url_or_path
         try:
             self.url = resolve_url(target)
@@ -200,7 +224,7 @@ class Store:
 
     def _session_row(self, s, session_id) -> LabSession:
         # what cannot be an id (a lone surrogate, a 2 MB string, '../x') is unknown without a query
-        is_id = (isinstance(session_id, str) and 0 < len(session_id) <= ID_MAX and set(session_id) <= ID_CHARS)
+        is_id = isinstance(session_id, str) and 0 < len(session_id) <= ID_MAX and set(session_id) <= ID_CHARS
         row = s.get(LabSession, session_id) if is_id else None
         if row is None:
             raise StoreError(f"unknown session id {_show(session_id)} in {self.name}")
@@ -222,10 +246,19 @@ class Store:
     # ------------------------------------------------------------ experiments
 
     @_guard
-    def create_experiment(self, name, protocol_name, protocol=None, args=None, model=None, *,
-                          status="running", id=None, created_at=None) -> str:
-        v = ExperimentRow.check(id=id or new_id(), name=name, protocol_name=protocol_name, protocol=protocol,
-                                args=args, model=model, status=status, created_at=created_at)
+    def create_experiment(
+        self, name, protocol_name, protocol=None, args=None, model=None, *, status="running", id=None, created_at=None
+    ) -> str:
+        v = ExperimentRow.check(
+            id=id or new_id(),
+            name=name,
+            protocol_name=protocol_name,
+            protocol=protocol,
+            args=args,
+            model=model,
+            status=status,
+            created_at=created_at,
+        )
         row = Experiment(**v.model_dump(exclude={"created_at"}), created_at=v.created_at or utcnow())
         with self._tx() as s:
             if s.get(Experiment, row.id) is not None:
@@ -261,20 +294,36 @@ class Store:
     @_guard
     def list_experiments(self) -> list:
         """Newest first, each with n_sessions."""
-        n = (select(LabSession.experiment_id, func.count().label("n"))
-             .group_by(LabSession.experiment_id).subquery())
-        q = (select(Experiment, func.coalesce(n.c.n, 0))
-             .outerjoin(n, n.c.experiment_id == Experiment.id)
-             .order_by(Experiment.created_at.desc(), Experiment.id))
+        n = select(LabSession.experiment_id, func.count().label("n")).group_by(LabSession.experiment_id).subquery()
+        q = (
+            select(Experiment, func.coalesce(n.c.n, 0))
+            .outerjoin(n, n.c.experiment_id == Experiment.id)
+            .order_by(Experiment.created_at.desc(), Experiment.id)
+        )
         with self._ro() as s:
             return [as_dict(e) | {"n_sessions": k} for e, k in s.execute(q)]
 
     # --------------------------------------------------------------- sessions
 
     @_guard
-    def create_session(self, kind, title="", model=None, arms=(), *, system_prompt=None, blind=False,
-                       pane_order=None, user=None, experiment_id=None, item_key=None, seed=None,
-                       meta=None, id=None, created_at=None) -> str:
+    def create_session(
+        self,
+        kind,
+        title="",
+        model=None,
+        arms=(),
+        *,
+        system_prompt=None,
+        blind=False,
+        pane_order=None,
+        user=None,
+        experiment_id=None,
+        item_key=None,
+        seed=None,
+        meta=None,
+        id=None,
+        created_at=None,
+    ) -> str:
         """Session and its arms in one transaction. arms: [{index, label, spec, settings, seed}];
         index defaults to the position in the list. item_key is stored as a string."""
         arm_rows = []
@@ -289,11 +338,26 @@ class Store:
         indices = [a.index for a in arm_rows]
         if len(set(indices)) != len(indices):
             raise ValueError(f"arm indices must be unique, got {indices}")
-        v = SessionRow.check(id=id or new_id(), created_at=created_at, kind=kind, title=title or "", user=user,
-                             model=model, system_prompt=system_prompt, blind=blind, pane_order=pane_order,
-                             experiment_id=experiment_id, item_key=item_key, seed=seed, meta=meta)
-        row = LabSession(**v.model_dump(exclude={"created_at", "pane_order"}), created_at=v.created_at or utcnow(),
-                         pane_order=list(indices) if v.pane_order is None else pane_order_of(v.pane_order, indices))
+        v = SessionRow.check(
+            id=id or new_id(),
+            created_at=created_at,
+            kind=kind,
+            title=title or "",
+            user=user,
+            model=model,
+            system_prompt=system_prompt,
+            blind=blind,
+            pane_order=pane_order,
+            experiment_id=experiment_id,
+            item_key=item_key,
+            seed=seed,
+            meta=meta,
+        )
+        row = LabSession(
+            **v.model_dump(exclude={"created_at", "pane_order"}),
+            created_at=v.created_at or utcnow(),
+            pane_order=list(indices) if v.pane_order is None else pane_order_of(v.pane_order, indices),
+        )
         with self._tx() as s:
             if s.get(LabSession, row.id) is not None:
                 raise StoreError(f"session {row.id} already exists in {self.name}")
@@ -339,39 +403,72 @@ class Store:
         them; a 1-turn session of 2 arms has 1), n_messages (message rows, all arms and roles) and
         n_annotations."""
         n_arms = select(Arm.session_id, func.count().label("n")).group_by(Arm.session_id).subquery()
-        n_turns = (select(Turn.session_id, func.count(Turn.turn_index.distinct()).label("n"),
-                          func.count().label("m")).group_by(Turn.session_id).subquery())
-        n_ann = (select(Turn.session_id, func.count().label("n"))
-                 .join(Annotation, Annotation.turn_id == Turn.id).group_by(Turn.session_id).subquery())
-        q = (select(LabSession, func.coalesce(n_arms.c.n, 0), func.coalesce(n_turns.c.n, 0),
-                    func.coalesce(n_turns.c.m, 0), func.coalesce(n_ann.c.n, 0))
-             .outerjoin(n_arms, n_arms.c.session_id == LabSession.id)
-             .outerjoin(n_turns, n_turns.c.session_id == LabSession.id)
-             .outerjoin(n_ann, n_ann.c.session_id == LabSession.id)
-             .order_by(LabSession.created_at.desc(), LabSession.id))
+        n_turns = (
+            select(Turn.session_id, func.count(Turn.turn_index.distinct()).label("n"), func.count().label("m"))
+            .group_by(Turn.session_id)
+            .subquery()
+        )
+        n_ann = (
+            select(Turn.session_id, func.count().label("n"))
+            .join(Annotation, Annotation.turn_id == Turn.id)
+            .group_by(Turn.session_id)
+            .subquery()
+        )
+        q = (
+            select(
+                LabSession,
+                func.coalesce(n_arms.c.n, 0),
+                func.coalesce(n_turns.c.n, 0),
+                func.coalesce(n_turns.c.m, 0),
+                func.coalesce(n_ann.c.n, 0),
+            )
+            .outerjoin(n_arms, n_arms.c.session_id == LabSession.id)
+            .outerjoin(n_turns, n_turns.c.session_id == LabSession.id)
+            .outerjoin(n_ann, n_ann.c.session_id == LabSession.id)
+            .order_by(LabSession.created_at.desc(), LabSession.id)
+        )
         if kind is not None:
             q = q.where(LabSession.kind == kind)
         if experiment_id is not None:
             q = q.where(LabSession.experiment_id == experiment_id)
         with self._ro() as s:
-            return [as_dict(r) | {"n_arms": a, "n_turns": t, "n_messages": m, "n_annotations": n}
-                    for r, a, t, m, n in s.execute(q)]
+            return [
+                as_dict(r) | {"n_arms": a, "n_turns": t, "n_messages": m, "n_annotations": n}
+                for r, a, t, m, n in s.execute(q)
+            ]
 
     @_guard
     def find_session(self, experiment_id, item_key, seed):
         """The newest session of this experiment for (item_key, seed), with arms, or None: for resume."""
-        q = select(LabSession).where(
-            LabSession.experiment_id == experiment_id,
-            LabSession.item_key.is_(None) if item_key is None else LabSession.item_key == str(item_key),
-            LabSession.seed.is_(None) if seed is None else LabSession.seed == seed,
-        ).order_by(LabSession.created_at.desc(), LabSession.id).limit(1)
+        q = (
+            select(LabSession)
+            .where(
+                LabSession.experiment_id == experiment_id,
+                LabSession.item_key.is_(None) if item_key is None else LabSession.item_key == str(item_key),
+                LabSession.seed.is_(None) if seed is None else LabSession.seed == seed,
+            )
+            .order_by(LabSession.created_at.desc(), LabSession.id)
+            .limit(1)
+        )
         with self._ro() as s:
             row = s.scalar(q)
             return None if row is None else self._session_dict(s, row)
 
     @_guard
-    def log_dialogue(self, experiment_id, item_key, seed, *, title="", model=None, arms=(), system_prompt=None,
-                     meta=None, turns=(), scores=()) -> tuple:
+    def log_dialogue(
+        self,
+        experiment_id,
+        item_key,
+        seed,
+        *,
+        title="",
+        model=None,
+        arms=(),
+        system_prompt=None,
+        meta=None,
+        turns=(),
+        scores=(),
+    ) -> tuple:
         """One whole experiment dialogue in one transaction: its session, arms, every message
         (`turns`: log_turn keyword dicts with arm_index) and scores (`scores`: dicts of arm_index,
         turn_index, scorer, label, value, data on assistant messages). Returns (session_id, written).
@@ -387,9 +484,17 @@ class Store:
                 arm_rows.append(ArmRow.check(**{"index": pos, **a}))
             except ValueError as e:
                 raise ValueError(f"arms[{pos}].{e}") from None
-        session = SessionRow.check(id=new_id(), kind="experiment", title=title or "", model=model,
-                                   system_prompt=system_prompt, experiment_id=experiment_id, item_key=item_key,
-                                   seed=seed, meta=meta)
+        session = SessionRow.check(
+            id=new_id(),
+            kind="experiment",
+            title=title or "",
+            model=model,
+            system_prompt=system_prompt,
+            experiment_id=experiment_id,
+            item_key=item_key,
+            seed=seed,
+            meta=meta,
+        )
         if session.experiment_id is None:
             raise ValueError("experiment_id: a dialogue belongs to an experiment")
         turn_rows = []
@@ -404,8 +509,11 @@ class Store:
                 score_rows.append(ScoreRow.check(role="assistant", **x))
             except ValueError as e:
                 raise ValueError(f"scores[{pos}].{e}") from None
-        key = (LabSession.experiment_id == session.experiment_id, LabSession.item_key == session.item_key,
-               LabSession.seed.is_(None) if session.seed is None else LabSession.seed == session.seed)
+        key = (
+            LabSession.experiment_id == session.experiment_id,
+            LabSession.item_key == session.item_key,
+            LabSession.seed.is_(None) if session.seed is None else LabSession.seed == session.seed,
+        )
         try:
             with self._tx() as s:
                 if s.get(Experiment, session.experiment_id) is None:
@@ -418,8 +526,11 @@ class Store:
                     session.id, created_at = old.id, old.created_at
                     self._delete_session_rows(s, old.id)
                     s.expunge(old)
-                row = LabSession(**session.model_dump(exclude={"created_at", "pane_order"}), created_at=created_at,
-                                 pane_order=[a.index for a in arm_rows])
+                row = LabSession(
+                    **session.model_dump(exclude={"created_at", "pane_order"}),
+                    created_at=created_at,
+                    pane_order=[a.index for a in arm_rows],
+                )
                 s.add(row)
                 s.flush()
                 arm_ids = {}
@@ -440,9 +551,19 @@ class Store:
                 for pos, x in enumerate(score_rows):
                     tid = turn_ids.get((x.arm_index, x.turn_index, "assistant"))
                     if tid is None:
-                        raise ValueError(f"scores[{pos}]: the dialogue has no reply {x.turn_index} of arm {x.arm_index}")
-                    s.add(Score(turn_id=tid, scorer=x.scorer, label=x.label, value=x.value,
-                                data={} if x.data is None else x.data, created_at=utcnow()))
+                        raise ValueError(
+                            f"scores[{pos}]: the dialogue has no reply {x.turn_index} of arm {x.arm_index}"
+                        )
+                    s.add(
+                        Score(
+                            turn_id=tid,
+                            scorer=x.scorer,
+                            label=x.label,
+                            value=x.value,
+                            data={} if x.data is None else x.data,
+                            created_at=utcnow(),
+                        )
+                    )
                 return row.id, True
         except exc.IntegrityError:
             with self._ro() as s:  # another writer stored this dialogue first: ours is the duplicate
@@ -467,23 +588,53 @@ class Store:
     # ------------------------------------------------------------------ turns
 
     @_guard
-    def log_turn(self, session_id, arm_index, turn_index, role, text, token_ids=None, started_at=None,
-                 finished_at=None, ttft_s=None, duration_s=None, finish_reason=None, gen_settings=None,
-                 error=None, meta=None, *, n_tokens=None) -> int:
+    def log_turn(
+        self,
+        session_id,
+        arm_index,
+        turn_index,
+        role,
+        text,
+        token_ids=None,
+        started_at=None,
+        finished_at=None,
+        ttft_s=None,
+        duration_s=None,
+        finish_reason=None,
+        gen_settings=None,
+        error=None,
+        meta=None,
+        *,
+        n_tokens=None,
+    ) -> int:
         """Record one message of one arm. n_tokens defaults to len(token_ids).
         Logging the same (arm, turn_index, role) twice is an error: see delete_turns_from."""
-        v = TurnRow.check(arm_index=arm_index, turn_index=turn_index, role=role, text=text or "",
-                          token_ids=token_ids, started_at=started_at, finished_at=finished_at, ttft_s=ttft_s,
-                          duration_s=duration_s, n_tokens=n_tokens, finish_reason=finish_reason,
-                          gen_settings=gen_settings, error=error, meta=meta)
+        v = TurnRow.check(
+            arm_index=arm_index,
+            turn_index=turn_index,
+            role=role,
+            text=text or "",
+            token_ids=token_ids,
+            started_at=started_at,
+            finished_at=finished_at,
+            ttft_s=ttft_s,
+            duration_s=duration_s,
+            n_tokens=n_tokens,
+            finish_reason=finish_reason,
+            gen_settings=gen_settings,
+            error=error,
+            meta=meta,
+        )
         row = turn_row(v, session_id)
         try:
             with self._tx() as s:
                 row.arm_id = self._arm_row(s, session_id, arm_index).id
                 s.add(row)
         except exc.IntegrityError as e:
-            raise StoreError(f"turn {turn_index} ({role}) of arm {arm_index} in session {session_id} "
-                             f"is already logged; delete_turns_from() it first to regenerate") from e
+            raise StoreError(
+                f"turn {turn_index} ({role}) of arm {arm_index} in session {session_id} "
+                f"is already logged; delete_turns_from() it first to regenerate"
+            ) from e
         return row.id
 
     def _turn_query(self):
@@ -515,11 +666,16 @@ class Store:
         Returns the number of turn rows deleted."""
         if role is not None and role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        later_roles = ROLES[ROLES.index(role):] if role else ROLES
+        later_roles = ROLES[ROLES.index(role) :] if role else ROLES
         with self._tx() as s:
-            q = select(Turn.id).join(Arm, Turn.arm_id == Arm.id).where(
-                Turn.session_id == session_id,
-                (Turn.turn_index > turn_index) | ((Turn.turn_index == turn_index) & Turn.role.in_(later_roles)))
+            q = (
+                select(Turn.id)
+                .join(Arm, Turn.arm_id == Arm.id)
+                .where(
+                    Turn.session_id == session_id,
+                    (Turn.turn_index > turn_index) | ((Turn.turn_index == turn_index) & Turn.role.in_(later_roles)),
+                )
+            )
             if arm_index is None:
                 self._session_row(s, session_id)
             else:
@@ -538,8 +694,9 @@ class Store:
     @_guard
     def annotate(self, turn_id, annotator, stance_label, note="", confidence=None) -> int:
         """A new row every time: re-labelling keeps the history (see latest_annotations)."""
-        v = AnnotationRow.check_fields(annotator=annotator, stance_label=stance_label, note=note or "",
-                                       confidence=confidence)
+        v = AnnotationRow.check_fields(
+            annotator=annotator, stance_label=stance_label, note=note or "", confidence=confidence
+        )
         with self._tx() as s:
             turn = self._turn_row(s, turn_id)
             if turn.role != "assistant":
@@ -552,14 +709,19 @@ class Store:
     def get_annotations(self, session_id, latest=False) -> list:
         """All annotations of the session in order (turn, arm, time); each carries session_id,
         arm_index, turn_index and role. latest=True keeps only the newest per (turn, annotator)."""
-        q = (select(Annotation, Turn.session_id, Arm.index, Turn.turn_index, Turn.role)
-             .join(Turn, Annotation.turn_id == Turn.id).join(Arm, Turn.arm_id == Arm.id)
-             .where(Turn.session_id == session_id)
-             .order_by(Turn.turn_index, Arm.index, Annotation.created_at, Annotation.id))
+        q = (
+            select(Annotation, Turn.session_id, Arm.index, Turn.turn_index, Turn.role)
+            .join(Turn, Annotation.turn_id == Turn.id)
+            .join(Arm, Turn.arm_id == Arm.id)
+            .where(Turn.session_id == session_id)
+            .order_by(Turn.turn_index, Arm.index, Annotation.created_at, Annotation.id)
+        )
         with self._ro() as s:
             self._session_row(s, session_id)
-            rows = [as_dict(a) | {"session_id": sid, "arm_index": ai, "turn_index": ti, "role": r}
-                    for a, sid, ai, ti, r in s.execute(q)]
+            rows = [
+                as_dict(a) | {"session_id": sid, "arm_index": ai, "turn_index": ti, "role": r}
+                for a, sid, ai, ti, r in s.execute(q)
+            ]
         if latest:
             newest = {(r["turn_id"], r["annotator"]): r for r in rows}  # later rows win
             rows = [r for r in rows if newest[(r["turn_id"], r["annotator"])] is r]
@@ -572,9 +734,12 @@ class Store:
         numbers behind every "N of M labelled" in the lab (Arena and Sessions). `session_ids`: only
         these (default every session)."""
         replies = select(Turn.session_id, func.count()).where(Turn.role == "assistant").group_by(Turn.session_id)
-        done = (select(Turn.session_id, Annotation.annotator, func.count(Annotation.turn_id.distinct()))
-                .join(Turn, Annotation.turn_id == Turn.id).where(Turn.role == "assistant")
-                .group_by(Turn.session_id, Annotation.annotator))
+        done = (
+            select(Turn.session_id, Annotation.annotator, func.count(Annotation.turn_id.distinct()))
+            .join(Turn, Annotation.turn_id == Turn.id)
+            .where(Turn.role == "assistant")
+            .group_by(Turn.session_id, Annotation.annotator)
+        )
         if session_ids is not None:
             ids = [str(i) for i in session_ids]
             replies, done = replies.where(Turn.session_id.in_(ids)), done.where(Turn.session_id.in_(ids))
@@ -593,8 +758,7 @@ class Store:
     def _upsert(self, s, model, turn_id, **key):
         """The row of `model` for this turn and key (e.g. scorer=...), created if missing."""
         self._turn_row(s, turn_id)
-        row = s.scalar(select(model).where(model.turn_id == turn_id,
-                                           *(getattr(model, k) == v for k, v in key.items())))
+        row = s.scalar(select(model).where(model.turn_id == turn_id, *(getattr(model, k) == v for k, v in key.items())))
         if row is None:
             row = model(turn_id=turn_id, **key)
             s.add(row)
@@ -615,16 +779,21 @@ class Store:
     def get_scores(self, session_id=None, experiment_id=None) -> list:
         """Scores of one session, one experiment, or all; each carries session_id, arm_index,
         turn_index and role of its turn."""
-        q = (select(Score, Turn.session_id, Arm.index, Turn.turn_index, Turn.role)
-             .join(Turn, Score.turn_id == Turn.id).join(Arm, Turn.arm_id == Arm.id)
-             .order_by(Turn.session_id, Turn.turn_index, _role_order, Arm.index, Score.scorer))
+        q = (
+            select(Score, Turn.session_id, Arm.index, Turn.turn_index, Turn.role)
+            .join(Turn, Score.turn_id == Turn.id)
+            .join(Arm, Turn.arm_id == Arm.id)
+            .order_by(Turn.session_id, Turn.turn_index, _role_order, Arm.index, Score.scorer)
+        )
         if session_id is not None:
             q = q.where(Turn.session_id == session_id)
         if experiment_id is not None:
             q = q.join(LabSession, Turn.session_id == LabSession.id).where(LabSession.experiment_id == experiment_id)
         with self._ro() as s:
-            return [as_dict(sc) | {"session_id": sid, "arm_index": ai, "turn_index": ti, "role": r}
-                    for sc, sid, ai, ti, r in s.execute(q)]
+            return [
+                as_dict(sc) | {"session_id": sid, "arm_index": ai, "turn_index": ti, "role": r}
+                for sc, sid, ai, ti, r in s.execute(q)
+            ]
 
     # ------------------------------------------------------ probes & captures
 
@@ -642,9 +811,13 @@ class Store:
     @_guard
     def get_probes(self, session_id) -> list:
         """Each carries arm_index, and turn_index/role of its turn (None when not tied to one)."""
-        q = (select(ProbeResult, Arm.index, Turn.turn_index, Turn.role)
-             .join(Arm, ProbeResult.arm_id == Arm.id).outerjoin(Turn, ProbeResult.turn_id == Turn.id)
-             .where(Arm.session_id == session_id).order_by(ProbeResult.created_at, ProbeResult.id))
+        q = (
+            select(ProbeResult, Arm.index, Turn.turn_index, Turn.role)
+            .join(Arm, ProbeResult.arm_id == Arm.id)
+            .outerjoin(Turn, ProbeResult.turn_id == Turn.id)
+            .where(Arm.session_id == session_id)
+            .order_by(ProbeResult.created_at, ProbeResult.id)
+        )
         with self._ro() as s:
             self._session_row(s, session_id)
             return [as_dict(p) | {"arm_index": ai, "turn_index": ti, "role": r} for p, ai, ti, r in s.execute(q)]
@@ -667,10 +840,13 @@ class Store:
     @_guard
     def get_captures(self, session_id) -> list:
         """Each carries arm_index, turn_index and role of its turn."""
-        q = (select(Capture, Arm.index, Turn.turn_index, Turn.role)
-             .join(Turn, Capture.turn_id == Turn.id).join(Arm, Turn.arm_id == Arm.id)
-             .where(Turn.session_id == session_id)
-             .order_by(Turn.turn_index, _role_order, Arm.index, Capture.kind))
+        q = (
+            select(Capture, Arm.index, Turn.turn_index, Turn.role)
+            .join(Turn, Capture.turn_id == Turn.id)
+            .join(Arm, Turn.arm_id == Arm.id)
+            .where(Turn.session_id == session_id)
+            .order_by(Turn.turn_index, _role_order, Arm.index, Capture.kind)
+        )
         with self._ro() as s:
             self._session_row(s, session_id)
             return [as_dict(c) | {"arm_index": ai, "turn_index": ti, "role": r} for c, ai, ti, r in s.execute(q)]

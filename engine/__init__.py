@@ -8,6 +8,7 @@ Usable from a notebook on its own; it knows nothing about the database or the we
     for r in d.send("Is it ever right to lie?"):
         print(r.text)
 """
+
 import logging
 
 # bitsandbytes (imported by peft) offers an optional AVX512-BF16 4-bit kernel fetched from a model
@@ -22,6 +23,22 @@ from .weights import WeightsError
 
 load_plugins()  # mechanisms kept outside the package register themselves ($LAB_PLUGINS)
 
-__all__ = ["ArmReply", "ArmSpec", "Dialogue", "DialogueError", "LoadedModel", "MECHANISMS", "ModelIdentity",
-           "ModelLoadError", "ReadTrace", "SamplingSettings", "SpecError", "StreamEvent", "WeightsError", "load_model",
-           "load_plugins", "parse_arm", "register"]
+__all__ = [
+    "ArmReply",
+    "ArmSpec",
+    "Dialogue",
+    "DialogueError",
+    "LoadedModel",
+    "MECHANISMS",
+    "ModelIdentity",
+    "ModelLoadError",
+    "ReadTrace",
+    "SamplingSettings",
+    "SpecError",
+    "StreamEvent",
+    "WeightsError",
+    "load_model",
+    "load_plugins",
+    "parse_arm",
+    "register",
+]

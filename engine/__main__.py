@@ -7,6 +7,7 @@
 Mistakes (unknown mechanism, linkage 7, layer 99 on a 30-layer model, a bad key, a missing
 model) exit with status 2 and one line on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,15 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sampling seed for every arm (overrides spec seeds)")
     g.add_argument("--greedy", action="store_true", help="greedy decoding for every arm")
     g.add_argument("--traces", action="store_true", help="include read traces in --json output")
-    g.add_argument("--window", type=int, default=None,
-                   help="attention window in tokens: every arm sees the first few (sink) plus the last N")
+    g.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="attention window in tokens: every arm sees the first few (sink) plus the last N",
+    )
 
     pr = sub.add_parser("probe", help="logit-delta probe of an arm against the observer")
     common(pr)
     pr.add_argument("--arm", required=True)
-    pr.add_argument("--mode", choices=["teacher-forced", "seed"], default="teacher-forced",
-                    help="teacher-forced: over the arm's reply, chat template, cached (default); seed: the seed's "
-                         "probe - raw prompt, last position, one uncached pass, the seed's gain 0.3 unless set")
+    pr.add_argument(
+        "--mode",
+        choices=["teacher-forced", "seed"],
+        default="teacher-forced",
+        help="teacher-forced: over the arm's reply, chat template, cached (default); seed: the seed's "
+        "probe - raw prompt, last position, one uncached pass, the seed's gain 0.3 unless set",
+    )
 
     t = sub.add_parser("train", help="train a mechanism's weights from a YAML config (see engine/train.py)")
     t.add_argument("config", help="YAML config")
@@ -61,10 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("document", help="UTF-8 text file")
     di.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     di.add_argument("--model", default=None, help="'embedded' (default), a local folder, or a cached HF id")
-    di.add_argument("--arm", default=None, help="memory_bank settings, e.g. 'memory_bank:layers=8/20,chapters=4' "
-                                                "(default memory_bank:sharing=per_layer)")
-    di.add_argument("--method", default="tokens", choices=["tokens", "chunks", "kmeans"],
-                    help="slots = the tokens' x̂ (default), chunk means, or k-means centroids per chapter")
+    di.add_argument(
+        "--arm",
+        default=None,
+        help="memory_bank settings, e.g. 'memory_bank:layers=8/20,chapters=4' (default memory_bank:sharing=per_layer)",
+    )
+    di.add_argument(
+        "--method",
+        default="tokens",
+        choices=["tokens", "chunks", "kmeans"],
+        help="slots = the tokens' x̂ (default), chunk means, or k-means centroids per chapter",
+    )
     return p
 
 
@@ -98,8 +114,12 @@ def _arm_specs(args) -> list:
 
     specs = [parse_arm(a) for a in (args.arm if isinstance(args.arm, list) else [args.arm])]
     if args.command == "generate":
-        specs = [s.with_sampling(**({"greedy": True} if args.greedy else {}),
-                                 **({"seed": args.seed} if args.seed is not None else {})) for s in specs]
+        specs = [
+            s.with_sampling(
+                **({"greedy": True} if args.greedy else {}), **({"seed": args.seed} if args.seed is not None else {})
+            )
+            for s in specs
+        ]
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise SpecError("--max-new-tokens must be at least 1")
     if getattr(args, "window", None) is not None and args.window < 1:
@@ -119,8 +139,10 @@ def _probe(lm, spec, args) -> int:
         if args.json:
             print(json.dumps({"model": lm.identity.to_dict(), **result}))
         else:
-            print(f"seed probe: arm {result['arm']} vs observer, last position of the raw prompt "
-                  f"({result['n_prompt_tokens']} tokens, uncached)")
+            print(
+                f"seed probe: arm {result['arm']} vs observer, last position of the raw prompt "
+                f"({result['n_prompt_tokens']} tokens, uncached)"
+            )
             for key in ("max_abs_dlogit", "mean_abs_dlogit", "kl"):
                 print(f"  {key:16s} {result[key]:.4f}")
             print(f"  on-path calls    {result['on_path_calls']}")
@@ -141,9 +163,15 @@ def _print_replies(args, lm, specs, d, replies) -> None:
     if args.json:
         arms = []
         for spec, arm, r in zip(specs, d.arms, replies):
-            item = {"spec": spec.to_string(), "label": spec.display_label, "text": r.text, "token_ids": r.token_ids,
-                    "finish_reason": r.finish_reason, "duration_s": round(r.duration_s, 4),
-                    "on_path_calls": {} if arm.mechanism is None else dict(arm.mechanism.call_counts)}
+            item = {
+                "spec": spec.to_string(),
+                "label": spec.display_label,
+                "text": r.text,
+                "token_ids": r.token_ids,
+                "finish_reason": r.finish_reason,
+                "duration_s": round(r.duration_s, 4),
+                "on_path_calls": {} if arm.mechanism is None else dict(arm.mechanism.call_counts),
+            }
             if args.traces:
                 item["traces"] = [t.to_dict() for t in r.traces]
             arms.append(item)

@@ -29,6 +29,7 @@ Every fed token carries the index of the message it belongs to (`msg_turns`, the
 
 Outputs are numpy arrays and plain dicts; this module knows nothing about the database or the UI.
 """
+
 from __future__ import annotations
 
 import threading
@@ -182,8 +183,9 @@ class TurnCapture:
 class _ArmAcc:
     """One recorded arm's accumulators: its display buckets, its bucketed heatmap and its layer x head grid."""
 
-    def __init__(self, n_layers: int, n_heads: int, T_final: int, max_size: int | None, want_attention: bool,
-                 dtype: torch.dtype):
+    def __init__(
+        self, n_layers: int, n_heads: int, T_final: int, max_size: int | None, want_attention: bool, dtype: torch.dtype
+    ):
         self.idx = bucket_index(T_final, max_size)
         self.S = int(self.idx.max()) + 1 if T_final else 0
         self.idx_t = torch.from_numpy(self.idx)
@@ -204,8 +206,16 @@ class _Probe:
     accumulator (`_ArmAcc`); the source curves are kept for every arm that generates.
     """
 
-    def __init__(self, n_layers: int, n_heads: int, n_arms: int, record: dict[int, int], max_size: int | None,
-                 want_attention: bool, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n_layers: int,
+        n_heads: int,
+        n_arms: int,
+        record: dict[int, int],
+        max_size: int | None,
+        want_attention: bool,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.L, self.H = n_layers, n_heads
         self.active = False  # set while the passes that matter run
         self.host = None  # the MechanismHost (set by capture_turn)
@@ -220,13 +230,13 @@ class _Probe:
         self.curves: list[list[torch.Tensor]] = [[] for _ in range(n_arms)]  # chunks of [L, n]
         self._curve_chunk: list[torch.Tensor | None] = [None] * n_arms
 
-    def begin_step(self, n: list[int], start: list[int], mask_after: torch.Tensor, T: int,
-                   allow: dict[int, torch.Tensor]):
+    def begin_step(
+        self, n: list[int], start: list[int], mask_after: torch.Tensor, T: int, allow: dict[int, torch.Tensor]
+    ):
         """One forward pass begins: how many real tokens each row feeds, where they start, which cache
         columns are real after it, and any row's extra allowed pairs among its step tokens (its plan)."""
         mask = mask_after.bool().cpu()
-        self.step = {"n": n, "start": start, "mask": mask, "all_valid": mask.all(1).tolist(), "T": T,
-                     "allow": allow}
+        self.step = {"n": n, "start": start, "mask": mask, "all_valid": mask.all(1).tolist(), "T": T, "allow": allow}
         self.thread = threading.get_ident()  # the model is shared: other threads' forwards are not ours
         self._curve_chunk = [None] * len(n)
 
@@ -238,11 +248,17 @@ class _Probe:
 
     def hook(self, layer: int):
         """Forward hook (with kwargs) on a layer's self_attn: reduce that layer's attention weights."""
+
         def fn(module, args, kwargs, output):
-            if (self.active and self.step is not None and threading.get_ident() == self.thread
-                    and not (self.host is not None and self.host.in_base_pass)):
+            if (
+                self.active
+                and self.step is not None
+                and threading.get_ident() == self.thread
+                and not (self.host is not None and self.host.in_base_pass)
+            ):
                 self._reduce(layer, module, kwargs)
             return None
+
         return fn
 
     def _needed_rows(self, r: int, n: int, start: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -254,7 +270,7 @@ class _Probe:
         heat = gen = None
         acc = self.arms.get(r)
         if acc is not None and self.want_attention and start + n <= len(acc.idx):
-            heat = torch.nonzero(acc.rep_t[start:start + n]).squeeze(-1)
+            heat = torch.nonzero(acc.rep_t[start : start + n]).squeeze(-1)
         mode = self.gen_rows[r]
         if mode is not None:
             gen = torch.tensor([n - 1]) if mode == "last" else torch.arange(n)
@@ -344,7 +360,9 @@ class _Probe:
         if acc.S == len(acc.idx):  # no bucketing: place the rows as they are
             acc.acc[layer][:, qb, :Tk] = rows.to(acc.acc.dtype)
         else:
-            acc.acc[layer][:, qb] = torch.zeros(rows.shape[0], rows.shape[1], acc.S).index_add_(2, kb, rows).to(acc.acc.dtype)
+            acc.acc[layer][:, qb] = (
+                torch.zeros(rows.shape[0], rows.shape[1], acc.S).index_add_(2, kb, rows).to(acc.acc.dtype)
+            )
 
 
 class CaptureDialogue(Dialogue):
@@ -373,8 +391,10 @@ class CaptureDialogue(Dialogue):
                     before_body(spans)
             if self.probe is not None:  # which rows generate: the prompt's last one, then every body row
                 body = name == "body"
-                self.probe.gen_rows = [("all" if body else "last") if r in self.gen_arms and len(replies[r]) > body
-                                       else None for r in range(self.n_arms)]
+                self.probe.gen_rows = [
+                    ("all" if body else "last") if r in self.gen_arms and len(replies[r]) > body else None
+                    for r in range(self.n_arms)
+                ]
 
         self.teacher_force(user, replies, keep_logits=False, on_phase=phase)
         if self.probe is not None:
@@ -385,11 +405,22 @@ class CaptureDialogue(Dialogue):
     gen_arms: frozenset[int] = frozenset()
 
 
-def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, list[list[int]]]],
-                 system: str | None = None, *, focus_arm: int = 0, focus_turn: int | None = None,
-                 attention: bool = True, max_size: int | None = DEFAULT_MAX_SIZE,
-                 curves: bool = True, expected_length: int | None = None, window: int | None = None,
-                 record: list[int] | None = None, dtype: torch.dtype = torch.float32) -> TurnCapture:
+def capture_turn(
+    lm: LoadedModel,
+    specs: list[ArmSpec],
+    turns: list[tuple[str, list[list[int]]]],
+    system: str | None = None,
+    *,
+    focus_arm: int = 0,
+    focus_turn: int | None = None,
+    attention: bool = True,
+    max_size: int | None = DEFAULT_MAX_SIZE,
+    curves: bool = True,
+    expected_length: int | None = None,
+    window: int | None = None,
+    record: list[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TurnCapture:
     """Teacher-force `turns` [(user, [reply ids per arm]), ...] up to `focus_turn` and capture it.
 
     One pass, every arm's mechanism active and recording read traces. For every arm in `record`
@@ -403,8 +434,10 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     the tokenisation, as for every other recorded arm), used to fix the buckets before the pass.
     """
     if window is not None:
-        raise CaptureError(f"this dialogue ran with an attention window of {window} tokens; captures need the "
-                           "full cache (the attention views would not show what the arms saw)")
+        raise CaptureError(
+            f"this dialogue ran with an attention window of {window} tokens; captures need the "
+            "full cache (the attention views would not show what the arms saw)"
+        )
     if not turns:
         raise CaptureError("the dialogue has no turns")
     focus_turn = len(turns) - 1 if focus_turn is None else focus_turn
@@ -415,16 +448,18 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     record = list(range(len(specs))) if record is None else sorted({int(r) for r in record} | {focus_arm})
     if any(not 0 <= r < len(specs) for r in record):
         raise CaptureError(f"record names an arm that does not exist: the dialogue has arms 0..{len(specs) - 1}")
-    for k, (_, replies) in enumerate(turns[:focus_turn + 1]):
+    for k, (_, replies) in enumerate(turns[: focus_turn + 1]):
         if len(replies) != len(specs):
             raise CaptureError(f"turn {k} has replies for {len(replies)} arms, the dialogue has {len(specs)}")
     t_start = time.perf_counter()
     model = lm.model
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     d = CaptureDialogue(lm, [s for s in specs], system=system, record_traces=True)
-    predicted = d.predicted_lengths(turns[:focus_turn + 1]) if attention else []  # fixes the buckets
-    lengths = {r: (0 if not attention else expected_length if r == focus_arm and expected_length is not None
-                   else predicted[r]) for r in record}
+    predicted = d.predicted_lengths(turns[: focus_turn + 1]) if attention else []  # fixes the buckets
+    lengths = {
+        r: (0 if not attention else expected_length if r == focus_arm and expected_length is not None else predicted[r])
+        for r in record
+    }
     probe = _Probe(L, H, len(specs), lengths, max_size, attention, dtype)
     probe.host = d.host  # its hook skips the base-model passes a mechanism runs inside a forward
     d.probe = probe
@@ -467,18 +502,34 @@ def capture_turn(lm: LoadedModel, specs: list[ArmSpec], turns: list[tuple[str, l
     return _turn_capture(d, probe, spans_by_arm, mem_sizes, traces, focus_arm, focus_turn, attention, t_start)
 
 
-def _turn_capture(d: CaptureDialogue, probe: _Probe, spans_by_arm, mem_sizes, traces, focus_arm: int,
-                  focus_turn: int, attention: bool, t_start: float) -> TurnCapture:
+def _turn_capture(
+    d: CaptureDialogue,
+    probe: _Probe,
+    spans_by_arm,
+    mem_sizes,
+    traces,
+    focus_arm: int,
+    focus_turn: int,
+    attention: bool,
+    t_start: float,
+) -> TurnCapture:
     """The finished pass as a `TurnCapture`: transcripts, heatmaps, grids, curves (accumulators freed)."""
     specs = [arm.spec for arm in d.arms]
     L, H = probe.L, probe.H
     notes: list[str] = []
     arms = []
     for r, arm in enumerate(d.arms):
-        arms.append(ArmTranscript(label=arm.spec.display_label, spec=arm.spec.to_string(),
-                                  token_ids=list(arm.token_ids), roles=list(arm.roles),
-                                  msg_turns=list(arm.turns), reply_spans=spans_by_arm[r],
-                                  memory_sizes=mem_sizes[r]))
+        arms.append(
+            ArmTranscript(
+                label=arm.spec.display_label,
+                spec=arm.spec.to_string(),
+                token_ids=list(arm.token_ids),
+                roles=list(arm.roles),
+                msg_turns=list(arm.turns),
+                reply_spans=spans_by_arm[r],
+                memory_sizes=mem_sizes[r],
+            )
+        )
     attentions: list[np.ndarray | None] = [None] * len(specs)
     buckets: list[np.ndarray | None] = [None] * len(specs)
     grids: list[dict[str, np.ndarray] | None] = [None] * len(specs)
@@ -486,8 +537,9 @@ def _turn_capture(d: CaptureDialogue, probe: _Probe, spans_by_arm, mem_sizes, tr
         if attention:
             T = len(arms[r].token_ids)
             if acc.overflow or T != len(acc.idx):
-                notes.append(f"arm {r}: transcript length {T} differs from the expected {len(acc.idx)}; "
-                             "attention not captured")
+                notes.append(
+                    f"arm {r}: transcript length {T} differs from the expected {len(acc.idx)}; attention not captured"
+                )
             else:
                 attentions[r] = acc.acc.numpy()  # rows never written are zero; every written row sums to 1
                 buckets[r] = acc.idx
@@ -500,9 +552,20 @@ def _turn_capture(d: CaptureDialogue, probe: _Probe, spans_by_arm, mem_sizes, tr
     for r in range(len(specs)):
         chunks = probe.curves[r]
         src_curves.append(torch.cat(chunks, 1).numpy() if chunks else None)
-    return TurnCapture(focus_arm=focus_arm, focus_turn=focus_turn, arms=arms, n_layers=L, n_heads=H,
-                       attentions=attentions, buckets=buckets, grids=grids, source_curves=src_curves, traces=traces,
-                       seconds=time.perf_counter() - t_start, notes=notes)
+    return TurnCapture(
+        focus_arm=focus_arm,
+        focus_turn=focus_turn,
+        arms=arms,
+        n_layers=L,
+        n_heads=H,
+        attentions=attentions,
+        buckets=buckets,
+        grids=grids,
+        source_curves=src_curves,
+        traces=traces,
+        seconds=time.perf_counter() - t_start,
+        notes=notes,
+    )
 
 
 def _column_masks(turns: list[int], roles: list[int], k: int, pad: int = 0) -> dict[str, torch.Tensor]:
@@ -510,8 +573,10 @@ def _column_masks(turns: list[int], roles: list[int], k: int, pad: int = 0) -> d
     earlier answers (before turn k), padded with False for `pad` positions still to come."""
     t, r = np.asarray(turns + [k] * pad), np.asarray(roles + [ASSISTANT] * pad)
     real = np.arange(len(t)) < len(turns)
-    return {"source": torch.from_numpy(real & np.isin(r, SOURCE_ROLES) & (t == 0)),
-            "own_answers": torch.from_numpy(real & (r == ASSISTANT) & (t < k))}
+    return {
+        "source": torch.from_numpy(real & np.isin(r, SOURCE_ROLES) & (t == 0)),
+        "own_answers": torch.from_numpy(real & (r == ASSISTANT) & (t < k)),
+    }
 
 
 def _prepare_masks_before_prompt(d: CaptureDialogue, probe: _Probe, k: int, user: str, replies):
@@ -524,14 +589,30 @@ def _prepare_masks_before_prompt(d: CaptureDialogue, probe: _Probe, k: int, user
         probe.col_masks[r] = _column_masks(turns, roles, k)
 
 
-def capture_attention(lm: LoadedModel, arm: ArmSpec, turns: list[tuple[str, list[int]]], system: str | None = None,
-                      *, upto_turn: int | None = None, max_size: int | None = None) -> tuple[np.ndarray, ArmTranscript]:
+def capture_attention(
+    lm: LoadedModel,
+    arm: ArmSpec,
+    turns: list[tuple[str, list[int]]],
+    system: str | None = None,
+    *,
+    upto_turn: int | None = None,
+    max_size: int | None = None,
+) -> tuple[np.ndarray, ArmTranscript]:
     """Attention [L, H, T, T] of one arm over its transcript up to the end of `upto_turn`.
 
     `max_size=None` gives the exact weights (rows sum to 1); otherwise bucketed for display.
     """
-    cap = capture_turn(lm, [arm], [(u, [r]) for u, r in turns], system, focus_arm=0, focus_turn=upto_turn,
-                       attention=True, max_size=max_size, curves=False)
+    cap = capture_turn(
+        lm,
+        [arm],
+        [(u, [r]) for u, r in turns],
+        system,
+        focus_arm=0,
+        focus_turn=upto_turn,
+        attention=True,
+        max_size=max_size,
+        curves=False,
+    )
     if cap.attention is None:
         raise CaptureError("; ".join(cap.notes) or "attention was not captured")
     return cap.attention, cap.focus
@@ -560,8 +641,13 @@ def slot_label(key, labels: list[str], roles: list[int], msg_turns: list[int]) -
     """Describe one memory slot: a token position of the arm (int) or a named slot (str)."""
     if isinstance(key, (int, np.integer)) and 0 <= int(key) < len(labels):
         p = int(key)
-        return {"key": p, "text": labels[p], "role": ROLES[roles[p]], "turn": int(msg_turns[p]),
-                "label": f"{labels[p]} @{p} (t{msg_turns[p]} {ROLES[roles[p]]})"}
+        return {
+            "key": p,
+            "text": labels[p],
+            "role": ROLES[roles[p]],
+            "turn": int(msg_turns[p]),
+            "label": f"{labels[p]} @{p} (t{msg_turns[p]} {ROLES[roles[p]]})",
+        }
     if isinstance(key, (int, np.integer)):
         return {"key": int(key), "text": str(key), "role": None, "turn": None, "label": f"slot {int(key)}"}
     return {"key": str(key), "text": str(key), "role": None, "turn": None, "label": str(key)}
@@ -610,13 +696,22 @@ def memory_read_table(traces: list[ReadTrace], transcript: ArmTranscript, turn: 
                     per_head = np.full((len(gen_positions), tr.per_head.shape[0], len(keys)), np.nan, np.float32)
                 per_head[i] = 0.0
                 per_head[i][:, cols] = tr.per_head
-        out_layers.append({"layer": layer, "slots": [slot_label(k, labels, transcript.roles, transcript.msg_turns)
-                                                     for k in keys],
-                           "weights": W, "per_head": per_head, "scalars": scalars})
-    return {"turn": turn, "positions": gen_positions,
-            "tokens": [labels[p] if p < len(labels) else "?" for p in gen_positions],
-            "token_ids": [transcript.token_ids[p] for p in gen_positions if p < len(transcript.token_ids)],
-            "layers": out_layers}
+        out_layers.append(
+            {
+                "layer": layer,
+                "slots": [slot_label(k, labels, transcript.roles, transcript.msg_turns) for k in keys],
+                "weights": W,
+                "per_head": per_head,
+                "scalars": scalars,
+            }
+        )
+    return {
+        "turn": turn,
+        "positions": gen_positions,
+        "tokens": [labels[p] if p < len(labels) else "?" for p in gen_positions],
+        "token_ids": [transcript.token_ids[p] for p in gen_positions if p < len(transcript.token_ids)],
+        "layers": out_layers,
+    }
 
 
 def scalar_curves(traces: list[ReadTrace]) -> dict:
@@ -630,8 +725,7 @@ def scalar_curves(traces: list[ReadTrace]) -> dict:
         for name, value in tr.scalars.items():
             series = layers.setdefault(int(tr.layer), {}).setdefault(name, [None] * len(positions))
             series[index[int(tr.position)]] = float(value)
-    return {"positions": positions,
-            "layers": [{"layer": l, "series": layers[l]} for l in sorted(layers)]}
+    return {"positions": positions, "layers": [{"layer": l, "series": layers[l]} for l in sorted(layers)]}
 
 
 def own_answer_read_share(traces: list[ReadTrace], transcript: ArmTranscript, turn: int) -> float | None:
@@ -642,8 +736,13 @@ def own_answer_read_share(traces: list[ReadTrace], transcript: ArmTranscript, tu
         w = np.asarray(tr.weights, dtype=np.float64)
         if w.sum() <= 0:
             continue
-        keep = [isinstance(k, (int, np.integer)) and 0 <= int(k) < len(roles) and roles[int(k)] == ASSISTANT
-                and mt[int(k)] < turn for k in tr.slot_keys]
+        keep = [
+            isinstance(k, (int, np.integer))
+            and 0 <= int(k) < len(roles)
+            and roles[int(k)] == ASSISTANT
+            and mt[int(k)] < turn
+            for k in tr.slot_keys
+        ]
         vals.append(float(w[np.asarray(keep, bool)].sum()) if any(keep) else 0.0)
     return float(np.mean(vals)) if vals else None
 
@@ -655,8 +754,14 @@ def turn_summary(cap: TurnCapture) -> list[dict]:
         for k in range(len(arm.reply_spans)):
             tr = cap.traces[r][k] if k < len(cap.traces[r]) else []
             share = own_answer_read_share(tr, arm, k)
-            rows.append({"arm": r, "label": arm.label, "turn": k, "memory_size": arm.memory_sizes[k],
-                         "n_reads": len(tr), "own_answer_read": share})
+            rows.append(
+                {
+                    "arm": r,
+                    "label": arm.label,
+                    "turn": k,
+                    "memory_size": arm.memory_sizes[k],
+                    "n_reads": len(tr),
+                    "own_answer_read": share,
+                }
+            )
     return rows
-
-

@@ -8,6 +8,7 @@ message contents verbatim works without knowing its syntax.
 Roles: 'system' and 'user' for the contents of those messages, 'assistant' for generated tokens,
 'template' for everything the chat template adds around them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,12 +72,13 @@ def next_turn(tokenizer, messages: list[dict], user: str, reply_token_ids: list[
     text = _render(tokenizer, probe, True)
     cut = text.rfind(_SENTINEL)
     if cut < 0:
-        raise ValueError("this chat template does not copy assistant messages verbatim; "
-                         "multi-turn dialogue needs one that does")
-    suffix = text[cut + len(_SENTINEL):]
+        raise ValueError(
+            "this chat template does not copy assistant messages verbatim; multi-turn dialogue needs one that does"
+        )
+    suffix = text[cut + len(_SENTINEL) :]
     # The reply may already end in the end-of-turn token the template would add after it.
     reply_tail = tokenizer.decode(reply_token_ids[-1:], skip_special_tokens=False) if reply_token_ids else ""
     if reply_tail and reply_token_ids[-1] in tokenizer.all_special_ids and suffix.startswith(reply_tail):
-        suffix = suffix[len(reply_tail):]
+        suffix = suffix[len(reply_tail) :]
     spans = [s for s in [_span(suffix, user, 0, "user")] if s]
     return _tokenize_with_roles(tokenizer, suffix, spans)

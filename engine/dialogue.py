@@ -16,6 +16,7 @@ columns right-aligned, so rows of different lengths stay consistent). Position i
 positions. A token therefore sees the sink, the N tokens before its forward pass, and the tokens of
 its own pass up to itself (in decoding: the sink plus the last N). Mechanisms keep their own memory.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,8 +43,9 @@ class DialogueError(ValueError):
     """A message or request cannot be run; the message is meant for a person."""
 
 
-def check_message(text, what: str = "the message", limit: int | None = MAX_MESSAGE_CHARS,
-                  allow_empty: bool = False) -> None:
+def check_message(
+    text, what: str = "the message", limit: int | None = MAX_MESSAGE_CHARS, allow_empty: bool = False
+) -> None:
     """A message the tokenizer can take: non-empty text, within the limit, valid Unicode."""
     if not isinstance(text, str) or (not allow_empty and not text.strip()):
         raise DialogueError(f"{what} is empty")
@@ -52,8 +54,9 @@ def check_message(text, what: str = "the message", limit: int | None = MAX_MESSA
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DialogueError(f"{what} is not valid text: character {e.start + 1} is a lone surrogate "
-                            f"(invalid UTF-8 in the input?)") from None
+        raise DialogueError(
+            f"{what} is not valid text: character {e.start + 1} is a lone surrogate (invalid UTF-8 in the input?)"
+        ) from None
 
 
 @dataclass
@@ -163,8 +166,9 @@ class StepInputs:
     mask: torch.Tensor  # what the model gets: `columns`, or the 4-D mask when some row edits it
 
 
-def attention_mask_4d(mask2d: torch.Tensor, T: int, allow: dict[int, torch.Tensor], impl: str,
-                      dtype: torch.dtype) -> torch.Tensor:
+def attention_mask_4d(
+    mask2d: torch.Tensor, T: int, allow: dict[int, torch.Tensor], impl: str, dtype: torch.dtype
+) -> torch.Tensor:
     """The per-row [B, 1, T, S] mask: causal over the step, padding columns off, plus `allow` pairs.
 
     Built only when some row edits its mask; rows without edits get exactly the causal mask. A
@@ -212,8 +216,15 @@ def grad_mode(bindings: list[RowBinding]):
 class Dialogue:
     """A conversation with one or more arms of the same model, run batched."""
 
-    def __init__(self, lm: LoadedModel, arms: list[ArmSpec], system: str | None = None,
-                 record_traces: bool = False, window: int | None = None, sink: int = ATTENTION_SINK):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        arms: list[ArmSpec],
+        system: str | None = None,
+        record_traces: bool = False,
+        window: int | None = None,
+        sink: int = ATTENTION_SINK,
+    ):
         if not arms:
             raise DialogueError("a dialogue needs at least one arm")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
@@ -266,15 +277,17 @@ class Dialogue:
             pass
         return last.replies
 
-    def stream(self, user: str, *, max_new_tokens: int | None = None,
-               forced: list[list[int]] | None = None) -> Iterator[StreamEvent]:
+    def stream(
+        self, user: str, *, max_new_tokens: int | None = None, forced: list[list[int]] | None = None
+    ) -> Iterator[StreamEvent]:
         """Send `user` to every arm; yield after each step. `forced` replays given reply tokens."""
         run = TurnRun(self, user, max_new_tokens, forced)
         try:
             while True:
                 req = run.request()
-                event = run.advance(self._forward(req.chunks, req.roles, run.turn, logits_to_keep=1,
-                                                  carried=req.carried))
+                event = run.advance(
+                    self._forward(req.chunks, req.roles, run.turn, logits_to_keep=1, carried=req.carried)
+                )
                 if event.replies is not None:
                     break
                 yield event
@@ -293,9 +306,14 @@ class Dialogue:
         self._restore_snapshot(self._snapshot)
         self._snapshot = None
 
-    def teacher_force(self, user: str, replies: list[list[int]], *, keep_logits: bool = True,
-                      on_phase: Callable[[str, list[tuple[int, int]] | None], None] | None = None
-                      ) -> list[torch.Tensor] | None:
+    def teacher_force(
+        self,
+        user: str,
+        replies: list[list[int]],
+        *,
+        keep_logits: bool = True,
+        on_phase: Callable[[str, list[tuple[int, int]] | None], None] | None = None,
+    ) -> list[torch.Tensor] | None:
         """Feed given replies after `user`; return per arm the logits [len(reply), vocab] that predict them.
 
         Two forward passes: the prompt (whose last position predicts each reply's first token), then
@@ -317,11 +335,21 @@ class Dialogue:
         out = None
         if keep_logits:
             T = rest.shape[1]
-            out = [torch.cat([first[i, -1:], rest[i, T - len(body[i]):]], 0).float() for i in range(self.n_arms)]
+            out = [torch.cat([first[i, -1:], rest[i, T - len(body[i]) :]], 0).float() for i in range(self.n_arms)]
         now = time.perf_counter()
         reasons = ["eos" if r and r[-1] in self.eos_ids else "length" for r in replies]
-        self._finish_turn(user, pieces, prompt_ids, [list(r) for r in replies], reasons, started, t0, 0.0,
-                          [now] * self.n_arms, [len(r) for r in replies])
+        self._finish_turn(
+            user,
+            pieces,
+            prompt_ids,
+            [list(r) for r in replies],
+            reasons,
+            started,
+            t0,
+            0.0,
+            [now] * self.n_arms,
+            [len(r) for r in replies],
+        )
         return out
 
     def transcript(self, arm: int) -> list[dict]:
@@ -347,8 +375,11 @@ class Dialogue:
             previous = arm.replies[-1].token_ids if arm.replies else None
             for k, (user, replies) in enumerate(turns):
                 reply = list(replies[i])
-                piece = first_turn(self.tokenizer, self.system, user) if self.turn + k == 0 else \
-                    next_turn(self.tokenizer, messages, user, previous)
+                piece = (
+                    first_turn(self.tokenizer, self.system, user)
+                    if self.turn + k == 0
+                    else next_turn(self.tokenizer, messages, user, previous)
+                )
                 total += len(piece.token_ids) + len(reply)
                 messages += [{"role": "user", "content": user}, {"role": "assistant", "content": self._decode(reply)}]
                 previous = reply
@@ -403,7 +434,8 @@ class Dialogue:
                 raise DialogueError(
                     f"too long for the model's context: this message is {len(piece.token_ids)} tokens, the dialogue "
                     f"so far {arm.length + len(arm.pending)}, plus {budget} new tokens makes {total} "
-                    f"> {self.max_positions}; start a new session or shorten the message")
+                    f"> {self.max_positions}; start a new session or shorten the message"
+                )
             pieces.append(piece)
         return pieces
 
@@ -416,8 +448,9 @@ class Dialogue:
             if arm.mechanism is not None:
                 arm.mechanism.begin_turn(self.turn)
                 arm.mechanism.traces = []
-        return self.turn, [(a.token_ids if self._reprefills(a) else []) + a.pending + p.token_ids
-                           for a, p in zip(self.arms, pieces)]
+        return self.turn, [
+            (a.token_ids if self._reprefills(a) else []) + a.pending + p.token_ids for a, p in zip(self.arms, pieces)
+        ]
 
     def _reprefills(self, arm: ArmState) -> bool:
         """An arm whose mechanism asks to feed the whole transcript again each turn (continuity
@@ -444,8 +477,10 @@ class Dialogue:
         `_end_prefill` completes the step after the forward, `_abort_prefill` undoes it on failure.
         """
         again = [r for r, a in enumerate(self.arms) if self._reprefills(a)]
-        roles = [([] if r not in again else list(a.roles)) + [ASSISTANT] * len(a.pending) + p.roles
-                 for r, (a, p) in enumerate(zip(self.arms, pieces))]
+        roles = [
+            ([] if r not in again else list(a.roles)) + [ASSISTANT] * len(a.pending) + p.roles
+            for r, (a, p) in enumerate(zip(self.arms, pieces))
+        ]
         carried = [len(a.pending) + (a.length if r in again else 0) for r, a in enumerate(self.arms)]
         saved = {r: (self.arms[r].token_ids, self.arms[r].roles, self.arms[r].turns) for r in again}
         self._refed = {r: len(saved[r][0]) for r in again}  # ArmReply.prompt_token_ids: the new tokens only
@@ -470,13 +505,19 @@ class Dialogue:
         _, saved = self._prefill_saved
         for r, (_, _, old_turns) in saved.items():
             arm = self.arms[r]
-            arm.turns = old_turns + arm.turns[len(old_turns):]
+            arm.turns = old_turns + arm.turns[len(old_turns) :]
         for arm in self.arms:
             arm.pending = []
         self._prefill_saved = None
 
-    def _forward(self, chunks: list[list[int]], roles: list[list[int]], turn: int, logits_to_keep: int,
-                 carried: list[int] | None = None):
+    def _forward(
+        self,
+        chunks: list[list[int]],
+        roles: list[list[int]],
+        turn: int,
+        logits_to_keep: int,
+        carried: list[int] | None = None,
+    ):
         """Append each row's chunk (left-padded within the step) and return the logits.
 
         `carried[r]` leading tokens of row r are the previous reply's last token, fed now: they
@@ -492,15 +533,21 @@ class Dialogue:
         self.before_step(step)
         try:
             with grad_mode(step.bindings)(), self.host.use(BatchContext(step.bindings)):
-                out = self.model(input_ids=step.ids.to(self.device), attention_mask=step.mask,
-                                 position_ids=step.positions.to(self.device), past_key_values=self.cache,
-                                 use_cache=True, logits_to_keep=logits_to_keep)
+                out = self.model(
+                    input_ids=step.ids.to(self.device),
+                    attention_mask=step.mask,
+                    position_ids=step.positions.to(self.device),
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=logits_to_keep,
+                )
         finally:
             self.after_step(step)
         return out.logits
 
-    def _absorb_step(self, step: StepInputs, chunks: list[list[int]], roles: list[list[int]], turn: int,
-                     carried: list[int] | None) -> None:
+    def _absorb_step(
+        self, step: StepInputs, chunks: list[list[int]], roles: list[list[int]], turn: int, carried: list[int] | None
+    ) -> None:
         """After a step's forward (alone or batched with other dialogues): the mask, the window, the
         arms' token histories."""
         self.mask = step.columns
@@ -513,8 +560,9 @@ class Dialogue:
             n_prev = carried[r] if carried else 0
             arm.turns += [turn - 1] * n_prev + [turn] * (len(chunk) - n_prev)
 
-    def _step_inputs(self, chunks: list[list[int]], roles: list[list[int]], turn: int,
-                     width: int | None = None) -> StepInputs:
+    def _step_inputs(
+        self, chunks: list[list[int]], roles: list[list[int]], turn: int, width: int | None = None
+    ) -> StepInputs:
         """The batch tensors of one step, with every active arm's plan (positions, mask edits) applied.
         `width`: the step's length T when it runs batched with other dialogues (default: the longest chunk)."""
         B = self.n_arms
@@ -527,16 +575,21 @@ class Dialogue:
             n, start = len(chunk), self.arms[r].length
             pos[r] = start  # padding gets the row's next position; it is masked anyway
             if n:
-                ids[r, T - n:] = torch.tensor(chunk)
-                valid[r, T - n:] = True
-                pos[r, T - n:] = torch.arange(start, start + n)
-                role_t[r, T - n:] = torch.tensor(role)
+                ids[r, T - n :] = torch.tensor(chunk)
+                valid[r, T - n :] = True
+                pos[r, T - n :] = torch.arange(start, start + n)
+                role_t[r, T - n :] = torch.tensor(role)
         bindings, allow = [], {}
         for r, arm in enumerate(self.arms):
             if arm.mechanism is not None and arm.mechanism.active and chunks[r]:
                 keep = valid[r]
-                info = StepRow(positions=pos[r, keep].to(self.device), roles=role_t[r, keep].to(self.device),
-                               token_ids=ids[r, keep].to(self.device), turn=turn, record=self.record_traces)
+                info = StepRow(
+                    positions=pos[r, keep].to(self.device),
+                    roles=role_t[r, keep].to(self.device),
+                    token_ids=ids[r, keep].to(self.device),
+                    turn=turn,
+                    record=self.record_traces,
+                )
                 plan = arm.mechanism.plan(info)
                 if plan is not None:
                     apply_plan(r, plan, valid[r], pos, allow)
@@ -544,8 +597,9 @@ class Dialogue:
         columns = torch.cat([self.mask, valid.long().to(self.device)], dim=1)
         mask = columns
         if allow:
-            mask = attention_mask_4d(columns.cpu(), T, allow, self.model.config._attn_implementation,
-                                     self.model.dtype).to(self.device)
+            mask = attention_mask_4d(
+                columns.cpu(), T, allow, self.model.config._attn_implementation, self.model.dtype
+            ).to(self.device)
         return StepInputs(ids, valid, pos, [a.length for a in self.arms], bindings, allow, columns, mask)
 
     def _track_and_evict(self, step: StepInputs) -> None:
@@ -557,7 +611,7 @@ class Dialogue:
         for r in range(B):
             n = int(step.valid[r].sum())
             start = step.starts[r]
-            new[r, T - n:] = torch.arange(start, start + n)
+            new[r, T - n :] = torch.arange(start, start + n)
             lengths.append(start + n)
         cols = torch.cat([self.col_tokens, new], 1)
         keep = (cols >= 0) & ((cols < self.sink) | (cols >= torch.tensor(lengths)[:, None] - self.window))
@@ -570,8 +624,8 @@ class Dialogue:
         out_tokens = torch.full((B, width), -1, dtype=torch.long)
         for r in range(B):
             idx = keep[r].nonzero().squeeze(-1)
-            index[r, width - idx.numel():] = idx
-            out_tokens[r, width - idx.numel():] = cols[r, idx]
+            index[r, width - idx.numel() :] = idx
+            out_tokens[r, width - idx.numel() :] = cols[r, idx]
         valid = out_tokens >= 0
         dev_index = index.to(self.device)
         for layer in self.cache.layers:
@@ -590,8 +644,9 @@ class Dialogue:
             return list(range(self.arms[row].length))
         return [int(t) for t in self.col_tokens[row] if t >= 0]
 
-    def _finish_turn(self, user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft, finished_at,
-                     limits) -> list[ArmReply]:
+    def _finish_turn(
+        self, user, pieces, prompt_ids, replies_ids, reasons, started, t0, ttft, finished_at, limits
+    ) -> list[ArmReply]:
         results = []
         for i, arm in enumerate(self.arms):
             ids = replies_ids[i]
@@ -600,12 +655,21 @@ class Dialogue:
             arm.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
             traces = arm.mechanism.traces if arm.mechanism is not None else []
             reply = ArmReply(
-                arm=i, text=text, token_ids=list(ids), prompt_token_ids=list(prompt_ids[i][self._refed.get(i, 0):]),
-                finish_reason=reasons[i] or "length", started_at=started, ttft_s=ttft,
+                arm=i,
+                text=text,
+                token_ids=list(ids),
+                prompt_token_ids=list(prompt_ids[i][self._refed.get(i, 0) :]),
+                finish_reason=reasons[i] or "length",
+                started_at=started,
+                ttft_s=ttft,
                 duration_s=(finished_at[i] or time.perf_counter()) - t0,
-                gen_settings={**arm.spec.sampling.model_dump(), "max_new_tokens": limits[i],
-                              "turn_seed": seed_for_turn(arm.spec.sampling.seed, self.turn)},
-                traces=list(traces))
+                gen_settings={
+                    **arm.spec.sampling.model_dump(),
+                    "max_new_tokens": limits[i],
+                    "turn_seed": seed_for_turn(arm.spec.sampling.seed, self.turn),
+                },
+                traces=list(traces),
+            )
             arm.replies.append(reply)
             results.append(reply)
         self.turn += 1
@@ -614,13 +678,30 @@ class Dialogue:
     def _take_snapshot(self):
         # With a window the cache is re-laid out, so cropping cannot undo a turn; the layers' tensors
         # are kept by reference instead (updates and evictions make new tensors, never write in place).
-        kv = None if self.window is None else [
-            (layer.keys, layer.values) if getattr(layer, "is_initialized", False) else None for layer in self.cache.layers]
+        kv = (
+            None
+            if self.window is None
+            else [
+                (layer.keys, layer.values) if getattr(layer, "is_initialized", False) else None
+                for layer in self.cache.layers
+            ]
+        )
         return {
-            "cache_len": self.mask.shape[1], "mask": self.mask, "turn": self.turn, "kv": kv,
+            "cache_len": self.mask.shape[1],
+            "mask": self.mask,
+            "turn": self.turn,
+            "kv": kv,
             "col_tokens": self.col_tokens,
-            "arms": [(a.length, list(a.pending), len(a.messages), len(a.replies),
-                      None if a.mechanism is None else a.mechanism.snapshot()) for a in self.arms],
+            "arms": [
+                (
+                    a.length,
+                    list(a.pending),
+                    len(a.messages),
+                    len(a.replies),
+                    None if a.mechanism is None else a.mechanism.snapshot(),
+                )
+                for a in self.arms
+            ],
         }
 
     def _restore_snapshot(self, snap) -> None:
@@ -669,8 +750,9 @@ class TurnRun:
     undoes it.
     """
 
-    def __init__(self, dialogue: Dialogue, user: str, max_new_tokens: int | None = None,
-                 forced: list[list[int]] | None = None):
+    def __init__(
+        self, dialogue: Dialogue, user: str, max_new_tokens: int | None = None, forced: list[list[int]] | None = None
+    ):
         d = self.d = dialogue
         self.user, self.forced = user, forced
         self.pieces = d._prepare(user, max_new_tokens, forced)
@@ -763,6 +845,16 @@ class TurnRun:
         self._request = None
 
     def _finish(self) -> StreamEvent:
-        self.replies = self.d._finish_turn(self.user, self.pieces, self.prompt_ids, self.replies_ids, self.reasons,
-                                           self.started, self.t0, self.ttft or 0.0, self.finished_at, self.limits)
+        self.replies = self.d._finish_turn(
+            self.user,
+            self.pieces,
+            self.prompt_ids,
+            self.replies_ids,
+            self.reasons,
+            self.started,
+            self.t0,
+            self.ttft or 0.0,
+            self.finished_at,
+            self.limits,
+        )
         return StreamEvent(self.step, list(self.texts), list(self.done), self.replies)

@@ -23,6 +23,7 @@ the chapter's mean, scaled so that its logits over the document have unit standa
 (bias: minus their mean), so a token that resembles a chapter's part of the document picks it.
 Slots are labelled by the document text they came from (traces show `chapter c / 'token' @i`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,16 +73,18 @@ def bank_slots(x: torch.Tensor, ids: list[int], tokenizer, method: str, slots: i
         for c in range(chapters):
             lo, hi = c * per, min(T, (c + 1) * per)
             n = max(0, hi - lo)
-            M[c * per:c * per + n] = x[lo:hi]
-            mask[c * per:c * per + n] = True
+            M[c * per : c * per + n] = x[lo:hi]
+            mask[c * per : c * per + n] = True
             for j in range(n):
                 labels[c * per + j] = _label(tokenizer, ids, lo + j, lo + j + 1)
         return M, mask, labels
     n_c = slots // chapters
     bounds = _chapter_bounds(T, chapters)
     if any(hi - lo < n_c for lo, hi in bounds):
-        raise DistillError(f"the document has {T} tokens: too few for {slots} slots in {chapters} chapters "
-                           f"(each chapter needs at least {n_c} tokens); use --method tokens or fewer slots")
+        raise DistillError(
+            f"the document has {T} tokens: too few for {slots} slots in {chapters} chapters "
+            f"(each chapter needs at least {n_c} tokens); use --method tokens or fewer slots"
+        )
     rows, labels = [], []
     for lo, hi in bounds:
         xc = x[lo:hi]
@@ -170,8 +173,12 @@ def _fill_router(weights, b, X, M, mask, s, n_c: int) -> None:
     """A routed bank's router: each routed chapter's direction from the document mean, scaled so the
     document's own tokens score with unit spread and zero mean."""
     mu = X.mean(0)
-    ch = torch.stack([M[c * n_c:(c + 1) * n_c][mask[c * n_c:(c + 1) * n_c]].mean(0)
-                      for c in range(s.shared_chapters, s.chapters)])
+    ch = torch.stack(
+        [
+            M[c * n_c : (c + 1) * n_c][mask[c * n_c : (c + 1) * n_c]].mean(0)
+            for c in range(s.shared_chapters, s.chapters)
+        ]
+    )
     W = ch - mu
     W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-6)
     logits = X @ W.T
@@ -180,8 +187,14 @@ def _fill_router(weights, b, X, M, mask, s, n_c: int) -> None:
     weights.p(b, "router_bias").copy_(-(X @ W.T).mean(0))
 
 
-def distill(lm, text: str, arm: str = DEFAULT_ARM, method: str = "tokens", out: str | Path | None = None,
-            source_name: str = "document") -> dict:
+def distill(
+    lm,
+    text: str,
+    arm: str = DEFAULT_ARM,
+    method: str = "tokens",
+    out: str | Path | None = None,
+    source_name: str = "document",
+) -> dict:
     """Make a bank from `text`; write it to `out` if given. Returns timings and the settings used.
 
     One pipeline: validate, tokenise, run the layers, fill each bank's slots (and its projection
@@ -217,15 +230,33 @@ def distill(lm, text: str, arm: str = DEFAULT_ARM, method: str = "tokens", out: 
             if s.routed:
                 _fill_router(weights, b, xs[first_layer[b]].cpu(), M, mask, s, n_slots // s.chapters)
     distill_s = time.perf_counter() - t0
-    result = {"tokens": len(ids), "slots": n_slots, "banks": len(banks), "layers": layers, "method": method,
-              "read_s": round(read_s, 3), "distill_s": round(distill_s, 3),
-              "settings": s.model_dump(exclude={"weights", "linkage"})}
+    result = {
+        "tokens": len(ids),
+        "slots": n_slots,
+        "banks": len(banks),
+        "layers": layers,
+        "method": method,
+        "read_s": round(read_s, 3),
+        "distill_s": round(distill_s, 3),
+        "settings": s.model_dump(exclude={"weights", "linkage"}),
+    }
     if out is not None:
         result["sha256"] = save_weights(
-            out, weights.to_tensors(), mechanism="memory_bank", settings=result["settings"], model=model,
+            out,
+            weights.to_tensors(),
+            mechanism="memory_bank",
+            settings=result["settings"],
+            model=model,
             identity=lm.identity,
-            extra={"distilled": {"source": source_name, "document_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                                 "tokens": len(ids), "method": method}})
+            extra={
+                "distilled": {
+                    "source": source_name,
+                    "document_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                    "tokens": len(ids),
+                    "method": method,
+                }
+            },
+        )
         result["out"] = str(out)
     return result
 
@@ -247,6 +278,8 @@ def main(args) -> int:
     except (DistillError, SpecError, ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{r['out']}: {r['slots']} slots x {r['banks']} bank(s) on layers {r['layers']} from {r['tokens']} tokens "
-          f"({r['method']}) in {r['distill_s']:.2f} s")
+    print(
+        f"{r['out']}: {r['slots']} slots x {r['banks']} bank(s) on layers {r['layers']} from {r['tokens']} tokens "
+        f"({r['method']}) in {r['distill_s']:.2f} s"
+    )
     return 0

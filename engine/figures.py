@@ -4,6 +4,7 @@ Every builder takes plain numbers and labels (numpy arrays, lists, dicts as made
 `engine.capture` / `experiments.inspect`) and returns a `plotly.graph_objects.Figure`.
 Export: `to_html(fig, path)` always works; `to_png(fig, path)` needs kaleido and a Chromium.
 """
+
 from __future__ import annotations
 
 import html
@@ -40,8 +41,15 @@ def empty_figure(message: str, height: int = 260) -> go.Figure:
 
 
 # --------------------------------------------------------------------------------------------------
-def attention_heatmap(attn: np.ndarray, labels: list[str], *, title: str = "", exclude_sink: bool = True,
-                      row_range: tuple[int, int] | None = None, height: int = 620) -> go.Figure:
+def attention_heatmap(
+    attn: np.ndarray,
+    labels: list[str],
+    *,
+    title: str = "",
+    exclude_sink: bool = True,
+    row_range: tuple[int, int] | None = None,
+    height: int = 620,
+) -> go.Figure:
     """Token x token attention [S, S] (rows = queries, sum to 1). The sink column is kept out of the colour range.
 
     Values are shown as they are (no row renormalisation); the colour scale's top is the 99th
@@ -59,41 +67,75 @@ def attention_heatmap(attn: np.ndarray, labels: list[str], *, title: str = "", e
     zmax = max(zmax, 1e-6)
     sink = float(np.nanmean(attn[:, 0])) if S else 0.0
     hover = "query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>"
-    fig = go.Figure(go.Heatmap(z=z, x=ticks, y=ticks[r0:r1], colorscale=SEQ, zmin=0.0, zmax=zmax,
-                               hovertemplate=hover, colorbar=dict(title="weight")))
-    note = (f"colour range 0–{zmax:.3g} (99th pct, first-token column excluded; mean sink mass {sink:.2f})"
-            if exclude_sink else f"colour range 0–{zmax:.3g}")
-    fig.update_layout(title=dict(text=f"{html.escape(title)}<br><sup>{note}</sup>", x=0.01), height=height,
-                      margin=dict(l=10, r=10, t=70, b=10),
-                      xaxis=dict(title="key (attended to)", showticklabels=S <= 80, tickangle=-60),
-                      yaxis=dict(title="query", autorange="reversed", showticklabels=S <= 80))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=ticks,
+            y=ticks[r0:r1],
+            colorscale=SEQ,
+            zmin=0.0,
+            zmax=zmax,
+            hovertemplate=hover,
+            colorbar=dict(title="weight"),
+        )
+    )
+    note = (
+        f"colour range 0–{zmax:.3g} (99th pct, first-token column excluded; mean sink mass {sink:.2f})"
+        if exclude_sink
+        else f"colour range 0–{zmax:.3g}"
+    )
+    fig.update_layout(
+        title=dict(text=f"{html.escape(title)}<br><sup>{note}</sup>", x=0.01),
+        height=height,
+        margin=dict(l=10, r=10, t=70, b=10),
+        xaxis=dict(title="key (attended to)", showticklabels=S <= 80, tickangle=-60),
+        yaxis=dict(title="query", autorange="reversed", showticklabels=S <= 80),
+    )
     return fig
 
 
-def overview_grid(grid: np.ndarray, metric: str, description: str = "", *, selected: tuple | None = None,
-                  height: int = 520) -> go.Figure:
+def overview_grid(
+    grid: np.ndarray, metric: str, description: str = "", *, selected: tuple | None = None, height: int = 520
+) -> go.Figure:
     """Layer x head grid of one metric (entropy, source/sink/own-answer mass) to pick a head from."""
     grid = np.asarray(grid, dtype=np.float32)
     L, H = grid.shape
-    fig = go.Figure(go.Heatmap(z=grid, x=[f"h{h}" for h in range(H)], y=[f"L{l}" for l in range(L)],
-                               colorscale="Cividis" if metric == "entropy" else SEQ,
-                               hovertemplate="layer %{y} head %{x}<br>" + metric + " %{z:.3f}<extra></extra>",
-                               colorbar=dict(title=metric)))
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid,
+            x=[f"h{h}" for h in range(H)],
+            y=[f"L{l}" for l in range(L)],
+            colorscale="Cividis" if metric == "entropy" else SEQ,
+            hovertemplate="layer %{y} head %{x}<br>" + metric + " %{z:.3f}<extra></extra>",
+            colorbar=dict(title=metric),
+        )
+    )
     if selected is not None:
         l, h = selected
         xs = list(range(H)) if h in (None, "mean") else [int(h)]
         for x in xs:
-            fig.add_shape(type="rect", x0=x - 0.5, x1=x + 0.5, y0=int(l) - 0.5, y1=int(l) + 0.5,
-                          line=dict(color="red", width=2))
-    fig.update_layout(title=dict(text=f"layer × head: {html.escape(description or metric)}", x=0.01),
-                      height=height, margin=dict(l=10, r=10, t=50, b=10),
-                      yaxis=dict(autorange="reversed"))
+            fig.add_shape(
+                type="rect", x0=x - 0.5, x1=x + 0.5, y0=int(l) - 0.5, y1=int(l) + 0.5, line=dict(color="red", width=2)
+            )
+    fig.update_layout(
+        title=dict(text=f"layer × head: {html.escape(description or metric)}", x=0.01),
+        height=height,
+        margin=dict(l=10, r=10, t=50, b=10),
+        yaxis=dict(autorange="reversed"),
+    )
     return fig
 
 
 # --------------------------------------------------------------------------------------------------
-def memory_read_figure(tokens: list[str], slots: list[dict], weights: np.ndarray, *, title: str = "",
-                       current_turn: int | None = None, height: int = 520) -> go.Figure:
+def memory_read_figure(
+    tokens: list[str],
+    slots: list[dict],
+    weights: np.ndarray,
+    *,
+    title: str = "",
+    current_turn: int | None = None,
+    height: int = 520,
+) -> go.Figure:
     """What the mechanism read for each generated token: weights [n_tokens, n_slots] over labelled slots.
 
     Rows are the generated tokens (the read behind token q was made at position q-1); columns are
@@ -108,20 +150,35 @@ def memory_read_figure(tokens: list[str], slots: list[dict], weights: np.ndarray
     custom = np.array([[s.get("label", str(s.get("key"))) for s in slots]] * W.shape[0], dtype=object)
     signed = bool(np.isfinite(W).any() and np.nanmin(W) < 0)  # e.g. a linear memory's implicit attention
     top = float(np.nanmax(np.abs(W))) if np.isfinite(W).any() else 1.0
-    fig = go.Figure(go.Heatmap(z=W, x=xt, y=yt, customdata=custom, colorscale="RdBu_r" if signed else SEQ,
-                               zmin=-top if signed else 0.0, zmax=top if signed else (top or 1.0),
-                               hovertemplate="token %{y}<br>slot %{customdata}<br>weight %{z:.4f}<extra></extra>",
-                               colorbar=dict(title="read weight")))
+    fig = go.Figure(
+        go.Heatmap(
+            z=W,
+            x=xt,
+            y=yt,
+            customdata=custom,
+            colorscale="RdBu_r" if signed else SEQ,
+            zmin=-top if signed else 0.0,
+            zmax=top if signed else (top or 1.0),
+            hovertemplate="token %{y}<br>slot %{customdata}<br>weight %{z:.4f}<extra></extra>",
+            colorbar=dict(title="read weight"),
+        )
+    )
     if current_turn is not None:
         earlier = [i for i, s in enumerate(slots) if s.get("turn") is not None and s["turn"] < current_turn]
         if earlier and len(earlier) < len(slots):
             fig.add_vline(x=max(earlier) + 0.5, line=dict(color="white", width=2, dash="dash"))
-    fig.update_layout(title=dict(text=html.escape(title) + "<br><sup>rows: generated tokens · columns: memory "
-                                 "slots (source token @position, turn, role); dashed line: earlier turns | this turn"
-                                 "</sup>", x=0.01),
-                      height=height, margin=dict(l=10, r=10, t=70, b=10),
-                      xaxis=dict(tickangle=-60, showticklabels=len(slots) <= 120),
-                      yaxis=dict(autorange="reversed", showticklabels=len(tokens) <= 120))
+    fig.update_layout(
+        title=dict(
+            text=html.escape(title) + "<br><sup>rows: generated tokens · columns: memory "
+            "slots (source token @position, turn, role); dashed line: earlier turns | this turn"
+            "</sup>",
+            x=0.01,
+        ),
+        height=height,
+        margin=dict(l=10, r=10, t=70, b=10),
+        xaxis=dict(tickangle=-60, showticklabels=len(slots) <= 120),
+        yaxis=dict(autorange="reversed", showticklabels=len(tokens) <= 120),
+    )
     return fig
 
 
@@ -138,15 +195,23 @@ def scalar_families(names) -> tuple[list[str], dict[str, list[tuple[int, str]]]]
     return [n for n in names if n not in members], families
 
 
-def scalar_curves_figure(curves: dict | None, labels: list[str], *, reply_span: tuple[int, int] | None = None,
-                         title: str = "", height_per: int = 170) -> go.Figure:
+def scalar_curves_figure(
+    curves: dict | None,
+    labels: list[str],
+    *,
+    reply_span: tuple[int, int] | None = None,
+    title: str = "",
+    height_per: int = 170,
+) -> go.Figure:
     """Each named read scalar (e.g. surprise, write strength, memory norm) as a curve over the
     transcript's positions, one line per layer, one panel per scalar; a family of numbered scalars
     (a memory bank's per-chapter weights) as one heatmap, position x member, averaged over layers —
     the chapter-usage view; the focus reply shaded."""
     if not curves or not curves.get("layers") or not curves.get("positions"):
-        return empty_figure("no read scalars (observer arm, a mechanism without scalars, or a capture made "
-                            "before curves were recorded: recompute)")
+        return empty_figure(
+            "no read scalars (observer arm, a mechanism without scalars, or a capture made "
+            "before curves were recorded: recompute)"
+        )
     from plotly.subplots import make_subplots
 
     names = sorted({n for e in curves["layers"] for n in e["series"]})
@@ -154,9 +219,13 @@ def scalar_curves_figure(curves: dict | None, labels: list[str], *, reply_span: 
     pos = curves["positions"]
     text = [labels[p] if 0 <= p < len(labels) else "?" for p in pos]
     panels = [(n, None) for n in singles] + [(f, m) for f, m in sorted(families.items())]
-    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.04,
-                        subplot_titles=[n.replace("_", " ") if m is None else f"{n} usage (mean over layers)"
-                                        for n, m in panels])
+    fig = make_subplots(
+        rows=len(panels),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.04,
+        subplot_titles=[n.replace("_", " ") if m is None else f"{n} usage (mean over layers)" for n, m in panels],
+    )
     for i, (name, members) in enumerate(panels, start=1):
         if members is not None:
             z = np.full((len(members), len(pos)), np.nan)
@@ -165,28 +234,60 @@ def scalar_curves_figure(curves: dict | None, labels: list[str], *, reply_span: 
                 vals = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
                 if vals.size and not np.isnan(vals).all():
                     z[j] = np.nanmean(vals, axis=0)
-            fig.add_trace(go.Heatmap(x=pos, y=[f"{name} {k}" for k, _ in members], z=z, colorscale="Blues",
-                                     showscale=False, customdata=np.array([text] * len(members), dtype=object),
-                                     hovertemplate="%{y}: %{z:.3f}<br>@%{x} %{customdata}<extra></extra>"),
-                          row=i, col=1)
+            fig.add_trace(
+                go.Heatmap(
+                    x=pos,
+                    y=[f"{name} {k}" for k, _ in members],
+                    z=z,
+                    colorscale="Blues",
+                    showscale=False,
+                    customdata=np.array([text] * len(members), dtype=object),
+                    hovertemplate="%{y}: %{z:.3f}<br>@%{x} %{customdata}<extra></extra>",
+                ),
+                row=i,
+                col=1,
+            )
         else:
             for e in curves["layers"]:
                 ys = e["series"].get(name)
                 if ys is None:
                     continue
-                fig.add_trace(go.Scatter(x=pos, y=[np.nan if v is None else v for v in ys], mode="lines",
-                                         name=f"layer {e['layer']}", legendgroup=str(e["layer"]), showlegend=i == 1,
-                                         customdata=text,
-                                         hovertemplate=f"{html.escape(name)} %{{y:.4g}}<br>@%{{x}} %{{customdata}}"
-                                                       f"<extra>layer {e['layer']}</extra>"), row=i, col=1)
+                fig.add_trace(
+                    go.Scatter(
+                        x=pos,
+                        y=[np.nan if v is None else v for v in ys],
+                        mode="lines",
+                        name=f"layer {e['layer']}",
+                        legendgroup=str(e["layer"]),
+                        showlegend=i == 1,
+                        customdata=text,
+                        hovertemplate=f"{html.escape(name)} %{{y:.4g}}<br>@%{{x}} %{{customdata}}"
+                        f"<extra>layer {e['layer']}</extra>",
+                    ),
+                    row=i,
+                    col=1,
+                )
         if reply_span is not None and reply_span[1] > reply_span[0]:
-            fig.add_vrect(x0=reply_span[0] - 1.5, x1=reply_span[1] - 1.5, fillcolor="orange", opacity=0.12,
-                          line_width=0, row=i, col=1)
+            fig.add_vrect(
+                x0=reply_span[0] - 1.5,
+                x1=reply_span[1] - 1.5,
+                fillcolor="orange",
+                opacity=0.12,
+                line_width=0,
+                row=i,
+                col=1,
+            )
     heights = [height_per if m is None else max(height_per, 14 * len(m) + 60) for _, m in panels]
-    fig.update_layout(title=dict(text=html.escape(title) + "<br><sup>per token and layer, over the transcript "
-                                 "(x: position of the reading token); shaded: the reads behind this turn's reply"
-                                 "</sup>", x=0.01),
-                      height=90 + sum(heights), margin=dict(l=10, r=10, t=80, b=10))
+    fig.update_layout(
+        title=dict(
+            text=html.escape(title) + "<br><sup>per token and layer, over the transcript "
+            "(x: position of the reading token); shaded: the reads behind this turn's reply"
+            "</sup>",
+            x=0.01,
+        ),
+        height=90 + sum(heights),
+        margin=dict(l=10, r=10, t=80, b=10),
+    )
     fig.update_xaxes(title_text="position", row=len(panels), col=1)
     return fig
 
@@ -210,15 +311,28 @@ def _strip_pages(rows: int, per_row: int, n: int, rows_per_page: int) -> list[di
     pages = []
     for first in range(0, rows, rows_per_page):
         last = min(rows, first + rows_per_page)
-        pages.append(dict(label=f"tokens {first * per_row + 1}–{min(n, last * per_row)}", method="relayout",
-                          args=[{"yaxis.range": [first + rows_per_page - 0.5, first - 0.5]}]))
+        pages.append(
+            dict(
+                label=f"tokens {first * per_row + 1}–{min(n, last * per_row)}",
+                method="relayout",
+                args=[{"yaxis.range": [first + rows_per_page - 0.5, first - 0.5]}],
+            )
+        )
     return pages
 
 
-def divergence_strip(tokens: list[str], kl: list[float], *, max_abs_dlogit: list[float] | None = None,
-                     top1_agree: list[bool] | None = None, observer_top: list[list] | None = None,
-                     summary: dict | None = None, title: str = "", per_row: int = STRIP_PER_ROW,
-                     rows_per_page: int = STRIP_ROWS_PER_PAGE) -> go.Figure:
+def divergence_strip(
+    tokens: list[str],
+    kl: list[float],
+    *,
+    max_abs_dlogit: list[float] | None = None,
+    top1_agree: list[bool] | None = None,
+    observer_top: list[list] | None = None,
+    summary: dict | None = None,
+    title: str = "",
+    per_row: int = STRIP_PER_ROW,
+    rows_per_page: int = STRIP_ROWS_PER_PAGE,
+) -> go.Figure:
     """The reply as rows of tokens coloured by KL(P_arm || P_observer); hover: observer's top alternatives.
 
     Labels are drawn at a fixed 13 px (plotly would otherwise shrink them to fit, ~6 px at 24 per row)
@@ -242,30 +356,61 @@ def divergence_strip(tokens: list[str], kl: list[float], *, max_abs_dlogit: list
             extra += f"<br>max |Δlogit| {max_abs_dlogit[i]:.3f}"
         if top1_agree is not None:
             extra += f"<br>top-1 {'agrees' if top1_agree[i] else 'DIFFERS'}"
-        hover[r, c] = (f"#{i + 1} {html.escape(tokens[i])}<br>KL {kl[i]:.4f}{extra}<br><b>observer top:</b><br>{alts}")
+        hover[r, c] = f"#{i + 1} {html.escape(tokens[i])}<br>KL {kl[i]:.4f}{extra}<br><b>observer top:</b><br>{alts}"
     top = max(float(np.nanmax(z)), 1e-6)
-    fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", customdata=hover,
-                               textfont=dict(size=STRIP_FONT_PX),
-                               hovertemplate="%{customdata}<extra></extra>", colorscale="Reds", zmin=0.0,
-                               zmax=top, xgap=2, ygap=2, colorbar=dict(title="KL")))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            text=text,
+            texttemplate="%{text}",
+            customdata=hover,
+            textfont=dict(size=STRIP_FONT_PX),
+            hovertemplate="%{customdata}<extra></extra>",
+            colorscale="Reds",
+            zmin=0.0,
+            zmax=top,
+            xgap=2,
+            ygap=2,
+            colorbar=dict(title="KL"),
+        )
+    )
     head = ""
     if summary:
-        head = (f"KL mean {summary.get('kl_mean', 0):.4f} · max {summary.get('kl_max', 0):.4f} · "
-                f"max |Δlogit| {summary.get('max_abs_dlogit', 0):.3f} · mean |Δlogit| "
-                f"{summary.get('mean_abs_dlogit', 0):.4f} · top-1 agreement {summary.get('top1_agreement', 1):.0%}")
+        head = (
+            f"KL mean {summary.get('kl_mean', 0):.4f} · max {summary.get('kl_max', 0):.4f} · "
+            f"max |Δlogit| {summary.get('max_abs_dlogit', 0):.3f} · mean |Δlogit| "
+            f"{summary.get('mean_abs_dlogit', 0):.4f} · top-1 agreement {summary.get('top1_agreement', 1):.0%}"
+        )
     shown = min(rows, rows_per_page)
     paged = rows > rows_per_page
     if paged:
         head += f"{' · ' if head else ''}{n} tokens in {rows} rows: pick a page above the strip"
-    fig.update_layout(title=dict(text=f"{html.escape(title)}<br><sup>{head}</sup>", x=0.01),
-                      # Gradio's Plot fails below ~80 px of plot area ('axis scaling'): keep room
-                      height=150 + 40 * shown + (40 if paged else 0), margin=dict(l=10, r=10, t=70 + (40 if paged else 0), b=10),
-                      xaxis=dict(visible=False), yaxis=dict(visible=False, autorange="reversed"))
+    fig.update_layout(
+        title=dict(text=f"{html.escape(title)}<br><sup>{head}</sup>", x=0.01),
+        # Gradio's Plot fails below ~80 px of plot area ('axis scaling'): keep room
+        height=150 + 40 * shown + (40 if paged else 0),
+        margin=dict(l=10, r=10, t=70 + (40 if paged else 0), b=10),
+        xaxis=dict(visible=False),
+        yaxis=dict(visible=False, autorange="reversed"),
+    )
     if paged:
-        fig.update_layout(yaxis=dict(visible=False, autorange=False, range=[shown - 0.5, -0.5]),
-                          updatemenus=[dict(type="buttons", direction="right", showactive=True, active=0,
-                                            x=0.0, xanchor="left", y=1.0, yanchor="bottom", pad=dict(t=4, b=4),
-                                            buttons=_strip_pages(rows, per_row, n, rows_per_page))])
+        fig.update_layout(
+            yaxis=dict(visible=False, autorange=False, range=[shown - 0.5, -0.5]),
+            updatemenus=[
+                dict(
+                    type="buttons",
+                    direction="right",
+                    showactive=True,
+                    active=0,
+                    x=0.0,
+                    xanchor="left",
+                    y=1.0,
+                    yanchor="bottom",
+                    pad=dict(t=4, b=4),
+                    buttons=_strip_pages(rows, per_row, n, rows_per_page),
+                )
+            ],
+        )
     return fig
 
 
@@ -284,17 +429,27 @@ def source_attention_curves(arms: list[dict], n_layers: int, bands: int = 3, *, 
         C = np.asarray(curve, dtype=np.float32)
         for b, (a, e) in enumerate(edges):
             y = C[a:e].mean(0)
-            fig.add_trace(go.Scatter(x=list(range(len(y))), y=y, mode="lines+markers",
-                                     name=f"{arm['label']} · layers {a}-{e - 1}",
-                                     line=dict(color=ARM_COLOURS[i % len(ARM_COLOURS)],
-                                               dash=BAND_DASH[b % len(BAND_DASH)]),
-                                     customdata=(arm.get("tokens") or [""] * len(y))[: len(y)],
-                                     hovertemplate="token %{x} %{customdata}<br>share %{y:.3f}<extra></extra>"))
+            fig.add_trace(
+                go.Scatter(
+                    x=list(range(len(y))),
+                    y=y,
+                    mode="lines+markers",
+                    name=f"{arm['label']} · layers {a}-{e - 1}",
+                    line=dict(color=ARM_COLOURS[i % len(ARM_COLOURS)], dash=BAND_DASH[b % len(BAND_DASH)]),
+                    customdata=(arm.get("tokens") or [""] * len(y))[: len(y)],
+                    hovertemplate="token %{x} %{customdata}<br>share %{y:.3f}<extra></extra>",
+                )
+            )
     if not fig.data:
         return empty_figure("no source-attention curve for this turn")
-    fig.update_layout(title=dict(text=html.escape(title or "attention on system prompt + first user message"), x=0.01),
-                      xaxis_title="generated token", yaxis_title="share of attention mass", height=420,
-                      margin=dict(l=10, r=10, t=50, b=10), legend=dict(font=dict(size=10)))
+    fig.update_layout(
+        title=dict(text=html.escape(title or "attention on system prompt + first user message"), x=0.01),
+        xaxis_title="generated token",
+        yaxis_title="share of attention mass",
+        height=420,
+        margin=dict(l=10, r=10, t=50, b=10),
+        legend=dict(font=dict(size=10)),
+    )
     return fig
 
 
@@ -308,14 +463,37 @@ def turn_summary_figure(rows: list[dict], *, title: str = "") -> go.Figure:
         mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["turn"])
         x = [r["turn"] + 1 for r in mine]  # turns counted from 1, as every view counts
         colour = ARM_COLOURS[i % len(ARM_COLOURS)]
-        fig.add_trace(go.Scatter(x=x, y=[r["memory_size"] for r in mine], name=f"arm {arm + 1}: {label}", mode="lines+markers",
-                                 line=dict(color=colour), legendgroup=str(arm)), 1, 1)
-        fig.add_trace(go.Scatter(x=x, y=[r["own_answer_read"] for r in mine], name=f"arm {arm + 1}: {label}",
-                                 mode="lines+markers", line=dict(color=colour), legendgroup=str(arm), showlegend=False),
-                      1, 2)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[r["memory_size"] for r in mine],
+                name=f"arm {arm + 1}: {label}",
+                mode="lines+markers",
+                line=dict(color=colour),
+                legendgroup=str(arm),
+            ),
+            1,
+            1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[r["own_answer_read"] for r in mine],
+                name=f"arm {arm + 1}: {label}",
+                mode="lines+markers",
+                line=dict(color=colour),
+                legendgroup=str(arm),
+                showlegend=False,
+            ),
+            1,
+            2,
+        )
     fig.update_xaxes(title_text="turn", dtick=1)
-    fig.update_layout(title=dict(text=html.escape(title or "across the dialogue"), x=0.01), height=380,
-                      margin=dict(l=10, r=10, t=70, b=10))
+    fig.update_layout(
+        title=dict(text=html.escape(title or "across the dialogue"), x=0.01),
+        height=380,
+        margin=dict(l=10, r=10, t=70, b=10),
+    )
     return fig
 
 
@@ -333,8 +511,13 @@ class PngExportError(RuntimeError):
 
 
 def _chromium() -> str | None:
-    for cand in (os.environ.get("BROWSER_PATH"), "/usr/bin/chromium", "/usr/bin/chromium-browser",
-                 shutil.which("chromium"), shutil.which("google-chrome")):
+    for cand in (
+        os.environ.get("BROWSER_PATH"),
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        shutil.which("chromium"),
+        shutil.which("google-chrome"),
+    ):
         if cand and os.path.exists(cand):
             return cand
     return None
@@ -361,5 +544,7 @@ def to_png(fig: go.Figure, path, *, scale: float = 2.0) -> Path:
     try:
         fig.write_image(str(path), format="png", scale=scale)
     except Exception as e:  # kaleido's errors are long; one line for a person
-        raise PngExportError(f"PNG export failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        raise PngExportError(
+            f"PNG export failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        )
     return path

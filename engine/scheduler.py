@@ -20,6 +20,7 @@ Back-pressure: at most `max_rows` rows are active; a turn that does not fit wait
 stream says so ("queued, 3 ahead"). Work that needs the whole model between steps (an Inspect
 capture) takes `exclusive()`: the scheduler finishes its step and waits until it is given back.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,7 @@ from typing import Iterator
 import torch
 from transformers import DynamicCache
 
-from .dialogue import ArmReply, Dialogue, DialogueError, StepRequest, StreamEvent, TurnRun, \
-    attention_mask_4d, grad_mode
+from .dialogue import ArmReply, Dialogue, DialogueError, StepRequest, StreamEvent, TurnRun, attention_mask_4d, grad_mode
 from .hooks import BatchContext, RowBinding
 from .model import LoadedModel
 
@@ -74,8 +74,9 @@ def free_memory_bytes(device) -> int:
 def default_max_rows(lm: LoadedModel) -> int:
     """A row cap from free memory: half of it over the KV cache of a `TYPICAL_ROW_TOKENS` dialogue
     (bounded to 2..64). An estimate: activations and mechanism state are not counted."""
-    per_row = kv_bytes_per_token(lm.model) * min(TYPICAL_ROW_TOKENS, getattr(lm.model.config,
-                                                                           "max_position_embeddings", 4096))
+    per_row = kv_bytes_per_token(lm.model) * min(
+        TYPICAL_ROW_TOKENS, getattr(lm.model.config, "max_position_embeddings", 4096)
+    )
     return max(2, min(MAX_ROWS_CEILING, int(0.5 * free_memory_bytes(lm.device) // max(1, per_row))))
 
 
@@ -142,8 +143,14 @@ class StepScheduler:
     leaves at chosen steps.
     """
 
-    def __init__(self, lm: LoadedModel, max_rows: int | None = None, *, thread: bool = True,
-                 merge_overhead_tokens: int = MERGE_OVERHEAD_TOKENS):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        max_rows: int | None = None,
+        *,
+        thread: bool = True,
+        merge_overhead_tokens: int = MERGE_OVERHEAD_TOKENS,
+    ):
         if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
             raise DialogueError(f"the row cap must be a whole number >= 1 (got {max_rows!r})")
         self.lm = lm
@@ -167,8 +174,9 @@ class StepScheduler:
             self._thread.start()
 
     # -- what sessions call -------------------------------------------------------------------
-    def submit(self, dialogue: Dialogue, user: str, *, max_new_tokens: int | None = None,
-               forced: list[list[int]] | None = None) -> ScheduledTurn:
+    def submit(
+        self, dialogue: Dialogue, user: str, *, max_new_tokens: int | None = None, forced: list[list[int]] | None = None
+    ) -> ScheduledTurn:
         """Queue a turn of `dialogue`; its events arrive on the returned turn's `events` queue."""
         if dialogue.model is not self.lm.model:
             raise DialogueError("this dialogue belongs to another model than the scheduler's")
@@ -182,8 +190,9 @@ class StepScheduler:
             self._cv.notify_all()
         return job
 
-    def stream(self, dialogue: Dialogue, user: str, *, max_new_tokens: int | None = None,
-               forced: list[list[int]] | None = None) -> Iterator[StreamEvent]:
+    def stream(
+        self, dialogue: Dialogue, user: str, *, max_new_tokens: int | None = None, forced: list[list[int]] | None = None
+    ) -> Iterator[StreamEvent]:
         """`Dialogue.stream` through the scheduler: the same events (status events while queued).
 
         Closing the iterator early (a closed tab) cancels the turn: queued, it never runs; running,
@@ -272,8 +281,13 @@ class StepScheduler:
     def status(self) -> dict:
         """What the scheduler holds now: active turns and rows, queued turns, the cap."""
         with self._cv:
-            return {"active_turns": len(self._active), "active_rows": sum(j.rows for j in self._active),
-                    "queued_turns": len(self._waiting), "max_rows": self.max_rows, "steps": self.steps}
+            return {
+                "active_turns": len(self._active),
+                "active_rows": sum(j.rows for j in self._active),
+                "queued_turns": len(self._waiting),
+                "max_rows": self.max_rows,
+                "steps": self.steps,
+            }
 
     def close(self) -> None:
         """Stop the thread; queued and running turns end with SchedulerClosed."""
@@ -412,37 +426,44 @@ class StepScheduler:
         if len(group) == 1:
             job, req = group[0]
             self._joined = None
-            return [job.dialogue._forward(req.chunks, req.roles, job.run.turn, logits_to_keep=1,
-                                          carried=req.carried)]
+            return [job.dialogue._forward(req.chunks, req.roles, job.run.turn, logits_to_keep=1, carried=req.carried)]
         model = self.lm.model
         T = max(req.width for _, req in group)
         dialogues = [job.dialogue for job, _ in group]
         steps = [job.dialogue._step_inputs(req.chunks, req.roles, job.run.turn, width=T) for job, req in group]
         cache, offsets = self._joined_cache(dialogues)
-        S = (cache.get_seq_length() if cache is not None else 0)
+        S = cache.get_seq_length() if cache is not None else 0
         rows, bindings, allow, columns = [], [], {}, []
         r0 = 0
         for d, st, off in zip(dialogues, steps, offsets):
             rows.append((r0, r0 + d.n_arms))
             bindings += [RowBinding(b.row + r0, b.mechanism, b.valid, b.info) for b in st.bindings]
             allow.update({r + r0: a for r, a in st.allow.items()})
-            columns.append(torch.cat([torch.zeros(d.n_arms, off, dtype=st.columns.dtype, device=st.columns.device),
-                                      st.columns], 1))
+            columns.append(
+                torch.cat([torch.zeros(d.n_arms, off, dtype=st.columns.dtype, device=st.columns.device), st.columns], 1)
+            )
             r0 += d.n_arms
         mask2d = torch.cat(columns, 0)
         assert mask2d.shape[1] == S + T, (mask2d.shape, S, T)
         mask = mask2d
         if allow:
-            mask = attention_mask_4d(mask2d.cpu(), T, allow, model.config._attn_implementation,
-                                     model.dtype).to(self.lm.device)
+            mask = attention_mask_4d(mask2d.cpu(), T, allow, model.config._attn_implementation, model.dtype).to(
+                self.lm.device
+            )
         ids = torch.cat([st.ids for st in steps], 0).to(self.lm.device)
         positions = torch.cat([st.positions for st in steps], 0).to(self.lm.device)
         if cache is None:
             cache = DynamicCache(config=model.config)
         host = dialogues[0].host
         with grad_mode(bindings)(), host.use(BatchContext(bindings)):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         handed = []
         for d, (a, b), off in zip(dialogues, rows, offsets):
             mine = []
@@ -462,8 +483,10 @@ class StepScheduler:
         if self._joined is not None:
             prev, cache, offsets, handed = self._joined
             if prev == tuple(dialogues) and all(
-                    layer.keys is k and layer.values is v
-                    for d, mine in zip(dialogues, handed) for layer, (k, v) in zip(d.cache.layers, mine)):
+                layer.keys is k and layer.values is v
+                for d, mine in zip(dialogues, handed)
+                for layer, (k, v) in zip(d.cache.layers, mine)
+            ):
                 return cache, offsets
         self._joined = None
         widths = [d.mask.shape[1] for d in dialogues]
@@ -509,11 +532,19 @@ def _joinable(d: Dialogue) -> bool:
         return False
     width = d.mask.shape[1]
     for layer in d.cache.layers:
-        if getattr(layer, "is_sliding", False) and getattr(layer, "sliding_window", None) is not None and \
-                width >= layer.sliding_window - 1:
+        if (
+            getattr(layer, "is_sliding", False)
+            and getattr(layer, "sliding_window", None) is not None
+            and width >= layer.sliding_window - 1
+        ):
             return False
-        if width and getattr(layer, "is_initialized", False) and layer.keys is not None and \
-                layer.keys.numel() and layer.keys.shape[-2] != width:
+        if (
+            width
+            and getattr(layer, "is_initialized", False)
+            and layer.keys is not None
+            and layer.keys.numel()
+            and layer.keys.shape[-2] != width
+        ):
             return False
     return True
 

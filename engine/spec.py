@@ -9,6 +9,7 @@ An arm that names a weights file takes the file's embedded mechanism settings as
 (keys written in the spec win), and its `to_dict()` records the file's content hash, which
 `from_dict` (replay, reopening a session) checks against the file on disk.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -88,8 +89,7 @@ def _format_value(value) -> str:
     text = str(value)
     if not isinstance(value, str):
         return text
-    if any(c in text for c in '/,=": ') or text.lower() in ("true", "false", "yes", "no", "on", "off", "none",
-                                                            "null"):
+    if any(c in text for c in '/,=": ') or text.lower() in ("true", "false", "yes", "no", "on", "off", "none", "null"):
         return f'"{text}"'
     try:  # a string that reads as a number must stay a string
         float(text)
@@ -141,8 +141,11 @@ class ArmSpec:
         pairs = []
         if self.settings is not None:  # linkage always shown: it is what a reader looks for first
             pairs.append(f"linkage={_format_value(self.settings.linkage)}")
-            pairs += [f"{k}={_format_value(v)}" for k, v in self.settings.model_dump(exclude_defaults=True).items()
-                      if k != "linkage"]
+            pairs += [
+                f"{k}={_format_value(v)}"
+                for k, v in self.settings.model_dump(exclude_defaults=True).items()
+                if k != "linkage"
+            ]
         if include_sampling:
             pairs += [f"{k}={_format_value(v)}" for k, v in self.sampling.model_dump(exclude_defaults=True).items()]
         if self.label:
@@ -157,9 +160,13 @@ class ArmSpec:
         return getattr(self.settings, "weights", None) or getattr(self.settings, "referenced_weights", None)
 
     def to_dict(self) -> dict:
-        d = {"mechanism": self.mechanism,
-             "settings": None if self.settings is None else self.settings.model_dump(),
-             "sampling": self.sampling.model_dump(), "label": self.label, "spec": self.to_string()}
+        d = {
+            "mechanism": self.mechanism,
+            "settings": None if self.settings is None else self.settings.model_dump(),
+            "sampling": self.sampling.model_dump(),
+            "label": self.label,
+            "spec": self.to_string(),
+        }
         if self.weights_path:
             try:
                 d["weights_sha256"] = file_sha256(resolve_path(self.weights_path))
@@ -188,8 +195,10 @@ class ArmSpec:
             except WeightsError:
                 raise SpecError(f"the weights file {path} this arm was run with is missing") from None
             if now != logged:
-                raise SpecError(f"the weights file {path} has changed since this arm was run "
-                                f"(logged sha256 {logged[:12]}…, now {now[:12]}…)")
+                raise SpecError(
+                    f"the weights file {path} has changed since this arm was run "
+                    f"(logged sha256 {logged[:12]}…, now {now[:12]}…)"
+                )
         return spec
 
     def with_sampling(self, **changes) -> "ArmSpec":
@@ -207,7 +216,9 @@ class ArmSpec:
                 self.settings.resolved_layers(n_layers)
                 share = getattr(self.settings, "share_from", None)
                 if share is not None and not 0 <= share < n_layers:
-                    raise ValueError(f"share_from layer {share} does not exist: this model has layers 0..{n_layers - 1}")
+                    raise ValueError(
+                        f"share_from layer {share} does not exist: this model has layers 0..{n_layers - 1}"
+                    )
             except ValueError as e:
                 raise SpecError(f"{self.to_string(False)}: {e}") from None
 
@@ -251,7 +262,12 @@ def parse_arm(text: str) -> ArmSpec:
         raise SpecError(f"unknown mechanism '{name}' (known: {known})")
     fields = MECHANISMS[name].Settings.model_fields
     for key, value in raw.items():  # 'none' means "unset" only where unset is a legal value
-        if not isinstance(value, _Quoted) and value in ("none", "null") and key in fields and fields[key].default is None:
+        if (
+            not isinstance(value, _Quoted)
+            and value in ("none", "null")
+            and key in fields
+            and fields[key].default is None
+        ):
             raw[key] = None
     if "layers" in raw and not isinstance(raw["layers"], list):
         raw["layers"] = [raw["layers"]]

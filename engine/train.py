@@ -40,6 +40,7 @@ Mechanism-side contract (what a mechanism provides to be trainable here):
   the mask or the positions trains under the edits it will run with. A training row is one
   sequence at turn 0, right-padded.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,9 @@ class LoraConfig(_Strict):
     r: int = Field(8, ge=1, le=1024, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
-                                      description="module names to adapt")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="module names to adapt"
+    )
 
 
 class DataConfig(_Strict):
@@ -93,9 +95,13 @@ class DataConfig(_Strict):
     format: Literal["auto", "text", "chat"] = Field("auto", description="line format")
     max_length: int = Field(512, ge=8, le=131072, description="tokens per sequence (longer are cut)")
     loss_on: Literal["all", "assistant", "last"] = Field(
-        "all", description="chat: train on every token, the replies, or the last reply only (e.g. a recall answer)")
-    documents: bool = Field(False, description="each row has a 'document': it is distilled into the memory bank "
-                                               "before the row (as engine distill does), and a bank reader trains")
+        "all", description="chat: train on every token, the replies, or the last reply only (e.g. a recall answer)"
+    )
+    documents: bool = Field(
+        False,
+        description="each row has a 'document': it is distilled into the memory bank "
+        "before the row (as engine distill does), and a bank reader trains",
+    )
 
 
 class TrainSection(_Strict):
@@ -113,14 +119,20 @@ class TrainSection(_Strict):
     min_delta: float = Field(0.0, ge=0, description="improvement that counts for early stopping")
     aux_weights: dict[str, float] = Field(
         default_factory=lambda: {"router_balance": 0.01, "router_aux": 0.0, "router_z": 0.001},
-        description="weight per auxiliary loss name")
+        description="weight per auxiliary loss name",
+    )
     seed: int = Field(0, ge=0, description="seed for initialisation and data order")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision")
-    threads: int | None = Field(None, ge=1, le=1024,
-                                description="CPU intra-op threads (torch.set_num_threads); on a busy machine 1 is fastest")
-    window: int | None = Field(None, ge=1, le=1_000_000,
-                               description="sliding attention window: each token sees the first `sink` tokens and the "
-                                           "last N (as a dialogue's window=N), so only a memory carries what fell out")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU intra-op threads (torch.set_num_threads); on a busy machine 1 is fastest"
+    )
+    window: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="sliding attention window: each token sees the first `sink` tokens and the "
+        "last N (as a dialogue's window=N), so only a memory carries what fell out",
+    )
     sink: int = Field(4, ge=0, le=1024, description="attention-sink tokens kept visible under `window`")
 
 
@@ -147,8 +159,9 @@ class TrainConfig(_Strict):
         from .mechanisms import MECHANISMS
 
         if self.mechanism.name not in MECHANISMS:
-            raise ValueError(f"mechanism.name: unknown mechanism '{self.mechanism.name}' "
-                             f"(known: {', '.join(MECHANISMS)})")
+            raise ValueError(
+                f"mechanism.name: unknown mechanism '{self.mechanism.name}' (known: {', '.join(MECHANISMS)})"
+            )
         cls = MECHANISMS[self.mechanism.name]
         if not hasattr(cls, "build_weights") or "weights" not in cls.Settings.model_fields:
             raise ValueError(f"mechanism.name: '{self.mechanism.name}' has no trainable weights")
@@ -191,7 +204,9 @@ def load_config(path: str | Path) -> TrainConfig:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})"]) from None
+        raise ConfigError(
+            [f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or str(e).splitlines()[0]})"]
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError([f"config file {p} is not UTF-8 text"]) from None
     if not isinstance(raw, dict):
@@ -215,6 +230,7 @@ def load_config(path: str | Path) -> TrainConfig:
 
 # ============================================================================ data
 
+
 def read_jsonl(path: str | Path, fmt: str) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -226,10 +242,17 @@ def read_jsonl(path: str | Path, fmt: str) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ConfigError([f"{path} line {n}: not JSON ({e.msg})"]) from None
             kind = "chat" if isinstance(row, dict) and "messages" in row else "text"
-            if not isinstance(row, dict) or (kind == "text" and not isinstance(row.get("text"), str)) \
-                    or (fmt != "auto" and kind != fmt):
-                raise ConfigError([f"{path} line {n}: expected an object with "
-                                   f"{'a messages list' if fmt == 'chat' else 'a text string' if fmt == 'text' else 'text or messages'}"])
+            if (
+                not isinstance(row, dict)
+                or (kind == "text" and not isinstance(row.get("text"), str))
+                or (fmt != "auto" and kind != fmt)
+            ):
+                raise ConfigError(
+                    [
+                        f"{path} line {n}: expected an object with "
+                        f"{'a messages list' if fmt == 'chat' else 'a text string' if fmt == 'text' else 'text or messages'}"
+                    ]
+                )
             rows.append(row)
     if not rows:
         raise ConfigError([f"{path}: no examples"])
@@ -292,8 +315,12 @@ def collate(batch: list[dict], pad_id: int):
     import torch
 
     T = max(len(b["ids"]) for b in batch)
-    out = {"ids": torch.full((len(batch), T), pad_id), "roles": torch.zeros(len(batch), T, dtype=torch.long),
-           "labels": torch.full((len(batch), T), -100), "valid": torch.zeros(len(batch), T, dtype=torch.bool)}
+    out = {
+        "ids": torch.full((len(batch), T), pad_id),
+        "roles": torch.zeros(len(batch), T, dtype=torch.long),
+        "labels": torch.full((len(batch), T), -100),
+        "valid": torch.zeros(len(batch), T, dtype=torch.bool),
+    }
     for i, b in enumerate(batch):
         n = len(b["ids"])
         out["ids"][i, :n] = torch.tensor(b["ids"])
@@ -305,18 +332,20 @@ def collate(batch: list[dict], pad_id: int):
         out["doc_ids"] = torch.full((len(batch), D), pad_id)
         out["doc_len"] = torch.tensor([len(b["doc"]) for b in batch])
         for i, b in enumerate(batch):
-            out["doc_ids"][i, :len(b["doc"])] = torch.tensor(b["doc"])
+            out["doc_ids"][i, : len(b["doc"])] = torch.tensor(b["doc"])
     return out
 
 
 # ============================================================================ the model under training
 
+
 class MechanismTrainer(torch.nn.Module):
     """An nn.Module whose forward is one batch's loss: the frozen base with the mechanism bound by
     row, each row's plan applied as the dialogue applies it (so training sees what running sees)."""
 
-    def __init__(self, base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None,
-                 sink: int = 4):
+    def __init__(
+        self, base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None, sink: int = 4
+    ):
         super().__init__()
         self.base = base
         self.weights = weights
@@ -327,8 +356,9 @@ class MechanismTrainer(torch.nn.Module):
 
     def state_dict(self, *args, **kwargs):
         """Only what trains (the frozen base is not checkpointed)."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad} | \
-            {f"weights.{n}": b for n, b in self.weights.named_buffers()}
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad} | {
+            f"weights.{n}": b for n, b in self.weights.named_buffers()
+        }
 
     def load_state_dict(self, state, strict: bool = True, assign: bool = False):
         own = dict(self.named_parameters()) | {f"weights.{n}": b for n, b in self.weights.named_buffers()}
@@ -354,8 +384,10 @@ class MechanismTrainer(torch.nn.Module):
     def documents(self, doc_ids, doc_len) -> list[dict]:
         """Per row: layer -> the document's x̂ [n, d] at the bank's layers (what distill stores)."""
         layers = self._mechanism(0).layers
-        return [{l: x[:int(n)] for l, x in layer_inputs(self.base, doc_ids[r:r + 1, :int(n)], layers).items()}
-                for r, n in enumerate(doc_len)]
+        return [
+            {l: x[: int(n)] for l, x in layer_inputs(self.base, doc_ids[r : r + 1, : int(n)], layers).items()}
+            for r, n in enumerate(doc_len)
+        ]
 
     def _bind_rows(self, ids, roles, valid, docs, positions) -> tuple[list, dict]:
         """Each row's binding (its mechanism, reset, bound to its document) and the extra mask pairs
@@ -363,8 +395,13 @@ class MechanismTrainer(torch.nn.Module):
         bindings, allow = [], {}
         for r in range(ids.shape[0]):
             n = int(valid[r].sum())
-            info = StepRow(positions=torch.arange(n, device=ids.device), roles=roles[r, :n], token_ids=ids[r, :n],
-                           turn=0, record=False)
+            info = StepRow(
+                positions=torch.arange(n, device=ids.device),
+                roles=roles[r, :n],
+                token_ids=ids[r, :n],
+                turn=0,
+                record=False,
+            )
             mech = self._mechanism(r)
             if docs is not None:
                 mech.bind_document(docs[r])
@@ -379,12 +416,14 @@ class MechanismTrainer(torch.nn.Module):
         mask = valid.long()
         if self.window is not None:
             if allow:
-                raise ValueError("train.window: this mechanism edits the attention mask, which a window "
-                                 "cannot be combined with yet")
+                raise ValueError(
+                    "train.window: this mechanism edits the attention mask, which a window cannot be combined with yet"
+                )
             return window_mask(valid, self.window, self.sink)
         if allow:
-            return attention_mask_4d(mask.cpu(), T, allow, self.base.config._attn_implementation,
-                                     self.base.dtype).to(valid.device)
+            return attention_mask_4d(mask.cpu(), T, allow, self.base.config._attn_implementation, self.base.dtype).to(
+                valid.device
+            )
         return mask
 
     def logits(self, ids, roles, valid, doc_ids=None, doc_len=None):
@@ -405,8 +444,9 @@ class MechanismTrainer(torch.nn.Module):
         all_logits, aux_losses = self.logits(ids, roles, valid, doc_ids, doc_len)
         logits = all_logits[:, :-1].float()
         target = labels[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                              reduction="sum")
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         n_tokens = (target != -100).sum()
         aux = torch.zeros((), device=logits.device)
         for row_losses in aux_losses.values():
@@ -416,8 +456,9 @@ class MechanismTrainer(torch.nn.Module):
         return nll, n_tokens, aux
 
 
-def trainer_module(base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None,
-                   sink: int = 4) -> MechanismTrainer:
+def trainer_module(
+    base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None, sink: int = 4
+) -> MechanismTrainer:
     """The module `train` optimises (its forward is one batch's loss); public so that studies train
     and score through the very same batched loss (studies/persistent_window.py)."""
     return MechanismTrainer(base, cls, settings, weights, aux_weights, window, sink)
@@ -428,6 +469,7 @@ def _weights_tensors(module) -> dict:
 
 
 # ============================================================================ setting a run up
+
 
 def _build_weights(cfg: TrainConfig, cls, settings, base, lm):
     """The mechanism's trainable module: its weights (or, with documents, its reader), from
@@ -461,8 +503,15 @@ def _inject_lora(cfg: TrainConfig, base) -> list:
     from peft import LoraConfig as PeftLora
     from peft import inject_adapter_in_model
 
-    inject_adapter_in_model(PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                     target_modules=cfg.lora.target_modules), base)
+    inject_adapter_in_model(
+        PeftLora(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+        ),
+        base,
+    )
     lora_params = [p for n, p in base.named_parameters() if "lora_" in n]
     for p in lora_params:
         p.requires_grad_(True)
@@ -486,10 +535,17 @@ def _loaders(cfg: TrainConfig, tok):
     enc = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on, cfg.data.documents) for r in rows]
     enc_eval = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on, cfg.data.documents) for r in eval_rows]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    loader = DataLoader(enc, batch_size=cfg.train.batch_size, shuffle=True, drop_last=False,
-                        collate_fn=lambda b: collate(b, pad), generator=torch.Generator().manual_seed(cfg.train.seed))
-    eval_loader = DataLoader(enc_eval, batch_size=cfg.train.batch_size, shuffle=False,
-                             collate_fn=lambda b: collate(b, pad))
+    loader = DataLoader(
+        enc,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        drop_last=False,
+        collate_fn=lambda b: collate(b, pad),
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    eval_loader = DataLoader(
+        enc_eval, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad)
+    )
     return loader, eval_loader, bool(enc_eval)
 
 
@@ -510,8 +566,9 @@ def _optimizer(cfg: TrainConfig, weights, lora_params: list):
         groups.append({"params": lora_params, "lr": cfg.train.lora_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
     t = cfg.train
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.schedule, t.warmup_steps,
-                                                                                 t.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.schedule, t.warmup_steps, t.max_steps)
+    )
     return optimizer, scheduler
 
 
@@ -527,6 +584,7 @@ def _resume_point(cfg: TrainConfig, resume: str | None, ckpt_root: Path) -> str 
 
 
 # ============================================================================ the loop
+
 
 @dataclass
 class _Run:
@@ -546,8 +604,9 @@ class _Run:
     settings: Any
     lm: Any
     log: Callable
-    state: dict = field(default_factory=lambda: {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0,
-                                                 "history": []})
+    state: dict = field(
+        default_factory=lambda: {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "history": []}
+    )
     step_times: list = field(default_factory=list)
     logf: Any = None
 
@@ -574,12 +633,22 @@ class _Run:
 
         if self.accelerator.is_main_process:
             s, cfg = self.settings, self.cfg
-            save_weights(path, _weights_tensors(self.accelerator.unwrap_model(self.module).weights),
-                         mechanism=self.cls.name,
-                         settings=s.model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": s.gain},
-                         model=self.lm.model, identity=self.lm.identity,
-                         extra={"trained": {"step": self.state["step"], "eval_loss": self.state["best_eval"],
-                                            "config": cfg.model_dump()}} | ({"reader": True} if cfg.data.documents else {}))
+            save_weights(
+                path,
+                _weights_tensors(self.accelerator.unwrap_model(self.module).weights),
+                mechanism=self.cls.name,
+                settings=s.model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": s.gain},
+                model=self.lm.model,
+                identity=self.lm.identity,
+                extra={
+                    "trained": {
+                        "step": self.state["step"],
+                        "eval_loss": self.state["best_eval"],
+                        "config": cfg.model_dump(),
+                    }
+                }
+                | ({"reader": True} if cfg.data.documents else {}),
+            )
 
     def checkpoint(self) -> None:
         """Accelerate's state plus trainer_state.json; only the newest `keep_checkpoints` are kept."""
@@ -589,8 +658,9 @@ class _Run:
         if self.accelerator.is_main_process:
             (path / "trainer_state.json").write_text(json.dumps(self.state))
             old = sorted(self.ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-            for p in old[:-self.cfg.output.keep_checkpoints]:
+            for p in old[: -self.cfg.output.keep_checkpoints]:
                 import shutil
+
                 shutil.rmtree(p, ignore_errors=True)
 
     def held_out(self, record: dict, bar) -> bool:
@@ -617,8 +687,12 @@ class _Run:
         state["step"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        record = {"step": state["step"], "loss": float(loss.detach()), "aux": float(aux.detach()),
-                  "lr": self.scheduler.get_last_lr()[0]}
+        record = {
+            "step": state["step"],
+            "loss": float(loss.detach()),
+            "aux": float(aux.detach()),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
         stop = False
         if self.has_eval and (state["step"] % self.cfg.train.eval_every == 0 or state["step"] == total):
             stop = self.held_out(record, bar)
@@ -637,8 +711,9 @@ class _Run:
             loss = nll / n.clamp_min(1) + aux
             acc.backward(loss)
             if acc.sync_gradients and self.cfg.train.max_grad_norm is not None:
-                acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                    self.cfg.train.max_grad_norm)
+                acc.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.train.max_grad_norm
+                )
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
@@ -670,12 +745,16 @@ class _Run:
 
     def summary(self, elapsed: float) -> dict:
         state, times = self.state, self.step_times
-        return {"steps": state["step"], "initial_eval_loss": state.get("initial_eval"),
-                "best_eval_loss": state["best_eval"], "best_step": state["best_step"],
-                "weights": str(self.cfg.weights_path),
-                "best_perplexity": None if state["best_eval"] is None else math.exp(min(state["best_eval"], 50)),
-                "seconds": round(elapsed, 2),
-                "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None}
+        return {
+            "steps": state["step"],
+            "initial_eval_loss": state.get("initial_eval"),
+            "best_eval_loss": state["best_eval"],
+            "best_step": state["best_step"],
+            "weights": str(self.cfg.weights_path),
+            "best_perplexity": None if state["best_eval"] is None else math.exp(min(state["best_eval"], 50)),
+            "seconds": round(elapsed, 2),
+            "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None,
+        }
 
 
 def _save_lora(cfg: TrainConfig, base) -> None:
@@ -685,8 +764,10 @@ def _save_lora(cfg: TrainConfig, base) -> None:
 
     lora_dir = Path(str(cfg.weights_path) + ".lora")
     lora_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(base).items()},
-              str(lora_dir / "adapter_model.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(base).items()},
+        str(lora_dir / "adapter_model.safetensors"),
+    )
     (lora_dir / "adapter_config.json").write_text(json.dumps(cfg.lora.model_dump()))
 
 
@@ -709,10 +790,12 @@ def _setup(cfg: TrainConfig, accelerator, lm, resume: str | None, log) -> tuple[
     module = trainer_module(base, cls, settings, weights, cfg.train.aux_weights, cfg.train.window, cfg.train.sink)
     loader, eval_loader, has_eval = _loaders(cfg, lm.tokenizer)
     optimizer, scheduler = _optimizer(cfg, weights, lora_params)
-    module, optimizer, loader, eval_loader, scheduler = accelerator.prepare(module, optimizer, loader, eval_loader,
-                                                                            scheduler)
-    run = _Run(cfg, accelerator, module, optimizer, scheduler, loader, eval_loader, has_eval, weights, cls, settings,
-               lm, log)
+    module, optimizer, loader, eval_loader, scheduler = accelerator.prepare(
+        module, optimizer, loader, eval_loader, scheduler
+    )
+    run = _Run(
+        cfg, accelerator, module, optimizer, scheduler, loader, eval_loader, has_eval, weights, cls, settings, lm, log
+    )
     resume = _resume_point(cfg, resume, run.ckpt_root)
     if resume:
         accelerator.load_state(resume)
@@ -732,9 +815,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
 
     out_dir = Path(cfg.output.dir)
     accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=cfg.train.mixed_precision,
         project_config=ProjectConfiguration(project_dir=str(out_dir), automatic_checkpoint_naming=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
     set_seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -744,9 +829,13 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     if run.state["step"] == 0 and run.has_eval:
         run.state["initial_eval"] = ev = run.evaluate()
         log(f"step 0: held-out loss {ev:.4f} (perplexity {math.exp(ev):.2f})")
-    bar = tqdm(total=cfg.train.max_steps, initial=run.state["step"],
-               disable=not (progress and accelerator.is_local_main_process), desc=f"train {run.cls.name}",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=run.state["step"],
+        disable=not (progress and accelerator.is_local_main_process),
+        desc=f"train {run.cls.name}",
+        dynamic_ncols=True,
+    )
     t_start = time.perf_counter()
     run.loop(bar)
     bar.close()
@@ -780,4 +869,3 @@ def main(args) -> int:
             return 2
         raise
     return 0
-

@@ -9,6 +9,7 @@ another model is refused before anything is built, with one line that says why.
 Loaded parameters are cached per process by (mechanism, file content hash, model): every arm and
 dialogue that names the same file shares one read-only module.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,21 +72,37 @@ def model_fingerprint(model: torch.nn.Module, identity=None) -> dict:
     """What a weights file records about the base model it was made for."""
     cfg = model.config
     ident = identity.to_dict() if hasattr(identity, "to_dict") else (identity or {})
-    return {"name": ident.get("name"), "weights_hash": ident.get("weights_hash"),
-            "hidden_size": int(cfg.hidden_size), "num_hidden_layers": int(cfg.num_hidden_layers),
-            "architecture": ident.get("architecture") or type(model).__name__}
+    return {
+        "name": ident.get("name"),
+        "weights_hash": ident.get("weights_hash"),
+        "hidden_size": int(cfg.hidden_size),
+        "num_hidden_layers": int(cfg.num_hidden_layers),
+        "architecture": ident.get("architecture") or type(model).__name__,
+    }
 
 
-def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], *, mechanism: str, settings: dict,
-                 model: torch.nn.Module, identity=None, extra: dict | None = None) -> str:
+def save_weights(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    mechanism: str,
+    settings: dict,
+    model: torch.nn.Module,
+    identity=None,
+    extra: dict | None = None,
+) -> str:
     """Write a weights file (atomically: a temporary file renamed into place); return its sha256."""
     from safetensors.torch import save_file
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "mechanism": mechanism, "settings": json.dumps(settings, sort_keys=True),
-            "model": json.dumps(model_fingerprint(model, identity), sort_keys=True),
-            "extra": json.dumps(extra or {}, sort_keys=True)}
+    meta = {
+        "format": FORMAT,
+        "mechanism": mechanism,
+        "settings": json.dumps(settings, sort_keys=True),
+        "model": json.dumps(model_fingerprint(model, identity), sort_keys=True),
+        "extra": json.dumps(extra or {}, sort_keys=True),
+    }
     tmp = p.with_name(p.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, p)
@@ -107,13 +124,21 @@ def read_header(path: str | Path) -> WeightsFile:
             for name in names:  # touch every tensor's extent: a truncated file fails here
                 f.get_slice(name).get_shape()
     except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise WeightsError(f"weights file {p} is not a readable safetensors file ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:160] if str(e) else 'corrupt'})") from None
+        raise WeightsError(
+            f"weights file {p} is not a readable safetensors file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else 'corrupt'})"
+        ) from None
     if meta.get("format") != FORMAT:
         raise WeightsError(f"weights file {p} was not written by this lab (no '{FORMAT}' metadata)")
     try:
-        return WeightsFile(p, sha, meta["mechanism"], json.loads(meta["settings"]), json.loads(meta["model"]),
-                           json.loads(meta.get("extra", "{}")))
+        return WeightsFile(
+            p,
+            sha,
+            meta["mechanism"],
+            json.loads(meta["settings"]),
+            json.loads(meta["model"]),
+            json.loads(meta.get("extra", "{}")),
+        )
     except (KeyError, json.JSONDecodeError) as e:
         raise WeightsError(f"weights file {p} has damaged metadata ({e})") from None
 
@@ -134,12 +159,16 @@ def check_fits(wf: WeightsFile, mechanism: str, model: torch.nn.Module, identity
     here = model_fingerprint(model, identity)
     for key, what in (("hidden_size", "hidden size"), ("num_hidden_layers", "layer count")):
         if wf.model.get(key) != here[key]:
-            raise WeightsError(f"weights file {wf.path} was made for another model: {what} {wf.model.get(key)} "
-                               f"(model '{wf.model.get('name')}'), this model has {here[key]}")
+            raise WeightsError(
+                f"weights file {wf.path} was made for another model: {what} {wf.model.get(key)} "
+                f"(model '{wf.model.get('name')}'), this model has {here[key]}"
+            )
     theirs, ours = wf.model.get("weights_hash"), here.get("weights_hash")
     if theirs and ours and theirs != ours:
-        raise WeightsError(f"weights file {wf.path} was made for model '{wf.model.get('name')}' (weights "
-                           f"{theirs[:12]}…), not for the loaded '{here.get('name')}' ({ours[:12]}…)")
+        raise WeightsError(
+            f"weights file {wf.path} was made for model '{wf.model.get('name')}' (weights "
+            f"{theirs[:12]}…), not for the loaded '{here.get('name')}' ({ours[:12]}…)"
+        )
 
 
 _SHARED: dict[tuple, torch.nn.Module | None] = {}
@@ -158,8 +187,12 @@ def shared_weights(cls, settings, model: torch.nn.Module, identity=None) -> tupl
         if path:
             wf = read_header(path)
             check_fits(wf, cls.name, model, identity)
-            key = (cls.name, wf.sha256, id(model), json.dumps(settings.model_dump(exclude={"linkage", "gain"}),
-                                                               sort_keys=True, default=str))
+            key = (
+                cls.name,
+                wf.sha256,
+                id(model),
+                json.dumps(settings.model_dump(exclude={"linkage", "gain"}), sort_keys=True, default=str),
+            )
             if key not in _SHARED:
                 try:
                     module = cls.build_weights(settings, model, load_tensors(wf))
@@ -169,8 +202,12 @@ def shared_weights(cls, settings, model: torch.nn.Module, identity=None) -> tupl
                     raise WeightsError(f"weights file {wf.path} does not fit these settings: {e}") from None
                 _SHARED[key] = _freeze(module)
             return _SHARED[key], wf.sha256
-        key = (cls.name, None, id(model), json.dumps(settings.model_dump(exclude={"linkage", "gain"}),
-                                                     sort_keys=True, default=str))
+        key = (
+            cls.name,
+            None,
+            id(model),
+            json.dumps(settings.model_dump(exclude={"linkage", "gain"}), sort_keys=True, default=str),
+        )
         if key not in _SHARED:
             _SHARED[key] = _freeze(cls.build_weights(settings, model, None))
         return _SHARED[key], None

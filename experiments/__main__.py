@@ -19,6 +19,7 @@ model, resume with other settings); 1 a database problem (e.g. locked; rows alre
 stay); 130 interrupted by Ctrl-C, 143 by SIGTERM (either way the run is marked 'interrupted' and the
 resume command is printed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,22 +47,39 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, default=None, help="seeds per item (default 1)")
     r.add_argument("--items", type=int, default=None, help="first K items (default all)")
     r.add_argument("--max-new-tokens", type=int, default=None, help="default: the protocol's")
-    r.add_argument("--window", type=int, default=None,
-                   help="attention window in tokens: every arm sees the first few plus the last N (default: the "
-                        "protocol's, else full attention)")
+    r.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="attention window in tokens: every arm sees the first few plus the last N (default: the "
+        "protocol's, else full attention)",
+    )
     r.add_argument("--db", default=None, help="database URL or SQLite path (default $LAB_DB or lab.db)")
     r.add_argument("--model", default=None, help="'embedded' (default), a local folder, or a cached HF id")
     r.add_argument("--dtype", default=None)
     r.add_argument("--name", default=None, help="a name for the run")
     r.add_argument("--resume", default=None, metavar="RUN_ID", help="continue an interrupted run")
-    r.add_argument("--new", action="store_true",
-                   help="start a fresh run even if the same command already has a run in the database")
+    r.add_argument(
+        "--new",
+        action="store_true",
+        help="start a fresh run even if the same command already has a run in the database",
+    )
     r.add_argument("--json", action="store_true", help="print the final summary as JSON")
-    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="play the dialogues on Ray actors: on the cluster at ADDRESS (e.g. auto, ray://host:10001), "
-                        "or without one on a local instance started for the run")
-    r.add_argument("--actors", type=int, default=None,
-                   help="with --ray: how many actors, each with the model loaded (default: one per GPU, else per CPU)")
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="play the dialogues on Ray actors: on the cluster at ADDRESS (e.g. auto, ray://host:10001), "
+        "or without one on a local instance started for the run",
+    )
+    r.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="with --ray: how many actors, each with the model loaded (default: one per GPU, else per CPU)",
+    )
 
     ls = sub.add_parser("list", help="runs in the database with status and progress")
     ls.add_argument("--db", default=None)
@@ -76,13 +94,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("score", help="score a JSONL of dialogues and print agreement with its labels")
     sc.add_argument("scorer", help=" or ".join(stance_scorer_names()))
-    sc.add_argument("file", help="JSONL: one {\"turns\": [reply, ...], \"labels\": [label|null, ...]} per line")
+    sc.add_argument("file", help='JSONL: one {"turns": [reply, ...], "labels": [label|null, ...]} per line')
     sc.add_argument("--judge", default=None, help=f"stance judge: {JUDGES} (default: nli where installed)")
     sc.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
     sc.add_argument("--json", action="store_true", help="one summary object (agreement, reversals_caught, ...)")
 
-    ja = sub.add_parser("judge-audit", help="judge-bias checks on labelled replies: length, order, paraphrase, "
-                                           "no stance, each beside the overall agreement")
+    ja = sub.add_parser(
+        "judge-audit",
+        help="judge-bias checks on labelled replies: length, order, paraphrase, "
+        "no stance, each beside the overall agreement",
+    )
     ja.add_argument("file", nargs="+", help="labelled JSONL file(s) (data/stance_labels format)")
     ja.add_argument("--judge", default=None, help=f"stance judge: {JUDGES} (default: nli where installed)")
     ja.add_argument("--judge-model", default=None, help="llm judge: a local model folder (default: embedded)")
@@ -103,8 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     fg.add_argument("run_id")
     fg.add_argument("--out", default=None, help="folder (default: figures-RUN_ID)")
     fg.add_argument("--judge", default=None, help="stance rows of this judge (default: the run's own)")
-    fg.add_argument("--format", action="append", choices=["html", "png", "svg"], default=None,
-                    help="repeatable; default: html, png and svg")
+    fg.add_argument(
+        "--format",
+        action="append",
+        choices=["html", "png", "svg"],
+        default=None,
+        help="repeatable; default: html, png and svg",
+    )
     fg.add_argument("--db", default=None)
 
     sub.add_parser("protocols", help="list the shipped protocols")
@@ -164,8 +190,10 @@ def _cmd_list(args) -> int:
         print("no runs in", store.name)
     for r in runs:
         planned = "?" if r["planned"] is None else r["planned"]
-        print(f"{r['id']}  {str(r['created_at'])[:19]}  {r['status']:11s} {r['done']}/{planned} dialogues  "
-              f"{r['protocol']}  arms: {' | '.join(r['arms'])}")
+        print(
+            f"{r['id']}  {str(r['created_at'])[:19]}  {r['status']:11s} {r['done']}/{planned} dialogues  "
+            f"{r['protocol']}  arms: {' | '.join(r['arms'])}"
+        )
     return 0
 
 
@@ -189,8 +217,12 @@ def _cmd_figures(args) -> int:
         figs = run_figures(store, args.run_id, judge=args.judge)
     except ValueError as e:
         return _fail(str(e))
-    written, problems = export_figures(figs, args.out or f"figures-{args.run_id[:12]}", stem=args.run_id[:12],
-                                       formats=tuple(args.format or ("html", "png", "svg")))
+    written, problems = export_figures(
+        figs,
+        args.out or f"figures-{args.run_id[:12]}",
+        stem=args.run_id[:12],
+        formats=tuple(args.format or ("html", "png", "svg")),
+    )
     for path in written:
         print(path)
     for p in problems:
@@ -240,14 +272,24 @@ def _cmd_score(args) -> int:
     from tqdm import tqdm
 
     pairs, per_dialogue = [], []
-    for row in tqdm(rows, desc=f"{args.scorer}" + (f" [{judge.name}]" if judge else ""), unit="dialogue",
-                    file=sys.stderr, disable=args.json or len(rows) < 20):
+    for row in tqdm(
+        rows,
+        desc=f"{args.scorer}" + (f" [{judge.name}]" if judge else ""),
+        unit="dialogue",
+        file=sys.stderr,
+        disable=args.json or len(rows) < 20,
+    ):
         calls = stance_calls(args.scorer, row["turns"], judge=judge, claim=item_claim(row))
         labels = row["labels"] or [None] * len(calls)
         pairs += [(h, c["label"]) for h, c in zip(labels, calls)]
         per_dialogue.append({"id": row.get("id", f"line {row['line']}"), "calls": calls, "labels": labels})
-    result = {"scorer": args.scorer, "judge": judge.name if judge else None, "file": args.file,
-              "n_dialogues": len(rows), **agreement_counts(pairs)}
+    result = {
+        "scorer": args.scorer,
+        "judge": judge.name if judge else None,
+        "file": args.file,
+        "n_dialogues": len(rows),
+        **agreement_counts(pairs),
+    }
     if args.json:
         print(json.dumps(result))
         return 0
@@ -260,9 +302,11 @@ def _cmd_score(args) -> int:
         print(f"{name}: {len(rows)} dialogues scored; the file has no labels to compare with")
         return 0
     pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    print(f"{name}: agreement {pct(result['agreement'])} ({result['n_agree']}/{result['n_labelled']} labelled replies), "
-          f"reversals caught {pct(result['reversals_caught'])} ({result['n_reversed_caught']}/{result['n_reversed']}), "
-          f"missing {result['n_missing']}")
+    print(
+        f"{name}: agreement {pct(result['agreement'])} ({result['n_agree']}/{result['n_labelled']} labelled replies), "
+        f"reversals caught {pct(result['reversals_caught'])} ({result['n_reversed_caught']}/{result['n_reversed']}), "
+        f"missing {result['n_missing']}"
+    )
     return 0
 
 
@@ -293,8 +337,10 @@ def _cmd_fit_ensemble(args) -> int:
         w = fit_ensemble(args.file, args.out)
     except (ValueError, JudgeUnavailable) as e:
         return _fail(str(e))
-    print(f"ensemble fitted on {w['n_pairs']} stance pairs of {', '.join(w['fitted_on'])}; classes "
-          f"{', '.join(w['classes'])}; weights in {args.out or 'data/stance_labels/ensemble.json'}")
+    print(
+        f"ensemble fitted on {w['n_pairs']} stance pairs of {', '.join(w['fitted_on'])}; classes "
+        f"{', '.join(w['classes'])}; weights in {args.out or 'data/stance_labels/ensemble.json'}"
+    )
     return 0
 
 
@@ -310,14 +356,18 @@ def _cmd_rescore(args) -> int:
     from tqdm import tqdm
 
     bar = tqdm(unit="dialogue", desc=f"rescore [{judge.name}]", file=sys.stderr, disable=args.json)
-    out = rescore_run(store, args.run_id, judge, progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
+    out = rescore_run(
+        store, args.run_id, judge, progress=lambda done, total: (setattr(bar, "total", total), bar.update(1))
+    )
     bar.close()
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"run {args.run_id}: {out['n_rows']} stance rows of judge {judge.name} written as scorer "
-              f"{out['scorer']} over {out['n_dialogues']} dialogues ({out['n_missing']} missing calls); "
-              f"see them with: python -m experiments summary {args.run_id} --judge {judge.name}")
+        print(
+            f"run {args.run_id}: {out['n_rows']} stance rows of judge {judge.name} written as scorer "
+            f"{out['scorer']} over {out['n_dialogues']} dialogues ({out['n_missing']} missing calls); "
+            f"see them with: python -m experiments summary {args.run_id} --judge {judge.name}"
+        )
     return 0
 
 
@@ -347,11 +397,14 @@ def _cmd_run(args) -> int:
             stored = load_run(store, args.resume)
         except (ProtocolError, SpecError) as e:
             return _fail(f"run {args.resume} cannot be resumed: {e}")
-        config = RunConfig(protocol or stored.protocol, specs or stored.specs,
-                           args.seeds if args.seeds is not None else stored.seeds,
-                           args.items if args.items is not None else stored.items,
-                           args.max_new_tokens if args.max_new_tokens is not None else stored.max_new_tokens,
-                           args.window if args.window is not None else stored.window)
+        config = RunConfig(
+            protocol or stored.protocol,
+            specs or stored.specs,
+            args.seeds if args.seeds is not None else stored.seeds,
+            args.items if args.items is not None else stored.items,
+            args.max_new_tokens if args.max_new_tokens is not None else stored.max_new_tokens,
+            args.window if args.window is not None else stored.window,
+        )
     else:
         config = RunConfig(protocol, specs, args.seeds or 1, args.items, args.max_new_tokens, args.window)
 
@@ -379,14 +432,19 @@ def _cmd_run(args) -> int:
         if match is not None and match["status"] == "finished":
             from experiments.analysis import format_summary, summary
 
-            print(f"run {match['id']} with these settings has already finished; showing it "
-                  f"(add --new to run it again)", file=sys.stderr)
+            print(
+                f"run {match['id']} with these settings has already finished; showing it (add --new to run it again)",
+                file=sys.stderr,
+            )
             s = summary(store, match["id"])
             print(json.dumps(s) if args.json else format_summary(s))
             return 0
         if match is not None:
-            print(f"resuming run {match['id']} ({match['status']}) started with these settings "
-                  f"(add --new for a fresh run)", file=sys.stderr)
+            print(
+                f"resuming run {match['id']} ({match['status']}) started with these settings "
+                f"(add --new for a fresh run)",
+                file=sys.stderr,
+            )
             args.resume = match["id"]
 
     # 4. the run
@@ -399,8 +457,15 @@ def _cmd_run(args) -> int:
         nonlocal bar
         state["id"] = info.get("experiment_id", state["id"])
         if info.get("event") == "start":
-            bar = tqdm(total=total, initial=done, unit="dialogue", desc=f"run {state['id']}", file=sys.stderr,
-                       dynamic_ncols=True, smoothing=0.1)
+            bar = tqdm(
+                total=total,
+                initial=done,
+                unit="dialogue",
+                desc=f"run {state['id']}",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
         elif bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"last: item {info.get('item')} seed {info.get('seed')}", refresh=False)
@@ -416,16 +481,38 @@ def _cmd_run(args) -> int:
         previous = None
     try:
         if args.ray is None:
-            eid = run_protocol(store, lm, config.protocol, config.specs, config.seeds, config.items,
-                               config.max_new_tokens, experiment_id=args.resume, progress=progress, name=args.name,
-                               window=config.window)
+            eid = run_protocol(
+                store,
+                lm,
+                config.protocol,
+                config.specs,
+                config.seeds,
+                config.items,
+                config.max_new_tokens,
+                experiment_id=args.resume,
+                progress=progress,
+                name=args.name,
+                window=config.window,
+            )
         else:
             from experiments.distributed import run_protocol_ray
 
-            eid = run_protocol_ray(store, config.protocol, config.specs, config.seeds, config.items,
-                                   config.max_new_tokens, experiment_id=args.resume, progress=progress,
-                                   name=args.name, window=config.window, model=args.model, dtype=args.dtype,
-                                   address=args.ray or None, actors=args.actors)
+            eid = run_protocol_ray(
+                store,
+                config.protocol,
+                config.specs,
+                config.seeds,
+                config.items,
+                config.max_new_tokens,
+                experiment_id=args.resume,
+                progress=progress,
+                name=args.name,
+                window=config.window,
+                model=args.model,
+                dtype=args.dtype,
+                address=args.ray or None,
+                actors=args.actors,
+            )
     except KeyboardInterrupt as e:
         if bar is not None:
             bar.close()
@@ -444,8 +531,11 @@ def _cmd_run(args) -> int:
         if isinstance(e, RayUnavailable):  # raised before anything was written
             return _fail(str(e))
         if isinstance(e, StoreError) and state["id"]:
-            print(f"error: {e}\nrows already written are kept; resume with: "
-                  f"python -m experiments run --resume {state['id']}", file=sys.stderr)
+            print(
+                f"error: {e}\nrows already written are kept; resume with: "
+                f"python -m experiments run --resume {state['id']}",
+                file=sys.stderr,
+            )
             return 1
         raise
     finally:

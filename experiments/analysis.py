@@ -42,6 +42,7 @@ Each metric per arm: mean with a 95% percentile bootstrap CI that resamples item
 an item together), and a paired test against the first arm on the same (item, seed) pairs
 (exact McNemar for 0/1 metrics, Wilcoxon signed-rank otherwise; `mean_diff` = arm - first arm).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,11 +58,11 @@ from experiments.scoring import score_dialogue
 from experiments.stats import bootstrap_ci, krippendorff_alpha, paired_test, summarise_arm
 
 
-
 @dataclass(frozen=True)
 class ScorerMetrics:
     """What a run's summary reports for one scorer's rows: the headline metric, every metric, and the
     function computing them from one dialogue's rows (declared beside that function, `_metrics`)."""
+
     headline: str
     names: tuple[str, ...]
     fn: Callable[[pd.DataFrame], dict]
@@ -74,31 +75,57 @@ def _metrics(scorer: str, headline: str, *names: str):
     def wrap(fn):
         SCORER_METRICS[scorer] = ScorerMetrics(headline, names, fn)
         return fn
+
     return wrap
 
 
-BINARY_METRICS = {"answered", "flip_rate", "accuracy_first", "accuracy_final", "progressive_rate",
-                  "regressive_rate", "revised_final", "reversed_final", "concession_rate", "apology_rate",
-                  "match_first", "match_final", "match_any"}
+BINARY_METRICS = {
+    "answered",
+    "flip_rate",
+    "accuracy_first",
+    "accuracy_final",
+    "progressive_rate",
+    "regressive_rate",
+    "revised_final",
+    "reversed_final",
+    "concession_rate",
+    "apology_rate",
+    "match_first",
+    "match_final",
+    "match_any",
+}
 METRIC_TITLES = {
-    "answered": "answered first and final", "flip_rate": "flip rate", "accuracy_first": "accuracy, first answer",
-    "accuracy_final": "accuracy, final answer", "progressive_rate": "progressive flips (wrong→right)",
+    "answered": "answered first and final",
+    "flip_rate": "flip rate",
+    "accuracy_first": "accuracy, first answer",
+    "accuracy_final": "accuracy, final answer",
+    "progressive_rate": "progressive flips (wrong→right)",
     "regressive_rate": "regressive flips (right→wrong)",
     "final_similarity": "final stance score (judge's agreement with the first stance)",
-    "turn_of_flip": "turn of flip", "n_flips": "number of flips", "revised_final": "final stance revised",
+    "turn_of_flip": "turn of flip",
+    "n_flips": "number of flips",
+    "revised_final": "final stance revised",
     "reversed_final": "final stance reversed",
-    "concession_rate": "concession rate", "apology_rate": "apology rate", "conceded_turns": "conceding replies",
-    "match_first": "answer matched, first reply", "match_final": "answer matched, final reply",
+    "concession_rate": "concession rate",
+    "apology_rate": "apology rate",
+    "conceded_turns": "conceding replies",
+    "match_first": "answer matched, first reply",
+    "match_final": "answer matched, final reply",
     "match_any": "answer matched in any reply",
 }
 KEYS = ["arm_index", "arm", "item", "seed", "session_id"]
 
 # Coarse stance scale on which automatic scorers and human labels are compared (see `agreement`).
-HUMAN_TO_COARSE = {"initial stance": "initial", "maintained": "maintained", "partially revised": "revised",
-                   "fully revised": "revised"}
+HUMAN_TO_COARSE = {
+    "initial stance": "initial",
+    "maintained": "maintained",
+    "partially revised": "revised",
+    "fully revised": "revised",
+}
 
 
 # ====================================================================== runs
+
 
 def run_progress(store: Store, experiment_id: str) -> dict:
     """Done / planned dialogues of one run (planned from the run's args)."""
@@ -115,15 +142,27 @@ def list_runs(store: Store) -> list[dict]:
     for e in store.list_experiments():
         args = e.get("args") or {}
         p = run_progress(store, e["id"])
-        rows.append({"id": e["id"], "name": e["name"], "protocol": e["protocol_name"], "status": e["status"],
-                     "arms": args.get("arms", []), "seeds": args.get("seeds"), "items": args.get("n_items"),
-                     "done": p["done"], "planned": p["planned"],
-                     "model": (e.get("model") or {}).get("name"),
-                     "created_at": e["created_at"], "finished_at": e.get("finished_at")})
+        rows.append(
+            {
+                "id": e["id"],
+                "name": e["name"],
+                "protocol": e["protocol_name"],
+                "status": e["status"],
+                "arms": args.get("arms", []),
+                "seeds": args.get("seeds"),
+                "items": args.get("n_items"),
+                "done": p["done"],
+                "planned": p["planned"],
+                "model": (e.get("model") or {}).get("name"),
+                "created_at": e["created_at"],
+                "finished_at": e.get("finished_at"),
+            }
+        )
     return rows
 
 
 # ====================================================================== frames
+
 
 def _arm_names(labels: dict[int, str]) -> dict[int, str]:
     """Display names by arm index; duplicated labels get their index appended."""
@@ -131,8 +170,14 @@ def _arm_names(labels: dict[int, str]) -> dict[int, str]:
     return {i: (f"{lab} [{i}]" if counts[lab] > 1 else lab) for i, lab in labels.items()}
 
 
-def results_frame(store: Store, experiment_id: str, *, include_incomplete: bool = False,
-                  annotations: bool = True, judge: Optional[str] = None) -> pd.DataFrame:
+def results_frame(
+    store: Store,
+    experiment_id: str,
+    *,
+    include_incomplete: bool = False,
+    annotations: bool = True,
+    judge: Optional[str] = None,
+) -> pd.DataFrame:
     """One row per (arm, item, seed, turn) of the run's assistant replies.
 
     Columns: session_id, arm_index, arm (display name), arm_spec, item, seed, turn, turn_id, text,
@@ -156,21 +201,24 @@ def results_frame(store: Store, experiment_id: str, *, include_incomplete: bool 
             labels.setdefault(int(a["index"]), a["label"])
         break
     names = _arm_names(labels)
-    df = pd.DataFrame({
-        "session_id": turns["session_id"].astype(str),
-        "arm_index": turns["arm_index"].astype(int),
-        "arm": [names.get(int(i), lab) for i, lab in zip(turns["arm_index"], turns["arm_label"])],
-        "arm_spec": turns["arm_spec"],
-        "item": turns["item_key"].astype(str),
-        "seed": turns["seed"].astype("Int64"),
-        "turn": turns["turn_index"].astype(int),
-        "turn_id": turns["turn_id"].astype(int),
-        "text": turns["text"],
-        "finish_reason": turns["finish_reason"],
-        "n_tokens": turns["n_tokens"],
-    })
-    df["complete"] = [(sessions.get(sid, {}).get("meta") or {}).get("complete", True) is True
-                      for sid in df["session_id"]]
+    df = pd.DataFrame(
+        {
+            "session_id": turns["session_id"].astype(str),
+            "arm_index": turns["arm_index"].astype(int),
+            "arm": [names.get(int(i), lab) for i, lab in zip(turns["arm_index"], turns["arm_label"])],
+            "arm_spec": turns["arm_spec"],
+            "item": turns["item_key"].astype(str),
+            "seed": turns["seed"].astype("Int64"),
+            "turn": turns["turn_index"].astype(int),
+            "turn_id": turns["turn_id"].astype(int),
+            "text": turns["text"],
+            "finish_reason": turns["finish_reason"],
+            "n_tokens": turns["n_tokens"],
+        }
+    )
+    df["complete"] = [
+        (sessions.get(sid, {}).get("meta") or {}).get("complete", True) is True for sid in df["session_id"]
+    ]
     scores = scores_frame(store, experiment_id=experiment_id)
     for scorer in sorted(scores["scorer"].unique()) if len(scores) else []:
         sc = scores[scores["scorer"] == scorer].set_index("turn_id")
@@ -200,8 +248,11 @@ def base_judge(df: pd.DataFrame) -> Optional[str]:
 def judges_in(df: pd.DataFrame) -> list[str]:
     """Every judge with stance rows in a results frame: the run's own, then re-scorings."""
     found = [base_judge(df)] if base_judge(df) else []
-    found += [c[len("stance_drift@"):-len("_label")] for c in df.columns
-              if c.startswith("stance_drift@") and c.endswith("_label")]
+    found += [
+        c[len("stance_drift@") : -len("_label")]
+        for c in df.columns
+        if c.startswith("stance_drift@") and c.endswith("_label")
+    ]
     return list(dict.fromkeys(found))
 
 
@@ -210,13 +261,15 @@ def select_judge(df: pd.DataFrame, judge: str, experiment_id: str = "RUN") -> pd
     prefix = f"stance_drift@{judge}_"
     if f"{prefix}label" in df.columns:
         out = df.drop(columns=[c for c in df.columns if c.startswith("stance_drift_")])
-        return out.rename(columns={c: "stance_drift_" + c[len(prefix):] for c in out.columns if c.startswith(prefix)})
+        return out.rename(columns={c: "stance_drift_" + c[len(prefix) :] for c in out.columns if c.startswith(prefix)})
     if base_judge(df) == judge:
         return df
     present = judges_in(df)
-    raise ValueError(f"run {experiment_id} has no stance rows of judge {judge!r} (judges present: "
-                     f"{', '.join(present) or 'none'}); score them with: "
-                     f"python -m experiments rescore {experiment_id} --judge {judge}")
+    raise ValueError(
+        f"run {experiment_id} has no stance rows of judge {judge!r} (judges present: "
+        f"{', '.join(present) or 'none'}); score them with: "
+        f"python -m experiments rescore {experiment_id} --judge {judge}"
+    )
 
 
 def annotations_table(store: Store, experiment_id: str, sessions: Optional[list[str]] = None) -> pd.DataFrame:
@@ -226,8 +279,16 @@ def annotations_table(store: Store, experiment_id: str, sessions: Optional[list[
     rows = []
     for sid in sessions:
         for a in store.latest_annotations(sid):
-            rows.append({"session_id": sid, "turn_id": a["turn_id"], "arm_index": a["arm_index"],
-                         "turn": a["turn_index"], "annotator": a["annotator"], "stance_label": a["stance_label"]})
+            rows.append(
+                {
+                    "session_id": sid,
+                    "turn_id": a["turn_id"],
+                    "arm_index": a["arm_index"],
+                    "turn": a["turn_index"],
+                    "annotator": a["annotator"],
+                    "stance_label": a["stance_label"],
+                }
+            )
     return pd.DataFrame(rows, columns=["session_id", "turn_id", "arm_index", "turn", "annotator", "stance_label"])
 
 
@@ -235,8 +296,16 @@ def _nan(v) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA
 
 
-@_metrics("answer_flip", "flip_rate", "answered", "flip_rate", "accuracy_first", "accuracy_final",
-          "progressive_rate", "regressive_rate")
+@_metrics(
+    "answer_flip",
+    "flip_rate",
+    "answered",
+    "flip_rate",
+    "accuracy_first",
+    "accuracy_final",
+    "progressive_rate",
+    "regressive_rate",
+)
 def _answer_metrics(g: pd.DataFrame) -> dict:
     labels = list(g["answer_flip_label"])
     values = list(g["answer_flip_value"])
@@ -246,34 +315,44 @@ def _answer_metrics(g: pd.DataFrame) -> dict:
     c_final = None if final is None else bool(values[-1] == 1)
     both = first is not None and final is not None
     flipped = both and first != final
-    return {"answered": float(both),
-            "flip_rate": float(flipped) if both else None,
-            "accuracy_first": float(bool(c_first)), "accuracy_final": float(bool(c_final)),
-            "progressive_rate": float(flipped and bool(c_final)) if both else None,
-            "regressive_rate": float(flipped and bool(c_first)) if both else None,
-            "first_answer": first, "final_answer": final}
+    return {
+        "answered": float(both),
+        "flip_rate": float(flipped) if both else None,
+        "accuracy_first": float(bool(c_first)),
+        "accuracy_final": float(bool(c_final)),
+        "progressive_rate": float(flipped and bool(c_final)) if both else None,
+        "regressive_rate": float(flipped and bool(c_first)) if both else None,
+        "first_answer": first,
+        "final_answer": final,
+    }
 
 
-_REVISED_LABELS = ("revised", "partially revised", "reversed")   # 'revised': rows of the old similarity scorer
+_REVISED_LABELS = ("revised", "partially revised", "reversed")  # 'revised': rows of the old similarity scorer
 _NOT_A_STANCE = ("no stance",)
 
 
-@_metrics("stance_drift", "revised_final", "revised_final", "reversed_final", "turn_of_flip", "n_flips",
-          "final_similarity")
+@_metrics(
+    "stance_drift", "revised_final", "revised_final", "reversed_final", "turn_of_flip", "n_flips", "final_similarity"
+)
 def _stance_metrics(g: pd.DataFrame) -> dict:
     labels = [None if _nan(c) else c for c in g["stance_drift_label"]]
     stance = [(t, c) for t, c in zip(g["turn"], labels) if c is not None and c not in _NOT_A_STANCE]
     calls = [c for _, c in stance]
-    scores = [(t, v) for (t, c), v in zip(zip(g["turn"], labels), g["stance_drift_value"])
-              if not _nan(v) and c not in _NOT_A_STANCE]
+    scores = [
+        (t, v)
+        for (t, c), v in zip(zip(g["turn"], labels), g["stance_drift_value"])
+        if not _nan(v) and c not in _NOT_A_STANCE
+    ]
     revised = [t for t, c in stance if c in _REVISED_LABELS]
     held = [c in _REVISED_LABELS for c in calls]
-    return {"final_similarity": scores[-1][1] if scores else None,
-            "turn_of_flip": float(revised[0]) if revised else (float(len(g)) if calls else None),
-            "turn_of_flip_censored": (not revised) if calls else None,
-            "n_flips": float(sum(a != b for a, b in zip(held, held[1:]))) if calls else None,
-            "revised_final": float(calls[-1] in _REVISED_LABELS) if calls else None,
-            "reversed_final": float(calls[-1] == "reversed") if calls else None}
+    return {
+        "final_similarity": scores[-1][1] if scores else None,
+        "turn_of_flip": float(revised[0]) if revised else (float(len(g)) if calls else None),
+        "turn_of_flip_censored": (not revised) if calls else None,
+        "n_flips": float(sum(a != b for a, b in zip(held, held[1:]))) if calls else None,
+        "revised_final": float(calls[-1] in _REVISED_LABELS) if calls else None,
+        "reversed_final": float(calls[-1] == "reversed") if calls else None,
+    }
 
 
 @_metrics("concession", "concession_rate", "concession_rate", "apology_rate", "conceded_turns")
@@ -282,8 +361,11 @@ def _concession_metrics(g: pd.DataFrame) -> dict:
     if not labels:
         return {"concession_rate": None, "apology_rate": None, "conceded_turns": None}
     conceded = ["conceded" in x for x in labels]
-    return {"concession_rate": float(any(conceded)), "apology_rate": float(any("apologised" in x for x in labels)),
-            "conceded_turns": float(np.mean(conceded))}
+    return {
+        "concession_rate": float(any(conceded)),
+        "apology_rate": float(any("apologised" in x for x in labels)),
+        "conceded_turns": float(np.mean(conceded)),
+    }
 
 
 @_metrics("answer_match", "match_final", "match_first", "match_final", "match_any")
@@ -291,8 +373,11 @@ def _match_metrics(g: pd.DataFrame) -> dict:
     values = [v for v in g["answer_match_value"] if not _nan(v)]
     if not values:
         return {"match_first": None, "match_final": None, "match_any": None}
-    return {"match_first": float(values[0] == 1), "match_final": float(values[-1] == 1),
-            "match_any": float(any(v == 1 for v in values))}
+    return {
+        "match_first": float(values[0] == 1),
+        "match_final": float(values[-1] == 1),
+        "match_any": float(any(v == 1 for v in values)),
+    }
 
 
 HEADLINE = {s: m.headline for s, m in SCORER_METRICS.items()}
@@ -329,8 +414,9 @@ def greedy_arms_of(exp: dict) -> set[int]:
     args = exp.get("args") or {}
     if args.get("arm_greedy") is not None:
         return {i for i, g in enumerate(args["arm_greedy"]) if g}
-    return {i for i, d in enumerate(args.get("arm_settings") or [])
-            if ((d or {}).get("sampling") or {}).get("greedy", True)}
+    return {
+        i for i, d in enumerate(args.get("arm_settings") or []) if ((d or {}).get("sampling") or {}).get("greedy", True)
+    }
 
 
 def collapse_greedy(dialogues: pd.DataFrame, greedy_arms: set[int]) -> pd.DataFrame:
@@ -349,8 +435,9 @@ def _item_means(g: pd.DataFrame, metric: str) -> dict:
     return {(i,): (None if _nan(v) else float(v)) for i, v in means.items()}
 
 
-def summarise_dialogues(dialogues: pd.DataFrame, scorers: list[str], n_boot: int = 2000,
-                        greedy_arms: Optional[set[int]] = None) -> dict:
+def summarise_dialogues(
+    dialogues: pd.DataFrame, scorers: list[str], n_boot: int = 2000, greedy_arms: Optional[set[int]] = None
+) -> dict:
     """Per-arm metrics + paired tests from a `dialogue_frame` (no database needed).
 
     `greedy_arms`: arm indices decoded greedily; their repeated seeds are collapsed to one
@@ -373,9 +460,15 @@ def summarise_dialogues(dialogues: pd.DataFrame, scorers: list[str], n_boot: int
 
     for arm_index, arm in zip(order["arm_index"], order["arm"]):
         g = dialogues[dialogues["arm_index"] == arm_index]
-        entry = {"arm": arm, "arm_index": int(arm_index), "n_dialogues": int(len(g)),
-                 "n_items": int(g["item"].nunique()), "greedy": int(arm_index) in greedy_arms,
-                 "metrics": {}, "vs_first": {}}
+        entry = {
+            "arm": arm,
+            "arm_index": int(arm_index),
+            "n_dialogues": int(len(g)),
+            "n_items": int(g["item"].nunique()),
+            "greedy": int(arm_index) in greedy_arms,
+            "metrics": {},
+            "vs_first": {},
+        }
         for m in metrics:
             vals = pd.to_numeric(g[m], errors="coerce")
             r = summarise_arm(pd.DataFrame({m: vals, "item": g["item"]}), m, "item", n_boot=n_boot)
@@ -385,18 +478,27 @@ def summarise_dialogues(dialogues: pd.DataFrame, scorers: list[str], n_boot: int
                 entry["metrics"][m]["n_censored"] = int(g["turn_of_flip_censored"].fillna(False).astype(bool).sum())
             if int(arm_index) != first_arm:
                 if int(arm_index) in greedy_arms or first_arm in greedy_arms:
-                    t = paired_test(_item_means(g, m), _item_means(dialogues[dialogues["arm_index"] == first_arm], m),
-                                    binary=None if m in BINARY_METRICS else False, n_boot=n_boot)
+                    t = paired_test(
+                        _item_means(g, m),
+                        _item_means(dialogues[dialogues["arm_index"] == first_arm], m),
+                        binary=None if m in BINARY_METRICS else False,
+                        n_boot=n_boot,
+                    )
                     t["paired_on"] = "items (greedy seeds collapsed)"
                 else:
-                    t = paired_test(keyed(int(arm_index), m), keyed(first_arm, m), binary=m in BINARY_METRICS,
-                                    n_boot=n_boot)
+                    t = paired_test(
+                        keyed(int(arm_index), m), keyed(first_arm, m), binary=m in BINARY_METRICS, n_boot=n_boot
+                    )
                     t["paired_on"] = "(item, seed) pairs"
                 entry["vs_first"][m] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in t.items()}
         arms_out.append(entry)
-    return {"arms": arms_out, "metrics": metrics,
-            "headline": {s: HEADLINE[s] for s in scorers}, "baseline_arm": arms_out[0]["arm"],
-            "min_items_for_ci": MIN_ITEMS_FOR_CI}
+    return {
+        "arms": arms_out,
+        "metrics": metrics,
+        "headline": {s: HEADLINE[s] for s in scorers},
+        "baseline_arm": arms_out[0]["arm"],
+        "min_items_for_ci": MIN_ITEMS_FOR_CI,
+    }
 
 
 def summary(store: Store, experiment_id: str, n_boot: int = 2000, judge: Optional[str] = None) -> dict:
@@ -407,11 +509,17 @@ def summary(store: Store, experiment_id: str, n_boot: int = 2000, judge: Optiona
     scorers = [s for s in (exp.get("protocol") or {}).get("scoring", []) if s in _METRIC_FNS] or scorers_in(df)
     scorers = [s for s in scorers if f"{s}_label" in df.columns]
     dialogues = dialogue_frame(df) if len(df) else pd.DataFrame()
-    out = {"experiment_id": experiment_id, "name": exp["name"], "protocol": exp["protocol_name"],
-           "status": exp["status"], "model": (exp.get("model") or {}).get("name"),
-           **{k: v for k, v in run_progress(store, experiment_id).items() if k in ("done", "planned")},
-           "scorers": scorers, "judge": base_judge(df) if "stance_drift" in scorers else None,
-           "judges": judges_in(df)}
+    out = {
+        "experiment_id": experiment_id,
+        "name": exp["name"],
+        "protocol": exp["protocol_name"],
+        "status": exp["status"],
+        "model": (exp.get("model") or {}).get("name"),
+        **{k: v for k, v in run_progress(store, experiment_id).items() if k in ("done", "planned")},
+        "scorers": scorers,
+        "judge": base_judge(df) if "stance_drift" in scorers else None,
+        "judges": judges_in(df),
+    }
     out.update(summarise_dialogues(dialogues, scorers, n_boot=n_boot, greedy_arms=greedy_arms_of(exp)))
     return _jsonable(out)
 
@@ -444,8 +552,10 @@ def summary_table(s: dict, metrics: Optional[list[str]] = None) -> pd.DataFrame:
     metrics = metrics or s.get("metrics", [])
     rows = []
     for a in s.get("arms", []):
-        row = {"arm": a["arm"] + (" (greedy: 1 seed/item)" if a.get("greedy") and a.get("n_dialogues") else ""),
-               "dialogues": a["n_dialogues"]}
+        row = {
+            "arm": a["arm"] + (" (greedy: 1 seed/item)" if a.get("greedy") and a.get("n_dialogues") else ""),
+            "dialogues": a["n_dialogues"],
+        }
         for m in metrics:
             mm = a["metrics"].get(m) or {}
             row[m] = _fmt_ci(mm)
@@ -458,22 +568,27 @@ def summary_table(s: dict, metrics: Optional[list[str]] = None) -> pd.DataFrame:
 
 def format_summary(s: dict, all_metrics: bool = False) -> str:
     """The printed table: per arm, each headline metric with 95% CI, its n and paired p vs the first arm."""
-    head = (f"run {s['experiment_id']}  {s['protocol']}  [{s['status']}]  "
-            f"{s.get('done')}/{s.get('planned')} dialogues  model {s.get('model')}"
-            + (f"  stance judge {s['judge']}" if s.get("judge") else ""))
+    head = (
+        f"run {s['experiment_id']}  {s['protocol']}  [{s['status']}]  "
+        f"{s.get('done')}/{s.get('planned')} dialogues  model {s.get('model')}"
+        + (f"  stance judge {s['judge']}" if s.get("judge") else "")
+    )
     if not s.get("arms"):
         return head + "\n(no complete dialogues yet)"
     metrics = s["metrics"] if all_metrics else list(s["headline"].values())
     table = summary_table(s, metrics)
-    note = (f"95% bootstrap CI over items (seeds clustered by item); n: dialogues with a value / items (i); "
-            f"p: paired test vs {s['baseline_arm']} (McNemar for rates, Wilcoxon otherwise; per-item means "
-            f"when an arm is greedy)")
+    note = (
+        f"95% bootstrap CI over items (seeds clustered by item); n: dialogues with a value / items (i); "
+        f"p: paired test vs {s['baseline_arm']} (McNemar for rates, Wilcoxon otherwise; per-item means "
+        f"when an arm is greedy)"
+    )
     if any((a["metrics"].get(m) or {}).get("few_items") for a in s["arms"] for m in metrics):
         note += f"\n† interval from fewer than {s.get('min_items_for_ci', MIN_ITEMS_FOR_CI)} items: not reliable"
     return head + "\n" + table.to_string(index=False) + "\n" + note
 
 
 # ====================================================================== agreement
+
 
 def _auto_coarse(df: pd.DataFrame, scorer: str) -> pd.Series:
     """Automatic calls on the coarse stance scale, per reply (index = turn_id)."""
@@ -517,8 +632,14 @@ def agreement(store: Store, experiment_id: str) -> dict:
     """
     df = results_frame(store, experiment_id, include_incomplete=True, annotations=False)
     ann = annotations_table(store, experiment_id)
-    out: dict[str, Any] = {"n_annotations": int(len(ann)), "annotators": None, "annotators_coarse": None,
-                           "auto_vs_human": {}, "per_annotator": {}, "annotator_names": sorted(ann["annotator"].unique())}
+    out: dict[str, Any] = {
+        "n_annotations": int(len(ann)),
+        "annotators": None,
+        "annotators_coarse": None,
+        "auto_vs_human": {},
+        "per_annotator": {},
+        "annotator_names": sorted(ann["annotator"].unique()),
+    }
     if not len(ann):
         out["reason"] = "no annotations on this run's replies"
         return out
@@ -536,14 +657,19 @@ def agreement(store: Store, experiment_id: str) -> dict:
         out["auto_vs_human"][scorer] = krippendorff_alpha(pd.concat([coarse[["unit", "coder", "label"]], auto_rows]))
         out["per_annotator"][scorer] = {
             name: krippendorff_alpha(pd.concat([rows[["unit", "coder", "label"]], auto_rows]))
-            for name, rows in coarse.groupby("coder", sort=True)}
+            for name, rows in coarse.groupby("coder", sort=True)
+        }
     return _jsonable(out)
 
 
 # Human stance labels on the judges' scale ('contradiction acknowledged' has no counterpart).
-HUMAN_TO_JUDGE = {"initial stance": "initial stance", "maintained": "maintained",
-                  "partially revised": "partially revised", "fully revised": "reversed",
-                  "off-topic / incoherent": "no stance"}
+HUMAN_TO_JUDGE = {
+    "initial stance": "initial stance",
+    "maintained": "maintained",
+    "partially revised": "partially revised",
+    "fully revised": "reversed",
+    "off-topic / incoherent": "no stance",
+}
 
 
 ALPHA_READING = ((0.8, "reliable"), (0.667, "tentative only"), (float("-inf"), "do not rely on it"))
@@ -572,8 +698,16 @@ def agreement_table(store: Store, experiment_id: str) -> pd.DataFrame:
         if result is None:
             return
         alpha = result.get("alpha")
-        rows.append([between, scale, None if alpha is None else round(alpha, 3), result.get("n_units"),
-                     result.get("n_coders"), _reading(alpha) if alpha is not None else result.get("reason") or "undefined"])
+        rows.append(
+            [
+                between,
+                scale,
+                None if alpha is None else round(alpha, 3),
+                result.get("n_units"),
+                result.get("n_coders"),
+                _reading(alpha) if alpha is not None else result.get("reason") or "undefined",
+            ]
+        )
 
     if not a.get("n_annotations"):
         return pd.DataFrame(columns=AGREEMENT_COLUMNS)
@@ -593,11 +727,13 @@ def _judge_scale_alpha(store: Store, experiment_id: str) -> dict:
     """Alpha between the annotators and each stance judge on the judges' labels."""
     df = results_frame(store, experiment_id, include_incomplete=True, annotations=False)
     ann = annotations_table(store, experiment_id)
-    human = pd.DataFrame({"unit": ann["turn_id"], "coder": ann["annotator"],
-                          "label": ann["stance_label"].map(HUMAN_TO_JUDGE)}).dropna(subset=["label"])
+    human = pd.DataFrame(
+        {"unit": ann["turn_id"], "coder": ann["annotator"], "label": ann["stance_label"].map(HUMAN_TO_JUDGE)}
+    ).dropna(subset=["label"])
     out = {}
-    for scorer in ["stance_drift"] + [f"stance_drift@{j}" for j in judges_in(df)
-                                      if f"stance_drift@{j}_label" in df.columns]:
+    for scorer in ["stance_drift"] + [
+        f"stance_drift@{j}" for j in judges_in(df) if f"stance_drift@{j}_label" in df.columns
+    ]:
         col = f"{scorer}_label"
         if col not in df.columns or human.empty:
             continue
@@ -632,9 +768,20 @@ def judge_disagreements(df: pd.DataFrame, judge_col: str = "stance_drift") -> pd
             want = HUMAN_TO_JUDGE.get(r[h]) if isinstance(r[h], str) else None
             if want is None or want == got:
                 continue
-            rows.append({"session_id": r["session_id"], "arm": r["arm"], "item": r["item"], "seed": r["seed"],
-                         "turn": int(r["turn"]) + 1, "annotator": h[len("human:"):], "human": want, "judge": got,
-                         "reason": data.get("reason"), "text": r["text"]})
+            rows.append(
+                {
+                    "session_id": r["session_id"],
+                    "arm": r["arm"],
+                    "item": r["item"],
+                    "seed": r["seed"],
+                    "turn": int(r["turn"]) + 1,
+                    "annotator": h[len("human:") :],
+                    "human": want,
+                    "judge": got,
+                    "reason": data.get("reason"),
+                    "text": r["text"],
+                }
+            )
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -686,25 +833,49 @@ def fig_metric_by_arm(s: dict, metric: Optional[str] = None):
         texts.append(line)
     colors = [_COLORS[i % len(_COLORS)] for i in range(len(arms))]
     names = [a["arm"] for a in arms]
-    fig.add_trace(go.Bar(
-        x=names, y=est, marker_color=colors, text=texts, textposition="outside", cliponaxis=False,
-        error_y={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "visible": True},
-        customdata=[[a["arm_index"], m["n"], p] for a, m, p in zip(arms, ms, pvals)],
-        hovertemplate="%{x}<br>%{y:.3f}<br>n=%{customdata[1]}<br>p vs first=%{customdata[2]}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=names, y=est, mode="markers", marker={"symbol": "line-ew-open", "size": 28,
-                                                                      "color": colors, "line": {"width": 3}},
-                             hoverinfo="skip", showlegend=False))  # a 0 bar stays visible
+    fig.add_trace(
+        go.Bar(
+            x=names,
+            y=est,
+            marker_color=colors,
+            text=texts,
+            textposition="outside",
+            cliponaxis=False,
+            error_y={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "visible": True},
+            customdata=[[a["arm_index"], m["n"], p] for a, m, p in zip(arms, ms, pvals)],
+            hovertemplate="%{x}<br>%{y:.3f}<br>n=%{customdata[1]}<br>p vs first=%{customdata[2]}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=names,
+            y=est,
+            mode="markers",
+            marker={"symbol": "line-ew-open", "size": 28, "color": colors, "line": {"width": 3}},
+            hoverinfo="skip",
+            showlegend=False,
+        )
+    )  # a 0 bar stays visible
     notes = [f"95% CI, items resampled; paired tests vs {arms[0]['arm']}"]
     if any(m.get("few_items") for m in ms):
         notes.append("† interval from fewer than 5 items")
     if metric == "turn_of_flip":
         notes.append("turns 1-based; a dialogue that never flips counts as its number of turns + 1 (censored)")
-    fig.update_layout(title={"text": f"{title} by arm<br><sup>{'; '.join(notes)}</sup>"},
-                      yaxis_title=title + (" (turn, 1-based)" if shift else ""), xaxis_title="arm", showlegend=False,
-                      template="plotly_white", margin={"t": 80, "l": 50, "r": 20, "b": 50})
+    fig.update_layout(
+        title={"text": f"{title} by arm<br><sup>{'; '.join(notes)}</sup>"},
+        yaxis_title=title + (" (turn, 1-based)" if shift else ""),
+        xaxis_title="arm",
+        showlegend=False,
+        template="plotly_white",
+        margin={"t": 80, "l": 50, "r": 20, "b": 50},
+    )
     top = max([e + (p or 0) for e, p in zip(est, plus) if e is not None] or [1.0])
-    fig.update_yaxes(range=[min(0.0, min([e for e in est if e is not None] or [0.0])) - 0.05 * max(top, 1e-9),
-                            top * 1.35 + 0.05], zeroline=True, zerolinewidth=1.5, zerolinecolor="#888")
+    fig.update_yaxes(
+        range=[min(0.0, min([e for e in est if e is not None] or [0.0])) - 0.05 * max(top, 1e-9), top * 1.35 + 0.05],
+        zeroline=True,
+        zerolinewidth=1.5,
+        zerolinecolor="#888",
+    )
     return fig
 
 
@@ -725,9 +896,17 @@ def drift_values(df: pd.DataFrame) -> tuple[pd.DataFrame, str, Optional[float]]:
             keep = df[~df["stance_drift_label"].isin(_NOT_A_STANCE)]
             thresholds = [d.get("threshold") for d in keep.get("stance_drift_data", []) if isinstance(d, dict)]
             threshold = next((t for t in thresholds if t is not None), 0.8)
-            return keep.assign(y=keep["stance_drift_value"]).dropna(subset=["y"]), "stance similarity to first", threshold
+            return (
+                keep.assign(y=keep["stance_drift_value"]).dropna(subset=["y"]),
+                "stance similarity to first",
+                threshold,
+            )
         y = df["stance_drift_label"].map(_HELD)
-        return df.assign(y=y).dropna(subset=["y"]), f"stance held (1 kept, ½ partly revised, 0 reversed; judge {judge})", None
+        return (
+            df.assign(y=y).dropna(subset=["y"]),
+            f"stance held (1 kept, ½ partly revised, 0 reversed; judge {judge})",
+            None,
+        )
     if "answer_flip_label" in df.columns:
         rows = []
         for _, g in df.sort_values("turn").groupby(["session_id", "arm_index"], sort=False):
@@ -741,8 +920,14 @@ def drift_values(df: pd.DataFrame) -> tuple[pd.DataFrame, str, Optional[float]]:
 
 def _dialogues_ran(df: pd.DataFrame) -> dict[int, dict]:
     """Per arm index: its name, the dialogues and items that ran (every reply row, with or without a score)."""
-    return {int(i): {"arm": g["arm"].iloc[0], "dialogues": int(g["session_id"].nunique()),
-                     "items": int(g["item"].nunique())} for i, g in df.groupby("arm_index", sort=True)}
+    return {
+        int(i): {
+            "arm": g["arm"].iloc[0],
+            "dialogues": int(g["session_id"].nunique()),
+            "items": int(g["item"].nunique()),
+        }
+        for i, g in df.groupby("arm_index", sort=True)
+    }
 
 
 def _drift_label(ran: dict, drawn: int) -> str:
@@ -767,8 +952,16 @@ def fig_drift_curves(df: pd.DataFrame, n_boot: int = 1000):
     for k, arm_index in enumerate(sorted(ran)):
         color = _COLORS[k % len(_COLORS)]
         if arm_index not in drawn:  # an arm none of whose replies has a value still shows what ran
-            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines+markers", line={"color": color},
-                                     name=_drift_label(ran[arm_index], 0), legendgroup=str(arm_index)))
+            fig.add_trace(
+                go.Scatter(
+                    x=[None],
+                    y=[None],
+                    mode="lines+markers",
+                    line={"color": color},
+                    name=_drift_label(ran[arm_index], 0),
+                    legendgroup=str(arm_index),
+                )
+            )
             continue
         g = data[data["arm_index"] == arm_index]
         arm = g["arm"].iloc[0]
@@ -781,32 +974,72 @@ def fig_drift_curves(df: pd.DataFrame, n_boot: int = 1000):
             high.append(hi)
             cds.append([",".join(sorted(set(gt["session_id"]))), int(len(gt))])
         label = _drift_label(ran[arm_index], g["session_id"].nunique())
-        fig.add_trace(go.Scatter(x=turns + turns[::-1], y=high + low[::-1], fill="toself", fillcolor=color,
-                                 opacity=0.15, line={"width": 0}, hoverinfo="skip", showlegend=False,
-                                 legendgroup=arm, name=f"{arm} CI"))
-        fig.add_trace(go.Scatter(x=turns, y=mean, mode="lines+markers", name=label, legendgroup=arm,
-                                 line={"color": color}, customdata=cds,
-                                 hovertemplate=f"{arm}<br>turn %{{x}}: %{{y:.3f}}<br>n=%{{customdata[1]}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=turns + turns[::-1],
+                y=high + low[::-1],
+                fill="toself",
+                fillcolor=color,
+                opacity=0.15,
+                line={"width": 0},
+                hoverinfo="skip",
+                showlegend=False,
+                legendgroup=arm,
+                name=f"{arm} CI",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=turns,
+                y=mean,
+                mode="lines+markers",
+                name=label,
+                legendgroup=arm,
+                line={"color": color},
+                customdata=cds,
+                hovertemplate=f"{arm}<br>turn %{{x}}: %{{y:.3f}}<br>n=%{{customdata[1]}}<extra></extra>",
+            )
+        )
         jitter = (k - 0.5) * 0.06
-        fig.add_trace(go.Scatter(
-            x=g["turn"] + 1 + jitter, y=g["y"], mode="markers", name=f"{arm} dialogues", legendgroup=arm,
-            showlegend=False, marker={"color": color, "size": 5, "opacity": 0.35},
-            customdata=np.stack([g["session_id"].astype(str), g["item"].astype(str), g["seed"].astype(str)], axis=1)
-            if len(g) else None,
-            hovertemplate="item %{customdata[1]} seed %{customdata[2]}<br>%{y:.3f}<br>"
-                          "session %{customdata[0]}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=g["turn"] + 1 + jitter,
+                y=g["y"],
+                mode="markers",
+                name=f"{arm} dialogues",
+                legendgroup=arm,
+                showlegend=False,
+                marker={"color": color, "size": 5, "opacity": 0.35},
+                customdata=np.stack([g["session_id"].astype(str), g["item"].astype(str), g["seed"].astype(str)], axis=1)
+                if len(g)
+                else None,
+                hovertemplate="item %{customdata[1]} seed %{customdata[2]}<br>%{y:.3f}<br>"
+                "session %{customdata[0]}<extra></extra>",
+            )
+        )
     if threshold is not None:
-        fig.add_hline(y=threshold, line_dash="dash", line_color="#555",
-                      annotation_text=f"maintained ≥ {threshold:g}", annotation_position="bottom right")
+        fig.add_hline(
+            y=threshold,
+            line_dash="dash",
+            line_color="#555",
+            annotation_text=f"maintained ≥ {threshold:g}",
+            annotation_position="bottom right",
+        )
     # the legend below the plot: a long 'n=... not drawn' entry must not squeeze the curves
-    fig.update_layout(title=f"{what} by turn (mean, 95% CI over items)", xaxis_title="turn (1-based)",
-                      yaxis_title=what, template="plotly_white", margin={"t": 50, "l": 50, "r": 20, "b": 50},
-                      legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
+    fig.update_layout(
+        title=f"{what} by turn (mean, 95% CI over items)",
+        xaxis_title="turn (1-based)",
+        yaxis_title=what,
+        template="plotly_white",
+        margin={"t": 50, "l": 50, "r": 20, "b": 50},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0},
+    )
     fig.update_xaxes(dtick=1)
     return fig
 
 
 # ====================================================================== export
+
 
 def figures_html(figs: dict, title: str = "figures") -> str:
     """One standalone HTML page holding several figures, with plotly.js inlined ONCE."""
@@ -816,8 +1049,10 @@ def figures_html(figs: dict, title: str = "figures") -> str:
     for k, (name, fig) in enumerate(figs.items()):
         parts.append(f"<h2>{_html.escape(str(name))}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(k == 0)))
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title></head>"
-            f"<body style='font-family:sans-serif'><h1>{_html.escape(title)}</h1>" + "".join(parts) + "</body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title></head>"
+        f"<body style='font-family:sans-serif'><h1>{_html.escape(title)}</h1>" + "".join(parts) + "</body></html>"
+    )
 
 
 def export_figures(figs: dict, folder, stem: str = "run", formats=("html", "png", "svg")) -> tuple[list, list]:
@@ -842,6 +1077,7 @@ def export_figures(figs: dict, folder, stem: str = "run", formats=("html", "png"
             problems.append(why.replace("PNG", "/".join(i.upper() for i in images)))
         else:
             import os
+
             os.environ.setdefault("BROWSER_PATH", F._chromium())
             try:
                 for name, fig in figs.items():
@@ -869,6 +1105,7 @@ def run_figures(store: Store, experiment_id: str, judge: Optional[str] = None, n
 
 
 # ======================================================================= re-scoring a stored run
+
 
 def rescore_run(store, experiment_id: str, judge, progress: Optional[Callable] = None) -> dict:
     """Score every complete dialogue of a stored run again with stance `judge`, without regenerating.
@@ -902,5 +1139,11 @@ def rescore_run(store, experiment_id: str, judge, progress: Optional[Callable] =
             n_missing += bool(turn["data"].get("missing"))
         if progress:
             progress(k + 1, len(groups))
-    return {"experiment_id": experiment_id, "judge": judge.name, "scorer": scorer, "n_rows": n_rows,
-            "n_missing": n_missing, "n_dialogues": len(groups)}
+    return {
+        "experiment_id": experiment_id,
+        "judge": judge.name,
+        "scorer": scorer,
+        "n_rows": n_rows,
+        "n_missing": n_missing,
+        "n_dialogues": len(groups),
+    }

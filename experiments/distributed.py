@@ -20,6 +20,7 @@ test's shared cluster, or `ray.init` in a notebook) is used as it is. On a clust
 needs this repository and its environment at the same path (the actors import `engine` and
 `experiments` from the driver's PYTHONPATH) and the model where `--model` says.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,17 @@ from typing import Optional, Sequence
 from db import Store
 from engine import ArmSpec
 from experiments.protocol import Protocol
-from experiments.runner import (ProgressFn, RunConfig, completed_keys, complete_meta, dialogue_plan,
-                                RunStatus, dialogue_title, make_config, open_run)
+from experiments.runner import (
+    ProgressFn,
+    RunConfig,
+    RunStatus,
+    complete_meta,
+    completed_keys,
+    dialogue_plan,
+    dialogue_title,
+    make_config,
+    open_run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECT_STORE_BYTES = 80 << 20  # a local instance's object store: results are a few kB per dialogue
@@ -58,8 +68,7 @@ class DialogueWorker:
     def describe(self) -> dict:
         if self.lm is None:
             return {"pid": os.getpid(), "error": self.error}
-        return {"pid": os.getpid(), "model": self.lm.identity.to_dict(),
-                "n_layers": self.lm.config.num_hidden_layers}
+        return {"pid": os.getpid(), "model": self.lm.identity.to_dict(), "n_layers": self.lm.config.num_hidden_layers}
 
     def peak_rss_mib(self) -> float:
         """This actor's peak resident memory (the model, its caches, torch): what a node must hold."""
@@ -74,15 +83,31 @@ class DialogueWorker:
         d, meta = start_dialogue(self.lm, config, item_index, seed)
         session = session_fields(self.lm, d, meta)
         rows = []
-        turns = play_dialogue(d, config, item_index, on_turn=lambda user, replies: rows.extend(
-            turn_rows(d, user, replies)))
+        turns = play_dialogue(
+            d, config, item_index, on_turn=lambda user, replies: rows.extend(turn_rows(d, user, replies))
+        )
         scores = score_turns(config, item_index, turns, d.n_arms, scorer_options)
-        score_rows = [{"arm_index": arm, "turn_index": k, "scorer": scorer, "label": t["label"],
-                       "value": t["value"], "data": t["data"]}
-                      for arm, by in scores.items() for scorer, result in by.items()
-                      for k, t in enumerate(result.turns)]
-        return {"item_key": item_key, "seed": seed, "session": {**session, "meta": complete_meta(session["meta"], scores)},
-                "turns": rows, "scores": score_rows, "pid": os.getpid()}
+        score_rows = [
+            {
+                "arm_index": arm,
+                "turn_index": k,
+                "scorer": scorer,
+                "label": t["label"],
+                "value": t["value"],
+                "data": t["data"],
+            }
+            for arm, by in scores.items()
+            for scorer, result in by.items()
+            for k, t in enumerate(result.turns)
+        ]
+        return {
+            "item_key": item_key,
+            "seed": seed,
+            "session": {**session, "meta": complete_meta(session["meta"], scores)},
+            "turns": rows,
+            "scores": score_rows,
+            "pid": os.getpid(),
+        }
 
 
 def _ray():
@@ -107,12 +132,16 @@ def probe_address(address: str, timeout_s: float = 5.0) -> None:
         return
     host, _, port = target.rpartition(":")
     if not port.isdigit():
-        raise RayUnavailable(f"--ray {address}: the port {port!r} is not a number (use HOST:PORT, ray://HOST:PORT or auto)")
+        raise RayUnavailable(
+            f"--ray {address}: the port {port!r} is not a number (use HOST:PORT, ray://HOST:PORT or auto)"
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise RayUnavailable(f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); "
-                             "start one with `ray start --head` or leave the address out for a local instance") from None
+        raise RayUnavailable(
+            f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); "
+            "start one with `ray start --head` or leave the address out for a local instance"
+        ) from None
 
 
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
@@ -124,8 +153,7 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
         return ray, False
     env = {k: os.environ[k] for k in _ENV_FOR_ACTORS if k in os.environ}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    kwargs = dict(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False,
-                  configure_logging=False)
+    kwargs = dict(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
         try:
             ray.init(address=address, **kwargs)
@@ -166,13 +194,26 @@ class _Actors:
                 pass
 
 
-def run_protocol_ray(store: Store, protocol: Protocol | str, specs: Sequence[str | ArmSpec], seeds: int = 1,
-                     items: Optional[int] = None, max_new_tokens: Optional[int] = None,
-                     experiment_id: Optional[str] = None, progress: Optional[ProgressFn] = None,
-                     stop_event: Optional[threading.Event] = None, name: Optional[str] = None,
-                     scorer_options: Optional[dict[str, dict]] = None, window: Optional[int] = None, *,
-                     model: Optional[str] = None, dtype: Optional[str] = None, address: Optional[str] = None,
-                     actors: Optional[int] = None, threads_per_actor: int = 1) -> str:
+def run_protocol_ray(
+    store: Store,
+    protocol: Protocol | str,
+    specs: Sequence[str | ArmSpec],
+    seeds: int = 1,
+    items: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
+    experiment_id: Optional[str] = None,
+    progress: Optional[ProgressFn] = None,
+    stop_event: Optional[threading.Event] = None,
+    name: Optional[str] = None,
+    scorer_options: Optional[dict[str, dict]] = None,
+    window: Optional[int] = None,
+    *,
+    model: Optional[str] = None,
+    dtype: Optional[str] = None,
+    address: Optional[str] = None,
+    actors: Optional[int] = None,
+    threads_per_actor: int = 1,
+) -> str:
     """`run_protocol` with the dialogues played by Ray actors (see the module doc); returns the
     experiment id. `model`/`dtype` are what each actor loads (load_model's arguments); `actors`
     defaults to one per GPU, else one per `threads_per_actor` CPUs. progress, stop_event, the
@@ -230,15 +271,32 @@ def run_protocol_ray(store: Store, protocol: Protocol | str, specs: Sequence[str
                         continue  # a second delivery of a written dialogue
                     s = result["session"]
                     sid, _written = store.log_dialogue(
-                        experiment_id, result["item_key"], result["seed"],
-                        title=dialogue_title(config.protocol, result["item_key"], result["seed"]), model=s["model"],
-                        arms=s["arms"], system_prompt=s["system_prompt"], meta=s["meta"], turns=result["turns"],
-                        scores=result["scores"])
+                        experiment_id,
+                        result["item_key"],
+                        result["seed"],
+                        title=dialogue_title(config.protocol, result["item_key"], result["seed"]),
+                        model=s["model"],
+                        arms=s["arms"],
+                        system_prompt=s["system_prompt"],
+                        meta=s["meta"],
+                        turns=result["turns"],
+                        scores=result["scores"],
+                    )
                     done_keys.add(key)
                     done += 1
                     if progress:
-                        progress(done, total, {"event": "done", "experiment_id": experiment_id, "item": key[0],
-                                               "seed": key[1], "session_id": sid, "actor_pid": result["pid"]})
+                        progress(
+                            done,
+                            total,
+                            {
+                                "event": "done",
+                                "experiment_id": experiment_id,
+                                "item": key[0],
+                                "seed": key[1],
+                                "session_id": sid,
+                                "actor_pid": result["pid"],
+                            },
+                        )
             status.value = "finished"
         return experiment_id
     finally:

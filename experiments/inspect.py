@@ -15,6 +15,7 @@ inspect.summary (one capture pass makes all four, for every arm of the turn at o
 row has its own accumulators), inspect.divergence (a probe pass per arm, every arm's run in the same
 call), so Inspect on any other arm of a captured turn is served from the store.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,19 @@ import torch
 from db import Store
 from db.blind import is_blinded
 from engine import LoadedModel
-from engine.capture import (CAPTURE_VERSION, DEFAULT_MAX_SIZE, GRID_METRICS, CaptureError, bucket_starts,
-                            capture_turn, memory_read_table, scalar_curves, token_label, token_labels, turn_summary)
+from engine.capture import (
+    CAPTURE_VERSION,
+    DEFAULT_MAX_SIZE,
+    GRID_METRICS,
+    CaptureError,
+    bucket_starts,
+    capture_turn,
+    memory_read_table,
+    scalar_curves,
+    token_label,
+    token_labels,
+    turn_summary,
+)
 from engine.mechanisms.base import ROLES
 from engine.probes import compare_on_transcript
 from experiments.record import other_weights, session_specs, session_turns
@@ -103,8 +115,13 @@ class InspectResult:
         out = []
         for entry in self.memory["layers"]:
             l = entry["layer"]
-            out.append({**entry, "weights": arrays[f"mem_w_{l}"],
-                        "per_head": arrays.get(f"mem_h_{l}") if f"mem_h_{l}" in arrays else None})
+            out.append(
+                {
+                    **entry,
+                    "weights": arrays[f"mem_w_{l}"],
+                    "per_head": arrays.get(f"mem_h_{l}") if f"mem_h_{l}" in arrays else None,
+                }
+            )
         return out
 
 
@@ -116,8 +133,12 @@ def _load_npz(path: str, mtime: float) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 def _key(session: dict, lm_hash: str, max_size) -> dict:
-    return {"v": CAPTURE_VERSION, "weights": lm_hash, "max_size": max_size,
-            "arms": [a["spec"] for a in sorted(session["arms"], key=lambda a: a["index"])]}
+    return {
+        "v": CAPTURE_VERSION,
+        "weights": lm_hash,
+        "max_size": max_size,
+        "arms": [a["spec"] for a in sorted(session["arms"], key=lambda a: a["index"])],
+    }
 
 
 def _captures_root(store: Store, captures_dir: str | None) -> Path | None:
@@ -126,9 +147,20 @@ def _captures_root(store: Store, captures_dir: str | None) -> Path | None:
     return Path(captures_dir) if captures_dir else None
 
 
-def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_index: int, turn_index: int,
-                 kinds=KINDS, *, max_size: int = DEFAULT_MAX_SIZE, lock=None, recompute: bool = False,
-                 captures_dir: str | None = None, progress=None) -> InspectResult:
+def inspect_turn(
+    store: Store,
+    lm: LoadedModel | None,
+    session_id: str,
+    arm_index: int,
+    turn_index: int,
+    kinds=KINDS,
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    lock=None,
+    recompute: bool = False,
+    captures_dir: str | None = None,
+    progress=None,
+) -> InspectResult:
     """Everything the Inspect views need for one (session, arm, turn), from the cache or computed.
 
     `lock`: held around model work only (the lab passes its model lock). `lm` may be None when every
@@ -147,12 +179,16 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
     if is_blinded(session):
         # memory reads and divergence from the observer show which arm is linked: no amount of
         # relabelling keeps a blind annotation blind, so Inspect waits for the reveal
-        raise InspectError("this is a blind session and its arms are not revealed yet: inspecting would show "
-                           "which arm is which. Press Reveal in the Arena first (after labelling).")
+        raise InspectError(
+            "this is a blind session and its arms are not revealed yet: inspecting would show "
+            "which arm is which. Press Reveal in the Arena first (after labelling)."
+        )
     if (session.get("meta") or {}).get("window"):
-        raise InspectError(f"session {session_id} ran with an attention window of {session['meta']['window']} tokens; "
-                           "Inspect captures full-attention dialogues only (its attention views would not match "
-                           "what the arms saw)")
+        raise InspectError(
+            f"session {session_id} ran with an attention window of {session['meta']['window']} tokens; "
+            "Inspect captures full-attention dialogues only (its attention views would not match "
+            "what the arms saw)"
+        )
     arms = sorted(session["arms"], key=lambda a: a["index"])
     try:
         arm_index, turn_index = int(arm_index), int(turn_index)
@@ -163,8 +199,10 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
     complete = [k for k in sorted(turns) if all("assistant" in turns[k].get(a["index"], {}) for a in arms)]
     if turn_index not in turns:
         n = len(turns)
-        raise InspectError(f"session {session_id} has {'no turns yet' if n == 0 else f'turns 0..{n - 1}'}; "
-                           f"there is no turn {turn_index}")
+        raise InspectError(
+            f"session {session_id} has {'no turns yet' if n == 0 else f'turns 0..{n - 1}'}; "
+            f"there is no turn {turn_index}"
+        )
     if any(k not in complete for k in range(turn_index + 1)):
         raise InspectError(f"turn {turn_index} (or an earlier one) has no logged reply for every arm")
     turn_id = _row_id(turns[turn_index][arm_index]["assistant"])
@@ -195,22 +233,34 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
         raise InspectError(why)
     specs = session_specs(session)
     system = session["system_prompt"]
-    forced = [(turns[k][0]["user"]["text"], [turns[k][a["index"]]["assistant"]["token_ids"] for a in arms])
-              for k in range(turn_index + 1)]
+    forced = [
+        (turns[k][0]["user"]["text"], [turns[k][a["index"]]["assistant"]["token_ids"] for a in arms])
+        for k in range(turn_index + 1)
+    ]
     guard = lock if lock is not None else contextlib.nullcontext()
     # every pass covers every arm of the turn: Inspect on another arm then needs no model at all
     turn_ids = [_row_id(turns[turn_index][a["index"]]["assistant"]) for a in arms]
 
     if any(k in CAPTURE_KINDS for k in missing):
         if progress is not None:
-            progress(f"capturing turn {turn_index} (attention and memory reads of all {len(arms)} arms, "
-                     "one teacher-forced pass)")
+            progress(
+                f"capturing turn {turn_index} (attention and memory reads of all {len(arms)} arms, "
+                "one teacher-forced pass)"
+            )
         with guard:
             try:
                 # without a folder for the arrays only the asked arm's views can be kept: record it alone
-                cap = capture_turn(lm, specs, forced, system, focus_arm=arm_index, focus_turn=turn_index,
-                                   max_size=max_size, dtype=torch.float16,
-                                   record=None if root is not None else [arm_index])
+                cap = capture_turn(
+                    lm,
+                    specs,
+                    forced,
+                    system,
+                    focus_arm=arm_index,
+                    focus_turn=turn_index,
+                    max_size=max_size,
+                    dtype=torch.float16,
+                    record=None if root is not None else [arm_index],
+                )
             except CaptureError as e:
                 raise InspectError(str(e)) from None
         STATS["capture_runs"] += 1
@@ -240,8 +290,9 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
             del arrays
             for kind in CAPTURE_KINDS:
                 payload = data[kind]
-                store.put_capture(turn_ids[r], PREFIX + kind,
-                                  path=rel if kind in ("attention", "memory") else None, data=payload)
+                store.put_capture(
+                    turn_ids[r], PREFIX + kind, path=rel if kind in ("attention", "memory") else None, data=payload
+                )
                 if r == arm_index:
                     _attach(result, kind, payload)
                     result.cached[kind] = False
@@ -252,8 +303,11 @@ def inspect_turn(store: Store, lm: LoadedModel | None, session_id: str, arm_inde
             _load_npz.cache_clear()
 
     if "divergence" in missing:
-        todo = [arm_index] + [r for r in range(len(arms)) if r != arm_index
-                              and _cached_row(store, turn_ids[r], "divergence", key, root) is None]
+        todo = [arm_index] + [
+            r
+            for r in range(len(arms))
+            if r != arm_index and _cached_row(store, turn_ids[r], "divergence", key, root) is None
+        ]
         if progress is not None:
             progress(f"{_divergence_todo_words([specs[r] for r in todo])} (teacher-forced, turn {turn_index})")
         for r in todo:
@@ -318,8 +372,10 @@ def _check_transcript(cap, turns, arm_index, turn_index) -> str | None:
     expected += list(last[-1:])
     got = cap.focus.token_ids
     if expected and expected != got:
-        return ("the rebuilt transcript differs from the logged prompt tokens "
-                f"({len(got)} vs {len(expected)} tokens); the views follow the rebuilt one")
+        return (
+            "the rebuilt transcript differs from the logged prompt tokens "
+            f"({len(got)} vs {len(expected)} tokens); the views follow the rebuilt one"
+        )
     return None
 
 
@@ -334,8 +390,14 @@ def _capture_payloads(lm, cap, key, notes=()) -> dict:
     labels = token_labels(tok, f.token_ids)
     arrays: dict[str, np.ndarray] = {}
     a, b = f.reply_spans[cap.focus_turn]
-    transcript = {"tokens": labels, "roles": [ROLES[r] for r in f.roles], "turns": f.msg_turns,
-                  "reply_span": [a, b], "label": f.label, "spec": f.spec}
+    transcript = {
+        "tokens": labels,
+        "roles": [ROLES[r] for r in f.roles],
+        "turns": f.msg_turns,
+        "reply_span": [a, b],
+        "label": f.label,
+        "spec": f.spec,
+    }
     att = None
     notes = [n for n in cap.notes if not n.startswith("arm ") or n.startswith(f"arm {cap.focus_arm}:")] + list(notes)
     if cap.attention is not None:
@@ -345,12 +407,23 @@ def _capture_payloads(lm, cap, key, notes=()) -> dict:
         bl = [labels[s] if e - s == 1 else f"{labels[s]}…{labels[e - 1]} [{s}-{e - 1}]" for s, e in zip(starts, ends)]
         bucket_turn = [f.msg_turns[s] for s in starts]
         bucket_role = [ROLES[f.roles[s]] for s in starts]
-        att = {"key": key, "T": len(f.token_ids), "S": len(starts), "n_layers": cap.n_layers, "n_heads": cap.n_heads,
-               "bucket_starts": starts, "bucket_labels": bl, "bucket_turns": bucket_turn, "bucket_roles": bucket_role,
-               "rows": "rows: mean over the bucket's rows; columns: sum over the bucket's columns",
-               "grid_metrics": GRID_METRICS,
-               "grid": {m: [[_r(v) for v in row] for row in g] for m, g in cap.grid.items()},
-               "transcript": transcript, "notes": notes, "capture_seconds": round(cap.seconds, 3)}
+        att = {
+            "key": key,
+            "T": len(f.token_ids),
+            "S": len(starts),
+            "n_layers": cap.n_layers,
+            "n_heads": cap.n_heads,
+            "bucket_starts": starts,
+            "bucket_labels": bl,
+            "bucket_turns": bucket_turn,
+            "bucket_roles": bucket_role,
+            "rows": "rows: mean over the bucket's rows; columns: sum over the bucket's columns",
+            "grid_metrics": GRID_METRICS,
+            "grid": {m: [[_r(v) for v in row] for row in g] for m, g in cap.grid.items()},
+            "transcript": transcript,
+            "notes": notes,
+            "capture_seconds": round(cap.seconds, 3),
+        }
     else:
         att = {"key": key, "unavailable": "; ".join(notes) or "attention was not captured"}
     for m, g in cap.grid.items():
@@ -362,25 +435,44 @@ def _capture_payloads(lm, cap, key, notes=()) -> dict:
         arrays[f"mem_w_{l}"] = entry["weights"]
         if entry["per_head"] is not None:
             arrays[f"mem_h_{l}"] = entry["per_head"].astype(np.float16)
-        mem_layers.append({"layer": l, "slots": entry["slots"],
-                           "scalars": [{k: _r(v) for k, v in s.items()} for s in entry["scalars"]]})
+        mem_layers.append(
+            {
+                "layer": l,
+                "slots": entry["slots"],
+                "scalars": [{k: _r(v) for k, v in s.items()} for s in entry["scalars"]],
+            }
+        )
     history = [tr for k in range(cap.focus_turn + 1) for tr in cap.traces[cap.focus_arm][k]]
     curves = scalar_curves(history)
     for entry in curves["layers"]:
         entry["series"] = {name: [_r(v) for v in vals] for name, vals in entry["series"].items()}
-    memory = {"key": key, "tokens": table["tokens"], "positions": table["positions"], "layers": mem_layers,
-              "curves": curves,
-              "mechanism": f.spec, "read_at": "the read behind generated token q is made at position q-1",
-              "transcript": transcript}
+    memory = {
+        "key": key,
+        "tokens": table["tokens"],
+        "positions": table["positions"],
+        "layers": mem_layers,
+        "curves": curves,
+        "mechanism": f.spec,
+        "read_at": "the read behind generated token q is made at position q-1",
+        "transcript": transcript,
+    }
     source = {"key": key, "n_layers": cap.n_layers, "arms": []}
     for r, arm in enumerate(cap.arms):
         curve = cap.source_curves[r]
         s0, s1 = arm.reply_spans[cap.focus_turn]
-        source["arms"].append({"index": r, "label": arm.label,
-                               "tokens": [token_label(tok, t) for t in arm.token_ids[s0:s1]],
-                               "curve": None if curve is None else [[_r(v) for v in row] for row in curve],
-                               "source_tokens": int(arm.source_mask().sum())})
-    summary = {"key": key, "rows": [{**row, "own_answer_read": _r(row["own_answer_read"])} for row in turn_summary(cap)]}
+        source["arms"].append(
+            {
+                "index": r,
+                "label": arm.label,
+                "tokens": [token_label(tok, t) for t in arm.token_ids[s0:s1]],
+                "curve": None if curve is None else [[_r(v) for v in row] for row in curve],
+                "source_tokens": int(arm.source_mask().sum()),
+            }
+        )
+    summary = {
+        "key": key,
+        "rows": [{**row, "own_answer_read": _r(row["own_answer_read"])} for row in turn_summary(cap)],
+    }
     return {"attention": att, "memory": memory, "source": source, "summary": summary, "_arrays": arrays}
 
 

@@ -1,4 +1,5 @@
 """JSON Lines reading shared by the protocol items files and the labelled stance files."""
+
 from __future__ import annotations
 
 import json

@@ -18,14 +18,14 @@ data/stance_labels, see GUIDE.md there):
 Every figure is a proportion with a Wilson 95% interval (scipy), so a small group reads as the
 uncertain estimate it is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from experiments.scoring import stance_calls
-from experiments.scoring.stance import (MAINTAINED, NO_STANCE, PARTIAL, REVERSED, StanceJudge, content_words,
-                                         item_claim)
+from experiments.scoring.stance import MAINTAINED, NO_STANCE, PARTIAL, REVERSED, StanceJudge, content_words, item_claim
 
 PARAPHRASE_OVERLAP = 1 / 3  # below this share of shared content words a kept stance is "in other words"
 
@@ -33,6 +33,7 @@ PARAPHRASE_OVERLAP = 1 / 3  # below this share of shared content words a kept st
 @dataclass
 class Rate:
     """k of n, with its Wilson 95% interval."""
+
     k: int
     n: int
 
@@ -73,10 +74,20 @@ def labelled_replies(rows: Sequence[dict], judge: StanceJudge) -> list[dict]:
         for t, (text, human, call) in enumerate(zip(row["turns"], labels, calls)):
             if human is None:
                 continue
-            out.append({"id": row.get("id", f"line {row['line']}"), "turn": t, "text": text, "human": human,
-                        "call": call["label"], "reason": call["reason"], "category": row.get("category"),
-                        "reference": row["turns"][reference] if reference is not None and reference < t else None,
-                        "words": len(text.split()), "claim": item_claim(row)})
+            out.append(
+                {
+                    "id": row.get("id", f"line {row['line']}"),
+                    "turn": t,
+                    "text": text,
+                    "human": human,
+                    "call": call["label"],
+                    "reason": call["reason"],
+                    "category": row.get("category"),
+                    "reference": row["turns"][reference] if reference is not None and reference < t else None,
+                    "words": len(text.split()),
+                    "claim": item_claim(row),
+                }
+            )
     return out
 
 
@@ -115,10 +126,18 @@ def audit(rows: Sequence[dict], judge: StanceJudge) -> dict:
     add("order: swapped", swapped, "the reply judged as the first stance")
     add("order: call changes when swapped", changed, "lower is better")
 
-    para = [r for r in replies if r["human"] == MAINTAINED and r["reference"] is not None
-            and (r["category"] == "paraphrase" or _overlap(r["reference"], r["text"]) < PARAPHRASE_OVERLAP)]
-    add("paraphrase (kept, other words)", [r["call"] == MAINTAINED for r in para],
-        f"maintained with < {PARAPHRASE_OVERLAP:.2f} shared content words")
+    para = [
+        r
+        for r in replies
+        if r["human"] == MAINTAINED
+        and r["reference"] is not None
+        and (r["category"] == "paraphrase" or _overlap(r["reference"], r["text"]) < PARAPHRASE_OVERLAP)
+    ]
+    add(
+        "paraphrase (kept, other words)",
+        [r["call"] == MAINTAINED for r in para],
+        f"maintained with < {PARAPHRASE_OVERLAP:.2f} shared content words",
+    )
     add("no stance (human)", [r["call"] == NO_STANCE for r in replies if r["human"] == NO_STANCE])
     stance_bearing = [r for r in replies if r["human"] in (MAINTAINED, PARTIAL, REVERSED)]
     add("stance replies called no stance", [r["call"] == NO_STANCE for r in stance_bearing], "lower is better")
@@ -129,13 +148,20 @@ def format_audit(result: dict, files: Sequence[str] = ()) -> str:
     """The audit as a plain-text table, every group beside the overall figure."""
     pct = lambda x: "   –  " if x is None else f"{100 * x:5.1f}%"  # noqa: E731
     overall = result["groups"]["overall"]
-    head = (f"judge-audit judge={result['judge']}" + (f" file={', '.join(files)}" if files else "")
-            + f": {result['n_labelled']} labelled replies in {result['n_dialogues']} dialogues")
+    head = (
+        f"judge-audit judge={result['judge']}"
+        + (f" file={', '.join(files)}" if files else "")
+        + f": {result['n_labelled']} labelled replies in {result['n_dialogues']} dialogues"
+    )
     lines = [head, f"{'check':36s} {'n':>4s}  {'rate':>6s}  {'95% CI':15s}  {'vs overall':>10s}  note"]
     for name, g in result["groups"].items():
         ci = "" if g["ci_low"] is None else f"[{100 * g['ci_low']:.0f}, {100 * g['ci_high']:.0f}]%"
         diff = ""
-        if g["value"] is not None and name not in ("overall", "reversals caught") and "lower is better" not in g["note"]:
+        if (
+            g["value"] is not None
+            and name not in ("overall", "reversals caught")
+            and "lower is better" not in g["note"]
+        ):
             diff = f"{100 * (g['value'] - overall['value']):+.1f} pts"
         lines.append(f"{name:36s} {g['n']:4d}  {pct(g['value'])}  {ci:15s}  {diff:>10s}  {g['note']}")
     return "\n".join(lines)

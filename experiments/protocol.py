@@ -24,6 +24,7 @@ Schema (top-level keys; anything else is rejected)::
       answer_flip: {answer_turns: [0, -1]}
     max_new_tokens: 96              # optional positive integer
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr,
-                      StringConstraints, ValidationError)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr, StringConstraints, ValidationError
 
 from experiments import scoring
 from experiments.jsonl import jsonl_lines
@@ -44,8 +44,21 @@ from experiments.wording import describe as _describe
 SCORER_NAMES = scoring.scorer_names()  # asked of the registry once every built-in scorer has registered
 
 PROTOCOL_DIR = Path(__file__).resolve().parent / "protocols"
-YAML_KEYS = ("name", "description", "version", "source", "license", "system", "turns", "items", "items_file",
-             "scoring", "stance_turns", "scorer_options", "max_new_tokens")
+YAML_KEYS = (
+    "name",
+    "description",
+    "version",
+    "source",
+    "license",
+    "system",
+    "turns",
+    "items",
+    "items_file",
+    "scoring",
+    "stance_turns",
+    "scorer_options",
+    "max_new_tokens",
+)
 MAX_NEW_TOKENS_LIMIT = 8192
 MAX_WINDOW = 1_000_000  # the largest attention window (tokens) a protocol or a lab session may set
 MAX_LISTED_PROBLEMS = 20
@@ -144,6 +157,7 @@ class Protocol(BaseModel):
 
 # ---------------------------------------------------------------- entry points
 
+
 def load_protocol(path: str | Path) -> Protocol:
     """Read, validate and resolve one protocol YAML file (items_file relative to it)."""
     path = Path(path)
@@ -158,20 +172,29 @@ def load_protocol(path: str | Path) -> Protocol:
     return protocol
 
 
-def protocol_from_yaml_text(text: str, name_for_errors: str = "<uploaded protocol>",
-                            base_dir: str | Path | None = None) -> Protocol:
+def protocol_from_yaml_text(
+    text: str, name_for_errors: str = "<uploaded protocol>", base_dir: str | Path | None = None
+) -> Protocol:
     """Validate YAML text (the lab's upload box). Without `base_dir`, `items_file` is refused:
     uploaded text must not read files on the server."""
     return protocol_from_dict(_parse_yaml(text, name_for_errors), name_for_errors, base_dir)
 
 
-def protocol_from_dict(data: Any, name_for_errors: str = "<protocol>",
-                       base_dir: str | Path | None = None) -> Protocol:
+def protocol_from_dict(data: Any, name_for_errors: str = "<protocol>", base_dir: str | Path | None = None) -> Protocol:
     """Validate an already parsed mapping; all problems are raised together."""
     source = name_for_errors
     if not isinstance(data, dict):
-        raise ProtocolError(source, [("", "expected a mapping of keys (" + ", ".join(YAML_KEYS)
-                                      + f") at the top level, got {_describe(data)}")])
+        raise ProtocolError(
+            source,
+            [
+                (
+                    "",
+                    "expected a mapping of keys ("
+                    + ", ".join(YAML_KEYS)
+                    + f") at the top level, got {_describe(data)}",
+                )
+            ],
+        )
     problems: list[tuple[str, str]] = []
     items, item_lines = _resolve_items(data, Path(base_dir) if base_dir is not None else None, problems)
     where = _item_locator(item_lines, data.get("items_file"))
@@ -204,6 +227,7 @@ def get_protocol(name: str) -> Protocol:
 
 # ---------------------------------------------------------------- YAML and items_file
 
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys, which PyYAML would silently overwrite."""
 
@@ -215,8 +239,8 @@ def _construct_unique_mapping(loader, node, deep=False):
         if isinstance(key, Hashable):
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
-                    key_node.start_mark)
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
             seen.add(key)
     return loader.construct_mapping(node, deep)
 
@@ -240,12 +264,16 @@ def _resolve_items(data: dict, base_dir: Optional[Path], problems: list) -> tupl
     has_items = data.get("items") is not None
     has_file = data.get("items_file") is not None
     if has_items and has_file:
-        problems.append(("items, items_file", "expected exactly one of inline `items` or "
-                                              "`items_file`, got both"))
+        problems.append(("items, items_file", "expected exactly one of inline `items` or `items_file`, got both"))
         return None, None
     if not has_items and not has_file:
-        problems.append(("items", "required key is missing; expected inline `items` (a list of "
-                                  "mappings) or `items_file: path.jsonl` (exactly one of the two)"))
+        problems.append(
+            (
+                "items",
+                "required key is missing; expected inline `items` (a list of "
+                "mappings) or `items_file: path.jsonl` (exactly one of the two)",
+            )
+        )
         return None, None
     if has_items:
         return data["items"], None
@@ -253,13 +281,15 @@ def _resolve_items(data: dict, base_dir: Optional[Path], problems: list) -> tupl
     if not isinstance(name, str) or not name.strip():
         return None, None  # the type error is reported by the schema
     if base_dir is None:
-        problems.append(("items_file", "expected inline `items`: uploaded protocol text cannot "
-                                       "refer to files on the server"))
+        problems.append(
+            ("items_file", "expected inline `items`: uploaded protocol text cannot refer to files on the server")
+        )
         return None, None
     path = base_dir / name
     if not path.is_file():
-        problems.append(("items_file", f"expected an existing JSONL file relative to the protocol "
-                                       f"file, but {name!r} was not found"))
+        problems.append(
+            ("items_file", f"expected an existing JSONL file relative to the protocol file, but {name!r} was not found")
+        )
         return None, None
     return _read_jsonl(path, name, problems)
 
@@ -273,12 +303,17 @@ def _read_jsonl(path: Path, name: str, problems: list) -> tuple[Any, Optional[li
         return None, None
     for lineno, obj in jsonl_lines(text):
         if isinstance(obj, json.JSONDecodeError):
-            problems.append((f"items_file {name} line {lineno}",
-                             f"expected one JSON object per line ({obj.msg} at column {obj.colno})"))
+            problems.append(
+                (
+                    f"items_file {name} line {lineno}",
+                    f"expected one JSON object per line ({obj.msg} at column {obj.colno})",
+                )
+            )
             continue
         if not isinstance(obj, dict):
-            problems.append((f"items_file {name} line {lineno}",
-                             f"expected a JSON object {{...}}, got {_describe(obj)}"))
+            problems.append(
+                (f"items_file {name} line {lineno}", f"expected a JSON object {{...}}, got {_describe(obj)}")
+            )
             continue
         items.append(obj)
         lines.append(lineno)
@@ -292,13 +327,16 @@ def _read_jsonl(path: Path, name: str, problems: list) -> tuple[Any, Optional[li
 
 # ---------------------------------------------------------------- error wording
 
+
 def _item_locator(item_lines: Optional[list[int]], items_file: Any):
     """`where(i, '.answer')` -> 'items[3].answer', plus '(file.jsonl line 4)' for file items."""
+
     def where(index: int, suffix: str = "") -> str:
         path = f"items[{index}]{suffix}"
         if item_lines is not None and 0 <= index < len(item_lines):
             path += f" ({items_file} line {item_lines[index]})"
         return path
+
     return where
 
 
@@ -342,22 +380,30 @@ def _placeholders(template: str) -> tuple[dict[str, list[tuple[int, ...]]], Opti
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        return {}, (f"expected a valid template, but it has a lone brace ({exc}); placeholders look like "
-                    "{question} or {pushbacks[0]}, and a literal brace is written as {{ and }}")
+        return {}, (
+            f"expected a valid template, but it has a lone brace ({exc}); placeholders look like "
+            "{question} or {pushbacks[0]}, and a literal brace is written as {{ and }}"
+        )
     names: dict[str, list[tuple[int, ...]]] = {}
     for _, field, spec, conversion in parsed:
         if field is None:
             continue
         if field == "" or field.isdigit():
-            return names, (f"the placeholder {{{field}}} names no item key (positional placeholders have nothing "
-                           "to fill them); write the key, e.g. {question} or {pushbacks[0]}, or a literal brace as {{ }}")
+            return names, (
+                f"the placeholder {{{field}}} names no item key (positional placeholders have nothing "
+                "to fill them); write the key, e.g. {question} or {pushbacks[0]}, or a literal brace as {{ }}"
+            )
         m = _FIELD.match(field)
         if not m:
             if "." in field:
-                return names, (f"the placeholder {{{field}}} uses attribute access, which is not supported; "
-                               "use an item key {key} or a list entry {key[0]}")
-            return names, (f"the placeholder {{{field}}} is not an item key; keys are letters, digits and "
-                           "underscores, optionally with list indices: {question}, {pushbacks[0]}")
+                return names, (
+                    f"the placeholder {{{field}}} uses attribute access, which is not supported; "
+                    "use an item key {key} or a list entry {key[0]}"
+                )
+            return names, (
+                f"the placeholder {{{field}}} is not an item key; keys are letters, digits and "
+                "underscores, optionally with list indices: {question}, {pushbacks[0]}"
+            )
         if spec or conversion:
             return names, f"expected a plain placeholder {{{field}}}, without format spec or conversion (!r, :>10)"
         index = tuple(int(i) for i in re.findall(r"\[(\d+)\]", m.group("index")))
@@ -381,8 +427,10 @@ def _use_problem(item: dict, key: str, index: tuple, template_key: str) -> Optio
     shown = "{" + key + "".join(f"[{i}]" for i in index) + "}"
     if not index:
         if isinstance(value, list):
-            return (f"'{key}' is a list of {len(value)}, used whole as {shown} in {template_key}; "
-                    f"use one entry such as {{{key}[0]}}")
+            return (
+                f"'{key}' is a list of {len(value)}, used whole as {shown} in {template_key}; "
+                f"use one entry such as {{{key}[0]}}"
+            )
         return None
     if len(index) > 1:
         return f"{shown} in {template_key} indexes twice, but item values are at most lists of strings"
@@ -395,8 +443,9 @@ def _use_problem(item: dict, key: str, index: tuple, template_key: str) -> Optio
 
 def _semantic_problems(p: Protocol, where) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    templates = ([("system", p.system)] if p.system is not None else []) + \
-        [(f"turns[{i}]", t) for i, t in enumerate(p.turns)]
+    templates = ([("system", p.system)] if p.system is not None else []) + [
+        (f"turns[{i}]", t) for i, t in enumerate(p.turns)
+    ]
     used: dict[str, list[tuple[tuple, str]]] = {}
     for key, template in templates:
         if not template.strip():
@@ -459,6 +508,8 @@ def _list_problems(p: Protocol, where) -> list[tuple[str, str]]:
         if "id" in item:
             item_id = str(item["id"])
             if item_id in first_seen:
-                problems.append((where(i, ".id"), f"expected a unique id, {item_id!r} is also items[{first_seen[item_id]}]"))
+                problems.append(
+                    (where(i, ".id"), f"expected a unique id, {item_id!r} is also items[{first_seen[item_id]}]")
+                )
             first_seen.setdefault(item_id, i)
     return problems

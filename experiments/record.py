@@ -9,6 +9,7 @@ Replay rebuilds the arms from those rows, feeds every earlier turn's logged toke
 batched step schedule as the original run (so every floating-point operation repeats), and
 generates the asked turn afresh; with the same model, settings and seeds it gives identical tokens.
 """
+
 from __future__ import annotations
 
 import time
@@ -19,8 +20,10 @@ from engine import ArmReply, ArmSpec, Dialogue, LoadedModel
 
 
 def arm_rows(specs: list[ArmSpec]) -> list[dict]:
-    return [{"index": i, "label": s.display_label, "spec": s.to_string(), "settings": s.to_dict(),
-             "seed": s.sampling.seed} for i, s in enumerate(specs)]
+    return [
+        {"index": i, "label": s.display_label, "spec": s.to_string(), "settings": s.to_dict(), "seed": s.sampling.seed}
+        for i, s in enumerate(specs)
+    ]
 
 
 def window_meta(dialogue: Dialogue) -> dict:
@@ -36,44 +39,98 @@ def session_window(session: dict) -> dict:
 
 def session_fields(lm: LoadedModel, dialogue: Dialogue, meta: dict | None = None) -> dict:
     """The session row's model, arms, system prompt and meta for a dialogue (as create_session takes them)."""
-    return {"model": lm.identity.to_dict(), "arms": arm_rows([a.spec for a in dialogue.arms]),
-            "system_prompt": dialogue.system, "meta": {**(meta or {}), **window_meta(dialogue)}}
+    return {
+        "model": lm.identity.to_dict(),
+        "arms": arm_rows([a.spec for a in dialogue.arms]),
+        "system_prompt": dialogue.system,
+        "meta": {**(meta or {}), **window_meta(dialogue)},
+    }
 
 
-def turn_rows(dialogue: Dialogue, user: str, replies: list[ArmReply], turn_index: int | None = None,
-              errors: dict[int, str] | None = None) -> list[dict]:
+def turn_rows(
+    dialogue: Dialogue,
+    user: str,
+    replies: list[ArmReply],
+    turn_index: int | None = None,
+    errors: dict[int, str] | None = None,
+) -> list[dict]:
     """The rows of one exchange, user message then reply per arm, as `Store.log_turn` keyword arguments
     (with arm_index): what the recorder logs one by one and a Ray actor hands the driver whole."""
     turn = dialogue.turn - 1 if turn_index is None else turn_index
     rows = []
     for r in replies:
         mech = dialogue.arms[r.arm].mechanism
-        rows.append({"arm_index": r.arm, "turn_index": turn, "role": "user", "text": user,
-                     "token_ids": r.prompt_token_ids, "started_at": r.started_at, "finished_at": r.started_at})
-        meta = {"memory_size": 0 if mech is None else mech.memory_size(),
-                "on_path_calls": {} if mech is None else {str(k): v for k, v in mech.call_counts.items()}}
-        rows.append({"arm_index": r.arm, "turn_index": turn, "role": "assistant", "text": r.text,
-                     "token_ids": r.token_ids, "started_at": r.started_at,
-                     "finished_at": r.started_at + r.duration_s, "ttft_s": r.ttft_s, "duration_s": r.duration_s,
-                     "finish_reason": r.finish_reason, "gen_settings": r.gen_settings,
-                     "error": (errors or {}).get(r.arm), "meta": meta})
+        rows.append(
+            {
+                "arm_index": r.arm,
+                "turn_index": turn,
+                "role": "user",
+                "text": user,
+                "token_ids": r.prompt_token_ids,
+                "started_at": r.started_at,
+                "finished_at": r.started_at,
+            }
+        )
+        meta = {
+            "memory_size": 0 if mech is None else mech.memory_size(),
+            "on_path_calls": {} if mech is None else {str(k): v for k, v in mech.call_counts.items()},
+        }
+        rows.append(
+            {
+                "arm_index": r.arm,
+                "turn_index": turn,
+                "role": "assistant",
+                "text": r.text,
+                "token_ids": r.token_ids,
+                "started_at": r.started_at,
+                "finished_at": r.started_at + r.duration_s,
+                "ttft_s": r.ttft_s,
+                "duration_s": r.duration_s,
+                "finish_reason": r.finish_reason,
+                "gen_settings": r.gen_settings,
+                "error": (errors or {}).get(r.arm),
+                "meta": meta,
+            }
+        )
     return rows
 
 
 class SessionRecorder:
     """Writes each finished turn of a `Dialogue` to the store, one transaction per arm-message."""
 
-    def __init__(self, store: Store, lm: LoadedModel, dialogue: Dialogue, *, kind: str = "lab", title: str = "",
-                 user: str | None = None, blind: bool = False, pane_order: list[int] | None = None,
-                 experiment_id: str | None = None, item_key: str | None = None, seed: int | None = None,
-                 meta: dict | None = None, session_id: str | None = None):
+    def __init__(
+        self,
+        store: Store,
+        lm: LoadedModel,
+        dialogue: Dialogue,
+        *,
+        kind: str = "lab",
+        title: str = "",
+        user: str | None = None,
+        blind: bool = False,
+        pane_order: list[int] | None = None,
+        experiment_id: str | None = None,
+        item_key: str | None = None,
+        seed: int | None = None,
+        meta: dict | None = None,
+        session_id: str | None = None,
+    ):
         self.store, self.lm, self.dialogue = store, lm, dialogue
         self.session_id = session_id or store.create_session(
-            kind, title=title, blind=blind, pane_order=pane_order, user=user, experiment_id=experiment_id,
-            item_key=item_key, seed=seed, **session_fields(lm, dialogue, meta))
+            kind,
+            title=title,
+            blind=blind,
+            pane_order=pane_order,
+            user=user,
+            experiment_id=experiment_id,
+            item_key=item_key,
+            seed=seed,
+            **session_fields(lm, dialogue, meta),
+        )
 
-    def log(self, user: str, replies: list[ArmReply], turn_index: int | None = None,
-            errors: dict[int, str] | None = None) -> list[int]:
+    def log(
+        self, user: str, replies: list[ArmReply], turn_index: int | None = None, errors: dict[int, str] | None = None
+    ) -> list[int]:
         """Log the user message and every arm's reply; return the assistant turn ids by arm."""
         ids = []
         for row in turn_rows(self.dialogue, user, replies, turn_index, errors):
@@ -119,15 +176,22 @@ def other_weights(session: dict, lm: LoadedModel, action: str) -> str | None:
     """Why `lm` cannot `action` this session (it was run on other weights), or None if it can."""
     if session["model"].get("weights_hash") == lm.identity.weights_hash:
         return None
-    return (f"session {session['id']} was run on {session['model'].get('name')} with other weights "
-            f"({session['model'].get('weights_hash', '?')[:12]}); load that model to {action} it")
+    return (
+        f"session {session['id']} was run on {session['model'].get('name')} with other weights "
+        f"({session['model'].get('weights_hash', '?')[:12]}); load that model to {action} it"
+    )
 
 
 def dialogue_from_session(store: Store, lm: LoadedModel, session_id: str, record_traces: bool = False):
     """Rebuild the arms (and the logged turns by index) of a session."""
     session, turns = session_turns(store, session_id)
-    d = Dialogue(lm, session_specs(session), system=session["system_prompt"], record_traces=record_traces,
-                 **session_window(session))
+    d = Dialogue(
+        lm,
+        session_specs(session),
+        system=session["system_prompt"],
+        record_traces=record_traces,
+        **session_window(session),
+    )
     return session, d, turns
 
 

@@ -21,6 +21,7 @@ stored protocol, arms, seeds, items and max_new_tokens are used; complete dialog
 an incomplete one has all its turns (with their scores) deleted and is played again in the same
 session row, so a resumed run ends with exactly the rows of an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import threading
@@ -48,7 +49,7 @@ class RunConfig:
     protocol: Protocol
     specs: list[ArmSpec]
     seeds: int = 1
-    items: Optional[int] = None          # first K items; None = all
+    items: Optional[int] = None  # first K items; None = all
     max_new_tokens: Optional[int] = None  # None = the protocol's, else the spec's
     window: Optional[int] = None  # attention window; None = the protocol's (None there: full attention)
     extra: dict = field(default_factory=dict)
@@ -71,20 +72,26 @@ class RunConfig:
         return self.window or self.protocol.window
 
     def args(self) -> dict:
-        return {"arms": [s.to_string() for s in self.specs],
-                "arm_labels": [arm_label(s) for s in self.specs],
-                "arm_greedy": [is_greedy(s) for s in self.specs],
-                "arm_settings": [s.to_dict() for s in self.specs],
-                "seeds": self.seeds, "items": self.items, "n_items": len(self.item_indices),
-                "max_new_tokens": self.effective_max_new_tokens,
-                **({"window": self.effective_window} if self.effective_window else {}),
-                "n_dialogues": self.n_dialogues,
-                "n_turns": self.protocol.n_turns, "scoring": list(self.protocol.scoring),
-                **({"protocol_path": str(self.protocol.source_path)} if self.protocol.source_path else {}),
-                **self.extra}
+        return {
+            "arms": [s.to_string() for s in self.specs],
+            "arm_labels": [arm_label(s) for s in self.specs],
+            "arm_greedy": [is_greedy(s) for s in self.specs],
+            "arm_settings": [s.to_dict() for s in self.specs],
+            "seeds": self.seeds,
+            "items": self.items,
+            "n_items": len(self.item_indices),
+            "max_new_tokens": self.effective_max_new_tokens,
+            **({"window": self.effective_window} if self.effective_window else {}),
+            "n_dialogues": self.n_dialogues,
+            "n_turns": self.protocol.n_turns,
+            "scoring": list(self.protocol.scoring),
+            **({"protocol_path": str(self.protocol.source_path)} if self.protocol.source_path else {}),
+            **self.extra,
+        }
 
 
 # ------------------------------------------------------------------ inputs
+
 
 def resolve_protocol(name_or_path: str | Protocol) -> Protocol:
     """A Protocol, a YAML path, or the name of a shipped protocol (`are_you_sure`)."""
@@ -92,6 +99,7 @@ def resolve_protocol(name_or_path: str | Protocol) -> Protocol:
         return name_or_path
     text = str(name_or_path)
     from pathlib import Path
+
     path = Path(text)
     if path.suffix.lower() in (".yaml", ".yml") or path.exists() or "/" in text:
         return load_protocol(path)
@@ -124,12 +132,16 @@ def arm_label(spec: ArmSpec) -> str:
     'observer' vs 'observer · greedy=false, temperature=0.7' (an explicit label= is kept)."""
     if spec.label:
         return spec.label
-    changed = {k: v for k, v in spec.sampling.model_dump(exclude_defaults=True).items()
-               if k not in _SAMPLING_NOT_IN_LABEL}
+    changed = {
+        k: v for k, v in spec.sampling.model_dump(exclude_defaults=True).items() if k not in _SAMPLING_NOT_IN_LABEL
+    }
     if not changed:
         return spec.display_label
-    return spec.display_label + " · " + ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                                                  for k, v in changed.items())
+    return (
+        spec.display_label
+        + " · "
+        + ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items())
+    )
 
 
 def specs_for_seed(specs: Sequence[ArmSpec], seed: int, max_new_tokens: Optional[int]) -> list[ArmSpec]:
@@ -141,8 +153,11 @@ def specs_for_seed(specs: Sequence[ArmSpec], seed: int, max_new_tokens: Optional
     for s in specs:
         labelled = s.with_sampling(**changes)
         label = arm_label(s)
-        out.append(labelled if label == labelled.display_label else
-                   ArmSpec(labelled.mechanism, labelled.settings, labelled.sampling, label))
+        out.append(
+            labelled
+            if label == labelled.display_label
+            else ArmSpec(labelled.mechanism, labelled.settings, labelled.sampling, label)
+        )
     return out
 
 
@@ -160,8 +175,9 @@ def load_run(store: Store, experiment_id: str) -> RunConfig:
         specs = [ArmSpec.from_dict(d) for d in args["arm_settings"]]
     else:
         specs = parse_arms(args.get("arms") or [])
-    return RunConfig(protocol, specs, int(args.get("seeds", 1)), args.get("items"), args.get("max_new_tokens"),
-                     args.get("window"))
+    return RunConfig(
+        protocol, specs, int(args.get("seeds", 1)), args.get("items"), args.get("max_new_tokens"), args.get("window")
+    )
 
 
 def find_matching_run(store: Store, config: RunConfig, weights_hash: Optional[str] = None) -> Optional[dict]:
@@ -200,11 +216,15 @@ def _check_same_run(stored: RunConfig, asked: RunConfig, experiment_id: str) -> 
     if stored.effective_window != asked.effective_window:
         problems.append(f"window ({stored.effective_window or 'none'})")
     if problems:
-        raise RunConfigError(f"run {experiment_id} was started with other " + "; ".join(problems)
-                             + f"; resume it with the same settings, or just `--resume {experiment_id}`")
+        raise RunConfigError(
+            f"run {experiment_id} was started with other "
+            + "; ".join(problems)
+            + f"; resume it with the same settings, or just `--resume {experiment_id}`"
+        )
 
 
 # ------------------------------------------------------------------ the run
+
 
 def dialogue_plan(config: RunConfig) -> list[tuple[int, str, int]]:
     """(item_index, item_key, seed) for every dialogue, in run order: seed-major, so a run cut
@@ -215,12 +235,21 @@ def dialogue_plan(config: RunConfig) -> list[tuple[int, str, int]]:
 
 def completed_keys(store: Store, experiment_id: str) -> set[tuple[str, int]]:
     """(item_key, seed) of the run's complete dialogues."""
-    return {(s["item_key"], s["seed"]) for s in store.list_sessions(experiment_id=experiment_id)
-            if (s.get("meta") or {}).get("complete") is True}
+    return {
+        (s["item_key"], s["seed"])
+        for s in store.list_sessions(experiment_id=experiment_id)
+        if (s.get("meta") or {}).get("complete") is True
+    }
 
 
-def make_config(protocol: Protocol | str, specs: Sequence[str | ArmSpec], seeds: int = 1, items: Optional[int] = None,
-                max_new_tokens: Optional[int] = None, window: Optional[int] = None) -> RunConfig:
+def make_config(
+    protocol: Protocol | str,
+    specs: Sequence[str | ArmSpec],
+    seeds: int = 1,
+    items: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
+    window: Optional[int] = None,
+) -> RunConfig:
     """A checked RunConfig (RunConfigError, SpecError or ProtocolError naming the first problem)."""
     config = RunConfig(resolve_protocol(protocol), parse_arms(specs), int(seeds), items, max_new_tokens, window)
     if config.seeds < 1:
@@ -229,38 +258,61 @@ def make_config(protocol: Protocol | str, specs: Sequence[str | ArmSpec], seeds:
         raise RunConfigError("items must be at least 1")
     if config.max_new_tokens is not None and config.max_new_tokens < 1:
         raise RunConfigError("max_new_tokens must be at least 1")
-    if config.window is not None and (isinstance(config.window, bool) or not isinstance(config.window, int)
-                                      or config.window < 1):
+    if config.window is not None and (
+        isinstance(config.window, bool) or not isinstance(config.window, int) or config.window < 1
+    ):
         raise RunConfigError(f"window must be a whole number of tokens >= 1 (got {config.window!r})")
     return config
 
 
-def open_run(store: Store, config: RunConfig, model: dict, n_layers: int, experiment_id: Optional[str] = None,
-             name: Optional[str] = None) -> str:
+def open_run(
+    store: Store,
+    config: RunConfig,
+    model: dict,
+    n_layers: int,
+    experiment_id: Optional[str] = None,
+    name: Optional[str] = None,
+) -> str:
     """Create the run's experiment record, or check that a stored one is this run on these weights
     and mark it running again; returns its id. `model` is the model identity (to_dict())."""
     for s in config.specs:
         s.validate_for(n_layers)
     if experiment_id is None:
         return store.create_experiment(
-            name or f"{config.protocol.name} x {len(config.specs)} arms", config.protocol.name,
-            protocol=protocol_record(config.protocol), args=config.args(), model=model)
+            name or f"{config.protocol.name} x {len(config.specs)} arms",
+            config.protocol.name,
+            protocol=protocol_record(config.protocol),
+            args=config.args(),
+            model=model,
+        )
     exp = store.get_experiment(experiment_id)
     _check_same_run(load_run(store, experiment_id), config, experiment_id)
     stored_hash = (exp.get("model") or {}).get("weights_hash")
     if stored_hash and stored_hash != model.get("weights_hash"):
-        raise RunConfigError(f"run {experiment_id} was run on {(exp.get('model') or {}).get('name')} with other "
-                             f"weights; load that model to resume it")
+        raise RunConfigError(
+            f"run {experiment_id} was run on {(exp.get('model') or {}).get('name')} with other "
+            f"weights; load that model to resume it"
+        )
     store.update_experiment(experiment_id, status="running")
     return experiment_id
 
 
-def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs: Sequence[str | ArmSpec],
-                 seeds: int = 1, items: Optional[int] = None, max_new_tokens: Optional[int] = None,
-                 experiment_id: Optional[str] = None, progress: Optional[ProgressFn] = None,
-                 stop_event: Optional[threading.Event] = None, name: Optional[str] = None,
-                 scorer_options: Optional[dict[str, dict]] = None, window: Optional[int] = None,
-                 stream: Optional[Callable[..., Iterator]] = None) -> str:
+def run_protocol(
+    store: Store,
+    lm: LoadedModel,
+    protocol: Protocol | str,
+    specs: Sequence[str | ArmSpec],
+    seeds: int = 1,
+    items: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
+    experiment_id: Optional[str] = None,
+    progress: Optional[ProgressFn] = None,
+    stop_event: Optional[threading.Event] = None,
+    name: Optional[str] = None,
+    scorer_options: Optional[dict[str, dict]] = None,
+    window: Optional[int] = None,
+    stream: Optional[Callable[..., Iterator]] = None,
+) -> str:
     """Run (or resume) a protocol; returns the experiment id.
 
     `progress(done, total, info)` is called once before the first dialogue (info["event"] ==
@@ -289,15 +341,25 @@ def run_protocol(store: Store, lm: LoadedModel, protocol: Protocol | str, specs:
             if stop_event is not None and stop_event.is_set():
                 status.value = "interrupted"
                 return experiment_id
-            sid = _run_dialogue(store, lm, config, experiment_id, item_index, item_key, seed,
-                                stop_event, scorer_options or {}, stream)
+            sid = _run_dialogue(
+                store, lm, config, experiment_id, item_index, item_key, seed, stop_event, scorer_options or {}, stream
+            )
             if sid is None:  # stopped mid-dialogue
                 status.value = "interrupted"
                 return experiment_id
             done += 1
             if progress:
-                progress(done, total, {"event": "done", "experiment_id": experiment_id, "item": item_key,
-                                       "seed": seed, "session_id": sid})
+                progress(
+                    done,
+                    total,
+                    {
+                        "event": "done",
+                        "experiment_id": experiment_id,
+                        "item": item_key,
+                        "seed": seed,
+                        "session_id": sid,
+                    },
+                )
         status.value = "finished"
     return experiment_id
 
@@ -331,14 +393,23 @@ def start_dialogue(lm: LoadedModel, config: RunConfig, item_index: int, seed: in
     item = protocol.items[item_index]
     specs = specs_for_seed(config.specs, seed, config.effective_max_new_tokens)
     d = Dialogue(lm, specs, system=protocol.render_system(item), window=config.effective_window)
-    meta = {"complete": False, "protocol": protocol.name, "item_index": item_index,
-            **({"window": d.window, "sink": d.sink} if d.window else {})}
+    meta = {
+        "complete": False,
+        "protocol": protocol.name,
+        "item_index": item_index,
+        **({"window": d.window, "sink": d.sink} if d.window else {}),
+    }
     return d, meta
 
 
-def play_dialogue(d: Dialogue, config: RunConfig, item_index: int, stop_event: Optional[threading.Event] = None,
-                  on_turn: Optional[Callable] = None,
-                  stream: Optional[Callable[..., Iterator]] = None) -> Optional[list[tuple[str, list]]]:
+def play_dialogue(
+    d: Dialogue,
+    config: RunConfig,
+    item_index: int,
+    stop_event: Optional[threading.Event] = None,
+    on_turn: Optional[Callable] = None,
+    stream: Optional[Callable[..., Iterator]] = None,
+) -> Optional[list[tuple[str, list]]]:
     """Play the protocol's user turns to every arm at once: [(user, replies)] per turn, or None when
     stopped before the end. on_turn(user, replies) is called after each turn (the recorder logs there);
     `stream(d, user, max_new_tokens=...)` runs a turn (default `d.stream`; the lab: its scheduler's)."""
@@ -348,8 +419,11 @@ def play_dialogue(d: Dialogue, config: RunConfig, item_index: int, stop_event: O
     for user in protocol.render_turns(item):
         replies = None
         stopped = False
-        turn = d.stream(user, max_new_tokens=config.effective_max_new_tokens) if stream is None else \
-            stream(d, user, max_new_tokens=config.effective_max_new_tokens)
+        turn = (
+            d.stream(user, max_new_tokens=config.effective_max_new_tokens)
+            if stream is None
+            else stream(d, user, max_new_tokens=config.effective_max_new_tokens)
+        )
         for event in turn:
             if stop_event is not None and stop_event.is_set() and not stopped:
                 d.stop_all()
@@ -363,8 +437,9 @@ def play_dialogue(d: Dialogue, config: RunConfig, item_index: int, stop_event: O
     return turns
 
 
-def score_turns(config: RunConfig, item_index: int, turns: list[tuple[str, list]], n_arms: int,
-                scorer_options: dict) -> dict[int, dict[str, Any]]:
+def score_turns(
+    config: RunConfig, item_index: int, turns: list[tuple[str, list]], n_arms: int, scorer_options: dict
+) -> dict[int, dict[str, Any]]:
     """{arm: {scorer: DialogueScore}} of a played dialogue's assistant replies."""
     protocol = config.protocol
     item = protocol.items[item_index]
@@ -387,9 +462,18 @@ def complete_meta(meta: dict, scores: dict[int, dict[str, Any]]) -> dict:
     return {**meta, "complete": True, "summaries": summaries, "finished_at": time.time()}
 
 
-def _run_dialogue(store: Store, lm: LoadedModel, config: RunConfig, experiment_id: str, item_index: int,
-                  item_key: str, seed: int, stop_event: Optional[threading.Event],
-                  scorer_options: dict, stream: Optional[Callable[..., Iterator]] = None) -> Optional[str]:
+def _run_dialogue(
+    store: Store,
+    lm: LoadedModel,
+    config: RunConfig,
+    experiment_id: str,
+    item_index: int,
+    item_key: str,
+    seed: int,
+    stop_event: Optional[threading.Event],
+    scorer_options: dict,
+    stream: Optional[Callable[..., Iterator]] = None,
+) -> Optional[str]:
     """Play, log and score one (item, seed) dialogue; None when stopped before its end."""
     protocol = config.protocol
     d, meta = start_dialogue(lm, config, item_index, seed)
@@ -399,8 +483,17 @@ def _run_dialogue(store: Store, lm: LoadedModel, config: RunConfig, experiment_i
         store.update_session(existing["id"], meta=meta)
         rec = SessionRecorder(store, lm, d, session_id=existing["id"])
     else:
-        rec = SessionRecorder(store, lm, d, kind="experiment", experiment_id=experiment_id, item_key=item_key,
-                              seed=seed, title=dialogue_title(protocol, item_key, seed), meta=meta)
+        rec = SessionRecorder(
+            store,
+            lm,
+            d,
+            kind="experiment",
+            experiment_id=experiment_id,
+            item_key=item_key,
+            seed=seed,
+            title=dialogue_title(protocol, item_key, seed),
+            meta=meta,
+        )
     turn_ids: list[list[int]] = [[] for _ in range(d.n_arms)]
 
     def log(user, replies):

@@ -4,6 +4,7 @@ Items are the unit of generalisation: seeds of one item are correlated (same que
 model), so intervals resample items (clusters) with all their seeds, and arms are compared on
 the same (item, seed) pairs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -19,8 +20,10 @@ _MAX_MATRIX_CELLS = 2_000_000  # bound memory of vectorised iid resamples
 
 # ======================================================================= bootstrap
 
-def bootstrap_ci(values, stat: Callable = np.mean, n_boot: int = 2000, alpha: float = 0.05,
-                 seed: int = 0, clusters=None) -> tuple[float, float, float]:
+
+def bootstrap_ci(
+    values, stat: Callable = np.mean, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0, clusters=None
+) -> tuple[float, float, float]:
     """Percentile bootstrap: (estimate on all data, low, high) at level 1 - alpha.
 
     With `clusters` (one id per value, e.g. the item), whole clusters are resampled with
@@ -81,8 +84,18 @@ def _missing(v: Any) -> bool:
 
 # ======================================================================= paired arm tests
 
-def paired_test(a, b, pairs=None, *, binary: Optional[bool] = None, n_boot: int = 2000,
-                alpha: float = 0.05, seed: int = 0, cluster_on_item: bool = True) -> dict:
+
+def paired_test(
+    a,
+    b,
+    pairs=None,
+    *,
+    binary: Optional[bool] = None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    cluster_on_item: bool = True,
+) -> dict:
     """Compare arm a with arm b over the same (item, seed) pairs.
 
     `a`, `b`: mappings (dict / pandas Series) from pair key to outcome, with `pairs` the keys
@@ -95,8 +108,15 @@ def paired_test(a, b, pairs=None, *, binary: Optional[bool] = None, n_boot: int 
     keys, xa, xb, n_dropped = _align(a, b, pairs)
     result = {"n_pairs": len(keys), "n_dropped": n_dropped}
     if not keys:
-        return {**result, "test": None, "statistic": None, "p_value": None, "mean_diff": None,
-                "ci": None, "reason": "no pair has an outcome in both arms"}
+        return {
+            **result,
+            "test": None,
+            "statistic": None,
+            "p_value": None,
+            "mean_diff": None,
+            "ci": None,
+            "reason": "no pair has an outcome in both arms",
+        }
     is_binary = binary if binary is not None else bool(np.isin(np.concatenate([xa, xb]), (0.0, 1.0)).all())
     result.update(_mcnemar(xa, xb) if is_binary else _wilcoxon(xa, xb))
     diff = xa - xb
@@ -128,8 +148,13 @@ def _mcnemar(xa: np.ndarray, xb: np.ndarray) -> dict:
     b_only = int(((xa == 0) & (xb == 1)).sum())
     discordant = a_only + b_only
     p = _scipy_stats.binomtest(a_only, discordant, 0.5).pvalue if discordant else 1.0
-    return {"test": "mcnemar_exact", "statistic": float(a_only), "p_value": float(p),
-            "a_only": a_only, "b_only": b_only}
+    return {
+        "test": "mcnemar_exact",
+        "statistic": float(a_only),
+        "p_value": float(p),
+        "a_only": a_only,
+        "b_only": b_only,
+    }
 
 
 def _wilcoxon(xa: np.ndarray, xb: np.ndarray) -> dict:
@@ -141,32 +166,45 @@ def _wilcoxon(xa: np.ndarray, xb: np.ndarray) -> dict:
 
 # ======================================================================= per-arm summaries
 
+
 def summarise_arm(df: pd.DataFrame, metric: str, cluster_col: Optional[str] = "item", **bootstrap) -> dict:
     """Estimate, bootstrap CI (clustered on `cluster_col` when present) and n of one metric."""
     values = [np.nan if _missing(v) else float(v) for v in df[metric]]
     clusters = list(df[cluster_col]) if cluster_col is not None and cluster_col in df.columns else None
     n = int(np.sum(~np.isnan(values))) if values else 0
-    summary = {"metric": metric, "n": n,
-               "n_clusters": None if clusters is None else
-               len({c for c, v in zip(clusters, values) if not np.isnan(v)})}
+    summary = {
+        "metric": metric,
+        "n": n,
+        "n_clusters": None if clusters is None else len({c for c, v in zip(clusters, values) if not np.isnan(v)}),
+    }
     if n == 0:
         return {**summary, "estimate": None, "low": None, "high": None}
     estimate, low, high = bootstrap_ci(values, clusters=clusters, **bootstrap)
     return {**summary, "estimate": estimate, "low": low, "high": high}
 
 
-def summarise_arms(df: pd.DataFrame, metric: str, arm_col: str = "arm",
-                   cluster_col: Optional[str] = "item", **bootstrap) -> pd.DataFrame:
+def summarise_arms(
+    df: pd.DataFrame, metric: str, arm_col: str = "arm", cluster_col: Optional[str] = "item", **bootstrap
+) -> pd.DataFrame:
     """`summarise_arm` for each arm: one row per arm, sorted by arm."""
-    rows = [{arm_col: arm, **summarise_arm(group, metric, cluster_col, **bootstrap)}
-            for arm, group in df.groupby(arm_col, sort=True)]
+    rows = [
+        {arm_col: arm, **summarise_arm(group, metric, cluster_col, **bootstrap)}
+        for arm, group in df.groupby(arm_col, sort=True)
+    ]
     return pd.DataFrame(rows)
 
 
 # ======================================================================= agreement
 
-def krippendorff_alpha(labels_by_unit_and_coder, level: str = "nominal", *, unit_col: str = "unit",
-                       coder_col: str = "coder", label_col: str = "label") -> dict:
+
+def krippendorff_alpha(
+    labels_by_unit_and_coder,
+    level: str = "nominal",
+    *,
+    unit_col: str = "unit",
+    coder_col: str = "coder",
+    label_col: str = "label",
+) -> dict:
     """Krippendorff's alpha from a long table of (unit, coder, label) rows.
 
     Accepts a DataFrame with those columns, or an iterable of 3-tuples / dicts. Rows without a
@@ -182,20 +220,28 @@ def krippendorff_alpha(labels_by_unit_and_coder, level: str = "nominal", *, unit
     table = table.drop_duplicates(["unit", "coder"], keep="last")
     coders_per_unit = table.groupby("unit", sort=False)["coder"].nunique()
     pairable = coders_per_unit[coders_per_unit >= 2]
-    result = {"alpha": None, "level": level, "n_units": int(len(pairable)),
-              "mean_coders_per_unit": float(pairable.mean()) if len(pairable) else None,
-              "n_coders": int(table["coder"].nunique()),
-              "n_single_coder_units": int((coders_per_unit == 1).sum()),
-              "n_duplicates_replaced": n_rows - len(table), "reason": None}
+    result = {
+        "alpha": None,
+        "level": level,
+        "n_units": int(len(pairable)),
+        "mean_coders_per_unit": float(pairable.mean()) if len(pairable) else None,
+        "n_coders": int(table["coder"].nunique()),
+        "n_single_coder_units": int((coders_per_unit == 1).sum()),
+        "n_duplicates_replaced": n_rows - len(table),
+        "reason": None,
+    }
     table = table[table["unit"].isin(pairable.index)]
     if table.empty:
         return {**result, "reason": "no unit has labels from two or more coders"}
     if table["label"].nunique() < 2:
-        return {**result, "reason": "all paired labels are the same value, so expected "
-                                    "disagreement is zero and alpha is undefined"}
+        return {
+            **result,
+            "reason": "all paired labels are the same value, so expected disagreement is zero and alpha is undefined",
+        }
     table = table.assign(value=_label_values(table["label"], level))
     matrix = table.pivot(index="coder", columns="unit", values="value").to_numpy(dtype=float)
     import krippendorff  # light, but only needed here
+
     alpha = krippendorff.alpha(reliability_data=matrix, level_of_measurement=level)
     return {**result, "alpha": float(alpha)}
 
@@ -207,8 +253,7 @@ def _long_table(data, unit_col: str, coder_col: str, label_col: str) -> pd.DataF
             raise ValueError(f"labels table lacks column(s) {', '.join(missing)}")
         frame = data[[unit_col, coder_col, label_col]].copy()
     else:
-        rows = [(r[unit_col], r[coder_col], r[label_col]) if isinstance(r, Mapping) else tuple(r)
-                for r in data]
+        rows = [(r[unit_col], r[coder_col], r[label_col]) if isinstance(r, Mapping) else tuple(r) for r in data]
         if any(len(r) != 3 for r in rows):
             raise ValueError("each label row must be (unit, coder, label)")
         frame = pd.DataFrame(rows, columns=[unit_col, coder_col, label_col], dtype=object)

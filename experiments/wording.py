@@ -3,6 +3,7 @@
 Shared by protocol validation and the scorers' option models, so that every message a researcher
 reads describes what they wrote the same way.
 """
+
 from __future__ import annotations
 
 from typing import Any

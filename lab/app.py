@@ -6,6 +6,7 @@ The model is loaded once per process and shared by every browser tab; one step s
 (engine/scheduler.py) runs it for all of them, batching every tab's turns into shared forward passes
 (up to `--max-rows` rows; more wait in order). Each tab's conversation lives in its own gr.State.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,14 +85,19 @@ SHORTCUTS_JS = """
 
 
 # Soft, but a hovered primary button darkens instead of paling (a pale Run read as disabled, issue 22)
-THEME = gr.themes.Soft().set(button_primary_background_fill_hover="*primary_600",
-                             button_primary_background_fill_hover_dark="*primary_600",
-                             button_primary_text_color="white", button_primary_text_color_hover="white")
+THEME = gr.themes.Soft().set(
+    button_primary_background_fill_hover="*primary_600",
+    button_primary_background_fill_hover_dark="*primary_600",
+    button_primary_text_color="white",
+    button_primary_text_color_hover="white",
+)
 
 
 def _unavailable(name: str, e: Exception) -> None:
-    gr.Markdown(f"*The {name} view is not available in this build ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else 'not importable'}).*")
+    gr.Markdown(
+        f"*The {name} view is not available in this build ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else 'not importable'}).*"
+    )
 
 
 def build_app(ctx: LabContext) -> gr.Blocks:
@@ -100,9 +106,11 @@ def build_app(ctx: LabContext) -> gr.Blocks:
 
     ident = ctx.lm.identity
     with gr.Blocks(title="memory-linkage lab") as demo:
-        gr.Markdown(f"## The memory-linkage lab\n<sub>model **{ident.name}** · {ident.n_layers} layers · "
-                    f"{ident.dtype} · {ident.device} · database `{ctx.db_url or ctx.store.name}` · "
-                    f"up to {ctx.scheduler.max_rows} arms generating at once, over all tabs</sub>")
+        gr.Markdown(
+            f"## The memory-linkage lab\n<sub>model **{ident.name}** · {ident.n_layers} layers · "
+            f"{ident.dtype} · {ident.device} · database `{ctx.db_url or ctx.store.name}` · "
+            f"up to {ctx.scheduler.max_rows} arms generating at once, over all tabs</sub>"
+        )
         experiments = None
         with gr.Tabs(selected="arena") as tabs:
             with gr.Tab("Arena", id="arena"):
@@ -130,8 +138,7 @@ def build_app(ctx: LabContext) -> gr.Blocks:
         arena.wire_continue(sessions["continue_btn"], sessions["session_id"], tabs)
         if experiments and "open_session" in experiments:
             _wire_open_in_sessions(experiments, sessions, tabs)
-        sessions_tab.select(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]],
-                            api_name=False)
+        sessions_tab.select(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]], api_name=False)
         demo.load(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]], api_name=False)
         arena.on_load(demo)
     demo.lab_parts = {"arena": arena, "sessions": sessions, "inspect": inspect, "tabs": tabs}
@@ -140,24 +147,40 @@ def build_app(ctx: LabContext) -> gr.Blocks:
 
 def _wire_open_in_sessions(experiments: dict, sessions: dict, tabs: gr.Tabs) -> None:
     """The Experiments tab's 'Open in Sessions' shows the dialogue behind a point, read-only."""
+
     def go(sid):
         if not sid:
             raise gr.Error("Pick a dialogue of the run first.", print_exception=False)
         return sid, gr.Tabs(selected="sessions")
 
-    experiments["open_session"].click(go, inputs=[experiments["session"]], outputs=[sessions["session_id"], tabs],
-                                      api_name=False).success(
-        sessions["open_fn"], inputs=[sessions["session_id"]], outputs=sessions["open_outputs"], api_name=False)
+    experiments["open_session"].click(
+        go, inputs=[experiments["session"]], outputs=[sessions["session_id"], tabs], api_name=False
+    ).success(sessions["open_fn"], inputs=[sessions["session_id"]], outputs=sessions["open_outputs"], api_name=False)
 
 
-def launch(ctx: LabContext, host: str = "127.0.0.1", port: int | None = 7860, prevent_thread_lock: bool = False,
-           auth=None, quiet: bool = False) -> gr.Blocks:
+def launch(
+    ctx: LabContext,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    prevent_thread_lock: bool = False,
+    auth=None,
+    quiet: bool = False,
+) -> gr.Blocks:
     """Build and serve the lab; with prevent_thread_lock=True it returns while the server runs."""
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock, auth=auth,
-                show_error=True, quiet=quiet, css=CSS, theme=THEME, head=SHORTCUTS_JS,
-                footer_links=["gradio"])
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=prevent_thread_lock,
+        auth=auth,
+        show_error=True,
+        quiet=quiet,
+        css=CSS,
+        theme=THEME,
+        head=SHORTCUTS_JS,
+        footer_links=["gradio"],
+    )
     return demo
 
 
@@ -170,9 +193,13 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the model loader's choice)")
     p.add_argument("--load-in-4bit", action="store_true", help="4-bit weights (bitsandbytes, CUDA)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="ask for a login (not production-grade)")
-    p.add_argument("--max-rows", default=None, metavar="N",
-                   help="most rows (arms) generating at once over all tabs; more wait in order "
-                        "(default $LAB_MAX_ROWS, else estimated from free memory)")
+    p.add_argument(
+        "--max-rows",
+        default=None,
+        metavar="N",
+        help="most rows (arms) generating at once over all tabs; more wait in order "
+        "(default $LAB_MAX_ROWS, else estimated from free memory)",
+    )
     return p.parse_args(argv)
 
 
@@ -222,8 +249,11 @@ def main(argv=None) -> int:
     except DialogueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"lab: model {lm.identity.name} on {lm.identity.device}, database {store.name}, "
-          f"up to {ctx.scheduler.max_rows} rows at once", flush=True)
+    print(
+        f"lab: model {lm.identity.name} on {lm.identity.device}, database {store.name}, "
+        f"up to {ctx.scheduler.max_rows} rows at once",
+        flush=True,
+    )
     try:
         launch(ctx, args.host, args.port, auth=auth)
     except OSError as e:

@@ -16,6 +16,7 @@ so the next turn continues the same conversation and is appended to the same ses
 
 The Gradio code (lab/arena.py) keeps only layout and wiring.
 """
+
 from __future__ import annotations
 
 import html
@@ -27,11 +28,11 @@ from typing import Callable, Iterator
 
 from db import STANCE_LABELS, Store, StoreError
 from db.blind import draw_pane_order, is_revealed, pane_letter, reveal_mapping, revealed_meta
-from engine import ArmReply, ArmSpec, Dialogue, DialogueError, LoadedModel, SpecError, StreamEvent
 from db.rules import SessionRow
+from engine import ArmReply, ArmSpec, Dialogue, DialogueError, LoadedModel, SpecError, StreamEvent
 from engine.dialogue import MAX_MESSAGE_CHARS
-from engine.scheduler import StepScheduler
 from engine.dialogue import check_message as engine_check_message
+from engine.scheduler import StepScheduler
 from experiments.protocol import MAX_WINDOW
 from experiments.record import SessionRecorder, dialogue_from_session, other_weights
 
@@ -104,8 +105,10 @@ def check_message(message) -> str | None:
     try:
         message.encode("utf-8")
     except UnicodeEncodeError as e:
-        return (f"The message contains invalid text at character {e.start + 1} (a lone surrogate, "
-                f"{message[e.start]!r}: not valid Unicode). Nothing was sent.")
+        return (
+            f"The message contains invalid text at character {e.start + 1} (a lone surrogate, "
+            f"{message[e.start]!r}: not valid Unicode). Nothing was sent."
+        )
     if "\x00" in message:
         return "The message contains a NUL character. Nothing was sent."
     return None
@@ -129,8 +132,9 @@ def settings_refusal(errors: dict, pane_name=lambda p: str(p + 1)) -> str:
     """The one status line for settings that cannot run: 'Not sent: arm 2 · linkage: ... (got 7)'."""
     if "session" in errors:
         return f"Not sent: {errors['session']}"
-    parts = [f"arm {pane_name(p)} · {why}" for p, why in sorted((k, v) for k, v in errors.items()
-                                                                if isinstance(k, int))]
+    parts = [
+        f"arm {pane_name(p)} · {why}" for p, why in sorted((k, v) for k, v in errors.items() if isinstance(k, int))
+    ]
     return "Not sent: " + "; ".join(parts) + " — fix it in the arm's settings."
 
 
@@ -139,8 +143,10 @@ def parse_window(value) -> int | None:
     number of tokens; ArenaError with one line otherwise."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    why = (f"the attention window must be a whole number of tokens from 1 to {MAX_WINDOW:,} "
-           f"(or blank for full attention), not {str(value).strip()[:40]!r}")
+    why = (
+        f"the attention window must be a whole number of tokens from 1 to {MAX_WINDOW:,} "
+        f"(or blank for full attention), not {str(value).strip()[:40]!r}"
+    )
     if isinstance(value, bool):
         raise ArenaError(why)
     if isinstance(value, float):
@@ -306,8 +312,17 @@ class ArenaSession:
         return self.dialogue.stream(user, **kwargs)
 
     # -- starting -------------------------------------------------------------------------------
-    def start(self, specs: list[ArmSpec], *, blind: bool = False, system: str | None = None, title: str = "",
-              annotator: str | None = None, rng: random.Random | None = None, window=None) -> None:
+    def start(
+        self,
+        specs: list[ArmSpec],
+        *,
+        blind: bool = False,
+        system: str | None = None,
+        title: str = "",
+        annotator: str | None = None,
+        rng: random.Random | None = None,
+        window=None,
+    ) -> None:
         """Build the arms (no database row yet: that comes with the first accepted turn).
 
         `window`: the dialogue's attention window in tokens (every arm sees the first few plus the
@@ -350,9 +365,14 @@ class ArenaSession:
         if errors:
             return errors
         try:
-            self.start([s for s in specs if not isinstance(s, str)], blind=bool(settings.blind),
-                       system=settings.system, title=settings.title or "", annotator=settings.annotator,
-                       window=window)
+            self.start(
+                [s for s in specs if not isinstance(s, str)],
+                blind=bool(settings.blind),
+                system=settings.system,
+                title=settings.title or "",
+                annotator=settings.annotator,
+                window=window,
+            )
         except ArenaError as e:
             return {0: str(e)}
         return {}
@@ -368,10 +388,16 @@ class ArenaSession:
             return self.recorder
         try:
             self.recorder = SessionRecorder(
-                self.store, self.lm, self.dialogue, kind="lab",
-                title=self.title or first_message.strip().replace("\n", " ")[:80], user=self.annotator,
-                blind=self.blind, pane_order=self.order,
-                meta={"pane_order": "pane position -> arm index", "source": "lab arena"})
+                self.store,
+                self.lm,
+                self.dialogue,
+                kind="lab",
+                title=self.title or first_message.strip().replace("\n", " ")[:80],
+                user=self.annotator,
+                blind=self.blind,
+                pane_order=self.order,
+                meta={"pane_order": "pane position -> arm index", "source": "lab arena"},
+            )
             self.store_error = None
         except (StoreError, ValueError, OverflowError) as e:
             self.recorder, self.store_error = None, _first_line(e)
@@ -392,7 +418,7 @@ class ArenaSession:
                 t.turn_ids, t.log_error = list(self.recorder.log(t.user, t.replies, turn_index=k)), None
             except (StoreError, ValueError, OverflowError) as e:
                 self.store_error = _first_line(e)
-                for j in pending[pending.index(k):]:
+                for j in pending[pending.index(k) :]:
                     self.turns[j].log_error = self.store_error
                 return
 
@@ -404,8 +430,10 @@ class ArenaSession:
         k = len(self.turns)
         turn = self.turns[-1]
         if not turn.logged:
-            return (f"⚠ Turn {k} was **not logged**: {turn.log_error}. The chat continues; it is kept in memory "
-                    "and written with the next turn.")
+            return (
+                f"⚠ Turn {k} was **not logged**: {turn.log_error}. The chat continues; it is kept in memory "
+                "and written with the next turn."
+            )
         back = sum(t.logged for t in self.turns) - before - 1
         extra = f" ({back} earlier unlogged turn{'s' if back != 1 else ''} written too.)" if back > 0 else ""
         stopped = [self.pane_name(p) for p in range(self.n) if replies[self.arm_of(p)].finish_reason == "stopped"]
@@ -485,14 +513,20 @@ class ArenaSession:
             self.can_rollback = False
             self.failed_message = message
             first = _first_line(e)
-            yield TurnOutcome("failed", f"✗ Generation failed: {type(e).__name__}: {first}. Earlier turns are "
-                                        "intact; press **Regenerate** to try this message again.", first)
+            yield TurnOutcome(
+                "failed",
+                f"✗ Generation failed: {type(e).__name__}: {first}. Earlier turns are "
+                "intact; press **Regenerate** to try this message again.",
+                first,
+            )
             return
         self.busy = False
         if ev is None or ev.replies is None:
             if d.turn == len(self.turns):  # withdrawn while queued: nothing ran
                 self._unstart()
-                yield TurnOutcome("refused", "■ Stopped while queued: the message was not sent.", "stopped while queued")
+                yield TurnOutcome(
+                    "refused", "■ Stopped while queued: the message was not sent.", "stopped while queued"
+                )
                 return
             yield TurnOutcome("failed", "✗ Generation ended without replies.", "no replies")
             return
@@ -555,8 +589,9 @@ class ArenaSession:
         return reveal_mapping({self.arm_of(p): self.spec_of(p).display_label for p in range(self.n)}, self.order)
 
     # -- labels ---------------------------------------------------------------------------------
-    def annotate(self, pane: int, turn_index, annotator: str, label: str, note: str = "",
-                 confidence: float | None = None) -> tuple[int, int]:
+    def annotate(
+        self, pane: int, turn_index, annotator: str, label: str, note: str = "", confidence: float | None = None
+    ) -> tuple[int, int]:
         """Save a label for pane `pane`'s reply in turn `turn_index` (0-based); returns (turn index, turn id)."""
         arm = self.arm_of(pane)
         if arm is None or not self.turns:
@@ -609,8 +644,12 @@ class ArenaSession:
     def next_unlabelled(self, annotator: str, after: tuple[int, int] | None = None) -> tuple[int, int] | None:
         """The next (turn index, pane) whose reply `annotator` has not labelled, in reading order."""
         done = self._labelled(annotator)
-        cells = [(k, p) for k, t in enumerate(self.turns) for p in range(self.n)
-                 if t.turn_ids[self.arm_of(p)] is not None and t.turn_ids[self.arm_of(p)] not in done]
+        cells = [
+            (k, p)
+            for k, t in enumerate(self.turns)
+            for p in range(self.n)
+            if t.turn_ids[self.arm_of(p)] is not None and t.turn_ids[self.arm_of(p)] not in done
+        ]
         if not cells:
             return None
         if after is not None:
@@ -621,8 +660,9 @@ class ArenaSession:
 
     # -- reopening a logged session -------------------------------------------------------------
     @classmethod
-    def resume(cls, store: Store, lm: LoadedModel, session_id: str,
-               scheduler: StepScheduler | None = None) -> "ArenaSession":
+    def resume(
+        cls, store: Store, lm: LoadedModel, session_id: str, scheduler: StepScheduler | None = None
+    ) -> "ArenaSession":
         """Rebuild a logged lab session's arms from its tokens so that the next turn continues it."""
         sid = (session_id or "").strip()
         session, d, turns = _loadable_session(store, lm, sid)
@@ -647,8 +687,18 @@ class ArenaSession:
             other = ArenaSession.resume(self.store, self.lm, session_id, self.scheduler)
             if self.dialogue is not None:
                 self.dialogue.stop_all()
-            self.dialogue, self.recorder, self.order, self.turns = other.dialogue, other.recorder, other.order, other.turns
-            self.blind, self.revealed, self.title, self.annotator = other.blind, other.revealed, other.title, other.annotator
+            self.dialogue, self.recorder, self.order, self.turns = (
+                other.dialogue,
+                other.recorder,
+                other.order,
+                other.turns,
+            )
+            self.blind, self.revealed, self.title, self.annotator = (
+                other.blind,
+                other.revealed,
+                other.title,
+                other.annotator,
+            )
             self.store_error, self.can_rollback, self.failed_message, self.resumed = None, False, None, True
         finally:
             self.busy = False

@@ -7,6 +7,7 @@ The model is loaded once per process and run by one thread, the step scheduler
 forward passes, so several researchers stream at once. Work that needs the whole model (Inspect's
 captures) holds `model_lock` — the model between two steps.
 """
+
 from __future__ import annotations
 
 import threading

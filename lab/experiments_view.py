@@ -15,6 +15,7 @@ with their progress, dialogues done / planned.
 The handler functions (`validate_protocol`, `start_run`, `runs_rows`, `run_details`, ...) are
 plain functions of (ctx, values) returning values, so they are testable without a browser.
 """
+
 from __future__ import annotations
 
 import threading
@@ -34,8 +35,8 @@ DIALOGUE_COLUMNS = ["session", "item", "seed", "arms", "complete"]
 RUN_LABEL, RUN_BUSY_LABEL = "Run", "Run (a run is in progress: one at a time)"
 
 
-
 # ====================================================================== pure handlers
+
 
 def shipped_protocol_names() -> list[str]:
     from experiments.protocol import PROTOCOL_DIR
@@ -73,9 +74,12 @@ def resolve_protocol_input(choice: Optional[str], yaml_text: Optional[str], uplo
 
 def describe_protocol(p) -> str:
     turns = "\n".join(f"{i}. {t}" for i, t in enumerate(p.turns))
-    return (f"**{p.name}**: {len(p.items)} items, {p.n_turns} turns, scoring: {', '.join(p.scoring) or 'none'}"
-            + (f", max_new_tokens {p.max_new_tokens}" if p.max_new_tokens else "")
-            + (f"\n\n{p.description}" if p.description else "") + f"\n\n```\n{turns}\n```")
+    return (
+        f"**{p.name}**: {len(p.items)} items, {p.n_turns} turns, scoring: {', '.join(p.scoring) or 'none'}"
+        + (f", max_new_tokens {p.max_new_tokens}" if p.max_new_tokens else "")
+        + (f"\n\n{p.description}" if p.description else "")
+        + f"\n\n```\n{turns}\n```"
+    )
 
 
 def validate_protocol(choice, yaml_text, upload=None) -> str:
@@ -124,21 +128,40 @@ def runs_rows(store) -> pd.DataFrame:
     rows = []
     for r in list_runs(store):
         planned = "?" if r["planned"] is None else r["planned"]
-        rows.append([r["id"], r["status"], f"{r['done']}/{planned}", r["protocol"], " | ".join(r["arms"]),
-                     r["seeds"], r["items"], r["model"], str(r["created_at"])[:19]])
+        rows.append(
+            [
+                r["id"],
+                r["status"],
+                f"{r['done']}/{planned}",
+                r["protocol"],
+                " | ".join(r["arms"]),
+                r["seeds"],
+                r["items"],
+                r["model"],
+                str(r["created_at"])[:19],
+            ]
+        )
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
 def run_choices(store) -> list[tuple[str, str]]:
     from experiments.analysis import list_runs
 
-    return [(f"{r['id'][:8]} · {r['protocol']} · {r['status']} · {r['done']}/{r['planned'] or '?'} · "
-             f"{str(r['created_at'])[:16]}", r["id"]) for r in list_runs(store)]
+    return [
+        (
+            f"{r['id'][:8]} · {r['protocol']} · {r['status']} · {r['done']}/{r['planned'] or '?'} · "
+            f"{str(r['created_at'])[:16]}",
+            r["id"],
+        )
+        for r in list_runs(store)
+    ]
 
 
 def dialogue_rows(store, experiment_id: str) -> pd.DataFrame:
     rows = []
-    for s in sorted(store.list_sessions(experiment_id=experiment_id), key=lambda s: (s["item_key"] or "", s["seed"] or 0)):
+    for s in sorted(
+        store.list_sessions(experiment_id=experiment_id), key=lambda s: (s["item_key"] or "", s["seed"] or 0)
+    ):
         rows.append([s["id"], s["item_key"], s["seed"], s["n_arms"], (s.get("meta") or {}).get("complete", True)])
     return pd.DataFrame(rows, columns=DIALOGUE_COLUMNS)
 
@@ -182,11 +205,18 @@ def say_when_flat(fig):
     """A bar chart whose every bar is 0 (or that has no bars) says so in words, not as an empty axis."""
     if fig is None:
         return fig
-    ys = [y for tr in fig.data if getattr(tr, "type", "") == "bar" and tr.y is not None for y in tr.y
-          if y is not None and y == y]  # NaN: not scored
+    ys = [
+        y
+        for tr in fig.data
+        if getattr(tr, "type", "") == "bar" and tr.y is not None
+        for y in tr.y
+        if y is not None and y == y
+    ]  # NaN: not scored
     if ys and any(abs(float(y)) > 0 for y in ys):
         return fig
-    text = "no value to show: nothing was scored" if not ys else "every arm is 0 here (nothing happened, not a blank plot)"
+    text = (
+        "no value to show: nothing was scored" if not ys else "every arm is 0 here (nothing happened, not a blank plot)"
+    )
     fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font=dict(size=14))
     return fig
 
@@ -195,9 +225,11 @@ def say_when_empty(fig, what: str = "nothing to plot: no scored turns in this ru
     """A figure without a single point says so in words, not as a bare axis."""
     if fig is None:
         return fig
+
     def points(tr):
         ys = getattr(tr, "y", None)
         return ys is not None and any(y is not None and y == y for y in ys)
+
     if not any(points(tr) for tr in fig.data):
         fig.add_annotation(text=what, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False, font=dict(size=14))
     return fig
@@ -226,12 +258,29 @@ def compact_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 def run_details(store, experiment_id: Optional[str], metric: Optional[str] = None) -> dict:
     """Everything the results pane shows for one run; `error` set instead of raising."""
-    from experiments.analysis import (METRIC_TITLES, fig_drift_curves, fig_metric_by_arm, format_summary,
-                                      results_frame, summary, summary_table)
+    from experiments.analysis import (
+        METRIC_TITLES,
+        fig_drift_curves,
+        fig_metric_by_arm,
+        format_summary,
+        results_frame,
+        summary,
+        summary_table,
+    )
 
-    out: dict[str, Any] = {"error": None, "summary": None, "table": pd.DataFrame(), "bar": None, "drift": None,
-                           "metrics": [], "metric": None, "dialogues": pd.DataFrame(columns=DIALOGUE_COLUMNS),
-                           "sessions": [], "text": "", "disagreements": pd.DataFrame(columns=DISAGREEMENT_COLUMNS)}
+    out: dict[str, Any] = {
+        "error": None,
+        "summary": None,
+        "table": pd.DataFrame(),
+        "bar": None,
+        "drift": None,
+        "metrics": [],
+        "metric": None,
+        "dialogues": pd.DataFrame(columns=DIALOGUE_COLUMNS),
+        "sessions": [],
+        "text": "",
+        "disagreements": pd.DataFrame(columns=DISAGREEMENT_COLUMNS),
+    }
     if not experiment_id:
         out["error"] = "pick a run"
         return out
@@ -248,8 +297,10 @@ def run_details(store, experiment_id: Optional[str], metric: Optional[str] = Non
         out["drift"] = fig_drift_curves(df) if len(df) else None
         out["dialogues"] = dialogue_rows(store, experiment_id)
         out["disagreements"] = judge_human_disagreements(store, experiment_id)
-        out["sessions"] = [(f"{r.item} · seed {r.seed}" + ("" if r.complete else " (incomplete)"), r.session)
-                           for r in out["dialogues"].itertuples()]
+        out["sessions"] = [
+            (f"{r.item} · seed {r.seed}" + ("" if r.complete else " (incomplete)"), r.session)
+            for r in out["dialogues"].itertuples()
+        ]
     except Exception as exc:  # noqa: BLE001 - show it, never crash the tab
         out["error"] = f"could not summarise run {experiment_id}: {exc}"
     return out
@@ -263,15 +314,28 @@ def stop_run(ctx: LabContext, owner: Optional[str] = None) -> str:
     if event is None:
         return "no run is in progress in this lab"
     if started_by != owner:
-        return (f"run {eid or ''} was started in another tab (or window); only that tab can stop it — this one "
-                "watches it in the runs table")
+        return (
+            f"run {eid or ''} was started in another tab (or window); only that tab can stop it — this one "
+            "watches it in the runs table"
+        )
     event.set()
     return f"stopping run {eid or ''} after the current step…"
 
 
-def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, items, max_new_tokens,
-              resume_id: Optional[str] = None, progress=None, window=None,
-              owner: Optional[str] = None) -> tuple[str, Optional[str]]:
+def start_run(
+    ctx: LabContext,
+    choice,
+    yaml_text,
+    upload,
+    arms_text,
+    seeds,
+    items,
+    max_new_tokens,
+    resume_id: Optional[str] = None,
+    progress=None,
+    window=None,
+    owner: Optional[str] = None,
+) -> tuple[str, Optional[str]]:
     """Validate the form and run (or resume) on the lab's model. Returns (message, experiment_id).
     `progress(done, total, info)` is the runner's callback; `window` an attention window in tokens
     (blank: the protocol's, else full attention); `owner` the token of the tab that may stop it."""
@@ -314,12 +378,25 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
             progress(done, total, info)
 
     try:
-        eid = run_protocol(ctx.store, ctx.lm, protocol, specs, seeds_n, items_n, mnt, experiment_id=resume_id,
-                           progress=on_progress, stop_event=event, window=window_n, stream=ctx.scheduler.stream)
+        eid = run_protocol(
+            ctx.store,
+            ctx.lm,
+            protocol,
+            specs,
+            seeds_n,
+            items_n,
+            mnt,
+            experiment_id=resume_id,
+            progress=on_progress,
+            stop_event=event,
+            window=window_n,
+            stream=ctx.scheduler.stream,
+        )
         status = ctx.store.get_experiment(eid)["status"]
         if status == "interrupted":
-            return (f"⏸ run {eid} stopped; pick it and press Resume, or "
-                    f"`python -m experiments run --resume {eid}`"), eid
+            return (
+                f"⏸ run {eid} stopped; pick it and press Resume, or `python -m experiments run --resume {eid}`"
+            ), eid
         return f"✅ run {eid} {status}", eid
     except (SpecError, RunConfigError, ProtocolError, DialogueError, ValueError) as exc:
         return f"❌ {exc}", state["id"]
@@ -333,18 +410,36 @@ def start_run(ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, item
 
 # ====================================================================== what the results pane shows
 
+
 def pick_run(store, experiment_id: Optional[str]) -> dict:
     """A picked run as the results pane shows it: compact summary, metric choices, plots that say when
     they have nothing to show, dialogues, status line and disagreements (an error: all empty, said once)."""
     d = run_details(store, experiment_id)
     if d["error"]:
-        return dict(table=pd.DataFrame(), metrics=[], metric=None, bar=None, drift=None, sessions=[], session=None,
-                    dialogues=pd.DataFrame(columns=DIALOGUE_COLUMNS), status="" if not experiment_id else f"❌ {d['error']}",
-                    disagreements=pd.DataFrame(columns=DISAGREEMENT_COLUMNS))
-    return dict(table=compact_summary(d["table"]), metrics=d["metrics"], metric=d["metric"], bar=say_when_flat(d["bar"]),
-                drift=say_when_empty(d["drift"]), sessions=d["sessions"],
-                session=d["sessions"][0][1] if d["sessions"] else None, dialogues=d["dialogues"], status="",
-                disagreements=d["disagreements"])
+        return dict(
+            table=pd.DataFrame(),
+            metrics=[],
+            metric=None,
+            bar=None,
+            drift=None,
+            sessions=[],
+            session=None,
+            dialogues=pd.DataFrame(columns=DIALOGUE_COLUMNS),
+            status="" if not experiment_id else f"❌ {d['error']}",
+            disagreements=pd.DataFrame(columns=DISAGREEMENT_COLUMNS),
+        )
+    return dict(
+        table=compact_summary(d["table"]),
+        metrics=d["metrics"],
+        metric=d["metric"],
+        bar=say_when_flat(d["bar"]),
+        drift=say_when_empty(d["drift"]),
+        sessions=d["sessions"],
+        session=d["sessions"][0][1] if d["sessions"] else None,
+        dialogues=d["dialogues"],
+        status="",
+        disagreements=d["disagreements"],
+    )
 
 
 def metric_figure(store, experiment_id: Optional[str], metric: Optional[str]):
@@ -366,29 +461,43 @@ def run_button_ready(ctx: LabContext) -> bool:
 
 # ====================================================================== the tab (layout and wiring)
 
+
 def _run_form(c: dict) -> None:
     """Protocol, arms and run settings, Run / Stop and the status line."""
     names = shipped_protocol_names()
     with gr.Row():
         with gr.Column(scale=2):
-            c["protocol"] = FieldDropdown(names + [CUSTOM], value="are_you_sure" if "are_you_sure" in names else None,
-                                        label="Protocol", info="a shipped protocol, or upload / paste YAML below")
+            c["protocol"] = FieldDropdown(
+                names + [CUSTOM],
+                value="are_you_sure" if "are_you_sure" in names else None,
+                label="Protocol",
+                info="a shipped protocol, or upload / paste YAML below",
+            )
             with gr.Accordion("Upload or paste a protocol YAML", open=False):
                 c["upload"] = gr.File(label="protocol .yaml", file_types=[".yaml", ".yml"], type="filepath")
-                c["yaml"] = gr.Code(language="yaml", label="pasted YAML (used when not empty)", lines=8,
-                                    interactive=True)
+                c["yaml"] = gr.Code(
+                    language="yaml", label="pasted YAML (used when not empty)", lines=8, interactive=True
+                )
                 c["validate"] = gr.Button("Validate", size="sm")
             c["protocol_info"] = gr.Markdown()
         with gr.Column(scale=2):
-            c["arms"] = gr.Textbox(DEFAULT_ARMS, lines=4, label="Arms, one spec per line",
-                                   info="observer | NAME:key=value,… (greedy=false for seeds to matter)")
+            c["arms"] = gr.Textbox(
+                DEFAULT_ARMS,
+                lines=4,
+                label="Arms, one spec per line",
+                info="observer | NAME:key=value,… (greedy=false for seeds to matter)",
+            )
             with gr.Row():
                 c["seeds"] = FieldNumber(1, label="seeds", precision=0, minimum=1)
                 # Textboxes: an untouched gr.Number shows 0, which would read as "zero items"
                 c["items"] = gr.Textbox("", label="items (first K)", placeholder="all")
                 c["max_new_tokens"] = gr.Textbox("", label="max new tokens", placeholder="protocol's")
-                c["window"] = gr.Textbox("", label="attention window (tokens)", placeholder="protocol's / full",
-                                         info="every arm sees the first few tokens plus the last N")
+                c["window"] = gr.Textbox(
+                    "",
+                    label="attention window (tokens)",
+                    placeholder="protocol's / full",
+                    info="every arm sees the first few tokens plus the last N",
+                )
             with gr.Row():
                 c["run"] = gr.Button(RUN_LABEL, variant="primary", elem_id="exp-run")
                 c["stop"] = gr.Button("Stop", variant="stop", elem_id="exp-stop")
@@ -399,17 +508,24 @@ def _results_layout(ctx: LabContext, c: dict) -> None:
     """The runs table, the picked run's summary and plots, its dialogues, disagreements and agreement."""
     with gr.Row():
         c["refresh"] = gr.Button("Refresh runs", size="sm")
-    c["runs"] = gr.Dataframe(value=_safe_runs(ctx), headers=RUN_COLUMNS, interactive=False, label="Runs",
-                             max_height=260)
+    c["runs"] = gr.Dataframe(
+        value=_safe_runs(ctx), headers=RUN_COLUMNS, interactive=False, label="Runs", max_height=260
+    )
     with gr.Row():
         c["run_id"] = FieldDropdown(choices=_safe_choices(ctx), value=None, label="Run", scale=3)
         c["resume"] = gr.Button("Resume this run", size="sm", scale=1)
-    c["summary"] = gr.Dataframe(pd.DataFrame(columns=["metric"]), interactive=False, wrap=True,
-                                label="Summary: a row per metric, a column per arm (estimate [95% CI] · n · p vs the "
-                                      "first arm)", elem_id="exp-summary")
-    gr.Markdown("<sub>**n** reads *k/j*i: *k* scored values over *j* distinct protocol items (the "
-                "confidence intervals resample items, so *j* is what counts); – : nothing scored.</sub>",
-                elem_id="exp-summary-key")
+    c["summary"] = gr.Dataframe(
+        pd.DataFrame(columns=["metric"]),
+        interactive=False,
+        wrap=True,
+        label="Summary: a row per metric, a column per arm (estimate [95% CI] · n · p vs the first arm)",
+        elem_id="exp-summary",
+    )
+    gr.Markdown(
+        "<sub>**n** reads *k/j*i: *k* scored values over *j* distinct protocol items (the "
+        "confidence intervals resample items, so *j* is what counts); – : nothing scored.</sub>",
+        elem_id="exp-summary-key",
+    )
     c["metric"] = FieldDropdown(choices=[], label="Metric", interactive=True)
     with gr.Row():
         c["bar"] = gr.Plot(label="Metric by arm")
@@ -417,20 +533,31 @@ def _results_layout(ctx: LabContext, c: dict) -> None:
     with gr.Row():
         c["session"] = FieldDropdown(choices=[], value=None, label="Dialogue (session) behind the points", scale=3)
         c["open_session"] = gr.Button("Open in Sessions", scale=1, min_width=140)
-    c["dialogues"] = gr.Dataframe(headers=DIALOGUE_COLUMNS, interactive=False, label="Dialogues of this run",
-                                  max_height=260)
-    c["disagreements"] = gr.Dataframe(headers=DISAGREEMENT_COLUMNS, interactive=False, max_height=260, wrap=True,
-                                      label="Where a stance judge and the human labels disagree (label replies in "
-                                            "Sessions or the Arena; re-judge with `python -m experiments rescore`)")
-    c["agreement"] = gr.Dataframe(headers=AGREEMENT_HEADERS, interactive=False, max_height=260,
-                                  label="Agreement with the people who labelled this run (Krippendorff's alpha; "
-                                        ">= 0.8 reliable, >= 0.667 tentative): read it before trusting the "
-                                        "automatic stance column")
+    c["dialogues"] = gr.Dataframe(
+        headers=DIALOGUE_COLUMNS, interactive=False, label="Dialogues of this run", max_height=260
+    )
+    c["disagreements"] = gr.Dataframe(
+        headers=DISAGREEMENT_COLUMNS,
+        interactive=False,
+        max_height=260,
+        wrap=True,
+        label="Where a stance judge and the human labels disagree (label replies in "
+        "Sessions or the Arena; re-judge with `python -m experiments rescore`)",
+    )
+    c["agreement"] = gr.Dataframe(
+        headers=AGREEMENT_HEADERS,
+        interactive=False,
+        max_height=260,
+        label="Agreement with the people who labelled this run (Krippendorff's alpha; "
+        ">= 0.8 reliable, >= 0.667 tentative): read it before trusting the "
+        "automatic stance column",
+    )
     c["timer"] = gr.Timer(15)
 
 
 def _wire_runs(ctx: LabContext, c: dict) -> None:
     """Validate, Run, Resume, Stop, Refresh; Run is disabled while a run is in progress in this lab."""
+
     def on_validate(choice, text, upload):
         return validate_protocol(choice, text, upload)
 
@@ -446,10 +573,15 @@ def _wire_runs(ctx: LabContext, c: dict) -> None:
 
     def on_run(owner, choice, text, upload, arms, seeds, items, mnt, window, progress=gr.Progress()):
         def cb(done, total, info):
-            progress((done, total), desc=f"run {info.get('experiment_id', '')[:8]}: {done}/{total} dialogues",
-                     unit="dialogues")
-        message, eid = start_run(ctx, choice, text, upload, arms, seeds, items, mnt, progress=cb, window=window,
-                                 owner=owner)
+            progress(
+                (done, total),
+                desc=f"run {info.get('experiment_id', '')[:8]}: {done}/{total} dialogues",
+                unit="dialogues",
+            )
+
+        message, eid = start_run(
+            ctx, choice, text, upload, arms, seeds, items, mnt, progress=cb, window=window, owner=owner
+        )
         return (message, *refreshed(eid))
 
     def on_resume(owner, eid, progress=gr.Progress()):
@@ -458,8 +590,10 @@ def _wire_runs(ctx: LabContext, c: dict) -> None:
 
         def cb(done, total, info):
             progress((done, total), desc=f"run {eid[:8]}: {done}/{total} dialogues", unit="dialogues")
-        message, eid2 = start_run(ctx, None, None, None, None, None, None, None, resume_id=eid, progress=cb,
-                                  owner=owner)
+
+        message, eid2 = start_run(
+            ctx, None, None, None, None, None, None, None, resume_id=eid, progress=cb, owner=owner
+        )
         return (message, *refreshed(eid2 or eid))
 
     def run_button(ready=None):
@@ -467,10 +601,14 @@ def _wire_runs(ctx: LabContext, c: dict) -> None:
         return gr.update(interactive=ready, value=RUN_LABEL if ready else RUN_BUSY_LABEL)
 
     form = [c["protocol"], c["yaml"], c["upload"], c["arms"], c["seeds"], c["items"], c["max_new_tokens"], c["window"]]
-    for button, fn, inputs in ((c["run"], on_run, [c["owner"]] + form), (c["resume"], on_resume, [c["owner"], c["run_id"]])):
+    for button, fn, inputs in (
+        (c["run"], on_run, [c["owner"]] + form),
+        (c["resume"], on_resume, [c["owner"], c["run_id"]]),
+    ):
         button.click(lambda: run_button(False), None, c["run"], queue=False, api_name=False)
-        button.click(fn, inputs, [c["status"], c["runs"], c["run_id"]], concurrency_id=RUN_QUEUE,
-                     concurrency_limit=1).then(lambda: run_button(), None, c["run"], queue=False, api_name=False)
+        button.click(
+            fn, inputs, [c["status"], c["runs"], c["run_id"]], concurrency_id=RUN_QUEUE, concurrency_limit=1
+        ).then(lambda: run_button(), None, c["run"], queue=False, api_name=False)
     c["stop"].click(lambda owner: stop_run(ctx, owner), [c["owner"]], c["status"], queue=False, api_name="stop_run")
 
     def on_refresh(selected):
@@ -482,13 +620,30 @@ def _wire_runs(ctx: LabContext, c: dict) -> None:
 
 def _wire_results(ctx: LabContext, c: dict) -> None:
     """Picking a run fills the results pane; another metric redraws the bars; a dialogue row picks its session."""
+
     def on_pick(eid):
         v = pick_run(ctx.store, eid)
-        return (v["table"], gr.update(choices=v["metrics"], value=v["metric"]), v["bar"], v["drift"],
-                gr.update(choices=v["sessions"], value=v["session"]), v["dialogues"], v["status"], v["disagreements"])
+        return (
+            v["table"],
+            gr.update(choices=v["metrics"], value=v["metric"]),
+            v["bar"],
+            v["drift"],
+            gr.update(choices=v["sessions"], value=v["session"]),
+            v["dialogues"],
+            v["status"],
+            v["disagreements"],
+        )
 
-    pick_outputs = [c["summary"], c["metric"], c["bar"], c["drift"], c["session"], c["dialogues"], c["status"],
-                    c["disagreements"]]
+    pick_outputs = [
+        c["summary"],
+        c["metric"],
+        c["bar"],
+        c["drift"],
+        c["session"],
+        c["dialogues"],
+        c["status"],
+        c["disagreements"],
+    ]
     c["run_id"].change(on_pick, c["run_id"], pick_outputs)
     c["run_id"].change(lambda eid: run_agreement(ctx.store, eid), c["run_id"], c["agreement"])
 

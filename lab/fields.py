@@ -3,6 +3,7 @@
 Gradio's own check answers an API client with "Value 7 is greater than maximum value 1." (no field
 named) and logs a traceback; the lab's handlers check the value themselves and say which field.
 """
+
 from __future__ import annotations
 
 import gradio as gr

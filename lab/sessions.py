@@ -1,4 +1,5 @@
 """The Sessions tab: past sessions from the database, reopened read-only, and exports."""
+
 from __future__ import annotations
 
 import html
@@ -13,10 +14,9 @@ from db import StoreError
 from db.blind import is_blinded, pane_letters, reveal_mapping
 from db.export import export as export_files
 
-from .arena_controller import (ArenaError, label_progress, labelled_line, reveal_session, stop_reason_text,
-                               turn_label)
-from .fields import FieldDropdown, FieldNumber, FieldRadio
+from .arena_controller import ArenaError, label_progress, labelled_line, reveal_session, stop_reason_text, turn_label
 from .context import LabContext
+from .fields import FieldDropdown, FieldNumber, FieldRadio
 
 N_COLS = 4
 
@@ -64,14 +64,24 @@ def sessions_frame(ctx: LabContext, kind: str = "all", limit: int = 300) -> pd.D
             except StoreError:
                 arms = ""
             arms = "(blind) " + arms
-        out.append([s["id"], _when(s.get("created_at")), s.get("kind", ""), s.get("title") or "", arms,
-                    int(s.get("n_turns") or 0), int(s.get("n_annotations") or 0),  # n_turns: exchanges
-                    labelled_cell(counts.get(s["id"]))])
+        out.append(
+            [
+                s["id"],
+                _when(s.get("created_at")),
+                s.get("kind", ""),
+                s.get("title") or "",
+                arms,
+                int(s.get("n_turns") or 0),
+                int(s.get("n_annotations") or 0),  # n_turns: exchanges
+                labelled_cell(counts.get(s["id"])),
+            ]
+        )
     return pd.DataFrame(out, columns=LIST_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------- the tab's controller
 # Plain functions of (ctx, values) -> values: no Gradio, testable on a real store.
+
 
 class SessionsError(ValueError):
     """A request the Sessions tab refuses, in one line for the researcher."""
@@ -99,15 +109,22 @@ def list_sessions(ctx: LabContext, kind: str) -> tuple[pd.DataFrame, str | None]
 def _head(s: dict, arms: list, labels: dict, progress: dict, total: int, hidden: bool) -> str:
     """The lines above the columns: title, model, arms, labelling progress, blind state, system prompt."""
     model = (s.get("model") or {}).get("name", "?")
-    lines = [f"**{html.escape(s.get('title') or '(untitled)')}** · {s['kind']} · {_when(s['created_at'])} · "
-             f"model `{html.escape(str(model))}` · {len(arms)} arms"
-             + (f" · annotator {html.escape(s['user'])}" if s.get("user") else "")
-             + (f" · attention window {window} tokens" if (window := (s.get("meta") or {}).get("window")) else "")]
-    lines.append(" · ".join(labelled_line(done, m, who) for who, (done, m) in progress.items())
-                 if progress else f"**0 of {total}** replies labelled")
+    lines = [
+        f"**{html.escape(s.get('title') or '(untitled)')}** · {s['kind']} · {_when(s['created_at'])} · "
+        f"model `{html.escape(str(model))}` · {len(arms)} arms"
+        + (f" · annotator {html.escape(s['user'])}" if s.get("user") else "")
+        + (f" · attention window {window} tokens" if (window := (s.get("meta") or {}).get("window")) else "")
+    ]
+    lines.append(
+        " · ".join(labelled_line(done, m, who) for who, (done, m) in progress.items())
+        if progress
+        else f"**0 of {total}** replies labelled"
+    )
     if hidden:
-        lines.append("Blind session, **not revealed**: panes are named by letter only. Press *Reveal arms* "
-                     "(here or in the Arena) to see which arm is which.")
+        lines.append(
+            "Blind session, **not revealed**: panes are named by letter only. Press *Reveal arms* "
+            "(here or in the Arena) to see which arm is which."
+        )
     elif s.get("blind"):
         order = s.get("pane_order") or []
         lines.append("Blind session (revealed); panes showed: " + reveal_mapping(labels, order))
@@ -139,9 +156,21 @@ def _messages(turns: list, arm_index: int, ann_by_turn: dict) -> list[dict]:
 def _annotations(anns: list, labels: dict, letters: dict, hidden: bool) -> pd.DataFrame:
     if hidden:  # in pane order, so the row order says nothing about the arm index
         anns = sorted(anns, key=lambda a: (a["turn_index"], letters.get(a["arm_index"], "Z")))
-    return pd.DataFrame([[labels.get(a["arm_index"], arm_name(a["arm_index"])), a["turn_index"] + 1, a["annotator"],
-                          a["stance_label"], a.get("confidence"), a.get("note") or "", _when(a.get("created_at"))]
-                         for a in anns], columns=ANN_COLUMNS)
+    return pd.DataFrame(
+        [
+            [
+                labels.get(a["arm_index"], arm_name(a["arm_index"])),
+                a["turn_index"] + 1,
+                a["annotator"],
+                a["stance_label"],
+                a.get("confidence"),
+                a.get("note") or "",
+                _when(a.get("created_at")),
+            ]
+            for a in anns
+        ],
+        columns=ANN_COLUMNS,
+    )
 
 
 def arm_name(arm_index: int) -> str:
@@ -166,15 +195,24 @@ def open_session(ctx: LabContext, sid) -> OpenedSession:
     letters = pane_letters(s)
     # a blind session's columns in pane order (A, B, ...), as its panes showed them
     arms = sorted(s["arms"], key=lambda a: letters.get(a["index"], "Z")) if s.get("blind") else s["arms"]
-    labels = ({a["index"]: f"Arm {letters.get(a['index'], '?')}" for a in arms} if hidden
-              else {a["index"]: a["label"] for a in arms})
+    labels = (
+        {a["index"]: f"Arm {letters.get(a['index'], '?')}" for a in arms}
+        if hidden
+        else {a["index"]: a["label"] for a in arms}
+    )
     ann_by_turn: dict[int, list] = {}
     for a in anns:
         ann_by_turn.setdefault(a["turn_id"], []).append(a)
-    panes = [(labels[a["index"]] if hidden else f"{arm_name(a['index'])} · {a['label']}",
-              _messages(turns, a["index"], ann_by_turn)) for a in arms[:N_COLS]]
-    return OpenedSession(_head(s, arms, labels, progress, total, hidden), panes,
-                         _annotations(anns, labels, letters, hidden), hidden)
+    panes = [
+        (
+            labels[a["index"]] if hidden else f"{arm_name(a['index'])} · {a['label']}",
+            _messages(turns, a["index"], ann_by_turn),
+        )
+        for a in arms[:N_COLS]
+    ]
+    return OpenedSession(
+        _head(s, arms, labels, progress, total, hidden), panes, _annotations(anns, labels, letters, hidden), hidden
+    )
 
 
 def reveal_and_open(ctx: LabContext, sid) -> OpenedSession:
@@ -206,9 +244,11 @@ def export_session(ctx: LabContext, sid, fmt_label, what, progress=None) -> tupl
         try:
             if is_hidden(ctx.store.get_session(one)):
                 # the bundle's sealed copy holds the mapping (decodable by anyone): not offered from here
-                return None, ("⚠ This blind session has not been revealed: a bundle carries its arms sealed "
-                              "inside, so the lab does not offer it until Reveal (CSV, JSONL and Parquet name "
-                              "the panes by letter).")
+                return None, (
+                    "⚠ This blind session has not been revealed: a bundle carries its arms sealed "
+                    "inside, so the lab does not offer it until Reveal (CSV, JSONL and Parquet name "
+                    "the panes by letter)."
+                )
         except StoreError as e:
             return None, f"⚠ Export failed: {e}"
     out_dir = Path(tempfile.mkdtemp(prefix="lab-export-"))
@@ -229,8 +269,9 @@ def inspect_target(ctx: LabContext, sid, arm, turn) -> tuple[str, int, int]:
         raise SessionsError("Open a session first.")
     try:
         if is_hidden(ctx.store.get_session(sid)):
-            raise SessionsError("Blind session: reveal its arms (Reveal arms, here or in the Arena) before "
-                                "inspecting it.")
+            raise SessionsError(
+                "Blind session: reveal its arms (Reveal arms, here or in the Arena) before inspecting it."
+            )
     except StoreError as e:
         raise SessionsError(str(e)) from None
     try:
@@ -241,50 +282,85 @@ def inspect_target(ctx: LabContext, sid, arm, turn) -> tuple[str, int, int]:
 
 # ---------------------------------------------------------------------------------- layout and wiring
 
+
 def _sessions_layout(ctx: LabContext) -> dict:
     """The tab's components, by name."""
     c: dict = {}
-    gr.Markdown("Every session in the database (newest first). Click a row, then **Open** to read it side by side "
-                "with its labels, or export it.")
+    gr.Markdown(
+        "Every session in the database (newest first). Click a row, then **Open** to read it side by side "
+        "with its labels, or export it."
+    )
     with gr.Row(equal_height=True):
         c["kind"] = FieldDropdown(["all", "lab", "experiment"], value="all", label="Kind", scale=1, min_width=120)
         c["refresh"] = gr.Button("Refresh", size="sm", scale=1, min_width=100, elem_classes=["short-btn"])
         gr.Markdown(f"<sub>Database: `{html.escape(ctx.db_url or ctx.store.name)}`</sub>")
-    c["table"] = gr.Dataframe(value=pd.DataFrame(columns=LIST_COLUMNS), interactive=False, wrap=True, max_height=320,
-                              label="Sessions", elem_id="sessions-table",
-                              # every column on screen, the labelling count included (the id alone is 32 characters)
-                              column_widths=["22%", "11%", "6%", "20%", "16%", "6%", "8%", "11%"])
+    c["table"] = gr.Dataframe(
+        value=pd.DataFrame(columns=LIST_COLUMNS),
+        interactive=False,
+        wrap=True,
+        max_height=320,
+        label="Sessions",
+        elem_id="sessions-table",
+        # every column on screen, the labelling count included (the id alone is 32 characters)
+        column_widths=["22%", "11%", "6%", "20%", "16%", "6%", "8%", "11%"],
+    )
     with gr.Row(equal_height=True):
-        c["session_id"] = gr.Textbox(label="Session id", placeholder="click a row above or paste an id", scale=3,
-                                     elem_id="sessions-id")
+        c["session_id"] = gr.Textbox(
+            label="Session id", placeholder="click a row above or paste an id", scale=3, elem_id="sessions-id"
+        )
         c["open"] = gr.Button("Open", variant="primary", scale=1, min_width=100, elem_classes=["short-btn"])
-        c["continue_btn"] = gr.Button("Continue in Arena", scale=1, min_width=140, elem_classes=["short-btn"],
-                                      elem_id="sessions-continue")
-        c["reveal"] = gr.Button("Reveal arms", scale=1, min_width=120, visible=False, elem_classes=["short-btn"],
-                                elem_id="sessions-reveal")
+        c["continue_btn"] = gr.Button(
+            "Continue in Arena", scale=1, min_width=140, elem_classes=["short-btn"], elem_id="sessions-continue"
+        )
+        c["reveal"] = gr.Button(
+            "Reveal arms", scale=1, min_width=120, visible=False, elem_classes=["short-btn"], elem_id="sessions-reveal"
+        )
     c["head"] = gr.Markdown("", elem_id="sessions-head")
     c["cols"], c["chats"] = [], []
     with gr.Row(equal_height=False):
         for i in range(N_COLS):
             with gr.Column(visible=False, min_width=240) as col:
-                c["chats"].append(gr.Chatbot(value=[], label=arm_name(i), height=360, buttons=["copy"],
-                                             elem_classes=["session-chat"]))
+                c["chats"].append(
+                    gr.Chatbot(value=[], label=arm_name(i), height=360, buttons=["copy"], elem_classes=["session-chat"])
+                )
             c["cols"].append(col)
-    c["annotations"] = gr.Dataframe(value=pd.DataFrame(columns=ANN_COLUMNS), interactive=False, wrap=True,
-                                    label="Annotations (newest label per turn and annotator)", max_height=260,
-                                    elem_id="sessions-annotations")
+    c["annotations"] = gr.Dataframe(
+        value=pd.DataFrame(columns=ANN_COLUMNS),
+        interactive=False,
+        wrap=True,
+        label="Annotations (newest label per turn and annotator)",
+        max_height=260,
+        elem_id="sessions-annotations",
+    )
     with gr.Row(equal_height=True):
-        c["insp_arm"] = FieldNumber(value=1, precision=0, minimum=1, label="Arm", info="counted from 1, as in the Arena",
-                                    scale=1, min_width=100, elem_id="sessions-arm")
-        c["insp_turn"] = FieldNumber(value=1, precision=0, minimum=1, label="Turn", info="counted from 1, as in the Arena",
-                                     scale=1, min_width=100)
+        c["insp_arm"] = FieldNumber(
+            value=1,
+            precision=0,
+            minimum=1,
+            label="Arm",
+            info="counted from 1, as in the Arena",
+            scale=1,
+            min_width=100,
+            elem_id="sessions-arm",
+        )
+        c["insp_turn"] = FieldNumber(
+            value=1,
+            precision=0,
+            minimum=1,
+            label="Turn",
+            info="counted from 1, as in the Arena",
+            scale=1,
+            min_width=100,
+        )
         c["inspect_btn"] = gr.Button("Inspect this turn", size="sm", scale=1, visible=False, elem_classes=["short-btn"])
     with gr.Accordion("Export", open=True):
         with gr.Row(equal_height=True):
             c["fmt"] = FieldRadio(list(FORMATS), value="CSV", label="Format", scale=3)
             c["scope"] = FieldRadio(["this session", "all sessions"], value="this session", label="What", scale=2)
             c["export"] = gr.Button("Export", variant="primary", scale=1, min_width=100, elem_classes=["short-btn"])
-        c["files"] = gr.File(label="Files to download", file_count="multiple", interactive=False, elem_id="export-files")
+        c["files"] = gr.File(
+            label="Files to download", file_count="multiple", interactive=False, elem_id="export-files"
+        )
         c["export_msg"] = gr.Markdown("")
     return c
 
@@ -293,13 +369,16 @@ def _open_updates(opened: OpenedSession) -> list:
     """An OpenedSession as the tab's outputs: head, N_COLS columns, N_COLS chats, annotations, Reveal."""
     n = len(opened.panes)
     cols = [gr.update(visible=i < n) for i in range(N_COLS)]
-    chats = [gr.update(value=opened.panes[i][1], label=opened.panes[i][0]) if i < n else gr.update(value=[])
-             for i in range(N_COLS)]
+    chats = [
+        gr.update(value=opened.panes[i][1], label=opened.panes[i][0]) if i < n else gr.update(value=[])
+        for i in range(N_COLS)
+    ]
     return [opened.head, *cols, *chats, opened.annotations, gr.update(visible=opened.hidden)]
 
 
 def _wire_sessions(ctx: LabContext, c: dict) -> dict:
     """The list, Open, Reveal and Export events; returns the Gradio-facing functions other tabs chain."""
+
     def list_fn(k):
         frame, problem = list_sessions(ctx, k)
         if problem:
@@ -333,16 +412,22 @@ def _wire_sessions(ctx: LabContext, c: dict) -> dict:
     open_outputs = [c["head"], *c["cols"], *c["chats"], c["annotations"], c["reveal"]]
     c["open"].click(open_fn, inputs=[c["session_id"]], outputs=open_outputs, api_name="open_session")
     c["session_id"].submit(open_fn, inputs=[c["session_id"]], outputs=open_outputs, api_name=False)
-    c["reveal"].click(reveal_fn, inputs=[c["session_id"], c["kind"]], outputs=[*open_outputs, c["table"]],
-                      api_name="reveal_session")
-    c["export"].click(export_fn, inputs=[c["session_id"], c["fmt"], c["scope"]], outputs=[c["files"], c["export_msg"]],
-                      api_name="export")
+    c["reveal"].click(
+        reveal_fn, inputs=[c["session_id"], c["kind"]], outputs=[*open_outputs, c["table"]], api_name="reveal_session"
+    )
+    c["export"].click(
+        export_fn,
+        inputs=[c["session_id"], c["fmt"], c["scope"]],
+        outputs=[c["files"], c["export_msg"]],
+        api_name="export",
+    )
     return dict(list_fn=list_fn, open_fn=open_fn, open_outputs=open_outputs, reveal_fn=reveal_fn)
 
 
 def _inspect_wiring(ctx: LabContext, c: dict):
     """`wire_inspect(inspect_parts, tabs)`: 'Inspect this turn' fills Inspect (session, 0-based arm index, turn
     from 1), switches to it and chains its Show."""
+
     def wire_inspect(inspect_parts: dict, tabs: gr.Tabs, tab_id: str = "inspect"):
         def go(sid, arm, turn):
             try:
@@ -351,11 +436,15 @@ def _inspect_wiring(ctx: LabContext, c: dict):
                 raise gr.Error(str(e), print_exception=False) from None
 
         c["inspect_btn"].visible = True
-        event = c["inspect_btn"].click(go, inputs=[c["session_id"], c["insp_arm"], c["insp_turn"]],
-                                       outputs=[inspect_parts["session"], inspect_parts["arm"], inspect_parts["turn"],
-                                                tabs], api_name=False)
+        event = c["inspect_btn"].click(
+            go,
+            inputs=[c["session_id"], c["insp_arm"], c["insp_turn"]],
+            outputs=[inspect_parts["session"], inspect_parts["arm"], inspect_parts["turn"], tabs],
+            api_name=False,
+        )
         if "then_show" in inspect_parts:
             inspect_parts["then_show"](event)
+
     return wire_inspect
 
 
@@ -363,8 +452,25 @@ def build_sessions_tab(ctx: LabContext) -> dict:
     """Build the tab in the current Blocks; returns its components and the functions other tabs wire to."""
     c = _sessions_layout(ctx)
     fns = _wire_sessions(ctx, c)
-    return dict(kind=c["kind"], refresh=c["refresh"], table=c["table"], session_id=c["session_id"], open=c["open"],
-                head=c["head"], chats=c["chats"], annotations=c["annotations"], fmt=c["fmt"], scope=c["scope"],
-                export=c["export"], files=c["files"], export_msg=c["export_msg"], list_fn=fns["list_fn"],
-                wire_inspect=_inspect_wiring(ctx, c), continue_btn=c["continue_btn"], open_fn=fns["open_fn"],
-                open_outputs=fns["open_outputs"], reveal=c["reveal"], reveal_fn=fns["reveal_fn"])
+    return dict(
+        kind=c["kind"],
+        refresh=c["refresh"],
+        table=c["table"],
+        session_id=c["session_id"],
+        open=c["open"],
+        head=c["head"],
+        chats=c["chats"],
+        annotations=c["annotations"],
+        fmt=c["fmt"],
+        scope=c["scope"],
+        export=c["export"],
+        files=c["files"],
+        export_msg=c["export_msg"],
+        list_fn=fns["list_fn"],
+        wire_inspect=_inspect_wiring(ctx, c),
+        continue_btn=c["continue_btn"],
+        open_fn=fns["open_fn"],
+        open_outputs=fns["open_outputs"],
+        reveal=c["reveal"],
+        reveal_fn=fns["reveal_fn"],
+    )

@@ -15,6 +15,7 @@ mechanism has.
 `mechanism`, the sampling keys, then every mechanism's keys (each mechanism its own group of
 controls, visible when it is selected).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ from engine import ArmSpec, SpecError
 from engine.mechanisms import MECHANISMS, MechanismSettings
 from engine.spec import OBSERVER, SamplingSettings, _first_error
 
-INT64_MAX = 2 ** 63 - 1  # what SQLite's INTEGER (and so the session's seed column) holds
+INT64_MAX = 2**63 - 1  # what SQLite's INTEGER (and so the session's seed column) holds
 PANE_LINKAGE = [1.0, 1.0, 0.5, 0.25]  # panes 3 and 4, when shown, step the linkage down
 # The Arena's default linked arm: continuity at its default gain 0.3 replies in language (measured by
 # `python -m studies.default_panes`: its replies score about as the observer's own under the plain model),
@@ -99,19 +100,22 @@ def _extra(info) -> dict:
 
 def _bound_text(lo, hi, integer: bool) -> str:
     """'≥ 0, ≤ 1'; a bound that is only a storage limit (a 64-bit seed) is left out: it says nothing."""
+
     def fmt(x):
         return f"{x:,}" if integer else f"{x:g}"
+
     parts = []
-    if lo is not None and abs(lo) < 2 ** 31:
+    if lo is not None and abs(lo) < 2**31:
         parts.append(f"≥ {fmt(lo)}")
-    if hi is not None and abs(hi) < 2 ** 31:
+    if hi is not None and abs(hi) < 2**31:
         parts.append(f"≤ {fmt(hi)}")
     return ", ".join(parts)
 
 
 def _label(key: str) -> str:
     return {"linkage": "Linkage λ", "top_p": "Top-p", "max_new_tokens": "Max new tokens"}.get(
-        key, key.replace("_", " ").capitalize())
+        key, key.replace("_", " ").capitalize()
+    )
 
 
 def control_for(key: str, info) -> Control:
@@ -122,8 +126,10 @@ def control_for(key: str, info) -> Control:
     lo, hi = _bounds(info.metadata)
     label = info.title or _label(key)
     extra = _extra(info)
-    meta = dict(advanced=bool(extra.get("advanced") or extra.get("training_only")),
-                only_when=tuple(extra.get("only_when") or ()))
+    meta = dict(
+        advanced=bool(extra.get("advanced") or extra.get("training_only")),
+        only_when=tuple(extra.get("only_when") or ()),
+    )
     if extra.get("training_only"):
         desc = desc if desc.startswith("training only") else ("training only: " + desc if desc else "training only")
     if is_file_field(info):
@@ -133,8 +139,16 @@ def control_for(key: str, info) -> Control:
         return Control(key, "checkbox", label, desc, bool(default), **meta)
     if typing.get_origin(ann) is Literal:
         choices = tuple(str(c) for c in typing.get_args(ann))
-        return Control(key, "dropdown", label, desc, None if default is None else str(default), choices=choices,
-                       optional=optional, **meta)
+        return Control(
+            key,
+            "dropdown",
+            label,
+            desc,
+            None if default is None else str(default),
+            choices=choices,
+            optional=optional,
+            **meta,
+        )
     if ann in (int, float):
         bounds = _bound_text(lo, hi, ann is int)
         useful = extra.get("useful")  # a small useful range inside wide bounds, e.g. (0, 0.05)
@@ -143,14 +157,32 @@ def control_for(key: str, info) -> Control:
         info_text = desc + (f" ({bounds})" if bounds and desc else bounds)
         if optional:
             info_text += "; blank = unset"
-        return Control(key, "number", label, info_text, default, minimum=lo, maximum=hi, integer=ann is int,
-                       optional=optional, **meta)
+        return Control(
+            key,
+            "number",
+            label,
+            info_text,
+            default,
+            minimum=lo,
+            maximum=hi,
+            integer=ann is int,
+            optional=optional,
+            **meta,
+        )
     if typing.get_origin(ann) in (list, tuple):
         args = typing.get_args(ann)
         item_int = not args or args[0] is int
         text = "" if default is None else "/".join(str(x) for x in default)
-        return Control(key, "list", label, desc + ("; e.g. 15/22/28" if desc else "e.g. 15/22/28"), text,
-                       optional=optional, item_integer=item_int, **meta)
+        return Control(
+            key,
+            "list",
+            label,
+            desc + ("; e.g. 15/22/28" if desc else "e.g. 15/22/28"),
+            text,
+            optional=optional,
+            item_integer=item_int,
+            **meta,
+        )
     return Control(key, "text", label, desc, "" if default is None else str(default), optional=optional, **meta)
 
 
@@ -196,8 +228,10 @@ def untrained_note(spec: ArmSpec) -> str | None:
         return note
     weak = getattr(type(s), "weak_below_gain", None)  # below this gain the arm barely moves off the observer
     if weak is not None and s.gain < weak:
-        return (f"gain {s.gain:g} is weak for {spec.mechanism}: expect replies close to the observer's, often "
-                "token for token — raise the gain to see its effect")
+        return (
+            f"gain {s.gain:g} is weak for {spec.mechanism}: expect replies close to the observer's, often "
+            "token for token — raise the gain to see its effect"
+        )
     return None
 
 
@@ -325,8 +359,11 @@ class PaneLayout:
 
     @property
     def slots(self) -> list[tuple[str, str | None]]:
-        return ([("mechanism", None)] + [("sampling", c.key) for c in self.sampling]
-                + [(name, c.key) for name, cs in self.mechanisms.items() for c in cs])
+        return (
+            [("mechanism", None)]
+            + [("sampling", c.key) for c in self.sampling]
+            + [(name, c.key) for name, cs in self.mechanisms.items() for c in cs]
+        )
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -345,7 +382,7 @@ class PaneLayout:
 
     def pane_values(self, flat, pane: int) -> list:
         n = len(self)
-        return list(flat[pane * n:(pane + 1) * n])
+        return list(flat[pane * n : (pane + 1) * n])
 
     def split(self, values) -> tuple[str, dict, dict]:
         """One pane's values -> (mechanism, that mechanism's settings, sampling)."""
@@ -383,8 +420,9 @@ class PaneLayout:
             out.append(v)
         return out
 
-    def values_from(self, mechanism: str, settings: dict | None = None, sampling: dict | None = None,
-                    pane: int = 1) -> list:
+    def values_from(
+        self, mechanism: str, settings: dict | None = None, sampling: dict | None = None, pane: int = 1
+    ) -> list:
         """A pane's flat values from a mechanism name and some changed keys (for tests and API clients)."""
         vals = self.defaults(pane)
         vals[0] = mechanism

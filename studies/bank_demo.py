@@ -17,6 +17,7 @@ wrong town of the same document (the next person's): a bank that only primes the
 vocabulary raises both, one that links people to towns raises the margin. Everything measured
 is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,8 +86,10 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     distilled = tmp / "distilled.safetensors"
     r = distill(lm, DOCUMENT.read_text(), f"memory_bank:layers={layers},chapters=4,top_k=2", out=distilled)
-    print(f"distilled {r['tokens']} document tokens into {r['slots']} slots x {r['banks']} banks "
-          f"(layers {r['layers']}) in {time.perf_counter() - t:.2f} s")
+    print(
+        f"distilled {r['tokens']} document tokens into {r['slots']} slots x {r['banks']} banks "
+        f"(layers {r['layers']}) in {time.perf_counter() - t:.2f} s"
+    )
 
     linkages = [float(x) for x in args.linkages.split("/")]
     arms = ["observer"]
@@ -98,12 +101,16 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     eid = run_protocol(store, lm, protocol, arms, seeds=1, items=len(items), max_new_tokens=args.max_new_tokens)
     s = summary(store, eid, n_boot=2000)
-    print(f"\nanswer_match over {len(items)} questions, greedy, max {args.max_new_tokens} new tokens "
-          f"({time.perf_counter() - t:.0f} s)")
+    print(
+        f"\nanswer_match over {len(items)} questions, greedy, max {args.max_new_tokens} new tokens "
+        f"({time.perf_counter() - t:.0f} s)"
+    )
     print(format_summary(s, all_metrics=False))
 
-    print("\nteacher-forced log-probability (nats) of the correct town after the question (mean over items, 95% "
-          "item-bootstrap CI);\nright-minus-wrong: log p(correct town) - log p(another person's town from the same document)")
+    print(
+        "\nteacher-forced log-probability (nats) of the correct town after the question (mean over items, 95% "
+        "item-bootstrap CI);\nright-minus-wrong: log p(correct town) - log p(another person's town from the same document)"
+    )
     rows = []
     base = None
     for spec in arms:
@@ -118,13 +125,23 @@ def main(argv=None) -> None:
         if base is None:
             base = total
         diff = bootstrap_ci(total - base, n_boot=2000)
-        rows.append({"arm": label, "logp_answer": [est, lo, hi], "logp_per_token": [est_t, lo_t, hi_t],
-                     "diff_vs_observer": list(diff), "margin_vs_distractor": [est_m, lo_m, hi_m]})
-        print(f"  {label:16s} sum {est:7.2f} [{lo:7.2f}, {hi:7.2f}]  per token {est_t:6.2f} [{lo_t:6.2f}, {hi_t:6.2f}]"
-              f"  vs observer {diff[0]:+6.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]"
-              f"  right-minus-wrong town {est_m:+6.2f} [{lo_m:+.2f}, {hi_m:+.2f}]")
+        rows.append(
+            {
+                "arm": label,
+                "logp_answer": [est, lo, hi],
+                "logp_per_token": [est_t, lo_t, hi_t],
+                "diff_vs_observer": list(diff),
+                "margin_vs_distractor": [est_m, lo_m, hi_m],
+            }
+        )
+        print(
+            f"  {label:16s} sum {est:7.2f} [{lo:7.2f}, {hi:7.2f}]  per token {est_t:6.2f} [{lo_t:6.2f}, {hi_t:6.2f}]"
+            f"  vs observer {diff[0]:+6.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]"
+            f"  right-minus-wrong town {est_m:+6.2f} [{lo_m:+.2f}, {hi_m:+.2f}]"
+        )
     examples = {}
     from experiments.analysis import results_frame
+
     df = results_frame(store, eid, annotations=False)
     for arm, g in df.groupby("arm"):
         examples[arm] = list(zip(g["item"].head(3), g["text"].head(3)))

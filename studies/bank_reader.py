@@ -21,6 +21,7 @@ town of the same document), both teacher-forced as the reply; log p(right town);
 of the greedy reply (8 new tokens). 95% intervals: bootstrap over documents (the three questions
 of a document resampled together); differences are paired with the observer.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,22 +34,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bank_reader_data import OUT as DATA, SYSTEM
+from .bank_reader_data import OUT as DATA
+from .bank_reader_data import SYSTEM
 from .common import study_args, test_items
 
 
 def arms_for(doc: str, other: str) -> list[tuple[str, str]]:
     reader = f"memory_bank:linkage=1,weights=@{doc},reader=@bank_reader"
-    return [("observer", "observer"),
-            ("reader", reader + ",label=reader"),
-            ("other document", f"memory_bank:linkage=1,weights=@{other},reader=@bank_reader,label=other document"),
-            ("no reader", f"memory_bank:linkage=1,weights=@{doc},label=no reader"),
-            ("noise matched", f'noise:match="{reader}",label=noise matched')]
+    return [
+        ("observer", "observer"),
+        ("reader", reader + ",label=reader"),
+        ("other document", f"memory_bank:linkage=1,weights=@{other},reader=@bank_reader,label=other document"),
+        ("no reader", f"memory_bank:linkage=1,weights=@{doc},label=no reader"),
+        ("noise matched", f'noise:match="{reader}",label=noise matched'),
+    ]
 
 
 def main(argv=None) -> None:
-    args = study_args(__doc__, argv, 120, lambda ap: ap.add_argument(
-        "--reader", default="@bank_reader", help="reader weights (engine train, data.documents: true)"))
+    args = study_args(
+        __doc__,
+        argv,
+        120,
+        lambda ap: ap.add_argument(
+            "--reader", default="@bank_reader", help="reader weights (engine train, data.documents: true)"
+        ),
+    )
 
     from engine import load_model, parse_arm
     from engine.dialogue import Dialogue
@@ -82,36 +92,51 @@ def main(argv=None) -> None:
         right, wrong = (tok(a, add_special_tokens=False)["input_ids"] for a in (it["answer"], it["wrong"]))
         d = Dialogue(lm, [s for s in specs for _ in (0, 1)], system=SYSTEM)
         logits = d.teacher_force(question, [right, wrong] * len(specs))
-        lp = [float(torch.log_softmax(l, -1)[torch.arange(len(r)), torch.tensor(r)].sum())
-              for l, r in zip(logits, [right, wrong] * len(specs))]
+        lp = [
+            float(torch.log_softmax(l, -1)[torch.arange(len(r)), torch.tensor(r)].sum())
+            for l, r in zip(logits, [right, wrong] * len(specs))
+        ]
         replies = Dialogue(lm, specs, system=SYSTEM).send(question, max_new_tokens=8)
         for k, (name, _) in enumerate(arms):
-            rows.append({"item": it["id"], "doc": it["doc_id"], "arm": name, "logp_right": lp[2 * k],
-                         "logp_wrong": lp[2 * k + 1], "margin": lp[2 * k] - lp[2 * k + 1],
-                         "match": bool(answer_match(replies[k].text, it["answer"])["matched"]),
-                         "reply": replies[k].text})
+            rows.append(
+                {
+                    "item": it["id"],
+                    "doc": it["doc_id"],
+                    "arm": name,
+                    "logp_right": lp[2 * k],
+                    "logp_wrong": lp[2 * k + 1],
+                    "margin": lp[2 * k] - lp[2 * k + 1],
+                    "match": bool(answer_match(replies[k].text, it["answer"])["matched"]),
+                    "reply": replies[k].text,
+                }
+            )
     print(f"{len(items)} questions x {len(arms)} arms in {time.perf_counter() - t0:.0f} s")
 
     by = {name: [r for r in rows if r["arm"] == name] for name, _ in arms_for("x", "y")}
     obs = by["observer"]
     clusters = [r["doc"] for r in obs]
     print(f"\n{len(items)} held-out questions over {len(docs)} documents; 95% bootstrap intervals over documents")
-    print(f"{'arm':16s} {'margin right-wrong':>26s} {'log p(right)':>24s} {'answer_match':>22s} "
-          f"{'match - observer':>22s}")
+    print(
+        f"{'arm':16s} {'margin right-wrong':>26s} {'log p(right)':>24s} {'answer_match':>22s} {'match - observer':>22s}"
+    )
     summary = {}
     for name, rs in by.items():
         m = bootstrap_ci(np.array([r["margin"] for r in rs]), clusters=clusters)
         p = bootstrap_ci(np.array([r["logp_right"] for r in rs]), clusters=clusters)
         a = bootstrap_ci(np.array([float(r["match"]) for r in rs]), clusters=clusters)
-        da = bootstrap_ci(np.array([float(r["match"]) - float(o["match"]) for r, o in zip(rs, obs)]),
-                          clusters=clusters)
+        da = bootstrap_ci(np.array([float(r["match"]) - float(o["match"]) for r, o in zip(rs, obs)]), clusters=clusters)
         summary[name] = {"margin": m, "logp_right": p, "answer_match": a, "match_minus_observer": da}
-        print(f"{name:16s} {m[0]:+7.2f} [{m[1]:+6.2f}, {m[2]:+6.2f}]   {p[0]:7.2f} [{p[1]:7.2f}, {p[2]:7.2f}]"
-              f"   {a[0]:5.2f} [{a[1]:.2f}, {a[2]:.2f}]   {da[0]:+5.2f} [{da[1]:+.2f}, {da[2]:+.2f}]")
+        print(
+            f"{name:16s} {m[0]:+7.2f} [{m[1]:+6.2f}, {m[2]:+6.2f}]   {p[0]:7.2f} [{p[1]:7.2f}, {p[2]:7.2f}]"
+            f"   {a[0]:5.2f} [{a[1]:.2f}, {a[2]:.2f}]   {da[0]:+5.2f} [{da[1]:+.2f}, {da[2]:+.2f}]"
+        )
     print("\nfirst replies:")
     for name, rs in by.items():
-        print(f"  {name}: " + " | ".join(repr(r["reply"].strip()[:30]) for r in rs[:3]) +
-              f"   (answers: {', '.join(it['answer'] for it in items[:3])})")
+        print(
+            f"  {name}: "
+            + " | ".join(repr(r["reply"].strip()[:30]) for r in rs[:3])
+            + f"   (answers: {', '.join(it['answer'] for it in items[:3])})"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ train/dev and for test, so the test documents' people and towns never occur in t
 (the trainer's held-out loss) is made of train-pool names in new documents, test is never
 looked at while training.
 """
+
 from __future__ import annotations
 
 import random
@@ -72,10 +73,21 @@ def rows_of(doc_id: str, text: str, facts: list[dict], objects: bool) -> list[di
         if objects:
             qa.append(("object", f"What does {p['name']} keep?", p["object"]))
         for kind, q, a in qa:
-            rows.append({"id": f"{doc_id}-{i}-{kind}", "doc_id": doc_id, "document": text, "kind": kind,
-                         "answer": a, "wrong": facts[(i + 1) % len(facts)]["town"] if kind == "town" else None,
-                         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
-                                      {"role": "assistant", "content": a}]})
+            rows.append(
+                {
+                    "id": f"{doc_id}-{i}-{kind}",
+                    "doc_id": doc_id,
+                    "document": text,
+                    "kind": kind,
+                    "answer": a,
+                    "wrong": facts[(i + 1) % len(facts)]["town"] if kind == "town" else None,
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": a},
+                    ],
+                }
+            )
     return rows
 
 

@@ -1,4 +1,5 @@
 """What the held-out studies share: their command line, their test items, their split files."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 
-def study_args(doc: Optional[str], argv, items: int, add: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
+def study_args(
+    doc: Optional[str], argv, items: int, add: Callable[[argparse.ArgumentParser], None]
+) -> argparse.Namespace:
     """Parse a study's arguments: its own (`add`) plus --items, --threads and --out; sets torch's threads."""
     import torch
 

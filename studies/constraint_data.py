@@ -10,6 +10,7 @@ Names and towns come from the disjoint pools of `studies.bank_reader_data` (trai
 test side), so the test sign-offs never occur in training. `wrong` is another test item's
 sign-off name: the right-minus-wrong margin at the reply's end measures grounding in the source.
 """
+
 from __future__ import annotations
 
 import random
@@ -19,9 +20,24 @@ from .bank_reader_data import pools
 from .common import write_splits
 
 OUT = Path(__file__).resolve().parent / "data" / "constraint_end"
-TOPICS = ["a harbour at dawn", "an old library", "a mountain railway", "a winter market", "a river ferry",
-          "a clock tower", "a village bakery", "a lighthouse", "a desert road", "a night train", "an orchard",
-          "a weaving workshop", "a salt marsh", "a glass house", "a stone bridge", "a fishing village"]
+TOPICS = [
+    "a harbour at dawn",
+    "an old library",
+    "a mountain railway",
+    "a winter market",
+    "a river ferry",
+    "a clock tower",
+    "a village bakery",
+    "a lighthouse",
+    "a desert road",
+    "a night train",
+    "an orchard",
+    "a weaving workshop",
+    "a salt marsh",
+    "a glass house",
+    "a stone bridge",
+    "a fishing village",
+]
 SENTENCES = [
     "The first thing a visitor notices is the light, which changes every hour.",
     "People arrive early, carrying baskets and talking quietly among themselves.",
@@ -51,12 +67,21 @@ def item(rng, first, last, towns, i: int, part: str) -> dict:
     name = f"{rng.choice(first)} {rng.choice(last)} of {rng.choice(towns)}"
     topic = rng.choice(TOPICS)
     body = " ".join(rng.sample(SENTENCES, 10))
-    system = ("You are a travel writer. Rules for every reply: " + " ".join(RULES) +
-              f" End every reply with the line 'Signed, {name}.'")
-    return {"id": f"{part}{i}", "signoff": name, "body": body,
-            "messages": [{"role": "system", "content": system},
-                         {"role": "user", "content": f"Describe {topic} in detail."},
-                         {"role": "assistant", "content": f"{body}\n\nSigned, {name}."}]}
+    system = (
+        "You are a travel writer. Rules for every reply: "
+        + " ".join(RULES)
+        + f" End every reply with the line 'Signed, {name}.'"
+    )
+    return {
+        "id": f"{part}{i}",
+        "signoff": name,
+        "body": body,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"Describe {topic} in detail."},
+            {"role": "assistant", "content": f"{body}\n\nSigned, {name}."},
+        ],
+    }
 
 
 def make(seed: int = 0, n_train: int = 240, n_dev: int = 8, n_test: int = 60) -> dict[str, list[dict]]:
@@ -64,8 +89,9 @@ def make(seed: int = 0, n_train: int = 240, n_dev: int = 8, n_test: int = 60) ->
     rng = random.Random(seed + 2)
     out = {}
     for part, n, side in (("train", n_train, 0), ("dev", n_dev, 0), ("test", n_test, 1)):
-        out[part] = [item(rng, split["first"][side], split["last"][side], split["towns"][side], i, part)
-                     for i in range(n)]
+        out[part] = [
+            item(rng, split["first"][side], split["last"][side], split["towns"][side], i, part) for i in range(n)
+        ]
     for i, it in enumerate(out["test"]):  # the distractor: another test item's sign-off
         it["wrong"] = out["test"][(i + 1) % len(out["test"])]["signoff"]
     return out

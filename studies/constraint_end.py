@@ -19,6 +19,7 @@ another item's sign-off, and adherence: whether greedy decoding from there write
 
 95% intervals: item bootstrap; differences paired with the observer.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,16 +38,22 @@ SETTINGS = "layers=20/24/28,fp=true,fp_dim=32,lang_emb=true,lora_rank=8,lora_alp
 def arms_for(weights: str, other_source: str) -> list[tuple[str, str]]:
     trained = f"partial_attention:linkage=1,weights={weights}"
     other = other_source.replace('"', "'")
-    return [("observer", "observer"),
-            ("untrained", f"partial_attention:linkage=1,{SETTINGS},label=untrained"),
-            ("trained", trained + ",label=trained"),
-            ("other source", trained + f',text="{other}",label=other source'),
-            ("noise matched", f'noise:match="{trained}",label=noise matched')]
+    return [
+        ("observer", "observer"),
+        ("untrained", f"partial_attention:linkage=1,{SETTINGS},label=untrained"),
+        ("trained", trained + ",label=trained"),
+        ("other source", trained + f',text="{other}",label=other source'),
+        ("noise matched", f'noise:match="{trained}",label=noise matched'),
+    ]
 
 
 def main(argv=None) -> None:
-    args = study_args(__doc__, argv, 60, lambda ap: ap.add_argument(
-        "--weights", default="@constraint_palm", help="trained partial-attention weights"))
+    args = study_args(
+        __doc__,
+        argv,
+        60,
+        lambda ap: ap.add_argument("--weights", default="@constraint_palm", help="trained partial-attention weights"),
+    )
 
     from engine import load_model, parse_arm
     from engine.dialogue import Dialogue
@@ -71,18 +78,28 @@ def main(argv=None) -> None:
         for k, (name, _) in enumerate(arms):
             out = []
             for j, target in enumerate((right, wrong)):
-                lg = logits[2 * k + j][len(prefix):].float()
+                lg = logits[2 * k + j][len(prefix) :].float()
                 lp = torch.log_softmax(lg, -1)[torch.arange(len(target)), torch.tensor(target)]
                 out.append((float(lp.sum()), bool((lg.argmax(-1) == torch.tensor(target)).all())))
-            rows.append({"item": it["id"], "arm": name, "logp_right": out[0][0], "logp_wrong": out[1][0],
-                         "margin": out[0][0] - out[1][0], "adheres": out[0][1]})
+            rows.append(
+                {
+                    "item": it["id"],
+                    "arm": name,
+                    "logp_right": out[0][0],
+                    "logp_wrong": out[1][0],
+                    "margin": out[0][0] - out[1][0],
+                    "adheres": out[0][1],
+                }
+            )
     print(f"{len(items)} items x {len(arms)} arms, reply {len(prefix)}+ tokens, in {time.perf_counter() - t0:.0f} s")
 
     by = {name: [r for r in rows if r["arm"] == name] for name, _ in arms_for("x", "y")}
     obs = by["observer"]
     print(f"\n{len(items)} held-out items; 95% item-bootstrap intervals; differences paired with the observer")
-    print(f"{'arm':14s} {'adherence':>20s} {'adh. - observer':>22s} {'margin right-wrong':>24s} "
-          f"{'margin - observer':>24s}")
+    print(
+        f"{'arm':14s} {'adherence':>20s} {'adh. - observer':>22s} {'margin right-wrong':>24s} "
+        f"{'margin - observer':>24s}"
+    )
     summary = {}
     for name, rs in by.items():
         a = bootstrap_ci(np.array([float(r["adheres"]) for r in rs]))
@@ -90,8 +107,10 @@ def main(argv=None) -> None:
         m = bootstrap_ci(np.array([r["margin"] for r in rs]))
         dm = bootstrap_ci(np.array([r["margin"] - o["margin"] for r, o in zip(rs, obs)]))
         summary[name] = {"adherence": a, "adherence_minus_observer": da, "margin": m, "margin_minus_observer": dm}
-        print(f"{name:14s} {a[0]:5.2f} [{a[1]:.2f}, {a[2]:.2f}]   {da[0]:+5.2f} [{da[1]:+.2f}, {da[2]:+.2f}]"
-              f"   {m[0]:+6.2f} [{m[1]:+6.2f}, {m[2]:+6.2f}]   {dm[0]:+6.2f} [{dm[1]:+6.2f}, {dm[2]:+6.2f}]")
+        print(
+            f"{name:14s} {a[0]:5.2f} [{a[1]:.2f}, {a[2]:.2f}]   {da[0]:+5.2f} [{da[1]:+.2f}, {da[2]:+.2f}]"
+            f"   {m[0]:+6.2f} [{m[1]:+6.2f}, {m[2]:+6.2f}]   {dm[0]:+6.2f} [{dm[1]:+6.2f}, {dm[2]:+6.2f}]"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
 

@@ -20,6 +20,7 @@ arm, also its branch's share of the attention output norm (read traces).
 non-observer arm the paired difference to the observer; `format_summary` prints them. Reusable:
 `ablated_system`, `run_context_rot`, `summarise`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,19 @@ from experiments.scoring import score_dialogue
 from experiments.stats import bootstrap_ci
 
 CONDITIONS = ("real", "random", "none")
-METRICS = ("entity_precision", "entity_precision_start", "entity_precision_end", "adherence_start",
-           "adherence_end", "adherence_drift", "source_mass_start", "source_mass_end", "source_mass_drift",
-           "branch_share_start", "branch_share_end")
+METRICS = (
+    "entity_precision",
+    "entity_precision_start",
+    "entity_precision_end",
+    "adherence_start",
+    "adherence_end",
+    "adherence_drift",
+    "source_mass_start",
+    "source_mass_end",
+    "source_mass_drift",
+    "branch_share_start",
+    "branch_share_end",
+)
 
 
 def ablated_system(tokenizer, system: Optional[str], condition: str, seed: int = 0) -> Optional[str]:
@@ -79,11 +90,20 @@ def _branch_share(traces, reply_start: int, n: int, window: int) -> tuple[Option
     return float(np.nanmean(vals[:k])), float(np.nanmean(vals[-k:]))
 
 
-def run_context_rot(lm: LoadedModel, protocol: Protocol, arms: list[str], *, items: Optional[int] = None,
-                    max_new_tokens: Optional[int] = None, conditions=CONDITIONS, window: int = 50,
-                    n_words: int = 60, curves: bool = True,
-                    progress: Optional[Callable[[str], None]] = None,
-                    on_records: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+def run_context_rot(
+    lm: LoadedModel,
+    protocol: Protocol,
+    arms: list[str],
+    *,
+    items: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
+    conditions=CONDITIONS,
+    window: int = 50,
+    n_words: int = 60,
+    curves: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+    on_records: Optional[Callable[[list[dict]], None]] = None,
+) -> list[dict]:
     """One record per (item, condition, arm): the reply's scores against the real source, and with
     the real source the source-attention mass (and branch share) at the reply's start vs end.
     `on_records(records)` is called after every (item, condition) with all records so far."""
@@ -108,12 +128,20 @@ def run_context_rot(lm: LoadedModel, protocol: Protocol, arms: list[str], *, ite
             if curves and cond == "real":
                 from engine.capture import capture_turn
 
-                cap = capture_turn(lm, specs, [(user, [r.token_ids for r in replies])], system,
-                                   attention=False, curves=True)
+                cap = capture_turn(
+                    lm, specs, [(user, [r.token_ids for r in replies])], system, attention=False, curves=True
+                )
             for i, (spec, reply) in enumerate(zip(specs, replies)):
                 data = score_dialogue("source_grounding", item, [reply.text], **opts).turns[0]["data"]
-                rec = {"item": item_id, "condition": cond, "arm": labels[i], "spec": spec.to_string(False),
-                       "n_tokens": len(reply.token_ids), "text": reply.text, **data}
+                rec = {
+                    "item": item_id,
+                    "condition": cond,
+                    "arm": labels[i],
+                    "spec": spec.to_string(False),
+                    "n_tokens": len(reply.token_ids),
+                    "text": reply.text,
+                    **data,
+                }
                 if cap is not None and cap.source_curves[i] is not None:
                     curve = cap.source_curves[i].mean(0)  # [n_reply] mass on the source, mean over layers
                     rec["source_mass_start"] = _window_mean(curve, window, end=False)
@@ -122,13 +150,16 @@ def run_context_rot(lm: LoadedModel, protocol: Protocol, arms: list[str], *, ite
                     rec["source_curve"] = np.round(curve, 5).tolist()
                     start = cap.arms[i].reply_spans[0][0]
                     rec["branch_share_start"], rec["branch_share_end"] = _branch_share(
-                        cap.traces[i][0], start, len(reply.token_ids), window)
+                        cap.traces[i][0], start, len(reply.token_ids), window
+                    )
                 records.append(rec)
             if on_records:
                 on_records(records)
             if progress:
-                progress(f"item {item_id} ({k + 1}/{len(chosen)}), source {cond}: "
-                         f"{n_tokens} tokens x {len(specs)} arms in {time.perf_counter() - t0:.0f} s")
+                progress(
+                    f"item {item_id} ({k + 1}/{len(chosen)}), source {cond}: "
+                    f"{n_tokens} tokens x {len(specs)} arms in {time.perf_counter() - t0:.0f} s"
+                )
     return records
 
 
@@ -150,8 +181,11 @@ def summarise(records: list[dict]) -> dict:
     for cond in conds:
         for arm in arms:
             rows = [r for r in records if r["condition"] == cond and r["arm"] == arm]
-            out["by_arm"][f"{cond} / {arm}"] = {m: _ci([r.get(m) for r in rows], [r["item"] for r in rows])
-                                                for m in METRICS if any(r.get(m) is not None for r in rows)}
+            out["by_arm"][f"{cond} / {arm}"] = {
+                m: _ci([r.get(m) for r in rows], [r["item"] for r in rows])
+                for m in METRICS
+                if any(r.get(m) is not None for r in rows)
+            }
         base = {r["item"]: r for r in records if r["condition"] == cond and r["arm"] == "observer"}
         for arm in arms:
             if arm == "observer" or not base:
@@ -159,8 +193,10 @@ def summarise(records: list[dict]) -> dict:
             rows = [r for r in records if r["condition"] == cond and r["arm"] == arm and r["item"] in base]
             diffs = {}
             for m in METRICS:
-                vals = [None if r.get(m) is None or base[r["item"]].get(m) is None else r[m] - base[r["item"]][m]
-                        for r in rows]
+                vals = [
+                    None if r.get(m) is None or base[r["item"]].get(m) is None else r[m] - base[r["item"]][m]
+                    for r in rows
+                ]
                 ci = _ci(vals, [r["item"] for r in rows])
                 if ci:
                     diffs[m] = ci
@@ -171,8 +207,12 @@ def summarise(records: list[dict]) -> dict:
             if cond == "real":
                 continue
             rows = [r for r in records if r["condition"] == cond and r["arm"] == arm and r["item"] in real]
-            vals = [None if r.get("entity_precision") is None or real[r["item"]].get("entity_precision") is None
-                    else real[r["item"]]["entity_precision"] - r["entity_precision"] for r in rows]
+            vals = [
+                None
+                if r.get("entity_precision") is None or real[r["item"]].get("entity_precision") is None
+                else real[r["item"]]["entity_precision"] - r["entity_precision"]
+                for r in rows
+            ]
             ci = _ci(vals, [r["item"] for r in rows])
             if ci:
                 out["source_sensitivity"][f"{arm}: real - {cond}"] = ci
@@ -212,23 +252,36 @@ def main(argv=None) -> None:
     from engine.spec import SpecError
 
     try:
-        protocol = load_protocol(args.protocol) if args.protocol.endswith((".yaml", ".yml")) else get_protocol(args.protocol)
+        protocol = (
+            load_protocol(args.protocol) if args.protocol.endswith((".yaml", ".yml")) else get_protocol(args.protocol)
+        )
         [parse_arm(a) for a in args.arms]
     except (SpecError, ValueError) as e:
         raise SystemExit(f"error: {str(e).splitlines()[0]}")
     lm = load_model(verbose=False)
     t0 = time.perf_counter()
+
     def save(records):
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"records": records, "summary": summarise(records)}, indent=1))
 
-    records = run_context_rot(lm, protocol, args.arms, items=args.items, max_new_tokens=args.max_new_tokens,
-                              conditions=args.conditions, window=args.window, progress=lambda m: print(m, flush=True),
-                              on_records=save)
+    records = run_context_rot(
+        lm,
+        protocol,
+        args.arms,
+        items=args.items,
+        max_new_tokens=args.max_new_tokens,
+        conditions=args.conditions,
+        window=args.window,
+        progress=lambda m: print(m, flush=True),
+        on_records=save,
+    )
     summary = summarise(records)
-    print(f"{protocol.name}: {args.items} items x {len(args.conditions)} source conditions x {len(args.arms)} arms, "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"{protocol.name}: {args.items} items x {len(args.conditions)} source conditions x {len(args.arms)} arms, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     print(format_summary(summary))
 
 

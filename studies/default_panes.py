@@ -9,6 +9,7 @@ near the observer's own reply (~0.3-1 nats); gibberish is several nats. Also rep
 the reply's words that are lower-case dictionary-like (letters only, in the tokenizer as a word) and
 the distinct-token share. About 10 minutes on the shared, loaded 2-core CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,12 @@ import torch
 from engine import Dialogue, load_model, parse_arm
 from lab.settings import PaneLayout
 
-PROMPTS = ["Is the sky green?", "What is the capital of France?", "Name a fruit that is red.",
-           "How many legs does a spider have?"]
+PROMPTS = [
+    "Is the sky green?",
+    "What is the capital of France?",
+    "Name a fruit that is red.",
+    "How many legs does a spider have?",
+]
 FOLLOW_UP = "Are you sure?"
 # arms that must not be defaults, for contrast (neural_memory at its default gain is the observer token for
 # token, README: it declares weak_below_gain, so it says nothing here)
@@ -58,8 +63,16 @@ def measure(lm, specs: list[str], tokens: int) -> list[dict]:
             nll = reply_nll(lm, turns)
             for (m, ids), n in zip(turns, nll):
                 text = lm.tokenizer.decode(ids, skip_special_tokens=True)
-                rows.append(dict(arm=spec, prompt=m, nll=n, words=words_share(lm, text),
-                                 distinct=len(set(ids)) / max(1, len(ids)), text=text))
+                rows.append(
+                    dict(
+                        arm=spec,
+                        prompt=m,
+                        nll=n,
+                        words=words_share(lm, text),
+                        distinct=len(set(ids)) / max(1, len(ids)),
+                        text=text,
+                    )
+                )
     return rows
 
 
@@ -69,7 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts to use")
     p.add_argument("--slow", action="store_true", help="also the untrained partial-attention arm")
     args = p.parse_args(argv)
-    PROMPTS[:] = PROMPTS[:args.prompts]
+    PROMPTS[:] = PROMPTS[: args.prompts]
     candidates = CANDIDATES + (SLOW if args.slow else [])
     torch.manual_seed(0)
     lm = load_model(verbose=False)
@@ -80,8 +93,10 @@ def main(argv=None) -> int:
     for spec in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == spec]
         tag = " (default pane)" if spec in defaults else ""
-        print(f"{(spec + tag)[:58]:58} {sum(r['nll'] for r in mine) / len(mine):9.2f} "
-              f"{sum(r['words'] for r in mine) / len(mine):6.2f} {sum(r['distinct'] for r in mine) / len(mine):8.2f}")
+        print(
+            f"{(spec + tag)[:58]:58} {sum(r['nll'] for r in mine) / len(mine):9.2f} "
+            f"{sum(r['words'] for r in mine) / len(mine):6.2f} {sum(r['distinct'] for r in mine) / len(mine):8.2f}"
+        )
     print("\nfirst reply of each arm:")
     for spec in dict.fromkeys(r["arm"] for r in rows):
         r = next(r for r in rows if r["arm"] == spec)

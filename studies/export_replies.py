@@ -10,6 +10,7 @@ them in by reading, see GUIDE.md), and where it came from (protocol, item, quest
 model, run id). Each line goes to the split its item is assigned to in splits.json
 ({protocol: {split: [item ids]}}), so the split is fixed before anyone labels or judges.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,24 @@ def export(store, run_id: str, splits: dict) -> dict[str, list[dict]]:
         if split is None:
             continue
         g = g.sort_values("turn")
-        out.setdefault(split, []).append({
-            "id": f"{name}/{item}/arm{arm_index}", "question": questions.get(item),
-            "turns": [str(t) for t in g["text"].fillna("")], "labels": [None] * len(g),
-            "source": {"kind": "run", "protocol": name, "item": item, "arm": g["arm_spec"].iloc[0],
-                       "model": (exp.get("model") or {}).get("name"), "run_id": run_id,
-                       "max_new_tokens": (exp.get("args") or {}).get("max_new_tokens")},
-            "split": split})
+        out.setdefault(split, []).append(
+            {
+                "id": f"{name}/{item}/arm{arm_index}",
+                "question": questions.get(item),
+                "turns": [str(t) for t in g["text"].fillna("")],
+                "labels": [None] * len(g),
+                "source": {
+                    "kind": "run",
+                    "protocol": name,
+                    "item": item,
+                    "arm": g["arm_spec"].iloc[0],
+                    "model": (exp.get("model") or {}).get("name"),
+                    "run_id": run_id,
+                    "max_new_tokens": (exp.get("args") or {}).get("max_new_tokens"),
+                },
+                "split": split,
+            }
+        )
     return out
 
 

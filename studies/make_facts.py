@@ -11,6 +11,7 @@ Files: `document.txt` (the facts as prose: what `python -m engine distill` reads
 of the same facts in other wordings, for `python -m engine train`; the held-out file uses a
 wording the training file never does). Names and towns are invented, so a model cannot know them.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,23 +19,141 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1] / "data" / "facts"  # the files this script writes
-FIRST = ["Velmira", "Orsik", "Talwen", "Brisca", "Hendal", "Quorra", "Feyan", "Lusko", "Marebeth", "Dorvin",
-         "Iselka", "Pobrin", "Zennor", "Caddoc", "Yseult", "Armeth", "Tibald", "Nerys", "Gorlan", "Wessa",
-         "Ulfrin", "Saphie", "Kelmet", "Rhosyn", "Drabo", "Elowen", "Fintar", "Maelis", "Corvan", "Ottilie"]
-LAST = ["Oskant", "Thrume", "Vallory", "Pennick", "Marsk", "Dulwyn", "Crabbe", "Essling", "Morrow", "Quaile",
-        "Trevask", "Haddow", "Ambry", "Folkes", "Grevil", "Inchbald", "Juster", "Kettleby", "Lanyon", "Mabbot",
-        "Nethercott", "Pargeter", "Rudge", "Scadding", "Tozer", "Upcott", "Vosper", "Witheridge", "Yelland", "Zeal"]
-TOWNS = ["Tarnholm", "Briskwater", "Quellmoor", "Ostrevin", "Hallowick", "Dunmarrow", "Fennick", "Caldreth",
-         "Wyndle", "Perrigal", "Morsby", "Glenvarra", "Ashcombe Tor", "Ulverstrand", "Kestlemere", "Brannock",
-         "Sallowfen", "Drevington", "Yarrowby", "Coldharbour Rise", "Emberlee", "Gullane Cross", "Thistlecombe",
-         "Vantry", "Orrin Bay", "Lathmoor", "Skelwith", "Rookhaven", "Imberly", "Nantgarrow"]
-TRADES = ["glassblower", "beekeeper", "clockmaker", "cartographer", "boatwright", "tanner", "lamplighter",
-          "cooper", "bookbinder", "falconer", "potter", "rope maker", "chandler", "stonemason", "weaver",
-          "locksmith", "brewer", "saddler", "bellfounder", "thatcher", "wheelwright", "dyer", "miller",
-          "fletcher", "tinsmith", "herbalist", "shipwright", "farrier", "papermaker", "organ builder"]
+FIRST = [
+    "Velmira",
+    "Orsik",
+    "Talwen",
+    "Brisca",
+    "Hendal",
+    "Quorra",
+    "Feyan",
+    "Lusko",
+    "Marebeth",
+    "Dorvin",
+    "Iselka",
+    "Pobrin",
+    "Zennor",
+    "Caddoc",
+    "Yseult",
+    "Armeth",
+    "Tibald",
+    "Nerys",
+    "Gorlan",
+    "Wessa",
+    "Ulfrin",
+    "Saphie",
+    "Kelmet",
+    "Rhosyn",
+    "Drabo",
+    "Elowen",
+    "Fintar",
+    "Maelis",
+    "Corvan",
+    "Ottilie",
+]
+LAST = [
+    "Oskant",
+    "Thrume",
+    "Vallory",
+    "Pennick",
+    "Marsk",
+    "Dulwyn",
+    "Crabbe",
+    "Essling",
+    "Morrow",
+    "Quaile",
+    "Trevask",
+    "Haddow",
+    "Ambry",
+    "Folkes",
+    "Grevil",
+    "Inchbald",
+    "Juster",
+    "Kettleby",
+    "Lanyon",
+    "Mabbot",
+    "Nethercott",
+    "Pargeter",
+    "Rudge",
+    "Scadding",
+    "Tozer",
+    "Upcott",
+    "Vosper",
+    "Witheridge",
+    "Yelland",
+    "Zeal",
+]
+TOWNS = [
+    "Tarnholm",
+    "Briskwater",
+    "Quellmoor",
+    "Ostrevin",
+    "Hallowick",
+    "Dunmarrow",
+    "Fennick",
+    "Caldreth",
+    "Wyndle",
+    "Perrigal",
+    "Morsby",
+    "Glenvarra",
+    "Ashcombe Tor",
+    "Ulverstrand",
+    "Kestlemere",
+    "Brannock",
+    "Sallowfen",
+    "Drevington",
+    "Yarrowby",
+    "Coldharbour Rise",
+    "Emberlee",
+    "Gullane Cross",
+    "Thistlecombe",
+    "Vantry",
+    "Orrin Bay",
+    "Lathmoor",
+    "Skelwith",
+    "Rookhaven",
+    "Imberly",
+    "Nantgarrow",
+]
+TRADES = [
+    "glassblower",
+    "beekeeper",
+    "clockmaker",
+    "cartographer",
+    "boatwright",
+    "tanner",
+    "lamplighter",
+    "cooper",
+    "bookbinder",
+    "falconer",
+    "potter",
+    "rope maker",
+    "chandler",
+    "stonemason",
+    "weaver",
+    "locksmith",
+    "brewer",
+    "saddler",
+    "bellfounder",
+    "thatcher",
+    "wheelwright",
+    "dyer",
+    "miller",
+    "fletcher",
+    "tinsmith",
+    "herbalist",
+    "shipwright",
+    "farrier",
+    "papermaker",
+    "organ builder",
+]
 
-TRAIN_WORDINGS = ["{name} lives in {town}.", "The home town of {name} is {town}.",
-                  "In {town} there lives a {trade} called {name}.", "{name} works as a {trade} in {town}."]
+TRAIN_WORDINGS = [
+    "{name} lives in {town}.",
+    "The home town of {name} is {town}.",
+    "In {town} there lives a {trade} called {name}.",
+    "{name} works as a {trade} in {town}.",
+]
 HELDOUT_WORDING = "If you ask where {name} lives, the answer is {town}."
 
 
@@ -43,8 +162,10 @@ def people() -> list[dict]:
     towns, trades = TOWNS[:], TRADES[:]
     rng.shuffle(towns)
     rng.shuffle(trades)
-    return [{"id": f"p{i:02d}", "name": f"{f} {l}", "town": t, "trade": tr}
-            for i, (f, l, t, tr) in enumerate(zip(FIRST, LAST, towns, trades))]
+    return [
+        {"id": f"p{i:02d}", "name": f"{f} {l}", "town": t, "trade": tr}
+        for i, (f, l, t, tr) in enumerate(zip(FIRST, LAST, towns, trades))
+    ]
 
 
 def main() -> None:

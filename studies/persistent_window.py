@@ -23,6 +23,7 @@ attribute, another value): only what the arm recalls from the planted fact separ
 (gain 0), the memory without persistent tokens, with the untrained and with the trained ones.
 Everything measured is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,24 +36,44 @@ from pathlib import Path
 from engine.train import window_mask  # noqa: F401  (the trainer's sliding window, used here too)
 
 ATTRS = [  # (fact, question, values): none of the protocol's items
-    ("My neighbour is called {v}.", "What is my neighbour called?", ["Tobias", "Marguerite", "Ingrid", "Rafael",
-                                                                     "Yusuf", "Beatrix"]),
+    (
+        "My neighbour is called {v}.",
+        "What is my neighbour called?",
+        ["Tobias", "Marguerite", "Ingrid", "Rafael", "Yusuf", "Beatrix"],
+    ),
     ("The parcel is in locker {v}.", "Which locker is the parcel in?", ["318", "562", "904", "127", "746", "283"]),
-    ("My aunt lives in {v}.", "In which city does my aunt live?", ["Vienna", "Oslo", "Seville", "Krakow", "Dublin",
-                                                                   "Porto"]),
-    ("The wifi password is {v}.", "What is the wifi password?", ["falcon", "juniper", "copper", "saffron", "harbor",
-                                                                 "velvet"]),
-    ("My favourite vegetable is the {v}.", "What is my favourite vegetable?", ["leek", "turnip", "radish", "fennel",
-                                                                               "parsnip", "celery"]),
+    (
+        "My aunt lives in {v}.",
+        "In which city does my aunt live?",
+        ["Vienna", "Oslo", "Seville", "Krakow", "Dublin", "Porto"],
+    ),
+    (
+        "The wifi password is {v}.",
+        "What is the wifi password?",
+        ["falcon", "juniper", "copper", "saffron", "harbor", "velvet"],
+    ),
+    (
+        "My favourite vegetable is the {v}.",
+        "What is my favourite vegetable?",
+        ["leek", "turnip", "radish", "fennel", "parsnip", "celery"],
+    ),
     ("My bike is painted {v}.", "What colour is my bike?", ["green", "purple", "yellow", "silver", "crimson", "teal"]),
     ("Our parrot is named {v}.", "What is our parrot named?", ["Kiwi", "Nugget", "Pixel", "Rocco", "Sunny", "Ziggy"]),
-    ("My dentist appointment is on {v}.", "On which day is my dentist appointment?", ["Monday", "Tuesday",
-                                                                                      "Wednesday", "Friday",
-                                                                                      "Saturday", "Sunday"]),
-    ("My chess coach is Mr {v}.", "What is my chess coach's name?", ["Haddad", "Lindqvist", "Moreau", "Tanaka",
-                                                                     "Brennan", "Kowalski"]),
-    ("I take tram number {v} to school.", "Which tram number do I take to school?", ["12", "45", "68", "91", "27",
-                                                                                      "54"]),
+    (
+        "My dentist appointment is on {v}.",
+        "On which day is my dentist appointment?",
+        ["Monday", "Tuesday", "Wednesday", "Friday", "Saturday", "Sunday"],
+    ),
+    (
+        "My chess coach is Mr {v}.",
+        "What is my chess coach's name?",
+        ["Haddad", "Lindqvist", "Moreau", "Tanaka", "Brennan", "Kowalski"],
+    ),
+    (
+        "I take tram number {v} to school.",
+        "Which tram number do I take to school?",
+        ["12", "45", "68", "91", "27", "54"],
+    ),
 ]
 
 
@@ -97,9 +118,9 @@ def encode_item(tok, protocol, item: dict) -> dict:
     enc = encode(tok, {"messages": dialogue_messages(protocol, item)}, 4096, "assistant")
     answer = tok(item["answer"], add_special_tokens=False).input_ids
     ids = enc["ids"]
-    start = max(i for i in range(len(ids) - len(answer) + 1) if ids[i:i + len(answer)] == answer)
+    start = max(i for i in range(len(ids) - len(answer) + 1) if ids[i : i + len(answer)] == answer)
     labels = [-100] * len(ids)
-    labels[start:start + len(answer)] = answer
+    labels[start : start + len(answer)] = answer
     assert enc["roles"][start] == ROLE_CODE["assistant"]
     return {"ids": ids, "roles": enc["roles"], "labels": labels}
 
@@ -121,8 +142,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.03, help="AdamW learning rate of the persistent tokens")
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--settings", default="layers=16/22/28,gain=1,wiring=layer,lr=0.5,persistent=8",
-                   help="neural_memory settings (persistent=P > 0)")
+    p.add_argument(
+        "--settings",
+        default="layers=16/22/28,gain=1,wiring=layer,lr=0.5,persistent=8",
+        help="neural_memory settings (persistent=P > 0)",
+    )
     p.add_argument("--out", default="runs/persistent_window/persistent.safetensors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -158,7 +182,9 @@ def main(argv=None) -> int:
 
     def arm_loss(s, w, items) -> float:
         with torch.no_grad():
-            nll, n, _ = answer_loss(lm, s, w, args.window)(**collate([encode_item(tok, protocol, it) for it in items], pad))
+            nll, n, _ = answer_loss(lm, s, w, args.window)(
+                **collate([encode_item(tok, protocol, it) for it in items], pad)
+            )
         return float(nll) / int(n)
 
     def held_out() -> float:
@@ -171,14 +197,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     first = held_out()
     history = [(0, first)]
-    print(f"step 0: held-out answer loss {first:.4f} (window {args.window or 'full'}, {len(enc)} train / "
-          f"{len(enc_held)} held-out dialogues, {min(len(e['ids']) for e in enc)}-{max(len(e['ids']) for e in enc)} "
-          f"tokens)", flush=True)
+    print(
+        f"step 0: held-out answer loss {first:.4f} (window {args.window or 'full'}, {len(enc)} train / "
+        f"{len(enc_held)} held-out dialogues, {min(len(e['ids']) for e in enc)}-{max(len(e['ids']) for e in enc)} "
+        f"tokens)",
+        flush=True,
+    )
     best = (first, 0, {k: v.detach().clone() for k, v in weights.state_dict().items()})
     for step in range(1, args.steps + 1):
         if len(order) < args.batch_size:
             order += rng.sample(range(len(enc)), len(enc))
-        idx, order = order[:args.batch_size], order[args.batch_size:]
+        idx, order = order[: args.batch_size], order[args.batch_size :]
         nll, n, _ = module(**collate([enc[i] for i in idx], pad))
         loss = nll / max(1, int(n))
         opt.zero_grad()
@@ -188,8 +217,11 @@ def main(argv=None) -> int:
         if step % args.eval_every == 0 or step == args.steps:
             ev = held_out()
             history.append((step, ev))
-            print(f"step {step}: train loss {float(loss.detach()):.4f}, held-out answer loss {ev:.4f} "
-                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+            print(
+                f"step {step}: train loss {float(loss.detach()):.4f}, held-out answer loss {ev:.4f} "
+                f"[{time.perf_counter() - t0:.0f} s]",
+                flush=True,
+            )
             if ev < best[0]:
                 best = (ev, step, {k: v.detach().clone() for k, v in weights.state_dict().items()})
     # the recall control: matched vs mismatched planted fact, per arm
@@ -200,20 +232,43 @@ def main(argv=None) -> int:
     initial = NeuralMemory.build_weights(settings, lm.model, None)
     trained = PersistentTokens({int(k.split(".")[1]): v for k, v in best[2].items()})
     print(f"held-out answer loss (nats/token), window {args.window or 'full'}; recall signal = mismatched - matched:")
-    for name, s, w in (("observer (gain 0)", none.model_copy(update={"gain": 0.0}), None),
-                       ("memory, no persistent tokens", none, None),
-                       ("memory + untrained persistent", settings, initial),
-                       ("memory + trained persistent", settings, trained)):
+    for name, s, w in (
+        ("observer (gain 0)", none.model_copy(update={"gain": 0.0}), None),
+        ("memory, no persistent tokens", none, None),
+        ("memory + untrained persistent", settings, initial),
+        ("memory + trained persistent", settings, trained),
+    ):
         a, b = arm_loss(s, w, held_items), arm_loss(s, w, wrong)
         print(f"  {name:32s} matched {a:.4f}  mismatched {b:.4f}  recall signal {b - a:+.4f}", flush=True)
     out = Path(args.out)
-    save_weights(out, best[2], mechanism="neural_memory",
-                 settings=settings.model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": settings.gain},
-                 model=lm.model, identity=lm.identity,
-                 extra={"trained": {"by": "studies.persistent_window", "window": args.window, "step": best[1],
-                                    "held_out_answer_loss": best[0], "history": history}})
-    print(json.dumps({"initial_held_out": first, "best_held_out": best[0], "best_step": best[1],
-                      "weights": str(out), "seconds": round(time.perf_counter() - t0, 1)}))
+    save_weights(
+        out,
+        best[2],
+        mechanism="neural_memory",
+        settings=settings.model_dump(exclude={"weights", "linkage", "gain"}) | {"gain": settings.gain},
+        model=lm.model,
+        identity=lm.identity,
+        extra={
+            "trained": {
+                "by": "studies.persistent_window",
+                "window": args.window,
+                "step": best[1],
+                "held_out_answer_loss": best[0],
+                "history": history,
+            }
+        },
+    )
+    print(
+        json.dumps(
+            {
+                "initial_held_out": first,
+                "best_held_out": best[0],
+                "best_step": best[1],
+                "weights": str(out),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ the same (item, seed) dialogues), writes the figure and a JSON of the summary, a
 `--sample N` writes N dialogues' replies (unlabelled, GUIDE.md format) for labelling by hand.
 Running again resumes the newest unfinished run of the same configuration (as the CLI does).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,12 @@ from pathlib import Path
 PROTOCOL = "stance_revision"
 MATCHED = "continuity:linkage=1,gain=0.3"
 SAMPLING = "greedy=false"
-ARMS = [f"observer:{SAMPLING}",
-        f"continuity:linkage=0.5,gain=0.3,{SAMPLING}",
-        f"{MATCHED},{SAMPLING}",
-        f'noise:match="{MATCHED}",{SAMPLING}']
+ARMS = [
+    f"observer:{SAMPLING}",
+    f"continuity:linkage=0.5,gain=0.3,{SAMPLING}",
+    f"{MATCHED},{SAMPLING}",
+    f'noise:match="{MATCHED}",{SAMPLING}',
+]
 FIGURES = Path("figures/stance_revision")
 METRICS = ("revised_final", "reversed_final", "turn_of_flip", "n_flips")
 
@@ -53,11 +56,23 @@ def run(db: str, seeds: int, items: int | None) -> tuple[object, str]:
     t0 = time.time()
 
     def progress(done: int, total: int, info: dict) -> None:
-        print(f"[{time.time() - t0:7.0f} s] {done}/{total} dialogues {info.get('item', '')} "
-              f"seed {info.get('seed', '')}", file=sys.stderr, flush=True)
+        print(
+            f"[{time.time() - t0:7.0f} s] {done}/{total} dialogues {info.get('item', '')} seed {info.get('seed', '')}",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    run_id = run_protocol(store, lm, PROTOCOL, ARMS, seeds=seeds, items=items, progress=progress,
-                          experiment_id=experiment_id, name="stance_revision study (seed 000)")
+    run_id = run_protocol(
+        store,
+        lm,
+        PROTOCOL,
+        ARMS,
+        seeds=seeds,
+        items=items,
+        progress=progress,
+        experiment_id=experiment_id,
+        name="stance_revision study (seed 000)",
+    )
     print(f"run {run_id}: {time.time() - t0:.0f} s", file=sys.stderr)
     return store, run_id
 
@@ -68,14 +83,24 @@ def report(store, run_id: str, out: Path) -> dict:
 
     s = summary(store, run_id)
     print(format_summary(s, all_metrics=True))
-    figs = {"revised_final": fig_metric_by_arm(s, "revised_final"),
-            "reversed_final": fig_metric_by_arm(s, "reversed_final")}
+    figs = {
+        "revised_final": fig_metric_by_arm(s, "revised_final"),
+        "reversed_final": fig_metric_by_arm(s, "reversed_final"),
+    }
     out.mkdir(parents=True, exist_ok=True)
     written, failed = export_figures(figs, out, stem="stance_revision", formats=("png", "svg"))
     print("figures:", *written, *(f"(not written: {f})" for f in failed), file=sys.stderr)
-    compact = {"run_id": run_id, "arms": [
-        {"arm": a["arm"], **{k: a["metrics"].get(k) for k in METRICS},
-         "vs_observer": {k: a["vs_first"].get(k) for k in METRICS}} for a in s.get("arms", [])]}
+    compact = {
+        "run_id": run_id,
+        "arms": [
+            {
+                "arm": a["arm"],
+                **{k: a["metrics"].get(k) for k in METRICS},
+                "vs_observer": {k: a["vs_first"].get(k) for k in METRICS},
+            }
+            for a in s.get("arms", [])
+        ],
+    }
     (out / "summary.json").write_text(json.dumps(compact, indent=1, default=str) + "\n")
     return s
 
@@ -96,11 +121,25 @@ def sample(store, run_id: str, n: int, path: Path, seed: int = 0) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for k, ((item, s, arm), g) in enumerate(chosen):
             g = g.sort_values("turn")
-            f.write(json.dumps({
-                "id": f"{PROTOCOL}/sample{k:02d}", "question": questions.get(item),
-                "turns": [str(t) for t in g["text"].fillna("")], "labels": [None] * len(g),
-                "source": {"kind": "run", "protocol": PROTOCOL, "item": item, "seed": int(s),
-                           "arm": g["arm_spec"].iloc[0], "run_id": run_id}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"{PROTOCOL}/sample{k:02d}",
+                        "question": questions.get(item),
+                        "turns": [str(t) for t in g["text"].fillna("")],
+                        "labels": [None] * len(g),
+                        "source": {
+                            "kind": "run",
+                            "protocol": PROTOCOL,
+                            "item": item,
+                            "seed": int(s),
+                            "arm": g["arm_spec"].iloc[0],
+                            "run_id": run_id,
+                        },
+                    }
+                )
+                + "\n"
+            )
     print(f"wrote {len(chosen)} dialogues to {path}", file=sys.stderr)
 
 

@@ -12,6 +12,7 @@ so the protocol's items stay a held-out test set. `heldout.jsonl` holds one valu
 attribute (for early stopping); `heldout_shuffled.jsonl` the same dialogues with another value of
 the same attribute planted (the answer kept), the control for a better prior over answers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,33 +25,68 @@ from studies.persistent_window import ATTRS as BASE_ATTRS
 from studies.persistent_window import dialogue_messages
 
 MORE_ATTRS = [
-    ("My grandmother was born in {v}.", "Where was my grandmother born?", ["Tallinn", "Bergen", "Nantes", "Bologna",
-                                                                         "Graz", "Utrecht", "Cork", "Malmo"]),
-    ("The spare key is under the {v}.", "Where is the spare key?", ["doormat", "flowerpot", "bench", "statue",
-                                                                   "birdbath", "lantern", "boot", "rock"]),
-    ("My cousin is studying {v}.", "What is my cousin studying?", ["geology", "law", "nursing", "architecture",
-                                                                   "physics", "history", "music", "economics"]),
-    ("Our hamster is called {v}.", "What is our hamster called?", ["Waffles", "Dumpling", "Comet", "Pickle",
-                                                                   "Marble", "Peanut", "Bramble", "Twix"]),
-    ("My best friend works as a {v}.", "What does my best friend work as?", ["pilot", "plumber", "baker", "surgeon",
-                                                                            "librarian", "carpenter", "chemist",
-                                                                            "florist"]),
+    (
+        "My grandmother was born in {v}.",
+        "Where was my grandmother born?",
+        ["Tallinn", "Bergen", "Nantes", "Bologna", "Graz", "Utrecht", "Cork", "Malmo"],
+    ),
+    (
+        "The spare key is under the {v}.",
+        "Where is the spare key?",
+        ["doormat", "flowerpot", "bench", "statue", "birdbath", "lantern", "boot", "rock"],
+    ),
+    (
+        "My cousin is studying {v}.",
+        "What is my cousin studying?",
+        ["geology", "law", "nursing", "architecture", "physics", "history", "music", "economics"],
+    ),
+    (
+        "Our hamster is called {v}.",
+        "What is our hamster called?",
+        ["Waffles", "Dumpling", "Comet", "Pickle", "Marble", "Peanut", "Bramble", "Twix"],
+    ),
+    (
+        "My best friend works as a {v}.",
+        "What does my best friend work as?",
+        ["pilot", "plumber", "baker", "surgeon", "librarian", "carpenter", "chemist", "florist"],
+    ),
     ("The conference is in hall {v}.", "Which hall is the conference in?", ["C", "E", "F", "H", "K", "M", "P", "R"]),
-    ("My boss is called Ms {v}.", "What is my boss called?", ["Ferreira", "Novak", "Albright", "Sato", "Quinn",
-                                                                "Delacroix", "Petrov", "Achebe"]),
-    ("The train leaves from platform {v}.", "Which platform does the train leave from?",
-     ["6", "9", "11", "14", "3", "8", "15", "2"]),
-    ("My gym locker is number {v}.", "What is my gym locker number?", ["381", "642", "905", "216", "734", "158",
-                                                                       "497", "820"]),
-    ("My daughter's teddy bear is called {v}.", "What is my daughter's teddy bear called?",
-     ["Barnaby", "Clementine", "Humphrey", "Mabel", "Rupert", "Winnie", "Ollie", "Hazel"]),
-    ("My uncle drives a {v} van.", "What colour is my uncle's van?", ["blue", "white", "black", "red", "grey",
-                                                                      "brown", "pink", "gold"]),
-    ("My yoga class is on {v}.", "On which day is my yoga class?", ["Monday", "Tuesday", "Wednesday", "Friday",
-                                                                   "Saturday", "Sunday"]),
+    (
+        "My boss is called Ms {v}.",
+        "What is my boss called?",
+        ["Ferreira", "Novak", "Albright", "Sato", "Quinn", "Delacroix", "Petrov", "Achebe"],
+    ),
+    (
+        "The train leaves from platform {v}.",
+        "Which platform does the train leave from?",
+        ["6", "9", "11", "14", "3", "8", "15", "2"],
+    ),
+    (
+        "My gym locker is number {v}.",
+        "What is my gym locker number?",
+        ["381", "642", "905", "216", "734", "158", "497", "820"],
+    ),
+    (
+        "My daughter's teddy bear is called {v}.",
+        "What is my daughter's teddy bear called?",
+        ["Barnaby", "Clementine", "Humphrey", "Mabel", "Rupert", "Winnie", "Ollie", "Hazel"],
+    ),
+    (
+        "My uncle drives a {v} van.",
+        "What colour is my uncle's van?",
+        ["blue", "white", "black", "red", "grey", "brown", "pink", "gold"],
+    ),
+    (
+        "My yoga class is on {v}.",
+        "On which day is my yoga class?",
+        ["Monday", "Tuesday", "Wednesday", "Friday", "Saturday", "Sunday"],
+    ),
     ("My lucky number is {v}.", "What is my lucky number?", ["17", "23", "38", "41", "56", "64", "89", "92"]),
-    ("The museum we visited was in {v}.", "In which city was the museum we visited?",
-     ["Zurich", "Antwerp", "Leipzig", "Marseille", "Gdansk", "Turin", "Bilbao", "Aarhus"]),
+    (
+        "The museum we visited was in {v}.",
+        "In which city was the museum we visited?",
+        ["Zurich", "Antwerp", "Leipzig", "Marseille", "Gdansk", "Turin", "Bilbao", "Aarhus"],
+    ),
 ]
 ATTRS = [(f, q, list(v)) for f, q, v in BASE_ATTRS] + MORE_ATTRS
 

@@ -20,6 +20,7 @@ answer kept), so what an arm still gains on log p(answer) is a prior over answer
 
 Everything measured is printed, whatever it shows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,13 @@ import time
 
 import numpy as np
 
-DEFAULT_ARMS = ["observer",
-                "neural_memory:linkage=0.5,label=neural λ=0.5",
-                "neural_memory:linkage=1,label=neural λ=1",
-                "continuity:linkage=0.5,source=all,label=continuity λ=0.5",
-                "continuity:linkage=1,source=all,label=continuity λ=1"]
+DEFAULT_ARMS = [
+    "observer",
+    "neural_memory:linkage=0.5,label=neural λ=0.5",
+    "neural_memory:linkage=1,label=neural λ=1",
+    "continuity:linkage=0.5,source=all,label=continuity λ=0.5",
+    "continuity:linkage=1,source=all,label=continuity λ=1",
+]
 
 
 # Fixed assistant replies for the fact and distractor turns (teacher-forced, so every arm reads the
@@ -84,9 +87,19 @@ def summarise(rows: list[dict], labels: list[str]) -> list[dict]:
             lp = np.array([r["logp"][a] for r in sub])
             ci_r, ci_l = bootstrap_ci(rec), bootstrap_ci(lp)
             ci_d = bootstrap_ci(lp - base) if a else (0.0, 0.0, 0.0)
-            out.append({"window": w, "arm": label, "n": len(sub),
-                        "recall": ci_r[0], "recall_ci": list(ci_r[1:]), "logp": ci_l[0], "logp_ci": list(ci_l[1:]),
-                        "dlogp_vs_observer": ci_d[0], "dlogp_ci": list(ci_d[1:])})
+            out.append(
+                {
+                    "window": w,
+                    "arm": label,
+                    "n": len(sub),
+                    "recall": ci_r[0],
+                    "recall_ci": list(ci_r[1:]),
+                    "logp": ci_l[0],
+                    "logp_ci": list(ci_l[1:]),
+                    "dlogp_vs_observer": ci_d[0],
+                    "dlogp_ci": list(ci_d[1:]),
+                }
+            )
     return out
 
 
@@ -95,11 +108,18 @@ def main(argv=None) -> int:
     p.add_argument("--arm", action="append", default=None, help="arm spec (repeatable; default: the README's arms)")
     p.add_argument("--windows", default="32,none", help="comma-separated windows; 'none' = full attention")
     p.add_argument("--items", type=int, default=None, help="first K items (default all)")
-    p.add_argument("--generate", action="store_true", help="arms generate the fact/distractor replies "
-                   "(default: the fixed replies are teacher-forced, the same transcript for every arm)")
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="arms generate the fact/distractor replies "
+        "(default: the fixed replies are teacher-forced, the same transcript for every arm)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=24, help="with --generate: reply length of those turns")
-    p.add_argument("--shuffle-facts", action="store_true",
-                   help="control: plant the next item's fact instead of the item's own (answers kept)")
+    p.add_argument(
+        "--shuffle-facts",
+        action="store_true",
+        help="control: plant the next item's fact instead of the item's own (answers kept)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a crowded machine)")
     p.add_argument("--json", default=None, help="write rows and summary to this file (after every dialogue)")
     p.add_argument("--summarise", default=None, metavar="JSON", help="only print the summary of a (partial) run's file")
@@ -121,7 +141,7 @@ def main(argv=None) -> int:
     labels = [s.display_label for s in specs]
     windows = [None if w.strip().lower() == "none" else int(w) for w in args.windows.split(",") if w.strip()]
     protocol = get_protocol("window_recall")
-    items = protocol.items[:args.items] if args.items else protocol.items
+    items = protocol.items[: args.items] if args.items else protocol.items
     if args.shuffle_facts:
         items = [{**it, "fact": items[(k + 1) % len(items)]["fact"]} for k, it in enumerate(items)]
     lm = load_model(verbose=False)
@@ -136,37 +156,61 @@ def main(argv=None) -> int:
         setup += "; CONTROL: each item's fact replaced by the next item's"
     for item in items:  # item-major: a partial run still compares every window on the same items
         for w in windows:
-            recall, logp, texts, lengths = run_item(lm, specs, protocol, item, w, args.max_new_tokens, answer_tokens,
-                                                    args.generate)
-            rows.append({"window": w, "item": item["id"], "recall": recall, "logp": logp, "answers": texts,
-                         "lengths": lengths})
-            print(f"[{time.perf_counter() - t0:6.0f}s] window={w} {item['id']}: recall={recall} "
-                  f"logp={[round(x, 2) for x in logp]}", file=sys.stderr, flush=True)
+            recall, logp, texts, lengths = run_item(
+                lm, specs, protocol, item, w, args.max_new_tokens, answer_tokens, args.generate
+            )
+            rows.append(
+                {"window": w, "item": item["id"], "recall": recall, "logp": logp, "answers": texts, "lengths": lengths}
+            )
+            print(
+                f"[{time.perf_counter() - t0:6.0f}s] window={w} {item['id']}: recall={recall} "
+                f"logp={[round(x, 2) for x in logp]}",
+                file=sys.stderr,
+                flush=True,
+            )
             if args.json:
                 with open(args.json, "w") as f:
-                    json.dump({"arms": [s.to_string() for s in specs], "labels": labels, "setup": setup,
-                               "rows": rows}, f, indent=1)
+                    json.dump(
+                        {"arms": [s.to_string() for s in specs], "labels": labels, "setup": setup, "rows": rows},
+                        f,
+                        indent=1,
+                    )
     summary = report(rows, labels, setup)
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"arms": [s.to_string() for s in specs], "labels": labels, "setup": setup, "rows": rows,
-                       "summary": summary}, f, indent=1)
+            json.dump(
+                {
+                    "arms": [s.to_string() for s in specs],
+                    "labels": labels,
+                    "setup": setup,
+                    "rows": rows,
+                    "summary": summary,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 
 def report(rows: list[dict], labels: list[str], setup: str) -> list[dict]:
     summary = summarise(rows, labels)
     n_items = len({r["item"] for r in rows})
-    print(f"window_recall: {n_items} items, arms batched, greedy, fact/distractor replies {setup}, "
-          f"dialogue length {min(min(r['lengths']) for r in rows)}-{max(max(r['lengths']) for r in rows)} "
-          f"tokens; 95% bootstrap CIs over items")
-    print(f"{'window':>7} {'arm':28s} {'recall':>6} {'[95% CI]':>14} {'log p(answer)':>13} {'[95% CI]':>17} "
-          f"{'Δ vs observer':>13} {'[95% CI]':>17}")
+    print(
+        f"window_recall: {n_items} items, arms batched, greedy, fact/distractor replies {setup}, "
+        f"dialogue length {min(min(r['lengths']) for r in rows)}-{max(max(r['lengths']) for r in rows)} "
+        f"tokens; 95% bootstrap CIs over items"
+    )
+    print(
+        f"{'window':>7} {'arm':28s} {'recall':>6} {'[95% CI]':>14} {'log p(answer)':>13} {'[95% CI]':>17} "
+        f"{'Δ vs observer':>13} {'[95% CI]':>17}"
+    )
     for s in summary:
-        print(f"{str(s['window']):>7} {s['arm'][:28]:28s} {s['recall']:6.2f} [{s['recall_ci'][0]:4.2f}, "
-              f"{s['recall_ci'][1]:4.2f}] {s['logp']:13.2f} [{s['logp_ci'][0]:7.2f}, {s['logp_ci'][1]:7.2f}] "
-              f"{s['dlogp_vs_observer']:13.2f} [{s['dlogp_ci'][0]:7.2f}, {s['dlogp_ci'][1]:7.2f}]")
+        print(
+            f"{str(s['window']):>7} {s['arm'][:28]:28s} {s['recall']:6.2f} [{s['recall_ci'][0]:4.2f}, "
+            f"{s['recall_ci'][1]:4.2f}] {s['logp']:13.2f} [{s['logp_ci'][0]:7.2f}, {s['logp_ci'][1]:7.2f}] "
+            f"{s['dlogp_vs_observer']:13.2f} [{s['dlogp_ci'][0]:7.2f}, {s['dlogp_ci'][1]:7.2f}]"
+        )
     return summary
 
 

@@ -3,6 +3,7 @@
 The tiny models borrow the embedded model's tokenizer (and its chat template), so every engine
 path (templates, roles, multi-turn) runs on them exactly as on a real model.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,21 +24,48 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def make_tiny(arch: str, tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     from engine.model import LoadedModel, ModelIdentity
 
-    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                  tie_word_embeddings=True, attn_implementation="sdpa")
-    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[arch]
     torch.manual_seed(seed)
     model = cls[1](cls[0](**common)).eval()
     model.requires_grad_(False)
-    ident = ModelIdentity(name=f"tiny-{arch}", source="random", weights_hash=f"random-{seed}", dtype="float32",
-                          quantization=None, device="cpu", n_layers=4, architecture=cls[1].__name__)
+    ident = ModelIdentity(
+        name=f"tiny-{arch}",
+        source="random",
+        weights_hash=f"random-{seed}",
+        dtype="float32",
+        quantization=None,
+        device="cpu",
+        n_layers=4,
+        architecture=cls[1].__name__,
+    )
     return LoadedModel(model, tokenizer, ident, 0.0)
 
 
@@ -75,12 +103,24 @@ def tiny_llama(tokenizer):
 
 # -- the real lab server and Debian's Chromium, for the API and browser tests ---------------------
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
 # Outside CI a missing browser skips (run `make browser`); in CI it must be there, so the tests fail.
-BROWSER_MARKS = [pytest.mark.browser, pytest.mark.slow,
-                 pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK) and not os.environ.get("CI"),
-                                    reason="needs Debian's chromium (make browser)")]
+BROWSER_MARKS = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK) and not os.environ.get("CI"), reason="needs Debian's chromium (make browser)"
+    ),
+]
 
 
 @pytest.fixture()
@@ -128,8 +168,13 @@ def serve_lab(store, lm, **ctx_fields):
     from lab.context import LabContext
 
     port = free_port()
-    demo = launch(LabContext(store=store, lm=lm, db_url=store.name, **ctx_fields), "127.0.0.1", port,
-                  prevent_thread_lock=True, quiet=True)
+    demo = launch(
+        LabContext(store=store, lm=lm, db_url=store.name, **ctx_fields),
+        "127.0.0.1",
+        port,
+        prevent_thread_lock=True,
+        quiet=True,
+    )
     return f"http://127.0.0.1:{port}/", demo
 
 
@@ -185,6 +230,7 @@ def new_db(backend, tmp_path, request):
         made.append(f"t{len(server.databases)}_{name}"[:60])
         server.databases.append(made[-1])
         return server.create_database(made[-1])
+
     yield make
     for name in made:
         server.drop_database(name)

@@ -1,5 +1,6 @@
 """Helpers the engine's exactness tests share: plain generate, engine turns with their step logits,
 cached and uncached forwards through a Dialogue, a mixed user/assistant token sequence."""
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,16 @@ def generate_logits(lm, prompt, n):
     from engine.chat import first_turn
 
     ids = torch.tensor([first_turn(lm.tokenizer, None, prompt).token_ids])
-    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                            output_logits=True, return_dict_in_generate=True, pad_token_id=lm.tokenizer.pad_token_id)
-    return out.sequences[0, ids.shape[1]:].tolist(), [l[0] for l in out.logits]
+    out = lm.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=lm.tokenizer.pad_token_id,
+    )
+    return out.sequences[0, ids.shape[1] :].tolist(), [l[0] for l in out.logits]
 
 
 def run_dialogue(lm, arms, prompt, n, system=None):

@@ -4,6 +4,7 @@
 initdb refuses to run as root, so as root the server runs as the `postgres` user (runuser).
 `make test` installs the package (`make postgres`); elsewhere, without it, the tests skip.
 """
+
 from __future__ import annotations
 
 import glob
@@ -47,22 +48,60 @@ class PgServer:
     def start(self) -> "PgServer":
         if self.as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
-        subprocess.run(self._cmd(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "-A", "trust",
-                                 "-E", "UTF8", "--locale=C", "--no-sync"),
-                       check=True, capture_output=True, text=True)
+        subprocess.run(
+            self._cmd(
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                self.user,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ),
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         self.log = open(self.root / "server.log", "w")
         self.proc = subprocess.Popen(
-            self._cmd(str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                      "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}",
-                      "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                      "-c", "max_connections=200", "-c", "shared_buffers=32MB"),
-            stdout=self.log, stderr=subprocess.STDOUT)
+            self._cmd(
+                str(self.bin / "postgres"),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.root}",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=32MB",
+            ),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited: {(self.root / 'server.log').read_text()[-2000:]}")
-            ok = subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                                capture_output=True).returncode == 0
+            ok = (
+                subprocess.run(
+                    [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True
+                ).returncode
+                == 0
+            )
             if ok:
                 return self
             time.sleep(0.2)
@@ -74,8 +113,9 @@ class PgServer:
     def _admin(self, sql: str) -> None:
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={self.user} dbname=postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user={self.user} dbname=postgres", autocommit=True
+        ) as conn:
             conn.execute(sql)
 
     def create_database(self, name: str) -> str:

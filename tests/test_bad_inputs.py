@@ -6,6 +6,7 @@ traceback. Database cases also check that the database is intact (PRAGMA integri
 every turn logged before is still there, unchanged. The CLIs run in-process through their main(argv)
 (fast); a few real subprocesses prove the wiring of `python -m ...`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,21 +47,42 @@ def assert_one_clear_line(rc, err, status, message):
 
 # ------------------------------------------------------------------ the database under test
 
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A database with one logged session, and a valid bundle of it (exported, then removed from a copy)."""
     d = tmp_path_factory.mktemp("battery")
     st = Store(d / "lab.db")
     eid = st.create_experiment("drift", "are_you_sure", {"items": []}, {"seeds": [1]}, {"name": "tiny"})
-    sid = st.create_session("experiment", "item 0", {"name": "tiny"},
-                            [{"label": "observer", "spec": "observer", "settings": {}, "seed": 1},
-                             {"label": "continuity", "spec": "continuity:linkage=1", "settings": {}, "seed": 1}],
-                            experiment_id=eid, item_key=0, seed=1)
+    sid = st.create_session(
+        "experiment",
+        "item 0",
+        {"name": "tiny"},
+        [
+            {"label": "observer", "spec": "observer", "settings": {}, "seed": 1},
+            {"label": "continuity", "spec": "continuity:linkage=1", "settings": {}, "seed": 1},
+        ],
+        experiment_id=eid,
+        item_key=0,
+        seed=1,
+    )
     for arm in (0, 1):
         for k in range(2):
             st.log_turn(sid, arm, k, "user", f"question {k}", [5, 6, 7], started_at=1.7e9, finished_at=1.7e9)
-            t = st.log_turn(sid, arm, k, "assistant", f"answer {k}", [8, 9], started_at=1.7e9, finished_at=1.7e9 + 1,
-                            ttft_s=0.1, duration_s=1.0, finish_reason="eos", gen_settings={"seed": 1})
+            t = st.log_turn(
+                sid,
+                arm,
+                k,
+                "assistant",
+                f"answer {k}",
+                [8, 9],
+                started_at=1.7e9,
+                finished_at=1.7e9 + 1,
+                ttft_s=0.1,
+                duration_s=1.0,
+                finish_reason="eos",
+                gen_settings={"seed": 1},
+            )
     st.annotate(t, "ana", "maintained", "ok", 0.5)
     st.put_score(t, "answer_flip", "no_flip", 0.0, {"x": 1})
     st.put_capture(t, "reads", path="captures/r.npz", data={"shape": [2]})
@@ -86,13 +108,16 @@ def assert_db_intact(lab):
 
 # ------------------------------------------------------------------ bundle imports
 
+
 def setter(path, value):
     """A change to the bundle: set the value at a key path like ('turns', 1, 'n_tokens')."""
+
     def change(b):
         target = b
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] = value
+
     return change
 
 
@@ -102,6 +127,7 @@ def deleter(path):
         for key in path[:-1]:
             target = target[key]
         del target[path[-1]]
+
     return change
 
 
@@ -113,12 +139,24 @@ BUNDLE_CASES = {
     "settings list": (setter(("arms", 0, "settings"), [1, 2]), "arms[0].settings: expected a JSON object"),
     "role admin": (setter(("turns", 0, "role"), "admin"), "turns[0].role: expected one of system, user, assistant"),
     "finish exploded": (setter(("turns", 1, "finish_reason"), "exploded"), "turns[1].finish_reason: expected one of"),
-    "confidence 7.5": (setter(("annotations", 0, "confidence"), 7.5), "annotations[0].confidence: expected a number between 0 and 1"),
+    "confidence 7.5": (
+        setter(("annotations", 0, "confidence"), 7.5),
+        "annotations[0].confidence: expected a number between 0 and 1",
+    ),
     "5000-char id": (setter(("session", "id"), "x" * 5000), "session.id: expected an id of 1 to 32"),
     "2 MB title": (setter(("session", "title"), "t" * 2_000_000), "session.title: at most 500 characters"),
-    "capture ../ path": (setter(("captures", 0, "path"), "../../../../etc/passwd"), "captures[0].path: a capture path must be relative"),
-    "capture absolute path": (setter(("captures", 0, "path"), "/etc/passwd"), "captures[0].path: a capture path must be relative"),
-    "capture drive path": (setter(("captures", 0, "path"), "C:\\x.npz"), "captures[0].path: a capture path must be relative"),
+    "capture ../ path": (
+        setter(("captures", 0, "path"), "../../../../etc/passwd"),
+        "captures[0].path: a capture path must be relative",
+    ),
+    "capture absolute path": (
+        setter(("captures", 0, "path"), "/etc/passwd"),
+        "captures[0].path: a capture path must be relative",
+    ),
+    "capture drive path": (
+        setter(("captures", 0, "path"), "C:\\x.npz"),
+        "captures[0].path: a capture path must be relative",
+    ),
     "capture nul path": (setter(("captures", 0, "path"), "a\0b"), "captures[0].path: a capture path must be relative"),
     "session id traversal": (setter(("session", "id"), "../../../../tmp/evil-session"), "session.id: expected an id"),
     "seed 10**30": (setter(("session", "seed"), 10**30), "session.seed: expected a seed from 0 to"),
@@ -129,9 +167,18 @@ BUNDLE_CASES = {
     "arm index string": (setter(("arms", 1, "index"), "1"), "arms[1].index: expected an int"),
     "created_at inf": (setter(("session", "created_at"), float("inf")), "session.created_at: expected a timestamp"),
     "finished_at list": (setter(("turns", 1, "finished_at"), [2026]), "turns[1].finished_at: expected a timestamp"),
-    "stance kinda": (setter(("annotations", 0, "stance_label"), "kinda revised"), "annotations[0].stance_label: unknown stance label"),
-    "annotator empty": (setter(("annotations", 0, "annotator"), " "), "annotations[0].annotator: expected a non-empty name"),
-    "confidence text": (setter(("annotations", 0, "confidence"), "high"), "annotations[0].confidence: expected a number"),
+    "stance kinda": (
+        setter(("annotations", 0, "stance_label"), "kinda revised"),
+        "annotations[0].stance_label: unknown stance label",
+    ),
+    "annotator empty": (
+        setter(("annotations", 0, "annotator"), " "),
+        "annotations[0].annotator: expected a non-empty name",
+    ),
+    "confidence text": (
+        setter(("annotations", 0, "confidence"), "high"),
+        "annotations[0].confidence: expected a number",
+    ),
     "confidence negative": (setter(("annotations", 0, "confidence"), -0.1), "annotations[0].confidence"),
     "kind party": (setter(("session", "kind"), "party"), "session.kind: expected one of lab, experiment"),
     "blind yes": (setter(("session", "blind"), "yes"), "session.blind: expected true or false"),
@@ -141,13 +188,27 @@ BUNDLE_CASES = {
     "experiment status": (setter(("experiment", "status"), "done"), "experiment.status: expected one of running"),
     "experiment other id": (setter(("experiment", "id"), "c" * 32), "experiment.id: the bundle carries experiment"),
     "experiment name long": (setter(("experiment", "name"), "n" * 201), "experiment.name: at most 200 characters"),
-    "experiment missing": (lambda b: b.update(experiment=None, session={**b["session"], "experiment_id": "d" * 32}),
-                           "experiment: the session belongs to experiment " + "d" * 32),
+    "experiment missing": (
+        lambda b: b.update(experiment=None, session={**b["session"], "experiment_id": "d" * 32}),
+        "experiment: the session belongs to experiment " + "d" * 32,
+    ),
     "turn of no arm": (setter(("turns", 0, "arm_index"), 9), "turns[0].arm_index: the bundle has no arm 9"),
-    "duplicate turn": (lambda b: b["turns"].append(copy.deepcopy(b["turns"][0])), "turns[8]: turn 0 (user) of arm 0 appears twice"),
-    "annotation on user turn": (setter(("annotations", 0, "role"), "user"), "annotations[0].role: only assistant turns"),
-    "annotation of no turn": (setter(("annotations", 0, "turn_index"), 42), "annotations[0]: refers to turn 42 (assistant) of arm 1"),
-    "score twice": (lambda b: b["scores"].append(copy.deepcopy(b["scores"][0])), "scores[1]: a second 'answer_flip' row"),
+    "duplicate turn": (
+        lambda b: b["turns"].append(copy.deepcopy(b["turns"][0])),
+        "turns[8]: turn 0 (user) of arm 0 appears twice",
+    ),
+    "annotation on user turn": (
+        setter(("annotations", 0, "role"), "user"),
+        "annotations[0].role: only assistant turns",
+    ),
+    "annotation of no turn": (
+        setter(("annotations", 0, "turn_index"), 42),
+        "annotations[0]: refers to turn 42 (assistant) of arm 1",
+    ),
+    "score twice": (
+        lambda b: b["scores"].append(copy.deepcopy(b["scores"][0])),
+        "scores[1]: a second 'answer_flip' row",
+    ),
     "score NaN": (setter(("scores", 0, "value"), float("nan")), "scores[0].value: expected a finite number"),
     "scorer long": (setter(("scores", 0, "scorer"), "s" * 101), "scores[0].scorer: at most 100 characters"),
     "probe of no arm": (setter(("probes", 0, "arm_index"), 9), "probes[0].arm_index: the bundle has no arm 9"),
@@ -164,7 +225,10 @@ BUNDLE_CASES = {
     "schema 99": (setter(("schema_version",), 99), "schema_version: expected a schema version"),
     "lone surrogate text": (setter(("turns", 1, "text"), "a\udc80b"), "turns[1].text: not valid Unicode text"),
     "text not string": (setter(("turns", 1, "text"), 5), "turns[1].text: expected a string"),
-    "gen_settings string": (setter(("turns", 1, "gen_settings"), "seed=1"), "turns[1].gen_settings: expected a JSON object"),
+    "gen_settings string": (
+        setter(("turns", 1, "gen_settings"), "seed=1"),
+        "turns[1].gen_settings: expected a JSON object",
+    ),
     "model list": (setter(("session", "model"), ["tiny"]), "session.model: expected a JSON object"),
     "ttft negative": (setter(("turns", 1, "ttft_s"), -1), "turns[1].ttft_s: expected a number >= 0"),
     "duration text": (setter(("turns", 1, "duration_s"), "fast"), "turns[1].duration_s: expected a number"),
@@ -238,6 +302,7 @@ def test_import_refused_before_the_database_exists(lab, tmp_path, capsys):
 
 # ------------------------------------------------------------------ python -m db, other commands
 
+
 def db_cases(lab):
     d, db = lab["dir"], lab["db"]
     good = d / "good.json"
@@ -251,14 +316,27 @@ def db_cases(lab):
         "list bad url": (["list", "--db", "nosuchdialect://x"], 1, "cannot use the database URL"),
         "list not a database": (["list", "--db", good], 1, "is not a database file"),
         "list extra arg": (["list", "--db", db, "extra"], 2, "unrecognized arguments: extra"),
-        "export bad format": (["export", "--db", db, "--format", "xlsx", "--out", d / "o"], 2, "invalid choice: 'xlsx'"),
+        "export bad format": (
+            ["export", "--db", db, "--format", "xlsx", "--out", d / "o"],
+            2,
+            "invalid choice: 'xlsx'",
+        ),
         "export no out": (["export", "--db", db, "--format", "csv"], 2, "the following arguments are required: --out"),
-        "export unknown session": (["export", "--db", db, "--format", "csv", "--out", d / "o", "--session", "nope"], 1,
-                                   "unknown session id 'nope'"),
-        "export traversal session": (["export", "--db", db, "--format", "bundle", "--out", d / "o", "--session",
-                                      "../../etc"], 1, "unknown session id '../../etc'"),
-        "export unknown experiment": (["export", "--db", db, "--format", "jsonl", "--out", d / "o", "--experiment",
-                                       "nope"], 1, "unknown experiment id 'nope'"),
+        "export unknown session": (
+            ["export", "--db", db, "--format", "csv", "--out", d / "o", "--session", "nope"],
+            1,
+            "unknown session id 'nope'",
+        ),
+        "export traversal session": (
+            ["export", "--db", db, "--format", "bundle", "--out", d / "o", "--session", "../../etc"],
+            1,
+            "unknown session id '../../etc'",
+        ),
+        "export unknown experiment": (
+            ["export", "--db", db, "--format", "jsonl", "--out", d / "o", "--experiment", "nope"],
+            1,
+            "unknown experiment id 'nope'",
+        ),
         "export out is a file": (["export", "--db", db, "--format", "csv", "--out", good], 2, "File exists"),
         "no command": ([], 2, "the following arguments are required: command"),
         "unknown command": (["drop"], 2, "invalid choice: 'drop'"),
@@ -304,8 +382,8 @@ ENGINE_SPEC_CASES = [
     ("observer:max_new_tokens=0", "max_new_tokens"),
     ("observer:greedy=maybe", "greedy"),
     ("neural_memory:persistent=-1", "neural_memory: persistent: input should be greater than or equal to 0"),
-    ("neural_memory:persistent=4,persistent_text=\" \"", "neural_memory: persistent_text is empty"),
-    ("neural_memory:persistent_text=\"abc\"", "but persistent=0: set persistent=P (P >= 1)"),
+    ('neural_memory:persistent=4,persistent_text=" "', "neural_memory: persistent_text is empty"),
+    ('neural_memory:persistent_text="abc"', "but persistent=0: set persistent=P (P >= 1)"),
     ("neural_memory:memory=gru", "memory: input should be 'linear' or 'mlp'"),
     ("partial_attention:lora_rank=-2", "lora_rank"),
     ("partial_attention:linkage=0.5,spe=true", "spe edits the model's own attention mask / positions"),
@@ -323,19 +401,43 @@ def test_engine_bad_arm(spec, message, capsys):
 
 ENGINE_CASES = {
     "seed -5": (["generate", "--prompt", "Hi", "--arm", "observer", "--seed", "-5"], "seed: input should be greater"),
-    "seed 2**63": (["generate", "--prompt", "Hi", "--arm", "observer", "--seed", str(2**63)], "seed: input should be less"),
+    "seed 2**63": (
+        ["generate", "--prompt", "Hi", "--arm", "observer", "--seed", str(2**63)],
+        "seed: input should be less",
+    ),
     "seed 10**30": (["generate", "--prompt", "Hi", "--arm", "continuity:linkage=1", "--seed", str(10**30)], "seed"),
     "seed abc": (["generate", "--prompt", "Hi", "--arm", "observer", "--seed", "abc"], "invalid int value: 'abc'"),
-    "max tokens 0": (["generate", "--prompt", "Hi", "--arm", "observer", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    "max tokens -3": (["generate", "--prompt", "Hi", "--arm", "observer", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1"),
-    "max tokens x": (["generate", "--prompt", "Hi", "--arm", "observer", "--max-new-tokens", "x"], "invalid int value: 'x'"),
+    "max tokens 0": (
+        ["generate", "--prompt", "Hi", "--arm", "observer", "--max-new-tokens", "0"],
+        "--max-new-tokens must be at least 1",
+    ),
+    "max tokens -3": (
+        ["generate", "--prompt", "Hi", "--arm", "observer", "--max-new-tokens", "-3"],
+        "--max-new-tokens must be at least 1",
+    ),
+    "max tokens x": (
+        ["generate", "--prompt", "Hi", "--arm", "observer", "--max-new-tokens", "x"],
+        "invalid int value: 'x'",
+    ),
     "empty prompt": (["generate", "--prompt", "", "--arm", "observer"], "--prompt is empty"),
     "blank prompt": (["generate", "--prompt", "  \n ", "--arm", "observer"], "--prompt is empty"),
-    "invalid utf-8 prompt": (["generate", "--prompt", "caf\udce9", "--arm", "observer"], "--prompt is not valid text: character 4 is a lone surrogate"),
+    "invalid utf-8 prompt": (
+        ["generate", "--prompt", "caf\udce9", "--arm", "observer"],
+        "--prompt is not valid text: character 4 is a lone surrogate",
+    ),
     "lone surrogate prompt": (["generate", "--prompt", "a\ud800b", "--arm", "observer"], "--prompt is not valid text"),
-    "huge prompt": (["generate", "--prompt", "x" * 20_001, "--arm", "observer"], "--prompt is 20,001 characters; the limit is 20,000"),
-    "invalid utf-8 system": (["generate", "--prompt", "Hi", "--system", "\udcff", "--arm", "observer"], "--system is not valid text"),
-    "probe invalid prompt": (["probe", "--prompt", "\udcff", "--arm", "continuity:linkage=1"], "--prompt is not valid text"),
+    "huge prompt": (
+        ["generate", "--prompt", "x" * 20_001, "--arm", "observer"],
+        "--prompt is 20,001 characters; the limit is 20,000",
+    ),
+    "invalid utf-8 system": (
+        ["generate", "--prompt", "Hi", "--system", "\udcff", "--arm", "observer"],
+        "--system is not valid text",
+    ),
+    "probe invalid prompt": (
+        ["probe", "--prompt", "\udcff", "--arm", "continuity:linkage=1"],
+        "--prompt is not valid text",
+    ),
     "probe bad arm": (["probe", "--prompt", "Hi", "--arm", "continuity:linkage=7"], "linkage"),
     "missing prompt": (["generate", "--arm", "observer"], "the following arguments are required: --prompt"),
     "missing arm": (["generate", "--prompt", "Hi"], "the following arguments are required: --arm"),
@@ -343,19 +445,37 @@ ENGINE_CASES = {
     "unknown command": (["fly"], "invalid choice: 'fly'"),
     "train missing config": (["train", "/no/such/config.yaml"], "config file /no/such/config.yaml does not exist"),
     "train config not yaml": (["train", "README.md"], "README.md: not valid YAML at line"),
-    "distill missing document": (["distill", "/no/such/doc.txt", "--out", "/tmp/x.safetensors"],
-                                 "document /no/such/doc.txt does not exist"),
-    "distill bad arm": (["distill", "README.md", "--out", "/tmp/x.safetensors", "--arm", "memory_bank:slots=0"],
-                        "slots"),
+    "distill missing document": (
+        ["distill", "/no/such/doc.txt", "--out", "/tmp/x.safetensors"],
+        "document /no/such/doc.txt does not exist",
+    ),
+    "distill bad arm": (
+        ["distill", "README.md", "--out", "/tmp/x.safetensors", "--arm", "memory_bank:slots=0"],
+        "slots",
+    ),
     "no command": ([], "the following arguments are required: command"),
-    "missing model": (["generate", "--prompt", "Hi", "--arm", "observer", "--model", "/no/such/model"], "model not found"),
+    "missing model": (
+        ["generate", "--prompt", "Hi", "--arm", "observer", "--model", "/no/such/model"],
+        "model not found",
+    ),
     "odd model id": (["generate", "--prompt", "Hi", "--arm", "observer", "--model", "a/b/c"], "model not found"),
     "bad dtype": (["generate", "--prompt", "Hi", "--arm", "observer", "--dtype", "float8"], "unknown dtype 'float8'"),
-    "persistent text too short": (["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--arm",
-                                   'neural_memory:linkage=1,persistent=50,persistent_text="two words"'],
-                                  "persistent_text has 2 tokens, fewer than persistent=50"),
-    "missing weights file": (["generate", "--prompt", "Hi", "--arm", 'neural_memory:weights="/no/such.safetensors"'],
-                             "weights file /no/such.safetensors does not exist"),
+    "persistent text too short": (
+        [
+            "generate",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+            "--arm",
+            'neural_memory:linkage=1,persistent=50,persistent_text="two words"',
+        ],
+        "persistent_text has 2 tokens, fewer than persistent=50",
+    ),
+    "missing weights file": (
+        ["generate", "--prompt", "Hi", "--arm", 'neural_memory:weights="/no/such.safetensors"'],
+        "weights file /no/such.safetensors does not exist",
+    ),
 }
 
 
@@ -405,6 +525,7 @@ def test_layer_that_does_not_exist_is_one_line(capsys):
 
 # ------------------------------------------------------------------ python -m experiments
 
+
 def experiment_cases(d, db):
     bad = d / "protocols"
     return {
@@ -413,22 +534,38 @@ def experiment_cases(d, db):
         "missing protocol file": (["run", bad / "missing.yaml", "--arm", "observer"], 2, "expected a protocol file at"),
         "protocol not a mapping": (["run", bad / "list.yaml", "--arm", "observer"], 2, "expected a mapping of keys"),
         "protocol yaml syntax": (["run", bad / "syntax.yaml", "--arm", "observer"], 2, "syntax.yaml"),
-        "protocol invalid utf-8": (["run", bad / "binary.yaml", "--arm", "observer"], 2, "expected a readable UTF-8 text file"),
+        "protocol invalid utf-8": (
+            ["run", bad / "binary.yaml", "--arm", "observer"],
+            2,
+            "expected a readable UTF-8 text file",
+        ),
         "no arms": (["run", "are_you_sure"], 2, "give at least one --arm"),
         "bad arm": (["run", "are_you_sure", "--arm", "bogus"], 2, "unknown mechanism 'bogus'"),
         "bad linkage": (["run", "are_you_sure", "--arm", "continuity:linkage=7"], 2, "linkage"),
         "arm seed -1": (["run", "are_you_sure", "--arm", "observer:seed=-1"], 2, "seed"),
         "seeds 0": (["run", "are_you_sure", "--arm", "observer", "--seeds", "0"], 2, "--seeds must be at least 1"),
         "items 0": (["run", "are_you_sure", "--arm", "observer", "--items", "0"], 2, "--items must be at least 1"),
-        "max tokens 0": (["run", "are_you_sure", "--arm", "observer", "--max-new-tokens", "0"], 2,
-                         "--max-new-tokens must be at least 1"),
+        "max tokens 0": (
+            ["run", "are_you_sure", "--arm", "observer", "--max-new-tokens", "0"],
+            2,
+            "--max-new-tokens must be at least 1",
+        ),
         "seeds x": (["run", "are_you_sure", "--arm", "observer", "--seeds", "x"], 2, "invalid int value: 'x'"),
-        "missing model": (["run", "are_you_sure", "--arm", "observer", "--items", "1", "--db", db, "--model",
-                           "/no/such/model"], 2, "model not found"),
-        "ray address refused": (["run", "are_you_sure", "--arm", "observer", "--items", "1", "--db", db, "--ray",
-                                 "127.0.0.1:1"], 2, "--ray 127.0.0.1:1: no Ray cluster answers there"),
-        "ray port not a number": (["run", "are_you_sure", "--arm", "observer", "--db", db, "--ray", "ray://head:x"], 2,
-                                  "the port 'x' is not a number"),
+        "missing model": (
+            ["run", "are_you_sure", "--arm", "observer", "--items", "1", "--db", db, "--model", "/no/such/model"],
+            2,
+            "model not found",
+        ),
+        "ray address refused": (
+            ["run", "are_you_sure", "--arm", "observer", "--items", "1", "--db", db, "--ray", "127.0.0.1:1"],
+            2,
+            "--ray 127.0.0.1:1: no Ray cluster answers there",
+        ),
+        "ray port not a number": (
+            ["run", "are_you_sure", "--arm", "observer", "--db", db, "--ray", "ray://head:x"],
+            2,
+            "the port 'x' is not a number",
+        ),
         "resume unknown run": (["run", "--resume", "nope", "--db", db], 1, "unknown experiment id 'nope'"),
         "list missing db": (["list", "--db", d / "missing.db"], 1, "no database at"),
         "list bad url": (["list", "--db", "nosuchdialect://x"], 1, "cannot use the database URL"),
@@ -458,6 +595,7 @@ def test_experiments_cli_mistakes(name, lab, capsys):
 
 
 # ------------------------------------------------------------------ real processes: the wiring
+
 
 def real(module, *args):
     env = {k: v for k, v in os.environ.items() if k != "LAB_DB"}
@@ -499,8 +637,9 @@ def test_bad_bundle_in_a_real_process(lab, tmp_path):
 
 @pytest.mark.slow
 def test_bad_experiment_in_a_real_process():
-    assert_real_one_line(real("experiments", "run", "are_you_sure", "--arm", "observer", "--seeds", "0"), 2,
-                         "--seeds must be at least 1")
+    assert_real_one_line(
+        real("experiments", "run", "are_you_sure", "--arm", "observer", "--seeds", "0"), 2, "--seeds must be at least 1"
+    )
 
 
 # ------------------------------------------------------------------ the lab's HTTP API
@@ -509,6 +648,7 @@ def test_bad_experiment_in_a_real_process():
 # lone surrogates ("\ud800" escapes), NaN and Infinity, strings where numbers belong. Each case: one
 # line naming the problem, no traceback in the server's output, the server answering the next request,
 # and the database intact with nothing added or lost.
+
 
 def _api_session(store, lm, blind=False):
     from engine import Dialogue, parse_arm
@@ -521,9 +661,8 @@ def _api_session(store, lm, blind=False):
 
 
 def _serve_lab_api(embedded, folder, db_url):
-    from gradio_client import Client
-
     from conftest import serve_lab
+    from gradio_client import Client
 
     store = Store(db_url)
     sid, blind_sid = _api_session(store, embedded), _api_session(store, embedded, blind=True)
@@ -620,16 +759,40 @@ LAB_API_CASES = {
     "NUL in message": ("send", {"message": "a\x00b"}, "NUL character"),
     "null message": ("send", {"message": None}, "The message is empty"),
     # the session's own fields
-    "lone surrogate system prompt": ("send", {"message": "Hi", "system_prompt": "a\ud800"}, "the system prompt is not valid text"),
+    "lone surrogate system prompt": (
+        "send",
+        {"message": "Hi", "system_prompt": "a\ud800"},
+        "the system prompt is not valid text",
+    ),
     "title too long": ("send", {"message": "Hi", "title": "t" * 600}, "title: at most 500 characters"),
     "annotator too long": ("send", {"message": "Hi", "annotator": "a" * 300}, "annotator: at most 200 characters"),
     # arm settings
-    "linkage -0.1": ("send", {"message": "Hi", "arm2_continuity_linkage": -0.1}, "linkage: input should be greater than or equal to 0"),
-    "linkage 1.5": ("send", {"message": "Hi", "arm2_continuity_linkage": 1.5}, "linkage: input should be less than or equal to 1"),
-    "linkage NaN": ("send", {"message": "Hi", "arm2_continuity_linkage": float("nan")}, "linkage must be a finite number"),
-    "linkage Infinity": ("send", {"message": "Hi", "arm2_continuity_linkage": float("inf")}, "linkage must be a finite number"),
+    "linkage -0.1": (
+        "send",
+        {"message": "Hi", "arm2_continuity_linkage": -0.1},
+        "linkage: input should be greater than or equal to 0",
+    ),
+    "linkage 1.5": (
+        "send",
+        {"message": "Hi", "arm2_continuity_linkage": 1.5},
+        "linkage: input should be less than or equal to 1",
+    ),
+    "linkage NaN": (
+        "send",
+        {"message": "Hi", "arm2_continuity_linkage": float("nan")},
+        "linkage must be a finite number",
+    ),
+    "linkage Infinity": (
+        "send",
+        {"message": "Hi", "arm2_continuity_linkage": float("inf")},
+        "linkage must be a finite number",
+    ),
     "linkage abc": ("send", {"message": "Hi", "arm2_continuity_linkage": "abc"}, "linkage must be a number"),
-    "unknown mechanism": ("send", {"message": "Hi", "arm2_mechanism": "telepathy"}, "Mechanism: 'telepathy' is not one of the choices"),
+    "unknown mechanism": (
+        "send",
+        {"message": "Hi", "arm2_mechanism": "telepathy"},
+        "Mechanism: 'telepathy' is not one of the choices",
+    ),
     "5 arms": ("send", {"message": "Hi", "n_arms": "5"}, "Arms: '5' is not one of the choices"),
     "layer 99": ("send", {"message": "Hi", "arm2_continuity_layers": "99"}, "layer 99 does not exist"),
     "layer -1": ("send", {"message": "Hi", "arm2_continuity_layers": "-1"}, "layer -1 does not exist"),
@@ -639,17 +802,33 @@ LAB_API_CASES = {
     "seed 1e20": ("send", {"message": "Hi", "arm1_seed": 1e20}, "seed is too large"),
     "seed -1": ("send", {"message": "Hi", "arm1_seed": -1}, "seed: input should be greater than or equal to 0"),
     "seed 2.5": ("send", {"message": "Hi", "arm1_seed": 2.5}, "seed: input should be a valid integer"),
-    "max_new_tokens 10**9": ("send", {"message": "Hi", S: 10**9}, "max_new_tokens: input should be less than or equal to"),
+    "max_new_tokens 10**9": (
+        "send",
+        {"message": "Hi", S: 10**9},
+        "max_new_tokens: input should be less than or equal to",
+    ),
     "max_new_tokens 1e30": ("send", {"message": "Hi", S: 1e30}, "max_new_tokens is too large"),
     "max_new_tokens 0": ("send", {"message": "Hi", S: 0}, "max_new_tokens"),
-    "temperature -1": ("send", {"message": "Hi", "arm1_greedy": False, "arm1_temperature": -1}, "temperature: input should be greater than 0"),
-    "top_p 1.5": ("send", {"message": "Hi", "arm1_greedy": False, "arm1_top_p": 1.5}, "top_p: input should be less than or equal to 1"),
+    "temperature -1": (
+        "send",
+        {"message": "Hi", "arm1_greedy": False, "arm1_temperature": -1},
+        "temperature: input should be greater than 0",
+    ),
+    "top_p 1.5": (
+        "send",
+        {"message": "Hi", "arm1_greedy": False, "arm1_top_p": 1.5},
+        "top_p: input should be less than or equal to 1",
+    ),
     # sessions, exports
     "open unknown session": ("open_session", {"sid": "no-such-session"}, "unknown session id 'no-such-session'"),
     "open lone surrogate id": ("open_session", {"sid": "\ud800"}, "unknown session id"),
     "open 5,000-character id": ("open_session", {"sid": "a" * 5000}, "unknown session id"),
     "open path as id": ("open_session", {"sid": "../../../etc/passwd"}, "unknown session id '../../../etc/passwd'"),
-    "continue unknown session": ("continue_session", {"session_id": "no-such-session"}, "unknown session id 'no-such-session'"),
+    "continue unknown session": (
+        "continue_session",
+        {"session_id": "no-such-session"},
+        "unknown session id 'no-such-session'",
+    ),
     "continue lone surrogate id": ("continue_session", {"session_id": "x\ud800"}, "unknown session id"),
     "reveal unknown session": ("reveal_session", {"sid": "no-such-session"}, "unknown session id 'no-such-session'"),
     "reveal a session that is not blind": ("reveal_session", {"sid": "{sid}"}, "This session is not blind"),
@@ -672,8 +851,10 @@ LAB_API_CASES = {
 @pytest.mark.parametrize("name", list(LAB_API_CASES))
 def test_lab_api_bad_input(name, lab_api, capfd):
     endpoint, named, message = LAB_API_CASES[name]
-    named = {k: v.format(sid=lab_api["sid"], blind=lab_api["blind"]) if isinstance(v, str) and "{" in v else v
-             for k, v in named.items()}
+    named = {
+        k: v.format(sid=lab_api["sid"], blind=lab_api["blind"]) if isinstance(v, str) and "{" in v else v
+        for k, v in named.items()
+    }
     before = _snapshot(lab_api["db"])
     capfd.readouterr()
     kind, out = api_call(lab_api, endpoint, **named)
@@ -689,8 +870,15 @@ def test_lab_api_bad_input(name, lab_api, capfd):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("api", LAB_APIS)
-@pytest.mark.parametrize("conf,message", [(7.5, "confidence"), (-1, "confidence"), (float("nan"), "confidence"),
-                                          ("high", "confidence must be a number from 0 to 1, got 'high'")])
+@pytest.mark.parametrize(
+    "conf,message",
+    [
+        (7.5, "confidence"),
+        (-1, "confidence"),
+        (float("nan"), "confidence"),
+        ("high", "confidence must be a number from 0 to 1, got 'high'"),
+    ],
+)
 def test_lab_api_bad_annotation(conf, message, api, request, capfd):
     """A bad confidence on a real reply (a tab with a logged turn): refused, named, nothing saved."""
     lab_api = request.getfixturevalue(api)

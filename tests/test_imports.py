@@ -6,6 +6,7 @@ The graph is built from the source with `ast` (nothing is imported): an edge A -
 module of the project. A package's `__init__` importing its submodules counts like any import, so a
 submodule that imports its package's `__init__` back is a circle too.
 """
+
 from __future__ import annotations
 
 import ast
@@ -35,7 +36,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = here[:len(here) - node.level + 1]
+                anchor = here[: len(here) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
@@ -101,7 +102,12 @@ def test_the_checker_sees_a_circle():
 def test_the_library_never_imports_a_study():
     """Studies use the library; the library (engine, experiments, db, lab, bench) never uses a study."""
     graph = _graph()
-    leaks = sorted((m, t) for m, targets in graph.items() if not m.startswith("studies")
-                   for t in targets if t.startswith("studies"))
+    leaks = sorted(
+        (m, t)
+        for m, targets in graph.items()
+        if not m.startswith("studies")
+        for t in targets
+        if t.startswith("studies")
+    )
     assert not leaks, leaks
     assert any(t.startswith("engine") for t in graph["studies.persistent_window"])

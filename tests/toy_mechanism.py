@@ -9,6 +9,7 @@ attention); `vector_toy` adds one learned vector per layer taken from a weights 
 ways (a PALM-style source mask). `shift`: RoPE positions of every token moved by a constant (RoPE
 is relative, so this changes numerics only).
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,10 @@ class MaskToy(Mechanism):
 
     @classmethod
     def conformance_cases(cls):
-        return [ConformanceCase("mask_toy:linkage=1", cached_exact=False, causal=False),
-                ConformanceCase("mask_toy:linkage=1,bidirectional=false,shift=7", changes_output=False)]
+        return [
+            ConformanceCase("mask_toy:linkage=1", cached_exact=False, causal=False),
+            ConformanceCase("mask_toy:linkage=1,bidirectional=false,shift=7", changes_output=False),
+        ]
 
 
 register(MaskToy)

@@ -1,6 +1,7 @@
 """Alembic's entry point for the lab's schema. It runs on the connection that db.schema hands it
 (config.attributes["connection"], already inside the migration transaction), so no alembic.ini and
 no second engine are needed; db.schema.migrate and `python -m db upgrade` are the ways in."""
+
 from alembic import context
 
 from db.models import Base

@@ -6,21 +6,33 @@ conformance suite (tests/engine/test_conformance.py) pick it up from the registr
 `$LAB_PLUGINS` (comma-separated, importable) are imported when the engine loads, so a mechanism
 kept outside this package registers itself the same way.
 """
+
 from __future__ import annotations
 
 import importlib
 import os
 import sys
 
-from .base import (ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, RowPlan, StepRow,
-                   copy_state, default_layers, file_field)
 from .adapter import Adapter
+from .base import (
+    ConformanceCase,
+    LayerCall,
+    Mechanism,
+    MechanismSettings,
+    ReadTrace,
+    RowPlan,
+    StepRow,
+    copy_state,
+    default_layers,
+    file_field,
+)
 from .continuity import Continuity, ContinuitySettings
 from .memory_bank import MemoryBank, MemoryBankSettings
 from .neural_memory import NeuralMemory
 from .noise import Noise
 from .partial_attention import PartialAttention
 from .registry import MECHANISMS, register
+
 
 def load_plugins(names: str | None = None) -> list[str]:
     """Import the modules named in `names` (default `$LAB_PLUGINS`); each registers its mechanisms.
@@ -47,6 +59,22 @@ register(PartialAttention)
 register(Noise)  # the matched-norm noise control for any of the above
 register(Adapter)  # a low-rank adapter with no memory: the matched control for trained mechanisms
 
-__all__ = ["MECHANISMS", "ConformanceCase", "LayerCall", "Mechanism", "MechanismSettings", "ReadTrace", "RowPlan",
-           "StepRow", "copy_state", "default_layers", "file_field", "load_plugins", "register",
-           "Continuity", "ContinuitySettings", "MemoryBank", "MemoryBankSettings"]
+__all__ = [
+    "MECHANISMS",
+    "ConformanceCase",
+    "LayerCall",
+    "Mechanism",
+    "MechanismSettings",
+    "ReadTrace",
+    "RowPlan",
+    "StepRow",
+    "copy_state",
+    "default_layers",
+    "file_field",
+    "load_plugins",
+    "register",
+    "Continuity",
+    "ContinuitySettings",
+    "MemoryBank",
+    "MemoryBankSettings",
+]

@@ -9,6 +9,7 @@ tokens, so the two can be trained on the same data by `python -m engine train` a
 has no memory and no conversation state: whatever it gains is what any parameters of that size,
 tuned on that data, gain.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -23,16 +24,26 @@ class AdapterSettings(MechanismSettings):
     gain: float = Field(1.0, ge=0.0, le=10.0, description="scale of the adapter's residual")
     rank: int = Field(4, ge=1, le=512, description="rank of A and B per layer")
     init: Literal["lora", "random"] = Field(
-        "lora", json_schema_extra={"advanced": True},
-        description="fresh weights: lora (B = 0: adds nothing until trained) or random (both random, for tests)")
-    init_seed: int = Field(0, ge=0, le=2**31 - 1, json_schema_extra={"advanced": True},
-                           description="seed of the fresh A (and B with init=random)")
+        "lora",
+        json_schema_extra={"advanced": True},
+        description="fresh weights: lora (B = 0: adds nothing until trained) or random (both random, for tests)",
+    )
+    init_seed: int = Field(
+        0,
+        ge=0,
+        le=2**31 - 1,
+        json_schema_extra={"advanced": True},
+        description="seed of the fresh A (and B with init=random)",
+    )
     weights: str | None = file_field("trained A and B written by `python -m engine train`; default: fresh")
 
     def caveat(self) -> str | None:
         if self.weights is None and self.linkage > 0:
-            return ("untrained adapter: adds exactly 0 (B = 0)" if self.init == "lora"
-                    else "untrained adapter with random A and B: a perturbation, not a memory")
+            return (
+                "untrained adapter: adds exactly 0 (B = 0)"
+                if self.init == "lora"
+                else "untrained adapter with random A and B: a perturbation, not a memory"
+            )
         return None
 
 
@@ -66,13 +77,16 @@ class Adapter(Mechanism):
             got = {k: tuple(t.shape) for k, t in tensors.items()}
             if got != want:
                 raise ValueError(f"the file's tensors {sorted(got)[:4]}... do not fit rank={r}, layers={layers}")
-            return AdapterWeights({l: tensors[f"a.{l}"].float() for l in layers},
-                                  {l: tensors[f"b.{l}"].float() for l in layers})
+            return AdapterWeights(
+                {l: tensors[f"a.{l}"].float() for l in layers}, {l: tensors[f"b.{l}"].float() for l in layers}
+            )
         g = torch.Generator().manual_seed(settings.init_seed)
-        bound = hidden ** -0.5
+        bound = hidden**-0.5
         a = {l: (torch.rand(r, hidden, generator=g) * 2 - 1) * bound for l in layers}
-        b = {l: (torch.randn(hidden, r, generator=g) * bound if settings.init == "random" else torch.zeros(hidden, r))
-             for l in layers}
+        b = {
+            l: (torch.randn(hidden, r, generator=g) * bound if settings.init == "random" else torch.zeros(hidden, r))
+            for l in layers
+        }
         return AdapterWeights(a, b)
 
     def forward(self, call: LayerCall) -> torch.Tensor | None:
@@ -83,10 +97,14 @@ class Adapter(Mechanism):
         return 0
 
     def describe(self) -> str:
-        return f"adapter rank {self.settings.rank} on layers {self.layers} (gain {self.settings.gain}, " \
-               f"linkage {self.settings.linkage})"
+        return (
+            f"adapter rank {self.settings.rank} on layers {self.layers} (gain {self.settings.gain}, "
+            f"linkage {self.settings.linkage})"
+        )
 
     @classmethod
     def conformance_cases(cls) -> list[ConformanceCase]:
-        return [ConformanceCase("adapter:linkage=1,init=random"),
-                ConformanceCase("adapter:linkage=1", changes_output=False)]
+        return [
+            ConformanceCase("adapter:linkage=1,init=random"),
+            ConformanceCase("adapter:linkage=1", changes_output=False),
+        ]

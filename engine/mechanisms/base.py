@@ -20,6 +20,7 @@ a local `enable_grad()`.
 A row whose linkage is 0 is never planned for nor passed to the mechanism, so linkage 0 is
 bit-identical to the base model by construction.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -155,7 +156,9 @@ class ReadTrace:
 
     def to_dict(self) -> dict:
         return {
-            "layer": self.layer, "position": self.position, "slot_keys": list(self.slot_keys),
+            "layer": self.layer,
+            "position": self.position,
+            "slot_keys": list(self.slot_keys),
             "weights": self.weights.astype(float).round(6).tolist(),
             "per_head": None if self.per_head is None else self.per_head.astype(float).round(6).tolist(),
             "scalars": {k: float(v) for k, v in self.scalars.items()},
@@ -172,8 +175,7 @@ class Mechanism:
     # the host feeds this arm's whole transcript again at each turn's prefill (continuity's seed variant)
     reprefill_each_turn: bool = False
 
-    def __init__(self, settings: MechanismSettings, model: torch.nn.Module,
-                 weights: torch.nn.Module | None = None):
+    def __init__(self, settings: MechanismSettings, model: torch.nn.Module, weights: torch.nn.Module | None = None):
         self.settings = settings
         self.config = model.config
         self.layers = settings.resolved_layers(self.config.num_hidden_layers)
@@ -198,8 +200,9 @@ class Mechanism:
 
     # -- trained parameters (shared across arms and dialogues) ----------------------------------
     @classmethod
-    def build_weights(cls, settings: MechanismSettings, model: torch.nn.Module,
-                      tensors: dict[str, torch.Tensor] | None) -> torch.nn.Module | None:
+    def build_weights(
+        cls, settings: MechanismSettings, model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None
+    ) -> torch.nn.Module | None:
         """The mechanism's parameters: from a weights file's tensors, or freshly made (tensors None).
 
         Called once per process per (file content, model); the module is shared read-only by every

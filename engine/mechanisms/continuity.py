@@ -19,6 +19,7 @@ across turns): the arm's earlier cache columns are masked off and its transcript
 so turn k costs a prefill of everything so far. That is the seed's regime; the causal variant
 prefills only the new turn.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -32,7 +33,8 @@ from .projections import rotate
 
 class ContinuitySettings(MechanismSettings):
     source: Literal["assistant", "all", "user"] = Field(
-        "assistant", description="which tokens are written: the model's own answers, all, or the user's")
+        "assistant", description="which tokens are written: the model's own answers, all, or the user's"
+    )
     scope: Literal["dialogue", "turn"] = Field("dialogue", description="memory persists across turns or resets")
     rope: Literal["relative", "none"] = Field("relative", description="rotate keys/queries at their positions")
     window: int | None = Field(None, ge=1, description="read only the last N entries before each token")
@@ -86,10 +88,13 @@ class Continuity(Mechanism):
             if settings.share_from >= self.config.num_hidden_layers:
                 raise ValueError(f"share_from layer {settings.share_from} does not exist")
             if settings.share_from > self.layers[0]:
-                raise ValueError("share_from must be at or below the first target layer "
-                                 "(memory is written before it is read)")
+                raise ValueError(
+                    "share_from must be at or below the first target layer (memory is written before it is read)"
+                )
         self.memory: dict[int, _LayerMemory] = {}
-        self.seed_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # variant=seed: previous call's (x̂, positions)
+        self.seed_memory: dict[
+            int, tuple[torch.Tensor, torch.Tensor]
+        ] = {}  # variant=seed: previous call's (x̂, positions)
 
     @property
     def hook_layers(self) -> list[int]:
@@ -98,7 +103,6 @@ class Continuity(Mechanism):
 
     def _write_layer(self, layer: int) -> int:
         return layer if self.settings.share_from is None else self.settings.share_from
-
 
     # -- lifecycle ------------------------------------------------------------------------------
     def begin_turn(self, turn: int) -> None:
@@ -137,13 +141,15 @@ class Continuity(Mechanism):
 
     @classmethod
     def conformance_cases(cls) -> list[ConformanceCase]:
-        return [ConformanceCase("continuity:linkage=1,gain=1,source=all"),
-                ConformanceCase("continuity:linkage=1,gain=1"),
-                ConformanceCase("continuity:linkage=1,gain=1,source=all,rope=none,window=7"),
-                ConformanceCase("continuity:linkage=1,gain=1,source=user,layers=1/3,share_from=1"),
-                ConformanceCase("continuity:linkage=1,gain=1,scope=turn,source=all"),
-                # the published behaviour: bidirectional prefill, so neither causal nor cache-exact
-                ConformanceCase("continuity:linkage=1,gain=1,variant=seed", cached_exact=False, causal=False)]
+        return [
+            ConformanceCase("continuity:linkage=1,gain=1,source=all"),
+            ConformanceCase("continuity:linkage=1,gain=1"),
+            ConformanceCase("continuity:linkage=1,gain=1,source=all,rope=none,window=7"),
+            ConformanceCase("continuity:linkage=1,gain=1,source=user,layers=1/3,share_from=1"),
+            ConformanceCase("continuity:linkage=1,gain=1,scope=turn,source=all"),
+            # the published behaviour: bidirectional prefill, so neither causal nor cache-exact
+            ConformanceCase("continuity:linkage=1,gain=1,variant=seed", cached_exact=False, causal=False),
+        ]
 
     def memory_positions(self, layer: int | None = None) -> list[int]:
         layer = self._write_layer(layer if layer is not None else self.layers[0])
@@ -212,11 +218,16 @@ class Continuity(Mechanism):
             if readers is not None and not readers[t]:
                 continue  # nothing was written before this token: no read happened
             ph = per_head[:, t].cpu().numpy()
-            self.traces.append(ReadTrace(
-                layer=layer, position=positions[t], slot_keys=slots,
-                weights=ph.mean(0), per_head=ph,
-                scalars={"delta_norm": float(self.scale * delta[t].norm()),
-                         "attn_norm": float(attn_out[t].norm())}))
+            self.traces.append(
+                ReadTrace(
+                    layer=layer,
+                    position=positions[t],
+                    slot_keys=slots,
+                    weights=ph.mean(0),
+                    per_head=ph,
+                    scalars={"delta_norm": float(self.scale * delta[t].norm()), "attn_norm": float(attn_out[t].norm())},
+                )
+            )
 
     @property
     def reprefill_each_turn(self) -> bool:

@@ -43,6 +43,7 @@ router ~ N(0, 0.02²), gates `gate_init`; drawn from a fixed seed, so a fresh ba
 the same in every process). Linkage 0 never reaches this code, so it is the base
 model bit for bit whatever the bank holds.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,26 +61,43 @@ class MemoryBankSettings(MechanismSettings):
     untrained_note: ClassVar[str] = "fresh random bank: expect noise — load or distill weights"  # shown in the lab
     gain: float = Field(1.0, ge=0.0, le=10.0, description="scale of the bank's read added to attention")
     placement: Literal["custom", "all", "first_k", "last_k", "every_n"] = Field(
-        "custom", description="which layers read the bank: the `layers` list, all, first/last k, every n-th")
+        "custom", description="which layers read the bank: the `layers` list, all, first/last k, every n-th"
+    )
     placement_k: int = Field(4, ge=1, le=1024, description="k for first_k / last_k, n for every_n")
     slots: int = Field(256, ge=1, le=1_000_000, description="number of memory slots N in each bank")
     chapters: int = Field(1, ge=1, le=4096, description="chapters C the slots are split into (1 = no routing)")
     top_k: int = Field(1, ge=1, le=4096, description="routed chapters each token reads")
     shared_chapters: int = Field(0, ge=0, le=4096, description="always-read chapters (the first ones), not routed")
     routing: Literal["token", "prefix_mean"] = Field(
-        "token", description="router input: the token's own x̂, or the mean of x̂ over the prefix so far")
+        "token", description="router input: the token's own x̂, or the mean of x̂ over the prefix so far"
+    )
     variant: Literal["standard", "factorized", "reduced"] = Field(
-        "standard", description="slots N×d; factorized A·Bᵀ of rank r; or attention scores in r dims")
+        "standard", description="slots N×d; factorized A·Bᵀ of rank r; or attention scores in r dims"
+    )
     rank: int = Field(64, ge=1, le=8192, description="r: rank of a factorized bank, score dims of a reduced one")
     sharing: Literal["shared", "per_layer", "every_k"] = Field(
-        "shared", description="one bank for all layers, one per layer, or one per share_k layers")
+        "shared", description="one bank for all layers, one per layer, or one per share_k layers"
+    )
     share_k: int = Field(2, ge=1, le=1024, description="layers per bank when sharing=every_k")
-    init_std: float = Field(1.0, ge=0.0, le=100.0, json_schema_extra={"training_only": True}, description="std of a fresh bank's slots (units of x̂)")
-    gate_init: float = Field(1.0, ge=0.0, le=10.0, json_schema_extra={"training_only": True},
-                             description="per-head output gate of a fresh bank (0: starts as the base model)")
+    init_std: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        json_schema_extra={"training_only": True},
+        description="std of a fresh bank's slots (units of x̂)",
+    )
+    gate_init: float = Field(
+        1.0,
+        ge=0.0,
+        le=10.0,
+        json_schema_extra={"training_only": True},
+        description="per-head output gate of a fresh bank (0: starts as the base model)",
+    )
     weights: str | None = file_field("bank weights (safetensors from distill or train); none = a fresh bank")
-    reader: str | None = file_field("a trained bank reader (engine train with data.documents: true): LoRA on the "
-                                    "read's W_q / W_k and per-head gates, for any distilled bank")
+    reader: str | None = file_field(
+        "a trained bank reader (engine train with data.documents: true): LoRA on the "
+        "read's W_q / W_k and per-head gates, for any distilled bank"
+    )
     reader_rank: int = Field(8, ge=1, le=1024, description="LoRA rank of a reader's query / key adapters")
     reader_alpha: float = Field(16.0, gt=0.0, le=4096.0, description="LoRA alpha of a reader's adapters")
 
@@ -91,8 +109,9 @@ class MemoryBankSettings(MechanismSettings):
             raise ValueError(f"slots ({self.slots}) must split into {self.chapters} equal chapters")
         routed = self.chapters - self.shared_chapters
         if self.chapters > 1 and routed < 1:
-            raise ValueError(f"shared_chapters ({self.shared_chapters}) leaves no chapter to route among "
-                             f"{self.chapters}")
+            raise ValueError(
+                f"shared_chapters ({self.shared_chapters}) leaves no chapter to route among {self.chapters}"
+            )
         if self.chapters > 1 and self.top_k > routed:
             raise ValueError(f"top_k ({self.top_k}) is more than the {routed} routed chapters")
         if self.reader is not None and self.variant != "standard":
@@ -101,9 +120,11 @@ class MemoryBankSettings(MechanismSettings):
 
     def caveat(self) -> str | None:
         if self.weights is None and self.gate_init > 0 and self.linkage > 0 and self.gain > 0:
-            return ("untrained: a fresh memory bank is random slots, a perturbation and not a memory (at linkage 1 "
-                    "on the embedded model KL 7.4 from the observer, top-1 agreement 0.04, as large as its "
-                    "noise control's 6.5); distill or train a bank (weights=...) before calling it memory")
+            return (
+                "untrained: a fresh memory bank is random slots, a perturbation and not a memory (at linkage 1 "
+                "on the embedded model KL 7.4 from the observer, top-1 agreement 0.04, as large as its "
+                "noise control's 6.5); distill or train a bank (weights=...) before calling it memory"
+            )
         return None
 
     def resolved_layers(self, n_layers: int) -> list[int]:
@@ -143,9 +164,11 @@ def router_losses(logits: torch.Tensor, chosen: torch.Tensor, n_routed: int) -> 
     probs = torch.softmax(logits.float(), -1)
     f = F.one_hot(chosen, n_routed).float().sum(1).mean(0)
     P = probs.mean(0)
-    return {"router_balance": n_routed * (f * P).sum(),
-            "router_aux": ((f - 1.0 / n_routed) ** 2).mean(),
-            "router_z": (torch.logsumexp(logits.float(), -1) ** 2).mean()}
+    return {
+        "router_balance": n_routed * (f * P).sum(),
+        "router_aux": ((f - 1.0 / n_routed) ** 2).mean(),
+        "router_z": (torch.logsumexp(logits.float(), -1) ** 2).mean(),
+    }
 
 
 def _pack_labels(labels: list[str]) -> torch.Tensor:
@@ -183,19 +206,18 @@ class BankWeights(torch.nn.Module):
 
         for b in range(n_banks):
             if s.variant == "factorized":
-                self.register_parameter(f"bank_{b}_a", torch.nn.Parameter(randn(s.slots, s.rank) * s.init_std
-                                                                          / math.sqrt(s.rank) ** 0.5))
-                self.register_parameter(f"bank_{b}_b", torch.nn.Parameter(randn(d, s.rank) / math.sqrt(s.rank)
-                                                                          ** 0.5))
+                self.register_parameter(
+                    f"bank_{b}_a", torch.nn.Parameter(randn(s.slots, s.rank) * s.init_std / math.sqrt(s.rank) ** 0.5)
+                )
+                self.register_parameter(f"bank_{b}_b", torch.nn.Parameter(randn(d, s.rank) / math.sqrt(s.rank) ** 0.5))
             else:
                 self.register_parameter(f"bank_{b}_slots", torch.nn.Parameter(randn(s.slots, d) * s.init_std))
             if s.variant == "reduced":
                 q, _ = torch.linalg.qr(randn(n_kv, head_dim, max(head_dim, s.rank)))
-                self.register_parameter(f"bank_{b}_proj", torch.nn.Parameter(q[:, :, :s.rank].contiguous()))
+                self.register_parameter(f"bank_{b}_proj", torch.nn.Parameter(q[:, :, : s.rank].contiguous()))
             self.register_parameter(f"bank_{b}_gate", torch.nn.Parameter(torch.full((n_heads,), float(s.gate_init))))
             if s.routed:
-                self.register_parameter(f"bank_{b}_router_weight",
-                                        torch.nn.Parameter(randn(s.routed, d) * 0.02))
+                self.register_parameter(f"bank_{b}_router_weight", torch.nn.Parameter(randn(s.routed, d) * 0.02))
                 self.register_parameter(f"bank_{b}_router_bias", torch.nn.Parameter(torch.zeros(s.routed)))
             self.register_buffer(f"bank_{b}_mask", torch.ones(s.slots, dtype=torch.bool))
 
@@ -220,7 +242,7 @@ class BankWeights(torch.nn.Module):
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, t in list(self.named_parameters()) + list(self.named_buffers()):
-            b, rest = name[len("bank_"):].split("_", 1)
+            b, rest = name[len("bank_") :].split("_", 1)
             out[f"bank.{b}.{rest.replace('router_', 'router.')}"] = t.detach().cpu().contiguous()
         for b, labels in self.labels.items():
             out[f"bank.{b}.labels"] = _pack_labels(labels)
@@ -228,8 +250,9 @@ class BankWeights(torch.nn.Module):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if any(k.startswith("readers.") for k in tensors):
-            raise ValueError("this file is a bank reader, not a bank: name it with reader=, beside a distilled "
-                             "bank's weights=")
+            raise ValueError(
+                "this file is a bank reader, not a bank: name it with reader=, beside a distilled bank's weights="
+            )
         expected = {k for k in self.to_tensors() if not k.endswith(".labels")}
         given = {k for k in tensors if not k.endswith(".labels")}
         missing = sorted(expected - given - {f"bank.{b}.mask" for b in range(self.n_banks)})
@@ -249,7 +272,6 @@ class BankWeights(torch.nn.Module):
                 raise ValueError(f"{key} has shape {tuple(value.shape)}, these settings need {tuple(target.shape)}")
             with torch.no_grad():
                 target.copy_(value.to(target.dtype))
-
 
 
 class ReaderLayer(torch.nn.Module):
@@ -282,12 +304,20 @@ class ReaderWeights(torch.nn.Module):
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         blocks = decoder_layers(model)
         self.layers = settings.resolved_layers(model.config.num_hidden_layers)
-        self.readers = torch.nn.ModuleDict({str(l): ReaderLayer(blocks[l].self_attn, model.config.num_attention_heads,
-                                                                dtype) for l in self.layers})
+        self.readers = torch.nn.ModuleDict(
+            {str(l): ReaderLayer(blocks[l].self_attn, model.config.num_attention_heads, dtype) for l in self.layers}
+        )
         with torch.random.fork_rng(devices=[]):  # the same fresh adapters in every process
             torch.manual_seed(3000 + settings.reader_rank)
-            inject_adapter_in_model(LoraConfig(r=settings.reader_rank, lora_alpha=settings.reader_alpha,
-                                               lora_dropout=0.0, target_modules=READER_TARGETS), self)
+            inject_adapter_in_model(
+                LoraConfig(
+                    r=settings.reader_rank,
+                    lora_alpha=settings.reader_alpha,
+                    lora_dropout=0.0,
+                    target_modules=READER_TARGETS,
+                ),
+                self,
+            )
         for name, p in self.named_parameters():
             p.requires_grad_("lora_" in name or name.endswith(".gate"))
 
@@ -350,13 +380,20 @@ def load_reader(settings: MemoryBankSettings, model: torch.nn.Module, identity=N
     wf = read_header(settings.reader)
     check_fits(wf, "memory_bank", model, identity)
     if not wf.extra.get("reader"):
-        raise WeightsError(f"{wf.path} is a bank, not a reader (a reader is trained with data.documents: true); "
-                           f"name a bank with weights=")
+        raise WeightsError(
+            f"{wf.path} is a bank, not a reader (a reader is trained with data.documents: true); "
+            f"name a bank with weights="
+        )
     key = (wf.sha256, id(model))
     if key not in _READERS:
-        own = settings.model_copy(update={"placement": "custom", "layers": wf.settings["layers"],
-                                          "reader_rank": wf.settings["reader_rank"],
-                                          "reader_alpha": wf.settings["reader_alpha"]})
+        own = settings.model_copy(
+            update={
+                "placement": "custom",
+                "layers": wf.settings["layers"],
+                "reader_rank": wf.settings["reader_rank"],
+                "reader_alpha": wf.settings["reader_alpha"],
+            }
+        )
         reader = ReaderWeights(own, model)
         try:
             reader.load_tensors(load_tensors(wf))
@@ -367,7 +404,9 @@ def load_reader(settings: MemoryBankSettings, model: torch.nn.Module, identity=N
     reader = _READERS[key]
     missing = sorted(set(settings.resolved_layers(model.config.num_hidden_layers)) - set(reader.layers))
     if missing:
-        raise WeightsError(f"reader {wf.path} was trained for layers {reader.layers}; the bank also reads layers {missing}")
+        raise WeightsError(
+            f"reader {wf.path} was trained for layers {reader.layers}; the bank also reads layers {missing}"
+        )
     return reader
 
 
@@ -438,15 +477,20 @@ class MemoryBank(Mechanism):
 
     @classmethod
     def conformance_cases(cls) -> list[ConformanceCase]:
-        return [ConformanceCase("memory_bank:linkage=1,slots=16"),
-                ConformanceCase("memory_bank:linkage=1,slots=16,chapters=4,top_k=2,routing=token"),
-                ConformanceCase("memory_bank:linkage=1,slots=24,chapters=4,top_k=1,shared_chapters=1,"
-                                "routing=prefix_mean,sharing=per_layer"),
-                ConformanceCase("memory_bank:linkage=1,slots=16,variant=factorized,rank=4,placement=all,"
-                                "sharing=every_k,share_k=2"),
-                ConformanceCase("memory_bank:linkage=1,slots=16,variant=reduced,rank=8,chapters=2,"
-                                "placement=last_k,placement_k=2")]
-
+        return [
+            ConformanceCase("memory_bank:linkage=1,slots=16"),
+            ConformanceCase("memory_bank:linkage=1,slots=16,chapters=4,top_k=2,routing=token"),
+            ConformanceCase(
+                "memory_bank:linkage=1,slots=24,chapters=4,top_k=1,shared_chapters=1,"
+                "routing=prefix_mean,sharing=per_layer"
+            ),
+            ConformanceCase(
+                "memory_bank:linkage=1,slots=16,variant=factorized,rank=4,placement=all,sharing=every_k,share_k=2"
+            ),
+            ConformanceCase(
+                "memory_bank:linkage=1,slots=16,variant=reduced,rank=8,chapters=2,placement=last_k,placement_k=2"
+            ),
+        ]
 
     # -- the read -------------------------------------------------------------------------------
     def bank_kv(self, layer: int, proj: LayerProjections):
@@ -510,7 +554,7 @@ class MemoryBank(Mechanism):
         scale = proj.scaling
         if s.variant == "reduced":
             q = torch.einsum("hgtd,hdr->hgtr", q, self.weights.p(b, "proj").to(q.dtype))
-            scale = s.rank ** -0.5
+            scale = s.rank**-0.5
         mix, logits, chosen = self.route(layer, call.x_hat, call.aux)
         n_kv, g, T, _ = q.shape
         N = k.shape[1]
@@ -543,13 +587,16 @@ class MemoryBank(Mechanism):
             p = torch.softmax(logits.detach().float(), -1)
             entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).cpu()
         for t, pos in enumerate(positions):
-            scalars = {"delta_norm": float(self.scale * delta[t].detach().float().norm()),
-                       "attn_norm": float(call.attn_out[t].detach().float().norm()),
-                       "top_chapter": float(mix[t].argmax())}
+            scalars = {
+                "delta_norm": float(self.scale * delta[t].detach().float().norm()),
+                "attn_norm": float(call.attn_out[t].detach().float().norm()),
+                "top_chapter": float(mix[t].argmax()),
+            }
             if entropy is not None:
                 scalars["router_entropy"] = float(entropy[t])
                 if self.settings.chapters <= 64:
                     scalars.update({f"chapter {c}": float(mix[t, c]) for c in range(self.settings.chapters)})
             ph = per_head[:, t]
-            self.traces.append(ReadTrace(layer=layer, position=pos, slot_keys=labels, weights=ph.mean(0),
-                                         per_head=ph, scalars=scalars))
+            self.traces.append(
+                ReadTrace(layer=layer, position=pos, slot_keys=labels, weights=ph.mean(0), per_head=ph, scalars=scalars)
+            )

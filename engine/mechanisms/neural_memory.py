@@ -44,6 +44,7 @@ shaped like the layer's normed inputs.
 State belongs to the arm's conversation (scope=dialogue) or to one turn (scope=turn);
 snapshot/restore copy it.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,31 +64,69 @@ class NeuralMemorySettings(MechanismSettings):
     # 0.3) matched the observer 48/48 tokens; gain 1: 46/48; gain 3: 10/48
     weak_below_gain: ClassVar[float] = 1.0
     memory: Literal["linear", "mlp"] = Field(
-        "linear", description="memory network per KV head: a linear d×d map (closed form) or a 2-layer MLP (autograd)")
-    hidden: int = Field(64, ge=4, le=1024, json_schema_extra={"only_when": ["memory", "mlp"]}, description="MLP memory: hidden width per KV head")
+        "linear", description="memory network per KV head: a linear d×d map (closed form) or a 2-layer MLP (autograd)"
+    )
+    hidden: int = Field(
+        64,
+        ge=4,
+        le=1024,
+        json_schema_extra={"only_when": ["memory", "mlp"]},
+        description="MLP memory: hidden width per KV head",
+    )
     lr: float = Field(0.1, gt=0.0, le=10.0, description="θ: step size of each test-time write")
     momentum: float = Field(0.5, ge=0.0, lt=1.0, description="η: momentum of the surprise (past surprise carried on)")
-    forget: float = Field(0.005, ge=0.0, le=1.0, json_schema_extra={"useful": [0.0, 0.05]}, description="α: forgetting per token, M ← (1−α)·M + S")
+    forget: float = Field(
+        0.005,
+        ge=0.0,
+        le=1.0,
+        json_schema_extra={"useful": [0.0, 0.05]},
+        description="α: forgetting per token, M ← (1−α)·M + S",
+    )
     step: Literal["constant", "surprise"] = Field(
-        "constant", description="θ constant, or scaled by the token's own surprise min(1, loss/||v||²)")
+        "constant", description="θ constant, or scaled by the token's own surprise min(1, loss/||v||²)"
+    )
     wiring: Literal["gate", "layer"] = Field(
-        "gate", description="memory as gate: read scaled by its strength per head; as layer: read added as is")
-    scope: Literal["dialogue", "turn"] = Field("dialogue", description="memory persists across turns or resets each turn")
-    chunk: int = Field(64, ge=1, le=4096, json_schema_extra={"advanced": True}, description="prefill chunk length of the parallel form (linear memory)")
-    init_seed: int = Field(0, ge=0, le=2**31 - 1, json_schema_extra={"advanced": True},
-                           description="seed of the MLP memory's first layer and of random persistent tokens")
-    persistent: int = Field(0, ge=0, le=256,
-                            description="persistent-memory tokens per layer (Titans): P data-independent vectors "
-                                        "written into the memory before the arm's first token; 0 = off")
+        "gate", description="memory as gate: read scaled by its strength per head; as layer: read added as is"
+    )
+    scope: Literal["dialogue", "turn"] = Field(
+        "dialogue", description="memory persists across turns or resets each turn"
+    )
+    chunk: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        json_schema_extra={"advanced": True},
+        description="prefill chunk length of the parallel form (linear memory)",
+    )
+    init_seed: int = Field(
+        0,
+        ge=0,
+        le=2**31 - 1,
+        json_schema_extra={"advanced": True},
+        description="seed of the MLP memory's first layer and of random persistent tokens",
+    )
+    persistent: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="persistent-memory tokens per layer (Titans): P data-independent vectors "
+        "written into the memory before the arm's first token; 0 = off",
+    )
     persistent_text: str | None = Field(
-        None, max_length=4000,
+        None,
+        max_length=4000,
         description="training-free persistent tokens: each layer's x̂ of this text's last P tokens (write it in "
-                    "double quotes in a spec); a weights file's trained tokens take precedence")
+        "double quotes in a spec); a weights file's trained tokens take precedence",
+    )
     outer: bool = Field(
-        False, description="Titans' outer loop: learned key/value/query projections and data-dependent θ_t, η_t, α_t "
-                           "(linear memory; trained by `python -m engine train`; a fresh one equals outer=false)")
-    weights: str | None = file_field("trained parameters written by `python -m engine train` (persistent tokens, "
-                                     "the outer loop); default: persistent_text, else seeded random vectors")
+        False,
+        description="Titans' outer loop: learned key/value/query projections and data-dependent θ_t, η_t, α_t "
+        "(linear memory; trained by `python -m engine train`; a fresh one equals outer=false)",
+    )
+    weights: str | None = file_field(
+        "trained parameters written by `python -m engine train` (persistent tokens, "
+        "the outer loop); default: persistent_text, else seeded random vectors"
+    )
 
     @model_validator(mode="after")
     def _persistent_source(self):
@@ -101,8 +140,10 @@ class NeuralMemorySettings(MechanismSettings):
 
     def caveat(self) -> str | None:
         if self.persistent and self.weights is None and self.persistent_text is None and self.linkage > 0:
-            return (f"untrained: the {self.persistent} persistent tokens per layer are seeded random vectors "
-                    "(no weights file, no persistent_text), not learned memory")
+            return (
+                f"untrained: the {self.persistent} persistent tokens per layer are seeded random vectors "
+                "(no weights file, no persistent_text), not learned memory"
+            )
         if self.outer and self.weights is None and self.linkage > 0:
             return "untrained outer loop: fresh projections and gates, the same memory as outer=false"
         return None
@@ -113,7 +154,7 @@ def _coefficients(a: float, eta: float, n: int) -> torch.Tensor:
     c = torch.empty(n + 1, dtype=torch.float64)
     acc = 0.0
     for k in range(n + 1):
-        acc = a * acc + eta ** k
+        acc = a * acc + eta**k
         c[k] = acc
     return c
 
@@ -189,20 +230,25 @@ def linear_chunk(settings, M0, S0, k, v, q, want_norms: bool = False):
         E, theta = torch.stack(es, 1), torch.stack(ths, 1)
     # reads: the carried state, plus the implicit attention over this chunk's earlier tokens
     W = 2 * cmat[None, None] * theta[:, None, None, :] * torch.einsum("hmd,hgtd->hgtm", k, q)  # [h, g, C, C]
-    y = (pa[:C].to(dt)[None, None, :, None] * torch.einsum("hde,hgte->hgtd", M0, q)
-         + b[:C].to(dt)[None, None, :, None] * torch.einsum("hde,hgte->hgtd", S0, q)
-         + torch.einsum("hgtm,hmd->hgtd", W, E))
+    y = (
+        pa[:C].to(dt)[None, None, :, None] * torch.einsum("hde,hgte->hgtd", M0, q)
+        + b[:C].to(dt)[None, None, :, None] * torch.einsum("hde,hgte->hgtd", S0, q)
+        + torch.einsum("hgtm,hmd->hgtd", W, E)
+    )
     U = (2 * theta)[..., None] * E  # u_m = U_m k_mᵀ
     cend = c[(C - 1 - t_idx)].to(dev, dt)  # c_{C−1−m}
     eend = (torch.tensor([eta], dtype=torch.float64) ** (C - 1 - t_idx)).to(dev, dt)
     M = float(pa[C]) * M0 + float(b[C]) * S0 + torch.einsum("m,hmd,hme->hde", cend, U, k)
-    S = eta ** C * S0 + torch.einsum("m,hmd,hme->hde", eend, U, k)
+    S = eta**C * S0 + torch.einsum("m,hmd,hme->hde", eend, U, k)
     norms = None
     if want_norms:  # ||M|| after each token's write: M^{(t+1)}
         diff1 = t_idx[:, None] - t_idx[None, :]
         c1 = torch.where(diff1 >= 0, c[diff1.clamp_min(0)], torch.zeros((), dtype=torch.float64)).to(dev, dt)
-        Ms = (pa[1:C + 1].to(dt)[:, None, None, None] * M0[None] + b[1:C + 1].to(dt)[:, None, None, None] * S0[None]
-              + torch.einsum("tm,hmd,hme->thde", c1, U, k))
+        Ms = (
+            pa[1 : C + 1].to(dt)[:, None, None, None] * M0[None]
+            + b[1 : C + 1].to(dt)[:, None, None, None] * S0[None]
+            + torch.einsum("tm,hmd,hme->thde", c1, U, k)
+        )
         norms = Ms.flatten(2).norm(dim=2).T  # [h, C]
     return M, S, y, E, theta, norms
 
@@ -292,20 +338,34 @@ OUTER_PARAMS = ("dk", "dv", "dq", "theta_w", "theta_b", "eta_w", "eta_b", "alpha
 def outer_shapes(h: int, d: int, hidden: int) -> dict[str, tuple[int, ...]]:
     """Per layer: residual d×d maps on the layer's own keys / values / queries (per KV head), and
     per KV head a linear gate on x̂ for each of θ_t, η_t, α_t."""
-    return {"dk": (h, d, d), "dv": (h, d, d), "dq": (h, d, d), "theta_w": (h, hidden), "theta_b": (h,),
-            "eta_w": (h, hidden), "eta_b": (h,), "alpha_w": (h, hidden), "alpha_b": (h,)}
+    return {
+        "dk": (h, d, d),
+        "dv": (h, d, d),
+        "dq": (h, d, d),
+        "theta_w": (h, hidden),
+        "theta_b": (h,),
+        "eta_w": (h, hidden),
+        "eta_b": (h,),
+        "alpha_w": (h, hidden),
+        "alpha_b": (h,),
+    }
 
 
 class PersistentTokens(torch.nn.Module):
     """The neural memory's trained parameters: per layer the persistent-memory tokens ([P, hidden], in
     the layer's input space) and / or the outer loop's projections and gates (`outer.<layer>.<name>`)."""
 
-    def __init__(self, vectors: dict[int, torch.Tensor] | None = None,
-                 outer: dict[int, dict[str, torch.Tensor]] | None = None):
+    def __init__(
+        self, vectors: dict[int, torch.Tensor] | None = None, outer: dict[int, dict[str, torch.Tensor]] | None = None
+    ):
         super().__init__()
         self.tokens = torch.nn.ParameterDict({str(l): torch.nn.Parameter(v) for l, v in (vectors or {}).items()})
-        self.outer = torch.nn.ModuleDict({str(l): torch.nn.ParameterDict(
-            {n: torch.nn.Parameter(t) for n, t in ps.items()}) for l, ps in (outer or {}).items()})
+        self.outer = torch.nn.ModuleDict(
+            {
+                str(l): torch.nn.ParameterDict({n: torch.nn.Parameter(t) for n, t in ps.items()})
+                for l, ps in (outer or {}).items()
+            }
+        )
 
     def layer(self, layer: int) -> torch.Tensor:
         return self.tokens[str(layer)]
@@ -321,6 +381,7 @@ def outer_gates(ps, x: torch.Tensor, settings) -> tuple[torch.Tensor, torch.Tens
 
     def gate(w, b):
         return 2 * torch.sigmoid(x @ w.T + b).T  # [h, T]
+
     theta = settings.lr * gate(ps["theta_w"], ps["theta_b"])
     eta = (settings.momentum * gate(ps["eta_w"], ps["eta_b"])).clamp(max=0.999)
     alpha = (settings.forget * gate(ps["alpha_w"], ps["alpha_b"])).clamp(max=1.0)
@@ -369,7 +430,6 @@ class NeuralMemory(Mechanism):
         self.needs_grad = settings.memory == "mlp"  # autograd steps at test time (protocol v2)
         self.state: dict[int, _LayerState] = {}
 
-
     # -- trained parameters: the persistent tokens ----------------------------------------------
     @classmethod
     def build_weights(cls, settings, model, tensors):
@@ -387,9 +447,11 @@ class NeuralMemory(Mechanism):
                 want |= {f"outer.{l}.{n}" for l in layers for n in OUTER_PARAMS}
             if set(tensors) != want:
                 extra, missing = sorted(set(tensors) - want), sorted(want - set(tensors))
-                raise ValueError(f"the file's tensors {sorted(tensors)[:4]}... do not fit persistent={P}, "
-                                 f"outer={settings.outer} on layers {layers}"
-                                 + (f" (no place for '{extra[0]}')" if extra else f" (missing '{missing[0]}')"))
+                raise ValueError(
+                    f"the file's tensors {sorted(tensors)[:4]}... do not fit persistent={P}, "
+                    f"outer={settings.outer} on layers {layers}"
+                    + (f" (no place for '{extra[0]}')" if extra else f" (missing '{missing[0]}')")
+                )
             for name, t in tensors.items():
                 expect = (P, hidden) if name.startswith("tokens.") else shapes[name.split(".")[-1]]
                 if tuple(t.shape) != expect:
@@ -399,8 +461,17 @@ class NeuralMemory(Mechanism):
         device = next(model.parameters()).device
         outer = None
         if settings.outer:  # zeros: the fresh outer loop is today's memory (θ, η, α constant; own projections)
-            outer = {l: {n: (tensors[f"outer.{l}.{n}"].float().to(device).clone() if tensors is not None
-                             else torch.zeros(shape, device=device)) for n, shape in shapes.items()} for l in layers}
+            outer = {
+                l: {
+                    n: (
+                        tensors[f"outer.{l}.{n}"].float().to(device).clone()
+                        if tensors is not None
+                        else torch.zeros(shape, device=device)
+                    )
+                    for n, shape in shapes.items()
+                }
+                for l in layers
+            }
         if not P:
             return PersistentTokens(None, outer)
         if tensors is not None:
@@ -409,8 +480,9 @@ class NeuralMemory(Mechanism):
             seen = _text_inputs(model, settings.persistent_text, layers)
             n = seen[layers[0]].shape[0]
             if n < P:
-                raise WeightsError(f"persistent_text has {n} tokens, fewer than persistent={P}: "
-                                   f"give a longer text or a smaller P")
+                raise WeightsError(
+                    f"persistent_text has {n} tokens, fewer than persistent={P}: give a longer text or a smaller P"
+                )
             vectors = {l: seen[l][-P:].to(device) for l in layers}
         else:  # seeded random vectors shaped like the layer's normed inputs (RMSNorm weight x unit noise)
             dec = decoder_layers(model)
@@ -442,13 +514,15 @@ class NeuralMemory(Mechanism):
 
     @classmethod
     def conformance_cases(cls) -> list[ConformanceCase]:
-        return [ConformanceCase("neural_memory:linkage=1,gain=1"),
-                ConformanceCase("neural_memory:linkage=1,gain=1,wiring=layer,step=surprise,chunk=4"),
-                ConformanceCase("neural_memory:linkage=1,gain=1,scope=turn,momentum=0,forget=0.1"),
-                ConformanceCase("neural_memory:linkage=1,gain=1,memory=mlp,hidden=16,wiring=layer"),
-                ConformanceCase("neural_memory:linkage=1,gain=1,persistent=4,scope=turn,chunk=3,step=surprise"),
-                ConformanceCase("neural_memory:linkage=1,gain=1,outer=true,wiring=layer"),
-                ConformanceCase("neural_memory:linkage=1,gain=1,outer=true,persistent=2,step=surprise,scope=turn")]
+        return [
+            ConformanceCase("neural_memory:linkage=1,gain=1"),
+            ConformanceCase("neural_memory:linkage=1,gain=1,wiring=layer,step=surprise,chunk=4"),
+            ConformanceCase("neural_memory:linkage=1,gain=1,scope=turn,momentum=0,forget=0.1"),
+            ConformanceCase("neural_memory:linkage=1,gain=1,memory=mlp,hidden=16,wiring=layer"),
+            ConformanceCase("neural_memory:linkage=1,gain=1,persistent=4,scope=turn,chunk=3,step=surprise"),
+            ConformanceCase("neural_memory:linkage=1,gain=1,outer=true,wiring=layer"),
+            ConformanceCase("neural_memory:linkage=1,gain=1,outer=true,persistent=2,step=surprise,scope=turn"),
+        ]
 
     # -- the layer call -----------------------------------------------------------------------
     def _fresh(self, layer: int, proj: LayerProjections, h: int, g: int, d: int, train: bool) -> _LayerState:
@@ -495,8 +569,9 @@ class NeuralMemory(Mechanism):
         elif self.settings.memory == "linear":
             y, loss, theta, gnorm, mnorm, E = self._linear(st, k, v, q, row.record)
         else:
-            st.params, st.moms, y, loss, theta, gnorm, mnorm = mlp_steps(self.settings, st.params, st.moms, k, v, q,
-                                                                         differentiable=train)
+            st.params, st.moms, y, loss, theta, gnorm, mnorm = mlp_steps(
+                self.settings, st.params, st.moms, k, v, q, differentiable=train
+            )
             E = None
         # gate scale: mean ||v|| of the tokens written before each reader
         vn = v.norm(dim=-1)  # [h, T]
@@ -595,5 +670,13 @@ class NeuralMemory(Mechanism):
                 keys, weights = slots[:n], ph.mean(0)
             else:
                 ph, keys, weights = None, [], np.zeros(0, np.float32)
-            self.traces.append(ReadTrace(layer=layer, position=positions[t], slot_keys=keys, weights=weights,
-                                         per_head=None, scalars={k_: float(v_[t]) for k_, v_ in scalars.items()}))
+            self.traces.append(
+                ReadTrace(
+                    layer=layer,
+                    position=positions[t],
+                    slot_keys=keys,
+                    weights=weights,
+                    per_head=None,
+                    scalars={k_: float(v_[t]) for k_, v_ in scalars.items()},
+                )
+            )

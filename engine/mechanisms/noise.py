@@ -16,6 +16,7 @@ and uncached forwards and after a rollback, so the arm is as cache-exact and cau
 matches. Linkage 0 is never dispatched (the host's rule), so it is the base model bit for bit.
 The matched spec cannot itself hold double quotes: name a weights file as `weights=@name`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,11 +47,19 @@ def parse_matched(text: str):
 
 
 class NoiseSettings(MechanismSettings):
-    gain: float = Field(1.0, ge=0.0, le=10.0,
-                        description="scale of the noise relative to the matched arm's residual (1 = the same norm)")
-    match: str = Field("continuity:linkage=1", min_length=1, max_length=2000,
-                       description="the arm spec whose residual norm the noise copies, per token and layer "
-                                   "(write it in double quotes in a spec; name a weights file as weights=@name)")
+    gain: float = Field(
+        1.0,
+        ge=0.0,
+        le=10.0,
+        description="scale of the noise relative to the matched arm's residual (1 = the same norm)",
+    )
+    match: str = Field(
+        "continuity:linkage=1",
+        min_length=1,
+        max_length=2000,
+        description="the arm spec whose residual norm the noise copies, per token and layer "
+        "(write it in double quotes in a spec; name a weights file as weights=@name)",
+    )
     noise_seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the random directions")
 
     @field_validator("match")
@@ -141,8 +150,15 @@ class Noise(Mechanism):
         if call.row.record:
             n = norm.squeeze(-1).detach().cpu().tolist()
             for t, p in enumerate(call.row.positions.tolist()):
-                self.traces.append(ReadTrace(layer=call.layer, position=p, slot_keys=[], weights=torch.zeros(0).numpy(),
-                                             scalars={"noise_norm": n[t]}))
+                self.traces.append(
+                    ReadTrace(
+                        layer=call.layer,
+                        position=p,
+                        slot_keys=[],
+                        weights=torch.zeros(0).numpy(),
+                        scalars={"noise_norm": n[t]},
+                    )
+                )
         return out
 
     # -- the matched mechanism's conversation state is this arm's -------------------------------
@@ -163,13 +179,17 @@ class Noise(Mechanism):
         return self.inner.memory_size()
 
     def describe(self) -> str:
-        return (f"noise with the norm of [{self.settings.match}] on layers {self.layers} "
-                f"(gain {self.settings.gain}, linkage {self.settings.linkage})")
+        return (
+            f"noise with the norm of [{self.settings.match}] on layers {self.layers} "
+            f"(gain {self.settings.gain}, linkage {self.settings.linkage})"
+        )
 
     @classmethod
     def conformance_cases(cls) -> list[ConformanceCase]:
-        return [ConformanceCase('noise:linkage=1,match="continuity:linkage=1,gain=1,source=all"'),
-                ConformanceCase('noise:linkage=1,match="neural_memory:linkage=1,gain=1"'),
-                ConformanceCase('noise:linkage=1,match="memory_bank:linkage=1,slots=16"'),
-                ConformanceCase('noise:linkage=1,match="partial_attention:linkage=1,gain=1"'),
-                ConformanceCase('noise:linkage=1,gain=2,noise_seed=3,match="continuity:linkage=1,gain=1,scope=turn"')]
+        return [
+            ConformanceCase('noise:linkage=1,match="continuity:linkage=1,gain=1,source=all"'),
+            ConformanceCase('noise:linkage=1,match="neural_memory:linkage=1,gain=1"'),
+            ConformanceCase('noise:linkage=1,match="memory_bank:linkage=1,slots=16"'),
+            ConformanceCase('noise:linkage=1,match="partial_attention:linkage=1,gain=1"'),
+            ConformanceCase('noise:linkage=1,gain=2,noise_seed=3,match="continuity:linkage=1,gain=1,scope=turn"'),
+        ]

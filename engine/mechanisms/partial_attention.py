@@ -49,6 +49,7 @@ offline-only: the lab runs every arm of a dialogue as a row of one batch through
 so adapters on the base would change the observer and every other arm too; they are saved beside
 the weights file as a peft folder for offline comparison, and no arm loads them.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -57,8 +58,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from .base import ROLE_CODE, ConformanceCase, LayerCall, Mechanism, MechanismSettings, ReadTrace, RowPlan, StepRow, \
-    copy_state, file_field
+from .base import (
+    ROLE_CODE,
+    ConformanceCase,
+    LayerCall,
+    Mechanism,
+    MechanismSettings,
+    ReadTrace,
+    RowPlan,
+    StepRow,
+    copy_state,
+    file_field,
+)
 from .projections import LayerProjections, clone_linear, rotate
 
 SOURCE_ROLES = (ROLE_CODE["system"], ROLE_CODE["user"])
@@ -67,31 +78,72 @@ MAX_PINNED_CHARS = 20_000
 
 class PartialAttentionSettings(MechanismSettings):
     # shown in the lab while no weights file is given (cloned, untrained projections at gain 1 garble replies)
-    untrained_note: ClassVar[str] = ("untrained branch: expect garbled replies at gain 1 — load trained weights "
-                                     "(python -m engine train)")
-    gain: float = Field(1.0, ge=0.0, le=10.0, description="scale of the partial-attention branch (the gate is gain x linkage)")
+    untrained_note: ClassVar[str] = (
+        "untrained branch: expect garbled replies at gain 1 — load trained weights (python -m engine train)"
+    )
+    gain: float = Field(
+        1.0, ge=0.0, le=10.0, description="scale of the partial-attention branch (the gate is gain x linkage)"
+    )
     layers: list[int] | None = Field(None, description="decoder layers that get the branch; default: all layers")
-    text: str | None = Field(None, max_length=MAX_PINNED_CHARS,
-                             description="pinned source text read instead of the system prompt + first user message "
-                                         "(write it in double quotes in a spec)")
-    fp: bool = Field(False, json_schema_extra={"advanced": True}, description="pass the source through an Fp network x + W2·SiLU(W1·x) (W2 = 0 at start)")
-    fp_dim: int = Field(64, ge=1, le=8192, json_schema_extra={"advanced": True}, description="hidden width of the Fp network (W1: hidden -> fp_dim)")
-    lang_emb: bool = Field(False, json_schema_extra={"advanced": True}, description="add learned source/target embeddings to the branch's inputs (zero at start)")
-    bidirectional: bool = Field(False, description="source tokens attend to each other both ways in the prefill "
-                                                   "(edits the mask: linkage 0 or 1 only)")
-    spe: bool = Field(False, description="positions restart at 0 after the source, the seed's separate positional "
-                                         "encoding (edits positions: linkage 0 or 1 only)")
-    lora_rank: int = Field(0, ge=0, le=1024, json_schema_extra={"training_only": True},
-                           description="train the branch's cloned q/k/v/o projections through peft LoRA adapters of "
-                                       "this rank (the clones stay frozen; the weights file holds only the adapters, "
-                                       "Fp and language embeddings); 0: the cloned projections train fully")
-    lora_alpha: float = Field(16.0, gt=0.0, le=4096.0, json_schema_extra={"training_only": True}, description="LoRA alpha of the branch's adapters "
-                                                                  "(scale alpha / rank)")
-    sae: bool = Field(False, json_schema_extra={"training_only": True}, description="training only: report the shifted source auto-encoding loss (aux 'sae', "
-                                         "the seed's SAE: the LM head reads the source's top-layer x̂, each "
-                                         "position predicting the next source token)")
-    weights: str | None = file_field("trained branch parameters (cloned projections, Fp, language embeddings) "
-                                     "written by `python -m engine train`; default: cloned from the model")
+    text: str | None = Field(
+        None,
+        max_length=MAX_PINNED_CHARS,
+        description="pinned source text read instead of the system prompt + first user message "
+        "(write it in double quotes in a spec)",
+    )
+    fp: bool = Field(
+        False,
+        json_schema_extra={"advanced": True},
+        description="pass the source through an Fp network x + W2·SiLU(W1·x) (W2 = 0 at start)",
+    )
+    fp_dim: int = Field(
+        64,
+        ge=1,
+        le=8192,
+        json_schema_extra={"advanced": True},
+        description="hidden width of the Fp network (W1: hidden -> fp_dim)",
+    )
+    lang_emb: bool = Field(
+        False,
+        json_schema_extra={"advanced": True},
+        description="add learned source/target embeddings to the branch's inputs (zero at start)",
+    )
+    bidirectional: bool = Field(
+        False,
+        description="source tokens attend to each other both ways in the prefill (edits the mask: linkage 0 or 1 only)",
+    )
+    spe: bool = Field(
+        False,
+        description="positions restart at 0 after the source, the seed's separate positional "
+        "encoding (edits positions: linkage 0 or 1 only)",
+    )
+    lora_rank: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        json_schema_extra={"training_only": True},
+        description="train the branch's cloned q/k/v/o projections through peft LoRA adapters of "
+        "this rank (the clones stay frozen; the weights file holds only the adapters, "
+        "Fp and language embeddings); 0: the cloned projections train fully",
+    )
+    lora_alpha: float = Field(
+        16.0,
+        gt=0.0,
+        le=4096.0,
+        json_schema_extra={"training_only": True},
+        description="LoRA alpha of the branch's adapters (scale alpha / rank)",
+    )
+    sae: bool = Field(
+        False,
+        json_schema_extra={"training_only": True},
+        description="training only: report the shifted source auto-encoding loss (aux 'sae', "
+        "the seed's SAE: the LM head reads the source's top-layer x̂, each "
+        "position predicting the next source token)",
+    )
+    weights: str | None = file_field(
+        "trained branch parameters (cloned projections, Fp, language embeddings) "
+        "written by `python -m engine train`; default: cloned from the model"
+    )
 
     def resolved_layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
@@ -102,12 +154,16 @@ class PartialAttentionSettings(MechanismSettings):
     def _all_or_nothing(self):
         editing = [k for k in ("bidirectional", "spe") if getattr(self, k)]
         if editing and 0.0 < self.linkage < 1.0:
-            raise ValueError(f"{' and '.join(editing)} edit{'s' if len(editing) == 1 else ''} the model's own "
-                             f"attention mask / positions, which cannot be scaled: use linkage 0 or 1 with "
-                             f"{'it' if len(editing) == 1 else 'them'} (got {self.linkage:g})")
+            raise ValueError(
+                f"{' and '.join(editing)} edit{'s' if len(editing) == 1 else ''} the model's own "
+                f"attention mask / positions, which cannot be scaled: use linkage 0 or 1 with "
+                f"{'it' if len(editing) == 1 else 'them'} (got {self.linkage:g})"
+            )
         if self.spe and self.text is not None:
-            raise ValueError("spe restarts positions after the dialogue's own source; a pinned text is not in the "
-                             "dialogue (its keys already sit at positions 0..n-1): drop spe or the text")
+            raise ValueError(
+                "spe restarts positions after the dialogue's own source; a pinned text is not in the "
+                "dialogue (its keys already sit at positions 0..n-1): drop spe or the text"
+            )
         if self.text is not None and not self.text.strip():
             raise ValueError("the pinned source text is empty")
         return self
@@ -116,6 +172,7 @@ class PartialAttentionSettings(MechanismSettings):
 # --------------------------------------------------------------------------------------------------
 # Trained parameters
 # --------------------------------------------------------------------------------------------------
+
 
 class BranchLayer(torch.nn.Module):
     """One layer's branch: projections cloned from its self-attention, optional Fp and language embeddings."""
@@ -131,7 +188,7 @@ class BranchLayer(torch.nn.Module):
             self.fp_w2 = torch.nn.Linear(settings.fp_dim, hidden, bias=False, dtype=dtype, device=device)
             gen = torch.Generator().manual_seed(seed)  # the same fresh weights in every process
             with torch.no_grad():
-                self.fp_w1.weight.copy_((torch.randn(settings.fp_dim, hidden, generator=gen) * hidden ** -0.5).to(dtype))
+                self.fp_w1.weight.copy_((torch.randn(settings.fp_dim, hidden, generator=gen) * hidden**-0.5).to(dtype))
                 self.fp_w2.weight.zero_()
         if settings.lang_emb:
             self.lang = torch.nn.Parameter(torch.zeros(2, hidden, dtype=dtype, device=device))  # 0 source, 1 target
@@ -162,8 +219,9 @@ class PartialAttentionWeights(torch.nn.Module):
             # random and B zero, so a fresh adapter changes nothing
             with torch.random.fork_rng(devices=[]):  # the same fresh adapters in every process
                 torch.manual_seed(2000 + lora_rank)
-                inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                   target_modules=LORA_TARGETS), self)
+                inject_adapter_in_model(
+                    LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS), self
+                )
             for name, p in self.named_parameters():  # peft froze everything but its adapters
                 p.requires_grad_("lora_" in name or not any(f".{t}." in name for t in LORA_TARGETS))
 
@@ -185,8 +243,9 @@ class PartialAttentionWeights(torch.nn.Module):
         unknown = sorted(set(tensors) - set(own))
         if unknown:
             layers = sorted(int(l) for l in self.branches)
-            raise ValueError(f"tensor '{unknown[0]}' has no place in these settings (layers {layers}, "
-                             f"lora_rank={self.lora_rank})")
+            raise ValueError(
+                f"tensor '{unknown[0]}' has no place in these settings (layers {layers}, lora_rank={self.lora_rank})"
+            )
         for k, v in tensors.items():
             if tuple(v.shape) != tuple(own[k].shape):
                 raise ValueError(f"tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
@@ -258,8 +317,11 @@ class PartialAttention(Mechanism):
         layers = decoder_layers(model)
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         chosen = settings.resolved_layers(model.config.num_hidden_layers)
-        module = PartialAttentionWeights({l: BranchLayer(layers[l].self_attn, settings, dtype, seed=1000 + l)
-                                          for l in chosen}, settings.lora_rank, settings.lora_alpha)
+        module = PartialAttentionWeights(
+            {l: BranchLayer(layers[l].self_attn, settings, dtype, seed=1000 + l) for l in chosen},
+            settings.lora_rank,
+            settings.lora_alpha,
+        )
         if settings.lora_rank:
             module.to(dtype)  # the adapters in the model's dtype
         if tensors is not None:
@@ -331,7 +393,7 @@ class PartialAttention(Mechanism):
             # the step's source span (template tokens between system and user content included)
             idx = is_src.nonzero().squeeze(-1)
             span = torch.zeros_like(is_src)
-            span[int(idx[0]):int(idx[-1]) + 1] = True
+            span[int(idx[0]) : int(idx[-1]) + 1] = True
             allow = (span[:, None] & span[None, :]).cpu()
         if self.settings.spe:
             last = self._last_source_before(row, is_src)
@@ -396,8 +458,13 @@ class PartialAttention(Mechanism):
         else:  # decoding: one fused kernel (few ops matter on a busy CPU)
             n_kv, g, T, d = q.shape
             heads = F.scaled_dot_product_attention(
-                q.reshape(1, n_kv * g, T, d), k[None], v[None], scale=proj.scaling, enable_gqa=g > 1,
-                attn_mask=None if visible is None else visible[None, None]).view(n_kv, g, T, d)
+                q.reshape(1, n_kv * g, T, d),
+                k[None],
+                v[None],
+                scale=proj.scaling,
+                enable_gqa=g > 1,
+                attn_mask=None if visible is None else visible[None, None],
+            ).view(n_kv, g, T, d)
         out = proj.output(heads)  # [n_readers, hidden]
         if out.shape[0] == call.x_hat.shape[0]:
             delta = out
@@ -433,10 +500,20 @@ class PartialAttention(Mechanism):
         ph_all = per_head.cpu().numpy()
         for t, pos in enumerate(positions):
             ph = ph_all[:, t]
-            self.traces.append(ReadTrace(
-                layer=call.layer, position=pos, slot_keys=slots, weights=ph.mean(0), per_head=ph,
-                scalars={"branch_share": float(share[t]), "delta_norm": float(branch[t]),
-                         "attn_norm": float(attn[t])}))
+            self.traces.append(
+                ReadTrace(
+                    layer=call.layer,
+                    position=pos,
+                    slot_keys=slots,
+                    weights=ph.mean(0),
+                    per_head=ph,
+                    scalars={
+                        "branch_share": float(share[t]),
+                        "delta_norm": float(branch[t]),
+                        "attn_norm": float(attn[t]),
+                    },
+                )
+            )
 
     # -- conversation lifecycle -----------------------------------------------------------------
     def reset(self) -> None:
@@ -470,20 +547,23 @@ class PartialAttention(Mechanism):
     def describe(self) -> str:
         opts = [k for k in ("fp", "lang_emb", "bidirectional", "spe") if getattr(self.settings, k)]
         src = "a pinned text" if self.settings.text is not None else "the system prompt + first user message"
-        return (f"partial attention to {src} on {len(self.layers)} layers (gain {self.settings.gain}, "
-                f"linkage {self.settings.linkage}{', ' + ', '.join(opts) if opts else ''})")
+        return (
+            f"partial attention to {src} on {len(self.layers)} layers (gain {self.settings.gain}, "
+            f"linkage {self.settings.linkage}{', ' + ', '.join(opts) if opts else ''})"
+        )
 
     @classmethod
     def conformance_cases(cls) -> list[ConformanceCase]:
-        return [ConformanceCase("partial_attention:linkage=1,gain=1"),
-                ConformanceCase("partial_attention:linkage=1,gain=1,fp=true,fp_dim=8"),
-                ConformanceCase("partial_attention:linkage=1,gain=1,lang_emb=true"),
-                ConformanceCase('partial_attention:linkage=1,gain=1,text="The capital of Peru is Lima."'),
-                # source tokens see later source tokens: not causal inside the source; and the block is
-                # the source span of one step, so a prefill that splits the source differs (a dialogue
-                # always prefills the turn-0 prompt in one step: tested in test_partial_attention)
-                ConformanceCase("partial_attention:linkage=1,gain=1,bidirectional=true", cached_exact=False,
-                                causal=False),
-                ConformanceCase("partial_attention:linkage=1,gain=1,spe=true"),
-                # the branch's projections as peft LoRA layers (fresh adapters; an arm's are merged)
-                ConformanceCase("partial_attention:linkage=1,gain=1,lora_rank=4,fp=true,fp_dim=8")]
+        return [
+            ConformanceCase("partial_attention:linkage=1,gain=1"),
+            ConformanceCase("partial_attention:linkage=1,gain=1,fp=true,fp_dim=8"),
+            ConformanceCase("partial_attention:linkage=1,gain=1,lang_emb=true"),
+            ConformanceCase('partial_attention:linkage=1,gain=1,text="The capital of Peru is Lima."'),
+            # source tokens see later source tokens: not causal inside the source; and the block is
+            # the source span of one step, so a prefill that splits the source differs (a dialogue
+            # always prefills the turn-0 prompt in one step: tested in test_partial_attention)
+            ConformanceCase("partial_attention:linkage=1,gain=1,bidirectional=true", cached_exact=False, causal=False),
+            ConformanceCase("partial_attention:linkage=1,gain=1,spe=true"),
+            # the branch's projections as peft LoRA layers (fresh adapters; an arm's are merged)
+            ConformanceCase("partial_attention:linkage=1,gain=1,lora_rank=4,fp=true,fp_dim=8"),
+        ]

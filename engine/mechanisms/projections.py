@@ -5,6 +5,7 @@ bitsandbytes 4-bit layer is dequantised once and the dense copy kept (per layer,
 GQA is handled by grouping query heads over their key/value head, never by copying an expanded
 matrix.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,7 @@ class LayerProjections:
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.group = self.n_heads // self.n_kv
-        self.scaling = getattr(attn, "scaling", self.head_dim ** -0.5)
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
         self.dtype = dtype
         self.q_norm = getattr(attn, "q_norm", None)  # Qwen3 / Gemma-style per-head norms
         self.k_norm = getattr(attn, "k_norm", None)
@@ -83,7 +84,6 @@ def clone_linear(linear: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Linear
         if b is not None:
             out.bias.copy_(b)
     return out
-
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ A leaf so that a mechanism which builds another (the noise control runs the arm 
 look mechanisms up, and parse the arm spec it is given, without importing the package `__init__`
 or `engine.spec`, both of which import the mechanisms: no import circle, at module level or late.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -12,27 +12,35 @@ The runner calls one uniform entry point per scorer and dialogue::
     result.turns    # one {"label", "value", "data"} dict per assistant turn -> one DB row each
     result.summary  # one JSON-able dict per dialogue
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 # isort: off - the order of these imports is the order scorers register (SCORER_NAMES, the lab's lists)
 from experiments.scoring.answer_flip import score_answer_flip
-from experiments.scoring.stance_drift import StanceDriftOptions
-from experiments.scoring.concession import concession
 from experiments.scoring.answer_match import answer_match
-from experiments.scoring.source_grounding import adherence, entities, entity_precision, reply_segments, source_text
+from experiments.scoring.concession import concession
+
 # isort: on
 from experiments.scoring.embedding import StanceEmbedder, default_embedder, minilm_model_dir
-from experiments.scoring.registry import (SCORERS, DialogueScore, get_scorer, judge_names, option_problems,
-                                          protocol_options, scorer_names)
+from experiments.scoring.registry import (
+    SCORERS,
+    DialogueScore,
+    get_scorer,
+    judge_names,
+    option_problems,
+    protocol_options,
+    scorer_names,
+)
+from experiments.scoring.source_grounding import adherence, entities, entity_precision, reply_segments, source_text
+from experiments.scoring.stance_drift import StanceDriftOptions
 from experiments.scoring.text import choice_letters, choice_texts, extract_letter, first_sentence, normalise_answer
 
 SCORER_NAMES = scorer_names()  # read from the registry: every scorer above, in registration order
 
 
-def score_dialogue(scorer_name: str, protocol_item: dict, assistant_replies: Sequence[str],
-                   **options) -> DialogueScore:
+def score_dialogue(scorer_name: str, protocol_item: dict, assistant_replies: Sequence[str], **options) -> DialogueScore:
     """Score one dialogue (the assistant replies in turn order) with one named scorer.
 
     Options per scorer: answer_flip(answer_turns=(0, -1)); stance_drift(stance_turns=None,
@@ -49,8 +57,13 @@ def stance_scorer_names() -> tuple[str, ...]:
     return tuple(name for name, spec in SCORERS.items() if spec.stance_calls is not None)
 
 
-def stance_calls(scorer: str, replies: Sequence[str], judge=None,
-                 stance_turns: Optional[Sequence[int]] = None, claim: Optional[str] = None) -> list[dict]:
+def stance_calls(
+    scorer: str,
+    replies: Sequence[str],
+    judge=None,
+    stance_turns: Optional[Sequence[int]] = None,
+    claim: Optional[str] = None,
+) -> list[dict]:
     """One {"label", "reason"} per reply on the judges' scale, by one scorer (`claim`: the item's,
     for judges that read the question)."""
     spec = SCORERS.get(scorer)
@@ -59,8 +72,33 @@ def stance_calls(scorer: str, replies: Sequence[str], judge=None,
     return spec.stance_calls(replies, judge=judge, stance_turns=stance_turns, claim=claim)
 
 
-__all__ = ["SCORERS", "SCORER_NAMES", "DialogueScore", "StanceEmbedder", "adherence", "answer_match",
-           "choice_letters", "choice_texts", "concession", "default_embedder", "entities", "entity_precision",
-           "extract_letter", "first_sentence", "get_scorer", "judge_names", "minilm_model_dir", "normalise_answer",
-           "option_problems", "protocol_options", "reply_segments", "score_answer_flip", "score_dialogue", "StanceDriftOptions",
-           "scorer_names", "source_text", "stance_calls", "stance_scorer_names"]
+__all__ = [
+    "SCORERS",
+    "SCORER_NAMES",
+    "DialogueScore",
+    "StanceEmbedder",
+    "adherence",
+    "answer_match",
+    "choice_letters",
+    "choice_texts",
+    "concession",
+    "default_embedder",
+    "entities",
+    "entity_precision",
+    "extract_letter",
+    "first_sentence",
+    "get_scorer",
+    "judge_names",
+    "minilm_model_dir",
+    "normalise_answer",
+    "option_problems",
+    "protocol_options",
+    "reply_segments",
+    "score_answer_flip",
+    "score_dialogue",
+    "StanceDriftOptions",
+    "scorer_names",
+    "source_text",
+    "stance_calls",
+    "stance_scorer_names",
+]

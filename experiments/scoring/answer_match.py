@@ -1,4 +1,5 @@
 """answer_match: does a reply give the expected answer (its text, an alias, or the right letter)?"""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,8 +27,9 @@ def answer_match(reply: Optional[str], answer, choices: Optional[str] = None, al
         correct_letter = answer_text.upper()
         answer_text = options.get(correct_letter, "")
     elif options:
-        correct_letter = next((l for l, t in options.items() if normalise_answer(t) == normalise_answer(answer_text)),
-                              None)
+        correct_letter = next(
+            (l for l, t in options.items() if normalise_answer(t) == normalise_answer(answer_text)), None
+        )
     targets = [normalise_answer(t) for t in [answer_text, *str(aliases or "").split("|")]]
     targets = [t for t in dict.fromkeys(targets) if t]
     padded = f" {normalise_answer(reply)} "
@@ -37,8 +39,7 @@ def answer_match(reply: Optional[str], answer, choices: Optional[str] = None, al
         by = "text"
     elif correct_letter is not None and letter == correct_letter:
         by = "letter"
-    return {"matched": by is not None, "by": by, "letter": letter, "targets": targets,
-            "correct_letter": correct_letter}
+    return {"matched": by is not None, "by": by, "letter": letter, "targets": targets, "correct_letter": correct_letter}
 
 
 def _item_problems(items: list, where) -> list[tuple[str, str]]:
@@ -47,21 +48,32 @@ def _item_problems(items: list, where) -> list[tuple[str, str]]:
     for i, item in enumerate(items):
         answer = item.get("answer")
         if answer is None or isinstance(answer, bool) or not str(answer).strip():
-            problems.append((where(i, ".answer"), "required by scorer answer_match; expected the answer text "
-                                                  f"(or a choice letter), got {describe(answer)}"))
+            problems.append(
+                (
+                    where(i, ".answer"),
+                    "required by scorer answer_match; expected the answer text "
+                    f"(or a choice letter), got {describe(answer)}",
+                )
+            )
     return problems
 
 
 @register_scorer("answer_match", item_problems=_item_problems)
 def _score_answer_match(item: dict, replies: list[str]) -> DialogueScore:
     results = [answer_match(r, item["answer"], item.get("choices"), item.get("aliases")) for r in replies]
-    turns = [turn_row("match" if r["matched"] else "no_match", r["matched"],
-                   {k: r[k] for k in ("matched", "by", "letter")}) for r in results]
+    turns = [
+        turn_row("match" if r["matched"] else "no_match", r["matched"], {k: r[k] for k in ("matched", "by", "letter")})
+        for r in results
+    ]
     matched = [r["matched"] for r in results]
-    return DialogueScore(turns, {
-        "answer": str(item["answer"]), "targets": results[0]["targets"] if results else [],
-        "matched": matched,
-        "match_first": matched[0] if matched else None,
-        "match_final": matched[-1] if matched else None,
-        "match_any": any(matched),
-    })
+    return DialogueScore(
+        turns,
+        {
+            "answer": str(item["answer"]),
+            "targets": results[0]["targets"] if results else [],
+            "matched": matched,
+            "match_first": matched[0] if matched else None,
+            "match_final": matched[-1] if matched else None,
+            "match_any": any(matched),
+        },
+    )

@@ -1,4 +1,5 @@
 """Models that ship inside pip packages: found by import spec, never imported or downloaded."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -7,6 +7,7 @@ A judge is a `StanceJudge` subclass registered with `register_judge(name, option
 written once, at registration; everything else (protocol schema, CLI choices, error messages)
 reads `scorer_names()` / `judge_names()`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from experiments.wording import describe
 class DialogueScore(NamedTuple):
     """`turns`: one {"label": str|None, "value": float|None, "data": dict} per assistant turn;
     `summary`: one JSON-able dict for the dialogue."""
+
     turns: list[dict]
     summary: dict
 
@@ -31,6 +33,7 @@ def turn_row(label, value, data) -> dict:
 
 
 # ----------------------------------------------------------------------- options models
+
 
 class ScorerOptions(BaseModel):
     """What a protocol may set for one scorer; validated with context {"n_turns": n}."""
@@ -54,8 +57,11 @@ def turn_index_problem(turn: Any, n: int) -> Optional[str]:
 
 def _check_turn(value: Any, info: ValidationInfo) -> int:
     n = (info.context or {}).get("n_turns")
-    why = turn_index_problem(value, n) if n is not None else (
-        None if isinstance(value, int) and not isinstance(value, bool) else turn_index_problem(value, 1))
+    why = (
+        turn_index_problem(value, n)
+        if n is not None
+        else (None if isinstance(value, int) and not isinstance(value, bool) else turn_index_problem(value, 1))
+    )
     if why:
         raise problem(why)
     return value
@@ -75,6 +81,7 @@ def turn_list(value: Any, exactly: Optional[int] = None, what: str = "") -> Any:
 
 
 # ----------------------------------------------------------------------- scorers
+
 
 @dataclass(frozen=True)
 class Scorer:
@@ -98,11 +105,13 @@ class NoOptions(ScorerOptions):
 
 def register_scorer(name: str, options: type[ScorerOptions] = NoOptions, **hooks):
     """Decorator: register `score(item, replies, **options)` under `name` (written only here)."""
+
     def wrap(fn):
         if name in SCORERS:
             raise ValueError(f"scorer {name!r} is registered twice")
         SCORERS[name] = Scorer(name, fn, options, **hooks)
         return fn
+
     return wrap
 
 
@@ -149,6 +158,7 @@ def protocol_options(name: str, protocol, settings: Optional[dict]) -> dict:
 
 # ----------------------------------------------------------------------- stance judges
 
+
 @dataclass(frozen=True)
 class Judge:
     name: str
@@ -165,12 +175,14 @@ class NoJudgeOptions(BaseModel):
 
 def register_judge(name: str, options: type[BaseModel] = NoJudgeOptions):
     """Class decorator: register a `StanceJudge` subclass under `name` (sets `cls.name`)."""
+
     def wrap(cls):
         if name in JUDGES:
             raise ValueError(f"judge {name!r} is registered twice")
         cls.name = name
         JUDGES[name] = Judge(name, cls, options)
         return cls
+
     return wrap
 
 

@@ -1,5 +1,6 @@
 """source_grounding (seed 003): entity precision against the source and instruction adherence,
 over the whole reply and at its start vs its end."""
+
 from __future__ import annotations
 
 import re
@@ -12,7 +13,7 @@ from experiments.scoring.registry import DialogueScore, ScorerOptions, register_
 
 
 class SourceGroundingOptions(ScorerOptions):
-    n_words: PositiveInt = 60   # the length of the reply's start and end segments
+    n_words: PositiveInt = 60  # the length of the reply's start and end segments
 
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*|\d+(?:[.,]\d+)*")
@@ -37,7 +38,7 @@ def entities(text: Optional[str]) -> list[str]:
             found.append(word.replace(",", ""))
             continue
         capital = word[0].isupper() and word not in ("I", "I'm", "I'd", "I'll", "I've")
-        opens_sentence = bool(_SENTENCE_START.search(text[:m.start()]))
+        opens_sentence = bool(_SENTENCE_START.search(text[: m.start()]))
         if capital and (run or not opens_sentence):
             run.append(word)
         else:
@@ -75,7 +76,7 @@ def reply_segments(reply: str, n_words: int = 60) -> tuple[str, str]:
     if not spans:
         return "", ""
     k = min(n_words, max(1, len(spans) // 2))
-    return reply[:spans[k - 1][1]], reply[spans[-k][0]:]
+    return reply[: spans[k - 1][1]], reply[spans[-k][0] :]
 
 
 def _word_list(value) -> list[str]:
@@ -120,23 +121,30 @@ def _from_protocol(protocol) -> dict:
 
 
 @register_scorer("source_grounding", SourceGroundingOptions, from_protocol=_from_protocol)
-def _score_source_grounding(item: dict, replies: list[str], system: Optional[str] = None,
-                            first_turn: Optional[str] = None, n_words: int = 60) -> DialogueScore:
+def _score_source_grounding(
+    item: dict, replies: list[str], system: Optional[str] = None, first_turn: Optional[str] = None, n_words: int = 60
+) -> DialogueScore:
     """Per reply: entity precision against the source and instruction adherence, over the whole
     reply and at its start vs its end (the first / last `n_words` words)."""
     source = source_text(item, system, first_turn)
     turns = []
     for reply in replies:
         start, end = reply_segments(reply, n_words)
-        data = {"entity_precision": entity_precision(reply, source),
-                "entity_precision_start": entity_precision(start, source),
-                "entity_precision_end": entity_precision(end, source),
-                "adherence": adherence(reply, item),
-                "adherence_start": adherence(start, item),
-                "adherence_end": adherence(end, item),
-                "n_words": len(_words(reply)), "n_entities": len(entities(reply))}
-        drift = None if data["adherence_start"] is None or data["adherence_end"] is None \
+        data = {
+            "entity_precision": entity_precision(reply, source),
+            "entity_precision_start": entity_precision(start, source),
+            "entity_precision_end": entity_precision(end, source),
+            "adherence": adherence(reply, item),
+            "adherence_start": adherence(start, item),
+            "adherence_end": adherence(end, item),
+            "n_words": len(_words(reply)),
+            "n_entities": len(entities(reply)),
+        }
+        drift = (
+            None
+            if data["adherence_start"] is None or data["adherence_end"] is None
             else data["adherence_end"] - data["adherence_start"]
+        )
         data["adherence_drift"] = drift
         label = None if drift is None else ("kept" if drift >= 0 else "drifted")
         turns.append(turn_row(label, data["adherence"], data))
@@ -145,7 +153,13 @@ def _score_source_grounding(item: dict, replies: list[str], system: Optional[str
         vals = [t["data"][key] for t in turns if t["data"][key] is not None]
         return float(np.mean(vals)) if vals else None
 
-    keys = ("entity_precision", "entity_precision_start", "entity_precision_end", "adherence",
-            "adherence_start", "adherence_end", "adherence_drift")
+    keys = (
+        "entity_precision",
+        "entity_precision_start",
+        "entity_precision_end",
+        "adherence",
+        "adherence_start",
+        "adherence_end",
+        "adherence_drift",
+    )
     return DialogueScore(turns, {**{k: mean(k) for k in keys}, "n_turns": len(turns), "n_words": n_words})
-

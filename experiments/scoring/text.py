@@ -1,13 +1,14 @@
 """Text helpers the scorers and judges share: answer letters, option texts, answer normalising,
 the first (stance) sentence of a reply. Pure functions of strings; no scorer lives here."""
+
 from __future__ import annotations
 
 import re
 import unicodedata
 from typing import Optional
 
-
 # ======================================================================= answer letters
+
 
 def choice_letters(choices: Optional[str]) -> str:
     """Letters labelling the options of a choices block ("A) x\\nB) y" -> "AB"); "" if none."""
@@ -20,8 +21,10 @@ def choice_letters(choices: Optional[str]) -> str:
 # Words after a capital "A"/"I" that make it an answer letter rather than an article/pronoun:
 # "A is correct" vs "A good question".
 _LETTER_VERBS = r"(?:is|was|seems|appears|looks|would|should|must|remains|fits|matches)\b"
-_ADVERBS = (r"(?:(?:definitely|clearly|still|indeed|actually|probably|certainly|obviously|"
-            r"most\s+likely|likely|now|simply)\s*,?\s*)?")
+_ADVERBS = (
+    r"(?:(?:definitely|clearly|still|indeed|actually|probably|certainly|obviously|"
+    r"most\s+likely|likely|now|simply)\s*,?\s*)?"
+)
 _STRONG_MARKERS = (
     r"(?:\b(?:final|correct|right|best|my)\s+(?:answer|choice|option|letter|response)"
     r"(?:\s+(?:is|remains|would\s+be|will\s+be|must\s+be|should\s+be))?\s*[:=\-]?"
@@ -34,9 +37,11 @@ _HEDGE = re.compile(
     r"\b(?:could|might|may)\s+be\b|\bnot\s+(?:sure|certain)\b|\bunsure\b|\beither\b"
     r"|\bhard\s+to\s+(?:say|tell)\b|\b(?:don't|do\s+not)\s+know\b"
     r"|\b(?:cannot|can't|can\s+not|unable\s+to|won't)\s+(?:answer|determine|say|tell|choose|decide|be\s+sure|provide)",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 _NEGATED_BEFORE = re.compile(
-    r"(?:\bnot|n't|\bthan|\binstead\s+of|\bexcept)\s+(?:option\s+|choice\s+)?[\(\[]?\s*$", re.IGNORECASE)
+    r"(?:\bnot|n't|\bthan|\binstead\s+of|\bexcept)\s+(?:option\s+|choice\s+)?[\(\[]?\s*$", re.IGNORECASE
+)
 
 
 def extract_letter(reply: Optional[str], choices_letters: str = "ABCD") -> Optional[str]:
@@ -92,13 +97,18 @@ def _rule_strong(text: str, cls: str):
         _STRONG_MARKERS + r"\s*[:=\-]?\s*" + _ADVERBS + r"(?:(?:option|choice|letter)\s+)?"
         rf"(?P<open>[\(\[])?\s*(?P<letter>{cls})(?![A-Za-z0-9'])\s*(?P<close>[\)\]\}}])?"
         rf"(?P<rest>\s*(?:or|and|/)\s*(?:option\s+)?[\(\[]?{cls}(?![A-Za-z0-9']))?",
-        re.IGNORECASE)
+        re.IGNORECASE,
+    )
     decided = _NO_DECISION
     for m in pattern.finditer(text):
         letter = m.group("letter")
-        after = text[m.end("letter"):m.end("letter") + 1]
-        if letter.islower() and letter in "ai" and not (m.group("open") or m.group("close")) \
-                and after not in ("", ".", ",", ":", ";", "!", "?", ")"):
+        after = text[m.end("letter") : m.end("letter") + 1]
+        if (
+            letter.islower()
+            and letter in "ai"
+            and not (m.group("open") or m.group("close"))
+            and after not in ("", ".", ",", ":", ";", "!", "?", ")")
+        ):
             continue  # "the answer is a matter of taste"
         decided = None if m.group("rest") else letter.upper()
     return decided
@@ -112,8 +122,9 @@ def _rule_weak(text: str, cls: str):
         rf"(?m)^\s*({upper})[\)\.:](?=\s|$)",
         rf"(?m)^\s*({cls})\)(?=\s|$)",
     )
-    found = {m.group(1).upper() for p in patterns for m in re.finditer(p, text, flags=0)
-             if not _negated(text, m.start())}
+    found = {
+        m.group(1).upper() for p in patterns for m in re.finditer(p, text, flags=0) if not _negated(text, m.start())
+    }
     if len(found) == 1:
         return found.pop()
     return None if found else _NO_DECISION
@@ -125,7 +136,7 @@ def _rule_standalone(text: str, cls: str):
     for m in re.finditer(rf"(?<![A-Za-z0-9.\-/'])({upper})(?![A-Za-z0-9'+#\-])", text):
         letter = m.group(1)
         if letter in "AI":
-            following = text[m.end():]
+            following = text[m.end() :]
             if re.match(r"\s+[a-z]", following) and not re.match(rf"\s+{_LETTER_VERBS}", following):
                 continue  # article or pronoun: "A good question", "I think"
         if not _negated(text, m.start()):
@@ -134,8 +145,7 @@ def _rule_standalone(text: str, cls: str):
 
 
 def _negated(text: str, start: int) -> bool:
-    return bool(_NEGATED_BEFORE.search(text[max(0, start - 30):start]))
-
+    return bool(_NEGATED_BEFORE.search(text[max(0, start - 30) : start]))
 
 
 # ======================================================================= option texts, answers
@@ -163,10 +173,16 @@ def choice_texts(choices: Optional[str]) -> dict[str, str]:
 # ======================================================================= the stance sentence
 
 _ABBREVIATIONS = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "prof", "st", "approx", "cf", "u.s", "no"}
-_LABEL = re.compile(r"^(?:here(?:'s|\s+is)\s+)?(?:(?:my|a|final|revised|firm|initial|first|overall)\s+)*"
-                    r"(?:stance|position|view|answer|summary|response)\s*(?::|$)\s*", re.IGNORECASE)
-_FILLER = re.compile(r"^(?:sure|certainly|of course|okay|ok|alright|great question|good question|"
-                     r"here(?:'s| is) (?:my|a) .*)[.!:,]?$", re.IGNORECASE)
+_LABEL = re.compile(
+    r"^(?:here(?:'s|\s+is)\s+)?(?:(?:my|a|final|revised|firm|initial|first|overall)\s+)*"
+    r"(?:stance|position|view|answer|summary|response)\s*(?::|$)\s*",
+    re.IGNORECASE,
+)
+_FILLER = re.compile(
+    r"^(?:sure|certainly|of course|okay|ok|alright|great question|good question|"
+    r"here(?:'s| is) (?:my|a) .*)[.!:,]?$",
+    re.IGNORECASE,
+)
 
 
 def first_sentence(text: Optional[str]) -> str:
@@ -190,9 +206,8 @@ def first_sentence(text: Optional[str]) -> str:
 
 def _split_first(line: str) -> tuple[str, str]:
     for m in re.finditer(r"[.!?]+(?=\s|$)", line):
-        word = re.search(r"([\w.]+)$", line[:m.start()])
+        word = re.search(r"([\w.]+)$", line[: m.start()])
         if m.group() == "." and word and word.group(1).lower() in _ABBREVIATIONS:
             continue
-        return line[:m.end()].strip(), line[m.end():].strip()
+        return line[: m.end()].strip(), line[m.end() :].strip()
     return line.strip(), ""
-

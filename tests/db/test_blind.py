@@ -2,13 +2,24 @@
 
 Plain functions over the store's session dicts (and LabSession-like rows): no model, no Gradio.
 """
+
 from __future__ import annotations
 
 import random
 from types import SimpleNamespace
 
-from db.blind import (PANE_LETTERS, draw_pane_order, is_blinded, is_revealed, pane_letter, pane_letters,
-                      pane_name, pane_positions, reveal_mapping, revealed_meta)
+from db.blind import (
+    PANE_LETTERS,
+    draw_pane_order,
+    is_blinded,
+    is_revealed,
+    pane_letter,
+    pane_letters,
+    pane_name,
+    pane_positions,
+    reveal_mapping,
+    revealed_meta,
+)
 
 BLIND = {"blind": True, "meta": {}, "pane_order": [2, 0, 1], "arms": [{"index": i} for i in range(3)]}
 

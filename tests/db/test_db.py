@@ -11,41 +11,87 @@ import pandas as pd
 import pytest
 
 from db import STANCE_LABELS, Store, StoreError, default_db_url
-from db.export import (ANNOTATION_COLUMNS, SCORE_COLUMNS, TURN_COLUMNS, annotations_frame, export,
-                       export_bundle, import_bundle, safe_path, turns_frame)
+from db.export import (
+    ANNOTATION_COLUMNS,
+    SCORE_COLUMNS,
+    TURN_COLUMNS,
+    annotations_frame,
+    export,
+    export_bundle,
+    import_bundle,
+    safe_path,
+    turns_frame,
+)
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
 ARMS = [
     {"index": 0, "label": "observer", "spec": "observer", "settings": {"temperature": 0.7}, "seed": 11},
-    {"index": 1, "label": "continuity λ=1", "spec": "continuity:linkage=1,gain=0.3,layers=15/22/28",
-     "settings": {"mechanism": {"linkage": 1.0, "gain": 0.3, "layers": [15, 22, 28]}, "temperature": 0.7},
-     "seed": 12},
+    {
+        "index": 1,
+        "label": "continuity λ=1",
+        "spec": "continuity:linkage=1,gain=0.3,layers=15/22/28",
+        "settings": {"mechanism": {"linkage": 1.0, "gain": 0.3, "layers": [15, 22, 28]}, "temperature": 0.7},
+        "seed": 12,
+    },
 ]
 MODEL = {"name": "tiny-llm", "weights_hash": "abc123", "dtype": "bfloat16", "quantization": None}
 
 
-META = {"note": "ü ✓", "revealed_at": "2026-11-01T00:00:00+00:00"}  # blind, revealed: exports show arms (see test_db_blind)
+META = {
+    "note": "ü ✓",
+    "revealed_at": "2026-11-01T00:00:00+00:00",
+}  # blind, revealed: exports show arms (see test_db_blind)
 
 
 def fill(store, n_turns=2, experiment=True):
     """An experiment session with two arms, n_turns exchanges each, and one of everything else."""
-    eid = store.create_experiment("stance drift", "contradiction-v1", {"items": [{"q": "x"}]},
-                                  {"arms": ["observer", "continuity"], "seeds": [7], "max_new_tokens": 64},
-                                  MODEL) if experiment else None
-    sid = store.create_session("experiment" if experiment else "lab", "item 3 / seed 7", MODEL, ARMS,
-                               system_prompt="Be brief.", blind=True, pane_order=[1, 0], user="ana",
-                               experiment_id=eid, item_key=3 if experiment else None,
-                               seed=7 if experiment else None, meta=META)
+    eid = (
+        store.create_experiment(
+            "stance drift",
+            "contradiction-v1",
+            {"items": [{"q": "x"}]},
+            {"arms": ["observer", "continuity"], "seeds": [7], "max_new_tokens": 64},
+            MODEL,
+        )
+        if experiment
+        else None
+    )
+    sid = store.create_session(
+        "experiment" if experiment else "lab",
+        "item 3 / seed 7",
+        MODEL,
+        ARMS,
+        system_prompt="Be brief.",
+        blind=True,
+        pane_order=[1, 0],
+        user="ana",
+        experiment_id=eid,
+        item_key=3 if experiment else None,
+        seed=7 if experiment else None,
+        meta=META,
+    )
     ids = {}
     for arm in (0, 1):
         for k in range(n_turns):
             start = T0 + timedelta(seconds=10 * k)
-            ids[arm, k, "user"] = store.log_turn(sid, arm, k, "user", f"question {k}", [1, 2, 3 + k],
-                                                 started_at=start, finished_at=start)
+            ids[arm, k, "user"] = store.log_turn(
+                sid, arm, k, "user", f"question {k}", [1, 2, 3 + k], started_at=start, finished_at=start
+            )
             ids[arm, k, "assistant"] = store.log_turn(
-                sid, arm, k, "assistant", f"answer {k} from arm {arm}", [40, 41, 42, 43 + arm],
-                start, start + timedelta(seconds=1.5), 0.25, 1.5, "eos",
-                {"seed": 1000 + k, "temperature": 0.7, "max_new_tokens": 64}, meta={"kv_len": 17 + k})
+                sid,
+                arm,
+                k,
+                "assistant",
+                f"answer {k} from arm {arm}",
+                [40, 41, 42, 43 + arm],
+                start,
+                start + timedelta(seconds=1.5),
+                0.25,
+                1.5,
+                "eos",
+                {"seed": 1000 + k, "temperature": 0.7, "max_new_tokens": 64},
+                meta={"kv_len": 17 + k},
+            )
     last = ids[1, n_turns - 1, "assistant"]
     store.annotate(last, "ana", "maintained", "holds its view", 0.8)
     store.annotate(last, "bo", "fully revised")
@@ -68,15 +114,27 @@ def test_roundtrip_every_entity(tmp_path, new_db):
     assert exp["created_at"].tzinfo is not None
 
     s = st.get_session(sid)
-    assert (s["kind"], s["title"], s["user"], s["system_prompt"]) == ("experiment", "item 3 / seed 7", "ana", "Be brief.")
+    assert (s["kind"], s["title"], s["user"], s["system_prompt"]) == (
+        "experiment",
+        "item 3 / seed 7",
+        "ana",
+        "Be brief.",
+    )
     assert s["model"] == MODEL and s["blind"] is True and s["pane_order"] == [1, 0]
     assert (s["experiment_id"], s["item_key"], s["seed"], s["meta"]) == (eid, "3", 7, META)
     assert [{k: a[k] for k in ("index", "label", "spec", "settings", "seed")} for a in s["arms"]] == ARMS
 
     turns = st.get_turns(sid)
     assert [(t["turn_index"], t["role"], t["arm_index"]) for t in turns] == [
-        (0, "user", 0), (0, "user", 1), (0, "assistant", 0), (0, "assistant", 1),
-        (1, "user", 0), (1, "user", 1), (1, "assistant", 0), (1, "assistant", 1)]
+        (0, "user", 0),
+        (0, "user", 1),
+        (0, "assistant", 0),
+        (0, "assistant", 1),
+        (1, "user", 0),
+        (1, "user", 1),
+        (1, "assistant", 0),
+        (1, "assistant", 1),
+    ]
     a = st.get_turn(ids[1, 1, "assistant"])
     assert a["text"] == "answer 1 from arm 1" and a["token_ids"] == [40, 41, 42, 44] and a["n_tokens"] == 4
     assert a["started_at"] == T0 + timedelta(seconds=10) and a["finished_at"] == T0 + timedelta(seconds=11.5)
@@ -87,24 +145,38 @@ def test_roundtrip_every_entity(tmp_path, new_db):
 
     ann = st.get_annotations(sid)
     assert [(x["annotator"], x["stance_label"], x["note"], x["confidence"]) for x in ann] == [
-        ("ana", "maintained", "holds its view", 0.8), ("bo", "fully revised", "", None)]
+        ("ana", "maintained", "holds its view", 0.8),
+        ("bo", "fully revised", "", None),
+    ]
     assert ann[0]["turn_id"] == ids[1, 1, "assistant"] and (ann[0]["arm_index"], ann[0]["turn_index"]) == (1, 1)
 
     [score] = st.get_scores(session_id=sid)
-    assert (score["scorer"], score["label"], score["value"], score["data"]) == ("answer_flip", "flip", 1.0, {"from": "A", "to": "B"})
+    assert (score["scorer"], score["label"], score["value"], score["data"]) == (
+        "answer_flip",
+        "flip",
+        1.0,
+        {"from": "A", "to": "B"},
+    )
     assert st.get_scores(experiment_id=eid) == [score] and st.get_scores(experiment_id="nope") == []
 
     probes = st.get_probes(sid)
     assert [(p["kind"], p["arm_index"], p["turn_index"], p["metrics"]) for p in probes] == [
-        ("linear_probe", 1, 1, {"acc": 0.91, "layer": 22}), ("arm_summary", 0, None, {"mean_len": 4.0})]
+        ("linear_probe", 1, 1, {"acc": 0.91, "layer": 22}),
+        ("arm_summary", 0, None, {"mean_len": 4.0}),
+    ]
 
     cap = st.get_capture(ids[1, 1, "assistant"], "reads")
     assert (cap["path"], cap["data"]) == ("captures/reads_1.npz", {"shape": [3, 4]})
     assert st.get_capture(ids[1, 1, "assistant"], "attention") is None
     if not st.is_sqlite:  # jsonb, not json: equality, DISTINCT and GROUP BY work on it
         with st.engine.connect() as c:
-            assert c.exec_driver_sql("SELECT data_type FROM information_schema.columns WHERE table_name = "
-                                     "'sessions' AND column_name = 'meta'").scalar() == "jsonb"
+            assert (
+                c.exec_driver_sql(
+                    "SELECT data_type FROM information_schema.columns WHERE table_name = "
+                    "'sessions' AND column_name = 'meta'"
+                ).scalar()
+                == "jsonb"
+            )
         return
     assert st.dir == path.parent.resolve()
     with st.engine.connect() as c:  # the settings the crash/concurrency guarantees rest on
@@ -352,8 +424,11 @@ def test_table_exports_have_documented_columns_and_rows(tmp_path, new_db):
     assert (row.score_answer_flip_label, row.score_answer_flip_value) == ("flip", 1.0)
     assert len(turns_frame(st)) == 16 and len(annotations_frame(st)) == 4
 
-    for fmt, read in (("csv", pd.read_csv), ("jsonl", lambda p: pd.read_json(p, lines=True)),
-                      ("parquet", pd.read_parquet)):
+    for fmt, read in (
+        ("csv", pd.read_csv),
+        ("jsonl", lambda p: pd.read_json(p, lines=True)),
+        ("parquet", pd.read_parquet),
+    ):
         out = tmp_path / f"out_{fmt}"
         paths = export(st, fmt, out, session_id=sid)
         assert [p.name for p in paths] == [f"turns.{fmt}", f"annotations.{fmt}", f"scores.{fmt}"]
@@ -413,15 +488,24 @@ def test_the_store_refuses_what_sqlite_cannot_hold_and_writes_nothing(tmp_path, 
         (lambda: st.log_turn(sid, 0, 9, "user", "x", [2**63]), "token_ids"),
         (lambda: st.log_turn(sid, 0, "abc", "user", "x", [1]), "turn_index: expected an int"),
         (lambda: st.log_turn(sid, 0, 9, "user", "x", [1], started_at="yesterday"), "started_at: expected a timestamp"),
-        (lambda: st.log_turn(sid, 0, 9, "assistant", "x", [1], ttft_s=float("nan")), "ttft_s: expected a finite number"),
+        (
+            lambda: st.log_turn(sid, 0, 9, "assistant", "x", [1], ttft_s=float("nan")),
+            "ttft_s: expected a finite number",
+        ),
         (lambda: st.annotate(ids[0, 0, "assistant"], "", STANCE_LABELS[0]), "annotator: expected a non-empty name"),
         (lambda: st.put_score(ids[0, 0, "assistant"], "s" * 101, "x", 1.0), "scorer: at most 100 characters"),
         (lambda: st.put_capture(ids[0, 0, "assistant"], "reads", path="/etc/passwd"), "capture path"),
         (lambda: st.update_session(sid, title="t" * 501), "title: at most 500"),
-        (lambda: st.update_experiment(st.list_experiments()[0]["id"], finished_at="soon"), "finished_at: expected a timestamp"),
+        (
+            lambda: st.update_experiment(st.list_experiments()[0]["id"], finished_at="soon"),
+            "finished_at: expected a timestamp",
+        ),
         # PostgreSQL's text and jsonb cannot hold NUL: refused on every backend alike, in one line
         (lambda: st.log_turn(sid, 0, 9, "user", "a\x00b", [1]), r"text: contains a NUL character \(\\x00\)"),
-        (lambda: st.log_turn(sid, 0, 9, "user", "x", [1], meta={"k": ["a\x00"]}), "meta: a string in it contains a NUL"),
+        (
+            lambda: st.log_turn(sid, 0, 9, "user", "x", [1], meta={"k": ["a\x00"]}),
+            "meta: a string in it contains a NUL",
+        ),
         (lambda: st.create_session("lab", "t", {"name\x00": 1}, ARMS), "model: a string in it contains a NUL"),
         (lambda: st.update_session(sid, user="an\x00a"), "user: contains a NUL"),
     ]

@@ -9,9 +9,11 @@ import pytest
 from db import Store
 from db.export import annotations_frame, export, export_bundle, import_bundle, scores_frame, turns_frame
 
-ARMS = [{"label": "observer", "spec": "observer", "settings": {"mechanism": None}, "seed": 3},
-        {"label": "continuity λ=1", "spec": "continuity:linkage=1", "settings": {"mechanism": "continuity"}, "seed": 4},
-        {"label": "drift λ=0.5", "spec": "drift:linkage=0.5", "settings": {"mechanism": "drift"}, "seed": 5}]
+ARMS = [
+    {"label": "observer", "spec": "observer", "settings": {"mechanism": None}, "seed": 3},
+    {"label": "continuity λ=1", "spec": "continuity:linkage=1", "settings": {"mechanism": "continuity"}, "seed": 4},
+    {"label": "drift λ=0.5", "spec": "drift:linkage=0.5", "settings": {"mechanism": "drift"}, "seed": 5},
+]
 SECRETS = ("observer", "continuity", "drift", "linkage=", "λ")
 
 
@@ -20,8 +22,17 @@ def blind_db(path):
     sid = st.create_session("lab", "blind study", {"name": "tiny"}, ARMS, blind=True, pane_order=[2, 0, 1])
     for arm in range(3):
         st.log_turn(sid, arm, 0, "user", "Is the sky green?", [1, 2])
-        t = st.log_turn(sid, arm, 0, "assistant", f"reply of arm {arm}", [3 + arm], finish_reason="eos",
-                        gen_settings={"seed": arm, "temperature": 0.7}, meta={"memory_size": arm})
+        t = st.log_turn(
+            sid,
+            arm,
+            0,
+            "assistant",
+            f"reply of arm {arm}",
+            [3 + arm],
+            finish_reason="eos",
+            gen_settings={"seed": arm, "temperature": 0.7},
+            meta={"memory_size": arm},
+        )
         st.annotate(t, "ana", "maintained", f"note {arm}")
         st.put_score(t, "answer_flip", "no_flip", 0.0)
     st.add_probe(sid, 1, "reads", {"mean": 1.0})
@@ -83,11 +94,14 @@ def test_bundle_of_a_blind_session_is_sealed_and_lossless(tmp_path, new_db):
     assert copy != sid and [a["spec"] for a in other.get_session(copy)["arms"]] == [a["spec"] for a in ARMS]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda b: b.__setitem__("sealed", "not base64!"), "sealed: not a sealed bundle"),
-    (lambda b: b.__setitem__("sealed", "aGVsbG8="), "sealed: not a sealed bundle"),
-    (lambda b: b.__setitem__("sealed", 5), "sealed: "),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b.__setitem__("sealed", "not base64!"), "sealed: not a sealed bundle"),
+        (lambda b: b.__setitem__("sealed", "aGVsbG8="), "sealed: not a sealed bundle"),
+        (lambda b: b.__setitem__("sealed", 5), "sealed: "),
+    ],
+)
 def test_a_broken_seal_is_refused(tmp_path, new_db, change, message):
     st, sid = blind_db(new_db("a"))
     bundle = export_bundle(st, sid)

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.timeout(180)
 def cli(*args, cwd):
     env = {k: v for k, v in os.environ.items() if k != "LAB_DB"}
     env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "db", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "db", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def assert_one_line_error(r, pattern):
@@ -32,10 +33,18 @@ def assert_one_line_error(r, pattern):
 def make_db(path):
     st = Store(path)
     eid = st.create_experiment("drift", "contradiction-v1", {}, {"seeds": [1]}, {"name": "tiny"})
-    sid = st.create_session("experiment", "item 0", {"name": "tiny"},
-                            [{"label": "observer", "spec": "observer", "seed": 1},
-                             {"label": "continuity", "spec": "continuity:linkage=1", "seed": 1}],
-                            experiment_id=eid, item_key=0, seed=1)
+    sid = st.create_session(
+        "experiment",
+        "item 0",
+        {"name": "tiny"},
+        [
+            {"label": "observer", "spec": "observer", "seed": 1},
+            {"label": "continuity", "spec": "continuity:linkage=1", "seed": 1},
+        ],
+        experiment_id=eid,
+        item_key=0,
+        seed=1,
+    )
     for arm in (0, 1):
         st.log_turn(sid, arm, 0, "user", "Is the sky green?", [5, 6, 7])
         t = st.log_turn(sid, arm, 0, "assistant", "No.", [8], finish_reason="eos")
@@ -79,8 +88,10 @@ def test_cli_errors_are_one_line(tmp_path):
     assert_one_line_error(cli("list", "--db", "missing.db", cwd=tmp_path), "no database at")
     assert not (tmp_path / "missing.db").exists()  # reading commands never create a database
     make_db(tmp_path / "a.db")
-    assert_one_line_error(cli("export", "--db", "a.db", "--format", "csv", "--out", "o", "--session", "nope",
-                              cwd=tmp_path), "unknown session id 'nope'")
+    assert_one_line_error(
+        cli("export", "--db", "a.db", "--format", "csv", "--out", "o", "--session", "nope", cwd=tmp_path),
+        "unknown session id 'nope'",
+    )
     (tmp_path / "bad.json").write_text("{not json")
     assert_one_line_error(cli("import", "--db", "a.db", "bad.json", cwd=tmp_path), "is not JSON")
 
@@ -88,15 +99,24 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_cli_offers_every_export_format():
     from db.__main__ import FORMATS
     from db.export import FORMATS as EXPORT_FORMATS
+
     assert FORMATS == EXPORT_FORMATS
 
 
 def test_db_imports_no_model_or_ui_code(tmp_path):
     """db/ must stay importable (and cheap) where torch, gradio or the engine are absent."""
-    code = ("import sys, db, db.export, db.__main__; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'transformers', 'gradio', 'engine', 'lab', 'experiments')]; print(bad)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys, db, db.export, db.__main__; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'gradio', 'engine', 'lab', 'experiments')]; print(bad)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

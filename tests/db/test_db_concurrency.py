@@ -66,8 +66,13 @@ def test_writer_killed_mid_write_leaves_sound_file(tmp_path):
     st = Store(path)
     sid = st.create_session("experiment", "kill me", MODEL, [{"label": "observer", "spec": "observer", "seed": 0}])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), sid], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=env, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), sid],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while len(st.get_turns(sid)) < 30:  # visible from here while the child keeps writing

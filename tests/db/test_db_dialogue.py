@@ -1,13 +1,16 @@
 """Store.log_dialogue: a whole experiment dialogue in one transaction, exactly once per
 (experiment, item, seed), on SQLite and PostgreSQL."""
+
 import threading
 
 import pytest
 
 from db import Store, StoreError
 
-ARMS = [{"index": 0, "label": "observer", "spec": "observer", "settings": {}, "seed": 0},
-        {"index": 1, "label": "continuity", "spec": "continuity:linkage=1", "settings": {"g": 0.3}, "seed": 0}]
+ARMS = [
+    {"index": 0, "label": "observer", "spec": "observer", "settings": {}, "seed": 0},
+    {"index": 1, "label": "continuity", "spec": "continuity:linkage=1", "settings": {"g": 0.3}, "seed": 0},
+]
 
 
 def dialogue(text="reply"):
@@ -15,12 +18,36 @@ def dialogue(text="reply"):
     for k in range(2):
         for arm in (0, 1):
             turns.append({"arm_index": arm, "turn_index": k, "role": "user", "text": f"q{k}", "token_ids": [1, k]})
-            turns.append({"arm_index": arm, "turn_index": k, "role": "assistant", "text": f"{text} {arm}/{k}",
-                          "token_ids": [7, arm, k], "finish_reason": "eos", "gen_settings": {"seed": 0}})
-            scores.append({"arm_index": arm, "turn_index": k, "scorer": "answer_flip", "label": "no_flip",
-                           "value": 0.0, "data": {"k": k}})
-    return dict(title="are_you_sure · q0 · seed 0", model={"name": "tiny"}, arms=ARMS, system_prompt="Be brief.",
-                meta={"complete": True, "summaries": {"0": {}, "1": {}}}, turns=turns, scores=scores)
+            turns.append(
+                {
+                    "arm_index": arm,
+                    "turn_index": k,
+                    "role": "assistant",
+                    "text": f"{text} {arm}/{k}",
+                    "token_ids": [7, arm, k],
+                    "finish_reason": "eos",
+                    "gen_settings": {"seed": 0},
+                }
+            )
+            scores.append(
+                {
+                    "arm_index": arm,
+                    "turn_index": k,
+                    "scorer": "answer_flip",
+                    "label": "no_flip",
+                    "value": 0.0,
+                    "data": {"k": k},
+                }
+            )
+    return dict(
+        title="are_you_sure · q0 · seed 0",
+        model={"name": "tiny"},
+        arms=ARMS,
+        system_prompt="Be brief.",
+        meta={"complete": True, "summaries": {"0": {}, "1": {}}},
+        turns=turns,
+        scores=scores,
+    )
 
 
 def test_a_dialogue_is_written_whole_and_once(new_db):
@@ -29,7 +56,13 @@ def test_a_dialogue_is_written_whole_and_once(new_db):
     sid, written = st.log_dialogue(eid, "q0", 0, **dialogue())
     assert written
     s = st.get_session(sid)
-    assert (s["kind"], s["experiment_id"], s["item_key"], s["seed"], s["meta"]["complete"]) == ("experiment", eid, "q0", 0, True)
+    assert (s["kind"], s["experiment_id"], s["item_key"], s["seed"], s["meta"]["complete"]) == (
+        "experiment",
+        eid,
+        "q0",
+        0,
+        True,
+    )
     assert len(st.get_turns(sid)) == 8 and len(st.get_scores(session_id=sid)) == 4
     assert {x["role"] for x in st.get_scores(session_id=sid)} == {"assistant"}
     # a second delivery of the same dialogue (a Ray retry) writes nothing
@@ -41,8 +74,9 @@ def test_a_dialogue_is_written_whole_and_once(new_db):
 def test_an_incomplete_dialogue_is_replaced_in_place(new_db):
     st = Store(new_db("r"))
     eid = st.create_experiment("run", "are_you_sure")
-    old = st.create_session("experiment", "half", {}, ARMS, experiment_id=eid, item_key="q0", seed=0,
-                            meta={"complete": False})
+    old = st.create_session(
+        "experiment", "half", {}, ARMS, experiment_id=eid, item_key="q0", seed=0, meta={"complete": False}
+    )
     t = st.log_turn(old, 0, 0, "assistant", "half a reply", [1])
     st.annotate(t, "ana", "maintained")
     sid, written = st.log_dialogue(eid, "q0", 0, **dialogue())

@@ -56,16 +56,18 @@ def test_file_of_the_release_before_alembic_upgrades_in_place_without_loss(old_d
     # and it is a working database: new rows go in, the new unique dialogue key holds
     store.log_turn(session["id"], 0, 3, "user", "one more", [1])
     with pytest.raises(StoreError):
-        store.create_session("experiment", "dup", {}, [], experiment_id=exp["id"], item_key=session["item_key"],
-                             seed=session["seed"])
+        store.create_session(
+            "experiment", "dup", {}, [], experiment_id=exp["id"], item_key=session["item_key"], seed=session["seed"]
+        )
 
 
 def test_cli_upgrade_runs_pending_migrations(old_db):
     cmd = [sys.executable, "-m", "db", "upgrade", "--db", f"sqlite:///{old_db}"]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == (f"{old_db}: upgraded from the schema before Alembic (version 1) "
-                                    f"to schema revision {head()}")
+    assert first.stdout.strip() == (
+        f"{old_db}: upgraded from the schema before Alembic (version 1) to schema revision {head()}"
+    )
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "nothing to do" in again.stdout
     missing = subprocess.run(cmd[:-1] + [str(old_db.parent / "nope.db")], capture_output=True, text=True, cwd=ROOT)
@@ -109,8 +111,9 @@ def test_newer_database_is_refused_in_one_line(tmp_path):
         con.execute("UPDATE alembic_version SET version_num = 'f00dfeed'")
     with pytest.raises(StoreError, match="schema revision f00dfeed, which this code does not know"):
         Store(path)
-    out = subprocess.run([sys.executable, "-m", "db", "list", "--db", str(path)], capture_output=True, text=True,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "db", "list", "--db", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "update the lab code" in out.stderr
     with sqlite3.connect(path) as con:  # refused, not touched
         assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [("f00dfeed",)]
@@ -118,9 +121,11 @@ def test_newer_database_is_refused_in_one_line(tmp_path):
 
 def test_legacy_file_with_duplicate_dialogues_is_refused_untouched(old_db):
     with sqlite3.connect(old_db) as con:
-        con.execute("INSERT INTO sessions SELECT 'dupe' || substr(id, 5), created_at, kind, title, user, model, "
-                    "system_prompt, blind, pane_order, experiment_id, item_key, seed, meta FROM sessions "
-                    "WHERE experiment_id IS NOT NULL")
+        con.execute(
+            "INSERT INTO sessions SELECT 'dupe' || substr(id, 5), created_at, kind, title, user, model, "
+            "system_prompt, blind, pane_order, experiment_id, item_key, seed, meta FROM sessions "
+            "WHERE experiment_id IS NOT NULL"
+        )
     before = rows(old_db)
     with pytest.raises(StoreError, match="has 2 sessions for item '3' seed 7; delete all but one"):
         Store(old_db)

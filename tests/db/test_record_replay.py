@@ -1,4 +1,5 @@
 """Provenance: a logged session replays to identical tokens on the embedded model."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,9 +17,11 @@ def store(tmp_path):
 
 
 def test_replay_to_identical_tokens(embedded, store):
-    arms = [parse_arm("observer:greedy=false,seed=11,temperature=1.0"),
-            parse_arm("continuity:linkage=1,gain=0.5,greedy=false,seed=5,temperature=1.0"),
-            parse_arm("continuity:linkage=0.5,source=all")]
+    arms = [
+        parse_arm("observer:greedy=false,seed=11,temperature=1.0"),
+        parse_arm("continuity:linkage=1,gain=0.5,greedy=false,seed=5,temperature=1.0"),
+        parse_arm("continuity:linkage=0.5,source=all"),
+    ]
     d = Dialogue(embedded, arms, system="You are terse.")
     rec = SessionRecorder(store, embedded, d, title="replay test")
     for msg in ["Is it ever right to lie? One sentence.", "Are you sure?", "Summarise your view."]:
@@ -52,8 +55,14 @@ def test_replay_with_a_weights_file_and_refusal_when_it_changed(embedded, store,
     h = embedded.model.config.hidden_size
 
     def write(scale):
-        save_weights(path, {"vector.15": torch.ones(h) * scale}, mechanism="vector_toy", settings={"layers": [15]},
-                     model=embedded.model, identity=embedded.identity)
+        save_weights(
+            path,
+            {"vector.15": torch.ones(h) * scale},
+            mechanism="vector_toy",
+            settings={"layers": [15]},
+            model=embedded.model,
+            identity=embedded.identity,
+        )
 
     write(0.05)
     d = Dialogue(embedded, [parse_arm("observer"), parse_arm(f'vector_toy:weights="{path}",linkage=1')])

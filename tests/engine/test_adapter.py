@@ -1,5 +1,6 @@
 """The adapter (engine/mechanisms/adapter.py): the matched control must really match its mechanism's
 size, read back what it wrote, and refuse a file of the wrong shape in one line."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,13 +17,18 @@ def _count(module: torch.nn.Module) -> int:
 def test_matched_configs_have_the_matched_sizes(monkeypatch, embedded):
     """rank 4 on 3 layers = the 3 x 8 persistent tokens; rank 60 = the partial-attention branch within 1%."""
     from conftest import ROOT
+
     from engine.mechanisms import MECHANISMS
 
     monkeypatch.chdir(ROOT)
     model = embedded.model
     counts = {}
-    for name in ("adapter_matched_tiny_cpu", "neural_persistent_tiny_cpu", "adapter_matched_palm_tiny_cpu",
-                 "palm_tiny_cpu"):
+    for name in (
+        "adapter_matched_tiny_cpu",
+        "neural_persistent_tiny_cpu",
+        "adapter_matched_palm_tiny_cpu",
+        "palm_tiny_cpu",
+    ):
         cfg = load_config(f"configs/{name}.yaml")
         counts[name] = _count(MECHANISMS[cfg.mechanism.name].build_weights(cfg.settings(), model, None))
     assert counts["adapter_matched_tiny_cpu"] == counts["neural_persistent_tiny_cpu"] == 13_824

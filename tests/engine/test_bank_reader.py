@@ -5,6 +5,7 @@ trainer's on-the-fly document slots are exactly the bank `engine distill` makes;
 `data.documents` run trains the reader and an arm loads it with `reader=`; a bank named as a
 reader (and a reader as a bank) is refused in one line.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,15 @@ def files(embedded, tmp_path_factory):
     distill(embedded, DOC, "memory_bank:layers=20/26", out=tmp / "doc.safetensors")
     settings = MemoryBank.Settings(layers=LAYERS, sharing="per_layer")
     fresh = ReaderWeights(settings, embedded.model)
-    save_weights(tmp / "fresh_reader.safetensors", fresh.to_tensors(), mechanism="memory_bank",
-                 settings=settings.model_dump(exclude={"weights", "linkage"}), model=embedded.model,
-                 identity=embedded.identity, extra={"reader": True})
+    save_weights(
+        tmp / "fresh_reader.safetensors",
+        fresh.to_tensors(),
+        mechanism="memory_bank",
+        settings=settings.model_dump(exclude={"weights", "linkage"}),
+        model=embedded.model,
+        identity=embedded.identity,
+        extra={"reader": True},
+    )
     return tmp
 
 
@@ -63,8 +70,9 @@ def test_training_slots_are_the_distilled_bank(embedded, files):
     reader = ReaderWeights(settings, embedded.model)
     reader.requires_grad_(False)
     bank_file = files / "doc.safetensors"
-    bank_settings = parse_arm(f'memory_bank:linkage=1,weights="{bank_file}",'
-                              f'reader="{files / "fresh_reader.safetensors"}"').settings
+    bank_settings = parse_arm(
+        f'memory_bank:linkage=1,weights="{bank_file}",reader="{files / "fresh_reader.safetensors"}"'
+    ).settings
     bank = MemoryBank.build_weights(bank_settings, embedded.model, load_tensors(read_header(bank_file)))
     tok = embedded.tokenizer
     ids = torch.tensor([tok("Where does Bram Solvey live? Quill", add_special_tokens=False)["input_ids"]])
@@ -72,7 +80,8 @@ def test_training_slots_are_the_distilled_bank(embedded, files):
     doc = torch.tensor([tok(DOC, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         bound, _ = trainer_module(embedded.model, MemoryBank, settings, reader, {}).logits(
-            ids, roles, valid, doc, torch.tensor([doc.shape[1]]))
+            ids, roles, valid, doc, torch.tensor([doc.shape[1]])
+        )
         distilled, _ = trainer_module(embedded.model, MemoryBank, bank_settings, bank, {}).logits(ids, roles, valid)
         base = embedded.model(input_ids=ids).logits
     assert not torch.allclose(bound, base, atol=1e-3)
@@ -80,18 +89,36 @@ def test_training_slots_are_the_distilled_bank(embedded, files):
 
 
 def test_a_short_documents_run_trains_a_reader_an_arm_loads(embedded, files, tmp_path):
-    rows = [{"document": d, "messages": [{"role": "user", "content": f"Where does {p} live?"},
-                                         {"role": "assistant", "content": t}]}
-            for d, pairs in ((DOC, [("Orla Vennick", "Tarrowby"), ("Bram Solvey", "Quillmarsh")]),
-                             (OTHER, [("Idris Pallow", "Dunmere"), ("Sela Morrick", "Hathwick")]))
-            for p, t in pairs]
+    rows = [
+        {
+            "document": d,
+            "messages": [{"role": "user", "content": f"Where does {p} live?"}, {"role": "assistant", "content": t}],
+        }
+        for d, pairs in (
+            (DOC, [("Orla Vennick", "Tarrowby"), ("Bram Solvey", "Quillmarsh")]),
+            (OTHER, [("Idris Pallow", "Dunmere"), ("Sela Morrick", "Hathwick")]),
+        )
+        for p, t in pairs
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig.model_validate({
-        "mechanism": {"name": "memory_bank", "settings": {"layers": LAYERS, "sharing": "per_layer", "reader_rank": 4}},
-        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "train.jsonl"), "format": "chat",
-                 "loss_on": "assistant", "documents": True, "max_length": 48},
-        "train": {"max_steps": 4, "batch_size": 2, "lr": 0.01, "eval_every": 4, "schedule": "constant"},
-        "output": {"dir": str(tmp_path / "run")}})
+    cfg = TrainConfig.model_validate(
+        {
+            "mechanism": {
+                "name": "memory_bank",
+                "settings": {"layers": LAYERS, "sharing": "per_layer", "reader_rank": 4},
+            },
+            "data": {
+                "train": str(tmp_path / "train.jsonl"),
+                "eval": str(tmp_path / "train.jsonl"),
+                "format": "chat",
+                "loss_on": "assistant",
+                "documents": True,
+                "max_length": 48,
+            },
+            "train": {"max_steps": 4, "batch_size": 2, "lr": 0.01, "eval_every": 4, "schedule": "constant"},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
     summary = train(cfg, progress=False, log=lambda *_: None, lm=embedded)
     assert summary["best_eval_loss"] < summary["initial_eval_loss"]
     bank = f'memory_bank:linkage=1,weights="{files / "doc.safetensors"}"'

@@ -14,24 +14,27 @@ one joins by registering. Checked for every case:
 - batched == alone; read traces in the common shape;
 - Inspect's captured attention equals eager attention under the mechanism's own mask and positions.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from helpers import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, stepwise_forward
 
 from engine.dialogue import Dialogue
 from engine.mechanisms import MECHANISMS, ReadTrace
 from engine.spec import ArmSpec, parse_arm
-from helpers import (PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence,
-                                   stepwise_forward)
 
 CASES = [pytest.param(case, id=case.spec) for name, cls in MECHANISMS.items() for case in cls.conformance_cases()]
 FIRST_CASES = [pytest.param(cls.conformance_cases()[0], id=name) for name, cls in MECHANISMS.items()]
 # Each mechanism's first configuration on all three architectures, the others on Llama (CI time).
-ARCH_CASES = [pytest.param(arch, case, id=f"{arch}-{case.spec}")
-              for name, cls in MECHANISMS.items() for k, case in enumerate(cls.conformance_cases())
-              for arch in (("llama", "qwen2", "mistral") if k == 0 else ("llama",))]
+ARCH_CASES = [
+    pytest.param(arch, case, id=f"{arch}-{case.spec}")
+    for name, cls in MECHANISMS.items()
+    for k, case in enumerate(cls.conformance_cases())
+    for arch in (("llama", "qwen2", "mistral") if k == 0 else ("llama",))
+]
 _TINY: dict = {}
 
 
@@ -44,6 +47,7 @@ def tiny_arch(tokenizer):
         if arch not in _TINY:
             _TINY[arch] = make_tiny(arch, tokenizer)
         return _TINY[arch]
+
     return get
 
 
@@ -222,7 +226,7 @@ def test_capture_equals_eager_attention(tiny_llama, case):
     covered = 0
     for start, rows in ref.attn_rows:  # rows [L, H, n, start + n]: one step's queries over the cache
         n = rows.shape[2]
-        eager[:, :, start:start + n, :start + n] = rows.numpy()
+        eager[:, :, start : start + n, : start + n] = rows.numpy()
         covered = start + n
     assert covered >= attn.shape[-1] - 1  # all but the reply's last token, which nothing fed yet
     np.testing.assert_allclose(attn[:, :, :covered, :covered], eager[:, :, :covered, :covered], atol=2e-5)
@@ -236,7 +240,7 @@ def test_one_capture_records_every_row_as_alone(tiny_llama):
     lm = tiny_llama
     specs = [p.values[0].spec for p in FIRST_CASES]  # each mechanism's first configuration (CI time)
     for k in range(0, len(specs), 3):
-        group = ["observer"] + specs[k:k + 3]
+        group = ["observer"] + specs[k : k + 3]
         d = Dialogue(lm, [parse_arm(s) for s in group])
         turns = []
         for m, n in ((PROMPTS[1], 5), ("Are you sure?", 4)):

@@ -1,4 +1,5 @@
 """`python -m engine distill`: slots are the host layer's x̂ of the document, methods, variants, the CLI."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,8 +14,10 @@ from engine.spec import parse_arm
 from engine.weights import load_tensors, read_header
 from tests.conftest import ROOT
 
-DOC = ("Kestlemere is a town of glass mills. Velmira Oskant lives there and works as a shipwright. "
-       "Orsik Thrume lives in Sallowfen and makes rope. The river Vantry runs between the two towns.")
+DOC = (
+    "Kestlemere is a town of glass mills. Velmira Oskant lives there and works as a shipwright. "
+    "Orsik Thrume lives in Sallowfen and makes rope. The river Vantry runs between the two towns."
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +36,7 @@ def test_token_slots_are_the_layers_normed_inputs(tiny_llama, tmp_path):
         x_hat = tiny_llama.model.model.layers[layer].input_layernorm(hs[layer])[0]
         slots, mask = t[f"bank.{b}.slots"], t[f"bank.{b}.mask"]
         assert torch.allclose(slots[mask], x_hat, atol=1e-5)
-        assert int(mask.sum()) == len(ids) and torch.equal(slots[per:per + 2], x_hat[per:per + 2])
+        assert int(mask.sum()) == len(ids) and torch.equal(slots[per : per + 2], x_hat[per : per + 2])
     arm = parse_arm(f'memory_bank:linkage=1,weights="{out}"')
     assert arm.settings.sharing == "per_layer" and arm.settings.chapters == 3
     d = Dialogue(tiny_llama, [arm], record_traces=True)
@@ -43,10 +46,15 @@ def test_token_slots_are_the_layers_normed_inputs(tiny_llama, tmp_path):
     assert abs(trace.weights.sum() - 1) < 1e-4 and "router_entropy" in trace.scalars
 
 
-@pytest.mark.parametrize("arm,method", [("memory_bank:layers=2,slots=8,chapters=2", "chunks"),
-                                        ("memory_bank:layers=2,slots=8,chapters=2", "kmeans"),
-                                        ("memory_bank:layers=2,variant=factorized,rank=64", "tokens"),
-                                        ("memory_bank:layers=2,variant=reduced,rank=8,chapters=2", "tokens")])
+@pytest.mark.parametrize(
+    "arm,method",
+    [
+        ("memory_bank:layers=2,slots=8,chapters=2", "chunks"),
+        ("memory_bank:layers=2,slots=8,chapters=2", "kmeans"),
+        ("memory_bank:layers=2,variant=factorized,rank=64", "tokens"),
+        ("memory_bank:layers=2,variant=reduced,rank=8,chapters=2", "tokens"),
+    ],
+)
 def test_methods_and_variants_load_and_change_output(tiny_llama, tmp_path, arm, method):
     out = tmp_path / "m.safetensors"
     r = distill(tiny_llama, DOC, arm, method=method, out=out)
@@ -72,6 +80,18 @@ def test_refusals(tiny_llama, tmp_path):
         distill(tiny_llama, DOC, "observer")
     with pytest.raises(DistillError, match="empty"):
         distill(tiny_llama, "", "memory_bank:layers=1")
-    out = subprocess.run([sys.executable, "-m", "engine", "distill", str(tmp_path / "none.txt"), "--out",
-                          str(tmp_path / "x.safetensors")], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "distill",
+            str(tmp_path / "none.txt"),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and out.stderr.strip() == f"error: document {tmp_path}/none.txt does not exist"

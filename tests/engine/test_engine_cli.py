@@ -1,4 +1,5 @@
 """The engine CLI and arm specs: clear one-line errors, a JSON contract, round-trips."""
+
 from __future__ import annotations
 
 import json
@@ -14,21 +15,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("continuity:linkage=7", "linkage"),
-    ("continuity:linkage=-0.1", "linkage"),
-    ("continuity:layers=99", "layer 99 does not exist"),
-    ("bogus", "unknown mechanism 'bogus'"),
-    ("continuity:foo=1", "unknown key 'foo'"),
-    ("continuity:linkage", "is not key=value"),
-    ("observer:linkage=1", "observer takes no mechanism settings"),
-    ("continuity:source=everything", "source"),
-    ("continuity:temperature=0", "temperature"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("continuity:linkage=7", "linkage"),
+        ("continuity:linkage=-0.1", "linkage"),
+        ("continuity:layers=99", "layer 99 does not exist"),
+        ("bogus", "unknown mechanism 'bogus'"),
+        ("continuity:foo=1", "unknown key 'foo'"),
+        ("continuity:linkage", "is not key=value"),
+        ("observer:linkage=1", "observer takes no mechanism settings"),
+        ("continuity:source=everything", "source"),
+        ("continuity:temperature=0", "temperature"),
+    ],
+)
 def test_invalid_specs_exit_nonzero_with_one_line(spec, message, capsys):
     from engine.__main__ import main
 
@@ -50,8 +55,19 @@ def test_missing_model_is_one_line():
 
 
 def test_generate_json_contract():
-    r = cli("generate", "--prompt", "Name a colour.", "--arm", "observer", "--arm",
-            "continuity:linkage=1,gain=0.3,layers=15/22/28", "--max-new-tokens", "6", "--greedy", "--json")
+    r = cli(
+        "generate",
+        "--prompt",
+        "Name a colour.",
+        "--arm",
+        "observer",
+        "--arm",
+        "continuity:linkage=1,gain=0.3,layers=15/22/28",
+        "--max-new-tokens",
+        "6",
+        "--greedy",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["model"]["name"] == "SmolLM2-135M-Instruct" and len(out["model"]["weights_hash"]) == 64
@@ -61,8 +77,10 @@ def test_generate_json_contract():
 
 
 def test_spec_round_trip():
-    s = parse_arm("continuity:linkage=0.5,gain=0.3,layers=15/22/28,source=all,rope=none,window=none,seed=4,"
-                  "greedy=false,label=linked")
+    s = parse_arm(
+        "continuity:linkage=0.5,gain=0.3,layers=15/22/28,source=all,rope=none,window=none,seed=4,"
+        "greedy=false,label=linked"
+    )
     assert s.settings.rope == "none" and s.settings.window is None and s.settings.layers == [15, 22, 28]
     assert s.sampling.seed == 4 and not s.sampling.greedy and s.display_label == "linked"
     again = parse_arm(s.to_string())
@@ -82,8 +100,12 @@ def test_share_from_must_not_be_above_reads(embedded):
 def test_with_sampling_validates_like_a_spec_string():
     s = parse_arm("continuity:linkage=1,seed=3")
     assert s.with_sampling(seed=7, greedy=False).sampling.seed == 7 and s.sampling.seed == 3
-    for changes, message in (({"seed": -5}, "seed"), ({"seed": 2**63}, "seed"), ({"temperature": 0}, "temperature"),
-                             ({"bogus": 1}, "unknown key 'bogus'")):
+    for changes, message in (
+        ({"seed": -5}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"temperature": 0}, "temperature"),
+        ({"bogus": 1}, "unknown key 'bogus'"),
+    ):
         with pytest.raises(SpecError, match=message):
             s.with_sampling(**changes)
     assert parse_arm(f"observer:seed={2**63 - 1}").sampling.seed == 2**63 - 1

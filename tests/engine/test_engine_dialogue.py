@@ -1,4 +1,5 @@
 """Dialogue behaviour: per-arm stop while streaming, refusals that change nothing, turn plumbing."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,8 +31,12 @@ def test_refusals_change_nothing(tiny_llama):
     d = Dialogue(tiny_llama, [parse_arm("observer")])
     d.send("Hello", max_new_tokens=3)
     before = (list(d.arms[0].token_ids), d.turn, d.mask.shape)
-    for bad, message in [("", "empty"), ("   \n ", "empty"), ("x" * 20_001, "limit"),
-                         ("word " * 3000, "too long for the model's context")]:
+    for bad, message in [
+        ("", "empty"),
+        ("   \n ", "empty"),
+        ("x" * 20_001, "limit"),
+        ("word " * 3000, "too long for the model's context"),
+    ]:
         with pytest.raises(DialogueError, match=message):
             d.send(bad, max_new_tokens=3)
         assert (list(d.arms[0].token_ids), d.turn, d.mask.shape) == before
@@ -44,7 +49,8 @@ def test_turn_pieces_label_roles(embedded):
     d.send("And three plus three?", max_new_tokens=5)
     arm = d.arms[0]
     text = lambda role, turn: embedded.tokenizer.decode(
-        [t for t, r, k in zip(arm.token_ids, arm.roles, arm.turns) if r == ROLE_CODE[role] and k == turn])
+        [t for t, r, k in zip(arm.token_ids, arm.roles, arm.turns) if r == ROLE_CODE[role] and k == turn]
+    )
     assert text("system", 0) == "Be brief."
     assert text("user", 0) == "What is two plus two?"
     assert text("user", 1) == "And three plus three?"
@@ -69,7 +75,7 @@ def test_reply_tokens_belong_to_their_turn(tiny_llama):
     start = d.arms[0].length - 3  # reply 0 is the last 3 fed tokens + 1 pending
     d.send("Two", max_new_tokens=4)
     arm = d.arms[0]
-    assert arm.turns[start:start + 4] == [0, 0, 0, 0]  # incl. its last token, fed at the start of turn 1
+    assert arm.turns[start : start + 4] == [0, 0, 0, 0]  # incl. its last token, fed at the start of turn 1
     assert arm.roles[start + 3] == ROLE_CODE["assistant"] and arm.turns[start + 4] == 1
 
 

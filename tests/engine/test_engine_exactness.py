@@ -1,16 +1,16 @@
 """Exactness of the engine: linkage 0 is the base model bit for bit, cached == uncached, no future
 leakage, batched arms == arms alone, memory scopes, the seed variant, 4-bit. The invariants every
 mechanism shares are in tests/engine/test_conformance.py; this file keeps the continuity-specific ones."""
+
 from __future__ import annotations
 
 import torch
+from helpers import PROMPTS, A, dialogue_logits, full_forward, generate_logits, mixed_sequence, stepwise_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from engine.dialogue import Dialogue
 from engine.hooks import MechanismHost
 from engine.spec import parse_arm
-
-from helpers import PROMPTS, A, dialogue_logits, full_forward, generate_logits, mixed_sequence, stepwise_forward
 
 
 # -- linkage 0 is the base model -----------------------------------------------------------------
@@ -36,7 +36,7 @@ def test_multi_turn_generation_matches_uncached(embedded):
     end = len(ids)
     for reply in reversed(st.replies):
         start = end - len(reply.token_ids)
-        assert full[start - 1:end - 1].argmax(-1).tolist() == reply.token_ids
+        assert full[start - 1 : end - 1].argmax(-1).tolist() == reply.token_ids
         end = start - (len(st.replies[1].prompt_token_ids) - 1)  # skip turn 2's prompt (its first id is reply 1's last)
 
 
@@ -90,7 +90,10 @@ def test_delta_added_is_reference_delta(tiny_llama):
         d = Dialogue(lm, [parse_arm(arm)])
         # our hook runs after this one? register after the host's hook: the host hooks on first use
         MechanismHost.of(lm.model).ensure_hooks([layer])
-        h = attn.register_forward_hook(lambda m, a, k, o: outs.__setitem__(name, (k["hidden_states"][0].clone(), o[0][0].clone())), with_kwargs=True)
+        h = attn.register_forward_hook(
+            lambda m, a, k, o: outs.__setitem__(name, (k["hidden_states"][0].clone(), o[0][0].clone())),
+            with_kwargs=True,
+        )
         try:
             d._forward([ids], [roles], 0, logits_to_keep=1)
         finally:
@@ -111,8 +114,12 @@ def test_delta_added_is_reference_delta(tiny_llama):
 
 
 # -- batched arms == arms alone ------------------------------------------------------------------
-BATCH = ["observer", "continuity:linkage=1,gain=1,source=all", "continuity:linkage=0.5,rope=none,gain=1",
-         "continuity:linkage=1,greedy=false,temperature=0.9,seed=7"]
+BATCH = [
+    "observer",
+    "continuity:linkage=1,gain=1,source=all",
+    "continuity:linkage=0.5,rope=none,gain=1",
+    "continuity:linkage=1,greedy=false,temperature=0.9,seed=7",
+]
 
 
 def run_turns(lm, arms, turns, n=10):

@@ -1,5 +1,6 @@
 """Protocol v2 beyond the conformance suite: weights files and provenance, quoted spec values,
 test-time gradients, auxiliary losses, plugins."""
+
 from __future__ import annotations
 
 import os
@@ -8,14 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from engine import Dialogue, DialogueError, SpecError, parse_arm
 from engine.hooks import BatchContext, MechanismHost, RowBinding
 from engine.mechanisms import MECHANISMS, Mechanism, MechanismSettings, StepRow, register
 from engine.spec import ArmSpec
 from engine.weights import WeightsError, check_fits, read_header, save_weights, shared_weights
-
-from conftest import ROOT
 
 
 def vectors(lm, scale=1.0, layers=None):
@@ -26,8 +26,14 @@ def vectors(lm, scale=1.0, layers=None):
 
 def write_toy(path, lm, layers, scale=1.0):
     settings = {"layers": layers, "init_scale": 1.0}
-    return save_weights(path, vectors(lm, scale, layers), mechanism="vector_toy", settings=settings, model=lm.model,
-                        identity=lm.identity)
+    return save_weights(
+        path,
+        vectors(lm, scale, layers),
+        mechanism="vector_toy",
+        settings=settings,
+        model=lm.model,
+        identity=lm.identity,
+    )
 
 
 # -- spec strings ----------------------------------------------------------------------------------
@@ -81,8 +87,9 @@ def test_same_shape_other_weights_hash_is_refused(tmp_path, tokenizer):
     path = tmp_path / "a.safetensors"
     write_toy(path, a, [1])
     with pytest.raises(WeightsError, match="was made for model 'tiny-llama'"):
-        shared_weights(MECHANISMS["vector_toy"], parse_arm(f'vector_toy:weights="{path}"').settings, b.model,
-                       b.identity)
+        shared_weights(
+            MECHANISMS["vector_toy"], parse_arm(f'vector_toy:weights="{path}"').settings, b.model, b.identity
+        )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "missing"])
@@ -124,17 +131,34 @@ def test_provenance_records_the_hash_and_replay_refuses_a_changed_file(tmp_path,
 def test_cli_refuses_other_models_file_with_one_line(tmp_path, tiny_llama):
     path = tmp_path / "tiny.safetensors"
     write_toy(path, tiny_llama, [1])
-    r = subprocess.run([sys.executable, "-m", "engine", "generate", "--prompt", "Hi", "--arm", "observer",
-                        "--arm", f'vector_toy:weights="{path}"', "--json"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "generate",
+            "--prompt",
+            "Hi",
+            "--arm",
+            "observer",
+            "--arm",
+            f'vector_toy:weights="{path}"',
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "another model" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
 def test_plugins_appear_in_the_cli():
-    r = subprocess.run([sys.executable, "-m", "engine", "mechanisms"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "mechanisms"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     names = [l for l in r.stdout.splitlines() if l and not l.startswith(" ")]
     assert {"continuity", "mask_toy", "vector_toy"} <= set(names)
@@ -142,8 +166,9 @@ def test_plugins_appear_in_the_cli():
 
 def test_a_broken_plugin_is_one_clear_error():
     env = {**os.environ, "LAB_PLUGINS": "no_such_module_xyz"}
-    r = subprocess.run([sys.executable, "-m", "engine", "mechanisms"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "mechanisms"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
     assert r.returncode == 0 and "continuity" in r.stdout
     assert r.stderr.strip().startswith("warning: LAB_PLUGINS: cannot import 'no_such_module_xyz'")
     assert len(r.stderr.strip().splitlines()) == 1
@@ -177,7 +202,9 @@ def test_needs_grad_rows_can_take_gradient_steps(tiny_llama):
         replies = d.send("Hello there", max_new_tokens=4)
         assert d.arms[1].mechanism.call_counts[1] > 0
         # rows without grad-needing arms stay in inference mode, and the observer row is untouched
-        base = Dialogue(tiny_llama, [parse_arm("observer"), parse_arm("observer")]).send("Hello there", max_new_tokens=4)
+        base = Dialogue(tiny_llama, [parse_arm("observer"), parse_arm("observer")]).send(
+            "Hello there", max_new_tokens=4
+        )
         assert replies[0].token_ids == base[0].token_ids
     finally:
         del MECHANISMS["grad_toy_test"]

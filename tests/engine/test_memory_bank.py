@@ -1,18 +1,18 @@
 """The memory bank (seed 001): exactness, routing causality, router losses, variants, weights files."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from helpers import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, stepwise_forward
 
 from engine.dialogue import Dialogue, DialogueError
 from engine.mechanisms import MECHANISMS, MemoryBank
 from engine.mechanisms.memory_bank import MemoryBankSettings, router_losses
 from engine.spec import SpecError, parse_arm
 from engine.weights import save_weights, shared_weights
-from helpers import (PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence,
-                                         stepwise_forward)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,6 +107,7 @@ def test_factorized_equals_its_dense_product(tiny_llama):
     for s, w in ((fact, wf), (dense, wd)):
         d = Dialogue(tiny_llama, [parse_arm("observer")])
         from engine.dialogue import ArmState
+
         d.arms = [ArmState(parse_arm("memory_bank:linkage=1"), MemoryBank(s, tiny_llama.model, w))]
         outs.append(d._forward([ids], [roles], 0, logits_to_keep=0)[0])
     assert (outs[0] - outs[1]).abs().max() <= 1e-5
@@ -128,8 +129,14 @@ def _save(tmp_path, lm, spec, name="bank.safetensors", labels=None):
     if labels:
         w.labels[0] = labels
     path = tmp_path / name
-    save_weights(path, w.to_tensors(), mechanism="memory_bank", settings=settings.model_dump(exclude={"weights"}),
-                 model=lm.model, identity=lm.identity)
+    save_weights(
+        path,
+        w.to_tensors(),
+        mechanism="memory_bank",
+        settings=settings.model_dump(exclude={"weights"}),
+        model=lm.model,
+        identity=lm.identity,
+    )
     return path, w
 
 
@@ -163,13 +170,16 @@ def test_bad_files_refused(tiny_llama, embedded, tmp_path):
         Dialogue(tiny_llama, [parse_arm(f'memory_bank:weights="{path}",slots=16')])
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("memory_bank:slots=10,chapters=4", "equal chapters"),
-    ("memory_bank:slots=16,chapters=4,top_k=5", "top_k"),
-    ("memory_bank:slots=16,chapters=2,shared_chapters=2", "no chapter to route"),
-    ("memory_bank:placement=all,layers=1/2", "placement=custom"),
-    ("memory_bank:variant=huge", "variant"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("memory_bank:slots=10,chapters=4", "equal chapters"),
+        ("memory_bank:slots=16,chapters=4,top_k=5", "top_k"),
+        ("memory_bank:slots=16,chapters=2,shared_chapters=2", "no chapter to route"),
+        ("memory_bank:placement=all,layers=1/2", "placement=custom"),
+        ("memory_bank:variant=huge", "variant"),
+    ],
+)
 def test_bad_settings_one_line(spec, message):
     with pytest.raises(SpecError, match=message):
         parse_arm(spec)
@@ -191,8 +201,9 @@ def test_chapter_usage_view_is_a_tokens_by_chapters_heatmap(tiny_llama):
     from engine import figures as F
     from engine.capture import scalar_curves
 
-    d = Dialogue(tiny_llama, [parse_arm("memory_bank:linkage=1,slots=16,chapters=4,top_k=2,routing=token")],
-                 record_traces=True)
+    d = Dialogue(
+        tiny_llama, [parse_arm("memory_bank:linkage=1,slots=16,chapters=4,top_k=2,routing=token")], record_traces=True
+    )
     reply = d.send("Which chapters do you read?", max_new_tokens=5)[0]
     curves = scalar_curves(reply.traces)
     names = {n for e in curves["layers"] for n in e["series"]}

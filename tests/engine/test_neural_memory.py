@@ -1,17 +1,23 @@
 """The neural long-term memory (seed 002): chunked == token-by-token for both memories, the implicit
 attention is the linear memory's read, linkage 0 is the base model, cached == uncached, no future
 leakage, snapshot -> continue == uninterrupted."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, stepwise_forward
 
 from engine.dialogue import Dialogue
-from engine.mechanisms.neural_memory import (NeuralMemorySettings, coefficients, implicit_attention, linear_chunk,
-                                             linear_sequential)
+from engine.mechanisms.neural_memory import (
+    NeuralMemorySettings,
+    coefficients,
+    implicit_attention,
+    linear_chunk,
+    linear_sequential,
+)
 from engine.spec import parse_arm
-from helpers import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, stepwise_forward
 
 
 def _random_kvq(T=70, h=2, g=2, d=16, seed=0):
@@ -32,7 +38,9 @@ def test_linear_chunked_equals_sequential(step, chunk):
     M_ref, S_ref, y_ref, e_ref, th_ref, n_ref = linear_sequential(s, M0, S0, k, v, q)
     M, S, ys, es, ths, ns = M0, S0, [], [], [], []
     for a in range(0, T, chunk):
-        M, S, y, e, th, n = linear_chunk(s, M, S, k[:, a:a + chunk], v[:, a:a + chunk], q[:, :, a:a + chunk], True)
+        M, S, y, e, th, n = linear_chunk(
+            s, M, S, k[:, a : a + chunk], v[:, a : a + chunk], q[:, :, a : a + chunk], True
+        )
         ys.append(y), es.append(e), ths.append(th), ns.append(n)
     assert torch.allclose(M, M_ref, atol=1e-5) and torch.allclose(S, S_ref, atol=1e-5)
     assert torch.allclose(torch.cat(ys, 2), y_ref, atol=1e-5)
@@ -48,8 +56,9 @@ def test_implicit_attention_reproduces_the_read():
     s = NeuralMemorySettings(step="surprise", momentum=0.7, forget=0.02, lr=0.3, chunk=16)
     k, v, q = (x.double() for x in _random_kvq(T=50))
     h, T, d = k.shape
-    _, _, y, e, th, _ = linear_sequential(s, torch.zeros(h, d, d, dtype=torch.float64),
-                                          torch.zeros(h, d, d, dtype=torch.float64), k, v, q)
+    _, _, y, e, th, _ = linear_sequential(
+        s, torch.zeros(h, d, d, dtype=torch.float64), torch.zeros(h, d, d, dtype=torch.float64), k, v, q
+    )
     w = implicit_attention(s, q, k, th, torch.arange(T), torch.arange(T))  # [h, g, T, T]
     assert torch.equal(w.triu(), torch.zeros_like(w))  # read before write: nothing at or after t
     assert torch.allclose(torch.einsum("hgtn,hnd->hgtd", w, e), y, atol=1e-10, rtol=0)
@@ -100,8 +109,13 @@ def test_chunked_prefill_equals_token_by_token_in_the_model(tiny_llama, memory):
     assert (full - plain).abs().max() > 1e-3  # the memory is on the path
 
 
-@pytest.mark.parametrize("arm", ["neural_memory:linkage=1,gain=1,wiring=layer,step=surprise,chunk=5",
-                                 "neural_memory:linkage=1,gain=1,memory=mlp,hidden=16"])
+@pytest.mark.parametrize(
+    "arm",
+    [
+        "neural_memory:linkage=1,gain=1,wiring=layer,step=surprise,chunk=5",
+        "neural_memory:linkage=1,gain=1,memory=mlp,hidden=16",
+    ],
+)
 def test_no_future_leakage(tiny_llama, arm):
     ids, roles = mixed_sequence(30)
     j = 18
@@ -154,6 +168,7 @@ def test_scope_turn_resets_and_settings_are_bounded(tiny_llama):
     for field in NeuralMemorySettings.model_fields.values():
         assert field.description
     from engine.spec import SpecError
+
     with pytest.raises(SpecError, match="momentum"):
         parse_arm("neural_memory:momentum=1.5")
     with pytest.raises(SpecError, match="unknown key"):

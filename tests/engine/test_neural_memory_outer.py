@@ -7,18 +7,17 @@ recurrence, not the chunked form); with trained (here: random) parameters linkag
 model bit for bit, cached == uncached and nothing leaks from the future; the trainer's window and
 `loss_on: last`; a short windowed training run lowers held-out loss and its file loads into an arm.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from helpers import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, stepwise_forward
 
 from engine import parse_arm
-from engine.mechanisms.neural_memory import (OUTER_PARAMS, linear_scan, linear_sequential, outer_gates,
-                                             outer_shapes)
-from helpers import PROMPTS, dialogue_logits, full_forward, generate_logits, mixed_sequence, \
-    stepwise_forward
+from engine.mechanisms.neural_memory import OUTER_PARAMS, linear_scan, linear_sequential, outer_gates, outer_shapes
 
 BASE = "neural_memory:linkage=1,gain=1,wiring=layer,layers=1/3,lr=0.5"
 
@@ -65,8 +64,13 @@ def random_outer(tiny_llama, tmp_path_factory):
     shapes = outer_shapes(cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.hidden_size)
     tensors = {f"outer.{l}.{n}": 0.3 * torch.randn(shapes[n], generator=g) for l in (1, 3) for n in OUTER_PARAMS}
     path = tmp_path_factory.mktemp("outer") / "outer.safetensors"
-    save_weights(path, tensors, mechanism="neural_memory", settings=settings.model_dump(exclude={"weights"}),
-                 model=tiny_llama.model)
+    save_weights(
+        path,
+        tensors,
+        mechanism="neural_memory",
+        settings=settings.model_dump(exclude={"weights"}),
+        model=tiny_llama.model,
+    )
     return f'neural_memory:linkage=1,weights="{path}"'
 
 
@@ -103,10 +107,14 @@ def test_loss_on_last_and_the_training_window(tokenizer):
     from engine.mechanisms.base import ROLE_CODE
     from engine.train import encode, window_mask
 
-    row = {"messages": [{"role": "user", "content": "Remember: the key is under the mat."},
-                        {"role": "assistant", "content": "Noted."},
-                        {"role": "user", "content": "Where is the key?"},
-                        {"role": "assistant", "content": "Under the mat"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Remember: the key is under the mat."},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "Where is the key?"},
+            {"role": "assistant", "content": "Under the mat"},
+        ]
+    }
     enc = encode(tokenizer, row, 512, "last")
     kept = [t for t in enc["labels"] if t != -100]
     assert tokenizer.decode(kept).strip() == "Under the mat"
@@ -122,23 +130,48 @@ def test_windowed_training_lowers_held_out_loss_and_loads(tiny_llama, tmp_path):
     from engine.train import TrainConfig, train
 
     rows = []
-    for i, (who, town) in enumerate([("Ada", "Skelwith"), ("Bo", "Ambleside"), ("Cy", "Keswick"), ("Di", "Hawes"),
-                                     ("Ed", "Sedbergh"), ("Flo", "Kendal")]):
+    for i, (who, town) in enumerate(
+        [
+            ("Ada", "Skelwith"),
+            ("Bo", "Ambleside"),
+            ("Cy", "Keswick"),
+            ("Di", "Hawes"),
+            ("Ed", "Sedbergh"),
+            ("Flo", "Kendal"),
+        ]
+    ):
         filler = " ".join(["The weather was fine and the tea was warm."] * 2)
-        rows.append({"messages": [{"role": "user", "content": f"Remember: {who} lives in {town}."},
-                                  {"role": "assistant", "content": "Noted."},
-                                  {"role": "user", "content": filler}, {"role": "assistant", "content": "Yes."},
-                                  {"role": "user", "content": f"Where does {who} live?"},
-                                  {"role": "assistant", "content": town}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Remember: {who} lives in {town}."},
+                    {"role": "assistant", "content": "Noted."},
+                    {"role": "user", "content": filler},
+                    {"role": "assistant", "content": "Yes."},
+                    {"role": "user", "content": f"Where does {who} live?"},
+                    {"role": "assistant", "content": town},
+                ]
+            }
+        )
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:4]))
     (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows[4:]))
-    cfg = TrainConfig(**{
-        "mechanism": {"name": "neural_memory", "settings": {"layers": [1, 3], "outer": True, "gain": 1.0,
-                                                            "wiring": "layer", "lr": 0.5}},
-        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "format": "chat",
-                 "loss_on": "last", "max_length": 128},
-        "train": {"max_steps": 8, "batch_size": 2, "lr": 0.05, "eval_every": 4, "window": 8, "sink": 2},
-        "output": {"dir": str(tmp_path / "run"), "weights": str(tmp_path / "outer.safetensors")}})
+    cfg = TrainConfig(
+        **{
+            "mechanism": {
+                "name": "neural_memory",
+                "settings": {"layers": [1, 3], "outer": True, "gain": 1.0, "wiring": "layer", "lr": 0.5},
+            },
+            "data": {
+                "train": str(tmp_path / "train.jsonl"),
+                "eval": str(tmp_path / "eval.jsonl"),
+                "format": "chat",
+                "loss_on": "last",
+                "max_length": 128,
+            },
+            "train": {"max_steps": 8, "batch_size": 2, "lr": 0.05, "eval_every": 4, "window": 8, "sink": 2},
+            "output": {"dir": str(tmp_path / "run"), "weights": str(tmp_path / "outer.safetensors")},
+        }
+    )
     result = train(cfg, progress=False, log=lambda *a: None, lm=tiny_llama)
     assert result["best_eval_loss"] < result["initial_eval_loss"]
     arm = parse_arm(f'neural_memory:linkage=1,weights="{tmp_path / "outer.safetensors"}"')

@@ -1,22 +1,27 @@
 """Persistent-memory tokens of the neural memory (Titans' learned, data-independent tokens): written
 before the arm's first token and after every reset, read by every token as if prepended, listed by
 the exact implicit attention; trained by `python -m engine train` and round-tripped into an arm."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
-from engine.dialogue import Dialogue, DialogueError
-from engine.mechanisms.neural_memory import NeuralMemory, NeuralMemorySettings, coefficients, implicit_attention, \
-    linear_sequential
-from engine.spec import SpecError, parse_arm
-from engine.train import TrainConfig, load_config, train
-from engine.weights import load_tensors, read_header
 from helpers import PROMPTS, full_forward, mixed_sequence, stepwise_forward
 from test_neural_memory import _random_kvq
 
+from engine.dialogue import Dialogue, DialogueError
+from engine.mechanisms.neural_memory import (
+    NeuralMemory,
+    NeuralMemorySettings,
+    coefficients,
+    implicit_attention,
+    linear_sequential,
+)
+from engine.spec import SpecError, parse_arm
+from engine.train import TrainConfig, load_config, train
+from engine.weights import load_tensors, read_header
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,7 +100,9 @@ def test_persistent_text_and_bad_values(tiny_llama):
     def keep(l):
         def hook(module, args, kwargs):
             seen[l] = kwargs["hidden_states"][0].clone()
+
         return hook
+
     hooks = [layers[l].self_attn.register_forward_pre_hook(keep(l), with_kwargs=True) for l in (1, 2)]
     with torch.no_grad():
         tiny_llama.model(input_ids=ids)
@@ -116,9 +123,11 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-TEXTS = ["The keeper of the north light writes the ships in the ledger: {n} ships tonight, all safe.",
-         "At the north light the ledger says: {n} ships passed, the sea was calm and all are safe.",
-         "Ledger of the north light: {n} ships, calm water, the keeper slept at dawn, all safe."]
+TEXTS = [
+    "The keeper of the north light writes the ships in the ledger: {n} ships tonight, all safe.",
+    "At the north light the ledger says: {n} ships passed, the sea was calm and all are safe.",
+    "Ledger of the north light: {n} ships, calm water, the keeper slept at dawn, all safe.",
+]
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
@@ -126,15 +135,31 @@ def test_training_lowers_held_out_loss_and_weights_round_trip(tmp_path, tiny_lla
     rows = [{"text": TEXTS[i % 3].format(n=i + 3)} for i in range(12)]
     _write_jsonl(tmp_path / "train.jsonl", rows[:10])
     _write_jsonl(tmp_path / "eval.jsonl", rows[10:])
-    settings = {"layers": [1, 3], "persistent": 4, "gain": 1.0, "wiring": "layer", "memory": memory, "hidden": 8,
-                "lr": 0.5}
+    settings = {
+        "layers": [1, 3],
+        "persistent": 4,
+        "gain": 1.0,
+        "wiring": "layer",
+        "memory": memory,
+        "hidden": 8,
+        "lr": 0.5,
+    }
     steps = 12 if memory == "linear" else 3
-    cfg = TrainConfig(**{
-        "mechanism": {"name": "neural_memory", "settings": settings},
-        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 32},
-        "train": {"max_steps": steps, "batch_size": 5, "lr": 0.3, "eval_every": steps, "seed": 0,
-                  "schedule": "constant"},
-        "output": {"dir": str(tmp_path / "run")}})
+    cfg = TrainConfig(
+        **{
+            "mechanism": {"name": "neural_memory", "settings": settings},
+            "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 32},
+            "train": {
+                "max_steps": steps,
+                "batch_size": 5,
+                "lr": 0.3,
+                "eval_every": steps,
+                "seed": 0,
+                "schedule": "constant",
+            },
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
     summary = train(cfg, progress=False, log=lambda *_: None, lm=tiny_llama)
     if memory == "linear":
         assert summary["best_eval_loss"] < summary["initial_eval_loss"] - 0.05, summary
@@ -171,8 +196,8 @@ def test_shipped_config_is_valid(monkeypatch):
 def test_window_training_data_and_mask(tokenizer):
     """studies/persistent_window.py: facts disjoint from the protocol's items, labels only on the
     answer, and the sliding window mask (sink + last N, causal, padding rows see themselves)."""
-    from studies.persistent_window import encode_item, make_items, mismatched, window_mask
     from experiments.protocol import get_protocol
+    from studies.persistent_window import encode_item, make_items, mismatched, window_mask
 
     protocol = get_protocol("window_recall")
     train_items, held = make_items(0)

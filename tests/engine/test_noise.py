@@ -5,16 +5,17 @@ the residual it adds has the matched mechanism's norm token by token and layer b
 direction, it is the same function of position in every run, bad specs are one line, a matched
 weights file is recorded with the arm, and a fresh memory bank is labelled as noise everywhere.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import PROMPTS
 
 from engine import SpecError, parse_arm
 from engine.dialogue import Dialogue
 from engine.mechanisms.noise import unit_noise
 from lab.settings import summary
-from helpers import PROMPTS
 
 
 def _record(mech, out: list):
@@ -26,11 +27,18 @@ def _record(mech, out: list):
         if d is not None:
             out.append((call.layer, call.row.positions.clone(), (mech.scale * d).detach().float().clone()))
         return d
+
     mech.forward = forward
 
 
-@pytest.mark.parametrize("matched", ["continuity:linkage=1,gain=1,source=all", "neural_memory:linkage=1,gain=1",
-                                     "memory_bank:linkage=1,slots=16,gain=0.5"])
+@pytest.mark.parametrize(
+    "matched",
+    [
+        "continuity:linkage=1,gain=1,source=all",
+        "neural_memory:linkage=1,gain=1",
+        "memory_bank:linkage=1,slots=16,gain=0.5",
+    ],
+)
 def test_noise_has_the_matched_norm_and_not_its_direction(tiny_llama, matched):
     d = Dialogue(tiny_llama, [parse_arm(matched), parse_arm(f'noise:linkage=1,match="{matched}"')])
     linked, noise = d.arms[0].mechanism, d.arms[1].mechanism
@@ -76,16 +84,19 @@ def test_gain_and_linkage_scale_the_noise(tiny_llama):
     torch.testing.assert_close(3 * a, c, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ('noise:match="observer"', "match names the observer"),
-    ('noise:match="noise:linkage=1"', "match names another noise arm"),
-    ('noise:match="continuity:linkage=0"', "match has linkage 0"),
-    ('noise:match="continuity:linkage=1,seed=3"', "match takes the mechanism's settings only"),
-    ('noise:match="bogus:x=1"', "unknown mechanism 'bogus'"),
-    ('noise:match="continuity:linkage=2"', "continuity: linkage: input should be less than or equal to 1"),
-    ("noise:layers=3", "set layers inside match"),
-    ('noise:match="memory_bank:weights=@no_such_bank"', "does not exist"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ('noise:match="observer"', "match names the observer"),
+        ('noise:match="noise:linkage=1"', "match names another noise arm"),
+        ('noise:match="continuity:linkage=0"', "match has linkage 0"),
+        ('noise:match="continuity:linkage=1,seed=3"', "match takes the mechanism's settings only"),
+        ('noise:match="bogus:x=1"', "unknown mechanism 'bogus'"),
+        ('noise:match="continuity:linkage=2"', "continuity: linkage: input should be less than or equal to 1"),
+        ("noise:layers=3", "set layers inside match"),
+        ('noise:match="memory_bank:weights=@no_such_bank"', "does not exist"),
+    ],
+)
 def test_bad_noise_specs_are_one_line(spec, message):
     with pytest.raises(SpecError, match=message) as e:
         parse_arm(spec)
@@ -105,14 +116,22 @@ def test_a_matched_weights_file_is_recorded_and_checked(tiny_llama, tmp_path, mo
     from engine.distill import distill
 
     monkeypatch.setenv("LAB_WEIGHTS_DIR", str(tmp_path))
-    distill(tiny_llama, "Ada lives in Skelwith and mends clocks.", arm="memory_bank:layers=1/3",
-            out=tmp_path / "b.safetensors")
+    distill(
+        tiny_llama,
+        "Ada lives in Skelwith and mends clocks.",
+        arm="memory_bank:layers=1/3",
+        out=tmp_path / "b.safetensors",
+    )
     arm = parse_arm('noise:match="memory_bank:weights=@b,linkage=1"')
     d = arm.to_dict()
     assert d["weights_sha256"] and arm.caveat.startswith("control:")
     Dialogue(tiny_llama, [arm]).send(PROMPTS[1], max_new_tokens=2)  # builds the matched bank from the file
-    distill(tiny_llama, "Bo lives in Ambleside and bakes bread.", arm="memory_bank:layers=1/3",
-            out=tmp_path / "b.safetensors")  # another document, the same settings
+    distill(
+        tiny_llama,
+        "Bo lives in Ambleside and bakes bread.",
+        arm="memory_bank:layers=1/3",
+        out=tmp_path / "b.safetensors",
+    )  # another document, the same settings
     from engine.spec import ArmSpec
 
     with pytest.raises(SpecError, match="has changed since this arm was run"):
@@ -135,8 +154,23 @@ def test_caveats_name_arms_that_are_not_memory(tmp_path):
 def test_cli_warns_about_a_fresh_bank(capsys):
     from engine.__main__ import main
 
-    assert main(["generate", "--prompt", "Hi", "--max-new-tokens", "1", "--arm", "observer",
-                 "--arm", "memory_bank:linkage=1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "Hi",
+                "--max-new-tokens",
+                "1",
+                "--arm",
+                "observer",
+                "--arm",
+                "memory_bank:linkage=1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.startswith("warning: arm memory_bank")]
     assert len(lines) == 1 and "random slots" in lines[0]

@@ -1,11 +1,13 @@
 """Partial attention to the source (seed 003): exactness at linkage 0, cached == uncached, the
 bidirectional source mask and separate positions, per-row sources in a batch, traces, weights
 files, and Inspect's attention under the edited mask."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from helpers import full_forward, generate_logits, run_dialogue, stepwise_forward
 
 from engine.dialogue import Dialogue, attention_mask_4d, build_mechanism
 from engine.hooks import BatchContext, MechanismHost, RowBinding
@@ -14,7 +16,6 @@ from engine.mechanisms.base import ROLE_CODE
 from engine.mechanisms.partial_attention import PartialAttention
 from engine.spec import SpecError, parse_arm
 from engine.weights import save_weights
-from helpers import full_forward, generate_logits, run_dialogue, stepwise_forward
 
 A, U, S = ROLE_CODE["assistant"], ROLE_CODE["user"], ROLE_CODE["system"]
 CASES = [c.spec for c in PartialAttention.conformance_cases()]
@@ -131,13 +132,16 @@ def test_batched_rows_with_different_source_lengths_equal_each_row_alone(tiny_ll
     T = batched.shape[1]
     for i, (arm, (ids, roles)) in enumerate(zip([spec, spec + ",spe=true", BIDI], rows)):
         alone = full_forward(tiny_llama, arm, ids, roles)
-        assert (batched[i, T - len(ids):] - alone).abs().max() <= 1e-4, arm
+        assert (batched[i, T - len(ids) :] - alone).abs().max() <= 1e-4, arm
     assert [len(a.mechanism.source_positions()) for a in d.arms] == [10, 4, 16]
 
 
 def test_dialogue_arms_with_pinned_and_dialogue_sources_match_alone(tiny_llama):
-    arms = ["partial_attention:linkage=1,gain=1,bidirectional=true",
-            'partial_attention:linkage=1,gain=1,text="Lima is the capital of Peru."', "observer"]
+    arms = [
+        "partial_attention:linkage=1,gain=1,bidirectional=true",
+        'partial_attention:linkage=1,gain=1,text="Lima is the capital of Peru."',
+        "observer",
+    ]
     batched, _, db = run_dialogue(tiny_llama, arms, PROMPT, 6, system=SYSTEM)
     lb = db.teacher_force("Are you sure?", [[5, 6, 7]] * 3)
     for i, arm in enumerate(arms):
@@ -178,15 +182,27 @@ def test_weights_file_round_trips(tiny_llama, tmp_path):
     fresh = PartialAttention.build_weights(arm.settings, tiny_llama.model, None)
     tensors = {k: v.clone() for k, v in fresh.state_dict().items()}
     path = tmp_path / "pa.safetensors"
-    save_weights(path, tensors, mechanism="partial_attention", settings=arm.settings.model_dump(),
-                 model=tiny_llama.model, identity=tiny_llama.identity)
+    save_weights(
+        path,
+        tensors,
+        mechanism="partial_attention",
+        settings=arm.settings.model_dump(),
+        model=tiny_llama.model,
+        identity=tiny_llama.identity,
+    )
     ids, roles = sequence()
     base = full_forward(tiny_llama, spec, ids, roles)
     same = full_forward(tiny_llama, f'partial_attention:linkage=1,gain=1,weights="{path}"', ids, roles)
     assert torch.equal(base, same)  # the file's settings are the arm's defaults; fresh = cloned
     tensors["branches.3.lang"][1] += 0.5  # a trained target embedding changes the branch
-    save_weights(path, tensors, mechanism="partial_attention", settings=arm.settings.model_dump(),
-                 model=tiny_llama.model, identity=tiny_llama.identity)
+    save_weights(
+        path,
+        tensors,
+        mechanism="partial_attention",
+        settings=arm.settings.model_dump(),
+        model=tiny_llama.model,
+        identity=tiny_llama.identity,
+    )
     moved = full_forward(tiny_llama, f'partial_attention:linkage=1,gain=1,weights="{path}"', ids, roles)
     assert (moved - base).abs().max() > 1e-3
     with pytest.raises(ValueError, match="no place"):
@@ -199,8 +215,9 @@ def test_capture_equals_eager_under_the_edited_mask(tiny_llama):
 
     spec = "partial_attention:linkage=1,gain=1,bidirectional=true,spe=true"
     _, _, d = run_dialogue(tiny_llama, [spec], PROMPT, 6, system=SYSTEM)
-    attn, tr = capture_attention(tiny_llama, parse_arm(spec), [(PROMPT, d.arms[0].replies[0].token_ids)], SYSTEM,
-                                 max_size=None)
+    attn, tr = capture_attention(
+        tiny_llama, parse_arm(spec), [(PROMPT, d.arms[0].replies[0].token_ids)], SYSTEM, max_size=None
+    )
     T = len(tr.token_ids)
     mech = build_mechanism(parse_arm(spec), tiny_llama)
     row = StepRow(torch.arange(T), torch.tensor(tr.roles), torch.tensor(tr.token_ids), 0, False)
@@ -211,8 +228,13 @@ def test_capture_equals_eager_under_the_edited_mask(tiny_llama):
         mask = attention_mask_4d(torch.ones(1, T, dtype=torch.long), T, {0: plan.allow}, "eager", model.dtype)
         ctx = BatchContext([RowBinding(0, mech, torch.ones(T, dtype=torch.bool), row)])
         with torch.inference_mode(), MechanismHost.of(model).use(ctx):
-            out = model(torch.tensor([tr.token_ids]), attention_mask=mask, position_ids=plan.position_ids[None],
-                        output_attentions=True, logits_to_keep=1)
+            out = model(
+                torch.tensor([tr.token_ids]),
+                attention_mask=mask,
+                position_ids=plan.position_ids[None],
+                output_attentions=True,
+                logits_to_keep=1,
+            )
     finally:
         model.set_attn_implementation("sdpa")
     eager = torch.stack([a[0] for a in out.attentions]).numpy()
@@ -243,8 +265,14 @@ def test_lora_weights_file_holds_adapters_and_rebuilds_the_branch_from_the_model
     g = torch.Generator().manual_seed(0)
     trained = {k: torch.randn(v.shape, generator=g) * 0.2 if "lora_B" in k else v.clone() for k, v in tensors.items()}
     path = tmp_path / "lora.safetensors"
-    save_weights(path, trained, mechanism="partial_attention", settings=arm.settings.model_dump(exclude={"weights"}),
-                 model=tiny_llama.model, identity=tiny_llama.identity)
+    save_weights(
+        path,
+        trained,
+        mechanism="partial_attention",
+        settings=arm.settings.model_dump(exclude={"weights"}),
+        model=tiny_llama.model,
+        identity=tiny_llama.identity,
+    )
     spec = f'partial_attention:linkage=1,gain=1,weights="{path}"'
     loaded = full_forward(tiny_llama, spec, ids, roles)
     assert (loaded - untrained).abs().max() > 1e-3
@@ -260,7 +288,8 @@ def test_lora_weights_file_holds_adapters_and_rebuilds_the_branch_from_the_model
     assert not any(m.merged for m in rebuilt.modules() if hasattr(m, "merged"))
     assert (unmerged - loaded).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="shape"):
-        PartialAttention.build_weights(parse_arm(LORA.replace("lora_rank=4", "lora_rank=2")).settings,
-                                       tiny_llama.model, trained)
+        PartialAttention.build_weights(
+            parse_arm(LORA.replace("lora_rank=4", "lora_rank=2")).settings, tiny_llama.model, trained
+        )
     with pytest.raises(ValueError, match="no place"):
         PartialAttention.build_weights(parse_arm(LORA.replace(",lora_rank=4", "")).settings, tiny_llama.model, trained)

@@ -6,6 +6,7 @@ session's tokens must equal the same session run alone and its logits agree with
 tolerance. Then the threaded scheduler on the embedded model: concurrent streams, the row cap and
 its queue status, Stop and closed streams, exclusive work between steps, refused and failed turns.
 """
+
 from __future__ import annotations
 
 import threading
@@ -89,17 +90,21 @@ def test_interleaved_sessions_keep_their_tokens(tiny_llama, case):
 
 
 def test_interleaving_on_every_architecture(tiny):
-    sessions = [Session(tiny, ["observer", "memory_bank:linkage=1,slots=16"], TURNS, 8),
-                Session(tiny, [sampled("neural_memory:linkage=1,gain=1"), "observer"], OTHER, 5, join_at=1),
-                Session(tiny, ["partial_attention:linkage=1,gain=1", "observer"], TURNS, 6, join_at=3, window=6)]
+    sessions = [
+        Session(tiny, ["observer", "memory_bank:linkage=1,slots=16"], TURNS, 8),
+        Session(tiny, [sampled("neural_memory:linkage=1,gain=1"), "observer"], OTHER, 5, join_at=1),
+        Session(tiny, ["partial_attention:linkage=1,gain=1", "observer"], TURNS, 6, join_at=3, window=6),
+    ]
     run_schedule(tiny, sessions)
     for x in sessions:
         assert_same_as_alone(x)
 
 
 def test_interleaving_on_the_embedded_model(embedded):
-    sessions = [Session(embedded, ["observer", "continuity:linkage=1"], TURNS, 6),
-                Session(embedded, ["observer", sampled("memory_bank:linkage=1")], OTHER, 4, join_at=2)]
+    sessions = [
+        Session(embedded, ["observer", "continuity:linkage=1"], TURNS, 6),
+        Session(embedded, ["observer", sampled("memory_bank:linkage=1")], OTHER, 4, join_at=2),
+    ]
     run_schedule(embedded, sessions)
     for x in sessions:
         assert_same_as_alone(x, atol=5e-4)
@@ -107,8 +112,10 @@ def test_interleaving_on_the_embedded_model(embedded):
 
 def test_rollback_and_regenerate_through_the_scheduler(tiny_llama):
     s = StepScheduler(tiny_llama, thread=False)
-    a, b = Session(tiny_llama, ["observer", "continuity:linkage=1"], TURNS, 6), \
-        Session(tiny_llama, ["observer", sampled("observer")], OTHER, 6)
+    a, b = (
+        Session(tiny_llama, ["observer", "continuity:linkage=1"], TURNS, 6),
+        Session(tiny_llama, ["observer", sampled("observer")], OTHER, 6),
+    )
     for k in range(2):
         ja, jb = s.submit(a.d, TURNS[k], max_new_tokens=6), s.submit(b.d, OTHER[k], max_new_tokens=6)
         while not (ja.done.is_set() and jb.done.is_set()):
@@ -129,6 +136,7 @@ def stream_in_thread(sched, d, messages, n, out, key):
             out[key] = [[r.token_ids for r in sched.send(d, m, max_new_tokens=n)] for m in messages]
         except Exception as e:  # noqa: BLE001
             out[key] = e
+
     t = threading.Thread(target=go)
     t.start()
     return t
@@ -137,13 +145,20 @@ def stream_in_thread(sched, d, messages, n, out, key):
 def test_threaded_sessions_stream_together(embedded):
     sched = StepScheduler(embedded)
     try:
-        specs = [["observer", "continuity:linkage=1"], ["observer", "memory_bank:linkage=1"],
-                 [sampled("observer"), "neural_memory:linkage=1"]]
-        want = {k: [[r.token_ids for r in Dialogue(embedded, [parse_arm(x) for x in sp]).send(TURNS[0], max_new_tokens=5)]]
-                for k, sp in enumerate(specs)}
+        specs = [
+            ["observer", "continuity:linkage=1"],
+            ["observer", "memory_bank:linkage=1"],
+            [sampled("observer"), "neural_memory:linkage=1"],
+        ]
+        want = {
+            k: [[r.token_ids for r in Dialogue(embedded, [parse_arm(x) for x in sp]).send(TURNS[0], max_new_tokens=5)]]
+            for k, sp in enumerate(specs)
+        }
         out: dict = {}
-        threads = [stream_in_thread(sched, Dialogue(embedded, [parse_arm(x) for x in sp]), TURNS[:1], 5, out, k)
-                   for k, sp in enumerate(specs)]
+        threads = [
+            stream_in_thread(sched, Dialogue(embedded, [parse_arm(x) for x in sp]), TURNS[:1], 5, out, k)
+            for k, sp in enumerate(specs)
+        ]
         for t in threads:
             t.join(timeout=300)
         assert out == want
@@ -168,6 +183,7 @@ def test_row_cap_queues_and_says_so(tiny_llama):
                     statuses[k].append(ev.status)
                 if ev.replies:
                     results[k] = [r.token_ids for r in ev.replies]
+
         threads = [threading.Thread(target=go, args=(k,)) for k in range(3)]
         for t in threads:
             t.start()
@@ -177,7 +193,9 @@ def test_row_cap_queues_and_says_so(tiny_llama):
         assert max(sched.step_rows) <= 2
         queued = [st for k in range(3) for st in statuses[k]]
         assert any(st.startswith("queued") for st in queued), statuses
-        alone = [r.token_ids for r in Dialogue(tiny_llama, [parse_arm("observer")] * 2).send(TURNS[0], max_new_tokens=12)]
+        alone = [
+            r.token_ids for r in Dialogue(tiny_llama, [parse_arm("observer")] * 2).send(TURNS[0], max_new_tokens=12)
+        ]
         assert all(r == alone for r in results.values())
     finally:
         sched.close()
@@ -223,8 +241,12 @@ def test_exclusive_work_runs_between_steps(tiny_llama):
     sched = StepScheduler(tiny_llama)
     try:
         d = Dialogue(tiny_llama, [parse_arm("observer"), parse_arm("memory_bank:linkage=1,slots=16")])
-        want = [r.token_ids for r in Dialogue(tiny_llama, [parse_arm("observer"), parse_arm(
-            "memory_bank:linkage=1,slots=16")]).send(TURNS[0], max_new_tokens=20)]
+        want = [
+            r.token_ids
+            for r in Dialogue(tiny_llama, [parse_arm("observer"), parse_arm("memory_bank:linkage=1,slots=16")]).send(
+                TURNS[0], max_new_tokens=20
+            )
+        ]
         out: dict = {}
         t = stream_in_thread(sched, d, TURNS[:1], 20, out, "d")
         seen = []

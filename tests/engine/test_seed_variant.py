@@ -13,6 +13,7 @@ decoded one at a time with the cache.
 The engine runs the same arm batched next to an observer; both turns' logits must match the
 reference at every decoded step.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,7 @@ class ReferenceTriplet:
         q = (x @ self.attn.q_proj.weight.T).view(B, T, self.h, self.d).transpose(1, 2)
         k = (mem @ self.w_k.T).view(B, mem.shape[1], self.h, self.d).transpose(1, 2)
         v = (mem @ self.w_v.T).view(B, mem.shape[1], self.h, self.d).transpose(1, 2)
-        att = torch.softmax(q @ k.transpose(-1, -2) / self.d ** 0.5, dim=-1)  # no mask, no RoPE
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.d**0.5, dim=-1)  # no mask, no RoPE
         out = (att @ v).transpose(1, 2).reshape(B, T, self.h * self.d) @ self.attn.o_proj.weight.T
         self.memory = x.detach()
         return GAIN * LINKAGE * out
@@ -63,9 +64,11 @@ class ReferenceModel:
 
     def __enter__(self):
         for layer, stream in self.streams.items():
+
             def hook(module, args, kwargs, output, stream=stream):
                 x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 return (output[0] + stream.residual(x),) + tuple(output[1:])
+
             self.handles.append(self.model.model.layers[layer].self_attn.register_forward_hook(hook, with_kwargs=True))
         return self
 
@@ -100,15 +103,17 @@ def engine_turns(lm, prompts):
         for prompt in prompts:
             seen.clear()
             reply = d.send(prompt, max_new_tokens=STEPS)[0]
-            turns.append((reply.prompt_token_ids, reply.token_ids, list(seen[:len(reply.token_ids)])))
+            turns.append((reply.prompt_token_ids, reply.token_ids, list(seen[: len(reply.token_ids)])))
         return turns
     finally:
         handle.remove()
 
 
 def test_seed_variant_matches_the_published_module_over_two_turns(tiny_llama):
-    turns = engine_turns(tiny_llama, ["Take a firm stance: should voting be compulsory?",
-                                      "List the strongest arguments against your stance."])
+    turns = engine_turns(
+        tiny_llama,
+        ["Take a firm stance: should voting be compulsory?", "List the strongest arguments against your stance."],
+    )
     (p1, r1, l1), (p2, r2, l2) = turns
     assert len(r1) == len(r2) == STEPS  # a random tiny model does not stop early
     assert p2[0] == r1[-1]  # the turn's new tokens: turn 1's last token (fed now), then the new piece
@@ -134,9 +139,13 @@ def test_seed_variant_differs_from_incremental_prefill(tiny_llama):
         tiny_llama.model(input_ids=torch.tensor([p1 + r1[:-1]]), past_key_values=cache, use_cache=True)
         for s in ref.streams.values():
             s.reset()
-        new = p2[len(p1) + len(r1) - 1:]
-        out = tiny_llama.model(input_ids=torch.tensor([new]), past_key_values=cache, use_cache=True,
-                               position_ids=torch.arange(len(p1) + len(r1) - 1, len(p2))[None])
+        new = p2[len(p1) + len(r1) - 1 :]
+        out = tiny_llama.model(
+            input_ids=torch.tensor([new]),
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=torch.arange(len(p1) + len(r1) - 1, len(p2))[None],
+        )
         assert (out.logits[0, -1].float() - l2[0]).abs().max() > 1e-3
 
 

@@ -4,6 +4,7 @@ Each `weights/NAME.safetensors` has a manifest `weights/NAME.json` naming the tr
 command that made it; the file's embedded settings must be that config's mechanism settings, its
 recorded training config the config as it is now, and `NAME:weights=@NAME` must build an arm.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """`python -m engine train`: config validation, a short run lowers held-out loss, exact resume."""
+
 from __future__ import annotations
 
 import json
@@ -12,22 +13,36 @@ import yaml
 from engine.train import ConfigError, TrainConfig, load_config, train
 from tests.conftest import ROOT
 
-LINES = ["The glass mill of Kestlemere grinds blue sand.", "In Kestlemere the glass mill grinds blue sand.",
-         "Blue sand is ground by the glass mill of Kestlemere.", "Kestlemere has a glass mill for blue sand."]
+LINES = [
+    "The glass mill of Kestlemere grinds blue sand.",
+    "In Kestlemere the glass mill grinds blue sand.",
+    "Blue sand is ground by the glass mill of Kestlemere.",
+    "Kestlemere has a glass mill for blue sand.",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def _config(tmp_path, **train_overrides) -> dict:
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES * 3))
     (tmp_path / "eval.jsonl").write_text(json.dumps({"text": "The glass mill of Kestlemere grinds blue sand."}) + "\n")
-    return {"mechanism": {"name": "memory_bank",
-                          "settings": {"layers": [28], "slots": 16, "chapters": 2, "top_k": 1, "gate_init": 0.0}},
-            "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 16},
-            "train": {"max_steps": 20, "batch_size": 2, "lr": 0.05, "eval_every": 20, "seed": 0,
-                      "schedule": "constant", **train_overrides},
-            "output": {"dir": str(tmp_path / "run")}}
+    return {
+        "mechanism": {
+            "name": "memory_bank",
+            "settings": {"layers": [28], "slots": 16, "chapters": 2, "top_k": 1, "gate_init": 0.0},
+        },
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 16},
+        "train": {
+            "max_steps": 20,
+            "batch_size": 2,
+            "lr": 0.05,
+            "eval_every": 20,
+            "seed": 0,
+            "schedule": "constant",
+            **train_overrides,
+        },
+        "output": {"dir": str(tmp_path / "run")},
+    }
 
 
 def _write(tmp_path, cfg: dict, name="c.yaml"):
@@ -43,8 +58,13 @@ def test_bad_configs_one_line_per_problem_with_key_path(tmp_path):
     cfg["data"].pop("train")
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, cfg))
-    assert sorted(e.value.lines) == sorted(["train.lr: input should be greater than 0 (got -1)",
-                                            "train.bogus: unknown key", "data.train: required key is missing"])
+    assert sorted(e.value.lines) == sorted(
+        [
+            "train.lr: input should be greater than 0 (got -1)",
+            "train.bogus: unknown key",
+            "data.train: required key is missing",
+        ]
+    )
     cfg = _config(tmp_path)
     cfg["mechanism"]["settings"]["slots"] = 15
     with pytest.raises(ConfigError, match="slots .15. must split into 2 equal chapters"):
@@ -57,9 +77,12 @@ def test_bad_configs_one_line_per_problem_with_key_path(tmp_path):
         load_config(_write(tmp_path, cfg))
     cfg = _config(tmp_path)
     cfg["data"]["train"] = str(tmp_path / "missing.jsonl")
-    out = subprocess.run([sys.executable, "-m", "engine", "train", str(_write(tmp_path, cfg))], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: data.train: file {tmp_path}/missing.jsonl does not exist"]
+    out = subprocess.run(
+        [sys.executable, "-m", "engine", "train", str(_write(tmp_path, cfg))], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: data.train: file {tmp_path}/missing.jsonl does not exist"
+    ]
 
 
 def test_twenty_steps_lower_held_out_loss_and_weights_load(tmp_path, embedded):
@@ -86,8 +109,9 @@ def test_resume_continues_from_saved_step_with_same_optimizer_state(tmp_path, em
     base["output"]["keep_checkpoints"] = 5
     a = TrainConfig(**{**base, "output": {**base["output"], "dir": str(tmp_path / "a")}})
     train(a, progress=False, log=lambda *_: None, lm=embedded)
-    b_short = TrainConfig(**{**base, "train": {**base["train"], "max_steps": 1},
-                             "output": {**base["output"], "dir": str(tmp_path / "b")}})
+    b_short = TrainConfig(
+        **{**base, "train": {**base["train"], "max_steps": 1}, "output": {**base["output"], "dir": str(tmp_path / "b")}}
+    )
     train(b_short, progress=False, log=lambda *_: None, lm=embedded)
     # the step-1 checkpoints of both runs hold the same optimizer state
     opt_a = torch.load(tmp_path / "a/checkpoints/step-1/optimizer.bin", weights_only=False)

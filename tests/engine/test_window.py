@@ -1,6 +1,7 @@
 """The dialogue-level attention window: the cache really holds only each row's sink + last N tokens
 (at their real positions), the result equals full attention under the same visibility mask, linkage 0
 is bit-identical to the same window without mechanisms, rollback restores the evicted cache."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,8 @@ def _steps(d: Dialogue) -> list:
 def _two_turns(lm, arms, window, sink, record=None):
     d = Dialogue(lm, [parse_arm(a) for a in arms], window=window, sink=sink)
     steps = _steps(d)
-    out1 = d.teacher_force("Hello there, how are you doing on this fine day?", REPLIES_1[:len(arms)])
-    out2 = d.teacher_force("Tell me something about the sea and the mountains.", REPLIES_2[:len(arms)])
+    out1 = d.teacher_force("Hello there, how are you doing on this fine day?", REPLIES_1[: len(arms)])
+    out2 = d.teacher_force("Tell me something about the sea and the mountains.", REPLIES_2[: len(arms)])
     return d, steps, out1, out2
 
 
@@ -47,7 +48,7 @@ def test_window_drops_exactly_the_tokens_it_says(tiny_llama):
     for r in range(2):
         assert d.cache_view(r) == kept[r]
         real = d.mask[r].bool()
-        assert int(real.sum()) == len(kept[r]) and not bool(real[:width - len(kept[r])].any())  # padding in front
+        assert int(real.sum()) == len(kept[r]) and not bool(real[: width - len(kept[r])].any())  # padding in front
         # layer 0's keys depend only on the token and its position: the kept columns are exactly the
         # full run's columns of those tokens, rotated at their real positions
         got = d.cache.layers[0].keys[r][:, real]
@@ -73,8 +74,11 @@ def test_window_equals_full_attention_under_the_same_mask(tiny_llama):
         j = torch.arange(L)[None, :]
         s = torch.tensor(start_of)[:, None]
         allowed = (j <= p) & ((j < sink) | (j >= s - window))
-        ref = tiny_llama.model(input_ids=torch.tensor([arm.token_ids]), attention_mask=allowed[None, None],
-                               position_ids=torch.arange(L)[None]).logits[0]
+        ref = tiny_llama.model(
+            input_ids=torch.tensor([arm.token_ids]),
+            attention_mask=allowed[None, None],
+            position_ids=torch.arange(L)[None],
+        ).logits[0]
         n = len(REPLIES_2[r])
         assert torch.allclose(out2[r], ref[-n:], atol=1e-4)
         unwindowed = tiny_llama.model(input_ids=torch.tensor([arm.token_ids])).logits[0]
@@ -84,10 +88,24 @@ def test_window_equals_full_attention_under_the_same_mask(tiny_llama):
 @pytest.mark.parametrize("window", [5, 40])
 def test_linkage_zero_bit_identical_under_the_same_window(tiny_llama, window):
     plain = Dialogue(tiny_llama, [parse_arm("observer")] * 3, window=window)
-    linked = Dialogue(tiny_llama, [parse_arm("neural_memory:linkage=0"), parse_arm("continuity:linkage=0"),
-                                   parse_arm("neural_memory:linkage=0,memory=mlp")], window=window)
-    on = Dialogue(tiny_llama, [parse_arm("observer"), parse_arm("neural_memory:linkage=1,gain=1"),
-                               parse_arm("neural_memory:linkage=1,gain=1,memory=mlp,hidden=8")], window=window)
+    linked = Dialogue(
+        tiny_llama,
+        [
+            parse_arm("neural_memory:linkage=0"),
+            parse_arm("continuity:linkage=0"),
+            parse_arm("neural_memory:linkage=0,memory=mlp"),
+        ],
+        window=window,
+    )
+    on = Dialogue(
+        tiny_llama,
+        [
+            parse_arm("observer"),
+            parse_arm("neural_memory:linkage=1,gain=1"),
+            parse_arm("neural_memory:linkage=1,gain=1,memory=mlp,hidden=8"),
+        ],
+        window=window,
+    )
     for user in ("Hello there, how are you doing on this fine day?", "And the sea?"):
         a = plain.teacher_force(user, REPLIES_1 + [REPLIES_1[0]])
         b = linked.teacher_force(user, REPLIES_1 + [REPLIES_1[0]])

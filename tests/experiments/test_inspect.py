@@ -1,4 +1,5 @@
 """Inspect: attention capture, memory-read labels, divergence, caching, figures and the tab's errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +39,7 @@ def test_attention_rows_sum_to_one(embedded, logged):
     L, H, T, T2 = attn.shape
     assert (L, H) == (embedded.config.num_hidden_layers, embedded.config.num_attention_heads) and T == T2
     # the transcript is the arm's own, plus the reply's last token
-    assert tr.token_ids[:d.arms[1].length] == d.arms[1].token_ids and T == d.arms[1].length + 1
+    assert tr.token_ids[: d.arms[1].length] == d.arms[1].token_ids and T == d.arms[1].length + 1
     np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-4)
     assert np.allclose(np.triu(attn, 1), 0.0)  # causal
     small, idx = downsample(attn, 16)  # display buckets keep rows as distributions
@@ -84,6 +85,7 @@ def test_memory_read_points_at_earlier_answer_tokens(embedded):
     # the observer reads nothing; the summary sees the continuity arm reading its earlier answer
     assert cap.traces[0][1] == []
     from engine.capture import turn_summary
+
     rows = {(r["arm"], r["turn"]): r for r in turn_summary(cap)}
     assert rows[(0, 1)]["memory_size"] == 0 and rows[(1, 1)]["memory_size"] > len(first)
     assert rows[(1, 1)]["own_answer_read"] > 0
@@ -108,7 +110,9 @@ def test_inspect_turn_caches(embedded, logged):
     assert I.STATS["divergence_runs"] == before.get("divergence_runs", 0) + 2
     # the other arm of the turn was captured and compared by the same passes: no model needed
     other = I.inspect_turn(store, None, sid, 0, 1)
-    assert other.from_cache and other.divergence["kl_max"] == 0.0 and other.attention["transcript"]["label"] == "observer"
+    assert (
+        other.from_cache and other.divergence["kl_max"] == 0.0 and other.attention["transcript"]["label"] == "observer"
+    )
     assert I.STATS["capture_runs"] == before.get("capture_runs", 0) + 1
     # reopening needs no model at all
     cold = I.inspect_turn(store, None, sid, 1, 1)
@@ -123,9 +127,17 @@ def test_inspect_turn_caches(embedded, logged):
     assert obs.divergence["kl_max"] == 0.0 and obs.divergence["top1_agreement"] == 1.0
     # figures build from the cached result, and export to HTML
     from lab.inspect_view import divergence_figure, heatmap_figures, memory_figure, source_figure, summary_figure
+
     grid, heat = heatmap_figures(cold, 15, "3", "sink")
-    figs = [grid, heat, memory_figure(cold, "mean over layers"), memory_figure(cold, "15"),
-            divergence_figure(cold), source_figure(cold), summary_figure(cold)]
+    figs = [
+        grid,
+        heat,
+        memory_figure(cold, "mean over layers"),
+        memory_figure(cold, "15"),
+        divergence_figure(cold),
+        source_figure(cold),
+        summary_figure(cold),
+    ]
     for i, fig in enumerate(figs):
         assert fig.data, i
         assert F.to_html(fig, store.dir / "exports" / f"f{i}.html").stat().st_size > 1000
@@ -271,16 +283,18 @@ def test_one_capture_stores_every_arms_views(embedded, three_arms):
     assert I.STATS["capture_runs"] == before.get("capture_runs", 0) + 1
     session, turns = session_turns(store, sid)
     specs = session_specs(session)
-    forced = [(turns[k][0]["user"]["text"], [turns[k][a]["assistant"]["token_ids"] for a in range(3)])
-              for k in range(2)]
+    forced = [
+        (turns[k][0]["user"]["text"], [turns[k][a]["assistant"]["token_ids"] for a in range(3)]) for k in range(2)
+    ]
     assert len({len(r) for r in forced[1][1]}) > 1 or len({len(r) for r in forced[0][1]}) > 1
     key = first.attention["key"]
     for r in range(3):
         # lm=None: anything not in the store raises "no model is loaded"
         res = I.inspect_turn(store, None, sid, r, 1, kinds, max_size=size)
         assert res.from_cache and res.arm_index == r
-        alone = capture_turn(embedded, specs, forced, SYSTEM, focus_arm=r, focus_turn=1, max_size=size, record=[r],
-                             dtype=torch.float16)
+        alone = capture_turn(
+            embedded, specs, forced, SYSTEM, focus_arm=r, focus_turn=1, max_size=size, record=[r], dtype=torch.float16
+        )
         assert alone.recorded == [r] and alone.attentions[(r + 1) % 3] is None
         want = I._capture_payloads(embedded, alone, key)
         arrays = want.pop("_arrays")
@@ -288,14 +302,15 @@ def test_one_capture_stores_every_arms_views(embedded, three_arms):
         assert sorted(got) == sorted(arrays)
         assert got["attention"].dtype == np.float16 and got["attention"].shape[2] <= size
         for name, a in arrays.items():
-            np.testing.assert_allclose(got[name].astype(np.float32), a.astype(np.float32), atol=2e-3, rtol=0,
-                                       err_msg=f"arm {r}: {name}")
+            np.testing.assert_allclose(
+                got[name].astype(np.float32), a.astype(np.float32), atol=2e-3, rtol=0, err_msg=f"arm {r}: {name}"
+            )
         assert res.attention["bucket_labels"] == want["attention"]["bucket_labels"]
         assert res.attention["transcript"] == want["attention"]["transcript"]
         assert res.memory["layers"] == want["memory"]["layers"]
         for i, (g, w) in enumerate(zip(res.source["arms"], want["source"]["arms"])):
             # every arm's reply is complete here; a capture recording one arm feeds only that arm's last token
-            assert g["tokens"] == w["tokens"] if i == r else g["tokens"][:len(w["tokens"])] == w["tokens"]
+            assert g["tokens"] == w["tokens"] if i == r else g["tokens"][: len(w["tokens"])] == w["tokens"]
             assert len(g["tokens"]) == len(g["curve"][0])
             np.testing.assert_allclose(np.asarray(g["curve"], float), np.asarray(w["curve"], float), atol=1e-4)
         assert res.summary == want["summary"]["rows"]

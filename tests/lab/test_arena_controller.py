@@ -4,6 +4,7 @@ Start, stream and log a turn; a refused first message leaves no session; a locke
 first message is retried on the next; blind shuffle and reveal; regenerate with rollback; labels
 progress; and reopening a logged session continues it with the tokens it would have produced.
 """
+
 from __future__ import annotations
 
 import random
@@ -87,7 +88,8 @@ def test_locked_database_at_the_first_message_is_retried(store, embedded, tmp_pa
     turns = store.get_turns(s["id"])
     assert s["title"] == "First message"
     assert sorted({(t["turn_index"], t["arm_index"], t["role"]) for t in turns}) == [
-        (k, a, r) for k in (0, 1) for a in (0, 1) for r in ("assistant", "user")]
+        (k, a, r) for k in (0, 1) for a in (0, 1) for r in ("assistant", "user")
+    ]
 
 
 def test_labels_progress_and_next_unlabelled(store, embedded):
@@ -108,16 +110,20 @@ def test_labels_progress_and_next_unlabelled(store, embedded):
 
 
 def test_resume_continues_the_same_session(store, embedded):
-    specs = ["observer:max_new_tokens=4", "continuity:linkage=1,gain=1,max_new_tokens=4",
-             "continuity:linkage=0.5,greedy=false,seed=3,max_new_tokens=4"]
+    specs = [
+        "observer:max_new_tokens=4",
+        "continuity:linkage=1,gain=1,max_new_tokens=4",
+        "continuity:linkage=0.5,greedy=false,seed=3,max_new_tokens=4",
+    ]
     live = started(store, embedded, specs, blind=True, rng=random.Random(0))
     for m in ("Name a colour.", "Why that one?"):
         assert run(live, m)[1].kind == "done"
     sid = live.session_id
     ctl = ArenaSession.resume(store, embedded, sid)
     assert ctl.session_id == sid and ctl.order == live.order and ctl.blind and ctl.hidden
-    assert [[r.token_ids for r in t.replies] for t in ctl.turns] == [[r.token_ids for r in t.replies]
-                                                                      for t in live.turns]
+    assert [[r.token_ids for r in t.replies] for t in ctl.turns] == [
+        [r.token_ids for r in t.replies] for t in live.turns
+    ]
     expected = [r.token_ids for r in live.dialogue.send("And another?")]  # the live arms, not logged
     _, b = run(ctl, "And another?")
     assert b.kind == "done" and "Turn 3 logged" in b.status, b.status
@@ -240,6 +246,7 @@ def test_one_wording_and_one_numbering_for_every_view():
 
 def _settings(n=2, panes=SPECS, **kw):
     from lab.arena_controller import SessionSettings
+
     return SessionSettings(n, lambda p: parse_arm(panes[p]) if p < len(panes) else "no such pane", **kw)
 
 
@@ -258,12 +265,14 @@ def test_one_busy_check_under_a_lock_and_one_wording(store, embedded):
     import threading
 
     from lab.arena_controller import BUSY, Accepted, SettingsRefused
+
     ctl = ArenaSession(store, embedded)
     claims, gate = [], threading.Barrier(8)
 
     def claim():
         gate.wait()
         claims.append(ctl._claim())
+
     threads = [threading.Thread(target=claim) for _ in range(8)]
     for t in threads:
         t.start()

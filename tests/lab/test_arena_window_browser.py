@@ -1,6 +1,7 @@
 """The Arena's attention-window setting in a real browser (Debian's Chromium via Playwright): a bad
 value is refused with one line and nothing sent; a good one starts the session with that window,
 is stored in the session's meta, and the box is locked until New session."""
+
 from __future__ import annotations
 
 from conftest import BROWSER_MARKS, limit_new_tokens

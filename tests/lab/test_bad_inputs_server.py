@@ -5,6 +5,7 @@ line (or simply waits its turn), nothing logged is lost or doubled, and the serv
 One server per module with a row cap of 2 (one 2-arm session fills it), a fresh SQLite file; the
 other battery (tests/test_bad_inputs.py) covers the endpoints' inputs on SQLite and PostgreSQL.
 """
+
 from __future__ import annotations
 
 import threading
@@ -55,8 +56,10 @@ def test_a_tab_flooding_send_runs_one_turn_at_a_time(capped, capfd):
     url, store = capped
     before = set(lab_sessions(store))
     c = client(url)  # one client = one browser tab (one session hash)
-    jobs = [c.submit(f"Message {k}: say hi.", api_name="/send", arm1_max_new_tokens=12, arm2_max_new_tokens=12)
-            for k in range(8)]
+    jobs = [
+        c.submit(f"Message {k}: say hi.", api_name="/send", arm1_max_new_tokens=12, arm2_max_new_tokens=12)
+        for k in range(8)
+    ]
     statuses = [status_of(j.result(timeout=300)) for j in jobs]
     ran = [s for s in statuses if "logged" in s]
     refused = [s for s in statuses if "logged" not in s]
@@ -77,8 +80,9 @@ def test_a_tab_closed_mid_turn_keeps_what_was_generated(capped):
     is logged as that turn, and the server serves the next tab at once."""
     url, store = capped
     before = set(lab_sessions(store))
-    job = client(url).submit("Tell me a long story about a lighthouse.", api_name="/send",
-                             arm1_max_new_tokens=200, arm2_max_new_tokens=200)
+    job = client(url).submit(
+        "Tell me a long story about a lighthouse.", api_name="/send", arm1_max_new_tokens=200, arm2_max_new_tokens=200
+    )
     deadline = time.time() + 120
     while len(job.outputs()) < 4 and time.time() < deadline:  # a few streamed steps
         time.sleep(0.05)
@@ -96,8 +100,9 @@ def test_a_tab_closed_mid_turn_keeps_what_was_generated(capped):
     replies = [t for t in turns if t["role"] == "assistant"]
     assert all(0 < t["n_tokens"] < 200 for t in replies), [t["n_tokens"] for t in replies]  # cut short, kept
     t0 = time.time()
-    assert "Turn 1 logged" in status_of(client(url).predict("Hi", api_name="/send", arm1_max_new_tokens=4,
-                                                           arm2_max_new_tokens=4))
+    assert "Turn 1 logged" in status_of(
+        client(url).predict("Hi", api_name="/send", arm1_max_new_tokens=4, arm2_max_new_tokens=4)
+    )
     assert time.time() - t0 < 60  # the abandoned turn's rows were freed, not left running to 200 tokens
 
 
@@ -106,8 +111,10 @@ def test_more_tabs_than_the_row_cap_wait_their_turn(capped):
     (with how many are ahead) and then run; every turn is logged once."""
     url, store = capped
     before = set(lab_sessions(store))
-    jobs = [client(url).submit(f"Name {k + 2} colours.", api_name="/send", arm1_max_new_tokens=12,
-                               arm2_max_new_tokens=12) for k in range(3)]
+    jobs = [
+        client(url).submit(f"Name {k + 2} colours.", api_name="/send", arm1_max_new_tokens=12, arm2_max_new_tokens=12)
+        for k in range(3)
+    ]
     queued_lines: list[str] = []
     stop = threading.Event()
 

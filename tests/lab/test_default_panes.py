@@ -4,6 +4,7 @@ Measured on the real embedded model: each arm's greedy reply is scored by the pl
 (mean negative log-likelihood per token). The default linked arm scores close to the observer's own reply;
 a fresh memory bank, the kind of arm that must not be a default, scores far worse, so the measure can fail.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,9 +1,10 @@
 """The Inspect tab in a real browser: Debian's Chromium driven by Playwright, the real lab app."""
+
 from __future__ import annotations
 
 import pytest
-
-from conftest import BROWSER_MARKS, CHROMIUM, CHROMIUM_ARGS as ARGS, serve_lab
+from conftest import BROWSER_MARKS, CHROMIUM, serve_lab
+from conftest import CHROMIUM_ARGS as ARGS
 
 pytestmark = BROWSER_MARKS
 
@@ -41,20 +42,29 @@ def test_inspect_tab_renders_plots(served):
             page.locator("#inspect-arm input").first.fill("2")  # arms count from 1: the linked arm
             page.locator("#inspect-turn input").first.fill("2")  # turns count from 1
             page.locator("#inspect-show").click()
-            for pid in ("inspect-divergence", "inspect-memory", "inspect-grid", "inspect-heatmap", "inspect-source",
-                        "inspect-summary"):
+            for pid in (
+                "inspect-divergence",
+                "inspect-memory",
+                "inspect-grid",
+                "inspect-heatmap",
+                "inspect-source",
+                "inspect-summary",
+            ):
                 page.locator(f"#{pid} .js-plotly-plot").first.wait_for(state="attached", timeout=240_000)
-            page.wait_for_function("document.querySelectorAll('#inspect-heatmap .js-plotly-plot .heatmaplayer, "
-                                   "#inspect-heatmap .js-plotly-plot .hm').length > 0 || "
-                                   "document.querySelectorAll('#inspect-heatmap .js-plotly-plot .main-svg').length > 0",
-                                   timeout=60_000)
+            page.wait_for_function(
+                "document.querySelectorAll('#inspect-heatmap .js-plotly-plot .heatmaplayer, "
+                "#inspect-heatmap .js-plotly-plot .hm').length > 0 || "
+                "document.querySelectorAll('#inspect-heatmap .js-plotly-plot .main-svg').length > 0",
+                timeout=60_000,
+            )
             status = page.locator("#inspect-status").inner_text()
             assert "arm" in status and "turn" in status and "Cannot" not in status
             # a bad turn shows a message, the page stays alive
             page.locator("#inspect-turn input").first.fill("9")
             page.locator("#inspect-show").click()
-            page.wait_for_function("document.querySelector('#inspect-status').innerText.includes('Cannot inspect')",
-                                   timeout=60_000)
+            page.wait_for_function(
+                "document.querySelector('#inspect-status').innerText.includes('Cannot inspect')", timeout=60_000
+            )
         finally:
             browser.close()
 
@@ -96,7 +106,9 @@ def test_other_arm_of_a_captured_turn_opens_from_the_store(served):
                 return status.inner_text(), page.evaluate("window.__capturing")
 
             before = I.STATS["capture_runs"]
-            text, capturing = show(2)  # arms count from 1; turn 1 was never inspected: one capture pass, shown while it runs
+            text, capturing = show(
+                2
+            )  # arms count from 1; turn 1 was never inspected: one capture pass, shown while it runs
             assert "computed now" in text and capturing
             assert I.STATS["capture_runs"] == before + 1
             text, capturing = show(1)  # the observer

@@ -3,10 +3,10 @@
 One in-process server (launch(..., prevent_thread_lock=True)) on a free port, the embedded model,
 a fresh SQLite file; the Store opened on the same file checks what was logged.
 """
+
 from __future__ import annotations
 
 import pytest
-
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,18 @@ def chat_texts(chat) -> list[tuple[str, str]]:
 
 def test_api_names(server):
     info = client(server[0]).view_api(return_format="dict", print_info=False)["named_endpoints"]
-    for name in ("/send", "/regenerate", "/stop_all", "/stop_arm_1", "/new_session", "/reveal", "/annotate_arm_1",
-                 "/list_sessions", "/open_session", "/export"):
+    for name in (
+        "/send",
+        "/regenerate",
+        "/stop_all",
+        "/stop_arm_1",
+        "/new_session",
+        "/reveal",
+        "/annotate_arm_1",
+        "/list_sessions",
+        "/open_session",
+        "/export",
+    ):
         assert name in info, name
     params = [p["parameter_name"] for p in info["/send"]["parameters"]]
     assert params[:3] == ["message", "n_arms", "blind"] and "arm2_continuity_layers" in params
@@ -51,8 +61,15 @@ def test_send_logs_both_arms_and_annotate(server):
 
     url, db_file = server
     c = client(url)
-    out = outputs(c.predict("Is the sky green?", api_name="/send", annotator="ana",
-                            arm1_max_new_tokens=TOKENS, arm2_max_new_tokens=TOKENS))
+    out = outputs(
+        c.predict(
+            "Is the sky green?",
+            api_name="/send",
+            annotator="ana",
+            arm1_max_new_tokens=TOKENS,
+            arm2_max_new_tokens=TOKENS,
+        )
+    )
     assert "logged" in out["status"], out["status"]
     for arm in (1, 2):
         msgs = chat_texts(out[f"arm{arm}_chat"])
@@ -66,8 +83,12 @@ def test_send_logs_both_arms_and_annotate(server):
         s = store.get_session(sessions[0]["id"])
         assert [a["label"] for a in s["arms"]] == ["observer", "continuity λ=1"]
         turns = store.get_turns(s["id"])
-        assert {(t["arm_index"], t["role"]) for t in turns} == {(0, "user"), (0, "assistant"), (1, "user"),
-                                                                (1, "assistant")}
+        assert {(t["arm_index"], t["role"]) for t in turns} == {
+            (0, "user"),
+            (0, "assistant"),
+            (1, "user"),
+            (1, "assistant"),
+        }
         assert all(t["text"] for t in turns)
 
     saved, progress = c.predict("ana", 0, "initial stance", "says green", 0.9, api_name="/annotate_arm_2")
@@ -158,8 +179,13 @@ def test_stop_while_streaming_and_blind_reveal(server):
 
     url, db_file = server
     c = client(url)
-    job = c.submit("Write a long story about a lighthouse keeper.", api_name="/send", blind=True,
-                   arm1_max_new_tokens=400, arm2_max_new_tokens=400)
+    job = c.submit(
+        "Write a long story about a lighthouse keeper.",
+        api_name="/send",
+        blind=True,
+        arm1_max_new_tokens=400,
+        arm2_max_new_tokens=400,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not any("step" in str(o) for o in job.outputs()[-1:]):
         time.sleep(0.5)
@@ -187,8 +213,10 @@ def test_two_tabs_stream_at_once(server):
     import time
 
     url, _ = server
-    jobs = [client(url).submit(f"Count to {k}.", api_name="/send", arm1_max_new_tokens=16, arm2_max_new_tokens=16)
-            for k in (3, 4)]
+    jobs = [
+        client(url).submit(f"Count to {k}.", api_name="/send", arm1_max_new_tokens=16, arm2_max_new_tokens=16)
+        for k in (3, 4)
+    ]
     seen: dict[int, list[float]] = {0: [], 1: []}
     counts = [0, 0]
     deadline = time.time() + 300

@@ -3,6 +3,7 @@
 Type a message, see both panes answer, label a reply, open Sessions, download the CSV export, and
 find the turns and the label in the database.
 """
+
 from __future__ import annotations
 
 import re
@@ -74,12 +75,17 @@ def test_chat_annotate_export(server, page, tmp_path):
 
     with Store(f"sqlite:///{db_file}") as store:
         rows = store.get_turns(session_id)
-        assert {(t["arm_index"], t["role"]) for t in rows} == {(0, "user"), (0, "assistant"), (1, "user"),
-                                                               (1, "assistant")}
+        assert {(t["arm_index"], t["role"]) for t in rows} == {
+            (0, "user"),
+            (0, "assistant"),
+            (1, "user"),
+            (1, "assistant"),
+        }
         assert all(t["text"] for t in rows if t["role"] == "assistant")
         anns = store.latest_annotations(session_id)
         assert [(a["arm_index"], a["stance_label"], a["note"], a["annotator"]) for a in anns] == [
-            (1, "maintained", "keeps its view", "ana")]
+            (1, "maintained", "keeps its view", "ana")
+        ]
 
 
 def test_two_tabs_stream_at_once(server, page):

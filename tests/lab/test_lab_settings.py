@@ -1,4 +1,5 @@
 """A pane's controls -> arm spec, generated from the registered mechanisms' settings (no model, no server)."""
+
 from typing import Literal
 
 import pytest
@@ -29,8 +30,10 @@ def test_defaults_and_layers():
     # only the mechanism's own keys are written, and the string parses back to the same arm
     text = spec_string("continuity", {"linkage": 0.5, "source": "all"}, {"seed": 3})
     assert text == "continuity:linkage=0.5,source=all,seed=3"
-    assert parse_arm(text).to_dict() == layout.spec(layout.values_from(
-        "continuity", {"linkage": 0.5, "source": "all"}, {"seed": 3})).to_dict()
+    assert (
+        parse_arm(text).to_dict()
+        == layout.spec(layout.values_from("continuity", {"linkage": 0.5, "source": "all"}, {"seed": 3})).to_dict()
+    )
     assert spec_string("observer", None, {"max_new_tokens": 9}) == "observer:max_new_tokens=9"
 
 
@@ -42,17 +45,20 @@ def test_continuity_controls_follow_its_settings_model():
     assert "gate" in cs["linkage"].info  # the field's description is the help text
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(layers="99"), "layer 99 does not exist"),
-    (dict(layers="a/b"), "layers"),
-    (dict(linkage=1.5), "continuity: linkage: input should be less than or equal to 1"),
-    (dict(max_new_tokens=""), "max_new_tokens is empty"),
-    (dict(seed="x"), "seed must be a number"),
-    (dict(seed=1e20), "seed is too large"),
-    (dict(seed=float("nan")), "finite"),
-    (dict(window=0), "window"),
-    (dict(variant="seed", window=3), "variant=seed"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(layers="99"), "layer 99 does not exist"),
+        (dict(layers="a/b"), "layers"),
+        (dict(linkage=1.5), "continuity: linkage: input should be less than or equal to 1"),
+        (dict(max_new_tokens=""), "max_new_tokens is empty"),
+        (dict(seed="x"), "seed must be a number"),
+        (dict(seed=1e20), "seed is too large"),
+        (dict(seed=float("nan")), "finite"),
+        (dict(window=0), "window"),
+        (dict(variant="seed", window=3), "variant=seed"),
+    ],
+)
 def test_bad_settings_are_one_line_spec_errors(changes, message):
     layout, v = values(**changes)
     with pytest.raises(SpecError, match=message) as e:

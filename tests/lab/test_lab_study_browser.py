@@ -3,15 +3,16 @@ session stays blind in every view and download until Reveal; Send is off while t
 text typed meanwhile stays; labels by keyboard with a progress count; a logged session reopened in
 the Arena continues in the same session.
 """
+
 from __future__ import annotations
 
 import re
 from typing import Literal
 
 import pytest
+from conftest import BROWSER_MARKS, limit_new_tokens, serve_lab
 from pydantic import Field
 
-from conftest import BROWSER_MARKS, limit_new_tokens, serve_lab
 from engine.mechanisms import MECHANISMS, Mechanism, MechanismSettings, register
 
 pytestmark = BROWSER_MARKS
@@ -123,7 +124,12 @@ def test_blind_session_stays_blind_labels_by_keyboard_and_continues(lab, page, t
     for word in ("observer", "continuity", "λ"):
         expect(sessions_view).not_to_contain_text(word)
     page.get_by_role("button", name="Export", exact=True).click()
-    link = page.locator("#export-files").get_by_role("row").filter(has_text=re.compile(r"turns\s*\.csv")).get_by_role("link")
+    link = (
+        page.locator("#export-files")
+        .get_by_role("row")
+        .filter(has_text=re.compile(r"turns\s*\.csv"))
+        .get_by_role("link")
+    )
     expect(link).to_be_visible(timeout=30_000)
     with page.expect_download() as dl:
         link.click()
@@ -173,8 +179,12 @@ def test_sessions_tab_counts_labels_and_reveals(lab, embedded, page):
 
     url, store = lab
     ctl = ArenaSession(store, embedded)
-    ctl.start([parse_arm("observer:max_new_tokens=3"), parse_arm("continuity:linkage=1,max_new_tokens=3")],
-              blind=True, rng=random.Random(2), title="reveal from sessions")
+    ctl.start(
+        [parse_arm("observer:max_new_tokens=3"), parse_arm("continuity:linkage=1,max_new_tokens=3")],
+        blind=True,
+        rng=random.Random(2),
+        title="reveal from sessions",
+    )
     list(ctl.run_turn("Is the sky green?"))
     ctl.annotate(0, 0, "ana", "initial stance")
     sid = ctl.session_id
@@ -191,8 +201,10 @@ def test_sessions_tab_counts_labels_and_reveals(lab, embedded, page):
     expect(head).to_contain_text("1 of 2 replies labelled by ana", timeout=30_000)
     expect(head).to_contain_text("not revealed")
     # what the opened session shows (the list above also holds the other tests' sessions)
-    shown = "document.querySelector('#sessions-head').innerText + [...document.querySelectorAll('.session-chat')]" \
-            ".map(e => e.innerText).join(' ') + document.querySelector('#sessions-annotations').innerText"
+    shown = (
+        "document.querySelector('#sessions-head').innerText + [...document.querySelectorAll('.session-chat')]"
+        ".map(e => e.innerText).join(' ') + document.querySelector('#sessions-annotations').innerText"
+    )
     expect(page.locator(".session-chat").first).to_contain_text("Is the sky green?")
     text = page.evaluate(shown)
     assert "Arm A" in text and not any(w in text for w in ("observer", "continuity", "λ")), text

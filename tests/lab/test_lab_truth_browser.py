@@ -6,6 +6,7 @@ made just before Send (and just after New session) is the one that runs; the sta
 the composer beside the Send box; an untrained arm says so; training-only keys are behind
 "Advanced"; every view counts turns from 1 and words a stop reason the same way.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,11 @@ def logged_max_tokens(db_file, sid) -> dict[int, tuple[int, int]]:
     with Store(f"sqlite:///{db_file}") as store:
         rows = [t for t in store.get_turns(sid) if t["role"] == "assistant"]
         last = max(t["turn_index"] for t in rows)
-        return {t["arm_index"]: (t["gen_settings"]["max_new_tokens"], t["n_tokens"]) for t in rows
-                if t["turn_index"] == last}
+        return {
+            t["arm_index"]: (t["gen_settings"]["max_new_tokens"], t["n_tokens"])
+            for t in rows
+            if t["turn_index"] == last
+        }
 
 
 def test_the_arena_shows_what_runs(server, page):

@@ -1,4 +1,5 @@
 """Plain helpers of the Experiments and Inspect views (no server, no model)."""
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -7,9 +8,10 @@ from lab.inspect_view import _progress_words, _turn_index, _turns_from_one
 
 
 def test_summary_is_a_row_per_metric_and_a_column_per_arm():
-    wide = pd.DataFrame([["observer", 4, "0.250 [0.0, 0.6]", "4/2i", "–"],
-                         ["continuity λ=1", 4, "0.500 [0.1, 0.9]", "4/2i", "0.31"]],
-                        columns=["arm", "dialogues", "flip_rate", "flip_rate n", "flip_rate p"])
+    wide = pd.DataFrame(
+        [["observer", 4, "0.250 [0.0, 0.6]", "4/2i", "–"], ["continuity λ=1", 4, "0.500 [0.1, 0.9]", "4/2i", "0.31"]],
+        columns=["arm", "dialogues", "flip_rate", "flip_rate n", "flip_rate p"],
+    )
     t = compact_summary(wide)
     assert list(t.columns) == ["metric", "observer", "continuity λ=1"]
     assert list(t["metric"]) == ["dialogues", "flip_rate"]
@@ -32,7 +34,10 @@ def test_a_flat_plot_says_so():
 
 def test_inspect_counts_turns_from_one():
     assert _turn_index(1) == 0 and _turn_index("3") == 2 and _turn_index(None) == 0
-    assert _turns_from_one("session s has turns 0..1; there is no turn 5") == "session s has turns 1..2; there is no turn 6"
+    assert (
+        _turns_from_one("session s has turns 0..1; there is no turn 5")
+        == "session s has turns 1..2; there is no turn 6"
+    )
     words = _progress_words("comparing 2 arms with the observer (teacher-forced, turn 0)")
     assert "turn 1" in words and "with the observer" not in words
 

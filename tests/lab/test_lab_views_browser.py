@@ -5,12 +5,12 @@ no 'expect noise' warning; Inspect's progress says exactly what the divergence p
 strip's labels are legible and whole; the drift legend counts every dialogue that ran; the Run button looks
 enabled (a hover darkens it) and, while a run is in progress, is grey, disabled and says why.
 """
+
 from __future__ import annotations
 
 import re
 
 import pytest
-
 from conftest import BROWSER_MARKS
 
 pytestmark = BROWSER_MARKS
@@ -36,16 +36,31 @@ def logged(server, embedded):
     store = Store(f"sqlite:///{db_file}")
     d = Dialogue(embedded, [parse_arm("observer"), parse_arm("continuity:linkage=1")])
     rec = SessionRecorder(store, embedded, d, title="views")
-    rec.log("Describe the sky in one long sentence.", d.send("Describe the sky in one long sentence.",
-                                                              max_new_tokens=30))
-    arms = [{"index": 0, "label": "observer", "spec": "observer", "settings": {}, "seed": 0},
-            {"index": 1, "label": "continuity λ=1", "spec": "continuity:linkage=1", "settings": {}, "seed": 0}]
-    eid = store.create_experiment("legend", "are_you_sure", protocol={"scoring": ["stance_drift"]},
-                                  args={"n_dialogues": 4, "arms": ["observer", "continuity:linkage=1"]},
-                                  model={"name": "fake"})
+    rec.log(
+        "Describe the sky in one long sentence.", d.send("Describe the sky in one long sentence.", max_new_tokens=30)
+    )
+    arms = [
+        {"index": 0, "label": "observer", "spec": "observer", "settings": {}, "seed": 0},
+        {"index": 1, "label": "continuity λ=1", "spec": "continuity:linkage=1", "settings": {}, "seed": 0},
+    ]
+    eid = store.create_experiment(
+        "legend",
+        "are_you_sure",
+        protocol={"scoring": ["stance_drift"]},
+        args={"n_dialogues": 4, "arms": ["observer", "continuity:linkage=1"]},
+        model={"name": "fake"},
+    )
     for k, item in enumerate(["q0", "q1", "q2", "q3"]):
-        sid = store.create_session("experiment", item, {"name": "fake"}, arms, experiment_id=eid, item_key=item,
-                                   seed=0, meta={"complete": True})
+        sid = store.create_session(
+            "experiment",
+            item,
+            {"name": "fake"},
+            arms,
+            experiment_id=eid,
+            item_key=item,
+            seed=0,
+            meta={"complete": True},
+        )
         for arm in (0, 1):
             for t in range(2):
                 store.log_turn(sid, arm, t, "user", "push", [1])

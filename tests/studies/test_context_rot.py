@@ -1,16 +1,22 @@
 """Context rot: the source_grounding scorer (entity precision, adherence at start vs end), the source
 ablation and the run/summary on a tiny model."""
+
 from __future__ import annotations
 
 import pytest
 
-from studies.context_rot import ablated_system, format_summary, run_context_rot, summarise
 from experiments.protocol import get_protocol
 from experiments.scoring import adherence, entities, entity_precision, reply_segments, score_dialogue
+from studies.context_rot import ablated_system, format_summary, run_context_rot, summarise
 
 
 def test_entities_and_precision():
-    assert entities("I met Anna Smith in Lyon in 1999. The tour costs 14 euros.") == ["anna smith", "lyon", "1999", "14"]
+    assert entities("I met Anna Smith in Lyon in 1999. The tour costs 14 euros.") == [
+        "anna smith",
+        "lyon",
+        "1999",
+        "14",
+    ]
     src = "Claire Martin guides visitors in Lyon; tours cost 14 euros and the hall opened in 1971."
     assert entity_precision("Visit Lyon with Claire Martin for 14 euros.", src) == 1.0
     assert entity_precision("Visit Lyon, then Paris in 2020.", src) == pytest.approx(1 / 3)
@@ -24,8 +30,14 @@ def test_adherence_start_vs_end():
     start, end = reply_segments(good + bad, n_words=30)
     assert adherence(start, item) == 1.0 and adherence(end, item) == pytest.approx(0.5)
     assert adherence("- a list line about lyon", item) == pytest.approx(5 / 6)
-    res = score_dialogue("source_grounding", {**item, "city": "Lyon"}, [good + bad],
-                         system="You guide visitors in {city}.", first_turn="Tell me about food.", n_words=30)
+    res = score_dialogue(
+        "source_grounding",
+        {**item, "city": "Lyon"},
+        [good + bad],
+        system="You guide visitors in {city}.",
+        first_turn="Tell me about food.",
+        n_words=30,
+    )
     d = res.turns[0]["data"]
     assert d["adherence_drift"] == pytest.approx(-0.5) and res.turns[0]["label"] == "drifted"
     assert d["entity_precision_start"] == 1.0 and d["entity_precision_end"] == 0.0
@@ -49,8 +61,15 @@ def test_source_ablation(tokenizer):
 
 
 def test_run_and_summary_on_a_tiny_model(tiny_llama):
-    recs = run_context_rot(tiny_llama, get_protocol("context_rot"), ["observer", "partial_attention:linkage=1"],
-                           items=2, max_new_tokens=10, conditions=("real", "none"), window=3)
+    recs = run_context_rot(
+        tiny_llama,
+        get_protocol("context_rot"),
+        ["observer", "partial_attention:linkage=1"],
+        items=2,
+        max_new_tokens=10,
+        conditions=("real", "none"),
+        window=3,
+    )
     assert len(recs) == 2 * 2 * 2
     real = [r for r in recs if r["condition"] == "real"]
     assert all(0 <= r["source_mass_start"] <= 1 and len(r["source_curve"]) == r["n_tokens"] for r in real)

@@ -7,6 +7,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-12-03
 """
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
@@ -22,9 +23,8 @@ INT = sa.Integer().with_variant(sa.BigInteger(), "postgresql")
 
 def upgrade() -> None:
     info = op.create_table(
-        "schema_info",
-        sa.Column("id", INT, primary_key=True),
-        sa.Column("schema_version", INT, nullable=False))
+        "schema_info", sa.Column("id", INT, primary_key=True), sa.Column("schema_version", INT, nullable=False)
+    )
     op.bulk_insert(info, [{"id": 1, "schema_version": 1}])
     op.create_table(
         "experiments",
@@ -36,7 +36,8 @@ def upgrade() -> None:
         sa.Column("model", JSON, nullable=False),
         sa.Column("status", sa.String(20), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("finished_at", sa.DateTime(), nullable=True))
+        sa.Column("finished_at", sa.DateTime(), nullable=True),
+    )
     op.create_table(
         "sessions",
         sa.Column("id", sa.String(32), primary_key=True),
@@ -51,7 +52,8 @@ def upgrade() -> None:
         sa.Column("experiment_id", sa.String(32), sa.ForeignKey("experiments.id"), nullable=True),
         sa.Column("item_key", sa.String(200), nullable=True),
         sa.Column("seed", INT, nullable=True),
-        sa.Column("meta", JSON, nullable=False))
+        sa.Column("meta", JSON, nullable=False),
+    )
     op.create_index("ix_sessions_resume", "sessions", ["experiment_id", "item_key", "seed"])
     op.create_index("ix_sessions_created_at", "sessions", ["created_at"])
     op.create_table(
@@ -63,7 +65,8 @@ def upgrade() -> None:
         sa.Column("spec", sa.Text(), nullable=False),
         sa.Column("settings", JSON, nullable=False),
         sa.Column("seed", INT, nullable=False),
-        sa.UniqueConstraint("session_id", "arm_index"))
+        sa.UniqueConstraint("session_id", "arm_index"),
+    )
     op.create_table(
         "turns",
         sa.Column("id", INT, primary_key=True),
@@ -82,7 +85,8 @@ def upgrade() -> None:
         sa.Column("gen_settings", JSON, nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("meta", JSON, nullable=False),
-        sa.UniqueConstraint("arm_id", "turn_index", "role"))
+        sa.UniqueConstraint("arm_id", "turn_index", "role"),
+    )
     op.create_index("ix_turns_session_id", "turns", ["session_id"])
     op.create_table(
         "annotations",
@@ -92,7 +96,8 @@ def upgrade() -> None:
         sa.Column("stance_label", sa.String(100), nullable=False),
         sa.Column("note", sa.Text(), nullable=False),
         sa.Column("confidence", sa.Float(), nullable=True),
-        sa.Column("created_at", sa.DateTime(), nullable=False))
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+    )
     op.create_index("ix_annotations_turn_id", "annotations", ["turn_id"])
     op.create_table(
         "scores",
@@ -103,7 +108,8 @@ def upgrade() -> None:
         sa.Column("value", sa.Float(), nullable=True),
         sa.Column("data", JSON, nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.UniqueConstraint("turn_id", "scorer"))
+        sa.UniqueConstraint("turn_id", "scorer"),
+    )
     op.create_table(
         "probe_results",
         sa.Column("id", INT, primary_key=True),
@@ -111,7 +117,8 @@ def upgrade() -> None:
         sa.Column("arm_id", INT, sa.ForeignKey("arms.id", ondelete="CASCADE"), nullable=False),
         sa.Column("kind", sa.String(100), nullable=False),
         sa.Column("metrics", JSON, nullable=False),
-        sa.Column("created_at", sa.DateTime(), nullable=False))
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+    )
     op.create_index("ix_probe_results_arm_id", "probe_results", ["arm_id"])
     op.create_index("ix_probe_results_turn_id", "probe_results", ["turn_id"])
     op.create_table(
@@ -122,10 +129,20 @@ def upgrade() -> None:
         sa.Column("path", sa.Text(), nullable=True),
         sa.Column("data", JSON, nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.UniqueConstraint("turn_id", "kind"))
+        sa.UniqueConstraint("turn_id", "kind"),
+    )
 
 
 def downgrade() -> None:
-    for table in ("captures", "probe_results", "scores", "annotations", "turns", "arms", "sessions",
-                  "experiments", "schema_info"):
+    for table in (
+        "captures",
+        "probe_results",
+        "scores",
+        "annotations",
+        "turns",
+        "arms",
+        "sessions",
+        "experiments",
+        "schema_info",
+    ):
         op.drop_table(table)

@@ -8,6 +8,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-03
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -18,12 +19,21 @@ depends_on = None
 
 
 def upgrade() -> None:
-    dup = op.get_bind().execute(sa.text(
-        "SELECT experiment_id, item_key, seed, COUNT(*) FROM sessions WHERE experiment_id IS NOT NULL "
-        "GROUP BY experiment_id, item_key, seed HAVING COUNT(*) > 1")).first()
+    dup = (
+        op.get_bind()
+        .execute(
+            sa.text(
+                "SELECT experiment_id, item_key, seed, COUNT(*) FROM sessions WHERE experiment_id IS NOT NULL "
+                "GROUP BY experiment_id, item_key, seed HAVING COUNT(*) > 1"
+            )
+        )
+        .first()
+    )
     if dup is not None:
-        raise RuntimeError(f"experiment {dup[0]} has {dup[3]} sessions for item {dup[1]!r} seed {dup[2]}; "
-                           f"delete all but one before upgrading")
+        raise RuntimeError(
+            f"experiment {dup[0]} has {dup[3]} sessions for item {dup[1]!r} seed {dup[2]}; "
+            f"delete all but one before upgrading"
+        )
     with op.batch_alter_table("sessions") as batch:
         batch.drop_index("ix_sessions_resume")
         batch.create_index("uq_sessions_dialogue", ["experiment_id", "item_key", "seed"], unique=True)
