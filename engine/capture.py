@@ -405,6 +405,29 @@ class CaptureDialogue(Dialogue):
     gen_arms: frozenset[int] = frozenset()
 
 
+def _checked_request(specs, turns, focus_arm: int, focus_turn, record, window) -> tuple[int, list[int]]:
+    """(focus turn, arms to record) for a capture request, or one CaptureError naming what is wrong."""
+    if window is not None:
+        raise CaptureError(
+            f"this dialogue ran with an attention window of {window} tokens; captures need the "
+            "full cache (the attention views would not show what the arms saw)"
+        )
+    if not turns:
+        raise CaptureError("the dialogue has no turns")
+    focus_turn = len(turns) - 1 if focus_turn is None else focus_turn
+    if not 0 <= focus_turn < len(turns):
+        raise CaptureError(f"turn {focus_turn} does not exist: the dialogue has turns 0..{len(turns) - 1}")
+    if not 0 <= focus_arm < len(specs):
+        raise CaptureError(f"arm {focus_arm} does not exist: the dialogue has arms 0..{len(specs) - 1}")
+    record = list(range(len(specs))) if record is None else sorted({int(r) for r in record} | {focus_arm})
+    if any(not 0 <= r < len(specs) for r in record):
+        raise CaptureError(f"record names an arm that does not exist: the dialogue has arms 0..{len(specs) - 1}")
+    for k, (_, replies) in enumerate(turns[: focus_turn + 1]):
+        if len(replies) != len(specs):
+            raise CaptureError(f"turn {k} has replies for {len(replies)} arms, the dialogue has {len(specs)}")
+    return focus_turn, record
+
+
 def capture_turn(
     lm: LoadedModel,
     specs: list[ArmSpec],
@@ -433,24 +456,7 @@ def capture_turn(
     `expected_length`: the focus arm's transcript length if known (else it is found by a dry run of
     the tokenisation, as for every other recorded arm), used to fix the buckets before the pass.
     """
-    if window is not None:
-        raise CaptureError(
-            f"this dialogue ran with an attention window of {window} tokens; captures need the "
-            "full cache (the attention views would not show what the arms saw)"
-        )
-    if not turns:
-        raise CaptureError("the dialogue has no turns")
-    focus_turn = len(turns) - 1 if focus_turn is None else focus_turn
-    if not 0 <= focus_turn < len(turns):
-        raise CaptureError(f"turn {focus_turn} does not exist: the dialogue has turns 0..{len(turns) - 1}")
-    if not 0 <= focus_arm < len(specs):
-        raise CaptureError(f"arm {focus_arm} does not exist: the dialogue has arms 0..{len(specs) - 1}")
-    record = list(range(len(specs))) if record is None else sorted({int(r) for r in record} | {focus_arm})
-    if any(not 0 <= r < len(specs) for r in record):
-        raise CaptureError(f"record names an arm that does not exist: the dialogue has arms 0..{len(specs) - 1}")
-    for k, (_, replies) in enumerate(turns[: focus_turn + 1]):
-        if len(replies) != len(specs):
-            raise CaptureError(f"turn {k} has replies for {len(replies)} arms, the dialogue has {len(specs)}")
+    focus_turn, record = _checked_request(specs, turns, focus_arm, focus_turn, record, window)
     t_start = time.perf_counter()
     model = lm.model
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads

@@ -228,45 +228,10 @@ def scalar_curves_figure(
     )
     for i, (name, members) in enumerate(panels, start=1):
         if members is not None:
-            z = np.full((len(members), len(pos)), np.nan)
-            for j, (_, member) in enumerate(members):
-                rows = [e["series"][member] for e in curves["layers"] if member in e["series"]]
-                vals = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
-                if vals.size and not np.isnan(vals).all():
-                    z[j] = np.nanmean(vals, axis=0)
-            fig.add_trace(
-                go.Heatmap(
-                    x=pos,
-                    y=[f"{name} {k}" for k, _ in members],
-                    z=z,
-                    colorscale="Blues",
-                    showscale=False,
-                    customdata=np.array([text] * len(members), dtype=object),
-                    hovertemplate="%{y}: %{z:.3f}<br>@%{x} %{customdata}<extra></extra>",
-                ),
-                row=i,
-                col=1,
-            )
+            fig.add_trace(_family_heatmap(name, members, curves["layers"], pos, text), row=i, col=1)
         else:
-            for e in curves["layers"]:
-                ys = e["series"].get(name)
-                if ys is None:
-                    continue
-                fig.add_trace(
-                    go.Scatter(
-                        x=pos,
-                        y=[np.nan if v is None else v for v in ys],
-                        mode="lines",
-                        name=f"layer {e['layer']}",
-                        legendgroup=str(e["layer"]),
-                        showlegend=i == 1,
-                        customdata=text,
-                        hovertemplate=f"{html.escape(name)} %{{y:.4g}}<br>@%{{x}} %{{customdata}}"
-                        f"<extra>layer {e['layer']}</extra>",
-                    ),
-                    row=i,
-                    col=1,
-                )
+            for trace in _scalar_lines(name, curves["layers"], pos, text, legend=i == 1):
+                fig.add_trace(trace, row=i, col=1)
         if reply_span is not None and reply_span[1] > reply_span[0]:
             fig.add_vrect(
                 x0=reply_span[0] - 1.5,
@@ -290,6 +255,48 @@ def scalar_curves_figure(
     )
     fig.update_xaxes(title_text="position", row=len(panels), col=1)
     return fig
+
+
+def _family_heatmap(name: str, members: list, layers: list[dict], pos: list[int], text: list[str]) -> go.Heatmap:
+    """A numbered scalar family (a bank's per-chapter weights) as position x member, mean over layers."""
+    z = np.full((len(members), len(pos)), np.nan)
+    for j, (_, member) in enumerate(members):
+        rows = [e["series"][member] for e in layers if member in e["series"]]
+        vals = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
+        if vals.size and not np.isnan(vals).all():
+            z[j] = np.nanmean(vals, axis=0)
+    return go.Heatmap(
+        x=pos,
+        y=[f"{name} {k}" for k, _ in members],
+        z=z,
+        colorscale="Blues",
+        showscale=False,
+        customdata=np.array([text] * len(members), dtype=object),
+        hovertemplate="%{y}: %{z:.3f}<br>@%{x} %{customdata}<extra></extra>",
+    )
+
+
+def _scalar_lines(name: str, layers: list[dict], pos: list[int], text: list[str], legend: bool) -> list[go.Scatter]:
+    """One read scalar as one line per layer (the legend shown on the first panel only)."""
+    out = []
+    for e in layers:
+        ys = e["series"].get(name)
+        if ys is None:
+            continue
+        out.append(
+            go.Scatter(
+                x=pos,
+                y=[np.nan if v is None else v for v in ys],
+                mode="lines",
+                name=f"layer {e['layer']}",
+                legendgroup=str(e["layer"]),
+                showlegend=legend,
+                customdata=text,
+                hovertemplate=f"{html.escape(name)} %{{y:.4g}}<br>@%{{x}} %{{customdata}}"
+                f"<extra>layer {e['layer']}</extra>",
+            )
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,22 +348,7 @@ def divergence_strip(
     if n == 0:
         return empty_figure("empty reply")
     rows = (n + per_row - 1) // per_row
-    z = np.full((rows, per_row), np.nan)
-    text = np.full((rows, per_row), "", dtype=object)
-    hover = np.full((rows, per_row), "", dtype=object)
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        z[r, c] = kl[i]
-        text[r, c] = _strip_label(tokens[i])
-        alts = ""
-        if observer_top and i < len(observer_top):
-            alts = "<br>".join(f"{html.escape(str(t))!s}: {p:.3f}" for t, p in observer_top[i])
-        extra = ""
-        if max_abs_dlogit is not None:
-            extra += f"<br>max |Δlogit| {max_abs_dlogit[i]:.3f}"
-        if top1_agree is not None:
-            extra += f"<br>top-1 {'agrees' if top1_agree[i] else 'DIFFERS'}"
-        hover[r, c] = f"#{i + 1} {html.escape(tokens[i])}<br>KL {kl[i]:.4f}{extra}<br><b>observer top:</b><br>{alts}"
+    z, text, hover = _strip_cells(tokens, kl, max_abs_dlogit, top1_agree, observer_top, rows, per_row)
     top = max(float(np.nanmax(z)), 1e-6)
     fig = go.Figure(
         go.Heatmap(
@@ -412,6 +404,27 @@ def divergence_strip(
             ],
         )
     return fig
+
+
+def _strip_cells(tokens, kl, max_abs_dlogit, top1_agree, observer_top, rows: int, per_row: int):
+    """The strip's (KL, label, hover) grids, row-major: token i sits at divmod(i, per_row)."""
+    z = np.full((rows, per_row), np.nan)
+    text = np.full((rows, per_row), "", dtype=object)
+    hover = np.full((rows, per_row), "", dtype=object)
+    for i in range(len(tokens)):
+        r, c = divmod(i, per_row)
+        z[r, c] = kl[i]
+        text[r, c] = _strip_label(tokens[i])
+        alts = ""
+        if observer_top and i < len(observer_top):
+            alts = "<br>".join(f"{html.escape(str(t))!s}: {p:.3f}" for t, p in observer_top[i])
+        extra = ""
+        if max_abs_dlogit is not None:
+            extra += f"<br>max |Δlogit| {max_abs_dlogit[i]:.3f}"
+        if top1_agree is not None:
+            extra += f"<br>top-1 {'agrees' if top1_agree[i] else 'DIFFERS'}"
+        hover[r, c] = f"#{i + 1} {html.escape(tokens[i])}<br>KL {kl[i]:.4f}{extra}<br><b>observer top:</b><br>{alts}"
+    return z, text, hover
 
 
 # --------------------------------------------------------------------------------------------------

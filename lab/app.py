@@ -132,20 +132,19 @@ def build_app(ctx: LabContext) -> gr.Blocks:
                     _unavailable("Inspect", e)
                 else:
                     inspect = build_inspect_tab(ctx)
-        if inspect and all(k in inspect for k in ("session", "arm", "turn")):
+        if inspect is not None:
             arena.wire_inspect(inspect, tabs)
-            sessions["wire_inspect"](inspect, tabs)
-        arena.wire_continue(sessions["continue_btn"], sessions["session_id"], tabs)
-        if experiments and "open_session" in experiments:
+            sessions.wire_inspect(inspect, tabs)
+        arena.wire_continue(sessions.continue_btn, sessions.session_id, tabs)
+        if experiments is not None:
             _wire_open_in_sessions(experiments, sessions, tabs)
-        sessions_tab.select(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]], api_name=False)
-        demo.load(sessions["list_fn"], inputs=[sessions["kind"]], outputs=[sessions["table"]], api_name=False)
+        sessions_tab.select(sessions.list_fn, inputs=[sessions.kind], outputs=[sessions.table], api_name=False)
+        demo.load(sessions.list_fn, inputs=[sessions.kind], outputs=[sessions.table], api_name=False)
         arena.on_load(demo)
-    demo.lab_parts = {"arena": arena, "sessions": sessions, "inspect": inspect, "tabs": tabs}
     return demo
 
 
-def _wire_open_in_sessions(experiments: dict, sessions: dict, tabs: gr.Tabs) -> None:
+def _wire_open_in_sessions(experiments, sessions, tabs: gr.Tabs) -> None:
     """The Experiments tab's 'Open in Sessions' shows the dialogue behind a point, read-only."""
 
     def go(sid):
@@ -153,9 +152,9 @@ def _wire_open_in_sessions(experiments: dict, sessions: dict, tabs: gr.Tabs) -> 
             raise gr.Error("Pick a dialogue of the run first.", print_exception=False)
         return sid, gr.Tabs(selected="sessions")
 
-    experiments["open_session"].click(
-        go, inputs=[experiments["session"]], outputs=[sessions["session_id"], tabs], api_name=False
-    ).success(sessions["open_fn"], inputs=[sessions["session_id"]], outputs=sessions["open_outputs"], api_name=False)
+    experiments.open_session.click(
+        go, inputs=[experiments.session], outputs=[sessions.session_id, tabs], api_name=False
+    ).success(sessions.open_fn, inputs=[sessions.session_id], outputs=sessions.open_outputs, api_name=False)
 
 
 def launch(

@@ -1045,7 +1045,7 @@ class ArenaView:
         )
         resume_ev.success(lambda: gr.update(visible=False), outputs=[c.resume], api_name=False, queue=False)
 
-    def wire_inspect(self, inspect_parts: dict, tabs: gr.Tabs, tab_id: str = "inspect") -> None:
+    def wire_inspect(self, inspect_tab, tabs: gr.Tabs, tab_id: str = "inspect") -> None:
         """Each pane's Inspect button fills the Inspect tab with its selected turn and switches to it."""
 
         def go(p):
@@ -1069,11 +1069,10 @@ class ArenaView:
             event = pn.inspect.click(
                 go(p),
                 inputs=[self.state, pn.turn_sel],
-                outputs=[inspect_parts["session"], inspect_parts["arm"], inspect_parts["turn"], tabs],
+                outputs=[inspect_tab.session, inspect_tab.arm, inspect_tab.turn, tabs],
                 api_name=False,
             )
-            if "then_show" in inspect_parts:
-                inspect_parts["then_show"](event)
+            inspect_tab.then_show(event)
 
     def on_load(self, demo: gr.Blocks) -> None:
         demo.load(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import gradio as gr
@@ -322,6 +323,27 @@ def stop_run(ctx: LabContext, owner: Optional[str] = None) -> str:
     return f"stopping run {eid or ''} after the current step…"
 
 
+def _run_settings(
+    ctx: LabContext, choice, yaml_text, upload, arms_text, seeds, items, max_new_tokens, resume_id, window
+):
+    """(protocol, arm specs, seeds, items, max new tokens, window) from the form, or from the stored run
+    being resumed; raises the one-line errors `start_run` reports."""
+    from experiments.runner import load_run
+
+    if resume_id:
+        config = load_run(ctx.store, resume_id)
+        return config.protocol, config.specs, config.seeds, config.items, config.max_new_tokens, config.window
+    window_n = _int(window, "window", allow_none=True)
+    protocol = resolve_protocol_input(choice, yaml_text, upload)
+    specs = parse_arm_lines(arms_text)
+    seeds_n = _int(seeds, "seeds")
+    items_n = _int(items, "items", allow_none=True)
+    mnt = _int(max_new_tokens, "max new tokens", allow_none=True)
+    for spec in specs:
+        spec.validate_for(ctx.lm.config.num_hidden_layers)
+    return protocol, specs, seeds_n, items_n, mnt, window_n
+
+
 def start_run(
     ctx: LabContext,
     choice,
@@ -341,23 +363,12 @@ def start_run(
     (blank: the protocol's, else full attention); `owner` the token of the tab that may stop it."""
     from engine import DialogueError, SpecError
     from experiments.protocol import ProtocolError
-    from experiments.runner import RunConfigError, load_run, run_protocol
+    from experiments.runner import RunConfigError, run_protocol
 
     try:
-        if resume_id:
-            config = load_run(ctx.store, resume_id)
-            protocol, specs = config.protocol, config.specs
-            seeds_n, items_n, mnt = config.seeds, config.items, config.max_new_tokens
-            window_n = config.window
-        else:
-            window_n = _int(window, "window", allow_none=True)
-            protocol = resolve_protocol_input(choice, yaml_text, upload)
-            specs = parse_arm_lines(arms_text)
-            seeds_n = _int(seeds, "seeds")
-            items_n = _int(items, "items", allow_none=True)
-            mnt = _int(max_new_tokens, "max new tokens", allow_none=True)
-            for s in specs:
-                s.validate_for(ctx.lm.config.num_hidden_layers)
+        protocol, specs, seeds_n, items_n, mnt, window_n = _run_settings(
+            ctx, choice, yaml_text, upload, arms_text, seeds, items, max_new_tokens, resume_id, window
+        )
     except (ProtocolError, SpecError, RunConfigError, ValueError) as exc:
         return f"❌ {exc}", None
     except Exception as exc:  # noqa: BLE001
@@ -662,14 +673,24 @@ def _wire_results(ctx: LabContext, c: dict) -> None:
     c["dialogues"].select(on_dialogue_select, c["dialogues"], c["session"])
 
 
-def build_experiments_tab(ctx: LabContext) -> dict:
-    """Build the tab's components in the current Blocks context; returns them by name."""
+@dataclass
+class ExperimentsTab:
+    """The Experiments tab as the app wires it: the dialogue picked behind a point (`session`) and its
+    'Open in Sessions' button; every component by name in `components` (for tests and layout)."""
+
+    session: Any
+    open_session: Any
+    components: dict
+
+
+def build_experiments_tab(ctx: LabContext) -> ExperimentsTab:
+    """Build the tab's components in the current Blocks context."""
     c: dict[str, Any] = {}
     _run_form(c)
     _results_layout(ctx, c)
     _wire_runs(ctx, c)
     _wire_results(ctx, c)
-    return c
+    return ExperimentsTab(session=c["session"], open_session=c["open_session"], components=c)
 
 
 def _safe_runs(ctx: LabContext) -> pd.DataFrame:

@@ -16,7 +16,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import gradio as gr
 import numpy as np
@@ -474,13 +474,36 @@ def _wire_redraws(c: dict) -> None:
     )
 
 
-def build_inspect_tab(ctx: LabContext) -> dict:
-    """Build the tab in the current Blocks. `arm` is the 0-based arm index other tabs fill (with session and
-    turn, then `then_show(event)`); `arm_box` the arm a person types, counted from 1."""
+@dataclass
+class InspectTab:
+    """The Inspect tab as other tabs see it. They fill `session`, `arm` (the 0-based arm index, a State)
+    and `turn` (counted from 1), then chain `then_show(event)`; `arm_box` is the arm a person types,
+    counted from 1. `show_fn` is the Show handler, callable without Gradio."""
+
+    session: Any
+    arm: Any
+    arm_box: Any
+    turn: Any
+    show: Any
+    status: Any
+    state: Any
+    layer: Any
+    head: Any
+    metric: Any
+    mem_layer: Any
+    plots: dict
+    export: Any
+    files: Any
+    show_fn: Callable
+    then_show: Callable
+
+
+def build_inspect_tab(ctx: LabContext) -> InspectTab:
+    """Build the tab in the current Blocks and return its typed parts."""
     c = _inspect_layout(ctx.lm.model.config.num_hidden_layers, ctx.lm.model.config.num_attention_heads)
     show_fn, then_show = _wire_show(ctx, c)
     _wire_redraws(c)
-    return dict(
+    return InspectTab(
         session=c["session"],
         arm=c["arm_index"],
         arm_box=c["arm_box"],

@@ -6,6 +6,7 @@ import html
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -425,10 +426,10 @@ def _wire_sessions(ctx: LabContext, c: dict) -> dict:
 
 
 def _inspect_wiring(ctx: LabContext, c: dict):
-    """`wire_inspect(inspect_parts, tabs)`: 'Inspect this turn' fills Inspect (session, 0-based arm index, turn
+    """`wire_inspect(inspect_tab, tabs)`: 'Inspect this turn' fills Inspect (session, 0-based arm index, turn
     from 1), switches to it and chains its Show."""
 
-    def wire_inspect(inspect_parts: dict, tabs: gr.Tabs, tab_id: str = "inspect"):
+    def wire_inspect(inspect_tab, tabs: gr.Tabs, tab_id: str = "inspect"):
         def go(sid, arm, turn):
             try:
                 return (*inspect_target(ctx, sid, arm, turn), gr.Tabs(selected=tab_id))
@@ -439,20 +440,46 @@ def _inspect_wiring(ctx: LabContext, c: dict):
         event = c["inspect_btn"].click(
             go,
             inputs=[c["session_id"], c["insp_arm"], c["insp_turn"]],
-            outputs=[inspect_parts["session"], inspect_parts["arm"], inspect_parts["turn"], tabs],
+            outputs=[inspect_tab.session, inspect_tab.arm, inspect_tab.turn, tabs],
             api_name=False,
         )
-        if "then_show" in inspect_parts:
-            inspect_parts["then_show"](event)
+        inspect_tab.then_show(event)
 
     return wire_inspect
 
 
-def build_sessions_tab(ctx: LabContext) -> dict:
+@dataclass
+class SessionsTab:
+    """The Sessions tab as the app wires it: its components, the handlers other tabs chain
+    (`list_fn`, `open_fn` with `open_outputs`, `reveal_fn`) and `wire_inspect(inspect_tab, tabs)`."""
+
+    kind: Any
+    refresh: Any
+    table: Any
+    session_id: Any
+    open: Any
+    head: Any
+    chats: Any
+    annotations: Any
+    fmt: Any
+    scope: Any
+    export: Any
+    files: Any
+    export_msg: Any
+    list_fn: Any
+    wire_inspect: Any
+    continue_btn: Any
+    open_fn: Any
+    open_outputs: Any
+    reveal: Any
+    reveal_fn: Any
+
+
+def build_sessions_tab(ctx: LabContext) -> SessionsTab:
     """Build the tab in the current Blocks; returns its components and the functions other tabs wire to."""
     c = _sessions_layout(ctx)
     fns = _wire_sessions(ctx, c)
-    return dict(
+    return SessionsTab(
         kind=c["kind"],
         refresh=c["refresh"],
         table=c["table"],

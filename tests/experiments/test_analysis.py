@@ -316,7 +316,7 @@ def test_experiments_tab_builds(synthetic):
     with gr.Blocks():
         with gr.Tab("Experiments"):
             parts = build_experiments_tab(LabContext(store=store, lm=None))
-    assert {"session", "run", "stop", "runs", "run_id", "summary", "bar", "drift", "agreement"} <= set(parts)
+    assert {"session", "run", "stop", "runs", "run_id", "summary", "bar", "drift", "agreement"} <= set(parts.components)
 
 
 def test_export_figures_html_loads_plotly_once_and_writes_images(synthetic, tmp_path):

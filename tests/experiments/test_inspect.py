@@ -166,8 +166,8 @@ def test_tab_handles_bad_input(embedded, logged):
     ctx = LabContext(store=store, lm=embedded, db_url=store.name)
     with gr.Blocks():
         parts = build_inspect_tab(ctx)
-    assert {"session", "arm", "turn", "show"} <= set(parts)
-    show = parts["show_fn"]
+    assert {"session", "arm", "turn", "show"} <= set(vars(parts))
+    show = parts.show_fn
     for args in [("", 0, 0), ("nope", 0, 0), (sid, 0, 9), (sid, 9, 0)]:
         out = show(*args, False, 15, "mean", "entropy")
         assert out[0].startswith(("**Cannot inspect", "Enter a session")) and out[1] is None

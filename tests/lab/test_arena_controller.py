@@ -197,7 +197,7 @@ def test_sessions_tab_counts_labels_as_the_arena_does(store, embedded):
     ctx = LabContext(store=store, lm=embedded)
     row = sessions_frame(ctx).set_index("id").loc[ctl.session_id]
     assert row["labelled"] == "ana 2 of 4, bo 1 of 4"
-    head = tab["open_fn"](ctl.session_id)[0]
+    head = tab.open_fn(ctl.session_id)[0]
     assert "**2 of 4** replies labelled by **ana**" in head and "**1 of 4** replies labelled by **bo**" in head
     assert "attention window" not in head  # full attention: nothing to say
     other = started(store, embedded)
@@ -210,12 +210,12 @@ def test_sessions_tab_reveals_a_blind_session(store, embedded):
     run(ctl, "One")
     sid = ctl.session_id
     tab = _sessions_tab(store, embedded)
-    out = tab["open_fn"](sid)
+    out = tab.open_fn(sid)
     head, reveal = out[0], out[-1]
     assert "not revealed" in head and reveal["visible"] is True
     text = "".join(str(x) for x in out)
     assert "observer" not in text and "continuity" not in text
-    out = tab["reveal_fn"](sid, "all")
+    out = tab.reveal_fn(sid, "all")
     head, reveal, table = out[0], out[-2], out[-1]
     assert "Revealed" in head and "observer" in head and "continuity" in head and reveal["visible"] is False
     assert "revealed_at" in store.get_session(sid)["meta"]
@@ -229,7 +229,7 @@ def test_sessions_tab_reveals_a_blind_session(store, embedded):
     import gradio as gr
 
     with pytest.raises(gr.Error, match="not blind"):
-        tab["reveal_fn"](plain.session_id, "all")
+        tab.reveal_fn(plain.session_id, "all")
 
 
 def test_one_wording_and_one_numbering_for_every_view():
