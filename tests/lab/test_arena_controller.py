@@ -149,7 +149,7 @@ def test_window_is_a_session_setting_kept_for_replay_and_continue(store, embedde
     meta = store.get_session(sid)["meta"]
     assert meta["window"] == 16 and meta["sink"] == live.dialogue.sink
     assert replay_turn(store, embedded, sid, 1).identical
-    assert "attention window 16 tokens" in _sessions_tab(store, embedded)["open_fn"](sid)[0]
+    assert "attention window 16 tokens" in _sessions_tab(store, embedded).open_fn(sid)[0]
     ctl = ArenaSession.resume(store, embedded, sid)
     assert ctl.window == 16
     expected = [r.token_ids for r in live.dialogue.send("And?")]
