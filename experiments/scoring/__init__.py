@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-# isort: off - the order of these imports is the order scorers register (SCORER_NAMES, the lab's lists)
+# The order of the next imports is the order scorers register (SCORER_NAMES, the lab's lists).
+# isort: off
 from experiments.scoring.answer_flip import score_answer_flip
-from experiments.scoring.answer_match import answer_match
+from experiments.scoring.stance_drift import StanceDriftOptions
 from experiments.scoring.concession import concession
+from experiments.scoring.answer_match import answer_match
+from experiments.scoring.source_grounding import adherence, entities, entity_precision, reply_segments, source_text
 
 # isort: on
 from experiments.scoring.embedding import StanceEmbedder, default_embedder, minilm_model_dir
@@ -33,8 +36,6 @@ from experiments.scoring.registry import (
     protocol_options,
     scorer_names,
 )
-from experiments.scoring.source_grounding import adherence, entities, entity_precision, reply_segments, source_text
-from experiments.scoring.stance_drift import StanceDriftOptions
 from experiments.scoring.text import choice_letters, choice_texts, extract_letter, first_sentence, normalise_answer
 
 SCORER_NAMES = scorer_names()  # read from the registry: every scorer above, in registration order
