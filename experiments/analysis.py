@@ -1121,7 +1121,7 @@ def rescore_run(store, experiment_id: str, judge, progress: Optional[Callable] =
         try:
             protocol = protocol_from_dict(exp["protocol"], f"run {experiment_id} protocol")
             options = protocol.scorer_options("stance_drift")
-            items = {str(it.get("id", i)): it for i, it in enumerate(protocol.items or [])}
+            items = dict(zip(protocol.item_ids(), protocol.items))
         except Exception:  # noqa: BLE001 - an old stored protocol: score every turn
             options = {}
     options.pop("judge", None)
