@@ -313,6 +313,7 @@ class Dialogue:
         *,
         keep_logits: bool = True,
         on_phase: Callable[[str, list[tuple[int, int]] | None], None] | None = None,
+        chunk: int | None = None,
     ) -> list[torch.Tensor] | None:
         """Feed given replies after `user`; return per arm the logits [len(reply), vocab] that predict them.
 
@@ -321,7 +322,14 @@ class Dialogue:
         those replies. `on_phase('prompt', None)` / `on_phase('body', spans)` run before each pass,
         with spans = each arm's reply positions (used by captures); `keep_logits=False` skips the
         vocabulary projection of the body.
+
+        `chunk=C` feeds the body in passes of at most C tokens. It matters only with a window, which
+        evicts after each pass: a body token then sees the sink, the last `window` tokens before its
+        pass and at most C - 1 of its own pass, so a long forced reply really loses what decoding it
+        token by token (C = 1) would lose, instead of seeing the whole prompt from one pass.
         """
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise DialogueError(f"chunk must be a whole number of tokens >= 1 (got {chunk!r})")
         pieces = self._prepare(user, max(1, max(len(r) for r in replies)), replies)
         turn, prompt_ids = self._open_turn(pieces)
         started, t0 = time.time(), time.perf_counter()
@@ -331,11 +339,10 @@ class Dialogue:
         if on_phase is not None:
             on_phase("body", [(a.length, a.length + len(r)) for a, r in zip(self.arms, replies)])
         body = [r[:-1] for r in replies]
-        rest = self._forward(body, [[ASSISTANT] * len(b) for b in body], turn, logits_to_keep=0 if keep_logits else 1)
+        rests = self._forward_body(body, turn, keep_logits, chunk)
         out = None
         if keep_logits:
-            T = rest.shape[1]
-            out = [torch.cat([first[i, -1:], rest[i, T - len(body[i]) :]], 0).float() for i in range(self.n_arms)]
+            out = [torch.cat([first[i, -1:], *(p[i] for p in rests)], 0).float() for i in range(self.n_arms)]
         now = time.perf_counter()
         reasons = ["eos" if r and r[-1] in self.eos_ids else "length" for r in replies]
         self._finish_turn(
@@ -351,6 +358,21 @@ class Dialogue:
             [len(r) for r in replies],
         )
         return out
+
+    def _forward_body(self, body: list[list[int]], turn: int, keep_logits: bool, chunk: int | None) -> list[list]:
+        """Feed the forced replies' bodies in passes of at most `chunk` tokens (one pass without);
+        per pass, each row's logits for its own tokens of that pass."""
+        width = max((len(b) for b in body), default=0)
+        step = chunk or max(1, width)
+        parts = []
+        for s in range(0, max(1, width), step):
+            pieces = [b[s : s + step] for b in body]
+            logits = self._forward(
+                pieces, [[ASSISTANT] * len(p) for p in pieces], turn, logits_to_keep=0 if keep_logits else 1
+            )
+            T = logits.shape[1]
+            parts.append([logits[i, T - len(p) :] if len(p) else logits[i, :0] for i, p in enumerate(pieces)])
+        return parts
 
     def transcript(self, arm: int) -> list[dict]:
         return list(self.arms[arm].messages)

@@ -133,6 +133,38 @@ def test_rollback_with_a_window_restores_the_evicted_cache(tiny_llama):
     assert [r.token_ids for r in again] == [r.token_ids for r in want]
 
 
+def test_chunked_teacher_forcing_loses_what_decoding_loses(tiny_llama):
+    """Under a window, a reply forced in passes of one token gives the logits decoding it gives (the
+    greedy reply is its own argmax); forced in one pass it sees the evicted prompt, and differs."""
+    arms = [parse_arm("observer"), parse_arm("neural_memory:linkage=1,gain=1,layers=1/3")]
+    user = "Hello there, how are you doing on this fine day? Tell me about the sea."
+    decoded = Dialogue(tiny_llama, arms, window=5).send(user, max_new_tokens=12)
+    replies = [r.token_ids for r in decoded]
+    one_by_one = Dialogue(tiny_llama, arms, window=5).teacher_force(user, replies, chunk=1)
+    in_one_pass = Dialogue(tiny_llama, arms, window=5).teacher_force(user, replies)
+    for r, ids in enumerate(replies):
+        assert one_by_one[r].argmax(-1).tolist() == ids
+        assert (one_by_one[r] - in_one_pass[r]).abs().max() > 1e-3
+    # the steps: prompt, then 11 passes of one token (the reply but its last token)
+    d = Dialogue(tiny_llama, arms, window=5)
+    steps = _steps(d)
+    d.teacher_force(user, replies, chunk=4)
+    assert [max(n for _, n in s) for s in steps[1:]] == [4, 4, 3]
+
+
+def test_chunking_without_a_window_changes_nothing(tiny_llama):
+    arms = [parse_arm("observer"), parse_arm("continuity:linkage=1")]
+    whole = Dialogue(tiny_llama, arms).teacher_force("Hello there.", REPLIES_1)
+    parts = Dialogue(tiny_llama, arms).teacher_force("Hello there.", REPLIES_1, chunk=2)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, parts))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_chunk_is_one_clear_error(tiny_llama, bad):
+    with pytest.raises(DialogueError, match="chunk must be"):
+        Dialogue(tiny_llama, [parse_arm("observer")], window=4).teacher_force("Hi", [[5, 6]], chunk=bad)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
 def test_bad_window_is_one_clear_error(tiny_llama, bad):
     with pytest.raises(DialogueError, match="window must be"):
