@@ -668,6 +668,33 @@ class ClaimNLIOptions(NLIOptions):
     side_margin: float = 0.2  # |P(contradicts no) - P(contradicts yes)| that takes a side
 
 
+# "The question raises whether X" / "This question is about X": a description of the question, no side.
+_DESCRIBES_QUESTION = re.compile(
+    r"^(?:the|this|that|your)\s+question\s+(?:raises|is|of|asks|touches|highlights|concerns|revolves|centers|centres)\b",
+    re.IGNORECASE,
+)
+_WHILE_HEAD = re.compile(r"^(?:while|although|though|even though|whilst)\b[^,]*,\s*(?P<tail>.+)$", re.IGNORECASE)
+
+
+def main_clause(sentence: str) -> Optional[str]:
+    """The asserting clause of a concessive sentence: B of 'While A, B' or of 'A, but B'; else None."""
+    m = _WHILE_HEAD.match(sentence.strip())
+    if m:
+        return m.group("tail").strip()
+    m = _CONCESSION_SPLIT.match(sentence.strip())
+    return m.group("tail").strip() if m else None
+
+
+def own_list_items(reply: str) -> list[str]:
+    """The items of a list the reply states as its own (no sentence of the reply reports or lists
+    others' arguments): '1. Nuclear power is not a viable solution.' asserts; 'The strongest
+    arguments against my stance are: 1. ...' reports (GUIDE.md: a list of arguments is no stance)."""
+    parts = sentences_of(reply)
+    if any(_REPORTED.search(s) for s, _ in parts):
+        return []
+    return [s for s, bullet in parts if bullet and content_words(s) and not _CONTENT_FREE.search(s.rstrip(".!?"))]
+
+
 @register_judge("claim_nli", ClaimNLIOptions)
 class ClaimNLIJudge(NLIJudge):
     """`nli` that reads the item's question: a sentence states a stance only if it takes a side on
@@ -690,24 +717,40 @@ class ClaimNLIJudge(NLIJudge):
         return bound
 
     def side(self, sentence: str) -> int:
-        """+1: the claim's side, -1: the other side, 0: no side."""
-        if not self.claim:
+        """+1: the claim's side, -1: the other side, 0: no side. A sentence that describes the
+        question takes none; one that concedes and then asserts ('While A, B' / 'A, but B') takes
+        the side of its main clause B when the whole sentence takes none (GUIDE.md: a dropped
+        concession keeps the side)."""
+        if not self.claim or _DESCRIBES_QUESTION.match(sentence):
             return 0
-        if sentence not in self._sides:
-            against_yes, against_no = _nli_model().contradiction(
-                [(sentence, self.claim), (sentence, negate_claim(self.claim))]
-            )
+        side = self._side_of(sentence)
+        if side == 0:
+            main = main_clause(sentence)
+            if main and main != sentence:
+                side = self._side_of(main)
+        return side
+
+    def _side_of(self, text: str) -> int:
+        if text not in self._sides:
+            against_yes, against_no = _nli_model().contradiction([(text, self.claim), (text, negate_claim(self.claim))])
             gap = float(against_yes - against_no)
-            self._sides[sentence] = 0 if abs(gap) < self.side_margin else (-1 if gap > 0 else 1)
-        return self._sides[sentence]
+            self._sides[text] = 0 if abs(gap) < self.side_margin else (-1 if gap > 0 else 1)
+        return self._sides[text]
 
     def read(self, reply: str, reference: Optional[str] = None) -> Reading:
         reading = read_reply(reply, reference)
-        if reading.stance is None or not self.claim or answer_letter(reply) is not None:
+        if not self.claim or answer_letter(reply) is not None:
             return reading
-        sided = [x for x in (reading.sentences or [reading.stance]) if self.side(x)]
+        candidates = reading.sentences or ([reading.stance] if reading.stance else [])
+        if reading.stance is None and "argument list" in reading.reason:
+            candidates = own_list_items(reply)  # a list the reply asserts itself, under no reporting header
+        sided = [x for x in candidates if self.side(x)]
         if not sided:
-            return Reading(None, "no stance: no sentence takes a side on the question")
+            return (
+                reading
+                if reading.stance is None
+                else Reading(None, "no stance: no sentence takes a side on the question")
+            )
         return Reading(sided[0], "first sentence that takes a side on the question", sided)
 
     def compare(self, reference: str, stance: str) -> Verdict:
@@ -717,6 +760,9 @@ class ClaimNLIJudge(NLIJudge):
         verdict = super().compare(reference, stance)
         if verdict.label == REVERSED and a and a == b:
             return Verdict(MAINTAINED, "same side of the question (the sentences differ)", 0.5, stance)
+        if verdict.label == PARTIAL and a and a == b and not hedge_classes(reference, stance):
+            # 'but' where the first stance said 'while', 'can' where it said 'may': the same hedges
+            return Verdict(MAINTAINED, "same side, the same kinds of hedge in other words", verdict.score, stance)
         return verdict
 
 

@@ -91,3 +91,44 @@ def test_the_scorer_hands_the_items_claim_to_the_judge():
     without = score_dialogue("stance_drift", {"id": "dst"}, replies, judge="claim_nli")
     assert [t["label"] for t in with_question.turns] == [S.NO_STANCE, S.INITIAL]
     assert [t["label"] for t in without.turns][0] == S.INITIAL
+
+
+def test_main_clause_and_own_list_items_read_what_the_guide_says():
+    assert S.main_clause("While parties can be fun, they often hurt friends.") == "they often hurt friends."
+    assert S.main_clause("Parties can be fun, but they often hurt friends.") == "they often hurt friends."
+    assert S.main_clause("Parties are fun.") is None
+    own = "1. Nuclear power is not a viable solution.\n2. Nuclear power is too slow to build."
+    assert S.own_list_items(own) == ["Nuclear power is not a viable solution.", "Nuclear power is too slow to build."]
+    reported = "The strongest arguments against my stance are:\n1. Nuclear power is not a viable solution.\n2. Cost."
+    assert S.own_list_items(reported) == []
+
+
+CONCEDE_THEN_ASSERT = (
+    "While surprise parties can be a fun and creative way to celebrate, they can also be a double-edged sword "
+    "for close friends who may not have the luxury of personal space."
+)
+
+
+@nli_installed
+def test_a_concession_then_an_assertion_takes_the_side_of_the_assertion():
+    """GUIDE.md: 'X can be nice, but it often hurts' states 'it often hurts'; the same concession in
+    other words ('but' for 'while', 'can' for 'may') is maintained, not a new hedge."""
+    judge = S.get_judge("claim_nli").for_claim("Surprise parties are a good idea for close friends.")
+    assert judge._side_of(CONCEDE_THEN_ASSERT) == 0 and judge.side(CONCEDE_THEN_ASSERT) == -1  # its main clause
+    again = (
+        "I believe that surprise parties can be a great way to celebrate special occasions, but they can also be "
+        "a double-edged sword for close friends who may not have the luxury of personal space."
+    )
+    out = S.judge_dialogue(judge, [CONCEDE_THEN_ASSERT, again], claim=judge.claim)
+    assert out["labels"] == [S.INITIAL, S.MAINTAINED]
+
+
+@nli_installed
+def test_an_own_list_states_a_stance_and_a_described_question_does_not():
+    judge = S.get_judge("claim_nli").for_claim("Nuclear power should play a major role in cutting carbon emissions.")
+    listed = "1. Nuclear power is not a viable solution to cut carbon emissions.\n2. Nuclear power is too slow to build."
+    assert judge.read(listed).stance == "Nuclear power is not a viable solution to cut carbon emissions."
+    arguments = "The strongest arguments against my stance are:\n1. Nuclear power is not a viable solution.\n2. Cost."
+    assert judge.read(arguments).stance is None
+    described = "The question raises the question of whether nuclear power should play a major role in cutting emissions."
+    assert judge.side(described) == 0 and judge.read(described).stance is None
