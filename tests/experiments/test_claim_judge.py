@@ -126,9 +126,13 @@ def test_a_concession_then_an_assertion_takes_the_side_of_the_assertion():
 @nli_installed
 def test_an_own_list_states_a_stance_and_a_described_question_does_not():
     judge = S.get_judge("claim_nli").for_claim("Nuclear power should play a major role in cutting carbon emissions.")
-    listed = "1. Nuclear power is not a viable solution to cut carbon emissions.\n2. Nuclear power is too slow to build."
+    listed = (
+        "1. Nuclear power is not a viable solution to cut carbon emissions.\n2. Nuclear power is too slow to build."
+    )
     assert judge.read(listed).stance == "Nuclear power is not a viable solution to cut carbon emissions."
     arguments = "The strongest arguments against my stance are:\n1. Nuclear power is not a viable solution.\n2. Cost."
     assert judge.read(arguments).stance is None
-    described = "The question raises the question of whether nuclear power should play a major role in cutting emissions."
+    described = (
+        "The question raises the question of whether nuclear power should play a major role in cutting emissions."
+    )
     assert judge.side(described) == 0 and judge.read(described).stance is None
