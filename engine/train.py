@@ -94,9 +94,12 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="split held out when eval is not given")
     format: Literal["auto", "text", "chat"] = Field("auto", description="line format")
     max_length: int = Field(512, ge=8, le=131072, description="tokens per sequence (longer are cut)")
-    loss_on: Literal["all", "assistant", "last"] = Field(
-        "all", description="chat: train on every token, the replies, or the last reply only (e.g. a recall answer)"
+    loss_on: Literal["all", "assistant", "last", "tail"] = Field(
+        "all",
+        description="chat: train on every token, the replies, the last reply only (e.g. a recall answer), "
+        "or the last `tail_tokens` reply tokens (e.g. a sign-off the system prompt asks for)",
     )
+    tail_tokens: int = Field(16, ge=1, le=131072, description="loss_on=tail: how many of the last reply tokens")
     documents: bool = Field(
         False,
         description="each row has a 'document': it is distilled into the memory bank "
@@ -259,7 +262,7 @@ def read_jsonl(path: str | Path, fmt: str) -> list[dict]:
     return rows
 
 
-def encode(tokenizer, row: dict, max_length: int, loss_on: str, documents: bool = False) -> dict:
+def encode(tokenizer, row: dict, max_length: int, loss_on: str, documents: bool = False, tail_tokens: int = 16) -> dict:
     """token ids, role codes and labels (-100 = no loss) of one example (and its document's ids)."""
     from .chat import _tokenize_with_roles
     from .mechanisms.base import ROLE_CODE
@@ -289,6 +292,9 @@ def encode(tokenizer, row: dict, max_length: int, loss_on: str, documents: bool 
         while start > 0 and roles[start - 1] == A:
             start -= 1
         labels = [t if start <= i < end else -100 for i, t in enumerate(ids)]
+    if loss_on == "tail":  # the last `tail_tokens` reply tokens: a reply's end, where a constraint shows
+        counted = set([i for i, label in enumerate(labels) if label != -100][-tail_tokens:])
+        labels = [t if i in counted else -100 for i, t in enumerate(ids)]
     out = {"ids": ids, "roles": roles, "labels": labels}
     if documents:
         if not isinstance(row.get("document"), str) or not row["document"].strip():
@@ -532,8 +538,9 @@ def _loaders(cfg: TrainConfig, tok):
         n_eval = max(1, int(round(len(rows) * cfg.data.eval_fraction))) if cfg.data.eval_fraction > 0 else 0
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in order[n_eval:]] or rows
-    enc = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on, cfg.data.documents) for r in rows]
-    enc_eval = [encode(tok, r, cfg.data.max_length, cfg.data.loss_on, cfg.data.documents) for r in eval_rows]
+    d = cfg.data
+    enc = [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens) for r in rows]
+    enc_eval = [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens) for r in eval_rows]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     loader = DataLoader(
         enc,

@@ -103,7 +103,7 @@ def test_outer_needs_the_linear_memory_and_a_fitting_file(tiny_llama, random_out
         Dialogue(tiny_llama, [parse_arm(random_outer + ",outer=false")])
 
 
-def test_loss_on_last_and_the_training_window(tokenizer):
+def test_loss_on_last_and_tail_and_the_training_window(tokenizer):
     from engine.mechanisms.base import ROLE_CODE
     from engine.train import encode, window_mask
 
@@ -119,6 +119,15 @@ def test_loss_on_last_and_the_training_window(tokenizer):
     kept = [t for t in enc["labels"] if t != -100]
     assert tokenizer.decode(kept).strip() == "Under the mat"
     assert all(enc["roles"][i] == ROLE_CODE["assistant"] for i, t in enumerate(enc["labels"]) if t != -100)
+    tail = encode(tokenizer, row, 512, "tail", tail_tokens=3)  # the last 3 reply tokens, across replies
+    kept = [i for i, t in enumerate(tail["labels"]) if t != -100]
+    assert len(kept) == 3 and tokenizer.decode([tail["ids"][i] for i in kept]) == tokenizer.decode(
+        [t for t in enc["labels"] if t != -100][-3:]
+    )
+    two = encode(tokenizer, row, 512, "tail", tail_tokens=1000)  # more than there are: every reply token
+    assert [t for t in two["labels"] if t != -100] == [
+        t for t in encode(tokenizer, row, 512, "assistant")["labels"] if t != -100
+    ]
     valid = torch.tensor([[True] * 10, [True] * 7 + [False] * 3])
     m = window_mask(valid, window=3, sink=2)[:, 0]
     assert m[0, 9].tolist() == [True, True] + [False] * 4 + [True] * 4  # sink + the last 3 + itself
