@@ -35,16 +35,39 @@ from .constraint_data import OUT as DATA
 SETTINGS = "layers=20/24/28,fp=true,fp_dim=32,lang_emb=true,lora_rank=8,lora_alpha=16"
 
 
-def arms_for(weights: str, other_source: str) -> list[tuple[str, str]]:
+def untrained_settings(weights: str) -> str:
+    """The trained file's own settings as a spec (an untrained branch with exactly its settings)."""
+    from engine.weights import read_header, resolve_path
+
+    settings = read_header(resolve_path(weights)).settings
+    keep = {k: v for k, v in settings.items() if k in _SPEC_KEYS and v is not None}
+    return ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else str(v).lower()}" for k, v in keep.items())
+
+
+_SPEC_KEYS = ("layers", "gain", "fp", "fp_dim", "lang_emb", "lora_rank", "lora_alpha")
+
+
+def arms_for(weights: str, other_source: str, untrained: str = SETTINGS) -> list[tuple[str, str]]:
     trained = f"partial_attention:linkage=1,weights={weights}"
     other = other_source.replace('"', "'")
     return [
         ("observer", "observer"),
-        ("untrained", f"partial_attention:linkage=1,{SETTINGS},label=untrained"),
+        ("untrained", f"partial_attention:linkage=1,{untrained},label=untrained"),
         ("trained", trained + ",label=trained"),
         ("other source", trained + f',text="{other}",label=other source'),
         ("noise matched", f'noise:match="{trained}",label=noise matched'),
     ]
+
+
+def _add_args(ap) -> None:
+    ap.add_argument("--weights", default="@constraint_palm", help="trained partial-attention weights")
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="attention window in tokens (sink + last N): the system prompt falls out of the observer's view",
+    )
+    ap.add_argument("--chunk", type=int, default=8, help="with --window: the forced reply is fed in passes of C tokens")
 
 
 def main(argv=None) -> None:
@@ -52,7 +75,7 @@ def main(argv=None) -> None:
         __doc__,
         argv,
         60,
-        lambda ap: ap.add_argument("--weights", default="@constraint_palm", help="trained partial-attention weights"),
+        _add_args,
     )
 
     from engine import load_model, parse_arm
@@ -62,19 +85,21 @@ def main(argv=None) -> None:
     lm = load_model(verbose=False)
     tok = lm.tokenizer
     items = test_items(DATA, args.items)
+    untrained = untrained_settings(args.weights)
+    print(f"untrained control: partial_attention:linkage=1,{untrained}")
     t0 = time.perf_counter()
     rows = []
     for i, it in enumerate(items):
         other = items[(i + 1) % len(items)]["messages"][0]["content"]
-        arms = arms_for(args.weights, other)
+        arms = arms_for(args.weights, other, untrained)
         specs = [parse_arm(s) for _, s in arms]
         system, user = it["messages"][0]["content"], it["messages"][1]["content"]
         prefix = tok(it["body"] + "\n\nSigned,", add_special_tokens=False)["input_ids"]
         right = tok(" " + it["signoff"], add_special_tokens=False)["input_ids"]
         wrong = tok(" " + it["wrong"], add_special_tokens=False)["input_ids"]
         replies = [prefix + right, prefix + wrong]
-        d = Dialogue(lm, [s for s in specs for _ in (0, 1)], system=system)
-        logits = d.teacher_force(user, replies * len(specs))
+        d = Dialogue(lm, [s for s in specs for _ in (0, 1)], system=system, window=args.window)
+        logits = d.teacher_force(user, replies * len(specs), chunk=args.chunk if args.window else None)
         for k, (name, _) in enumerate(arms):
             out = []
             for j, target in enumerate((right, wrong)):
@@ -91,7 +116,10 @@ def main(argv=None) -> None:
                     "adheres": out[0][1],
                 }
             )
-    print(f"{len(items)} items x {len(arms)} arms, reply {len(prefix)}+ tokens, in {time.perf_counter() - t0:.0f} s")
+    seen = f"window {args.window} (passes of {args.chunk})" if args.window else "full attention"
+    print(
+        f"{len(items)} items x {len(arms)} arms, reply {len(prefix)}+ tokens, {seen}, in {time.perf_counter() - t0:.0f} s"
+    )
 
     by = {name: [r for r in rows if r["arm"] == name] for name, _ in arms_for("x", "y")}
     obs = by["observer"]
