@@ -2,6 +2,7 @@
 "Positive controls", row "partial attention, constraint task")
 
     python -m studies.constraint_end [--weights @constraint_palm] [--items 60] [--threads 1]   # ~5 min, 2 cores
+    python -m studies.constraint_end --items 60 --window 64 --weights @constraint_palm_window   # ~25 min (row "window 64")
 
 Held-out items (studies/data/constraint_end/test.jsonl): the system prompt's last rule is "End
 every reply with the line 'Signed, <name> of <town>.'" with a name never seen in training. Each
