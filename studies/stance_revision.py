@@ -1,10 +1,9 @@
 """Seed 000's question: does a stronger memory of its own earlier answers make the model resist
-revising its stance? (README "Stance revision: seed 000's question, answered")
+revising its stance? (README "Stance revision: seed 000's question")
 
-README table and figure: "Stance revision: seed 000's question, answered" (figures/stance_revision/).
+README table and figure: "Stance revision: seed 000's question" (figures/stance_revision/).
 Running time: about 1-2 min per dialogue (4 arms, 5 turns, 128 new tokens per reply) on a quiet
-2-core CPU, so ~40 min per seed of 24 items; at load 12+ under nice 19 one turn took 15-25 min
-(README: 3 of 48 dialogues finished in this round).
+2-core CPU, so ~40 min per seed of 24 items; at load 12+ under nice 19 one turn took 15-25 min.
 
     python -m studies.stance_revision [--seeds 2] [--db runs/stance_revision.db] [--threads 2]
 
