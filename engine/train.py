@@ -92,6 +92,12 @@ class DataConfig(_Strict):
     train: str = Field(description="JSONL: {'text': ...} or {'messages': [...]} per line")
     eval: str | None = Field(None, description="held-out JSONL; default: eval_fraction of train")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="split held out when eval is not given")
+    eval_control: str | None = Field(
+        None,
+        description="held-out JSONL of control rows: the eval rows with what the mechanism should carry "
+        "changed (e.g. another fact planted, the answer kept); evaluated beside eval, so the log's "
+        "control_loss shows how much of a held-out gain depends on it and how much is a prior",
+    )
     format: Literal["auto", "text", "chat"] = Field("auto", description="line format")
     max_length: int = Field(512, ge=8, le=131072, description="tokens per sequence (longer are cut)")
     loss_on: Literal["all", "assistant", "last", "tail"] = Field(
@@ -222,7 +228,7 @@ def load_config(path: str | Path) -> TrainConfig:
         cfg.settings()
     except ValidationError as e:
         raise ConfigError(_format_errors(e, "mechanism.settings.")) from None
-    for key in ("train", "eval"):
+    for key in ("train", "eval", "eval_control"):
         f = getattr(cfg.data, key)
         if f is not None and not Path(f).is_file():
             raise ConfigError([f"data.{key}: file {f} does not exist"])
@@ -525,8 +531,8 @@ def _inject_lora(cfg: TrainConfig, base) -> list:
 
 
 def _loaders(cfg: TrainConfig, tok):
-    """(train loader, held-out loader, whether there is held-out data): the held-out rows are the
-    eval file, or a seeded `eval_fraction` split of the training rows."""
+    """(train loader, held-out loader, whether there is held-out data, control loader or None): the
+    held-out rows are the eval file, or a seeded `eval_fraction` split of the training rows."""
     from torch.utils.data import DataLoader
 
     rows = read_jsonl(cfg.data.train, cfg.data.format)
@@ -553,7 +559,16 @@ def _loaders(cfg: TrainConfig, tok):
     eval_loader = DataLoader(
         enc_eval, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad)
     )
-    return loader, eval_loader, bool(enc_eval)
+    control_loader = None
+    if d.eval_control:
+        enc_control = [
+            encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens)
+            for r in read_jsonl(d.eval_control, d.format)
+        ]
+        control_loader = DataLoader(
+            enc_control, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad)
+        )
+    return loader, eval_loader, bool(enc_eval), control_loader
 
 
 def lr_factor(step: int, schedule: str, warm: int, total: int) -> float:
@@ -611,6 +626,7 @@ class _Run:
     settings: Any
     lm: Any
     log: Callable
+    control_loader: Any = None  # data.eval_control's rows, evaluated beside the held-out rows
     state: dict = field(
         default_factory=lambda: {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "history": []}
     )
@@ -621,12 +637,12 @@ class _Run:
     def ckpt_root(self) -> Path:
         return Path(self.cfg.output.dir) / "checkpoints"
 
-    def evaluate(self) -> float:
-        """Held-out loss per token, over every process's share."""
+    def evaluate(self, loader=None) -> float:
+        """Held-out loss per token (of `loader`, default the held-out rows), over every process's share."""
         self.module.eval()
         nll_sum, n_sum = 0.0, 0
         with torch.no_grad():
-            for batch in self.eval_loader:
+            for batch in loader if loader is not None else self.eval_loader:
                 nll, n, _ = self.module(**batch)
                 nll, n = self.accelerator.gather_for_metrics((nll.reshape(1), n.reshape(1)))
                 nll_sum += float(nll.sum())
@@ -674,17 +690,23 @@ class _Run:
         """Evaluate, keep the best weights, count patience; True when early stopping says stop."""
         ev, state, t = self.evaluate(), self.state, self.cfg.train
         record |= {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))}
-        state["history"].append([state["step"], ev])
+        control = self.evaluate(self.control_loader) if self.control_loader is not None else None
+        if control is not None:
+            record["control_loss"] = control
+        state["history"].append([state["step"], ev] + ([control] if control is not None else []))
         stop = False
         if state["best_eval"] is None or ev < state["best_eval"] - t.min_delta:
-            state.update(best_eval=ev, best_step=state["step"], bad_evals=0)
+            state.update(best_eval=ev, best_step=state["step"], bad_evals=0, control_at_best=control)
             self.save_best(self.cfg.weights_path)
         else:
             state["bad_evals"] += 1
             if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
                 self.log(f"early stop at step {state['step']}: no improvement in {state['bad_evals']} evals")
                 stop = True
-        bar.write(f"step {state['step']}: held-out loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})")
+        bar.write(
+            f"step {state['step']}: held-out loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})"
+            + (f", control {control:.4f}" if control is not None else "")
+        )
         return stop
 
     def after_step(self, loss, aux, bar) -> bool:
@@ -757,6 +779,8 @@ class _Run:
             "initial_eval_loss": state.get("initial_eval"),
             "best_eval_loss": state["best_eval"],
             "best_step": state["best_step"],
+            "initial_control_loss": state.get("initial_control"),
+            "control_loss_at_best": state.get("control_at_best"),
             "weights": str(self.cfg.weights_path),
             "best_perplexity": None if state["best_eval"] is None else math.exp(min(state["best_eval"], 50)),
             "seconds": round(elapsed, 2),
@@ -795,14 +819,17 @@ def _setup(cfg: TrainConfig, accelerator, lm, resume: str | None, log) -> tuple[
     weights = _build_weights(cfg, cls, settings, base, lm)
     lora_params = _inject_lora(cfg, base)
     module = trainer_module(base, cls, settings, weights, cfg.train.aux_weights, cfg.train.window, cfg.train.sink)
-    loader, eval_loader, has_eval = _loaders(cfg, lm.tokenizer)
+    loader, eval_loader, has_eval, control_loader = _loaders(cfg, lm.tokenizer)
     optimizer, scheduler = _optimizer(cfg, weights, lora_params)
     module, optimizer, loader, eval_loader, scheduler = accelerator.prepare(
         module, optimizer, loader, eval_loader, scheduler
     )
+    if control_loader is not None:
+        control_loader = accelerator.prepare(control_loader)
     run = _Run(
         cfg, accelerator, module, optimizer, scheduler, loader, eval_loader, has_eval, weights, cls, settings, lm, log
     )
+    run.control_loader = control_loader
     resume = _resume_point(cfg, resume, run.ckpt_root)
     if resume:
         accelerator.load_state(resume)
@@ -835,7 +862,12 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     run.logf = open(out_dir / "log.jsonl", "a", encoding="utf-8") if accelerator.is_main_process else None
     if run.state["step"] == 0 and run.has_eval:
         run.state["initial_eval"] = ev = run.evaluate()
-        log(f"step 0: held-out loss {ev:.4f} (perplexity {math.exp(ev):.2f})")
+        control = run.evaluate(run.control_loader) if run.control_loader is not None else None
+        run.state["initial_control"] = control
+        log(
+            f"step 0: held-out loss {ev:.4f} (perplexity {math.exp(ev):.2f})"
+            + (f", control {control:.4f}" if control is not None else "")
+        )
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=run.state["step"],

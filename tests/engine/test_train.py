@@ -83,13 +83,29 @@ def test_bad_configs_one_line_per_problem_with_key_path(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         f"error: data.train: file {tmp_path}/missing.jsonl does not exist"
     ]
+    cfg = _config(tmp_path)
+    cfg["data"]["eval_control"] = str(tmp_path / "no_control.jsonl")
+    with pytest.raises(ConfigError, match="data.eval_control: file .*no_control.jsonl does not exist"):
+        load_config(_write(tmp_path, cfg))
 
 
 def test_twenty_steps_lower_held_out_loss_and_weights_load(tmp_path, embedded):
-    cfg = TrainConfig(**_config(tmp_path))
+    raw = _config(tmp_path)
+    # the control: a sentence of the same shape about what the training lines never say
+    (tmp_path / "control.jsonl").write_text(
+        json.dumps({"text": "The copper well of Brindlemoor pumps red oil."}) + "\n"
+    )
+    raw["data"]["eval_control"] = str(tmp_path / "control.jsonl")
+    cfg = TrainConfig(**raw)
     summary = train(cfg, progress=False, log=lambda *_: None, lm=embedded)
     assert summary["steps"] == 20
     assert summary["best_eval_loss"] < summary["initial_eval_loss"] - 0.05, summary
+    # the bank learned the lines, not a prior over sentences: the held-out gain is larger than the control's
+    eval_gain = summary["initial_eval_loss"] - summary["best_eval_loss"]
+    control_gain = summary["initial_control_loss"] - summary["control_loss_at_best"]
+    assert eval_gain > control_gain + 0.05, summary
+    logged = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["control_loss"] for r in logged if "eval_loss" in r] == [summary["control_loss_at_best"]]
     from engine.dialogue import Dialogue
     from engine.spec import parse_arm
 
