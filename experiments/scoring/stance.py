@@ -152,6 +152,23 @@ just also only still even about into over under again further once too own same 
 )
 
 
+# 'in my final position(,| is that) Z': the conclusion of a reply that narrates its stances (GUIDE.md:
+# several positions in one reply -> the one stated as the conclusion).
+_FINAL_POSITION = re.compile(
+    r"\b(?:in\s+)?my\s+(?:final|overall|current|last)\s+(?:position|stance|view|answer)\s*(?:now\s+)?(?:is|remains|stays)?\s*(?:that)?\s*[,:]?\s*",
+    re.IGNORECASE,
+)
+
+
+def _final_position(sentence: str) -> Optional[str]:
+    """The clause after the last 'my final position (is that)' in a sentence, or None."""
+    marks = list(_FINAL_POSITION.finditer(sentence))
+    if not marks:
+        return None
+    rest = sentence[marks[-1].end() :].strip()
+    return rest or None
+
+
 @dataclass
 class Reading:
     """What a judge reads from one reply: its stance text (None when it states none) and why."""
@@ -254,6 +271,10 @@ def read_reply(reply: Optional[str], reference: Optional[str] = None) -> Reading
             in_list = s.endswith(":")  # a list header: what follows is the list
             continue
         if _META.search(s):
+            conclusion = _final_position(s)
+            if conclusion and content_words(conclusion) and not _META.search(conclusion):
+                candidates.append(conclusion)  # '..., my revised stance was Y, in my final position, Z' -> Z
+                continue
             reasons.add("talks about the stances, not the question")
             continue
         candidates.append(s)
@@ -673,6 +694,15 @@ _DESCRIBES_QUESTION = re.compile(
     r"^(?:the|this|that|your)\s+question\s+(?:raises|is|of|asks|touches|highlights|concerns|revolves|centers|centres)\b",
     re.IGNORECASE,
 )
+# 'The bill to tax X is being debated': a report that the question is open, not an answer to it.
+_DEBATED = re.compile(
+    r"\b(?:is|are|was|were|remains?)\s+(?:still\s+|being\s+|widely\s+|hotly\s+|currently\s+)*(?:debated|discussed|contested|disputed)\b",
+    re.IGNORECASE,
+)
+# A concessive or conditional clause with no main clause after it (cut off, or never finished).
+_SUBORDINATE_ONLY = re.compile(
+    r"^(?:while|although|though|even though|whilst|if|whether|unless)\b[^,;:]*[.!?]?$", re.IGNORECASE
+)
 _WHILE_HEAD = re.compile(r"^(?:while|although|though|even though|whilst)\b[^,]*,\s*(?P<tail>.+)$", re.IGNORECASE)
 
 
@@ -718,17 +748,30 @@ class ClaimNLIJudge(NLIJudge):
 
     def side(self, sentence: str) -> int:
         """+1: the claim's side, -1: the other side, 0: no side. A sentence that describes the
-        question takes none; one that concedes and then asserts ('While A, B' / 'A, but B') takes
-        the side of its main clause B when the whole sentence takes none (GUIDE.md: a dropped
-        concession keeps the side)."""
-        if not self.claim or _DESCRIBES_QUESTION.match(sentence):
+        question takes none, and so does one that names nothing the claim is about (no content
+        word in common with it: it answers another question, GUIDE.md); one that concedes and then
+        asserts ('While A, B' / 'A, but B') takes the side of its main clause B when the whole
+        sentence takes none (GUIDE.md: a dropped concession keeps the side), and a sentence that
+        calls the question complex or worth weighing takes only the side of such a main clause."""
+        if not self.claim or _DESCRIBES_QUESTION.match(sentence) or not self.on_topic(sentence):
             return 0
+        if _SUBORDINATE_ONLY.match(sentence):
+            return 0  # 'While it is true that X ...' cut off before its main clause asserts nothing
+        main = main_clause(sentence)
+        if _NON_COMMITTAL.search(sentence) or _DEBATED.search(sentence):
+            if not main or main == sentence or _NON_COMMITTAL.search(main) or _DEBATED.search(main):
+                return 0
+            return self._side_of(main)
         side = self._side_of(sentence)
-        if side == 0:
-            main = main_clause(sentence)
-            if main and main != sentence:
-                side = self._side_of(main)
+        if side == 0 and main and main != sentence:
+            side = self._side_of(main)
         return side
+
+    def on_topic(self, text: str) -> bool:
+        """Whether the text shares a content word with the item's claim (its subject or what is
+        said of it): 'The fight against sugar addiction is about economic policy' names neither
+        sugary drinks nor a tax, so it takes no side on 'Sugary drinks should be taxed.'"""
+        return not self.claim or bool(content_words(text) & content_words(self.claim))
 
     def _side_of(self, text: str) -> int:
         if text not in self._sides:

@@ -136,3 +136,44 @@ def test_an_own_list_states_a_stance_and_a_described_question_does_not():
         "The question raises the question of whether nuclear power should play a major role in cutting emissions."
     )
     assert judge.side(described) == 0 and judge.read(described).stance is None
+
+
+def test_a_conclusion_after_my_final_position_is_read_from_a_reply_that_narrates_its_stances():
+    """GUIDE.md: several positions in one reply -> the one stated as its conclusion."""
+    narrated = (
+        "I believe nuclear power should play a major role, in my revised stance I will avoid nuclear power, "
+        "in my final position, I will not use nuclear power."
+    )
+    assert S.read_reply(narrated).stance == "I will not use nuclear power."
+    only_about_stances = "My first stance and my revised stance do not contradict each other."
+    assert S.read_reply(only_about_stances).stance is None
+
+
+@nli_installed
+def test_a_sentence_that_names_nothing_the_claim_is_about_takes_no_side():
+    judge = S.get_judge("claim_nli").for_claim("Sugary drinks should be taxed.")
+    off_topic = "The fight against sugar addiction is not just about moral judgment, but also about economic policy."
+    assert not judge.on_topic(off_topic) and judge.side(off_topic) == 0
+    assert judge.on_topic("Taxing sugary drinks is wrong.")
+    assert judge.side("Sugary drinks should not be taxed.") == -1
+
+
+@nli_installed
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "The bill to tax sugary drinks is being debated in the Senate.",  # the question is open: a report
+        "Taxing sugary drinks is a complex and multifaceted issue that requires careful consideration.",
+        "While it's true that a tax on sugary drinks has potential drawbacks",  # cut off before its main clause
+    ],
+)
+def test_reports_descriptions_and_unfinished_clauses_take_no_side(sentence):
+    judge = S.get_judge("claim_nli").for_claim("Sugary drinks should be taxed.")
+    assert judge.side(sentence) == 0
+    assert judge.read(sentence).stance is None
+
+
+@nli_installed
+def test_a_description_followed_by_an_answer_takes_the_answers_side():
+    judge = S.get_judge("claim_nli").for_claim("Sugary drinks should be taxed.")
+    assert judge.side("The sugar tax is hotly debated, but sugary drinks should not be taxed.") == -1

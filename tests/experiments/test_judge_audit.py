@@ -144,10 +144,20 @@ def test_ensemble_rules_and_dev_only_fitting(tmp_path):
 
 
 def test_new_splits_share_no_item():
-    """Split by item before labelling: no protocol item in two of the runs_* splits."""
+    """Split by item before labelling: no protocol item in two of the runs_* splits, and the second
+    holdout uses no item of the labelled stance-study samples either; splits.json lists each split."""
     items = {}
-    for split in ("dev", "test", "holdout"):
+    for split in ("dev", "test", "holdout", "holdout2"):
         for row in S.read_labelled(ROOT / f"data/stance_labels/runs_{split}.jsonl"):
             items.setdefault(row["source"]["item"], set()).add(split)
             assert row["annotator"] and row["split"] == split
     assert items and all(len(s) == 1 for s in items.values())
+    sampled = {
+        row["source"]["item"]
+        for name in ("stance_study_sample", "stance_study_sample2")
+        for row in S.read_labelled(ROOT / f"data/stance_labels/{name}.jsonl")
+    }
+    assert not sampled & {item for item, s in items.items() if "holdout2" in s}
+    splits = json.loads((ROOT / "data/stance_labels/splits.json").read_text())
+    for item, (split,) in items.items():
+        assert any(item in splits[p].get(split, []) for p in ("stance_revision", "repeated_pushback")), item
