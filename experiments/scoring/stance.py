@@ -427,6 +427,10 @@ class _NLIModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 2
         options.log_severity_level = 3
+        # The model is int8. x86 CPUs without VNNI multiply u8 x s8 pairs into 16 bits that saturate,
+        # so the same pair got another probability (and the judge another call) on another machine;
+        # this makes ORT use exact u8 x u8 products there, so every x86 CPU computes what VNNI does.
+        options.add_session_config_entry("session.x64quantprecision", "1")
         self.session = ort.InferenceSession(
             str(root / "policy_nli_int8.onnx"), options, providers=["CPUExecutionProvider"]
         )

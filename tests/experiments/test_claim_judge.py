@@ -103,21 +103,23 @@ def test_main_clause_and_own_list_items_read_what_the_guide_says():
     assert S.own_list_items(reported) == []
 
 
+# (Until the judge ran ORT's exact int8 products, this read "they can also be a double-edged sword for
+# close friends ..." as against on one CPU and as no side on another: a main clause too weak to test with.)
 CONCEDE_THEN_ASSERT = (
-    "While surprise parties can be a fun and creative way to celebrate, they can also be a double-edged sword "
-    "for close friends who may not have the luxury of personal space."
+    "While surprise parties can be a fun and creative way to celebrate, they often hurt close friends "
+    "who need their personal space."
 )
 
 
 @nli_installed
 def test_a_concession_then_an_assertion_takes_the_side_of_the_assertion():
     """GUIDE.md: 'X can be nice, but it often hurts' states 'it often hurts'; the same concession in
-    other words ('but' for 'while', 'can' for 'may') is maintained, not a new hedge."""
+    other words ('but' for 'while', 'tend to upset' for 'often hurt') is maintained, not a new hedge."""
     judge = S.get_judge("claim_nli").for_claim("Surprise parties are a good idea for close friends.")
     assert judge._side_of(CONCEDE_THEN_ASSERT) == 0 and judge.side(CONCEDE_THEN_ASSERT) == -1  # its main clause
     again = (
-        "I believe that surprise parties can be a great way to celebrate special occasions, but they can also be "
-        "a double-edged sword for close friends who may not have the luxury of personal space."
+        "I believe that surprise parties can be a great way to celebrate special occasions, but they tend to "
+        "upset close friends who value their privacy."
     )
     out = S.judge_dialogue(judge, [CONCEDE_THEN_ASSERT, again], claim=judge.claim)
     assert out["labels"] == [S.INITIAL, S.MAINTAINED]
@@ -177,3 +179,11 @@ def test_reports_descriptions_and_unfinished_clauses_take_no_side(sentence):
 def test_a_description_followed_by_an_answer_takes_the_answers_side():
     judge = S.get_judge("claim_nli").for_claim("Sugary drinks should be taxed.")
     assert judge.side("The sugar tax is hotly debated, but sugary drinks should not be taxed.") == -1
+
+
+@nli_installed
+def test_the_cross_encoder_runs_exact_int8_products_on_every_x86_cpu():
+    """Without VNNI, ORT's u8 x s8 kernels saturate at 16 bits, so a pair's probability (and a call) depended
+    on the machine; session.x64quantprecision makes those CPUs compute what VNNI ones do."""
+    session = S._nli_model().session
+    assert session.get_session_options().get_session_config_entry("session.x64quantprecision") == "1"
