@@ -35,6 +35,11 @@ Mechanism-side contract (what a mechanism provides to be trainable here):
   model (x̂ at the mechanism's layers, what `engine distill --method tokens` stores) and hands it
   to `mech.bind_document(...)` before the row; what trains is `cls.build_reader(...)`, a module
   that reads any such document (memory_bank's reader), saved with `extra.reader = true`.
+- With `data.negatives: true` a chat row may carry a `wrong` reply (e.g. the other person's town of
+  the same document): the row is also run with it in place of its last reply (the same document
+  bound), and `train.margin_weight` * softplus(`train.margin` - (log p(right) - log p(wrong))), each
+  summed over the reply's tokens, joins the loss; the held-out evaluation reports the mean margin,
+  and the best weights are those of the lowest held-out answer loss + weighted margin term.
 - `plan(row)` is applied to each training row as the dialogue applies it (`engine.dialogue.apply_plan`
   and `attention_mask_4d`: per-row position ids, extra allowed mask pairs), so a mechanism that edits
   the mask or the positions trains under the edits it will run with. A training row is one
