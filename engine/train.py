@@ -35,6 +35,11 @@ Mechanism-side contract (what a mechanism provides to be trainable here):
   model (x̂ at the mechanism's layers, what `engine distill --method tokens` stores) and hands it
   to `mech.bind_document(...)` before the row; what trains is `cls.build_reader(...)`, a module
   that reads any such document (memory_bank's reader), saved with `extra.reader = true`.
+- With `data.negatives: true` a chat row may carry a `wrong` reply (e.g. the other person's town of
+  the same document): the row is also run with it in place of its last reply (the same document
+  bound), and `train.margin_weight` * softplus(`train.margin` - (log p(right) - log p(wrong))), each
+  summed over the reply's tokens, joins the loss; the held-out evaluation reports the mean margin,
+  and the best weights are those of the lowest held-out answer loss + weighted margin term.
 - `plan(row)` is applied to each training row as the dialogue applies it (`engine.dialogue.apply_plan`
   and `attention_mask_4d`: per-row position ids, extra allowed mask pairs), so a mechanism that edits
   the mask or the positions trains under the edits it will run with. A training row is one
@@ -111,6 +116,13 @@ class DataConfig(_Strict):
         description="each row has a 'document': it is distilled into the memory bank "
         "before the row (as engine distill does), and a bank reader trains",
     )
+    negatives: bool = Field(
+        False,
+        description="chat rows may carry a 'wrong' reply (a string; null or absent: none): it is scored in "
+        "place of the row's last reply, and train.margin_weight weighs a margin term that pushes "
+        "log p(right reply) above log p(wrong reply) by train.margin; the held-out evaluation reports "
+        "the mean margin",
+    )
 
 
 class TrainSection(_Strict):
@@ -129,6 +141,16 @@ class TrainSection(_Strict):
     aux_weights: dict[str, float] = Field(
         default_factory=lambda: {"router_balance": 0.01, "router_aux": 0.0, "router_z": 0.001},
         description="weight per auxiliary loss name",
+    )
+    margin_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=1000.0,
+        description="data.negatives: weight of the margin term "
+        "softplus(margin - (log p(right) - log p(wrong))), summed over the last reply's tokens, mean over pairs",
+    )
+    margin: float = Field(
+        2.0, ge=0.0, le=1000.0, description="data.negatives: the margin in nats the term asks right to beat wrong by"
     )
     seed: int = Field(0, ge=0, description="seed for initialisation and data order")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision")
@@ -174,6 +196,8 @@ class TrainConfig(_Strict):
         cls = MECHANISMS[self.mechanism.name]
         if not hasattr(cls, "build_weights") or "weights" not in cls.Settings.model_fields:
             raise ValueError(f"mechanism.name: '{self.mechanism.name}' has no trainable weights")
+        if self.data.negatives and self.data.format == "text":
+            raise ValueError("data.negatives: a 'wrong' reply replaces a chat row's last reply; format text has none")
         return self
 
     def settings(self):
@@ -268,22 +292,65 @@ def read_jsonl(path: str | Path, fmt: str) -> list[dict]:
     return rows
 
 
-def encode(tokenizer, row: dict, max_length: int, loss_on: str, documents: bool = False, tail_tokens: int = 16) -> dict:
-    """token ids, role codes and labels (-100 = no loss) of one example (and its document's ids)."""
+def _chat_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids and role codes of chat messages through the chat template."""
     from .chat import _tokenize_with_roles
     from .mechanisms.base import ROLE_CODE
 
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans, cursor = [], 0
+    for m in messages:
+        i = text.find(m["content"], cursor) if m.get("content") else -1
+        if i >= 0:
+            spans.append((i, i + len(m["content"]), m["role"] if m["role"] in ROLE_CODE else "user"))
+            cursor = i + len(m["content"])
+    piece = _tokenize_with_roles(tokenizer, text, spans)
+    return piece.token_ids, piece.roles
+
+
+def _last_reply(ids: list[int], roles: list[int]) -> list[int]:
+    """Labels of the last run of reply tokens only (-100 elsewhere)."""
+    from .mechanisms.base import ROLE_CODE
+
+    A = ROLE_CODE["assistant"]
+    end = max((i for i, r in enumerate(roles) if r == A), default=-1) + 1
+    start = end
+    while start > 0 and roles[start - 1] == A:
+        start -= 1
+    return [t if start <= i < end else -100 for i, t in enumerate(ids)]
+
+
+def _negative(tokenizer, row: dict, max_length: int) -> dict | None:
+    """The row with its 'wrong' reply in place of its last reply: ids, roles, and that reply's labels
+    (None when the row has no wrong reply)."""
+    wrong = row.get("wrong")
+    if wrong is None:
+        return None
+    messages = row.get("messages")
+    if not isinstance(wrong, str) or not wrong.strip():
+        raise ConfigError([f"data.negatives: a row's 'wrong' must be a non-empty string or null (got {wrong!r})"])
+    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+        raise ConfigError(["data.negatives: a row with a 'wrong' reply needs messages ending in an assistant reply"])
+    ids, roles = _chat_ids(tokenizer, [*messages[:-1], {**messages[-1], "content": wrong}])
+    ids, roles = ids[:max_length], roles[:max_length]
+    return {"ids": ids, "roles": roles, "reply": _last_reply(ids, roles)}
+
+
+def encode(
+    tokenizer,
+    row: dict,
+    max_length: int,
+    loss_on: str,
+    documents: bool = False,
+    tail_tokens: int = 16,
+    negatives: bool = False,
+) -> dict:
+    """token ids, role codes and labels (-100 = no loss) of one example (and its document's ids;
+    with `negatives`, the labels of its last reply and the row with its 'wrong' reply, if any)."""
+    from .mechanisms.base import ROLE_CODE
+
     if "messages" in row:
-        messages = row["messages"]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        spans, cursor = [], 0
-        for m in messages:
-            i = text.find(m["content"], cursor) if m.get("content") else -1
-            if i >= 0:
-                spans.append((i, i + len(m["content"]), m["role"] if m["role"] in ROLE_CODE else "user"))
-                cursor = i + len(m["content"])
-        piece = _tokenize_with_roles(tokenizer, text, spans)
-        ids, roles = piece.token_ids, piece.roles
+        ids, roles = _chat_ids(tokenizer, row["messages"])
     else:
         ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
@@ -292,16 +359,15 @@ def encode(tokenizer, row: dict, max_length: int, loss_on: str, documents: bool 
     ids, roles = ids[:max_length], roles[:max_length]
     labels = [t if (loss_on == "all" or r == ROLE_CODE["assistant"]) else -100 for t, r in zip(ids, roles)]
     if loss_on == "last":  # the last run of reply tokens only
-        A = ROLE_CODE["assistant"]
-        end = max((i for i, r in enumerate(roles) if r == A), default=-1) + 1
-        start = end
-        while start > 0 and roles[start - 1] == A:
-            start -= 1
-        labels = [t if start <= i < end else -100 for i, t in enumerate(ids)]
+        labels = _last_reply(ids, roles)
     if loss_on == "tail":  # the last `tail_tokens` reply tokens: a reply's end, where a constraint shows
         counted = set([i for i, label in enumerate(labels) if label != -100][-tail_tokens:])
         labels = [t if i in counted else -100 for i, t in enumerate(ids)]
-    out = {"ids": ids, "roles": roles, "labels": labels}
+    out: dict[str, Any] = {"ids": ids, "roles": roles, "labels": labels}
+    if negatives:
+        neg = _negative(tokenizer, row, max_length)
+        if neg is not None:
+            out |= {"reply": _last_reply(ids, roles), "neg": neg}
     if documents:
         if not isinstance(row.get("document"), str) or not row["document"].strip():
             raise ConfigError(["data.documents: every row needs a non-empty 'document' string"])
@@ -324,21 +390,32 @@ def window_mask(valid, window: int, sink: int = 4):
 
 
 def collate(batch: list[dict], pad_id: int):
+    """Right-padded tensors of a batch. Rows with a negative (encode's `neg`) add their wrong-reply
+    row after the batch's rows (no NLL labels), `reply` [rows, T] labels each row's last reply and
+    `pair` [negatives] names each negative's row; documents stay one per row of the batch."""
     import torch
 
-    T = max(len(b["ids"]) for b in batch)
+    negatives = [(i, b["neg"]) for i, b in enumerate(batch) if "neg" in b]
+    rows = batch + [{**neg, "labels": [-100] * len(neg["ids"])} for _, neg in negatives]
+    T = max(len(b["ids"]) for b in rows)
     out = {
-        "ids": torch.full((len(batch), T), pad_id),
-        "roles": torch.zeros(len(batch), T, dtype=torch.long),
-        "labels": torch.full((len(batch), T), -100),
-        "valid": torch.zeros(len(batch), T, dtype=torch.bool),
+        "ids": torch.full((len(rows), T), pad_id),
+        "roles": torch.zeros(len(rows), T, dtype=torch.long),
+        "labels": torch.full((len(rows), T), -100),
+        "valid": torch.zeros(len(rows), T, dtype=torch.bool),
     }
-    for i, b in enumerate(batch):
+    for i, b in enumerate(rows):
         n = len(b["ids"])
         out["ids"][i, :n] = torch.tensor(b["ids"])
         out["roles"][i, :n] = torch.tensor(b["roles"])
         out["labels"][i, :n] = torch.tensor(b["labels"])
         out["valid"][i, :n] = True
+    if negatives:
+        out["reply"] = torch.full((len(rows), T), -100)
+        for i, b in enumerate(rows):
+            if "reply" in b:
+                out["reply"][i, : len(b["reply"])] = torch.tensor(b["reply"])
+        out["pair"] = torch.tensor([i for i, _ in negatives])
     if "doc" in batch[0]:  # documents, right-padded: a causal pass reads each one's tokens unchanged
         D = max(len(b["doc"]) for b in batch)
         out["doc_ids"] = torch.full((len(batch), D), pad_id)
@@ -353,10 +430,22 @@ def collate(batch: list[dict], pad_id: int):
 
 class MechanismTrainer(torch.nn.Module):
     """An nn.Module whose forward is one batch's loss: the frozen base with the mechanism bound by
-    row, each row's plan applied as the dialogue applies it (so training sees what running sees)."""
+    row, each row's plan applied as the dialogue applies it (so training sees what running sees).
+    With negatives in the batch (`pair`, `reply`: see `collate`) a margin term joins the auxiliary
+    loss, and `last_margins` holds each pair's log p(right) - log p(wrong) of the last forward."""
 
     def __init__(
-        self, base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None, sink: int = 4
+        self,
+        base,
+        cls,
+        settings,
+        weights,
+        aux_weights: dict[str, float],
+        window: int | None = None,
+        sink: int = 4,
+        *,
+        margin_weight: float = 1.0,
+        margin: float = 2.0,
     ):
         super().__init__()
         self.base = base
@@ -365,6 +454,8 @@ class MechanismTrainer(torch.nn.Module):
         self.mechanisms: list = []
         self.cls, self.settings, self.aux_weights = cls, settings, aux_weights
         self.window, self.sink = window, sink
+        self.margin_weight, self.margin = margin_weight, margin
+        self.last_margins: torch.Tensor | None = None
 
     def state_dict(self, *args, **kwargs):
         """Only what trains (the frozen base is not checkpointed)."""
@@ -438,11 +529,14 @@ class MechanismTrainer(torch.nn.Module):
             )
         return mask
 
-    def logits(self, ids, roles, valid, doc_ids=None, doc_len=None):
+    def logits(self, ids, roles, valid, doc_ids=None, doc_len=None, pair=None):
         """The batch's logits [B, T, V] and the mechanisms' auxiliary losses: rows right-padded, each
-        row's plan (positions, extra mask pairs) applied as the dialogue applies it."""
+        row's plan (positions, extra mask pairs) applied as the dialogue applies it. The last
+        len(pair) rows are negatives: each reads the document of its row `pair[k]`."""
         B, T = ids.shape
         docs = self.documents(doc_ids, doc_len) if doc_ids is not None else None
+        if docs is not None and pair is not None:
+            docs = docs + [docs[int(p)] for p in pair]
         positions = torch.arange(T, device=ids.device).repeat(B, 1)
         bindings, allow = self._bind_rows(ids, roles, valid, docs, positions)
         mask = self._mask(valid, allow, T)
@@ -451,9 +545,10 @@ class MechanismTrainer(torch.nn.Module):
             out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
         return out.logits, ctx.aux
 
-    def forward(self, ids, roles, labels, valid, doc_ids=None, doc_len=None):
-        """(summed next-token NLL, tokens counted, weighted auxiliary loss averaged over rows)."""
-        all_logits, aux_losses = self.logits(ids, roles, valid, doc_ids, doc_len)
+    def forward(self, ids, roles, labels, valid, doc_ids=None, doc_len=None, reply=None, pair=None):
+        """(summed next-token NLL, tokens counted, weighted auxiliary loss averaged over rows, plus
+        the weighted margin term over the batch's negatives when it has some)."""
+        all_logits, aux_losses = self.logits(ids, roles, valid, doc_ids, doc_len, pair)
         logits = all_logits[:, :-1].float()
         target = labels[:, 1:]
         nll = F.cross_entropy(
@@ -465,15 +560,41 @@ class MechanismTrainer(torch.nn.Module):
             for key, value in row_losses.items():
                 aux = aux + self.aux_weights.get(key.split(".")[0], 0.0) * value
         aux = aux / max(1, len(aux_losses))
+        self.last_margins = None
+        if pair is not None and len(pair):
+            margins = self.margins(logits, reply[:, 1:], pair)
+            aux = aux + self.margin_weight * F.softplus(self.margin - margins).mean()
+            self.last_margins = margins.detach()
         return nll, n_tokens, aux
+
+    @staticmethod
+    def margins(logits, reply, pair):
+        """Per pair, log p(right reply) - log p(wrong reply), each summed over its labelled tokens:
+        the rows' shifted logits [R, T-1, V], reply labels [R, T-1], and the negatives' rows
+        (the last len(pair) rows, the k-th the negative of row pair[k])."""
+        R, T1, V = logits.shape
+        lp = -F.cross_entropy(logits.reshape(-1, V), reply.reshape(-1), ignore_index=-100, reduction="none")
+        lp = lp.view(R, T1).sum(1)
+        return lp[pair] - lp[R - len(pair) :]
 
 
 def trainer_module(
-    base, cls, settings, weights, aux_weights: dict[str, float], window: int | None = None, sink: int = 4
+    base,
+    cls,
+    settings,
+    weights,
+    aux_weights: dict[str, float],
+    window: int | None = None,
+    sink: int = 4,
+    *,
+    margin_weight: float = 1.0,
+    margin: float = 2.0,
 ) -> MechanismTrainer:
     """The module `train` optimises (its forward is one batch's loss); public so that studies train
     and score through the very same batched loss (studies/persistent_window.py)."""
-    return MechanismTrainer(base, cls, settings, weights, aux_weights, window, sink)
+    return MechanismTrainer(
+        base, cls, settings, weights, aux_weights, window, sink, margin_weight=margin_weight, margin=margin
+    )
 
 
 def _weights_tensors(module) -> dict:
@@ -545,8 +666,10 @@ def _loaders(cfg: TrainConfig, tok):
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in order[n_eval:]] or rows
     d = cfg.data
-    enc = [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens) for r in rows]
-    enc_eval = [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens) for r in eval_rows]
+    enc = [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens, d.negatives) for r in rows]
+    enc_eval = [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens, d.negatives) for r in eval_rows]
+    if d.negatives and not any("neg" in e for e in enc):
+        raise ConfigError([f"data.negatives: no row of {d.train} has a 'wrong' reply"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     loader = DataLoader(
         enc,
@@ -637,19 +760,32 @@ class _Run:
     def ckpt_root(self) -> Path:
         return Path(self.cfg.output.dir) / "checkpoints"
 
-    def evaluate(self, loader=None) -> float:
-        """Held-out loss per token (of `loader`, default the held-out rows), over every process's share."""
+    def evaluate(self, loader=None) -> dict:
+        """Loss per token of `loader` (default the held-out rows) over every process's share ("loss");
+        with negatives also the mean margin log p(right) - log p(wrong) over the held-out pairs
+        ("margin") and the objective the best weights are chosen by ("objective": loss +
+        margin_weight * mean margin term)."""
         self.module.eval()
-        nll_sum, n_sum = 0.0, 0
+        nll_sum, n_sum, m_sum, m_term, m_n = 0.0, 0, 0.0, 0.0, 0
+        trainer = self.accelerator.unwrap_model(self.module)
+        t = self.cfg.train
         with torch.no_grad():
             for batch in loader if loader is not None else self.eval_loader:
                 nll, n, _ = self.module(**batch)
-                nll, n = self.accelerator.gather_for_metrics((nll.reshape(1), n.reshape(1)))
+                m = trainer.last_margins if trainer.last_margins is not None else torch.zeros(0)
+                stats = torch.stack([m.sum(), F.softplus(t.margin - m).sum(), torch.tensor(float(len(m)))])
+                nll, n, stats = self.accelerator.gather_for_metrics((nll.reshape(1), n.reshape(1), stats[None]))
                 nll_sum += float(nll.sum())
                 n_sum += int(n.sum())
+                m_sum += float(stats[:, 0].sum())
+                m_term += float(stats[:, 1].sum())
+                m_n += int(stats[:, 2].sum())
         self.module.train()
         self.weights.train()
-        return nll_sum / max(1, n_sum)
+        loss = nll_sum / max(1, n_sum)
+        if not m_n:
+            return {"loss": loss, "objective": loss}
+        return {"loss": loss, "margin": m_sum / m_n, "objective": loss + t.margin_weight * m_term / m_n}
 
     def save_best(self, path: Path) -> None:
         from .weights import save_weights
@@ -688,23 +824,31 @@ class _Run:
 
     def held_out(self, record: dict, bar) -> bool:
         """Evaluate, keep the best weights, count patience; True when early stopping says stop."""
-        ev, state, t = self.evaluate(), self.state, self.cfg.train
+        result, state, t = self.evaluate(), self.state, self.cfg.train
+        ev, objective = result["loss"], result["objective"]
         record |= {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))}
-        control = self.evaluate(self.control_loader) if self.control_loader is not None else None
+        control = self.evaluate(self.control_loader)["loss"] if self.control_loader is not None else None
         if control is not None:
             record["control_loss"] = control
         state["history"].append([state["step"], ev] + ([control] if control is not None else []))
+        if "margin" in result:
+            record |= {"eval_margin": result["margin"], "eval_objective": objective}
+            state.setdefault("margin_history", []).append([state["step"], result["margin"], objective])
         stop = False
-        if state["best_eval"] is None or ev < state["best_eval"] - t.min_delta:
-            state.update(best_eval=ev, best_step=state["step"], bad_evals=0, control_at_best=control)
+        best = state.get("best_objective", state["best_eval"])  # without negatives the objective is the loss
+        if best is None or objective < best - t.min_delta:
+            state.update(
+                best_eval=ev, best_objective=objective, best_step=state["step"], bad_evals=0, control_at_best=control
+            )
             self.save_best(self.cfg.weights_path)
         else:
             state["bad_evals"] += 1
             if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
                 self.log(f"early stop at step {state['step']}: no improvement in {state['bad_evals']} evals")
                 stop = True
+        margin = f", margin right - wrong {result['margin']:+.3f}" if "margin" in result else ""
         bar.write(
-            f"step {state['step']}: held-out loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})"
+            f"step {state['step']}: held-out loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f}){margin}"
             + (f", control {control:.4f}" if control is not None else "")
         )
         return stop
@@ -785,7 +929,11 @@ class _Run:
             "best_perplexity": None if state["best_eval"] is None else math.exp(min(state["best_eval"], 50)),
             "seconds": round(elapsed, 2),
             "median_step_s": round(sorted(times)[len(times) // 2], 4) if times else None,
-        }
+        } | (
+            {"initial_eval_margin": state.get("initial_eval_margin"), "eval_margins": state["margin_history"]}
+            if "margin_history" in state
+            else {}
+        )
 
 
 def _save_lora(cfg: TrainConfig, base) -> None:
@@ -818,7 +966,10 @@ def _setup(cfg: TrainConfig, accelerator, lm, resume: str | None, log) -> tuple[
     settings = cfg.settings()
     weights = _build_weights(cfg, cls, settings, base, lm)
     lora_params = _inject_lora(cfg, base)
-    module = trainer_module(base, cls, settings, weights, cfg.train.aux_weights, cfg.train.window, cfg.train.sink)
+    t = cfg.train
+    module = trainer_module(
+        base, cls, settings, weights, t.aux_weights, t.window, t.sink, margin_weight=t.margin_weight, margin=t.margin
+    )
     loader, eval_loader, has_eval, control_loader = _loaders(cfg, lm.tokenizer)
     optimizer, scheduler = _optimizer(cfg, weights, lora_params)
     module, optimizer, loader, eval_loader, scheduler = accelerator.prepare(
@@ -861,11 +1012,16 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     out_dir.mkdir(parents=True, exist_ok=True)
     run.logf = open(out_dir / "log.jsonl", "a", encoding="utf-8") if accelerator.is_main_process else None
     if run.state["step"] == 0 and run.has_eval:
-        run.state["initial_eval"] = ev = run.evaluate()
-        control = run.evaluate(run.control_loader) if run.control_loader is not None else None
+        result = run.evaluate()
+        run.state["initial_eval"] = ev = result["loss"]
+        margin = ""
+        if "margin" in result:
+            run.state["initial_eval_margin"] = result["margin"]
+            margin = f", margin right - wrong {result['margin']:+.3f}"
+        control = run.evaluate(run.control_loader)["loss"] if run.control_loader is not None else None
         run.state["initial_control"] = control
         log(
-            f"step 0: held-out loss {ev:.4f} (perplexity {math.exp(ev):.2f})"
+            f"step 0: held-out loss {ev:.4f} (perplexity {math.exp(ev):.2f}){margin}"
             + (f", control {control:.4f}" if control is not None else "")
         )
     bar = tqdm(
