@@ -18,6 +18,11 @@ answer instead). Per arm it reports
 `--shuffle-facts` is the control: each item gets the next item's fact planted (its own question and
 answer kept), so what an arm still gains on log p(answer) is a prior over answers, not recall.
 
+`--items-file FILE` plays other items through the protocol's turns (JSONL lines {id, fact,
+question, answer}), e.g. `data/window_values/test.jsonl`: the training attributes of
+`studies.window_data` with values no training or held-out dialogue plants and no protocol item
+answers (checked), for recall of unseen values of the kinds of fact a memory was trained on.
+
 Everything measured is printed, whatever it shows.
 """
 
@@ -103,6 +108,26 @@ def summarise(rows: list[dict], labels: list[str]) -> list[dict]:
     return out
 
 
+def load_items(path: str, protocol) -> list[dict]:
+    """Items from a JSONL file, each with id, fact, question and answer; none may share its value with
+    a training or held-out dialogue of its attribute (studies.window_data) or be a protocol item."""
+    from studies.window_data import ATTRS, check_disjoint
+
+    items = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    for k, it in enumerate(items, 1):
+        missing = [key for key in ("id", "fact", "question", "answer") if key not in it]
+        if missing:
+            raise SystemExit(f"error: {path} line {k}: missing {', '.join(missing)}")
+        for template, question, values in ATTRS:
+            if question == it["question"] and str(it["answer"]) in values:
+                raise SystemExit(f"error: {path} line {k}: {it['answer']!r} is a value the training data plants")
+    try:
+        check_disjoint(items, protocol)
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+    return items
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.window_recall", description=__doc__.split("\n")[0])
     p.add_argument("--arm", action="append", default=None, help="arm spec (repeatable; default: the README's arms)")
@@ -119,6 +144,11 @@ def main(argv=None) -> int:
         "--shuffle-facts",
         action="store_true",
         help="control: plant the next item's fact instead of the item's own (answers kept)",
+    )
+    p.add_argument(
+        "--items-file",
+        default=None,
+        help="JSONL of {id, fact, question, answer} items played instead of the protocol's own",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a crowded machine)")
     p.add_argument("--json", default=None, help="write rows and summary to this file (after every dialogue)")
@@ -141,7 +171,8 @@ def main(argv=None) -> int:
     labels = [s.display_label for s in specs]
     windows = [None if w.strip().lower() == "none" else int(w) for w in args.windows.split(",") if w.strip()]
     protocol = get_protocol("window_recall")
-    items = protocol.items[: args.items] if args.items else protocol.items
+    items = load_items(args.items_file, protocol) if args.items_file else protocol.items
+    items = items[: args.items] if args.items else items
     if args.shuffle_facts:
         items = [{**it, "fact": items[(k + 1) % len(items)]["fact"]} for k, it in enumerate(items)]
     lm = load_model(verbose=False)
