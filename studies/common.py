@@ -38,3 +38,13 @@ def write_splits(out: Path, parts: dict[str, list[dict]]) -> None:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         print(f"{out / part}.jsonl: {len(rows)} rows")
+
+
+# Fixed assistant replies for the fact and distractor turns (teacher-forced, so every arm reads the
+# same transcript and only the attention window and the memory differ; --generate lets arms answer).
+FIXED_REPLIES = [
+    "Noted, I will remember that.",
+    "An alarm at seven, a shower, toast and coffee, then the bus to work.",
+    "Water when the soil is dry, give bright indirect light, and dust the leaves.",
+    "Air scatters blue light more than red, so blue comes from every direction.",
+]

@@ -101,7 +101,7 @@ def mismatched(held: list[dict], train: list[dict]) -> list[dict]:
 
 
 def dialogue_messages(protocol, item: dict) -> list[dict]:
-    from studies.window_recall import FIXED_REPLIES
+    from studies.common import FIXED_REPLIES
 
     turns = [t.replace("{fact}", item["fact"]).replace("{question}", item["question"]) for t in protocol.turns]
     msgs = []

@@ -35,22 +35,14 @@ import time
 
 import numpy as np
 
+from .common import FIXED_REPLIES  # the fact and distractor turns' fixed replies (studies/common.py)
+
 DEFAULT_ARMS = [
     "observer",
     "neural_memory:linkage=0.5,label=neural λ=0.5",
     "neural_memory:linkage=1,label=neural λ=1",
     "continuity:linkage=0.5,source=all,label=continuity λ=0.5",
     "continuity:linkage=1,source=all,label=continuity λ=1",
-]
-
-
-# Fixed assistant replies for the fact and distractor turns (teacher-forced, so every arm reads the
-# same transcript and only the attention window and the memory differ; --generate lets arms answer).
-FIXED_REPLIES = [
-    "Noted, I will remember that.",
-    "An alarm at seven, a shower, toast and coffee, then the bus to work.",
-    "Water when the soil is dry, give bright indirect light, and dust the leaves.",
-    "Air scatters blue light more than red, so blue comes from every direction.",
 ]
 
 
