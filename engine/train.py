@@ -666,8 +666,11 @@ def _loaders(cfg: TrainConfig, tok):
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in order[n_eval:]] or rows
     d = cfg.data
-    enc = [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens, d.negatives) for r in rows]
-    enc_eval = [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens, d.negatives) for r in eval_rows]
+
+    def encoded(part: list[dict]) -> list[dict]:
+        return [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens, d.negatives) for r in part]
+
+    enc, enc_eval = encoded(rows), encoded(eval_rows)
     if d.negatives and not any("neg" in e for e in enc):
         raise ConfigError([f"data.negatives: no row of {d.train} has a 'wrong' reply"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -679,19 +682,14 @@ def _loaders(cfg: TrainConfig, tok):
         collate_fn=lambda b: collate(b, pad),
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
-    eval_loader = DataLoader(
-        enc_eval, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad)
-    )
-    control_loader = None
-    if d.eval_control:
-        enc_control = [
-            encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens)
-            for r in read_jsonl(d.eval_control, d.format)
-        ]
-        control_loader = DataLoader(
-            enc_control, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad)
+
+    def in_order(enc_rows: list[dict]):
+        return DataLoader(
+            enc_rows, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad)
         )
-    return loader, eval_loader, bool(enc_eval), control_loader
+
+    control = in_order(encoded(read_jsonl(d.eval_control, d.format))) if d.eval_control else None
+    return loader, in_order(enc_eval), bool(enc_eval), control
 
 
 def lr_factor(step: int, schedule: str, warm: int, total: int) -> float:
@@ -822,12 +820,25 @@ class _Run:
 
                 shutil.rmtree(p, ignore_errors=True)
 
+    def measure(self) -> tuple[dict, float | None]:
+        """The held-out evaluation and, with data.eval_control, the control rows' loss per token."""
+        result = self.evaluate()
+        return result, self.evaluate(self.control_loader)["loss"] if self.control_loader is not None else None
+
+    @staticmethod
+    def measured_line(step: int, result: dict, control: float | None) -> str:
+        ev = result["loss"]
+        return (
+            f"step {step}: held-out loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f})"
+            + (f", margin right - wrong {result['margin']:+.3f}" if "margin" in result else "")
+            + (f", control {control:.4f}" if control is not None else "")
+        )
+
     def held_out(self, record: dict, bar) -> bool:
         """Evaluate, keep the best weights, count patience; True when early stopping says stop."""
-        result, state, t = self.evaluate(), self.state, self.cfg.train
+        (result, control), state, t = self.measure(), self.state, self.cfg.train
         ev, objective = result["loss"], result["objective"]
         record |= {"eval_loss": ev, "eval_ppl": math.exp(min(ev, 50))}
-        control = self.evaluate(self.control_loader)["loss"] if self.control_loader is not None else None
         if control is not None:
             record["control_loss"] = control
         state["history"].append([state["step"], ev] + ([control] if control is not None else []))
@@ -846,11 +857,7 @@ class _Run:
             if t.early_stopping_patience and state["bad_evals"] >= t.early_stopping_patience:
                 self.log(f"early stop at step {state['step']}: no improvement in {state['bad_evals']} evals")
                 stop = True
-        margin = f", margin right - wrong {result['margin']:+.3f}" if "margin" in result else ""
-        bar.write(
-            f"step {state['step']}: held-out loss {ev:.4f} (perplexity {math.exp(min(ev, 50)):.2f}){margin}"
-            + (f", control {control:.4f}" if control is not None else "")
-        )
+        bar.write(self.measured_line(state["step"], result, control))
         return stop
 
     def after_step(self, loss, aux, bar) -> bool:
@@ -975,12 +982,10 @@ def _setup(cfg: TrainConfig, accelerator, lm, resume: str | None, log) -> tuple[
     module, optimizer, loader, eval_loader, scheduler = accelerator.prepare(
         module, optimizer, loader, eval_loader, scheduler
     )
-    if control_loader is not None:
-        control_loader = accelerator.prepare(control_loader)
     run = _Run(
         cfg, accelerator, module, optimizer, scheduler, loader, eval_loader, has_eval, weights, cls, settings, lm, log
     )
-    run.control_loader = control_loader
+    run.control_loader = accelerator.prepare(control_loader) if control_loader is not None else None
     resume = _resume_point(cfg, resume, run.ckpt_root)
     if resume:
         accelerator.load_state(resume)
@@ -1012,18 +1017,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None, progress: bool = True,
     out_dir.mkdir(parents=True, exist_ok=True)
     run.logf = open(out_dir / "log.jsonl", "a", encoding="utf-8") if accelerator.is_main_process else None
     if run.state["step"] == 0 and run.has_eval:
-        result = run.evaluate()
-        run.state["initial_eval"] = ev = result["loss"]
-        margin = ""
+        result, control = run.measure()
+        run.state |= {"initial_eval": result["loss"], "initial_control": control}
         if "margin" in result:
             run.state["initial_eval_margin"] = result["margin"]
-            margin = f", margin right - wrong {result['margin']:+.3f}"
-        control = run.evaluate(run.control_loader)["loss"] if run.control_loader is not None else None
-        run.state["initial_control"] = control
-        log(
-            f"step 0: held-out loss {ev:.4f} (perplexity {math.exp(ev):.2f}){margin}"
-            + (f", control {control:.4f}" if control is not None else "")
-        )
+        log(run.measured_line(0, result, control))
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=run.state["step"],
