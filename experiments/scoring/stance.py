@@ -703,11 +703,10 @@ _DEBATED = re.compile(
     r"\b(?:is|are|was|were|remains?)\s+(?:still\s+|being\s+|widely\s+|hotly\s+|currently\s+)*(?:debated|discussed|contested|disputed)\b",
     re.IGNORECASE,
 )
+_CONCESSIVE = r"while|although|though|even though|whilst"  # the words that open a concession
 # A concessive or conditional clause with no main clause after it (cut off, or never finished).
-_SUBORDINATE_ONLY = re.compile(
-    r"^(?:while|although|though|even though|whilst|if|whether|unless)\b[^,;:]*[.!?]?$", re.IGNORECASE
-)
-_WHILE_HEAD = re.compile(r"^(?:while|although|though|even though|whilst)\b[^,]*,\s*(?P<tail>.+)$", re.IGNORECASE)
+_SUBORDINATE_ONLY = re.compile(rf"^(?:{_CONCESSIVE}|if|whether|unless)\b[^,;:]*[.!?]?$", re.IGNORECASE)
+_WHILE_HEAD = re.compile(rf"^(?:{_CONCESSIVE})\b[^,]*,\s*(?P<tail>.+)$", re.IGNORECASE)
 
 
 def main_clause(sentence: str) -> Optional[str]:

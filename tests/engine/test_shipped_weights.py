@@ -59,9 +59,8 @@ def _trained_arm(lm, path: Path, tmp_path: Path, linkage: float) -> str:
         from engine.distill import distill
 
         bank = tmp_path / "doc.safetensors"
-        if not bank.exists():
-            layers = "/".join(str(l) for l in wf.settings["layers"])
-            distill(lm, "Orla Vennick lives in Tarrowby.", f"memory_bank:layers={layers}", out=bank)
+        layers = "/".join(str(l) for l in wf.settings["layers"])
+        distill(lm, "Orla Vennick lives in Tarrowby.", f"memory_bank:layers={layers}", out=bank)
         return f'memory_bank:linkage={linkage},weights="{bank}",reader=@{path.stem}'
     return f"{wf.mechanism}:linkage={linkage},weights=@{path.stem}"
 
