@@ -103,10 +103,16 @@ def summarise(rows: list[dict], labels: list[str]) -> list[dict]:
 def load_items(path: str, protocol) -> list[dict]:
     """Items from a JSONL file, each with id, fact, question and answer; none may share its value with
     a training or held-out dialogue of its attribute (studies.window_data) or be a protocol item."""
+    from experiments.jsonl import jsonl_lines
     from studies.window_data import ATTRS, check_disjoint
 
-    items = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-    for k, it in enumerate(items, 1):
+    with open(path, encoding="utf-8") as f:
+        lines = list(jsonl_lines(f.read()))
+    items = []
+    for k, it in lines:
+        if not isinstance(it, dict):
+            raise SystemExit(f"error: {path} line {k}: not a JSON object ({it})")
+        items.append(it)
         missing = [key for key in ("id", "fact", "question", "answer") if key not in it]
         if missing:
             raise SystemExit(f"error: {path} line {k}: missing {', '.join(missing)}")

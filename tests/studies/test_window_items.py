@@ -35,11 +35,12 @@ def test_shipped_unseen_values_load_and_are_new_to_their_attribute():
             {"id": "b", "fact": "My cat is called Biscuit.", "question": "What is my cat called?", "answer": "Biscuit"},
             "window_recall protocol's items",
         ),
-        ({"id": "c", "fact": "x"}, "missing question, answer"),
+        ({"id": "c", "fact": "x"}, "line 1: missing question, answer"),
+        ("{not json", "line 1: not a JSON object"),
     ],
 )
 def test_a_reused_or_incomplete_item_is_refused(tmp_path, item, problem):
     path = tmp_path / "items.jsonl"
-    path.write_text(json.dumps(item) + "\n")
+    path.write_text((item if isinstance(item, str) else json.dumps(item)) + "\n")
     with pytest.raises(SystemExit, match=problem):
         load_items(str(path), get_protocol("window_recall"))
