@@ -11,6 +11,7 @@
     python -m experiments score SCORER FILE.jsonl [--judge NAME] [--json]   # agreement with labels
     python -m experiments judge-audit FILE.jsonl [FILE ...] [--judge NAME] [--json]  # judge-bias checks
     python -m experiments fit-ensemble DEV.jsonl [DEV ...] [--out FILE]   # fit the ensemble judge on dev splits
+    python -m experiments fit-presence FILE.jsonl [...] [--out FILE]    # fit claim_nli's stance-presence veto
     python -m experiments rescore RUN_ID --judge NAME    # stance rows of another judge, side by side
     python -m experiments figures RUN_ID [--out DIR] [--judge NAME] [--format html|png|svg]
 
@@ -113,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     fe.add_argument("file", nargs="+", help="labelled dev JSONL file(s)")
     fe.add_argument("--out", default=None, help="weights JSON (default: data/stance_labels/ensemble.json)")
 
+    fp = sub.add_parser(
+        "fit-presence",
+        help="fit claim_nli's stance-presence veto on the labelled files splits.json allows (never a blind holdout)",
+    )
+    fp.add_argument("file", nargs="+", help="labelled real-reply JSONL file(s) named in splits.json 'may_fit'")
+    fp.add_argument("--out", default=None, help="weights JSON (default: data/stance_labels/presence.json)")
+
     rs = sub.add_parser("rescore", help="score a run's stored dialogues again with another stance judge")
     rs.add_argument("run_id")
     rs.add_argument("--judge", required=True, help=JUDGES)
@@ -171,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_judge_audit(args)
         if args.command == "fit-ensemble":
             return _cmd_fit_ensemble(args)
+        if args.command == "fit-presence":
+            return _cmd_fit_presence(args)
         if args.command == "figures":
             return _cmd_figures(args)
         return _cmd_run(args)
@@ -322,6 +332,33 @@ def _cmd_judge_audit(args) -> int:
         return _fail(str(e))
     result["files"] = list(args.file)
     print(json.dumps(result) if args.json else format_audit(result, args.file))
+    return 0
+
+
+def _cmd_fit_presence(args) -> int:
+    import json
+    from pathlib import Path
+
+    from experiments.scoring.stance import PRESENCE_FILE, JudgeUnavailable, fit_presence
+
+    splits = PRESENCE_FILE.parent / "splits.json"
+    try:
+        allowed = set(json.loads(splits.read_text())["may_fit"])
+    except (OSError, ValueError, KeyError) as exc:
+        return _fail(f"cannot read the list of files judges may be fitted on ({splits}: {exc})")
+    refused = [f for f in args.file if Path(f).name not in allowed]
+    if refused:
+        return _fail(
+            f"{refused[0]} is not a split judges may be fitted on (splits.json 'may_fit': {', '.join(sorted(allowed))})"
+        )
+    try:
+        w = fit_presence(args.file, args.out)
+    except (ValueError, JudgeUnavailable) as e:
+        return _fail(str(e))
+    print(
+        f"stance presence fitted on {w['n_replies']} sided replies ({w['n_with_stance']} with a stance to a reader) "
+        f"of {', '.join(w['fitted_on'])}; weights in {args.out or PRESENCE_FILE}"
+    )
     return 0
 
 

@@ -187,3 +187,52 @@ def test_the_cross_encoder_runs_exact_int8_products_on_every_x86_cpu():
     on the machine; session.x64quantprecision makes those CPUs compute what VNNI ones do."""
     session = S._nli_model().session
     assert session.get_session_options().get_session_config_entry("session.x64quantprecision") == "1"
+
+
+@nli_installed
+def test_the_presence_veto_drops_sided_readings_a_reader_sees_no_stance_in():
+    """The NLI finds a side in a report of the user's stance; the fitted presence regression vetoes
+    it (GUIDE.md: only the reply's own position counts), and keeps the reply's own position.
+    presence_at=0 is the judge without the veto."""
+    claim = S.question_claim("Should social media platforms verify the age of every user?")
+    reported = (
+        "The user's stance on this question is that social media platforms should not verify the age of every user."
+    )
+    own = "I think social media platforms should verify the age of every user."
+    vetoing, plain = S.ClaimNLIJudge().for_claim(claim), S.ClaimNLIJudge(presence_at=0.0).for_claim(claim)
+    assert plain.read(reported).stance is not None
+    reading = vetoing.read(reported)
+    assert reading.stance is None and "describing or reporting" in reading.reason
+    assert vetoing.read(own).stance == plain.read(own).stance == own
+    features = S.presence_features(plain, own, plain.read(own))
+    assert len(features) == len(S.PRESENCE_FEATURES) and 0.5 < S.presence_model().probability(features) <= 1.0
+
+
+@nli_installed
+def test_fit_presence_fits_only_allowed_splits_and_bad_weights_are_one_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    labels = root / "data/stance_labels"
+    held_out = tmp_path / "runs_holdout3.jsonl"
+    held_out.write_text((labels / "runs_dev.jsonl").read_text())
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "experiments", "fit-presence", *a], capture_output=True, text=True, cwd=root, timeout=300
+    )
+    out = run(str(held_out), "--out", str(tmp_path / "w.json"))
+    assert out.returncode == 2 and "may_fit" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "w.json").exists()
+
+    w = S.fit_presence([labels / "runs_dev.jsonl"], tmp_path / "w.json")
+    assert w["features"] == list(S.PRESENCE_FEATURES) and 0 < w["n_with_stance"] < w["n_replies"]
+    model = S.PresenceModel(tmp_path / "w.json")
+    assert 0.0 <= model.probability(w["mean"]) <= 1.0
+
+    (tmp_path / "bad.json").write_text(json.dumps({**w, "features": ["side_gap"]}))
+    (tmp_path / "torn.json").write_text('{"coef": [1')
+    for bad in ("bad.json", "torn.json", "missing.json"):
+        with pytest.raises(S.JudgeUnavailable, match="fit-presence"):
+            S.PresenceModel(tmp_path / bad)
