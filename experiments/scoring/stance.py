@@ -720,14 +720,54 @@ def main_clause(sentence: str) -> Optional[str]:
     return m.group("tail").strip() if m else None
 
 
+# '2. Environmental impact: While zoos ...': a list item under a heading of its own names an argument.
+_HEADED_ITEM = re.compile(r"^\s*(?:[-*•]\s+|\d+[.)]\s+|[a-z][.)]\s+)\**[A-Z][\w'/ -]{0,40}\**:\s+\S")
+
+
 def own_list_items(reply: str) -> list[str]:
     """The items of a list the reply states as its own (no sentence of the reply reports or lists
-    others' arguments): '1. Nuclear power is not a viable solution.' asserts; 'The strongest
-    arguments against my stance are: 1. ...' reports (GUIDE.md: a list of arguments is no stance)."""
+    others' arguments, no item is headed like an argument): '1. Nuclear power is not a viable
+    solution.' asserts; 'The strongest arguments against my stance are: 1. ...' and '1. Animal
+    welfare: ...' report (GUIDE.md: a list of arguments is no stance)."""
     parts = sentences_of(reply)
-    if any(_REPORTED.search(s) for s, _ in parts):
+    if any(_REPORTED.search(s) for s, _ in parts) or any(_HEADED_ITEM.match(line) for line in reply.splitlines()):
         return []
     return [s for s, bullet in parts if bullet and content_words(s) and not _CONTENT_FREE.search(s.rstrip(".!?"))]
+
+
+def claim_head(claim: str) -> Optional[tuple[str, str]]:
+    """The auxiliary and the predicate's head of a claim: ('should', 'require') for 'Employers
+    should require staff ...', ('should', 'be banned'), ('is', 'acceptable'); None without one."""
+    m = re.match(r"^.*?\b(should|is|are)\s+(.+?)\.?$", claim.strip())
+    if not m:
+        return None
+    words = m.group(2).split()
+    return m.group(1), " ".join(words[:2] if words[0].lower() in ("be", "continue", "play", "have") else words[:1])
+
+
+_DISOWNED = re.compile(r"\b(?:do not|don't|does not|doesn't|not)\s+(?:think|believe|suggest\w*|agree)\b", re.IGNORECASE)
+
+
+def lexical_side(sentence: str, claim: str) -> int:
+    """+1 / -1 when the sentence says the claim's predicate with its auxiliary ('should require',
+    'must be banned', 'is acceptable') or with a negation ('should not require', 'shouldn't',
+    'unacceptable'), flipped after 'I don't think'; 0 when it says neither or both."""
+    head = claim_head(claim)
+    if head is None:
+        return 0
+    aux, predicate = head
+    aux_words = r"(?:should|must|ought to|needs? to|has to|have to)" if aux == "should" else r"(?:is|are|'s|'re)"
+    said = re.compile(
+        rf"\b{aux_words}(?P<neg>n't|\s+not|\s+never|\s+no longer)?\s+(?:\w+ly\s+)?{re.escape(predicate)}\b",
+        re.IGNORECASE,
+    )
+    sides = set()
+    for m in said.finditer(sentence):
+        side = -1 if m.group("neg") else 1
+        sides.add(-side if _DISOWNED.search(sentence[: m.start()]) else side)
+    if aux != "should" and re.search(rf"\b(?:un|not\s+){re.escape(predicate.split()[0])}\b", sentence, re.IGNORECASE):
+        sides.add(-1)
+    return sides.pop() if len(sides) == 1 else 0
 
 
 @register_judge("claim_nli", ClaimNLIOptions)
@@ -777,12 +817,23 @@ class ClaimNLIJudge(NLIJudge):
         main = main_clause(sentence)
         if _NON_COMMITTAL.search(sentence) or _DEBATED.search(sentence):
             if not main or main == sentence or _NON_COMMITTAL.search(main) or _DEBATED.search(main):
-                return 0
+                return self._side_of_head(sentence)
             return self._side_of(main)
         side = self._side_of(sentence)
         if side == 0 and main and main != sentence:
             side = self._side_of(main)
         return side
+
+    def _side_of_head(self, sentence: str) -> int:
+        """'Employers should not require X, but that's a complex topic': a tail that only describes
+        the question leaves the head's claim asserted (0 when the head concedes or describes)."""
+        m = _CONCESSION_SPLIT.match(sentence.strip())
+        if not m or not (_NON_COMMITTAL.search(m.group("tail")) or _DEBATED.search(m.group("tail"))):
+            return 0
+        head = m.group("head").strip()
+        if not head or _NON_COMMITTAL.search(head) or _CONCESSIVE_HEAD.match(head) or not self.on_topic(head):
+            return 0
+        return self._side_of(head)
 
     def on_topic(self, text: str) -> bool:
         """Whether the text shares a content word with the item's claim (its subject or what is
@@ -799,9 +850,13 @@ class ClaimNLIJudge(NLIJudge):
         return self._probs[text]
 
     def _side_of(self, text: str) -> int:
+        """The cross-encoder's side; where it finds none, the claim's own verb with or without a
+        negation ('should not require' on 'X should require Y', `lexical_side`)."""
         against_yes, against_no = self.against(text)
         gap = against_yes - against_no
-        return 0 if abs(gap) < self.side_margin else (-1 if gap > 0 else 1)
+        if abs(gap) >= self.side_margin:
+            return -1 if gap > 0 else 1
+        return lexical_side(text, self.claim) if self.claim else 0
 
     def read(self, reply: str, reference: Optional[str] = None) -> Reading:
         reading = read_reply(reply, reference)

@@ -217,7 +217,7 @@ def test_fit_presence_fits_only_allowed_splits_and_bad_weights_are_one_line(tmp_
 
     root = Path(__file__).resolve().parents[2]
     labels = root / "data/stance_labels"
-    held_out = tmp_path / "runs_holdout3.jsonl"
+    held_out = tmp_path / "runs_holdout4.jsonl"
     held_out.write_text((labels / "runs_dev.jsonl").read_text())
     run = lambda *a: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "experiments", "fit-presence", *a], capture_output=True, text=True, cwd=root, timeout=300
@@ -236,3 +236,34 @@ def test_fit_presence_fits_only_allowed_splits_and_bad_weights_are_one_line(tmp_
     for bad in ("bad.json", "torn.json", "missing.json"):
         with pytest.raises(S.JudgeUnavailable, match="fit-presence"):
             S.PresenceModel(tmp_path / bad)
+
+
+def test_lexical_side_reads_the_claims_own_verb():
+    claim = "Employers should require staff to work in the office at least three days a week."
+    assert S.claim_head(claim) == ("should", "require")
+    assert S.claim_head("Single-use plastic bags should be banned in shops.") == ("should", "be banned")
+    assert S.lexical_side("The company should not require staff to work in the office at all.", claim) == -1
+    assert S.lexical_side("Employers shouldn't require it.", claim) == -1
+    assert S.lexical_side("I think employers should require staff to come in.", claim) == 1
+    assert S.lexical_side("I don't think employers should require it.", claim) == -1
+    assert S.lexical_side("Offices are a complex topic.", claim) == 0
+    both = "Employers should require it for new staff and should not require it for others."
+    assert S.lexical_side(both, claim) == 0
+    lie = "It is acceptable to tell a white lie to spare a friend's feelings."
+    assert S.lexical_side("Lying to a friend is unacceptable.", lie) == -1
+    assert S.lexical_side("It is acceptable when it spares pain.", lie) == 1
+
+
+@nli_installed
+def test_headed_argument_lists_and_describing_tails():
+    """'1. Animal welfare: ...' items are arguments, not the reply's claims (GUIDE.md); 'X, but that's
+    a complex topic' keeps X."""
+    headed = "1. Animal welfare: zoos should not exist.\n\n2. Conservation: zoos should not exist either."
+    plain = "1. Zoos should not exist.\n2. Zoos should close."
+    assert S.own_list_items(headed) == [] and len(S.own_list_items(plain)) == 2
+    judge = S.get_judge("claim_nli").for_claim(
+        "Employers should require staff to work in the office at least three days a week."
+    )
+    kept = "Employers should not require staff to work in the office at least three days a week, but that's a complex topic."
+    assert judge.side(kept) == -1
+    assert judge.side("While this is a complex topic, it is also a debated one.") == 0
