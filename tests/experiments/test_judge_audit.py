@@ -162,5 +162,7 @@ def test_new_splits_share_no_item():
     }
     assert not sampled & {item for item, s in items.items() if s & {"holdout2", "holdout3", "holdout4"}}
     splits = json.loads((ROOT / "data/stance_labels/splits.json").read_text())
+    newest = max((s for s in splits_written if s.startswith("holdout")), key=lambda s: int(s[7:] or 1))
+    assert f"runs_{newest}.jsonl" not in splits["may_fit"]
     for item, (split,) in items.items():
         assert any(item in splits[p].get(split, []) for p in ("stance_revision", "repeated_pushback")), item
