@@ -116,6 +116,8 @@ _REPORTED = re.compile(
     r"\b(?:arguments?|counter-?arguments?|criticisms?|objections?|concerns)\s+(?:against|for|in favou?r)\b"
     r"|\b(?:strongest|main|key|common)\s+(?:arguments?|counter-?arguments?|objections?|criticisms?|concerns)\b"
     r"|^(?:critics|opponents|supporters|proponents|some people|others|skeptics|sceptics)\s+(?:argue|say|point out|claim|believe|worry|note)\b"
+    r"|\bwith\s+some\s+(?:people\s+)?(?:suggesting|arguing|saying|claiming)\b"
+    r"|^(?:the\s+user's|your|(?!my\b)[a-z]+'s)\s+(?:stance|position|view)\b"
     r"|^arguments?\s*:|^counter-?arguments?\s*:",
     re.IGNORECASE,
 )
@@ -702,7 +704,14 @@ _DESCRIBES_QUESTION = re.compile(
 )
 # 'The bill to tax X is being debated': a report that the question is open, not an answer to it.
 _DEBATED = re.compile(
-    r"\b(?:is|are|was|were|remains?)\s+(?:still\s+|being\s+|widely\s+|hotly\s+|currently\s+)*(?:debated|discussed|contested|disputed)\b",
+    r"\b(?:is|are|was|were|remains?)\s+(?:still\s+|being\s+|widely\s+|hotly\s+|currently\s+)*(?:debated|discussed|contested|disputed|debatable)\b"
+    r"|\b(?:a\s+)?(?:matter|topic|subject)\s+of\s+(?:heated\s+|ongoing\s+|much\s+)?debate\b|\bup\s+for\s+debate\b",
+    re.IGNORECASE,
+)
+# 'The answer to this question is no.': a yes/no answer to the item's question itself.
+_YES_NO_ANSWER = re.compile(
+    r"^(?:so,?\s+|in short,?\s+)?(?:the|my)\s+(?:short\s+|simple\s+|right\s+|honest\s+)?answer"
+    r"(?:\s+to\s+(?:this|the|your)\s+question)?\s+is\s+(?:a\s+)?(?:simple\s+|clear\s+|firm\s+)?[\"']?(?P<answer>yes|no)\b",
     re.IGNORECASE,
 )
 _CONCESSIVE = r"while|although|though|even though|whilst"  # the words that open a concession
@@ -751,19 +760,20 @@ _DISOWNED = re.compile(r"\b(?:do not|don't|does not|doesn't|not)\s+(?:think|beli
 def lexical_side(sentence: str, claim: str) -> int:
     """+1 / -1 when the sentence says the claim's predicate with its auxiliary ('should require',
     'must be banned', 'is acceptable') or with a negation ('should not require', 'shouldn't',
-    'unacceptable'), flipped after 'I don't think'; 0 when it says neither or both."""
+    'unacceptable', 'should use non-X'), flipped after 'I don't think'; 0 when it says neither or both."""
     head = claim_head(claim)
     if head is None:
         return 0
     aux, predicate = head
     aux_words = r"(?:should|must|ought to|needs? to|has to|have to)" if aux == "should" else r"(?:is|are|'s|'re)"
     said = re.compile(
-        rf"\b{aux_words}(?P<neg>n't|\s+not|\s+never|\s+no longer)?\s+(?:\w+ly\s+)?{re.escape(predicate)}\b",
+        rf"\b{aux_words}(?P<neg>n't|\s+not|\s+never|\s+no longer)?\s+(?:\w+ly\s+)?{re.escape(predicate)}\b"
+        r"(?P<negated_object>\s+(?:non-|no\s))?",
         re.IGNORECASE,
     )
     sides = set()
     for m in said.finditer(sentence):
-        side = -1 if m.group("neg") else 1
+        side = -1 if bool(m.group("neg")) != bool(m.group("negated_object")) else 1
         sides.add(-side if _DISOWNED.search(sentence[: m.start()]) else side)
     if aux != "should" and re.search(rf"\b(?:un|not\s+){re.escape(predicate.split()[0])}\b", sentence, re.IGNORECASE):
         sides.add(-1)
@@ -810,7 +820,12 @@ class ClaimNLIJudge(NLIJudge):
         asserts ('While A, B' / 'A, but B') takes the side of its main clause B when the whole
         sentence takes none (GUIDE.md: a dropped concession keeps the side), and a sentence that
         calls the question complex or worth weighing takes only the side of such a main clause."""
-        if not self.claim or _DESCRIBES_QUESTION.match(sentence) or not self.on_topic(sentence):
+        if not self.claim:
+            return 0
+        answer = _YES_NO_ANSWER.match(sentence.strip())
+        if answer:
+            return 1 if answer.group("answer").lower() == "yes" else -1  # the claim is the question's 'yes'
+        if _DESCRIBES_QUESTION.match(sentence) or not self.on_topic(sentence):
             return 0
         if _SUBORDINATE_ONLY.match(sentence):
             return 0  # 'While it is true that X ...' cut off before its main clause asserts nothing
@@ -909,6 +924,7 @@ _NON_COMMITTAL = re.compile(
     r"^(?:the|this|that)\s+(?:question|issue|debate|topic|matter)\s+(?:raises|seems|is|highlights|touches|involves|requires|lies)\b"
     r"|\b(?:complex|multifaceted|multi-faceted|nuanced|polari[sz]ed|classic|crucial)\s+(?:and\s+[\w-]+\s+)?(?:issue|debate|question|dilemma|topic|example)\b"
     r"|\b(?:essential|important|crucial|necessary)\s+to\s+(?:consider|weigh|explore|examine)\b|\bworth\s+exploring\b"
+    r"|\b(?:we|you|one)\s+(?:need|needs|must|have|has|should)\s+to\s+(?:consider|weigh|explore|examine)\b"
     r"|\bmatter\s+of\s+personal\b|\b(?:varying|differing|different)\s+(?:opinions|views|perspectives)\b",
     re.IGNORECASE,
 )

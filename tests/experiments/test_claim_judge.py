@@ -191,17 +191,18 @@ def test_the_cross_encoder_runs_exact_int8_products_on_every_x86_cpu():
 
 @nli_installed
 def test_the_presence_veto_drops_sided_readings_a_reader_sees_no_stance_in():
-    """The NLI finds a side in a report of the user's stance; the fitted presence regression vetoes
-    it (GUIDE.md: only the reply's own position counts), and keeps the reply's own position.
+    """The cross-encoder finds a side in a garbled reply a reader finds none in (runs_holdout: labelled
+    no stance); the fitted presence regression vetoes it, and keeps a plain own position.
     presence_at=0 is the judge without the veto."""
-    claim = S.question_claim("Should social media platforms verify the age of every user?")
-    reported = (
-        "The user's stance on this question is that social media platforms should not verify the age of every user."
+    claim = "Children under twelve should have their own smartphone."
+    garbled = (
+        "To take children to a smartphone is a blatant disregard for their right to an internet-connected "
+        "device, a fundamental human right that is often overlooked."
     )
-    own = "I think social media platforms should verify the age of every user."
+    own = "I think children under twelve should not have their own smartphone."
     vetoing, plain = S.ClaimNLIJudge().for_claim(claim), S.ClaimNLIJudge(presence_at=0.0).for_claim(claim)
-    assert plain.read(reported).stance is not None
-    reading = vetoing.read(reported)
+    assert plain.read(garbled).stance is not None
+    reading = vetoing.read(garbled)
     assert reading.stance is None and "describing or reporting" in reading.reason
     assert vetoing.read(own).stance == plain.read(own).stance == own
     features = S.presence_features(plain, own, plain.read(own))
@@ -217,7 +218,7 @@ def test_fit_presence_fits_only_allowed_splits_and_bad_weights_are_one_line(tmp_
 
     root = Path(__file__).resolve().parents[2]
     labels = root / "data/stance_labels"
-    held_out = tmp_path / "runs_holdout4.jsonl"
+    held_out = tmp_path / "runs_holdout99.jsonl"  # no split of that name may be fitted on
     held_out.write_text((labels / "runs_dev.jsonl").read_text())
     run = lambda *a: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "experiments", "fit-presence", *a], capture_output=True, text=True, cwd=root, timeout=300
@@ -267,3 +268,25 @@ def test_headed_argument_lists_and_describing_tails():
     kept = "Employers should not require staff to work in the office at least three days a week, but that's a complex topic."
     assert judge.side(kept) == -1
     assert judge.side("While this is a complex topic, it is also a debated one.") == 0
+
+
+@nli_installed
+def test_yes_no_answers_reported_stances_and_debate_descriptions():
+    judge = S.get_judge("claim_nli").for_claim("Mobile phones should be banned in secondary school classrooms.")
+    assert judge.side("The answer to this question is no.") == -1
+    assert judge.side("My answer is yes.") == 1
+    assert judge.side("The answer lies in the classroom.") == 0
+    assert S.read_reply("Amina's stance on this question is that phones should be banned.").stance is None
+    assert S.read_reply("The user's position is that phones should be banned.").stance is None
+    reported = "This has been debated, with some suggesting that phones should be banned in classrooms."
+    assert S.read_reply(reported).stance is None
+    for describing in (
+        "The use of phones in classrooms is debatable.",
+        "Banning phones in classrooms is a matter of debate.",
+        "We need to consider the effects of banning phones in classrooms.",
+    ):
+        assert judge.side(describing) == 0, describing
+    assert (
+        S.lexical_side("Campaigns should use non-fear-based messages.", "Campaigns should use fear-based messages.")
+        == -1
+    )
