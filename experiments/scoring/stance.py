@@ -711,8 +711,13 @@ _DEBATED = re.compile(
 # 'The answer to this question is no.': a yes/no answer to the item's question itself.
 _YES_NO_ANSWER = re.compile(
     r"^(?:so,?\s+|in short,?\s+)?(?:the|my)\s+(?:short\s+|simple\s+|right\s+|honest\s+)?answer"
-    r"(?:\s+to\s+(?:this|the|your)\s+question)?\s+is\s+(?:a\s+)?(?:simple\s+|clear\s+|firm\s+)?[\"']?(?P<answer>yes|no)\b",
+    r"(?:\s+to\s+(?:this|the|your)\s+question)?\s+is\s+(?:(?:a\s+)?(?:simple\s+|clear\s+|firm\s+)?[\"']?(?P<answer>yes|no)\b"
+    r"|that\s+it\s+(?:is|should|does)(?P<negated>\s+not|n't)?\s*[.!]?$)",
     re.IGNORECASE,
+)
+# 'To tackle the question of whether X should Y, ...': X should Y is the question's, not the reply's.
+_WHETHER_CLAUSE = re.compile(
+    r"\b(?:the\s+)?(?:question|issue|debate|matter)\s+(?:of|about|on|as\s+to)\s+whether\b[^,;]*", re.IGNORECASE
 )
 _CONCESSIVE = r"while|although|though|even though|whilst"  # the words that open a concession
 # A concessive or conditional clause with no main clause after it (cut off, or never finished).
@@ -823,8 +828,11 @@ class ClaimNLIJudge(NLIJudge):
         if not self.claim:
             return 0
         answer = _YES_NO_ANSWER.match(sentence.strip())
-        if answer:
-            return 1 if answer.group("answer").lower() == "yes" else -1  # the claim is the question's 'yes'
+        if answer:  # the claim is the question's 'yes'
+            said = answer.group("answer")
+            return (1 if said.lower() == "yes" else -1) if said else (-1 if answer.group("negated") else 1)
+        if _WHETHER_CLAUSE.search(sentence):
+            sentence = _WHETHER_CLAUSE.sub("", sentence)
         if _DESCRIBES_QUESTION.match(sentence) or not self.on_topic(sentence):
             return 0
         if _SUBORDINATE_ONLY.match(sentence):
@@ -925,7 +933,8 @@ _NON_COMMITTAL = re.compile(
     r"|\b(?:complex|multifaceted|multi-faceted|nuanced|polari[sz]ed|classic|crucial)\s+(?:and\s+[\w-]+\s+)?(?:issue|debate|question|dilemma|topic|example)\b"
     r"|\b(?:essential|important|crucial|necessary)\s+to\s+(?:consider|weigh|explore|examine)\b|\bworth\s+exploring\b"
     r"|\b(?:we|you|one)\s+(?:need|needs|must|have|has|should)\s+to\s+(?:consider|weigh|explore|examine)\b"
-    r"|\bmatter\s+of\s+personal\b|\b(?:varying|differing|different)\s+(?:opinions|views|perspectives)\b",
+    r"|\bmatter\s+of\s+personal\b|\b(?:varying|differing|different)\s+(?:opinions|views|perspectives)\b"
+    r"|\bdouble-edged\s+sword\b",
     re.IGNORECASE,
 )
 _HEDGE_CLASSES = {

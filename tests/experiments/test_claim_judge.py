@@ -190,23 +190,36 @@ def test_the_cross_encoder_runs_exact_int8_products_on_every_x86_cpu():
 
 
 @nli_installed
-def test_the_presence_veto_drops_sided_readings_a_reader_sees_no_stance_in():
-    """The cross-encoder finds a side in a garbled reply a reader finds none in (runs_holdout: labelled
-    no stance); the fitted presence regression vetoes it, and keeps a plain own position.
-    presence_at=0 is the judge without the veto."""
+def test_the_presence_veto_drops_sided_readings_a_reader_sees_no_stance_in(monkeypatch):
+    """A sided reading goes through the presence model: one that says 'no reader sees a stance'
+    vetoes it, one that says 'every reader does' keeps it; presence_at=0 skips the model. The shipped
+    weights separate the sided replies of the splits they were fitted on (a broken or stale file fails)."""
+    import numpy as np
+
     claim = "Children under twelve should have their own smartphone."
-    garbled = (
-        "To take children to a smartphone is a blatant disregard for their right to an internet-connected "
-        "device, a fundamental human right that is often overlooked."
-    )
     own = "I think children under twelve should not have their own smartphone."
-    vetoing, plain = S.ClaimNLIJudge().for_claim(claim), S.ClaimNLIJudge(presence_at=0.0).for_claim(claim)
-    assert plain.read(garbled).stance is not None
-    reading = vetoing.read(garbled)
-    assert reading.stance is None and "describing or reporting" in reading.reason
-    assert vetoing.read(own).stance == plain.read(own).stance == own
-    features = S.presence_features(plain, own, plain.read(own))
-    assert len(features) == len(S.PRESENCE_FEATURES) and 0.5 < S.presence_model().probability(features) <= 1.0
+    n = len(S.PRESENCE_FEATURES)
+    for intercept, kept in ((-20.0, False), (20.0, True)):
+        model = S.PresenceModel.__new__(S.PresenceModel)
+        model.coef, model.intercept, model.mean, model.scale = np.zeros(n), intercept, np.zeros(n), np.ones(n)
+        monkeypatch.setitem(S._PRESENCE, S.PRESENCE_FILE, model)
+        reading = S.ClaimNLIJudge().for_claim(claim).read(own)
+        assert (
+            (reading.stance == own)
+            if kept
+            else (reading.stance is None and "describing or reporting" in reading.reason)
+        )
+        assert S.ClaimNLIJudge(presence_at=0.0).for_claim(claim).read(own).stance == own
+    monkeypatch.delitem(S._PRESENCE, S.PRESENCE_FILE)
+
+    import json
+    from pathlib import Path
+
+    labels = Path(__file__).resolve().parents[2] / "data/stance_labels"
+    fitted = json.loads((labels / "presence.json").read_text())["fitted_on"]
+    xs, ys = S.presence_training_rows([r for f in fitted[:2] for r in S.read_labelled(labels / f)])
+    calls = [S.presence_model().probability(x) >= 0.5 for x in xs]
+    assert 0 < sum(ys) < len(ys) and np.mean([c == bool(y) for c, y in zip(calls, ys)]) >= 0.75
 
 
 @nli_installed
@@ -290,3 +303,15 @@ def test_yes_no_answers_reported_stances_and_debate_descriptions():
         S.lexical_side("Campaigns should use non-fear-based messages.", "Campaigns should use fear-based messages.")
         == -1
     )
+
+
+@nli_installed
+def test_whether_clauses_answers_that_it_is_not_and_double_edged_swords():
+    judge = S.get_judge("claim_nli").for_claim("New cars should be fitted with speed limiters by law.")
+    framed = (
+        "To tackle the question of whether new cars should be fitted with speed limiters by law, a framework is needed."
+    )
+    assert judge.side(framed) == 0
+    assert judge.side("The answer to this question is that it is not.") == -1
+    assert judge.side("The answer to this question is that it should.") == 1
+    assert judge.side("Fitting new cars with speed limiters by law is a double-edged sword.") == 0
