@@ -144,7 +144,13 @@ _CONCESSIVE_HEAD = re.compile(
     re.IGNORECASE,
 )
 _LEAD = re.compile(
-    r"^(?:however|but|still|even so|nevertheless|nonetheless|that said|yet|so|and)\b[,]?\s*", re.IGNORECASE
+    r"^(?:(?:however|but|still|even so|nevertheless|nonetheless|that said|yet|so|and)\b|in\s+(?:one|a\s+single|a)\s+sentence\b\s*:?)[,]?\s*",
+    re.IGNORECASE,
+)
+# "I think it should be mandatory, but what about the cost?": an assertion, then a question back.
+_ASSERTION_BEFORE_QUESTION = re.compile(
+    r"^(?P<head>[^?]*?\b(?:should|must|is|are|will|would)\b[^?]*?)[,;]?\s+but\s+(?:what|how|why|who)\b[^.!]*\?$",
+    re.IGNORECASE,
 )
 _BULLET = re.compile(r"^\s*(?:[-*•]\s+|\d+[.)]\s+|[a-z][.)]\s+)")
 _STOP = set(
@@ -260,7 +266,10 @@ def read_reply(reply: Optional[str], reference: Optional[str] = None) -> Reading
         if s.endswith("?") and k + 1 < len(parts) and re.match(r"(?i)(?:yes|no)\b", parts[k + 1][0]):
             candidates.append(s + " " + parts[k + 1][0])  # "Should X? No, it should not."
             break
-        if s.endswith("?"):
+        asserted = _ASSERTION_BEFORE_QUESTION.match(s) if s.endswith("?") else None
+        if asserted:
+            s = asserted.group("head").strip()  # "It should be X, but what about Y?" asserts X
+        elif s.endswith("?"):
             reasons.add("question")
             continue
         if bullet and n_bullets >= 2:
@@ -712,7 +721,8 @@ _DEBATED = re.compile(
 _YES_NO_ANSWER = re.compile(
     r"^(?:so,?\s+|in short,?\s+)?(?:the|my)\s+(?:short\s+|simple\s+|right\s+|honest\s+)?answer"
     r"(?:\s+to\s+(?:this|the|your)\s+question)?\s+is\s+(?:(?:a\s+)?(?:simple\s+|clear\s+|firm\s+)?[\"']?(?P<answer>yes|no)\b"
-    r"|that\s+it\s+(?:is|should|does)(?P<negated>\s+not|n't)?\s*[.!]?$)",
+    r"|that\s+it\s+(?:is|should|does)(?P<negated>\s+not|n't)?\s*[.!]?$)"
+    r"|^(?P<bare>yes|no)\s*[,.!]\s*(?:it|they|you|we|one)\s+(?:should|must|is|are|can|does|do)(?:n't|\s+not)?\s*[.!]?$",
     re.IGNORECASE,
 )
 # 'To tackle the question of whether X should Y, ...': X should Y is the question's, not the reply's.
@@ -829,7 +839,7 @@ class ClaimNLIJudge(NLIJudge):
             return 0
         answer = _YES_NO_ANSWER.match(sentence.strip())
         if answer:  # the claim is the question's 'yes'
-            said = answer.group("answer")
+            said = answer.group("answer") or answer.group("bare")
             return (1 if said.lower() == "yes" else -1) if said else (-1 if answer.group("negated") else 1)
         if _WHETHER_CLAUSE.search(sentence):
             sentence = _WHETHER_CLAUSE.sub("", sentence)
@@ -934,7 +944,8 @@ _NON_COMMITTAL = re.compile(
     r"|\b(?:essential|important|crucial|necessary)\s+to\s+(?:consider|weigh|explore|examine)\b|\bworth\s+exploring\b"
     r"|\b(?:we|you|one)\s+(?:need|needs|must|have|has|should)\s+to\s+(?:consider|weigh|explore|examine)\b"
     r"|\bmatter\s+of\s+personal\b|\b(?:varying|differing|different)\s+(?:opinions|views|perspectives)\b"
-    r"|\bdouble-edged\s+sword\b",
+    r"|\bdouble-edged\s+sword\b"
+    r"|\b(?:key|answer|solution)\b(?:\s+to\s+(?:this|the)\s+question)?\s+lies\s+in\s+(?!the\s+fact\b)",
     re.IGNORECASE,
 )
 _HEDGE_CLASSES = {

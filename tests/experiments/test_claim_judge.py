@@ -315,3 +315,15 @@ def test_whether_clauses_answers_that_it_is_not_and_double_edged_swords():
     assert judge.side("The answer to this question is that it is not.") == -1
     assert judge.side("The answer to this question is that it should.") == 1
     assert judge.side("Fitting new cars with speed limiters by law is a double-edged sword.") == 0
+
+
+@nli_installed
+def test_assertions_before_a_question_bare_yes_no_and_where_the_key_lies():
+    assert S.read_reply("I think it should be mandatory for cyclists, but what about the cost?").stance == (
+        "I think it should be mandatory for cyclists"
+    )
+    assert S.read_reply("What about the cost?").stance is None
+    assert S.read_reply("In one sentence: No, you shouldn't.").stance == "No, you shouldn't."
+    judge = S.get_judge("claim_nli").for_claim("Shops should be required to switch off their lights at night.")
+    assert judge.side("No, you shouldn't.") == -1 and judge.side("Yes, they should.") == 1
+    assert judge.side("The key to switching off shop lights at night lies in balancing costs.") == 0
