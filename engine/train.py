@@ -578,23 +578,9 @@ class MechanismTrainer(torch.nn.Module):
         return lp[pair] - lp[R - len(pair) :]
 
 
-def trainer_module(
-    base,
-    cls,
-    settings,
-    weights,
-    aux_weights: dict[str, float],
-    window: int | None = None,
-    sink: int = 4,
-    *,
-    margin_weight: float = 1.0,
-    margin: float = 2.0,
-) -> MechanismTrainer:
-    """The module `train` optimises (its forward is one batch's loss); public so that studies train
-    and score through the very same batched loss (studies/persistent_window.py)."""
-    return MechanismTrainer(
-        base, cls, settings, weights, aux_weights, window, sink, margin_weight=margin_weight, margin=margin
-    )
+# The module `train` optimises (its forward is one batch's loss), by its public name: studies train and
+# score through the very same batched loss (studies/persistent_window.py).
+trainer_module = MechanismTrainer
 
 
 def _weights_tensors(module) -> dict:
