@@ -841,8 +841,7 @@ class ClaimNLIJudge(NLIJudge):
         if answer:  # the claim is the question's 'yes'
             said = answer.group("answer") or answer.group("bare")
             return (1 if said.lower() == "yes" else -1) if said else (-1 if answer.group("negated") else 1)
-        if _WHETHER_CLAUSE.search(sentence):
-            sentence = _WHETHER_CLAUSE.sub("", sentence)
+        sentence = _WHETHER_CLAUSE.sub("", sentence)
         if _DESCRIBES_QUESTION.match(sentence) or not self.on_topic(sentence):
             return 0
         if _SUBORDINATE_ONLY.match(sentence):
