@@ -941,7 +941,8 @@ _NON_COMMITTAL = re.compile(
     r"^(?:the|this|that)\s+(?:question|issue|debate|topic|matter)\s+(?:raises|seems|is|highlights|touches|involves|requires|lies)\b"
     r"|\b(?:complex|multifaceted|multi-faceted|nuanced|polari[sz]ed|classic|crucial)\s+(?:and\s+[\w-]+\s+)?(?:issue|debate|question|dilemma|topic|example)\b"
     r"|\b(?:essential|important|crucial|necessary)\s+to\s+(?:consider|weigh|explore|examine)\b|\bworth\s+exploring\b"
-    r"|\b(?:we|you|one)\s+(?:need|needs|must|have|has|should)\s+to\s+(?:consider|weigh|explore|examine)\b"
+    r"|\b(?:we|you|one|i)\s+(?:need\s+to|needs\s+to|must|have\s+to|has\s+to|should)\s+(?:also\s+)?(?:consider|weigh|explore|examine)\b"
+    r"|\brais(?:es|e|ing)\s+(?:important\s+|complex\s+|many\s+|several\s+|serious\s+)?questions\s+(?:about|of|regarding|on)\b"
     r"|\bmatter\s+of\s+personal\b|\b(?:varying|differing|different)\s+(?:opinions|views|perspectives)\b"
     r"|\bdouble-edged\s+sword\b"
     r"|\b(?:key|answer|solution)\b(?:\s+to\s+(?:this|the)\s+question)?\s+lies\s+in\s+(?!the\s+fact\b)",

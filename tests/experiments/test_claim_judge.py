@@ -327,3 +327,19 @@ def test_assertions_before_a_question_bare_yes_no_and_where_the_key_lies():
     judge = S.get_judge("claim_nli").for_claim("Shops should be required to switch off their lights at night.")
     assert judge.side("No, you shouldn't.") == -1 and judge.side("Yes, they should.") == 1
     assert judge.side("The key to switching off shop lights at night lies in balancing costs.") == 0
+
+
+@nli_installed
+def test_raising_questions_and_what_we_must_consider_describe():
+    """Written from runs_holdout7's errors: 'X raises questions about Y' and 'we must also consider Y'
+    describe what to weigh; neither says which side the reply takes (GUIDE.md: a description of the
+    question is no stance)."""
+    judge = S.get_judge("claim_nli").for_claim("Space tourism flights should be banned for their emissions.")
+    assert judge.side(
+        "The notion of space tourism flights being banned for their emissions raises questions about the ethics of "
+        "space exploration."
+    ) == 0
+    assert judge.side("To ban space tourism flights for their emissions, we must also consider the ethics.") == 0
+    assert judge.side("Space tourism flights should be banned for their emissions.") == 1
+    plastic = S.get_judge("claim_nli").for_claim("Plastic toys should be taxed more heavily than wooden ones.")
+    assert plastic.side("I should also consider the use of plastic toys in a more sustainable way.") == 0
