@@ -335,10 +335,13 @@ def test_raising_questions_and_what_we_must_consider_describe():
     describe what to weigh; neither says which side the reply takes (GUIDE.md: a description of the
     question is no stance)."""
     judge = S.get_judge("claim_nli").for_claim("Space tourism flights should be banned for their emissions.")
-    assert judge.side(
-        "The notion of space tourism flights being banned for their emissions raises questions about the ethics of "
-        "space exploration."
-    ) == 0
+    assert (
+        judge.side(
+            "The notion of space tourism flights being banned for their emissions raises questions about the ethics of "
+            "space exploration."
+        )
+        == 0
+    )
     assert judge.side("To ban space tourism flights for their emissions, we must also consider the ethics.") == 0
     assert judge.side("Space tourism flights should be banned for their emissions.") == 1
     plastic = S.get_judge("claim_nli").for_claim("Plastic toys should be taxed more heavily than wooden ones.")
