@@ -10,7 +10,9 @@ replies of studies/window_recall.py, the question, the answer as the last reply)
 are invented here and share none of the protocol's 12 facts, questions or answers (checked below),
 so the protocol's items stay a held-out test set. `heldout.jsonl` holds one value of every
 attribute (for early stopping); `heldout_shuffled.jsonl` the same dialogues with another value of
-the same attribute planted (the answer kept), the control for a better prior over answers.
+the same attribute planted (the answer kept), the control for a better prior over answers;
+`{train,heldout}_negatives.jsonl` the same dialogues each with a `wrong` answer (another training value of
+the attribute) for the trainer's margin term (`data.negatives`).
 """
 
 from __future__ import annotations
@@ -105,6 +107,20 @@ def make_items(seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
     return train, held, shuffled
 
 
+def with_wrong(items: list[dict], seed: int = 0) -> list[dict]:
+    """The rows with a `wrong` answer for `data.negatives`: another training value of the same
+    attribute (never the held-out value, never a protocol answer), so the trainer's margin term asks
+    the memory for the planted value over the attribute's other values, not for a likelier answer."""
+    rng = random.Random(seed + 1)
+    values = {question: [v for v in vals] for _, question, vals in ATTRS}
+    held_out = {it["question"]: it["answer"] for it in make_items(seed)[1]}
+    out = []
+    for it in items:
+        others = [v for v in values[it["question"]] if v not in (it["answer"], held_out[it["question"]])]
+        out.append({**it, "wrong": rng.choice(others)})
+    return out
+
+
 def check_disjoint(items: list[dict], protocol) -> None:
     """No training fact, question or answer is one of the protocol's (the evaluation set)."""
     theirs = {str(it[k]).lower() for it in protocol.items for k in ("fact", "question", "answer")}
@@ -130,6 +146,10 @@ def main(argv=None) -> int:
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for it in items:
                 f.write(json.dumps({"messages": dialogue_messages(protocol, it)}) + "\n")
+    for name, items in (("train_negatives", train), ("heldout_negatives", held)):
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for it in with_wrong(items, args.seed):
+                f.write(json.dumps({"messages": dialogue_messages(protocol, it), "wrong": it["wrong"]}) + "\n")
     print(f"{len(train)} train, {len(held)} held-out dialogues in {out}")
     return 0
 

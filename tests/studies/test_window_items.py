@@ -44,3 +44,25 @@ def test_a_reused_or_incomplete_item_is_refused(tmp_path, item, problem):
     path.write_text((item if isinstance(item, str) else json.dumps(item)) + "\n")
     with pytest.raises(SystemExit, match=problem):
         load_items(str(path), get_protocol("window_recall"))
+
+
+def test_the_negatives_are_other_training_values_of_the_same_attribute():
+    """`train_negatives.jsonl`'s `wrong` answers (the margin term's negatives) are another value the
+    training data plants for the same attribute: never the row's own answer, never the held-out value,
+    never an unseen test value or a protocol answer, so the margin rewards the planted fact only."""
+    from studies.window_data import make_items, with_wrong
+
+    train, held, _ = make_items(0)
+    held_value = {it["question"]: it["answer"] for it in held}
+    values = {q: set(v) for _, q, v in ATTRS}
+    tests = {it["answer"] for it in load_items("data/window_values/test.jsonl", get_protocol("window_recall"))}
+    theirs = {str(it["answer"]) for it in get_protocol("window_recall").items}
+    rows = with_wrong(train)
+    assert len(rows) == len(train) and with_wrong(train) == rows  # seeded
+    for row in rows:
+        assert row["wrong"] in values[row["question"]]
+        assert row["wrong"] not in (row["answer"], held_value[row["question"]])
+        assert row["wrong"] not in tests | theirs
+    shipped = [json.loads(x) for x in open("experiments/window_data/train_negatives.jsonl")]
+    assert [r["wrong"] for r in shipped] == [r["wrong"] for r in rows]
+    assert all(r["messages"][-1]["content"] == it["answer"] for r, it in zip(shipped, rows))
