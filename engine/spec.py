@@ -271,6 +271,12 @@ def parse_arm(text: str) -> ArmSpec:
             raw[key] = None
     if "layers" in raw and not isinstance(raw["layers"], list):
         raw["layers"] = [raw["layers"]]
+    if isinstance(raw.get("weights"), list):
+        path = "/".join(map(str, raw["weights"]))
+        raise SpecError(
+            f"weights={path}: '/' separates list items in an arm spec; quote the path (weights=\"{path}\") "
+            "or name a file of $LAB_WEIGHTS_DIR as weights=@NAME"
+        )
     if raw.get("weights") is not None and "weights" in fields:
         raw = {**_weights_defaults(name, str(raw["weights"]), fields), **raw}
     try:

@@ -165,7 +165,12 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = [parse_arm(a).with_sampling(greedy=True) for a in (args.arm or DEFAULT_ARMS)]
+    from engine.spec import SpecError
+
+    try:
+        specs = [parse_arm(a).with_sampling(greedy=True) for a in (args.arm or DEFAULT_ARMS)]
+    except (SpecError, ValueError) as e:
+        raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
     labels = [s.display_label for s in specs]
     windows = [None if w.strip().lower() == "none" else int(w) for w in args.windows.split(",") if w.strip()]
     protocol = get_protocol("window_recall")

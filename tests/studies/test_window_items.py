@@ -66,3 +66,14 @@ def test_the_negatives_are_other_training_values_of_the_same_attribute():
     shipped = [json.loads(x) for x in open("experiments/window_data/train_negatives.jsonl")]
     assert [r["wrong"] for r in shipped] == [r["wrong"] for r in rows]
     assert all(r["messages"][-1]["content"] == it["answer"] for r, it in zip(shipped, rows))
+
+
+def test_an_arm_whose_weights_path_has_slashes_is_refused_in_one_line(capsys):
+    """A weights path in an arm spec is split at '/' (the list separator of `layers=16/22/28`): the
+    study says so in one line with what to write instead, before loading the model, not with a traceback."""
+    from studies.window_recall import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--arm", "neural_memory:linkage=1,weights=runs/x/y.safetensors", "--items", "1"])
+    message = str(e.value)
+    assert message.startswith("error: ") and "weights=@NAME" in message and "\n" not in message
