@@ -711,6 +711,14 @@ _DESCRIBES_QUESTION = re.compile(
     r"^(?:the|this|that|your)\s+question\s+(?:raises|is|of|asks|touches|highlights|concerns|revolves|centers|centres)\b",
     re.IGNORECASE,
 )
+# 'The fight against dolphin shows is not just about X': what a campaign is about, not the reply's verdict.
+_DESCRIBES_FIGHT = re.compile(r"^the\s+(?:fight|battle|struggle|campaign)\s+(?:against|over|for)\b", re.IGNORECASE)
+# 'a free to enter policy should be a free to enter policy': the same phrase on both sides of the verb.
+_TAUTOLOGY = re.compile(
+    r"\b(?P<x>(?:a|an|the)\s+[\w-]+(?:\s+[\w-]+){0,4}?)\s+(?:is|are|should\s+be|must\s+be|will\s+be)\s+(?P=x)\s*(?:[.,;!]|$)",
+    re.IGNORECASE,
+)
+_NOT_ONLY = re.compile(r"\bnot\s+(?:only|just|simply|merely)\s+", re.IGNORECASE)
 # 'The bill to tax X is being debated': a report that the question is open, not an answer to it.
 _DEBATED = re.compile(
     r"\b(?:is|are|was|were|remains?)\s+(?:still\s+|being\s+|widely\s+|hotly\s+|currently\s+)*(?:debated|discussed|contested|disputed|debatable)\b"
@@ -842,8 +850,10 @@ class ClaimNLIJudge(NLIJudge):
             said = answer.group("answer") or answer.group("bare")
             return (1 if said.lower() == "yes" else -1) if said else (-1 if answer.group("negated") else 1)
         sentence = _WHETHER_CLAUSE.sub("", sentence)
-        if _DESCRIBES_QUESTION.match(sentence) or not self.on_topic(sentence):
+        if _DESCRIBES_QUESTION.match(sentence) or _DESCRIBES_FIGHT.match(sentence) or not self.on_topic(sentence):
             return 0
+        if _TAUTOLOGY.search(sentence):
+            return 0  # 'I think a smart home is a smart home.': says nothing of either side
         if _SUBORDINATE_ONLY.match(sentence):
             return 0  # 'While it is true that X ...' cut off before its main clause asserts nothing
         main = main_clause(sentence)
@@ -883,7 +893,9 @@ class ClaimNLIJudge(NLIJudge):
 
     def _side_of(self, text: str) -> int:
         """The cross-encoder's side; where it finds none, the claim's own verb with or without a
-        negation ('should not require' on 'X should require Y', `lexical_side`)."""
+        negation ('should not require' on 'X should require Y', `lexical_side`). 'not only / not
+        just X, but also Y' negates nothing, so it is read without the 'not'."""
+        text = _NOT_ONLY.sub("", text)
         against_yes, against_no = self.against(text)
         gap = against_yes - against_no
         if abs(gap) >= self.side_margin:

@@ -346,3 +346,27 @@ def test_raising_questions_and_what_we_must_consider_describe():
     assert judge.side("Space tourism flights should be banned for their emissions.") == 1
     plastic = S.get_judge("claim_nli").for_claim("Plastic toys should be taxed more heavily than wooden ones.")
     assert plastic.side("I should also consider the use of plastic toys in a more sustainable way.") == 0
+
+
+@nli_installed
+def test_fights_tautologies_and_not_only():
+    """Written from runs_holdout8/9's errors: 'The fight against X is about Y' says what a campaign is
+    about, not the reply's verdict; 'a smart home is a smart home' says nothing; 'not only X but also
+    Y' negates nothing, so it is read as 'X, but also Y'."""
+    dolphins = S.get_judge("claim_nli").for_claim("Dolphin shows should be banned.")
+    assert (
+        dolphins.side(
+            "The fight against dolphin shows is not just about protecting marine wildlife; it's also about "
+            "promoting ethical practices."
+        )
+        == 0
+    )
+    assert dolphins.side("I think a dolphin show should be banned.") == 1
+    meters = S.get_judge("claim_nli").for_claim("Every home should have a smart energy meter.")
+    assert meters.side("I think a smart home is a smart home.") == 0  # the cross-encoder alone: +1
+    museums = S.get_judge("claim_nli").for_claim("National museums should be free to enter.")
+    assert museums.side("I think a free to enter policy should be a free to enter policy.") == 0
+    assert S._TAUTOLOGY.search("A ban is a ban on cars.") is None  # the phrase must end the clause
+    assert S._NOT_ONLY.sub("", "Employers should not only pay for it.") == "Employers should pay for it."
+    cafes = S.get_judge("claim_nli").for_claim("Employers should pay for staff to work from cafes.")
+    assert cafes.side("Employers should not only pay for staff to work from cafes, but also pay for lunch.") == 1
