@@ -112,7 +112,7 @@ def with_wrong(items: list[dict], seed: int = 0) -> list[dict]:
     attribute (never the held-out value, never a protocol answer), so the trainer's margin term asks
     the memory for the planted value over the attribute's other values, not for a likelier answer."""
     rng = random.Random(seed + 1)
-    values = {question: [v for v in vals] for _, question, vals in ATTRS}
+    values = {question: vals for _, question, vals in ATTRS}
     held_out = {it["question"]: it["answer"] for it in make_items(seed)[1]}
     out = []
     for it in items:
