@@ -1,0 +1,174 @@
+"""A soft prompt with as many trained numbers as a trained mechanism: the matched control that tells
+"the mechanism learned something" from "any P trained numbers on this data learn it".
+
+README: "Matched controls for the trained wins" (studies/README.md), the table's "soft prompt" column.
+
+    python -m studies.soft_prompt_control configs/neural_persistent_tiny_cpu.yaml --tokens 24
+    python -m studies.soft_prompt_control configs/palm_tiny_cpu.yaml --tokens 358
+
+A soft prompt (Lester et al. 2021) is `--tokens` trained input embeddings placed before every
+sequence; here it is peft's prompt tuning (`PromptTuningConfig`, initialised from sampled vocabulary
+embeddings) on the frozen base model. It trains `tokens x hidden` numbers: 24 x 576 = 13,824 for the
+persistent tokens (3 layers x 8 tokens x 576), 358 x 576 = 206,208 for the partial-attention branch.
+
+Everything else is the matched config's, read from the same YAML `python -m engine train` reads:
+the data (train and held-out files, chat template, loss on the replies, max length), batches in the
+same seeded order (`engine.train._loaders`), AdamW at the config's learning rate and weight decay,
+its warm-up and schedule (`engine.train.lr_factor`), gradient clipping, steps and evaluation
+interval. The held-out number is the trainer's: summed next-token NLL over the held-out replies'
+tokens / their count, on the real tokens only (the prompt's positions carry no label). The base
+model's held-out loss is measured first through the same code, so the pipeline can be checked
+against the trainer's (1.0036 on data/palm).
+
+Not an arm of the lab: a soft prompt adds positions in front of the sequence, which protocol v2
+cannot add (studies/README.md, the neural memory's MAC paragraph). It is an offline control, as the
+trainer's peft LoRA is. Output: `<out>/soft_prompt/` (peft adapter folder, safetensors) and
+`<out>/result.json` (every held-out loss measured, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def held_out_loss(model, loader, prompt_tokens: int) -> float:
+    """Loss per labelled token over `loader`: the trainer's held-out number, on the real tokens."""
+    model.eval()
+    nll_sum, n_sum = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            nll, n = batch_nll(model, batch, prompt_tokens)
+            nll_sum, n_sum = nll_sum + float(nll), n_sum + int(n)
+    model.train()
+    return nll_sum / max(1, n_sum)
+
+
+def batch_nll(model, batch, prompt_tokens: int):
+    """(summed next-token NLL over the batch's labelled tokens, their count). The model's logits carry
+    `prompt_tokens` extra positions in front (peft prepends the prompt); they are dropped."""
+    out = model(input_ids=batch["ids"], attention_mask=batch["valid"].long())
+    logits = out.logits[:, prompt_tokens:-1].float()
+    target = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+    return nll, (target != -100).sum()
+
+
+def train_soft_prompt(cfg, tokens: int, out_dir: Path, *, lm=None, progress: bool = True, log=print) -> dict:
+    """Train a `tokens`-token soft prompt under the matched config `cfg` (a TrainConfig); returns the
+    result (held-out loss of the base model, of the fresh prompt and at every evaluation)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from tqdm.auto import tqdm
+
+    from engine.model import load_model
+    from engine.train import _loaders, lr_factor
+
+    t = cfg.train
+    set_seed(t.seed)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum)
+    lm = lm or load_model(cfg.model, dtype=cfg.dtype, device=str(accelerator.device), verbose=False)
+    base = lm.model
+    base.requires_grad_(False)
+    base.eval()
+    loader, eval_loader, has_eval, _ = _loaders(cfg, lm.tokenizer)
+    if not has_eval:
+        raise ValueError("the matched config has no held-out rows (data.eval or data.eval_fraction)")
+    base_loss = held_out_loss(base, eval_loader, 0)
+    log(f"base model: held-out loss {base_loss:.4f}")
+
+    model = get_peft_model(
+        base,
+        PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=tokens,
+            prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+        ),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trained = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.schedule, t.warmup_steps, t.max_steps)
+    )
+    model, optimizer, loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, loader, eval_loader, scheduler
+    )
+    history = [[0, held_out_loss(model, eval_loader, tokens)]]
+    log(f"soft prompt, {tokens} tokens ({n_trained:,} numbers), step 0: held-out loss {history[0][1]:.4f}")
+    step, started = 0, time.perf_counter()
+    bar = tqdm(total=t.max_steps, desc=f"soft prompt x{tokens}", disable=not progress, dynamic_ncols=True)
+    model.train()
+    while step < t.max_steps:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                nll, n = batch_nll(model, batch, tokens)
+                loss = nll / n.clamp_min(1)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if step % t.eval_every == 0 or step == t.max_steps:
+                history.append([step, held_out_loss(model, eval_loader, tokens)])
+                bar.write(f"step {step}: held-out loss {history[-1][1]:.4f}")
+            if step >= t.max_steps:
+                break
+    bar.close()
+    seconds = time.perf_counter() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.unwrap_model(model).save_pretrained(str(out_dir / "soft_prompt"))
+    result = {
+        "tokens": tokens,
+        "trained_numbers": n_trained,
+        "base_loss": base_loss,
+        "history": history,
+        "best_loss": min(loss for _, loss in history[1:]) if len(history) > 1 else None,
+        "seconds": round(seconds, 1),
+        "config": cfg.model_dump(mode="json"),
+    }
+    (out_dir / "result.json").write_text(json.dumps(result, indent=1))
+    log(json.dumps({k: v for k, v in result.items() if k != "config"}))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.train import ConfigError, load_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="the matched mechanism's training config (YAML of python -m engine train)")
+    p.add_argument("--tokens", type=int, required=True, help="prompt length; trained numbers = tokens x hidden")
+    p.add_argument("--out", default=None, help="output folder (default runs/soft_prompt_<config name>)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.tokens < 1:
+        print("error: --tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/soft_prompt_{Path(args.config).stem}")
+    train_soft_prompt(cfg, args.tokens, out, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
