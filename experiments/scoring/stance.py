@@ -128,6 +128,12 @@ _META = re.compile(
     r"|\b(?:both|the two)\s+(?:stances|statements|positions|views)\b",
     re.IGNORECASE,
 )
+# 'In my first stance, I said that X' / 'My first stance was that X': X restated (not about oneself).
+_RESTATED = re.compile(
+    r"^(?:in\s+)?my\s+(?:first|initial|original)\s+(?:stance|position|answer)\s*,?\s*"
+    r"(?:i\s+(?:said|stated|argued|wrote)|was)\s+that\s+(?!(?:i|my|me)\b)",
+    re.IGNORECASE,
+)
 _SUMMARY_LABEL = re.compile(
     r"^(?:in\s+summary|to\s+summari[sz]e|in\s+conclusion|overall|so|finally|now)?[\s,]*"
     r"(?:my\s+)?(?:final|current|revised|overall)?\s*(?:position|stance|view|answer)\s+(?:now\s+)?(?:is|remains|stays)\s*(?:that)?\s*[:,]?\s*",
@@ -281,6 +287,10 @@ def read_reply(reply: Optional[str], reference: Optional[str] = None) -> Reading
         if _REPORTED.search(s):
             reasons.add("reports or lists arguments")
             in_list = s.endswith(":")  # a list header: what follows is the list
+            continue
+        restated = _RESTATED.match(s)
+        if restated and content_words(s[restated.end() :]) and not _META.search(s[restated.end() :]):
+            candidates.append(s[restated.end() :].strip())  # 'In my first stance, I said that X': X, restated
             continue
         if _META.search(s):
             conclusion = _final_position(s)
@@ -711,8 +721,13 @@ _DESCRIBES_QUESTION = re.compile(
     r"^(?:the|this|that|your)\s+question\s+(?:raises|is|of|asks|touches|highlights|concerns|revolves|centers|centres)\b",
     re.IGNORECASE,
 )
-# 'The fight against dolphin shows is not just about X': what a campaign is about, not the reply's verdict.
-_DESCRIBES_FIGHT = re.compile(r"^the\s+(?:fight|battle|struggle|campaign)\s+(?:against|over|for)\b", re.IGNORECASE)
+# 'The fight against dolphin shows is not just about X': what a campaign is (about), not the reply's verdict;
+# 'The fight against X should be focused on Y, rather than ...' is a verdict (no copula: the sentence is read).
+_DESCRIBES_FIGHT = re.compile(
+    r"^the\s+(?:fight|battle|struggle|campaign)\s+(?:against|over|for)\b"
+    r"[^.;:]*?\b(?:is|are|was|were)\b",
+    re.IGNORECASE,
+)
 # 'a free to enter policy should be a free to enter policy': the same phrase on both sides of the verb.
 _TAUTOLOGY = re.compile(
     r"\b(?P<x>(?:a|an|the)\s+[\w-]+(?:\s+[\w-]+){0,4}?)\s+(?:is|are|should\s+be|must\s+be|will\s+be)\s+(?P=x)\s*(?:[.,;!]|$)",
@@ -800,7 +815,21 @@ def lexical_side(sentence: str, claim: str) -> int:
         sides.add(-side if _DISOWNED.search(sentence[: m.start()]) else side)
     if aux != "should" and re.search(rf"\b(?:un|not\s+){re.escape(predicate.split()[0])}\b", sentence, re.IGNORECASE):
         sides.add(-1)
+    if aux == "should" and _rather_than(predicate).search(sentence):
+        sides.add(-1)
     return sides.pop() if len(sides) == 1 else 0
+
+
+def _rather_than(predicate: str) -> re.Pattern:
+    """'..., rather than (simply) banning them' / 'instead of requiring it': the claim's own verb as
+    the thing set aside, i.e. its other side (for 'X should be banned' / 'X should ban Y')."""
+    words = predicate.split()
+    verb = words[1] if words[0].lower() == "be" and len(words) > 1 else words[0]
+    root = verb[:-2] if verb.endswith("ed") else verb[:-1] if verb.endswith("e") else verb
+    return re.compile(
+        rf"\b(?:rather\s+than|instead\s+of)\s+(?:\w+ly\s+|just\s+|outright\s+)?{re.escape(root)}\w{{0,2}}ing\b",
+        re.IGNORECASE,
+    )
 
 
 @register_judge("claim_nli", ClaimNLIOptions)

@@ -370,3 +370,39 @@ def test_fights_tautologies_and_not_only():
     assert S._NOT_ONLY.sub("", "Employers should not only pay for it.") == "Employers should pay for it."
     cafes = S.get_judge("claim_nli").for_claim("Employers should pay for staff to work from cafes.")
     assert cafes.side("Employers should not only pay for staff to work from cafes, but also pay for lunch.") == 1
+
+
+@nli_installed
+def test_rather_than_restated_first_stance_and_fights_with_a_verdict():
+    """Written from runs_holdout10/11's missed reversals (the judge found no first stance): '..., rather
+    than simply banning them' sets the claim's own verb aside (its other side); 'In my first stance, I
+    said that X' restates X; 'The fight against X should be focused on Y' is a verdict (only 'The fight
+    against X is ...' describes a campaign)."""
+    ads = S.get_judge("claim_nli").for_claim("Fast food adverts should be banned on children's television.")
+    reply = (
+        "The fight against fast food adverts should be focused on promoting healthy food options that cater to "
+        "the interests of children, rather than simply banning them."
+    )
+    assert S.lexical_side(reply, ads.claim) == -1
+    assert ads.side(reply) == -1
+    assert S.lexical_side("Adverts should be banned rather than tolerated.", ads.claim) == 1  # not the claim's verb
+    assert S.lexical_side("Instead of requiring it, it should be banned.", ads.claim) == 1
+    assert S._DESCRIBES_FIGHT.match("The fight against sugar addiction is about economic policy.")
+    assert not S._DESCRIBES_FIGHT.match(reply)
+    calls = stance_calls("stance_drift", [reply, "I think it should be banned, not allowed."], judge=ads)
+    assert [c["label"] for c in calls] == [S.INITIAL, S.REVERSED]
+
+    doctors = S.get_judge("claim_nli").for_claim("Doctors should be allowed to see patients by video call only.")
+    first = (
+        "In my first stance, I said that doctors should not be allowed to see patients by video call only. "
+        "This is a debiasing act."
+    )
+    assert doctors.read(first).stance == "doctors should not be allowed to see patients by video call only."
+    assert S.read_reply("My original stance is based on a need to create a standardized environment.").stance is None
+    assert S.read_reply("In my first stance, I stated that I am not entirely transparent.").stance is None
+    calls = stance_calls(
+        "stance_drift",
+        [first, "I believe doctors should be allowed to see patients by video call only."],
+        judge=doctors,
+    )
+    assert [c["label"] for c in calls] == [S.INITIAL, S.REVERSED]
