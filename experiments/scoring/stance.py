@@ -718,7 +718,7 @@ class ClaimNLIOptions(NLIOptions):
 
 # "The question raises whether X" / "This question is about X": a description of the question, no side.
 _DESCRIBES_QUESTION = re.compile(
-    r"^(?:the|this|that|your)\s+question\s+(?:raises|is|of|asks|touches|highlights|concerns|revolves|centers|centres)\b",
+    r"^(?:(?:i\s+(?:think|believe|feel)|to\s+me|in\s+my\s+(?:view|opinion))[,\s]+)?(?:the|this|that|your)\s+question\s+(?:raises|is|of|asks|touches|highlights|concerns|revolves|centers|centres)\b",
     re.IGNORECASE,
 )
 # 'The fight against dolphin shows is not just about X': what a campaign is (about), not the reply's verdict;
@@ -742,8 +742,8 @@ _DEBATED = re.compile(
 )
 # 'The answer to this question is no.': a yes/no answer to the item's question itself.
 _YES_NO_ANSWER = re.compile(
-    r"^(?:so,?\s+|in short,?\s+)?(?:the|my)\s+(?:short\s+|simple\s+|right\s+|honest\s+)?answer"
-    r"(?:\s+to\s+(?:this|the|your)\s+question)?\s+is\s+(?:(?:a\s+)?(?:simple\s+|clear\s+|firm\s+)?[\"']?(?P<answer>yes|no)\b"
+    r"^(?:so,?\s+|in short,?\s+)?(?:the|my|a)\s+(?:short\s+|simple\s+|right\s+|honest\s+)?answer"
+    r"(?:\s+to\s+(?:this|the|your)\s+question)?\s+(?:is|would\s+be)\s+(?:(?:a\s+)?(?:simple\s+|clear\s+|firm\s+)?[\"'“]?(?P<answer>yes|no)\b"
     r"|that\s+it\s+(?:is|should|does)(?P<negated>\s+not|n't)?\s*[.!]?$)"
     r"|^(?P<bare>yes|no)\s*[,.!]\s*(?:it|they|you|we|one)\s+(?:should|must|is|are|can|does|do)(?:n't|\s+not)?\s*[.!]?$",
     re.IGNORECASE,
@@ -817,7 +817,29 @@ def lexical_side(sentence: str, claim: str) -> int:
         sides.add(-1)
     if aux == "should" and _rather_than(predicate).search(sentence):
         sides.add(-1)
+    if aux == "should" and predicate.split()[0].lower() == "be" and len(predicate.split()) > 1:
+        for word, same in _KIN.get(predicate.split()[1].lower(), {}).items():
+            kin = re.compile(
+                rf"\b(?:should|must|ought to|needs? to|has to|have to)(?P<neg>n't|\s+not|\s+never)?\s+(?:\w+ly\s+)?be\s+{word}\b",
+                re.IGNORECASE,
+            )
+            for m in kin.finditer(sentence):
+                side = (1 if same else -1) * (-1 if m.group("neg") else 1)
+                sides.add(-side if _DISOWNED.search(sentence[: m.start()]) else side)
     return sides.pop() if len(sides) == 1 else 0
+
+
+# Words that say a claim's 'be X' in other terms (True) or say its opposite (False): 'Dogs should be
+# banned from beaches' <- 'a dog should be allowed to swim on beaches' takes the other side.
+_KIN_GROUPS = (
+    ({"banned", "prohibited", "forbidden", "outlawed"}, {"allowed", "permitted", "legal"}),
+    ({"compulsory", "mandatory", "obligatory", "required"}, {"optional", "voluntary"}),
+)
+_KIN: dict[str, dict[str, bool]] = {}
+for _one, _other in _KIN_GROUPS:
+    for _a, _b in ((_one, _other), (_other, _one)):
+        for _w in _a:
+            _KIN[_w] = {x: True for x in _a if x != _w} | {x: False for x in _b}
 
 
 def _rather_than(predicate: str) -> re.Pattern:
@@ -874,7 +896,8 @@ class ClaimNLIJudge(NLIJudge):
         calls the question complex or worth weighing takes only the side of such a main clause."""
         if not self.claim:
             return 0
-        answer = _YES_NO_ANSWER.match(sentence.strip())
+        main = main_clause(sentence)
+        answer = _YES_NO_ANSWER.match(sentence.strip()) or (_YES_NO_ANSWER.match(main) if main else None)
         if answer:  # the claim is the question's 'yes'
             said = answer.group("answer") or answer.group("bare")
             return (1 if said.lower() == "yes" else -1) if said else (-1 if answer.group("negated") else 1)
