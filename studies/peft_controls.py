@@ -1,15 +1,21 @@
-"""A soft prompt with as many trained numbers as a trained mechanism: the matched control that tells
-"the mechanism learned something" from "any P trained numbers on this data learn it".
+"""Offline controls with as many trained numbers as a trained mechanism, on the same data under the
+same config: a soft prompt and a LoRA on the base model (peft). They tell "the mechanism learned
+something" from "any P trained numbers on this data learn it".
 
-README: "Matched controls for the trained wins" (studies/README.md), the table's "soft prompt" column.
+README: "Matched controls for the trained wins" (studies/README.md), the table's last two columns.
 
-    python -m studies.soft_prompt_control configs/neural_persistent_tiny_cpu.yaml --tokens 24
-    python -m studies.soft_prompt_control configs/palm_tiny_cpu.yaml --tokens 358
+    python -m studies.peft_controls configs/neural_persistent_tiny_cpu.yaml --soft-prompt 24
+    python -m studies.peft_controls configs/palm_tiny_cpu.yaml --soft-prompt 358
+    python -m studies.peft_controls configs/neural_persistent_tiny_cpu.yaml --lora-rank 4 --lora-layers 16,22,28
+    python -m studies.peft_controls configs/palm_tiny_cpu.yaml --lora-rank 60 --lora-layers 20,24,28
 
-A soft prompt (Lester et al. 2021) is `--tokens` trained input embeddings placed before every
-sequence; here it is peft's prompt tuning (`PromptTuningConfig`, initialised from sampled vocabulary
-embeddings) on the frozen base model. It trains `tokens x hidden` numbers: 24 x 576 = 13,824 for the
-persistent tokens (3 layers x 8 tokens x 576), 358 x 576 = 206,208 for the partial-attention branch.
+A **soft prompt** (Lester et al. 2021) is P trained input embeddings placed before every sequence:
+peft's prompt tuning (`PromptTuningConfig`, initialised from sampled vocabulary embeddings) on the
+frozen base model; it trains P x hidden numbers (24 x 576 = 13,824 for the persistent tokens' 3
+layers x 8 tokens x 576; 358 x 576 = 206,208 for the partial-attention branch). A **base LoRA** is
+peft's LoRA (`LoraConfig`, B = 0 at the start, alpha = 2 x rank) on the query projection of the
+given layers: rank r on `q_proj` (576 -> 576) trains 2 x 576 x r numbers per layer (rank 4 on 3
+layers: 13,824; rank 60 on 3 layers: 207,360 against the branch's 206,208).
 
 Everything else is the matched config's, read from the same YAML `python -m engine train` reads:
 the data (train and held-out files, chat template, loss on the replies, max length), batches in the
@@ -20,10 +26,10 @@ tokens / their count, on the real tokens only (the prompt's positions carry no l
 model's held-out loss is measured first through the same code, so the pipeline can be checked
 against the trainer's (1.0036 on data/palm).
 
-Not an arm of the lab: a soft prompt adds positions in front of the sequence, which protocol v2
-cannot add (studies/README.md, the neural memory's MAC paragraph). It is an offline control, as the
-trainer's peft LoRA is. Output: `<out>/soft_prompt/` (peft adapter folder, safetensors) and
-`<out>/result.json` (every held-out loss measured, seconds).
+Neither is an arm of the lab: a soft prompt adds positions in front of the sequence, which protocol
+v2 cannot add (studies/README.md, the neural memory's MAC paragraph), and a LoRA on the base changes
+the model every arm shares. They are offline controls. Output: `<out>/adapter/` (peft adapter
+folder, safetensors) and `<out>/result.json` (every held-out loss measured, seconds).
 """
 
 from __future__ import annotations
@@ -60,12 +66,38 @@ def batch_nll(model, batch, prompt_tokens: int):
     return nll, (target != -100).sum()
 
 
-def train_soft_prompt(cfg, tokens: int, out_dir: Path, *, lm=None, progress: bool = True, log=print) -> dict:
-    """Train a `tokens`-token soft prompt under the matched config `cfg` (a TrainConfig); returns the
-    result (held-out loss of the base model, of the fresh prompt and at every evaluation)."""
+def soft_prompt(tokens: int):
+    """peft's config for a `tokens`-token soft prompt, and the positions it adds in front."""
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType
+
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=tokens, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB
+    )
+    return config, tokens
+
+
+def base_lora(rank: int, layers: list[int], modules: list[str]):
+    """peft's config for a rank-`rank` LoRA on `modules` of `layers` (B = 0: the base model at the start)."""
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=modules,
+        layers_to_transform=layers,
+    )
+    return config, 0
+
+
+def train_control(cfg, control, out_dir: Path, *, lm=None, progress: bool = True, log=print) -> dict:
+    """Train a peft control (`control`: `soft_prompt(...)` or `base_lora(...)`) under the matched config
+    `cfg` (a TrainConfig); returns the result (held-out loss of the base model, of the fresh control and
+    at every evaluation)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from peft import get_peft_model
     from tqdm.auto import tqdm
 
     from engine.model import load_model
@@ -86,14 +118,9 @@ def train_soft_prompt(cfg, tokens: int, out_dir: Path, *, lm=None, progress: boo
     base_loss = held_out_loss(base, eval_loader, 0)
     log(f"base model: held-out loss {base_loss:.4f}")
 
-    model = get_peft_model(
-        base,
-        PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=tokens,
-            prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
-        ),
-    )
+    peft_config, tokens = control
+    kind = "soft prompt" if tokens else "base LoRA"
+    model = get_peft_model(base, peft_config)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trained = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -104,9 +131,9 @@ def train_soft_prompt(cfg, tokens: int, out_dir: Path, *, lm=None, progress: boo
         model, optimizer, loader, eval_loader, scheduler
     )
     history = [[0, held_out_loss(model, eval_loader, tokens)]]
-    log(f"soft prompt, {tokens} tokens ({n_trained:,} numbers), step 0: held-out loss {history[0][1]:.4f}")
+    log(f"{kind} ({n_trained:,} numbers), step 0: held-out loss {history[0][1]:.4f}")
     step, started = 0, time.perf_counter()
-    bar = tqdm(total=t.max_steps, desc=f"soft prompt x{tokens}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=t.max_steps, desc=kind, disable=not progress, dynamic_ncols=True)
     model.train()
     while step < t.max_steps:
         for batch in loader:
@@ -132,8 +159,9 @@ def train_soft_prompt(cfg, tokens: int, out_dir: Path, *, lm=None, progress: boo
     bar.close()
     seconds = time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.unwrap_model(model).save_pretrained(str(out_dir / "soft_prompt"))
+    accelerator.unwrap_model(model).save_pretrained(str(out_dir / "adapter"))
     result = {
+        "control": kind,
         "tokens": tokens,
         "trained_numbers": n_trained,
         "base_loss": base_loss,
@@ -152,12 +180,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="the matched mechanism's training config (YAML of python -m engine train)")
-    p.add_argument("--tokens", type=int, required=True, help="prompt length; trained numbers = tokens x hidden")
-    p.add_argument("--out", default=None, help="output folder (default runs/soft_prompt_<config name>)")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--soft-prompt", type=int, metavar="P", help="a P-token soft prompt (P x hidden numbers)")
+    kind.add_argument("--lora-rank", type=int, metavar="R", help="a rank-R LoRA on the base model")
+    p.add_argument("--lora-layers", default=None, help="with --lora-rank: comma-separated layer indices")
+    p.add_argument("--lora-modules", default="q_proj", help="with --lora-rank: comma-separated module names")
+    p.add_argument("--out", default=None, help="output folder (default runs/peft_<control>_<config name>)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.tokens < 1:
-        print("error: --tokens must be at least 1", file=sys.stderr)
+    size = args.soft_prompt if args.soft_prompt is not None else args.lora_rank
+    if size < 1:
+        print("error: --soft-prompt / --lora-rank must be at least 1", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config)
@@ -165,8 +198,24 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"runs/soft_prompt_{Path(args.config).stem}")
-    train_soft_prompt(cfg, args.tokens, out, progress=not args.no_progress)
+    if args.soft_prompt is not None:
+        control, name = soft_prompt(args.soft_prompt), f"prompt{args.soft_prompt}"
+    else:
+        try:
+            layers = [int(x) for x in args.lora_layers.split(",")] if args.lora_layers else None
+        except ValueError:
+            print(
+                f"error: --lora-layers: not a comma-separated list of integers: {args.lora_layers!r}", file=sys.stderr
+            )
+            return 2
+        modules = [m.strip() for m in args.lora_modules.split(",") if m.strip()]
+        control, name = base_lora(args.lora_rank, layers, modules), f"lora{args.lora_rank}"
+    out = Path(args.out or f"runs/peft_{name}_{Path(args.config).stem}")
+    try:
+        train_control(cfg, control, out, progress=not args.no_progress)
+    except ValueError as e:  # peft: a module or layer the model does not have
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
 
 
