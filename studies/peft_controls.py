@@ -20,7 +20,7 @@ layers: 13,824; rank 60 on 3 layers: 207,360 against the branch's 206,208).
 Everything else is the matched config's, read from the same YAML `python -m engine train` reads:
 the data (train and held-out files, chat template, loss on the replies, max length), batches in the
 same seeded order (`engine.train._loaders`), AdamW at the config's learning rate and weight decay,
-its warm-up and schedule (`engine.train.lr_factor`), gradient clipping, steps and evaluation
+its warm-up and schedule (`engine.train._optimizer`), gradient clipping, steps and evaluation
 interval. The held-out number is the trainer's: summed next-token NLL over the held-out replies'
 tokens / their count, on the real tokens only (the prompt's positions carry no label). The base
 model's held-out loss is measured first through the same code, so the pipeline can be checked
@@ -101,7 +101,7 @@ def train_control(cfg, control, out_dir: Path, *, lm=None, progress: bool = True
     from tqdm.auto import tqdm
 
     from engine.model import load_model
-    from engine.train import _loaders, lr_factor
+    from engine.train import _loaders, _optimizer
 
     t = cfg.train
     set_seed(t.seed)
@@ -123,10 +123,7 @@ def train_control(cfg, control, out_dir: Path, *, lm=None, progress: bool = True
     model = get_peft_model(base, peft_config)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trained = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.schedule, t.warmup_steps, t.max_steps)
-    )
+    optimizer, scheduler = _optimizer(cfg, model, [])  # the trainer's AdamW and schedule, on the control's numbers
     model, optimizer, loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, loader, eval_loader, scheduler
     )

@@ -289,8 +289,9 @@ def read_reply(reply: Optional[str], reference: Optional[str] = None) -> Reading
             in_list = s.endswith(":")  # a list header: what follows is the list
             continue
         restated = _RESTATED.match(s)
-        if restated and content_words(s[restated.end() :]) and not _META.search(s[restated.end() :]):
-            candidates.append(s[restated.end() :].strip())  # 'In my first stance, I said that X': X, restated
+        rest = s[restated.end() :] if restated else ""
+        if content_words(rest) and not _META.search(rest):
+            candidates.append(rest.strip())  # 'In my first stance, I said that X': X, restated
             continue
         if _META.search(s):
             conclusion = _final_position(s)
@@ -809,24 +810,30 @@ def lexical_side(sentence: str, claim: str) -> int:
         r"(?P<negated_object>\s+(?:non-|no\s))?",
         re.IGNORECASE,
     )
-    sides = set()
-    for m in said.finditer(sentence):
-        side = -1 if bool(m.group("neg")) != bool(m.group("negated_object")) else 1
-        sides.add(-side if _DISOWNED.search(sentence[: m.start()]) else side)
-    if aux != "should" and re.search(rf"\b(?:un|not\s+){re.escape(predicate.split()[0])}\b", sentence, re.IGNORECASE):
+    sides = _sides_said(said, sentence, lambda m: -1 if m.group("negated_object") else 1)
+    words = predicate.split()
+    if aux != "should" and re.search(rf"\b(?:un|not\s+){re.escape(words[0])}\b", sentence, re.IGNORECASE):
         sides.add(-1)
     if aux == "should" and _rather_than(predicate).search(sentence):
         sides.add(-1)
-    if aux == "should" and predicate.split()[0].lower() == "be" and len(predicate.split()) > 1:
-        for word, same in _KIN.get(predicate.split()[1].lower(), {}).items():
-            kin = re.compile(
-                rf"\b(?:should|must|ought to|needs? to|has to|have to)(?P<neg>n't|\s+not|\s+never)?\s+(?:\w+ly\s+)?be\s+{word}\b",
-                re.IGNORECASE,
-            )
-            for m in kin.finditer(sentence):
-                side = (1 if same else -1) * (-1 if m.group("neg") else 1)
-                sides.add(-side if _DISOWNED.search(sentence[: m.start()]) else side)
+    kin = _KIN.get(words[1].lower(), {}) if aux == "should" and words[0].lower() == "be" and len(words) > 1 else {}
+    if kin:  # 'should be allowed' on 'X should be banned': the claim's 'be X' in other words
+        said_kin = re.compile(
+            rf"\b{aux_words}(?P<neg>n't|\s+not|\s+never)?\s+(?:\w+ly\s+)?be\s+(?P<word>{'|'.join(kin)})\b",
+            re.IGNORECASE,
+        )
+        sides |= _sides_said(said_kin, sentence, lambda m: 1 if kin[m.group("word").lower()] else -1)
     return sides.pop() if len(sides) == 1 else 0
+
+
+def _sides_said(said: re.Pattern, sentence: str, sign: Callable) -> set[int]:
+    """The side of each place `said` matches the sentence: `sign(match)` (+1: the claim's side), the other
+    one when the match carries a negation (group `neg`), and flipped again after 'I don't think'."""
+    sides = set()
+    for m in said.finditer(sentence):
+        side = sign(m) * (-1 if m.group("neg") else 1)
+        sides.add(-side if _DISOWNED.search(sentence[: m.start()]) else side)
+    return sides
 
 
 # Words that say a claim's 'be X' in other terms (True) or say its opposite (False): 'Dogs should be
@@ -896,8 +903,10 @@ class ClaimNLIJudge(NLIJudge):
         calls the question complex or worth weighing takes only the side of such a main clause."""
         if not self.claim:
             return 0
-        main = main_clause(sentence)
-        answer = _YES_NO_ANSWER.match(sentence.strip()) or (_YES_NO_ANSWER.match(main) if main else None)
+        answer = _YES_NO_ANSWER.match(sentence.strip())
+        if not answer:  # '..., but a simple answer to the question would be "No."'
+            asserted = main_clause(sentence)
+            answer = _YES_NO_ANSWER.match(asserted) if asserted else None
         if answer:  # the claim is the question's 'yes'
             said = answer.group("answer") or answer.group("bare")
             return (1 if said.lower() == "yes" else -1) if said else (-1 if answer.group("negated") else 1)
