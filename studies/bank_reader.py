@@ -14,7 +14,9 @@ distill DOC --arm "memory_bank:layers=..."` runs), on the reader's layers. Each 
 - no reader: the distilled bank of the right document read through the layer's own W_q / W_k
   (the untrained same-settings control);
 - noise matched to the reader arm (`noise:match=...`): a random residual of the same norm per
-  token and layer.
+  token and layer;
+- fresh reader (only for a reader with `reader_match`, which reads differently from "no reader" even
+  untrained): an untrained reader with the same settings, the right document.
 
 Measured per arm: the right-minus-wrong margin, log p(the person's town) - log p(another person's
 town of the same document), both teacher-forced as the reply; log p(right town); and answer_match
@@ -39,15 +41,40 @@ from .bank_reader_data import SYSTEM
 from .common import study_args, test_items
 
 
-def arms_for(doc: str, other: str) -> list[tuple[str, str]]:
+def arms_for(doc: str, other: str, fresh: bool = False) -> list[tuple[str, str]]:
     reader = f"memory_bank:linkage=1,weights=@{doc},reader=@bank_reader"
-    return [
+    arms = [
         ("observer", "observer"),
         ("reader", reader + ",label=reader"),
         ("other document", f"memory_bank:linkage=1,weights=@{other},reader=@bank_reader,label=other document"),
         ("no reader", f"memory_bank:linkage=1,weights=@{doc},label=no reader"),
         ("noise matched", f'noise:match="{reader}",label=noise matched'),
     ]
+    if fresh:
+        arms.append(("fresh reader", f"memory_bank:linkage=1,weights=@{doc},reader=@fresh_reader,label=fresh reader"))
+    return arms
+
+
+def fresh_reader(lm, reader: Path, out: Path) -> bool:
+    """Write an untrained reader with `reader`'s settings to `out`; False when a fresh one would read
+    as "no reader" does (no similarity match: LoRA and window maps start at zero)."""
+    from engine.mechanisms.memory_bank import MemoryBank, ReaderWeights
+    from engine.weights import read_header, save_weights
+
+    wf = read_header(reader)
+    settings = MemoryBank.Settings(**{k: v for k, v in wf.settings.items() if k != "gain"})
+    if not settings.reader_match:
+        return False
+    save_weights(
+        out,
+        ReaderWeights(settings, lm.model).to_tensors(),
+        mechanism="memory_bank",
+        settings=wf.settings,
+        model=lm.model,
+        identity=lm.identity,
+        extra={"reader": True},
+    )
+    return True
 
 
 def main(argv=None) -> None:
@@ -76,6 +103,7 @@ def main(argv=None) -> None:
     text = {it["doc_id"]: it["document"] for it in items}
     tmp = Path(tempfile.mkdtemp(prefix="bank_reader_"))
     shutil.copy(reader, tmp / "bank_reader.safetensors")
+    fresh = fresh_reader(lm, reader, tmp / "fresh_reader.safetensors")
     os.environ["LAB_WEIGHTS_DIR"] = str(tmp)
     t0 = time.perf_counter()
     for d in docs:
@@ -86,7 +114,7 @@ def main(argv=None) -> None:
     rows = []
     for it in items:
         other = docs[(docs.index(it["doc_id"]) + 1) % len(docs)]
-        arms = arms_for(it["doc_id"], other)
+        arms = arms_for(it["doc_id"], other, fresh)
         specs = [parse_arm(s) for _, s in arms]
         question = it["messages"][1]["content"]
         right, wrong = (tok(a, add_special_tokens=False)["input_ids"] for a in (it["answer"], it["wrong"]))
@@ -112,7 +140,7 @@ def main(argv=None) -> None:
             )
     print(f"{len(items)} questions x {len(arms)} arms in {time.perf_counter() - t0:.0f} s")
 
-    by = {name: [r for r in rows if r["arm"] == name] for name, _ in arms_for("x", "y")}
+    by = {name: [r for r in rows if r["arm"] == name] for name, _ in arms_for("x", "y", fresh)}
     obs = by["observer"]
     clusters = [r["doc"] for r in obs]
     print(f"\n{len(items)} held-out questions over {len(docs)} documents; 95% bootstrap intervals over documents")
@@ -130,6 +158,13 @@ def main(argv=None) -> None:
             f"{name:16s} {m[0]:+7.2f} [{m[1]:+6.2f}, {m[2]:+6.2f}]   {p[0]:7.2f} [{p[1]:7.2f}, {p[2]:7.2f}]"
             f"   {a[0]:5.2f} [{a[1]:.2f}, {a[2]:.2f}]   {da[0]:+5.2f} [{da[1]:+.2f}, {da[2]:+.2f}]"
         )
+    print("\nreader margin minus another arm's, paired by question (95% bootstrap over documents):")
+    for name, rs in by.items():
+        if name != "reader":
+            diff = [r["margin"] - o["margin"] for r, o in zip(by["reader"], rs)]
+            d = bootstrap_ci(np.array(diff), clusters=clusters)
+            summary[f"reader_minus_{name}"] = d
+            print(f"  reader - {name:14s} {d[0]:+7.2f} [{d[1]:+6.2f}, {d[2]:+6.2f}]")
     print("\nfirst replies:")
     for name, rs in by.items():
         print(

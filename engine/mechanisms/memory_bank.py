@@ -35,7 +35,9 @@ by cross-attention at chosen layers, through that layer's own projections:
   A bank distilled at test time (`engine distill`) is then read through it:
   `memory_bank:weights="doc.safetensors",reader=@bank_reader`. A fresh reader reads as the layer's
   own projections. Trained with `engine train` and `data.documents: true`, which binds each row's
-  document as the bank (`bind_document`).
+  document as the bank (`bind_document`). Optional window maps over the slot order
+  (`reader_key_window`, `reader_value_window`, see `ReaderLayer`) tie a slot to its neighbours in
+  the document, which position-free slots otherwise lose.
 
 Parameters come from `build_weights` (a weights file, see `python -m engine distill` and
 `python -m engine train`, or a fresh bank: slots ~ N(0, init_std²) in the units of `x̂`, a
@@ -100,6 +102,33 @@ class MemoryBankSettings(MechanismSettings):
     )
     reader_rank: int = Field(8, ge=1, le=1024, description="LoRA rank of a reader's query / key adapters")
     reader_alpha: float = Field(16.0, gt=0.0, le=4096.0, description="LoRA alpha of a reader's adapters")
+    reader_key_window: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="a reader's slot keys also see the w slots before each slot (0: the slot alone)",
+    )
+    reader_value_window: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="a reader's slot values also carry the w slots after each slot (0: the slot alone)",
+    )
+    reader_window_rank: int = Field(16, ge=1, le=1024, description="rank of a reader's window maps")
+    reader_match: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="a reader also scores slots by cosine similarity of x̂ (reading token, slot) times this "
+        "(per head, learnt from here; 0 = off): a token finds the slots that are the same words",
+    )
+    reader_query_window: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="with reader_match, a token's similarity to a slot is the best over itself and the "
+        "conversation's w-1 tokens before it (1: itself), so an answer finds the name its question gave",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -114,6 +143,8 @@ class MemoryBankSettings(MechanismSettings):
             )
         if self.chapters > 1 and self.top_k > routed:
             raise ValueError(f"top_k ({self.top_k}) is more than the {routed} routed chapters")
+        if self.reader_query_window > 1 and not self.reader_match:
+            raise ValueError("reader_query_window widens reader_match's similarity; set reader_match > 0 too")
         if self.reader is not None and self.variant != "standard":
             raise ValueError(f"a reader reads standard banks only, not variant={self.variant}")
         return self
@@ -275,13 +306,103 @@ class BankWeights(torch.nn.Module):
 
 
 class ReaderLayer(torch.nn.Module):
-    """One host layer's reader: clones of its W_q / W_k (frozen, under LoRA) and a per-head gate."""
+    """One host layer's reader: clones of its W_q / W_k (frozen, under LoRA), a per-head gate and,
+    optionally, two window maps over the slot order (document order, as `distill --method tokens`
+    keeps it): a low-rank map from the `key_window` slots before a slot to a term added to its key,
+    and one from the `value_window` slots after it to a term added to its value. Both `*_up`
+    matrices are zero at start, so a fresh windowed reader reads as the window-free one. And, with
+    `match` > 0, a similarity score.
 
-    def __init__(self, attn: torch.nn.Module, n_heads: int, dtype: torch.dtype):
+    Why: a distilled token bank is a bag of token states with no positions, so "Orla lives in
+    Tarrowby" is, to a plain read, Orla's slots and Tarrowby's slots with nothing tying them. The key
+    window lets a question find the slot whose preceding slots name the person (the previous-token
+    trick of induction heads); the value window lets the person's own slots, which a question about
+    them finds easily, carry what the document says after them. With `match`, each head also adds
+    w_h · cos(x̂_t, slot) to its scores: a question's "Vennick" is, at every reader layer, more like
+    the document's "Vennick" than like any other slot, so a name in a question finds its own slots
+    without anything learnt about names (on from the start, w_h = `match`: unlike the windows, a
+    matching reader is not the plain one when fresh). Slots past either end of a window count as zero.
+    The bank is a finished document, so a slot's value may use later slots of it: no conversation
+    token sees anything after itself."""
+
+    def __init__(
+        self,
+        attn: torch.nn.Module,
+        n_heads: int,
+        dtype: torch.dtype,
+        key_window: int = 0,
+        value_window: int = 0,
+        rank: int = 16,
+        match: float = 0.0,
+        query_window: int = 1,
+    ):
         super().__init__()
         self.q_read = clone_linear(attn.q_proj, dtype)
         self.k_read = clone_linear(attn.k_proj, dtype)
-        self.gate = torch.nn.Parameter(torch.ones(n_heads, dtype=dtype, device=self.q_read.weight.device))
+        device = self.q_read.weight.device
+        self.gate = torch.nn.Parameter(torch.ones(n_heads, dtype=dtype, device=device))
+        self.key_window, self.value_window = key_window, value_window
+        self.match, self.query_window = match, query_window
+        if match:  # each head's similarity weight is match * match_weight (1 at start)
+            self.match_weight = torch.nn.Parameter(torch.ones(n_heads, dtype=dtype, device=device))
+        d = self.k_read.in_features
+        for name, window, out in (
+            ("key", key_window, self.k_read.out_features),
+            ("value", value_window, attn.v_proj.out_features),
+        ):
+            if window:
+                down = torch.nn.Linear(window * d, rank, bias=False, dtype=dtype, device=device)
+                up = torch.nn.Linear(rank, out, bias=False, dtype=dtype, device=device)
+                torch.nn.init.zeros_(up.weight)
+                setattr(self, f"ctx_{name}_down", down)
+                setattr(self, f"ctx_{name}_up", up)
+
+    @staticmethod
+    def _neighbours(x: torch.Tensor, window: int, after: bool) -> torch.Tensor:
+        """[N, window*d]: for each slot the `window` slots before it (nearest first) or after it."""
+        n, d = x.shape
+        zeros = x.new_zeros(window, d)
+        if after:
+            padded = torch.cat([x, zeros])
+            near = [padded[j : j + n] for j in range(1, window + 1)]
+        else:
+            padded = torch.cat([zeros, x])
+            near = [padded[window - j : window - j + n] for j in range(1, window + 1)]
+        return torch.stack(near, 1).reshape(n, window * d)
+
+    def match_scores(
+        self, x_hat: torch.Tensor, slots: torch.Tensor, before: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """[n_heads, T, N]: each head's weight times the similarity of the T reading tokens to each
+        slot, cos(x̂_t, slot), or with a query window the best cos over x̂_t and the w-1 tokens before
+        it (`before` [P, d]: the conversation's tokens ahead of these, newest last); None without `match`."""
+        if not self.match:
+            return None
+        k = F.normalize(slots.float(), dim=-1)
+        q = F.normalize(x_hat.float(), dim=-1)
+        w, T = self.query_window, x_hat.shape[0]
+        if w == 1:
+            cos = q @ k.T
+        else:
+            past = F.normalize(before.float(), dim=-1) if before is not None else q[:0]
+            c = torch.cat([past, q]) @ k.T  # [P + T, N]
+            c = torch.cat([c.new_full((w - 1, c.shape[1]), -torch.inf), c])  # row i + w - 1 is token i
+            P = past.shape[0]
+            cos = torch.stack([c[P + w - 1 - j : P + w - 1 - j + T] for j in range(w)]).amax(0)
+        return (self.match * self.match_weight.float())[:, None, None] * cos[None]
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Slot keys (before any k_norm) of slots x [N, d], in slot order."""
+        k = self.k_read(x)
+        if not self.key_window:
+            return k
+        return k + self.ctx_key_up(self.ctx_key_down(self._neighbours(x, self.key_window, after=False)))
+
+    def value_context(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The term the value window adds to the slots' values (None without one)."""
+        if not self.value_window:
+            return None
+        return self.ctx_value_up(self.ctx_value_down(self._neighbours(x, self.value_window, after=True)))
 
 
 READER_TARGETS = ["q_read", "k_read"]
@@ -305,7 +426,19 @@ class ReaderWeights(torch.nn.Module):
         blocks = decoder_layers(model)
         self.layers = settings.resolved_layers(model.config.num_hidden_layers)
         self.readers = torch.nn.ModuleDict(
-            {str(l): ReaderLayer(blocks[l].self_attn, model.config.num_attention_heads, dtype) for l in self.layers}
+            {
+                str(l): ReaderLayer(
+                    blocks[l].self_attn,
+                    model.config.num_attention_heads,
+                    dtype,
+                    settings.reader_key_window,
+                    settings.reader_value_window,
+                    settings.reader_window_rank,
+                    settings.reader_match,
+                    settings.reader_query_window,
+                )
+                for l in self.layers
+            }
         )
         with torch.random.fork_rng(devices=[]):  # the same fresh adapters in every process
             torch.manual_seed(3000 + settings.reader_rank)
@@ -319,7 +452,7 @@ class ReaderWeights(torch.nn.Module):
                 self,
             )
         for name, p in self.named_parameters():
-            p.requires_grad_("lora_" in name or name.endswith(".gate"))
+            p.requires_grad_("lora_" in name or name.endswith((".gate", ".match_weight")) or ".ctx_" in name)
 
     def layer(self, layer: int) -> ReaderLayer:
         return self.readers[str(layer)]
@@ -327,8 +460,8 @@ class ReaderWeights(torch.nn.Module):
     def to_tensors(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        gates = {n: t for n, t in self.state_dict().items() if n.endswith(".gate")}
-        return gates | get_peft_model_state_dict(self)
+        own = {n: t for n, t in self.state_dict().items() if n.endswith((".gate", ".match_weight")) or ".ctx_" in n}
+        return own | get_peft_model_state_dict(self)
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.to_tensors()
@@ -366,7 +499,11 @@ class _ReaderProjections(LayerProjections):
         if name == "q_proj":
             return self.reader.q_read(x.to(self.dtype))
         if name == "k_proj":
-            return self.reader.k_read(x.to(self.dtype))
+            return self.reader.keys(x.to(self.dtype))
+        if name == "v_proj":
+            v = super()._proj(name, x)
+            extra = self.reader.value_context(x.to(self.dtype))
+            return v if extra is None else v + extra.to(v.dtype)
         return super()._proj(name, x)
 
 
@@ -392,6 +529,11 @@ def load_reader(settings: MemoryBankSettings, model: torch.nn.Module, identity=N
                 "layers": wf.settings["layers"],
                 "reader_rank": wf.settings["reader_rank"],
                 "reader_alpha": wf.settings["reader_alpha"],
+                "reader_key_window": wf.settings.get("reader_key_window", 0),
+                "reader_value_window": wf.settings.get("reader_value_window", 0),
+                "reader_match": wf.settings.get("reader_match", 0.0),
+                "reader_query_window": wf.settings.get("reader_query_window", 1),
+                "reader_window_rank": wf.settings.get("reader_window_rank", 16),
             }
         )
         reader = ReaderWeights(own, model)
@@ -429,6 +571,7 @@ class MemoryBank(Mechanism):
         self.weights = weights
         self.bank_of = settings.bank_of(self.layers)
         self.prefix: dict[int, tuple[torch.Tensor, int]] = {}  # layer -> (sum of x̂ so far [d] fp32, count)
+        self.recent: dict[int, torch.Tensor] = {}  # layer -> x̂ of the last w-1 tokens (a reader's query window)
 
     @classmethod
     def build_reader(cls, settings: MemoryBankSettings, model, tensors) -> ReaderWeights:
@@ -464,13 +607,15 @@ class MemoryBank(Mechanism):
     # -- lifecycle ------------------------------------------------------------------------------
     def reset(self) -> None:
         self.prefix.clear()
+        self.recent.clear()
         self.document = None
 
     def snapshot(self) -> dict:
-        return copy_state({layer: (s, n) for layer, (s, n) in self.prefix.items()})
+        return copy_state({"prefix": dict(self.prefix), "recent": dict(self.recent)})
 
     def restore(self, state: dict) -> None:
-        self.prefix = {layer: (s, n) for layer, (s, n) in copy_state(state).items()}
+        state = copy_state(state)
+        self.prefix, self.recent = dict(state["prefix"]), dict(state["recent"])
 
     def memory_size(self) -> int:
         return self.settings.slots * self.weights.n_banks
@@ -560,6 +705,19 @@ class MemoryBank(Mechanism):
         N = k.shape[1]
         C, n_c = s.chapters, N // s.chapters
         scores = torch.einsum("hgtd,hnd->hgtn", q, k).float() * scale
+        if self.reader is not None:
+            slots = self.document[layer] if self.document is not None else self.weights.memory(b)
+            reader = self.reader.layer(layer)
+            match = reader.match_scores(call.x_hat, slots, self.recent.get(layer))
+            if reader.query_window > 1:
+                seen = (
+                    call.x_hat.detach()
+                    if layer not in self.recent
+                    else torch.cat([self.recent[layer], call.x_hat.detach()])
+                )
+                self.recent[layer] = seen[-(reader.query_window - 1) :]
+            if match is not None:
+                scores = scores + match.view(n_kv, g, T, N)
         if self.document is None:
             mask = self.weights.p(b, "mask")
             if not bool(mask.all()):

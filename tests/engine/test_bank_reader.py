@@ -128,3 +128,99 @@ def test_a_short_documents_run_trains_a_reader_an_arm_loads(embedded, files, tmp
         _logits(embedded, bank + f',reader="{files / "doc.safetensors"}"')
     with pytest.raises((DialogueError, WeightsError, SpecError), match="reader"):
         _logits(embedded, f'memory_bank:linkage=1,weights="{summary["weights"]}"')
+
+
+def test_windowed_readers_key_by_the_slots_before_and_carry_the_slots_after(embedded, files, tmp_path):
+    """reader_key_window / reader_value_window: a fresh windowed reader reads as the plain one; once
+    the maps are non-zero, slot i's key moves with slots i-w..i (never later or farther ones) and its
+    value term with slots i+1..i+w; reader_match scores a slot by its similarity, highest on itself;
+    the file round-trips through an arm's reader=."""
+    settings = MemoryBank.Settings(
+        layers=LAYERS,
+        sharing="per_layer",
+        reader_key_window=3,
+        reader_value_window=2,
+        reader_window_rank=4,
+    )
+    reader = ReaderWeights(settings, embedded.model)
+    layer = reader.layer(LAYERS[0])
+    x = torch.randn(10, embedded.model.config.hidden_size)
+    changed = x.clone()
+    changed[4] += 1.0
+    with torch.no_grad():
+        assert torch.equal(layer.keys(x), layer.k_read(x))  # the up maps are zero at start
+        assert not layer.value_context(x).any()
+        assert layer.match_scores(x, x) is None  # no similarity score unless asked for
+        torch.nn.init.normal_(layer.ctx_key_up.weight, std=0.5)
+        torch.nn.init.normal_(layer.ctx_value_up.weight, std=0.5)
+        key_moved = (layer.keys(changed) - layer.keys(x)).abs().amax(-1) > 1e-6
+        value_moved = (layer.value_context(changed) - layer.value_context(x)).abs().amax(-1) > 1e-6
+    assert key_moved.tolist() == [False] * 4 + [True] * 4 + [False] * 2
+    assert value_moved.tolist() == [False] * 2 + [True] * 2 + [False] * 6
+    assert {"ctx_key_up", "ctx_value_down"} <= {k.split(".")[-2] for k in reader.to_tensors()}
+    path = tmp_path / "windowed.safetensors"
+    save_weights(
+        path,
+        reader.to_tensors(),
+        mechanism="memory_bank",
+        settings=settings.model_dump(exclude={"weights", "linkage"}),
+        model=embedded.model,
+        identity=embedded.identity,
+        extra={"reader": True},
+    )
+    bank = f'memory_bank:linkage=1,weights="{files / "doc.safetensors"}"'
+    fresh_file = tmp_path / "fresh_windowed.safetensors"
+    save_weights(
+        fresh_file,
+        ReaderWeights(settings, embedded.model).to_tensors(),
+        mechanism="memory_bank",
+        settings=settings.model_dump(exclude={"weights", "linkage"}),
+        model=embedded.model,
+        identity=embedded.identity,
+        extra={"reader": True},
+    )
+    torch.testing.assert_close(
+        _logits(embedded, bank + f',reader="{fresh_file}"'),
+        _logits(embedded, bank + f',reader="{files / "fresh_reader.safetensors"}"'),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    matching = ReaderWeights(settings.model_copy(update={"reader_match": 8.0}), embedded.model).layer(LAYERS[0])
+    with torch.no_grad():
+        scores = matching.match_scores(x, x)
+    assert scores.shape == (embedded.model.config.num_attention_heads, 10, 10)
+    assert torch.allclose(scores.diagonal(dim1=1, dim2=2), torch.full((1, 10), 8.0))  # w_h starts at reader_match
+    assert bool((scores.argmax(-1) == torch.arange(10)).all())  # each slot is most like itself
+    windowed = _logits(embedded, bank + f',reader="{path}"')
+    fresh = _logits(embedded, bank + f',reader="{files / "fresh_reader.safetensors"}"')
+    assert not torch.allclose(windowed, fresh, atol=1e-3)  # the loaded windows take part in the read
+
+
+def test_a_query_window_reader_is_the_same_cached_or_not_and_refused_without_match(embedded, files, tmp_path):
+    """reader_query_window keeps the conversation's last tokens as state: the reply fed token by
+    token (cached, the state carried across passes) reads exactly as one pass does, and a rollback
+    restores it; without reader_match the setting is refused in one line."""
+    settings = MemoryBank.Settings(layers=LAYERS, sharing="per_layer", reader_match=16.0, reader_query_window=6)
+    path = tmp_path / "query_window.safetensors"
+    save_weights(
+        path,
+        ReaderWeights(settings, embedded.model).to_tensors(),
+        mechanism="memory_bank",
+        settings=settings.model_dump(exclude={"weights", "linkage"}),
+        model=embedded.model,
+        identity=embedded.identity,
+        extra={"reader": True},
+    )
+    spec = parse_arm(f'memory_bank:linkage=1,weights="{files / "doc.safetensors"}",reader="{path}"')
+    reply = embedded.tokenizer("It is Tarrowby, I think.", add_special_tokens=False)["input_ids"]
+    one_pass = Dialogue(embedded, [spec]).teacher_force("Where does Orla Vennick live?", [reply])[0]
+    stepwise = Dialogue(embedded, [spec]).teacher_force("Where does Orla Vennick live?", [reply], chunk=1)[0]
+    torch.testing.assert_close(stepwise, one_pass, atol=1e-4, rtol=1e-4)
+    plain = parse_arm(
+        f'memory_bank:linkage=1,weights="{files / "doc.safetensors"}",reader="{files / "fresh_reader.safetensors"}"'
+    )
+    assert not torch.allclose(
+        one_pass, Dialogue(embedded, [plain]).teacher_force("Where does Orla Vennick live?", [reply])[0], atol=1e-3
+    )
+    with pytest.raises(ValueError, match="set reader_match > 0 too"):
+        MemoryBank.Settings(layers=LAYERS, reader_query_window=4)
