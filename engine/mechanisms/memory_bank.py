@@ -130,6 +130,14 @@ class MemoryBankSettings(MechanismSettings):
         "conversation's w-1 tokens before it (1: itself), so an answer finds the name its question gave",
     )
 
+    reader_match_lag: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="with reader_match, a slot's similarity is that of the best of the `lag` slots before "
+        "it (0: the slot itself), so the words after a name are found by the name",
+    )
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.placement != "custom" and self.layers is not None:
@@ -143,8 +151,10 @@ class MemoryBankSettings(MechanismSettings):
             )
         if self.chapters > 1 and self.top_k > routed:
             raise ValueError(f"top_k ({self.top_k}) is more than the {routed} routed chapters")
-        if self.reader_query_window > 1 and not self.reader_match:
-            raise ValueError("reader_query_window widens reader_match's similarity; set reader_match > 0 too")
+        if (self.reader_query_window > 1 or self.reader_match_lag) and not self.reader_match:
+            raise ValueError(
+                "reader_query_window and reader_match_lag shape reader_match's similarity; set reader_match > 0 too"
+            )
         if self.reader is not None and self.variant != "standard":
             raise ValueError(f"a reader reads standard banks only, not variant={self.variant}")
         return self
@@ -335,6 +345,7 @@ class ReaderLayer(torch.nn.Module):
         rank: int = 16,
         match: float = 0.0,
         query_window: int = 1,
+        match_lag: int = 0,
     ):
         super().__init__()
         self.q_read = clone_linear(attn.q_proj, dtype)
@@ -342,7 +353,7 @@ class ReaderLayer(torch.nn.Module):
         device = self.q_read.weight.device
         self.gate = torch.nn.Parameter(torch.ones(n_heads, dtype=dtype, device=device))
         self.key_window, self.value_window = key_window, value_window
-        self.match, self.query_window = match, query_window
+        self.match, self.query_window, self.match_lag = match, query_window, match_lag
         if match:  # each head's similarity weight is match * match_weight (1 at start)
             self.match_weight = torch.nn.Parameter(torch.ones(n_heads, dtype=dtype, device=device))
         d = self.k_read.in_features
@@ -375,19 +386,24 @@ class ReaderLayer(torch.nn.Module):
     ) -> torch.Tensor | None:
         """[n_heads, T, N]: each head's weight times the similarity of the T reading tokens to each
         slot, cos(x̂_t, slot), or with a query window the best cos over x̂_t and the w-1 tokens before
-        it (`before` [P, d]: the conversation's tokens ahead of these, newest last); None without `match`."""
+        it (`before` [P, d]: the conversation's tokens ahead of these, newest last); with a lag, a
+        slot's similarity is the best of the `lag` slots before it (-1 before the first). None
+        without `match`."""
         if not self.match:
             return None
         k = F.normalize(slots.float(), dim=-1)
         q = F.normalize(x_hat.float(), dim=-1)
         w, T = self.query_window, x_hat.shape[0]
+        P = 0 if w == 1 or before is None else before.shape[0]
+        c = (q if not P else torch.cat([F.normalize(before.float(), dim=-1), q])) @ k.T  # [P + T, N]
+        if self.match_lag:
+            lag, N = self.match_lag, c.shape[1]
+            c = torch.cat([c.new_full((c.shape[0], lag), -1.0), c], 1)  # column n + lag is slot n
+            c = torch.stack([c[:, lag - i : lag - i + N] for i in range(1, lag + 1)]).amax(0)
         if w == 1:
-            cos = q @ k.T
+            cos = c
         else:
-            past = F.normalize(before.float(), dim=-1) if before is not None else q[:0]
-            c = torch.cat([past, q]) @ k.T  # [P + T, N]
             c = torch.cat([c.new_full((w - 1, c.shape[1]), -torch.inf), c])  # row i + w - 1 is token i
-            P = past.shape[0]
             cos = torch.stack([c[P + w - 1 - j : P + w - 1 - j + T] for j in range(w)]).amax(0)
         return (self.match * self.match_weight.float())[:, None, None] * cos[None]
 
@@ -436,6 +452,7 @@ class ReaderWeights(torch.nn.Module):
                     settings.reader_window_rank,
                     settings.reader_match,
                     settings.reader_query_window,
+                    settings.reader_match_lag,
                 )
                 for l in self.layers
             }
@@ -464,9 +481,12 @@ class ReaderWeights(torch.nn.Module):
         return own | get_peft_model_state_dict(self)
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a reader file's tensors. A file without the window maps or match weights these
+        settings add (a reader trained before them) loads with those at their start values."""
         own = self.to_tensors()
-        if set(tensors) != set(own):
-            odd = sorted(set(tensors) ^ set(own))
+        optional = {k for k in own if ".ctx_" in k or k.endswith(".match_weight")}
+        if set(tensors) - set(own) or set(own) - set(tensors) - optional:
+            odd = sorted(set(tensors) ^ (set(own) - (optional - set(tensors))))
             raise ValueError(f"reader tensors do not fit layers {self.layers} (first mismatch: '{odd[0]}')")
         for k, v in tensors.items():
             if tuple(v.shape) != tuple(own[k].shape):
@@ -533,6 +553,7 @@ def load_reader(settings: MemoryBankSettings, model: torch.nn.Module, identity=N
                 "reader_value_window": wf.settings.get("reader_value_window", 0),
                 "reader_match": wf.settings.get("reader_match", 0.0),
                 "reader_query_window": wf.settings.get("reader_query_window", 1),
+                "reader_match_lag": wf.settings.get("reader_match_lag", 0),
                 "reader_window_rank": wf.settings.get("reader_window_rank", 16),
             }
         )

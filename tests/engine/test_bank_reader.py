@@ -133,8 +133,8 @@ def test_a_short_documents_run_trains_a_reader_an_arm_loads(embedded, files, tmp
 def test_windowed_readers_key_by_the_slots_before_and_carry_the_slots_after(embedded, files, tmp_path):
     """reader_key_window / reader_value_window: a fresh windowed reader reads as the plain one; once
     the maps are non-zero, slot i's key moves with slots i-w..i (never later or farther ones) and its
-    value term with slots i+1..i+w; reader_match scores a slot by its similarity, highest on itself;
-    the file round-trips through an arm's reader=."""
+    value term with slots i+1..i+w; reader_match scores a slot by its similarity, highest on itself
+    (with reader_match_lag, on the slots just after it); the file round-trips through an arm's reader=."""
     settings = MemoryBank.Settings(
         layers=LAYERS,
         sharing="per_layer",
@@ -191,6 +191,14 @@ def test_windowed_readers_key_by_the_slots_before_and_carry_the_slots_after(embe
     assert scores.shape == (embedded.model.config.num_attention_heads, 10, 10)
     assert torch.allclose(scores.diagonal(dim1=1, dim2=2), torch.full((1, 10), 8.0))  # w_h starts at reader_match
     assert bool((scores.argmax(-1) == torch.arange(10)).all())  # each slot is most like itself
+    lagged = ReaderWeights(
+        settings.model_copy(update={"reader_match": 8.0, "reader_match_lag": 2}), embedded.model
+    ).layer(LAYERS[0])
+    with torch.no_grad():
+        scores = lagged.match_scores(x, x)[0]
+    assert torch.allclose(scores[torch.arange(8), torch.arange(1, 9)], torch.full((8,), 8.0))  # the slot after me
+    assert torch.allclose(scores[torch.arange(8), torch.arange(2, 10)], torch.full((8,), 8.0))  # and the one after
+    assert torch.allclose(scores[:, 0], torch.full((10,), -8.0))  # nothing before the first slot
     windowed = _logits(embedded, bank + f',reader="{path}"')
     fresh = _logits(embedded, bank + f',reader="{files / "fresh_reader.safetensors"}"')
     assert not torch.allclose(windowed, fresh, atol=1e-3)  # the loaded windows take part in the read
@@ -224,3 +232,20 @@ def test_a_query_window_reader_is_the_same_cached_or_not_and_refused_without_mat
     )
     with pytest.raises(ValueError, match="set reader_match > 0 too"):
         MemoryBank.Settings(layers=LAYERS, reader_query_window=4)
+
+
+def test_a_reader_file_from_before_the_match_loads_with_the_match_at_its_start(embedded, files):
+    """A reader trained before reader_match (no match weights in its file) starts a matching
+    reader: its adapters and gates as saved, the match weights at 1; an unknown tensor is refused."""
+    from engine.weights import load_tensors, read_header
+
+    old = load_tensors(read_header(files / "fresh_reader.safetensors"))
+    old = {k: v + 0.5 if k.endswith(".gate") else v for k, v in old.items()}
+    settings = MemoryBank.Settings(layers=LAYERS, sharing="per_layer", reader_match=8.0, reader_match_lag=2)
+    reader = ReaderWeights(settings, embedded.model)
+    reader.load_tensors(old)
+    loaded = reader.to_tensors()
+    assert all(torch.equal(loaded[k], v) for k, v in old.items())
+    assert all(bool((loaded[k] == 1).all()) for k in loaded if k.endswith(".match_weight"))
+    with pytest.raises(ValueError, match="do not fit"):
+        reader.load_tensors(old | {"readers.99.gate": torch.ones(9)})
