@@ -33,7 +33,7 @@ by cross-attention at chosen layers, through that layer's own projections:
 - Reader (`reader=FILE`): what reads a bank, trained once for every document (`ReaderWeights`):
   per layer, peft LoRA on the read's W_q / W_k and a per-head gate multiplied into the bank's.
   A bank distilled at test time (`engine distill`) is then read through it:
-  `memory_bank:weights="doc.safetensors",reader=@bank_reader`. A fresh reader reads as the layer's
+  `memory_bank:weights="doc.safetensors",reader=@bank_reader_match`. A fresh reader reads as the layer's
   own projections. Trained with `engine train` and `data.documents: true`, which binds each row's
   document as the bank (`bind_document`). Optional window maps over the slot order
   (`reader_key_window`, `reader_value_window`, see `ReaderLayer`) tie a slot to its neighbours in
