@@ -35,9 +35,11 @@ by cross-attention at chosen layers, through that layer's own projections:
   A bank distilled at test time (`engine distill`) is then read through it:
   `memory_bank:weights="doc.safetensors",reader=@bank_reader_match`. A fresh reader reads as the layer's
   own projections. Trained with `engine train` and `data.documents: true`, which binds each row's
-  document as the bank (`bind_document`). Optional window maps over the slot order
-  (`reader_key_window`, `reader_value_window`, see `ReaderLayer`) tie a slot to its neighbours in
-  the document, which position-free slots otherwise lose.
+  document as the bank (`bind_document`). Options that use the slot order (document order), which
+  position-free slots otherwise lose (see `ReaderLayer`): window maps into a slot's key and value
+  (`reader_key_window`, `reader_value_window`), and a similarity score (`reader_match`, with
+  `reader_match_lag` and `reader_query_window`) by which a name the conversation mentions finds the
+  slots just after that name in the document (`@bank_reader_match` reads that way).
 
 Parameters come from `build_weights` (a weights file, see `python -m engine distill` and
 `python -m engine train`, or a fresh bank: slots ~ N(0, init_std²) in the units of `x̂`, a
@@ -129,7 +131,6 @@ class MemoryBankSettings(MechanismSettings):
         description="with reader_match, a token's similarity to a slot is the best over itself and the "
         "conversation's w-1 tokens before it (1: itself), so an answer finds the name its question gave",
     )
-
     reader_match_lag: int = Field(
         0,
         ge=0,
@@ -331,7 +332,11 @@ class ReaderLayer(torch.nn.Module):
     w_h · cos(x̂_t, slot) to its scores: a question's "Vennick" is, at every reader layer, more like
     the document's "Vennick" than like any other slot, so a name in a question finds its own slots
     without anything learnt about names (on from the start, w_h = `match`: unlike the windows, a
-    matching reader is not the plain one when fresh). Slots past either end of a window count as zero.
+    matching reader is not the plain one when fresh). `match_lag` scores a slot by the best of the
+    slots just before it, so the words after a name are what the name finds; `query_window` scores a
+    token by the best of itself and the conversation's tokens just before it, so an answer's first
+    token still finds the name its question gave (that state lives in `MemoryBank.recent`). Slots
+    past either end of a window count as zero.
     The bank is a finished document, so a slot's value may use later slots of it: no conversation
     token sees anything after itself."""
 
