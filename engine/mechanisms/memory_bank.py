@@ -552,14 +552,11 @@ def load_reader(settings: MemoryBankSettings, model: torch.nn.Module, identity=N
             update={
                 "placement": "custom",
                 "layers": wf.settings["layers"],
-                "reader_rank": wf.settings["reader_rank"],
-                "reader_alpha": wf.settings["reader_alpha"],
-                "reader_key_window": wf.settings.get("reader_key_window", 0),
-                "reader_value_window": wf.settings.get("reader_value_window", 0),
-                "reader_match": wf.settings.get("reader_match", 0.0),
-                "reader_query_window": wf.settings.get("reader_query_window", 1),
-                "reader_match_lag": wf.settings.get("reader_match_lag", 0),
-                "reader_window_rank": wf.settings.get("reader_window_rank", 16),
+            }
+            | {  # the reader's own settings; a key added since the file was made takes its default
+                k: wf.settings.get(k, field.default)
+                for k, field in MemoryBankSettings.model_fields.items()
+                if k.startswith("reader_")
             }
         )
         reader = ReaderWeights(own, model)
@@ -664,13 +661,19 @@ class MemoryBank(Mechanism):
         ]
 
     # -- the read -------------------------------------------------------------------------------
+    def slot_states(self, layer: int) -> torch.Tensor:
+        """The slots the layer reads, [N, d] in slot order: the bound document's x̂, or the bank's memory."""
+        if self.document is not None:
+            return self.document[layer]
+        return self.weights.memory(self.bank_of[layer])
+
     def bank_kv(self, layer: int, proj: LayerProjections):
         """K_mem, V_mem [n_kv, N, d_h] (K reduced to r dims for the reduced variant) of the layer's bank.
 
         Kept per (weights, layer) when the bank is frozen (as every loaded bank is); recomputed
         at every call while its parameters train."""
         if self.document is not None:
-            m = self.document[layer]
+            m = self.slot_states(layer)
             return proj.keys(m), proj.values(m)
         w, b = self.weights, self.bank_of[layer]
         frozen = not any(p.requires_grad for p in w.parameters())
@@ -678,7 +681,7 @@ class MemoryBank(Mechanism):
         key = (layer, id(proj.attn), id(self.reader))
         if frozen and key in w.kv_cache:
             return w.kv_cache[key]
-        m = w.memory(b)
+        m = self.slot_states(layer)
         k, v = proj.keys(m), proj.values(m)
         if self.settings.variant == "reduced":
             k = torch.einsum("hnd,hdr->hnr", k, w.p(b, "proj").to(k.dtype))
@@ -731,19 +734,15 @@ class MemoryBank(Mechanism):
         N = k.shape[1]
         C, n_c = s.chapters, N // s.chapters
         scores = torch.einsum("hgtd,hnd->hgtn", q, k).float() * scale
-        if self.reader is not None:
-            slots = self.document[layer] if self.document is not None else self.weights.memory(b)
-            reader = self.reader.layer(layer)
-            match = reader.match_scores(call.x_hat, slots, self.recent.get(layer))
+        reader = self.reader.layer(layer) if self.reader is not None else None
+        if reader is not None and reader.match:
+            match = reader.match_scores(call.x_hat, self.slot_states(layer), self.recent.get(layer))
+            scores = scores + match.view(n_kv, g, T, N)
             if reader.query_window > 1:
-                seen = (
-                    call.x_hat.detach()
-                    if layer not in self.recent
-                    else torch.cat([self.recent[layer], call.x_hat.detach()])
-                )
+                seen = call.x_hat.detach()
+                if layer in self.recent:
+                    seen = torch.cat([self.recent[layer], seen])
                 self.recent[layer] = seen[-(reader.query_window - 1) :]
-            if match is not None:
-                scores = scores + match.view(n_kv, g, T, N)
         if self.document is None:
             mask = self.weights.p(b, "mask")
             if not bool(mask.all()):
@@ -751,7 +750,7 @@ class MemoryBank(Mechanism):
         probs = torch.softmax(scores.view(n_kv, g, T, C, n_c), -1).nan_to_num(0.0)  # an all-padding chapter reads 0
         weights = (probs * mix[None, None, :, :, None]).reshape(n_kv, g, T, N)
         heads = torch.einsum("hgtn,hnd->hgtd", weights.to(v.dtype), v)
-        gate = self.reader.layer(layer).gate if self.reader is not None else None
+        gate = reader.gate if reader is not None else None
         if self.document is None:
             own = self.weights.p(b, "gate")
             gate = own if gate is None else gate * own

@@ -32,21 +32,26 @@ def _logits(lm, spec: str, question="Where does Orla Vennick live?", reply="Tarr
     return Dialogue(lm, [parse_arm(spec)]).teacher_force(question, [ids])[0]
 
 
+def _save_reader(lm, path, settings, reader: ReaderWeights | None = None) -> None:
+    """Write a reader file as the trainer does (a fresh reader with these settings unless given)."""
+    reader = reader if reader is not None else ReaderWeights(settings, lm.model)
+    save_weights(
+        path,
+        reader.to_tensors(),
+        mechanism="memory_bank",
+        settings=settings.model_dump(exclude={"weights", "linkage"}),
+        model=lm.model,
+        identity=lm.identity,
+        extra={"reader": True},
+    )
+
+
 @pytest.fixture(scope="module")
 def files(embedded, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reader")
     distill(embedded, DOC, "memory_bank:layers=20/26", out=tmp / "doc.safetensors")
     settings = MemoryBank.Settings(layers=LAYERS, sharing="per_layer")
-    fresh = ReaderWeights(settings, embedded.model)
-    save_weights(
-        tmp / "fresh_reader.safetensors",
-        fresh.to_tensors(),
-        mechanism="memory_bank",
-        settings=settings.model_dump(exclude={"weights", "linkage"}),
-        model=embedded.model,
-        identity=embedded.identity,
-        extra={"reader": True},
-    )
+    _save_reader(embedded, tmp / "fresh_reader.safetensors", settings)
     return tmp
 
 
@@ -159,26 +164,10 @@ def test_windowed_readers_key_by_the_slots_before_and_carry_the_slots_after(embe
     assert value_moved.tolist() == [False] * 2 + [True] * 2 + [False] * 6
     assert {"ctx_key_up", "ctx_value_down"} <= {k.split(".")[-2] for k in reader.to_tensors()}
     path = tmp_path / "windowed.safetensors"
-    save_weights(
-        path,
-        reader.to_tensors(),
-        mechanism="memory_bank",
-        settings=settings.model_dump(exclude={"weights", "linkage"}),
-        model=embedded.model,
-        identity=embedded.identity,
-        extra={"reader": True},
-    )
+    _save_reader(embedded, path, settings, reader)
     bank = f'memory_bank:linkage=1,weights="{files / "doc.safetensors"}"'
     fresh_file = tmp_path / "fresh_windowed.safetensors"
-    save_weights(
-        fresh_file,
-        ReaderWeights(settings, embedded.model).to_tensors(),
-        mechanism="memory_bank",
-        settings=settings.model_dump(exclude={"weights", "linkage"}),
-        model=embedded.model,
-        identity=embedded.identity,
-        extra={"reader": True},
-    )
+    _save_reader(embedded, fresh_file, settings)
     torch.testing.assert_close(
         _logits(embedded, bank + f',reader="{fresh_file}"'),
         _logits(embedded, bank + f',reader="{files / "fresh_reader.safetensors"}"'),
@@ -210,20 +199,17 @@ def test_a_query_window_reader_is_the_same_cached_or_not_and_refused_without_mat
     restores it; without reader_match the setting is refused in one line."""
     settings = MemoryBank.Settings(layers=LAYERS, sharing="per_layer", reader_match=16.0, reader_query_window=6)
     path = tmp_path / "query_window.safetensors"
-    save_weights(
-        path,
-        ReaderWeights(settings, embedded.model).to_tensors(),
-        mechanism="memory_bank",
-        settings=settings.model_dump(exclude={"weights", "linkage"}),
-        model=embedded.model,
-        identity=embedded.identity,
-        extra={"reader": True},
-    )
+    _save_reader(embedded, path, settings)
     spec = parse_arm(f'memory_bank:linkage=1,weights="{files / "doc.safetensors"}",reader="{path}"')
     reply = embedded.tokenizer("It is Tarrowby, I think.", add_special_tokens=False)["input_ids"]
     one_pass = Dialogue(embedded, [spec]).teacher_force("Where does Orla Vennick live?", [reply])[0]
     stepwise = Dialogue(embedded, [spec]).teacher_force("Where does Orla Vennick live?", [reply], chunk=1)[0]
     torch.testing.assert_close(stepwise, one_pass, atol=1e-4, rtol=1e-4)
+    d = Dialogue(embedded, [spec])
+    d.teacher_force("Where is Quillmarsh?", [reply])
+    d.rollback()  # the query window's state goes back with the turn
+    again = d.teacher_force("Where does Orla Vennick live?", [reply])[0]
+    torch.testing.assert_close(again, one_pass, atol=1e-4, rtol=1e-4)
     plain = parse_arm(
         f'memory_bank:linkage=1,weights="{files / "doc.safetensors"}",reader="{files / "fresh_reader.safetensors"}"'
     )
