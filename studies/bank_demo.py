@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .common import reply_logprob
+
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ROOT / "experiments" / "protocols" / "fictional_facts.yaml"
 DOCUMENT = ROOT / "data" / "facts" / "document.txt"
@@ -49,8 +51,7 @@ def answer_logprobs(lm, spec: str, protocol, items: list[dict], all_items: list[
         d = Dialogue(lm, [parse_arm(spec)] * 2)
         sums = []
         for logits, reply in zip(d.teacher_force(question, replies), replies):
-            lp = torch.log_softmax(logits.float(), -1)[torch.arange(len(reply)), torch.tensor(reply)]
-            sums.append(float(lp.sum()))
+            sums.append(reply_logprob(logits, reply))
         out.append((sums[0], len(replies[0]), sums[1]))
     return out
 

@@ -34,11 +34,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .bank_reader_data import OUT as DATA
 from .bank_reader_data import SYSTEM
-from .common import study_args, test_items
+from .common import reply_logprob, study_args, test_items
 
 
 def arms_for(doc: str, other: str, fresh: bool = False) -> list[tuple[str, str]]:
@@ -62,7 +61,7 @@ def fresh_reader(lm, reader: Path, out: Path) -> bool:
     from engine.weights import read_header, save_weights
 
     wf = read_header(reader)
-    settings = MemoryBank.Settings(**{k: v for k, v in wf.settings.items() if k != "gain"})
+    settings = MemoryBank.Settings.model_validate(wf.settings)
     if not settings.reader_match:
         return False
     save_weights(
@@ -120,10 +119,7 @@ def main(argv=None) -> None:
         right, wrong = (tok(a, add_special_tokens=False)["input_ids"] for a in (it["answer"], it["wrong"]))
         d = Dialogue(lm, [s for s in specs for _ in (0, 1)], system=SYSTEM)
         logits = d.teacher_force(question, [right, wrong] * len(specs))
-        lp = [
-            float(torch.log_softmax(l, -1)[torch.arange(len(r)), torch.tensor(r)].sum())
-            for l, r in zip(logits, [right, wrong] * len(specs))
-        ]
+        lp = [reply_logprob(l, r) for l, r in zip(logits, [right, wrong] * len(specs))]
         replies = Dialogue(lm, specs, system=SYSTEM).send(question, max_new_tokens=8)
         for k, (name, _) in enumerate(arms):
             rows.append(

@@ -18,6 +18,7 @@ import torch
 
 from .bank_reader_data import OUT as DATA
 from .bank_reader_data import SYSTEM
+from .common import reply_logprob
 
 
 def main() -> None:
@@ -38,10 +39,7 @@ def main() -> None:
             system = SYSTEM + ("\n" + r["document"] if where == "system" else "")
             user = (r["document"] + "\n" + q) if where == "user" else q
             logits = Dialogue(lm, [obs, obs], system=system).teacher_force(user, [right, wrong])
-            lp = [
-                float(torch.log_softmax(x, -1)[torch.arange(len(t)), torch.tensor(t)].sum())
-                for x, t in zip(logits, [right, wrong])
-            ]
+            lp = [reply_logprob(x, t) for x, t in zip(logits, [right, wrong])]
             reply = Dialogue(lm, [obs], system=system).send(user, max_new_tokens=8)[0].text
             out.append((lp[0], lp[1], lp[0] - lp[1], r["answer"].lower() in reply.lower(), reply))
     for where, v in res.items():

@@ -29,7 +29,7 @@ import torch
 
 from .bank_reader_data import OUT as DATA
 from .bank_reader_data import SYSTEM
-from .common import study_args
+from .common import reply_logprob, study_args
 
 
 def main(argv=None) -> None:
@@ -108,10 +108,7 @@ def main(argv=None) -> None:
         logits = Dialogue(lm, [s for s in specs for _ in (0, 1)], system=SYSTEM).teacher_force(
             question, [right_ids, wrong_ids] * len(specs)
         )
-        lp = [
-            float(torch.log_softmax(x, -1)[torch.arange(len(t)), torch.tensor(t)].sum())
-            for x, t in zip(logits, [right_ids, wrong_ids] * len(specs))
-        ]
+        lp = [reply_logprob(x, t) for x, t in zip(logits, [right_ids, wrong_ids] * len(specs))]
         for k, label in enumerate(["observer", *banks]):
             oracle.setdefault(label, []).append(lp[2 * k] - lp[2 * k + 1])
     shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,13 @@ def study_args(
     return args
 
 
+def reply_logprob(logits, ids: list[int]) -> float:
+    """log p of a teacher-forced reply: its tokens' log-probabilities summed (logits [len(ids), V])."""
+    import torch
+
+    return float(torch.log_softmax(logits.float(), -1)[torch.arange(len(ids)), torch.tensor(ids)].sum())
+
+
 def test_items(data: Path, n: int) -> list[dict]:
     """The first `n` held-out items of a study's data folder (its test.jsonl)."""
     lines = (data / "test.jsonl").read_text(encoding="utf-8").splitlines()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import study_args, test_items
+from .common import reply_logprob, study_args, test_items
 from .constraint_data import OUT as DATA
 
 SETTINGS = "layers=20/24/28,fp=true,fp_dim=32,lang_emb=true,lora_rank=8,lora_alpha=16"
@@ -105,8 +105,7 @@ def main(argv=None) -> None:
             out = []
             for j, target in enumerate((right, wrong)):
                 lg = logits[2 * k + j][len(prefix) :].float()
-                lp = torch.log_softmax(lg, -1)[torch.arange(len(target)), torch.tensor(target)]
-                out.append((float(lp.sum()), bool((lg.argmax(-1) == torch.tensor(target)).all())))
+                out.append((reply_logprob(lg, target), bool((lg.argmax(-1) == torch.tensor(target)).all())))
             rows.append(
                 {
                     "item": it["id"],
