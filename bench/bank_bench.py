@@ -4,7 +4,9 @@
 
 - Decode: tok/s of a bank on 4 layers (1024 slots, 16 chapters, top-4, prefix-mean routing) at
   linkage 1 against plain transformers `generate` on the unhooked model, and the same bank at
-  linkage 0 (target: bank / plain >= 0.85x). Repetitions are interleaved; medians reported.
+  linkage 0 (target: bank / plain >= 0.85x); and the shipped bank reader (`@bank_reader_match_long`:
+  LoRA read, similarity match, 12-token query window) over a bank distilled from data/facts'
+  document on its layers, the positive control's arm. Repetitions are interleaved; medians reported.
 - Training: median optimizer-step time of `engine.train` (batch 8, sequences of <= 48 tokens of
   the fact set, the 4-layer bank of configs/bank_tiny_cpu.yaml), and the plain forward+backward of
   the frozen model on the same batch for reference.
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -27,6 +31,21 @@ from bench.engine_bench import engine_generate, plain_generate
 
 BANK = "memory_bank:linkage=1,layers=8/14/20/26,slots=1024,chapters=16,top_k=4,routing=prefix_mean"
 FACTS = Path(__file__).resolve().parents[1] / "data" / "facts"
+READER = Path(__file__).resolve().parents[1] / "weights" / "bank_reader_match_long.safetensors"
+
+
+def reader_arm(lm) -> str:
+    """The positive control's arm: data/facts' document distilled on the reader's layers into a
+    temporary weights folder (which $LAB_WEIGHTS_DIR then names), read through the shipped reader."""
+    from engine.distill import distill
+    from engine.weights import read_header
+
+    tmp = Path(tempfile.mkdtemp(prefix="bank_bench_reader_"))
+    shutil.copy(READER, tmp / "bank_reader_match_long.safetensors")
+    layers = "/".join(str(layer) for layer in read_header(READER).settings["layers"])
+    distill(lm, (FACTS / "document.txt").read_text(), f"memory_bank:layers={layers}", out=tmp / "facts.safetensors")
+    os.environ["LAB_WEIGHTS_DIR"] = str(tmp)
+    return "memory_bank:linkage=1,weights=@facts,reader=@bank_reader_match_long"
 
 
 def train_step_time(lm, steps: int) -> float:
@@ -87,10 +106,14 @@ def main(argv=None) -> None:
         "bank linkage 1 (4 layers)": lambda: engine_generate(lm, [BANK], n),
         "bank linkage 0": lambda: engine_generate(lm, [BANK.replace("linkage=1", "linkage=0")], n),
     }
+    if args.only in (None, "decode"):
+        reader = reader_arm(lm)
+        configs["distilled bank + reader"] = lambda: engine_generate(lm, [reader], n)
     result: dict = {}
     print(f"embedded model, fp32, {torch.get_num_threads()} thread(s)")
     if args.only in (None, "decode"):
         engine_generate(lm, [BANK], 4)  # warm-up (builds the bank, fills its K/V cache)
+        engine_generate(lm, [reader], 4)
         plain_generate(lm, 4)
         rates: dict[str, list[float]] = {k: [] for k in configs}
         for _ in range(args.reps):
@@ -105,6 +128,10 @@ def main(argv=None) -> None:
             f"(>= 0.85)   [{BANK.split(':', 1)[1]}]"
         )
         print(f"  bank linkage 0 / plain generate  {med['bank linkage 0'] / med['plain generate']:5.3f}x")
+        print(
+            f"  bank + reader / plain generate   {med['distilled bank + reader'] / med['plain generate']:5.3f}x  "
+            f"[{reader.split(':', 1)[1]}]"
+        )
     if args.only in (None, "distill"):
         tokens, total, read, plain = result["distill"] = distill_time(lm)
         print(

@@ -111,6 +111,11 @@ class DataConfig(_Strict):
         "or the last `tail_tokens` reply tokens (e.g. a sign-off the system prompt asks for)",
     )
     tail_tokens: int = Field(16, ge=1, le=131072, description="loss_on=tail: how many of the last reply tokens")
+    end_of_reply: bool = Field(
+        False,
+        description="chat: also train the chat template's end-of-turn token after each trained reply, so a "
+        "mechanism that pushes an answer also learns where the answer stops (off: the reply's words only)",
+    )
     documents: bool = Field(
         False,
         description="each row has a 'document': it is distilled into the memory bank "
@@ -320,6 +325,19 @@ def _last_reply(ids: list[int], roles: list[int]) -> list[int]:
     return [t if start <= i < end else -100 for i, t in enumerate(ids)]
 
 
+def _with_reply_ends(tokenizer, ids: list[int], roles: list[int], labels: list[int]) -> list[int]:
+    """`labels` with the special token that closes each trained reply labelled too (SmolLM2's
+    <|im_end|>): the template token right after a reply's last token, when that reply token is trained."""
+    from .mechanisms.base import ROLE_CODE
+
+    A, special = ROLE_CODE["assistant"], set(tokenizer.all_special_ids)
+    out = list(labels)
+    for i in range(len(ids) - 1):
+        if roles[i] == A and roles[i + 1] != A and labels[i] != -100 and ids[i + 1] in special:
+            out[i + 1] = ids[i + 1]
+    return out
+
+
 def _negative(tokenizer, row: dict, max_length: int) -> dict | None:
     """The row with its 'wrong' reply in place of its last reply: ids, roles, and that reply's labels
     (None when the row has no wrong reply)."""
@@ -344,6 +362,7 @@ def encode(
     documents: bool = False,
     tail_tokens: int = 16,
     negatives: bool = False,
+    end_of_reply: bool = False,
 ) -> dict:
     """token ids, role codes and labels (-100 = no loss) of one example (and its document's ids;
     with `negatives`, the labels of its last reply and the row with its 'wrong' reply, if any)."""
@@ -363,6 +382,8 @@ def encode(
     if loss_on == "tail":  # the last `tail_tokens` reply tokens: a reply's end, where a constraint shows
         counted = set([i for i, label in enumerate(labels) if label != -100][-tail_tokens:])
         labels = [t if i in counted else -100 for i, t in enumerate(ids)]
+    if end_of_reply and "messages" in row:
+        labels = _with_reply_ends(tokenizer, ids, roles, labels)
     out: dict[str, Any] = {"ids": ids, "roles": roles, "labels": labels}
     if negatives:
         neg = _negative(tokenizer, row, max_length)
@@ -654,7 +675,10 @@ def _loaders(cfg: TrainConfig, tok):
     d = cfg.data
 
     def encoded(part: list[dict]) -> list[dict]:
-        return [encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens, d.negatives) for r in part]
+        return [
+            encode(tok, r, d.max_length, d.loss_on, d.documents, d.tail_tokens, d.negatives, d.end_of_reply)
+            for r in part
+        ]
 
     enc, enc_eval = encoded(rows), encoded(eval_rows)
     if d.negatives and not any("neg" in e for e in enc):

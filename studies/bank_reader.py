@@ -1,6 +1,7 @@
 """Does one trained reader read any distilled document? (README "Positive controls", row "bank reader")
 
     python -m studies.bank_reader [--reader @bank_reader] [--items 120] [--threads 1]     # ~10 min, 2 cores
+    python -m studies.bank_reader --split dev ...    # the 12 dev questions: for choosing a reader, never test
 
 For each held-out document (studies/data/bank_reader/test.jsonl: invented people and towns never
 seen in training) a bank is distilled here with `engine.distill.distill` (what `python -m engine
@@ -81,8 +82,16 @@ def main(argv=None) -> None:
         __doc__,
         argv,
         120,
-        lambda ap: ap.add_argument(
-            "--reader", default="@bank_reader", help="reader weights (engine train, data.documents: true)"
+        lambda ap: (
+            ap.add_argument(
+                "--reader", default="@bank_reader", help="reader weights (engine train, data.documents: true)"
+            ),
+            ap.add_argument(
+                "--split",
+                choices=["test", "dev"],
+                default="test",
+                help="questions from test.jsonl (the README's rows) or dev.jsonl (town questions only)",
+            ),
         ),
     )
 
@@ -97,7 +106,7 @@ def main(argv=None) -> None:
     tok = lm.tokenizer
     reader = resolve_path(args.reader)
     layers = "/".join(str(l) for l in read_header(reader).settings["layers"])
-    items = test_items(DATA, args.items)
+    items = [it for it in test_items(DATA, args.items, args.split) if it["kind"] == "town"]
     docs = list(dict.fromkeys(it["doc_id"] for it in items))
     text = {it["doc_id"]: it["document"] for it in items}
     tmp = Path(tempfile.mkdtemp(prefix="bank_reader_"))

@@ -31,9 +31,9 @@ def reply_logprob(logits, ids: list[int]) -> float:
     return float(torch.log_softmax(logits.float(), -1)[torch.arange(len(ids)), torch.tensor(ids)].sum())
 
 
-def test_items(data: Path, n: int) -> list[dict]:
-    """The first `n` held-out items of a study's data folder (its test.jsonl)."""
-    lines = (data / "test.jsonl").read_text(encoding="utf-8").splitlines()
+def test_items(data: Path, n: int, split: str = "test") -> list[dict]:
+    """The first `n` held-out items of a study's data folder (its test.jsonl, or another split's file)."""
+    lines = (data / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()][:n]
 
 

@@ -134,6 +134,33 @@ def test_loss_on_last_and_tail_and_the_training_window(tokenizer):
     assert not m[1, 6, 7:].any() and m[1, 8].tolist() == [False] * 8 + [True, False]
 
 
+def test_end_of_reply_trains_the_token_that_closes_each_trained_reply(tokenizer):
+    """data.end_of_reply: the template's end-of-turn after a trained reply gets a label (so a
+    mechanism learns where an answer stops); never after an untrained reply, never a user's."""
+    from engine.mechanisms.base import ROLE_CODE
+    from engine.train import encode
+
+    row = {
+        "messages": [
+            {"role": "user", "content": "Remember: the key is under the mat."},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "Where is the key?"},
+            {"role": "assistant", "content": "Under the mat"},
+        ]
+    }
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for loss_on, replies in (("assistant", 2), ("last", 1)):
+        plain, ended = (encode(tokenizer, row, 512, loss_on, end_of_reply=e) for e in (False, True))
+        added = [i for i, (a, b) in enumerate(zip(plain["labels"], ended["labels"])) if a != b]
+        assert len(added) == replies, loss_on
+        for i in added:
+            assert ended["ids"][i] == end and ended["labels"][i] == end
+            assert ended["roles"][i - 1] == ROLE_CODE["assistant"] and plain["labels"][i - 1] != -100
+        assert ended["labels"][-2] == end  # the answer's own close: the last token is the template's newline
+    text_row = encode(tokenizer, {"text": "just text"}, 512, "all", end_of_reply=True)
+    assert text_row["labels"] == encode(tokenizer, {"text": "just text"}, 512, "all")["labels"]
+
+
 def test_windowed_training_lowers_held_out_loss_and_loads(tiny_llama, tmp_path):
     from engine.dialogue import Dialogue
     from engine.train import TrainConfig, train
