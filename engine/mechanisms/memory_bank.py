@@ -33,13 +33,13 @@ by cross-attention at chosen layers, through that layer's own projections:
 - Reader (`reader=FILE`): what reads a bank, trained once for every document (`ReaderWeights`):
   per layer, peft LoRA on the read's W_q / W_k and a per-head gate multiplied into the bank's.
   A bank distilled at test time (`engine distill`) is then read through it:
-  `memory_bank:weights="doc.safetensors",reader=@bank_reader_match`. A fresh reader reads as the layer's
+  `memory_bank:weights="doc.safetensors",reader=@bank_reader_match_long`. A fresh reader reads as the layer's
   own projections. Trained with `engine train` and `data.documents: true`, which binds each row's
   document as the bank (`bind_document`). Options that use the slot order (document order), which
   position-free slots otherwise lose (see `ReaderLayer`): window maps into a slot's key and value
   (`reader_key_window`, `reader_value_window`), and a similarity score (`reader_match`, with
   `reader_match_lag` and `reader_query_window`) by which a name the conversation mentions finds the
-  slots just after that name in the document (`@bank_reader_match` reads that way).
+  slots just after that name in the document (`@bank_reader_match` and `@bank_reader_match_long` read that way).
 
 Parameters come from `build_weights` (a weights file, see `python -m engine distill` and
 `python -m engine train`, or a fresh bank: slots ~ N(0, init_std²) in the units of `x̂`, a
