@@ -40,7 +40,12 @@ ATTENTION_SINK = 4  # tokens at the start of every row that a window never evict
 
 
 class DialogueError(ValueError):
-    """A message or request cannot be run; the message is meant for a person."""
+    """A message or request cannot be run; the message is meant for a person. `arm`: the index of the
+    arm it is about, when it is one arm's (e.g. its weights file does not fit its settings)."""
+
+    def __init__(self, message: str, arm: int | None = None):
+        super().__init__(message)
+        self.arm = arm
 
 
 def check_message(
@@ -239,7 +244,12 @@ class Dialogue:
         self.system = system or None
         self.record_traces = record_traces
         self.host = MechanismHost.of(self.model)
-        self.arms = [ArmState(spec, build_mechanism(spec, lm)) for spec in arms]
+        self.arms: list[ArmState] = []
+        for k, spec in enumerate(arms):
+            try:
+                self.arms.append(ArmState(spec, build_mechanism(spec, lm)))
+            except DialogueError as e:
+                raise DialogueError(str(e), arm=k) from None
         if self.system:
             for arm in self.arms:
                 arm.messages.append({"role": "system", "content": self.system})

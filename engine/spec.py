@@ -223,8 +223,9 @@ class ArmSpec:
                 raise SpecError(f"{self.to_string(False)}: {e}") from None
 
 
-def _weights_defaults(mechanism: str, path: str, fields) -> dict:
-    """The settings embedded in a weights file, as defaults for an arm that names it."""
+def weights_defaults(mechanism: str, path: str, fields) -> dict:
+    """The settings embedded in a weights file, as defaults for an arm that names it (the spec parser's
+    and the lab's: keys the spec writes, or a pane changes from its default, win)."""
     try:
         wf = read_header(path)
     except WeightsError as e:
@@ -278,7 +279,7 @@ def parse_arm(text: str) -> ArmSpec:
             "or name a file of $LAB_WEIGHTS_DIR as weights=@NAME"
         )
     if raw.get("weights") is not None and "weights" in fields:
-        raw = {**_weights_defaults(name, str(raw["weights"]), fields), **raw}
+        raw = {**weights_defaults(name, str(raw["weights"]), fields), **raw}
     try:
         settings = MECHANISMS[name].Settings(**raw)
     except ValidationError as e:

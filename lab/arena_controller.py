@@ -42,7 +42,12 @@ BUSY = "A turn is already running in this tab; wait for it to end or press Stop.
 
 
 class ArenaError(ValueError):
-    """A request the arena cannot do now; the message is one line for a person."""
+    """A request the arena cannot do now; the message is one line for a person. `pane`: the pane whose
+    settings it is about, when it is one pane's."""
+
+    def __init__(self, message: str, pane: int | None = None):
+        super().__init__(message)
+        self.pane = pane
 
 
 @dataclass
@@ -338,8 +343,8 @@ class ArenaSession:
         window = parse_window(window)
         try:
             self.dialogue = Dialogue(self.lm, list(specs), system=(system or "").strip() or None, window=window)
-        except (SpecError, DialogueError) as e:
-            raise ArenaError(_first_line(e)) from None
+        except (SpecError, DialogueError) as e:  # specs come in pane order: arm k is pane k
+            raise ArenaError(_first_line(e), pane=getattr(e, "arm", None)) from None
         self.order, self.blind, self.revealed = draw_pane_order(len(specs), bool(blind), rng), bool(blind), False
         self.title, self.annotator = (title or "").strip(), (annotator or "").strip() or None
 
@@ -374,7 +379,7 @@ class ArenaSession:
                 window=window,
             )
         except ArenaError as e:
-            return {0: str(e)}
+            return {0 if e.pane is None else e.pane: str(e)}
         return {}
 
     def _unstart(self) -> None:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from engine import ArmSpec, SpecError
 from engine.mechanisms import MECHANISMS, MechanismSettings
-from engine.spec import OBSERVER, SamplingSettings, _first_error
+from engine.spec import OBSERVER, SamplingSettings, _first_error, weights_defaults
 
 INT64_MAX = 2**63 - 1  # what SQLite's INTEGER (and so the session's seed column) holds
 PANE_LINKAGE = [1.0, 1.0, 0.5, 0.25]  # panes 3 and 4, when shown, step the linkage down
@@ -287,14 +287,23 @@ def control_value(c: Control, v, what: str):
     return v.strip() if isinstance(v, str) else v
 
 
-def settings_from_values(model: type[BaseModel], values: dict, what: str) -> BaseModel:
-    """Construct `model` from control values, refused as the engine refuses (its one-line message)."""
+def settings_from_values(
+    model: type[BaseModel], values: dict, what: str, file_defaults: dict | None = None
+) -> BaseModel:
+    """Construct `model` from control values, refused as the engine refuses (its one-line message).
+    `file_defaults` (a weights file's settings) replace the values left at their defaults."""
     controls = {c.key: c for c in controls_for(model)}
     clean = {}
     for key, v in values.items():
         if key not in controls:
             raise SpecError(f"unknown key '{key}' for {what}")
         clean[key] = control_value(controls[key], v, what)
+    for key, v in (file_defaults or {}).items():
+        if (
+            key in model.model_fields
+            and clean.get(key, model.model_fields[key].default) == model.model_fields[key].default
+        ):
+            clean[key] = v
     try:
         return model(**clean)
     except ValidationError as e:
@@ -309,7 +318,12 @@ def arm_spec(mechanism: str, settings: dict | None, sampling: dict | None, label
         return ArmSpec(None, None, samp, label)
     if name not in MECHANISMS:
         raise SpecError(f"unknown mechanism '{name}' (known: {', '.join(mechanism_choices())})")
-    return ArmSpec(name, settings_from_values(MECHANISMS[name].Settings, settings or {}, name), samp, label)
+    cls = MECHANISMS[name].Settings
+    path = str((settings or {}).get("weights") or "").strip()
+    # a pane naming a weights file runs with the file's settings wherever it left a default, as a spec
+    # string does for keys it does not write: a distilled bank's layers and slots need not be typed
+    from_file = weights_defaults(name, path, cls.model_fields) if path and "weights" in cls.model_fields else None
+    return ArmSpec(name, settings_from_values(cls, settings or {}, name, from_file), samp, label)
 
 
 def spec_string(mechanism: str, settings: dict | None = None, sampling: dict | None = None) -> str:

@@ -261,6 +261,19 @@ def test_open_checks_the_settings_in_the_order_the_page_shows_them(store, embedd
     assert ctl.open(_settings()) == {0: "a session is already running; press New session first"}
 
 
+def test_an_arm_whose_weights_do_not_fit_is_named_by_its_own_pane(store, embedded, tmp_path):
+    """A weights file that does not fit its pane's settings is that pane's error, not arm 1's (the
+    browser said 'arm 1' for the second pane's file)."""
+    from engine.distill import distill
+
+    doc = tmp_path / "doc.safetensors"
+    distill(embedded, "Orla Vennick lives in Tarrowby.", "memory_bank:layers=12/16", out=doc)
+    ctl = ArenaSession(store, embedded)
+    errors = ctl.open(_settings(panes=["observer", f'memory_bank:weights="{doc}",layers=12']))
+    assert list(errors) == [1] and "does not fit" in errors[1] and not ctl.started
+    assert ctl.open(_settings(panes=["observer", f'memory_bank:weights="{doc}"'])) == {} and ctl.started
+
+
 def test_one_busy_check_under_a_lock_and_one_wording(store, embedded):
     import threading
 

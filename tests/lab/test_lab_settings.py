@@ -1,5 +1,6 @@
 """A pane's controls -> arm spec, generated from the registered mechanisms' settings (no model, no server)."""
 
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -146,7 +147,10 @@ def test_untrained_notes_and_mechanism_help():
     assert untrained_note(arm_spec("memory_bank", {"linkage": 0}, {})) is None  # the observer, bit for bit
     assert untrained_note(arm_spec("memory_bank", {"gate_init": 0}, {})) is None  # starts as the base model
     assert "untrained branch" in untrained_note(arm_spec("partial_attention", {}, {}))
-    assert untrained_note(arm_spec("partial_attention", {"weights": "w.safetensors"}, {})) is None
+    trained = str(Path(__file__).resolve().parents[2] / "weights" / "constraint_palm.safetensors")
+    assert untrained_note(arm_spec("partial_attention", {"weights": trained}, {})) is None
+    with pytest.raises(SpecError, match="w.safetensors does not exist"):  # refused while the pane is edited
+        arm_spec("partial_attention", {"weights": "w.safetensors"}, {})
     assert "not a memory" in untrained_note(arm_spec("noise", {}, {}))  # the control says what it is
 
 
@@ -158,3 +162,21 @@ def test_a_weak_default_says_so():
     assert "close to the observer's" in untrained_note(arm_spec("neural_memory", {}, {}))
     assert untrained_note(arm_spec("neural_memory", {"gain": 1.0}, {})) is None
     assert "untrained" in untrained_note(arm_spec("neural_memory", {"gain": 1.0, "persistent": 4}, {}))
+
+
+def test_a_pane_naming_a_weights_file_takes_its_settings_where_it_left_defaults(embedded, tmp_path):
+    """As a spec string does for keys it does not write: a pane with a distilled bank's file and blank
+    layers runs on the file's layers and slots (found in the browser: it was refused, 'does not fit')."""
+    from engine.distill import distill
+
+    doc = tmp_path / "doc.safetensors"
+    distill(embedded, "Orla Vennick lives in Tarrowby. Orla keeps a tin whistle.", "memory_bank:layers=12/16", out=doc)
+    layout = PaneLayout.current()
+    spec = layout.spec(layout.values_from("memory_bank", {"weights": str(doc)}), n_layers=30)
+    from_string = parse_arm(f'memory_bank:weights="{doc}"')
+    assert spec.settings.layers == [12, 16] and spec.settings.slots == from_string.settings.slots
+    assert spec.to_dict() == from_string.to_dict()
+    changed = layout.spec(layout.values_from("memory_bank", {"weights": str(doc), "layers": "12"}))
+    assert changed.settings.layers == [12]  # a key the pane changed wins (and will not fit: refused at start)
+    with pytest.raises(SpecError, match="not found|no such|does not exist"):
+        layout.spec(layout.values_from("memory_bank", {"weights": str(tmp_path / "missing.safetensors")}))
