@@ -27,7 +27,7 @@ by cross-attention at chosen layers, through that layer's own projections:
   (f_i = fraction of the token's top-k picks that went to chapter i, P_i = mean probability),
   `router_aux.L` = mean_i (f_i − 1/C)², `router_z.L` = mean_t logsumexp(logits_t)².
 - Traces: per reading token and layer, weights over slots labelled `chapter c / slot s` (or by the
-  document text a distilled slot came from), plus scalars: each chapter's mixture weight
+  document text a distilled slot came from; with one chapter, `slot s` or the text alone), plus scalars: each chapter's mixture weight
   (`chapter c`), the top chapter, router entropy, and the delta norm.
 
 - Reader (`reader=FILE`): what reads a bank, trained once for every document (`ReaderWeights`):
@@ -273,12 +273,18 @@ class BankWeights(torch.nn.Module):
         return self.p(b, "slots")
 
     def slot_labels(self, b: int) -> list[str]:
+        """Each slot's name in the read traces: its document text for a distilled bank, else its
+        number; with more than one chapter, prefixed by the chapter (one chapter: no prefix, so the
+        memory-read view's short column labels show the text)."""
         s = self.settings
-        if b in self.labels and len(self.labels[b]) == s.slots:
-            n_c = s.slots // s.chapters
-            return [f"chapter {i // n_c} / {text}" for i, text in enumerate(self.labels[b])]
         n_c = s.slots // s.chapters
-        return [f"chapter {i // n_c} / slot {i % n_c}" for i in range(s.slots)]
+
+        def chapter(i: int) -> str:
+            return f"chapter {i // n_c} / " if s.chapters > 1 else ""
+
+        if b in self.labels and len(self.labels[b]) == s.slots:
+            return [chapter(i) + text for i, text in enumerate(self.labels[b])]
+        return [chapter(i) + f"slot {i % n_c}" for i in range(s.slots)]
 
     # -- files ---------------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:

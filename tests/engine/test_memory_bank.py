@@ -153,6 +153,13 @@ def test_save_load_round_trip_exact(tiny_llama, tmp_path):
     d = Dialogue(tiny_llama, [arm], record_traces=True)
     d.send(PROMPTS[0], max_new_tokens=2)
     assert d.arms[0].mechanism.traces[0].slot_keys[0] == "chapter 0 / 'tok0'"
+    one, _ = _save(tmp_path, tiny_llama, spec.replace("chapters=2", "chapters=1"), "one.safetensors", labels)
+    one_chapter = parse_arm(f'memory_bank:linkage=1,weights="{one}"')
+    d = Dialogue(tiny_llama, [one_chapter], record_traces=True)
+    d.send(PROMPTS[0], max_new_tokens=1)
+    assert d.arms[0].mechanism.traces[0].slot_keys[:2] == ["'tok0'", "'tok1'"]  # one chapter: the text alone
+    unlabelled = MemoryBank.build_weights(parse_arm("memory_bank:slots=4,chapters=1").settings, tiny_llama.model, None)
+    assert unlabelled.slot_labels(0) == ["slot 0", "slot 1", "slot 2", "slot 3"]
 
 
 def test_bad_files_refused(tiny_llama, embedded, tmp_path):
