@@ -20,6 +20,15 @@ from engine import parse_arm
 from engine.mechanisms.neural_memory import OUTER_PARAMS, linear_scan, linear_sequential, outer_gates, outer_shapes
 
 BASE = "neural_memory:linkage=1,gain=1,wiring=layer,layers=1/3,lr=0.5"
+# a two-reply chat row: an acknowledgement, then the recall answer (the encoding tests' example)
+RECALL_ROW = {
+    "messages": [
+        {"role": "user", "content": "Remember: the key is under the mat."},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Where is the key?"},
+        {"role": "assistant", "content": "Under the mat"},
+    ]
+}
 
 
 def test_zero_gates_are_the_settings_constants():
@@ -107,14 +116,7 @@ def test_loss_on_last_and_tail_and_the_training_window(tokenizer):
     from engine.mechanisms.base import ROLE_CODE
     from engine.train import encode, window_mask
 
-    row = {
-        "messages": [
-            {"role": "user", "content": "Remember: the key is under the mat."},
-            {"role": "assistant", "content": "Noted."},
-            {"role": "user", "content": "Where is the key?"},
-            {"role": "assistant", "content": "Under the mat"},
-        ]
-    }
+    row = RECALL_ROW
     enc = encode(tokenizer, row, 512, "last")
     kept = [t for t in enc["labels"] if t != -100]
     assert tokenizer.decode(kept).strip() == "Under the mat"
@@ -140,14 +142,7 @@ def test_end_of_reply_trains_the_token_that_closes_each_trained_reply(tokenizer)
     from engine.mechanisms.base import ROLE_CODE
     from engine.train import encode
 
-    row = {
-        "messages": [
-            {"role": "user", "content": "Remember: the key is under the mat."},
-            {"role": "assistant", "content": "Noted."},
-            {"role": "user", "content": "Where is the key?"},
-            {"role": "assistant", "content": "Under the mat"},
-        ]
-    }
+    row = RECALL_ROW
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for loss_on, replies in (("assistant", 2), ("last", 1)):
         plain, ended = (encode(tokenizer, row, 512, loss_on, end_of_reply=e) for e in (False, True))
